@@ -1,0 +1,312 @@
+"""Protocol specs (``flat``, ``sliding``, ``doc-*``, ``ttt:<adapter>``, ``oracle:<adapter>``) and the evaluation
+of a set of them on one token stream, with per-document and per-block accounting for the report.
+
+Every protocol scores the same target set (positions 1..n-1) with the same byte LUT, so all bpb values and
+differences are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .ledger import Ledger
+from .scoring import DistCtx, ScoreConfig, StreamResult, run_stream
+from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
+
+WINDOWS = ("flat", "sliding", "doc-flat", "doc-sliding")
+_WINDOW_ALIASES = {"doc": "doc-sliding", "flat": "flat", "sliding": "sliding", "doc-flat": "doc-flat",
+                   "doc-sliding": "doc-sliding"}
+MODES = ("score", "ttt", "oracle")
+ORACLE_LABEL = "not a legal score: upper bound"
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """One protocol: a windowing, a mode and (for ttt / oracle) the key of an adapter."""
+
+    windows: str
+    mode: str = "score"
+    adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.windows not in WINDOWS:
+            raise ValueError(f"unknown windowing {self.windows!r}; choose from {', '.join(WINDOWS)} (or 'doc')")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown protocol mode {self.mode!r}")
+        if (self.mode == "score") != (self.adapter is None):
+            raise ValueError(f"protocol mode {self.mode!r} {'needs' if self.mode != 'score' else 'takes no'} adapter")
+
+    @property
+    def name(self) -> str:
+        if self.mode == "score":
+            return self.windows
+        suffix = "" if self.windows == "sliding" else f"@{self.windows}"
+        return f"{self.mode}:{self.adapter}{suffix}"
+
+    @property
+    def legal(self) -> bool:
+        return self.mode != "oracle"
+
+    @property
+    def base(self) -> str:
+        """The score-only protocol this one is compared with (its own windows without adaptation)."""
+        return self.windows
+
+
+def parse_protocol(text: str) -> ProtocolSpec:
+    """``flat`` | ``sliding`` | ``doc`` (= ``doc-sliding``) | ``doc-flat`` | ``ttt:<adapter>[@<windows>]`` |
+    ``oracle:<adapter>[@<windows>]`` (windows default ``sliding``)."""
+    t = text.strip()
+    if not t:
+        raise ValueError("empty protocol name")
+    if ":" not in t:
+        if t not in _WINDOW_ALIASES:
+            raise ValueError(f"unknown protocol {t!r}; expected flat, sliding, doc, doc-flat, doc-sliding, "
+                             "ttt:<adapter>[@windows] or oracle:<adapter>[@windows]")
+        return ProtocolSpec(_WINDOW_ALIASES[t])
+    mode, _, rest = t.partition(":")
+    if mode not in ("ttt", "oracle"):
+        raise ValueError(f"unknown protocol mode {mode!r} in {t!r}; expected ttt:<adapter> or oracle:<adapter>")
+    adapter, _, win = rest.partition("@")
+    if not adapter:
+        raise ValueError(f"protocol {t!r} names no adapter")
+    win = win or "sliding"
+    if win not in _WINDOW_ALIASES:
+        raise ValueError(f"protocol {t!r}: unknown windowing {win!r}")
+    return ProtocolSpec(_WINDOW_ALIASES[win], mode, adapter)
+
+
+def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
+    """Comma-separated protocols, plus the base protocols their deltas need (``flat`` and each ttt's windows),
+    deduplicated, in the order: score-only first, then ttt, then oracle."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    specs = [parse_protocol(s) for s in items if s.strip()]
+    if not specs:
+        raise ValueError("no protocols given")
+    needed = list(specs)
+    if any(s.mode != "score" or s.windows == "sliding" for s in specs):
+        needed.append(ProtocolSpec("flat"))
+    for s in specs:
+        if s.mode != "score":
+            needed.append(ProtocolSpec(s.windows))
+    out: list[ProtocolSpec] = []
+    for mode in MODES:
+        for s in needed:
+            if s.mode == mode and s not in out:
+                out.append(s)
+    return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluator settings (``ScoreConfig`` fields are passed through)."""
+
+    seq_len: int = 2048  # flat windows (the training sequence length)
+    context: int = 2048  # sliding windows
+    stride: int = 64
+    chunk_tokens: int = 32768
+    batch_tokens: int = 32 * 2048
+    train_seq_len: int | None = None
+    autocast: bool = True
+    n_boot: int = 1000
+    seed: int = 0
+    level: float = 0.95
+    projection_tokens: int = 62_000_000
+    projection_gpus: int = 8
+
+    def score_config(self) -> ScoreConfig:
+        return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
+                           train_seq_len=self.train_seq_len or self.context, autocast=self.autocast)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ProtocolResult:
+    spec: ProtocolSpec
+    stream: StreamResult
+    doc_nats: np.ndarray  # float64 (n_docs,)
+    block_nats: np.ndarray  # float64 (n_blocks,)
+    ledger: dict[str, Any]
+    adapter_info: dict[str, Any] | None = None
+    world: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def nats(self) -> float:
+        return float(self.doc_nats.sum())
+
+
+@dataclass
+class StreamData:
+    """The token stream and everything derived from it that does not depend on the model."""
+
+    tokens: torch.Tensor  # int64 on the scoring device
+    tokens_np: np.ndarray  # int64 on CPU
+    target_bytes: np.ndarray  # float64 (n-1,)
+    doc_of_target: np.ndarray  # int64 (n-1,)
+    starts: np.ndarray  # document start positions
+    bos_id: int
+    block_tokens: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens_np.size)
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.starts.size)
+
+    @property
+    def doc_bytes(self) -> np.ndarray:
+        return np.bincount(self.doc_of_target, weights=self.target_bytes, minlength=self.n_docs)
+
+    @property
+    def block_of_target(self) -> np.ndarray:
+        return np.arange(self.n_tokens - 1, dtype=np.int64) // self.block_tokens
+
+    @property
+    def block_bytes(self) -> np.ndarray:
+        return np.bincount(self.block_of_target, weights=self.target_bytes)
+
+
+def prepare_stream(tokens: torch.Tensor | np.ndarray, lut: Any, device: torch.device | str, block_tokens: int,
+                   vocab_size: int | None = None) -> StreamData:
+    """Validate the stream against the LUT / vocab and precompute bytes and document ids."""
+    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).long().cpu()
+    if t.dim() != 1 or t.numel() < 2:
+        raise ValueError(f"validation tokens must be a 1-D stream of at least 2 tokens, got shape {tuple(t.shape)}")
+    lut_v = int(getattr(lut, "vocab_size", lut.base_bytes.numel()))
+    hi = int(t.max())
+    if hi >= lut_v:
+        raise ValueError(f"validation stream holds token id {hi} but the byte LUT covers only {lut_v} ids "
+                         "(tokenizer / LUT does not match the data)")
+    if vocab_size is not None and hi >= vocab_size:
+        raise ValueError(f"validation stream holds token id {hi} but the model's vocab is {vocab_size}")
+    nb = lut.target_bytes(t[:-1], t[1:]).double().numpy()
+    arr = t.numpy()
+    bos = int(lut.bos_id)
+    return StreamData(t.to(device), arr, nb, doc_ids(arr, bos), doc_starts(arr, bos), bos, int(block_tokens))
+
+
+def build_plan(windows: str, data: StreamData, cfg: EvalConfig) -> WindowPlan:
+    n = data.n_tokens
+    if windows == "flat":
+        return flat_plan(n, cfg.seq_len)
+    if windows == "sliding":
+        return sliding_plan(n, cfg.context, cfg.stride)
+    if windows == "doc-flat":
+        return doc_plan(data.tokens_np, data.bos_id, cfg.seq_len, cfg.seq_len, sliding=False)
+    if windows == "doc-sliding":
+        return doc_plan(data.tokens_np, data.bos_id, cfg.context, cfg.stride, sliding=True)
+    raise ValueError(f"unknown windowing {windows!r}")
+
+
+def adapter_info(adapter: Any) -> dict[str, Any]:
+    """Exact adapted-parameter accounting of a bound adapter (from its selection)."""
+    sel = getattr(adapter, "sel", None)
+    info: dict[str, Any] = {"adapter": getattr(adapter, "name", type(adapter).__name__),
+                            "config": _cfg_dict(getattr(adapter, "cfg", None))}
+    if sel is not None:
+        tensors = {}
+        for n in sel.names:
+            idx = sel.slices.get(n)
+            tensors[n] = {"slices": "all" if idx is None else [sel.labels.get((n, i), str(i)) for i in idx],
+                          "scalars": int(sel.scalars(n))}
+        info.update({"selection": sel.spec, "adapted_scalars": int(getattr(adapter, "adapted_count", sel.count)),
+                     "selected_scalars": int(sel.count), "model_scalars": int(sel.model_total),
+                     "tensors": tensors})
+    report = getattr(adapter, "selection_report", None)
+    if callable(report) and sel is not None:
+        info["report"] = report()
+    return info
+
+
+def _cfg_dict(cfg: Any) -> dict[str, Any] | None:
+    if cfg is None:
+        return None
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    try:
+        return asdict(cfg)
+    except TypeError:
+        return {"repr": repr(cfg)}
+
+
+def run_protocol(
+    spec: ProtocolSpec,
+    model: torch.nn.Module,
+    data: StreamData,
+    plan: WindowPlan,
+    cfg: EvalConfig,
+    adapter: Any | None = None,
+    ctx: DistCtx | None = None,
+) -> ProtocolResult:
+    """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol)."""
+    ctx = DistCtx.current() if ctx is None else ctx
+    if spec.mode != "score" and adapter is None:
+        raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
+    ledger = Ledger(spec.name, enforce=spec.legal)
+    if spec.mode == "score":
+        order = "score_only"
+        adapter = None
+    elif spec.mode == "oracle":
+        order = "adapt_first"
+    else:
+        # an adapter that asks to train before scoring is obliged; the enforcing ledger then refuses the run,
+        # so legality rests on the ledger, not on the adapter's good will
+        order = "adapt_first" if getattr(adapter, "adapts_before_scoring", False) else "score_first"
+    res = run_stream(model, data.tokens, plan, cfg.score_config(), adapter=adapter, order=order, ledger=ledger,
+                     ctx=ctx, starts=data.starts)
+    summary = ledger.verify()
+    nll = res.token_nll.astype(np.float64)
+    doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
+    block_nats = np.bincount(data.block_of_target, weights=nll)
+    info = adapter_info(adapter) if adapter is not None else None
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world)
+
+
+@dataclass
+class EvalResult:
+    data: StreamData
+    cfg: EvalConfig
+    results: dict[str, ProtocolResult] = field(default_factory=dict)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data: StreamData,
+    specs: list[ProtocolSpec],
+    adapters: dict[str, Any] | Callable[[str], Any],
+    cfg: EvalConfig,
+    ctx: DistCtx | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them)."""
+    plans: dict[str, WindowPlan] = {}
+    out = EvalResult(data, cfg)
+    for spec in specs:
+        if spec.windows not in plans:
+            plans[spec.windows] = build_plan(spec.windows, data, cfg)
+        adapter = None
+        if spec.adapter is not None:
+            adapter = adapters(spec.adapter) if callable(adapters) else adapters.get(spec.adapter)
+            if adapter is None:
+                raise KeyError(f"protocol {spec.name}: no adapter {spec.adapter!r} "
+                               f"(known: {sorted(adapters) if isinstance(adapters, dict) else '?'})")
+        r = run_protocol(spec, model, data, plans[spec.windows], cfg, adapter, ctx)
+        out.results[spec.name] = r
+        if log is not None:
+            bpb = r.nats / math.log(2) / float(data.target_bytes.sum())
+            log(f"{spec.name:<24} bpb {bpb:.5f}  {r.stream.seconds:8.1f}s  "
+                f"{r.stream.n_scored / max(r.stream.seconds, 1e-9):,.0f} tok/s")
+    return out

@@ -1,0 +1,176 @@
+"""The evaluator's report: ``eval.json`` content and the printed table.
+
+Sign convention (stated in the output too): ``delta(A -> B) = bpb(A) - bpb(B)``; a positive delta means the
+second protocol B is better (lower bpb). Δ_context = flat - sliding, Δ_TTT(adapter) = sliding - ttt:adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .protocols import ORACLE_LABEL, EvalResult
+from .stats import bootstrap
+
+SCHEMA = "metattt.eval/1"
+SIGN_CONVENTION = ("delta(A -> B) = bpb(A) - bpb(B) in bits per byte; positive = the second protocol B is better "
+                   "(lower bpb). context = flat -> sliding; ttt:X = sliding -> ttt:X (TTT gain beyond context).")
+LN2 = math.log(2.0)
+
+
+def delta_pairs(names: list[str], specs: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Named deltas computable from the protocols present: key -> (A, B)."""
+    out: dict[str, tuple[str, str]] = {}
+    if "flat" in names and "sliding" in names:
+        out["context"] = ("flat", "sliding")
+    if "doc-flat" in names and "doc-sliding" in names:
+        out["context@doc"] = ("doc-flat", "doc-sliding")
+    if "sliding" in names and "doc-sliding" in names:
+        out["doc_isolation"] = ("sliding", "doc-sliding")
+    for n in names:
+        s = specs[n]
+        if s.mode != "score" and s.base in names:
+            out[n] = (s.base, n)
+    return out
+
+
+def running_delta(a_block_nats: np.ndarray, b_block_nats: np.ndarray, block_bytes: np.ndarray) -> list[float]:
+    """Cumulative bpb(A) - bpb(B) after each block (same blocks and bytes for both)."""
+    cb = np.cumsum(block_bytes)
+    diff = np.cumsum(a_block_nats - b_block_nats) / LN2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(cb > 0, diff / np.where(cb > 0, cb, 1), np.nan)
+    return [float(v) if np.isfinite(v) else None for v in out]
+
+
+def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that goes into ``eval.json`` (JSON-ready)."""
+    data, cfg = ev.data, ev.cfg
+    names = list(ev.results)
+    specs = {n: r.spec for n, r in ev.results.items()}
+    doc_bytes = data.doc_bytes
+    total_bytes = float(data.target_bytes.sum())
+    pairs = delta_pairs(names, specs)
+    per, diffs = bootstrap({n: r.doc_nats for n, r in ev.results.items()}, doc_bytes, list(pairs.values()),
+                           n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
+    block_bytes = data.block_bytes
+    protocols: dict[str, Any] = {}
+    for n, r in ev.results.items():
+        s = r.stream
+        rate = s.n_scored / max(s.seconds, 1e-12)
+        per_gpu = rate / max(r.world, 1)
+        proj = cfg.projection_tokens / (per_gpu * cfg.projection_gpus) if per_gpu > 0 else None
+        protocols[n] = {
+            "bpb": per[n].point,
+            "ci95": [per[n].lo, per[n].hi],
+            "nats_per_token": r.nats / max(s.n_scored, 1),
+            "legal": r.spec.legal,
+            "label": "legal score" if r.spec.legal else ORACLE_LABEL,
+            "mode": r.spec.mode,
+            "windows": r.spec.windows,
+            "adapter": r.spec.adapter,
+            "n_windows": s.n_windows,
+            "n_chunks": len(s.chunks),
+            "n_forwards": s.n_forwards,
+            "tokens_scored": s.n_scored,
+            "wallclock_s": s.seconds,
+            "score_s": s.score_seconds,
+            "adapt_s": s.adapt_seconds,
+            "tokens_per_s": rate,
+            "tokens_per_s_per_process": per_gpu,
+            "world_size": r.world,
+            "projected_full_val_s": proj,
+            "ledger": r.ledger,
+            "adapter_params": r.adapter_info,
+            "adapt_stats_last": _jsonable_stats(s.adapt_stats[-1]) if s.adapt_stats else None,
+        }
+    deltas = {}
+    for key, (a, b) in pairs.items():
+        d = diffs[(a, b)]
+        deltas[key] = {"from": a, "to": b, "value": d.point, "ci95": [d.lo, d.hi],
+                       "legal": specs[a].legal and specs[b].legal,
+                       "label": "legal" if specs[a].legal and specs[b].legal else ORACLE_LABEL}
+    running = {}
+    for key, (a, b) in pairs.items():
+        if specs[b].mode == "score":
+            continue
+        running[key] = {"from": a, "to": b, "block_tokens": data.block_tokens,
+                        "chunk": list(range(block_bytes.size)),
+                        "delta_bpb": running_delta(ev.results[a].block_nats, ev.results[b].block_nats, block_bytes)}
+    return {
+        "schema": SCHEMA,
+        "sign_convention": SIGN_CONVENTION,
+        **({"meta": meta} if meta else {}),
+        "config": cfg.to_dict(),
+        "data": {"n_tokens": data.n_tokens, "n_targets": data.n_tokens - 1, "n_bytes": total_bytes,
+                 "n_docs": data.n_docs, "bos_id": data.bos_id},
+        "bootstrap": {"n": cfg.n_boot, "seed": cfg.seed, "level": cfg.level, "unit": "document",
+                      "paired": True, "estimator": "sum(nats)/ln2/sum(bytes) over resampled documents"},
+        "projection": {
+            "tokens": cfg.projection_tokens, "gpus": cfg.projection_gpus,
+            "note": (f"PROJECTION, not a measurement: {cfg.projection_tokens:,} tokens (full FineWeb val, taken "
+                     f"as 62M) / (measured tokens/s per process x {cfg.projection_gpus}), assuming linear "
+                     "scaling"),
+        },
+        "protocols": protocols,
+        "deltas": deltas,
+        "running_delta": running,
+        "per_document": {
+            "bytes": doc_bytes.tolist(),
+            "nats": {n: r.doc_nats.tolist() for n, r in ev.results.items()},
+        } if data.n_docs <= 100_000 else None,
+    }
+
+
+def _jsonable_stats(st: Any) -> Any:
+    if isinstance(st, dict):
+        return {k: (float(v) if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) else v)
+                for k, v in st.items()}
+    return st
+
+
+def _fmt_ci(ci: list[float], digits: int = 4) -> str:
+    if ci is None or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return "n/a"
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """The human-readable table printed by the CLI."""
+    lines = []
+    d = rep["data"]
+    lines.append(f"scored {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents); "
+                 f"95% CIs: paired bootstrap over documents, n={rep['bootstrap']['n']}, seed={rep['bootstrap']['seed']}")
+    hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{'proj. 8 GPU':>13}  note"
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for n, p in rep["protocols"].items():
+        note = "" if p["legal"] else f"** {p['label']} **"
+        lines.append(f"{n:<26}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
+                     f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>13}  {note}")
+    if rep["deltas"]:
+        lines.append("")
+        lines.append("deltas  (" + rep["sign_convention"] + ")")
+        for k, v in rep["deltas"].items():
+            note = "" if v["legal"] else f"** {v['label']} **"
+            lines.append(f"  {k:<24}{v['from'] + ' -> ' + v['to']:<34}{v['value']:>+10.5f}  "
+                         f"{_fmt_ci(v['ci95'], 5):<24}{note}")
+    for n, p in rep["protocols"].items():
+        a = p.get("adapter_params")
+        if a and "adapted_scalars" in a:
+            lines.append("")
+            lines.append(f"{n}: adapter {a['adapter']} adapts {a['adapted_scalars']:,} of {a['model_scalars']:,} "
+                         f"scalars (selection {a['selection']!r})")
+            if a.get("report"):
+                lines.extend("    " + ln for ln in a["report"].splitlines())
+    lines.append("")
+    lines.append(rep["projection"]["note"])
+    return "\n".join(lines)

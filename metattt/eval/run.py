@@ -1,0 +1,307 @@
+"""``python evaluators/legal_ttt.py ARTIFACT ...``: load an artifact, run the protocols, verify legality, report.
+
+Exit codes: 0 ok; 2 bad input (artifact, data, tokenizer, arguments); 3 an illegal adaptation was detected
+(the ledger refused; nothing is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .ledger import LegalityError
+from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
+from .report import build_report, format_report
+
+EXIT_BAD_INPUT = 2
+EXIT_ILLEGAL = 3
+DEFAULT_PROTOCOLS = "flat,sliding,ttt:sgd"
+PLOT_NAME = "eval_running_delta.png"
+
+
+class EvalInputError(ValueError):
+    """Bad evaluator input (artifact, data, tokenizer, arguments), reported with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="legal_ttt.py",
+        description="Legal score-first evaluation of an artifact: flat vs sliding (context gain) vs score-first "
+                    "test-time training (TTT gain), with a legality ledger and paired document-bootstrap CIs.")
+    ap.add_argument("artifact", help="artifact file (.ptz) written by the trainer")
+    ap.add_argument("--val", help="val shard glob (default: artifact metadata, else $METATTT_DATA)")
+    ap.add_argument("--tokenizer", help="SentencePiece model for the byte LUT (default: LUT stored in the artifact)")
+    ap.add_argument("--protocols", default=DEFAULT_PROTOCOLS,
+                    help="comma list of flat, sliding, doc (=doc-sliding), doc-flat, ttt:<adapter>[@windows], "
+                         f"oracle:<adapter>[@windows] (default {DEFAULT_PROTOCOLS}); flat and each ttt's base "
+                         "windows are added when needed for the deltas")
+    ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",
+                    help="adapter hyper-parameters, e.g. 'sgd:lr=0.002,epochs=3,select=all' (repeatable; "
+                         "'KEY=name:...' defines a protocol key, e.g. ttt:fast with 'fast=sgd:lr=0.01')")
+    ap.add_argument("--context", type=int, default=2048, help="sliding window length (default 2048)")
+    ap.add_argument("--stride", type=int, default=64, help="sliding stride = scored tokens per window (default 64)")
+    ap.add_argument("--seq-len", type=int, default=None, help="flat window length (default: artifact's seq_len)")
+    ap.add_argument("--chunk-tokens", type=int, default=32768, help="TTT chunk size in scored tokens (default 32768)")
+    ap.add_argument("--train-seq-len", type=int, default=None, help="adapter training sequence length (default: context)")
+    ap.add_argument("--batch-tokens", type=int, default=32 * 2048, help="padded tokens per scoring forward")
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N val tokens")
+    ap.add_argument("--run-dir", default=None, help="where eval.json goes (default: the artifact's directory)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no CIs)")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--projection-tokens", type=int, default=62_000_000,
+                    help="tokens assumed for the full FineWeb val in the time projection (default 62M)")
+    ap.add_argument("--projection-gpus", type=int, default=8)
+    ap.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE",
+                    help="require a model-config value in the artifact (e.g. vocab_size=1024)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
+    ap.add_argument("--wandb", default=None, metavar="MODE", help="online | offline | off (default: env/auto)")
+    ap.add_argument("--wandb-project", default="metattt")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _parse_expect(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        k, eq, v = it.partition("=")
+        if not eq:
+            raise EvalInputError(f"--expect needs KEY=VALUE, got {it!r}")
+        try:
+            import json
+
+            out[k.strip()] = json.loads(v)
+        except ValueError:
+            out[k.strip()] = v
+    return out
+
+
+def _parse_adapter_specs(items: list[str]) -> dict[str, str]:
+    """Protocol key -> adapter spec; a spec's key is its adapter name unless given as ``KEY=spec``."""
+    out: dict[str, str] = {}
+    for raw in items:
+        for it in (s for s in raw.split(";") if s.strip()):
+            it = it.strip()
+            head = it.split(":", 1)[0]
+            if "=" in head:
+                key, _, spec = it.partition("=")
+            else:
+                key, spec = head, it
+            if key in out:
+                raise EvalInputError(f"--adapter-spec given twice for {key!r}")
+            out[key.strip()] = spec.strip()
+    return out
+
+
+def _resolve_val(args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    if args.val:
+        return args.val
+    if meta.get("val_pattern"):
+        return str(meta["val_pattern"])
+    env = os.environ.get("METATTT_DATA")
+    if env:
+        p = Path(os.path.expanduser(env))
+        return str(p / "fineweb_val_*.bin") if p.is_dir() else str(p)
+    raise EvalInputError("no validation data: pass --val PATTERN (the artifact stores no val_pattern and "
+                         "METATTT_DATA is not set)")
+
+
+def _resolve_lut(args: argparse.Namespace, meta: dict[str, Any], vocab: int):
+    from metattt.data.bpb import ByteLUT
+
+    stored = None
+    if isinstance(meta.get("lut"), dict):
+        try:
+            stored = ByteLUT.from_dict(meta["lut"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvalInputError(f"the artifact's stored byte LUT is unreadable: {e}") from e
+    tok = args.tokenizer or (None if stored is not None else meta.get("tokenizer"))
+    if tok:
+        try:
+            lut = ByteLUT.from_sentencepiece(tok)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise EvalInputError(f"cannot read tokenizer {tok}: {e}") from e
+        if lut.vocab_size != vocab:
+            raise EvalInputError(f"tokenizer {tok} has {lut.vocab_size} pieces but the artifact's model has vocab "
+                                 f"{vocab}: wrong tokenizer for this artifact")
+        if stored is not None and not (stored.vocab_size == lut.vocab_size and stored.equals(lut)):
+            raise EvalInputError(f"tokenizer {tok} gives a different byte LUT than the one stored in the artifact "
+                                 "(the model was trained with another tokenizer)")
+        return lut, f"tokenizer:{tok}"
+    if stored is None:
+        raise EvalInputError("no byte LUT: the artifact stores none; pass --tokenizer MODEL")
+    if stored.vocab_size != vocab:
+        raise EvalInputError(f"the artifact's byte LUT covers {stored.vocab_size} tokens but its model has vocab "
+                             f"{vocab}: corrupted or mismatched artifact")
+    return stored, f"artifact:{stored.kind}"
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def _setup_dist(device: torch.device) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
+def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: dict[str, torch.Tensor]
+                         ) -> Callable[[str], Any]:
+    """Build, bind and load meta-parameters of each adapter on first use (cached per key)."""
+    from metattt.ttt.registry import ADAPTER_CLASSES, adapter_from_spec, make_adapter
+
+    cache: dict[str, Any] = {}
+
+    def get(key: str) -> Any:
+        if key not in cache:
+            if key in specs:
+                ad = adapter_from_spec(specs[key])
+            elif key in ADAPTER_CLASSES:
+                ad = make_adapter(key)
+            else:
+                raise EvalInputError(f"unknown adapter {key!r}: not a registered adapter "
+                                     f"({', '.join(ADAPTER_CLASSES)}) and no --adapter-spec {key}=...")
+            ad.bind(model)
+            prefix = f"ttt.{ad.name}."
+            mine = {k: v for k, v in extras.items() if k.startswith(prefix)}
+            ad.load_artifact_extras(mine, strict=bool(mine))
+            cache[key] = ad
+        return cache[key]
+
+    return get
+
+
+def _open_run_dir(args: argparse.Namespace, config: dict[str, Any], rank: int):
+    from metattt.track.rundir import RunDir, MalformedRunDir
+
+    target = Path(args.run_dir) if args.run_dir else Path(args.artifact).resolve().parent
+    if rank != 0:
+        return RunDir(target, writes=False)
+    if target.is_dir():
+        try:
+            return RunDir.open(target)
+        except MalformedRunDir:
+            if any(target.iterdir()) and args.run_dir is None:
+                return RunDir(target, writes=True)  # a plain folder holding the artifact: write beside it
+    return RunDir.create(target.parent, target.name, config, exist_ok=True)
+
+
+def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str], Any]] | None = None,
+        out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate as the CLI does and return the report (raises on bad input / illegality)."""
+    from metattt.artifact.errors import ArtifactError
+    from metattt.artifact.model_io import load_model_artifact
+    from metattt.data.loaders import load_val_tokens
+    from metattt.data.shards import ShardFormatError
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(args.device, local_rank)
+    rank, world = _setup_dist(device)
+    say = out if rank == 0 and not args.quiet else (lambda _s: None)
+    t0 = time.perf_counter()
+    try:
+        model, loaded = load_model_artifact(args.artifact, device=device, expect=_parse_expect(args.expect) or None)
+    except FileNotFoundError as e:
+        raise EvalInputError(f"artifact not found: {args.artifact} ({e})") from e
+    except ArtifactError as e:
+        raise EvalInputError(f"cannot load artifact {args.artifact}: {type(e).__name__}: {e}") from e
+    meta = dict(loaded.meta or {})
+    vocab = int(model.cfg.vocab_size)
+    lut, lut_src = _resolve_lut(args, meta, vocab)
+    val = _resolve_val(args, meta)
+    try:
+        tokens = load_val_tokens(val, vocab_size=vocab)
+    except FileNotFoundError as e:
+        raise EvalInputError(f"validation data: {e}") from e
+    except ShardFormatError as e:
+        raise EvalInputError(f"bad validation shard: {e}") from e
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise EvalInputError("--max-tokens must be at least 2")
+        tokens = tokens[: args.max_tokens]
+    cfg = EvalConfig(seq_len=args.seq_len or int(meta.get("seq_len") or 2048), context=args.context,
+                     stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
+                     train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
+                     seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus)
+    try:
+        specs = parse_protocols(args.protocols)
+        data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)
+        cfg.score_config()
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+    adapter_specs = _parse_adapter_specs(args.adapter_spec)
+    factory = (adapter_factory or make_adapter_factory)(model, adapter_specs, dict(loaded.extras or {}))
+    say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
+        f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
+        + (f"; {world} ranks" if world > 1 else ""))
+    say("protocols: " + ", ".join(s.name for s in specs))
+    model.eval()
+    ev = evaluate(model, data, specs, factory, cfg, log=say)
+    rep_meta = {"artifact": str(args.artifact), "val": val, "lut": lut_src, "device": str(device),
+                "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
+                "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
+                "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv)}
+    report = build_report(ev, rep_meta)
+    if rank == 0:
+        run_dir = _open_run_dir(args, {"evaluator": vars(args)}, rank)
+        path = run_dir.write_eval(report)
+        from .plot import plot_running_delta
+
+        png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME) if run_dir.path else None
+        report["_paths"] = {"eval_json": str(path) if path else None, "plot": str(png) if png else None}
+        say(format_report(report))
+        say(f"wrote {path}" + (f" and {png}" if png else ""))
+        _wandb(args, report, run_dir)
+    return report
+
+
+def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
+    from metattt.track.wandb_log import WandbLogger
+
+    logger = WandbLogger(args.wandb, project=args.wandb_project, group="eval", tags=["eval"],
+                         config={"evaluator": vars(args)}, run_dir=run_dir.path)
+    if not logger.enabled:
+        return
+    summ = {f"eval/{n}/bpb": p["bpb"] for n, p in report["protocols"].items()}
+    summ.update({f"eval/delta/{k}": d["value"] for k, d in report["deltas"].items()})
+    logger.summary(summ)
+    rows = [[n, p["bpb"], p["ci95"][0], p["ci95"][1], p["legal"], p["wallclock_s"], p["tokens_per_s"]]
+            for n, p in report["protocols"].items()]
+    logger.log_table("eval/protocols", ["protocol", "bpb", "ci_lo", "ci_hi", "legal", "wall_s", "tok_per_s"], rows)
+    logger.finish()
+
+
+def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[[str], Any]] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, adapter_factory)
+        return 0
+    except LegalityError as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return EXIT_ILLEGAL
+    except EvalInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,307 @@
+"""The one scoring code path: windows -> chunks -> batched forwards -> per-target nats (+ score-first TTT).
+
+Every protocol (flat, sliding, doc, ttt, oracle) runs through :func:`run_stream`. Windows are grouped into
+chunks of target positions; within a chunk, consecutive windows form batches deterministically, so the same
+plan always produces the same forwards in the same order (``ttt:none`` == ``sliding`` bit for bit). With an
+adapter, each chunk is scored with the current weights and only then handed to the adapter (``score_first``);
+``adapt_first`` is the oracle ordering and is only allowed with a non-enforcing ledger.
+
+Under torch.distributed, a chunk's windows (and its training sequences) are split contiguously across ranks
+and the per-target nats are all-gathered, so every rank ends with the full result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .ledger import Ledger
+from .windows import Chunk, WindowPlan, batch_windows, make_chunks
+
+ORDERS = ("score_only", "score_first", "adapt_first")
+
+
+class AdapterLike(Protocol):
+    """What the evaluator needs from ``metattt.ttt.adapter.Adapter``."""
+
+    def reset(self) -> None: ...
+
+    def params(self) -> dict[str, torch.Tensor]: ...
+
+    def adapt(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How forwards are batched and chunks formed (none of it changes what is scored)."""
+
+    batch_tokens: int = 32 * 2048  # padded tokens per forward (32 windows of 2048)
+    max_batch_windows: int | None = None
+    chunk_tokens: int = 32768
+    train_seq_len: int | None = None  # length of the adapter's training sequences (None: the window context)
+    autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    attn: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens < 1 or self.chunk_tokens < 1:
+            raise ValueError("batch_tokens and chunk_tokens must be positive")
+        if self.train_seq_len is not None and self.train_seq_len < 1:
+            raise ValueError("train_seq_len must be positive")
+
+
+@dataclass(frozen=True)
+class DistCtx:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> DistCtx:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+@dataclass
+class StreamResult:
+    """Per-target nats (index p-1 for target position p) and timings of one protocol run."""
+
+    plan_name: str
+    token_nll: np.ndarray  # float32 (n_tokens - 1,)
+    chunks: list[Chunk]
+    seconds: float
+    score_seconds: float
+    adapt_seconds: float
+    n_windows: int
+    n_forwards: int
+    ledger: Ledger
+    adapt_stats: list[Any] = field(default_factory=list)
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.token_nll.size)
+
+
+def _split(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous share ``[a, b)`` of ``n`` items for ``rank`` (first ranks get the remainder)."""
+    base, extra = divmod(n, world)
+    a = rank * base + min(rank, extra)
+    return a, a + base + (1 if rank < extra else 0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def score_windows(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    plan: WindowPlan,
+    w0: int,
+    w1: int,
+    cfg: ScoreConfig,
+    params: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, int]:
+    """Nats (float32, on CPU) of the scored targets of windows ``w0..w1-1`` in position order; #forwards."""
+    device = tokens.device
+    outs: list[torch.Tensor] = []
+    lengths = plan.length[w0:w1]
+    batches = batch_windows(lengths, cfg.batch_tokens, cfg.max_batch_windows)
+    n_tok = tokens.numel()
+    for a, b in batches:
+        st = torch.from_numpy(plan.start[w0 + a : w0 + b]).to(device)
+        ln = plan.length[w0 + a : w0 + b]
+        sf = plan.score_from[w0 + a : w0 + b]
+        t = int(ln.max())
+        idx = st[:, None] + torch.arange(t + 1, device=device)[None, :]
+        buf = tokens[idx.clamp_(max=n_tok - 1)]
+        x = buf[:, :-1]
+        # right padding beyond a window's length is never scored; causal attention keeps it invisible
+        counts = ln - sf
+        rows = np.repeat(np.arange(b - a), counts)
+        cols = np.concatenate([np.arange(f, l) for f, l in zip(sf, ln)]) if len(ln) > 1 else np.arange(sf[0], ln[0])
+        rows_t = torch.from_numpy(rows).to(device)
+        cols_t = torch.from_numpy(cols).to(device)
+        with _autocast(device, cfg.autocast):
+            logits = model(x, params=params, attn=cfg.attn) if cfg.attn != "auto" else model(x, params=params)
+        sel = logits[rows_t, cols_t].float()
+        tgt = buf[rows_t, cols_t + 1]
+        outs.append(F.cross_entropy(sel, tgt, reduction="none"))
+    nll = torch.cat(outs) if outs else torch.empty(0)
+    return nll.float().cpu(), len(batches)
+
+
+def _gather_chunk(local: torch.Tensor, sizes: list[int], ctx: DistCtx, device: torch.device) -> torch.Tensor:
+    """All ranks' nats of one chunk, concatenated in rank order (rank shares are contiguous in position)."""
+    if ctx.world == 1:
+        return local
+    m = max(sizes)
+    buf = torch.zeros(m, dtype=torch.float32, device=device)
+    buf[: local.numel()] = local.to(device)
+    parts = [torch.empty(m, dtype=torch.float32, device=device) for _ in range(ctx.world)]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).cpu()
+
+
+def training_sequences(lo: int, hi: int, seq_len: int) -> tuple[int, int, int]:
+    """(first input position, n sequences, sequence length) of a training batch over targets ``[lo, hi)``.
+
+    Sequence i feeds ``tokens[lo-1 + i*L : lo-1 + (i+1)*L]`` and predicts the next tokens, so the batch
+    contains positions ``[lo-1, lo + n*L)``. A remainder shorter than ``L`` is left out (it is still scored).
+    """
+    n = hi - lo
+    if n <= 0:
+        raise ValueError(f"empty training range [{lo}, {hi})")
+    if lo < 1:
+        raise ValueError(f"training range [{lo}, {hi}) starts before the first target (1)")
+    if n < seq_len:
+        return lo - 1, 1, n
+    return lo - 1, n // seq_len, seq_len
+
+
+def _resolve_training_range(adapter: Any, chunk: Chunk, chunks: list[Chunk]) -> tuple[int, int]:
+    """Target range the adapter asks to train on after chunk ``chunk`` (default: that chunk)."""
+    ask = getattr(adapter, "training_positions", None)
+    if ask is None:
+        return chunk.lo, chunk.hi
+    want = ask(chunk.index)
+    if want is None:
+        return chunk.lo, chunk.hi
+    if isinstance(want, (int, np.integer)):
+        if not 0 <= int(want) < len(chunks):
+            raise IndexError(f"adapter asked to train on chunk {int(want)} of {len(chunks)}")
+        c = chunks[int(want)]
+        return c.lo, c.hi
+    if isinstance(want, Chunk):
+        return want.lo, want.hi
+    lo, hi = want
+    return int(lo), int(hi)
+
+
+def _adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, step, cfg, label):
+    first, n_seq, length = training_sequences(lo, hi, seq_len)
+    device = tokens.device
+    a, b = _split(n_seq, ctx.world, ctx.rank)
+    if ctx.world > 1 and b - a == 0:
+        raise ValueError(f"chunk [{lo}, {hi}) gives {n_seq} training sequences of {length}: fewer than the "
+                         f"{ctx.world} ranks (lower --train-seq-len or raise --chunk-tokens)")
+    starts = first + length * torch.arange(a, b, device=device)
+    idx = starts[:, None] + torch.arange(length + 1, device=device)[None, :]
+    buf = tokens[idx]
+    x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+    # the ledger gets what every rank's share fed the averaged update, i.e. the whole batch
+    ledger.record_update([(first, first + n_seq * length + 1)], step, label)
+    return adapter.adapt(model, x, y, progress)  # the adapter owns grad mode, autocast and the rank average
+
+
+def run_stream(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    plan: WindowPlan,
+    cfg: ScoreConfig,
+    *,
+    adapter: AdapterLike | None = None,
+    order: str = "score_only",
+    ledger: Ledger | None = None,
+    ctx: DistCtx | None = None,
+    starts: np.ndarray | None = None,
+) -> StreamResult:
+    """Score every target of ``plan`` once, optionally adapting between chunks (see module docstring).
+
+    The adapter's ``cfg.reset`` decides when it returns to the trained weights: "never" (once, at the start),
+    "chunk" (before every update) or "doc" (chunks restart at each document of ``starts`` and the adapter is
+    reset when a new document begins).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order != "score_only" and adapter is None:
+        raise ValueError(f"order {order!r} needs an adapter")
+    if tokens.dim() != 1 or tokens.numel() != plan.n_tokens:
+        raise ValueError(f"tokens must be the 1-D stream of {plan.n_tokens} tokens the plan was built for")
+    ctx = DistCtx.current() if ctx is None else ctx
+    ledger = Ledger(plan.name) if ledger is None else ledger
+    device = tokens.device
+    reset = str(getattr(getattr(adapter, "cfg", None), "reset", "never")) if adapter is not None else "never"
+    if reset not in ("never", "chunk", "doc"):
+        raise ValueError(f"adapter reset mode {reset!r} is not one of never, chunk, doc")
+    if reset == "doc" and starts is None:
+        raise ValueError("adapter reset='doc' needs the document starts of the stream")
+    chunks = make_chunks(plan, cfg.chunk_tokens, starts if reset == "doc" else None)
+    seq_len = cfg.train_seq_len or plan.max_length
+    nll = np.zeros(plan.n_tokens - 1, dtype=np.float32)
+    done = np.zeros(plan.n_tokens - 1, dtype=bool)
+    score_s = adapt_s = 0.0
+    n_forwards = 0
+    stats: list[Any] = []
+    was_training = model.training
+    model.eval()
+    if adapter is not None:
+        adapter.reset()
+    _sync(device)
+    t_start = time.perf_counter()
+    try:
+        for chunk in chunks:
+            last = chunk.index == len(chunks) - 1
+            progress = chunk.index / max(1, len(chunks) - 1)
+            if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc:
+                adapter.reset()
+            if order == "adapt_first":
+                t0 = time.perf_counter()
+                if reset == "chunk":
+                    adapter.reset()
+                step = ledger.next_step()
+                stats.append(_adapt_on(model, tokens, adapter, chunk.lo, chunk.hi, seq_len, progress, ctx, ledger,
+                                       step, cfg, f"oracle chunk {chunk.index}"))
+                _sync(device)
+                adapt_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            step = ledger.next_step()
+            shares = [_split(chunk.w1 - chunk.w0, ctx.world, r) for r in range(ctx.world)]
+            a, b = shares[ctx.rank]
+            params = adapter.params() if adapter is not None else None
+            with torch.inference_mode():
+                local, nf = score_windows(model, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
+            n_forwards += nf
+            sizes = [int((plan.length[chunk.w0 + sa: chunk.w0 + sb] - plan.score_from[chunk.w0 + sa: chunk.w0 + sb])
+                         .sum()) for sa, sb in shares]
+            full = _gather_chunk(local, sizes, ctx, device)
+            if full.numel() != chunk.n_scored:
+                raise AssertionError(f"chunk {chunk.index}: scored {full.numel()} targets, expected {chunk.n_scored}")
+            if done[chunk.lo - 1 : chunk.hi - 1].any():
+                raise AssertionError(f"chunk {chunk.index}: a target in [{chunk.lo}, {chunk.hi}) was scored twice")
+            nll[chunk.lo - 1 : chunk.hi - 1] = full.numpy()
+            done[chunk.lo - 1 : chunk.hi - 1] = True
+            ledger.record_score(chunk.lo, chunk.hi, step)
+            _sync(device)
+            score_s += time.perf_counter() - t0
+            useless = reset == "doc" and not last and chunks[chunk.index + 1].doc != chunk.doc  # reset next anyway
+            if order == "score_first" and not last and not useless:
+                t0 = time.perf_counter()
+                if reset == "chunk":
+                    adapter.reset()
+                lo, hi = _resolve_training_range(adapter, chunk, chunks)
+                step = ledger.next_step()
+                stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, step, cfg,
+                                       f"after chunk {chunk.index}"))
+                _sync(device)
+                adapt_s += time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - t_start
+    missing = np.flatnonzero(~done)
+    if missing.size:
+        raise AssertionError(f"{plan.name}: {missing.size} targets never scored (first: position {int(missing[0]) + 1})")
+    return StreamResult(plan.name, nll, chunks, seconds, score_s, adapt_s, plan.n_windows, n_forwards, ledger, stats)

@@ -1,0 +1,225 @@
+"""Banked GPT: a functional forward over a dict of tensors, wrapped by a thin nn.Module.
+
+Why banks: all attention and MLP matrices live in four 3-D tensors so Muon orthogonalises every layer in one
+batched Newton-Schulz call, and inner loops can adapt copies of them by passing ``params=`` / ``banks=``
+without touching the module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import causal_attention
+from .config import ModelConfig
+
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+# (bank, offset in units of L, kind): slice offset*L + i of `bank` is layer i's `kind` matrix.
+BANK_LAYOUT = (
+    ("qo_bank", 0, "q"), ("qo_bank", 1, "out"),
+    ("kv_bank", 0, "k"), ("kv_bank", 1, "v"),
+    ("mlp_up_bank", 0, "up"), ("mlp_down_bank", 0, "down"),
+)
+SLICE_KINDS = tuple(kind for _, _, kind in BANK_LAYOUT)
+
+
+def bank_slice_index(cfg: ModelConfig, kind: str, layer: int) -> tuple[str, int]:
+    """(bank name, slice index) holding layer ``layer``'s ``kind`` matrix."""
+    for bank, offset, k in BANK_LAYOUT:
+        if k == kind:
+            return bank, offset * cfg.num_layers + layer
+    raise ValueError(f"unknown slice kind {kind!r}; choose from {SLICE_KINDS}")
+
+
+def _rms(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def _rope(x: Tensor, rope_dims: int, base: float) -> Tensor:
+    """Rotary embedding on the first ``rope_dims`` dims of each head (partial RoPE); x (B,T,H,D)."""
+    if rope_dims == 0:
+        return x
+    t = x.size(1)
+    inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=x.device, dtype=torch.float32) / rope_dims))
+    ang = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), inv)
+    cos, sin = ang.cos()[None, :, None, :].to(x.dtype), ang.sin()[None, :, None, :].to(x.dtype)
+    rot, rest = x[..., :rope_dims], x[..., rope_dims:]
+    a, b = rot[..., : rope_dims // 2], rot[..., rope_dims // 2:]
+    rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
+    """Hash of (previous token, token) into ``buckets - 1`` buckets; the last bucket marks sequence starts."""
+    prev = F.pad(tokens[:, :-1], (1, 0), value=0)
+    h = torch.bitwise_xor(36313 * tokens, 27191 * prev) % (buckets - 1)
+    h[:, 0] = buckets - 1
+    return h
+
+
+def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, tokens: Tensor,
+               attn: str) -> Tensor:
+    b, t, _ = h.shape
+    nl, hd = cfg.num_layers, cfg.head_dim
+    q = F.linear(h, p["qo_bank"][layer]).view(b, t, cfg.num_heads, hd)
+    k = F.linear(h, p["kv_bank"][layer]).view(b, t, cfg.num_kv_heads, hd)
+    v = F.linear(h, p["kv_bank"][nl + layer])
+    if layer in cfg.ve_layers:
+        j = cfg.ve_layers.index(layer)
+        ve = F.linear(F.embedding(tokens, p["ve_emb"]), p["ve_proj"])
+        v = v + p["ve_scales"][j].to(v.dtype) * ve.to(v.dtype)
+    v = v.view(b, t, cfg.num_kv_heads, hd)
+    q = _rope(_rms(q), cfg.rope_dims, cfg.rope_base)
+    k = _rope(_rms(k), cfg.rope_dims, cfg.rope_base)
+    q = q * p[f"blocks.{layer}.q_gain"].to(q.dtype)[None, None, :, None]
+    y = causal_attention(q, k, v, attn)
+    if layer in cfg.xsa_layers:
+        # Exclusive self-attention: remove the component of each head's output along its own value vector.
+        g = cfg.num_heads // cfg.num_kv_heads
+        yg = y.view(b, t, cfg.num_kv_heads, g, hd)
+        vn = F.normalize(v, dim=-1).unsqueeze(3)
+        y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(b, t, cfg.num_heads, hd)
+    return F.linear(y.reshape(b, t, cfg.model_dim), p["qo_bank"][nl + layer])
+
+
+def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int) -> Tensor:
+    a = F.leaky_relu(F.linear(h, p["mlp_up_bank"][layer]), cfg.leaky_slope)
+    return F.linear(a * a, p["mlp_down_bank"][layer])
+
+
+def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, layer: int, virtual: int,
+           tokens: Tensor, attn: str) -> Tensor:
+    pre = f"blocks.{layer}."
+    mix = p[pre + "resid_mix"].to(x.dtype)
+    x = mix[0] * x + mix[1] * x0
+    s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+    attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
+    h = _rms(x) * s
+    a = _attention(cfg, p, h, layer, tokens, attn)
+    if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
+        return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer)
+    x = x + attn_scale * a
+    return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer)
+
+
+def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto") -> Tensor:
+    """Functional core: logits (B,T,V) in float32 after the soft cap, from a full parameter dict."""
+    x = F.embedding(tokens, p["tok_emb"])
+    if cfg.bigram_vocab:
+        big = F.linear(F.embedding(bigram_hash(tokens, cfg.bigram_vocab), p["bigram_emb"]), p["bigram_proj"])
+        x = x + p["bigram_scale"].to(x.dtype) * big
+    x = _rms(x)
+    if cfg.smear_gate:
+        g = torch.sigmoid(p["smear_gate"]).to(x.dtype)
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+    x0 = x
+    schedule = cfg.layer_schedule()
+    n_enc = len(schedule) // 2 if cfg.unet_skips else 0
+    skips: list[Tensor] = []
+    for virtual, layer in enumerate(schedule):
+        if n_enc and virtual >= n_enc and skips:
+            x = x + p["skip_weights"][virtual - n_enc].to(x.dtype) * skips.pop()
+        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn)
+        if virtual < n_enc:
+            skips.append(x)
+    x = _rms(x)
+    head = p["tok_emb"] if cfg.tie_embeddings else p["lm_head"]
+    logits = F.linear(x, head).float()
+    c = cfg.logit_softcap
+    return c * torch.tanh(logits / c) if c else logits
+
+
+def _param(*shape: int, std: float | None = None, fill: float | None = None) -> nn.Parameter:
+    t = torch.empty(*shape)
+    if std is not None:
+        nn.init.normal_(t, std=std)
+    else:
+        t.fill_(0.0 if fill is None else fill)
+    return nn.Parameter(t)
+
+
+class Block(nn.Module):
+    """Per-layer control tensors (the matrices live in the model's banks)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.model_dim
+        self.attn_scale = _param(d, fill=1.0)
+        self.mlp_scale = _param(d, fill=1.0)
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.q_gain = _param(cfg.num_heads, fill=cfg.qk_gain_init)
+
+
+class BankedGPT(nn.Module):
+    """Module wrapper holding the parameters; ``forward`` merges overrides and calls ``gpt_forward``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, d, kv, h, V = cfg.num_layers, cfg.model_dim, cfg.kv_dim, cfg.mlp_hidden, cfg.vocab_size
+        self.tok_emb = _param(V, d, std=cfg.init_std)
+        self.qo_bank = _param(2 * L, d, d)
+        self.kv_bank = _param(2 * L, kv, d)
+        self.mlp_up_bank = _param(L, h, d)
+        self.mlp_down_bank = _param(L, d, h)
+        with torch.no_grad():  # inputs-side matrices random, output-side (out-proj, down) zero
+            nn.init.normal_(self.qo_bank[:L], std=d ** -0.5)
+            nn.init.normal_(self.kv_bank, std=d ** -0.5)
+            nn.init.normal_(self.mlp_up_bank, std=d ** -0.5)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(L))
+        n_virtual = len(cfg.layer_schedule())
+        if cfg.unet_skips:
+            self.skip_weights = _param(n_virtual // 2, d, fill=1.0)
+        if cfg.smear_gate:
+            self.smear_gate = _param(d, fill=-3.0)
+        if cfg.bigram_vocab:
+            self.bigram_emb = _param(cfg.bigram_vocab, cfg.bigram_dim, std=0.02)
+            self.bigram_proj = _param(d, cfg.bigram_dim, std=cfg.bigram_dim ** -0.5)
+            self.bigram_scale = _param(1, fill=0.05)
+        if cfg.ve_layers:
+            self.ve_emb = _param(V, cfg.ve_dim, std=0.02)
+            self.ve_proj = _param(kv, cfg.ve_dim, std=cfg.ve_dim ** -0.5)
+            self.ve_scales = _param(len(cfg.ve_layers), fill=0.1)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(V, d, std=cfg.init_std)
+
+    def param_dict(self) -> dict[str, Tensor]:
+        return dict(self.named_parameters())
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, params: Mapping[str, Tensor] | None = None,
+                banks: Mapping[str, Tensor] | None = None, reduction: str = "mean", attn: str = "auto") -> Tensor:
+        p = self.param_dict()
+        for override in (banks, params):
+            if override:
+                unknown = set(override) - set(p)
+                if unknown:
+                    raise KeyError(f"overrides name unknown parameters: {sorted(unknown)}")
+                p.update(override)
+        logits = gpt_forward(self.cfg, p, tokens, attn)
+        if targets is None:
+            return logits
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return nll.view(targets.shape) if reduction == "none" else nll
+
+    def named_bank_slices(self) -> list[tuple[str, int, int, str]]:
+        """(bank name, slice index, layer, kind) for every matrix in the banks."""
+        out = []
+        for layer in range(self.cfg.num_layers):
+            for kind in SLICE_KINDS:
+                bank, idx = bank_slice_index(self.cfg, kind, layer)
+                out.append((bank, idx, layer, kind))
+        return out
+
+    def layer_weights(self, layer: int) -> dict[str, Tensor]:
+        """Views of layer ``layer``'s six matrices (for inspection and tests)."""
+        out = {}
+        for kind in SLICE_KINDS:
+            bank, idx = bank_slice_index(self.cfg, kind, layer)
+            out[kind] = getattr(self, bank)[idx]
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

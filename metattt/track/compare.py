@@ -1,0 +1,677 @@
+"""Ablation comparison across run directories: ``python -m metattt compare RUN_DIR... [options]``.
+
+What it does
+------------
+* Loads each run directory (a directory holding none of the run files but with run directories inside
+  it is expanded to them). A malformed run (see :class:`MalformedRunDir`) or one without the metric is
+  named on stderr, skipped, never averaged in, and listed in the table footer.
+* Groups runs by ``--by`` fields, looked up in config.json, then eval.json, then summary.json. A field is
+  a dotted path (``meta.adapter``); when that exact path is absent, a unique leaf whose path ends with it
+  is used (``adapter`` finds ``ttt.adapter``); an ambiguous suffix is an error listing the candidates.
+  Without ``--by``, the config leaves that differ between runs (ignoring seed, names, paths, dirs, times)
+  form the group key.
+* The metric (``--metric``, dotted path) is looked up in eval.json, then summary.json (exact name, then
+  the aliases in :data:`METRIC_ALIASES`), then the last metrics.jsonl record holding it, then as a unique
+  suffix in eval.json / summary.json. A value that is an object with ``mean``/``value``/``estimate``/``point`` uses that field
+  (so ``{"bpb": {"mean": 1.1, "ci": [..]}}`` works as ``--metric bpb``).
+* Per group: n seeds, mean ± 95% Student-t CI over seeds ("n=1" when there is a single run). With
+  ``--baseline`` (a group label such as ``adapter=none``, its value(s) ``none``, or a run name/path whose
+  group becomes the baseline): Δ = group − baseline over seeds present in both (pairing key ``seed`` in
+  config, ``--seed-key``), its t-CI, and the two-sided paired t-test p-value.
+* Outputs: markdown on stdout; with ``--out DIR``: compare.md, compare.csv (one row per group, full
+  precision), runs.csv (one row per run with where its value came from), compare.json, and PNG plots
+  (learning_curves.png, ttt_delta_curves.png when eval.json holds running curves, metric_bars.png).
+
+wandb
+-----
+``--wandb-project P`` reads runs through the wandb public API (needs wandb installed and an API key). For
+offline runs pass their run directories instead: wandb has no public reader for offline ``.wandb`` files,
+and our run directory holds the same data anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
+from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
+
+#: Names tried (in order) after the exact ``--metric`` when it is absent. Keep in step with metattt/eval.
+METRIC_ALIASES: dict[str, tuple[str, ...]] = {
+    "ttt_delta": ("delta_ttt", "ttt.delta", "delta.ttt", "deltas.ttt", "summary.ttt_delta"),
+    "bpb": ("final_bpb", "bpb.ttt", "bpb.final", "val_bpb", "final_val_bpb"),
+    "val_bpb": ("final_val_bpb", "final_bpb", "bpb"),
+    "bpb_ttt": ("bpb.ttt", "ttt.bpb", "ttt_bpb"),
+    "bpb_sliding": ("bpb.sliding", "sliding.bpb", "sliding_bpb"),
+}
+#: When a metric resolves to an object, the first of these fields is the number.
+VALUE_FIELDS = ("mean", "value", "estimate", "point")
+#: Learning-curve keys tried in validation records of metrics.jsonl when --curve-key is not given.
+CURVE_KEYS = ("val_bpb", "bpb", "val_loss", "loss")
+#: eval.json fields holding a running Δ_TTT curve (list of numbers, list of [x, y], or {"x": [], "y": []}).
+RUNNING_DELTA_KEYS = ("running_delta", "ttt.running_delta", "curves.running_delta", "running.delta", "delta_curve")
+#: Config leaves never used for automatic grouping (seed is the pairing key; the rest differ per run).
+AUTO_BY_EXCLUDE = ("seed", "name", "dir", "path", "time", "wandb", "tag", "note", "date", "host", "run_id")
+
+_MISSING: Any = object()
+
+
+class CompareError(Exception):
+    """A usage problem that stops the whole comparison (bad option, ambiguous field)."""
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass
+class RunRecord:
+    """Everything compare needs from one run, whether read from a run directory or the wandb API."""
+
+    name: str
+    path: Path | None
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    eval: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    source: str = "dir"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+def load_run(path: Path | str) -> RunRecord:
+    """Read one run directory completely (MalformedRunDir on any unreadable part)."""
+    rd = RunDir.open(path)
+    assert rd.path is not None
+    return RunRecord(
+        name=rd.path.name or str(rd.path),
+        path=rd.path,
+        config=rd.config or {},
+        summary=rd.summary or {},
+        eval=rd.eval or {},
+        metrics=rd.metrics(),
+    )
+
+
+def _is_run_dir(p: Path) -> bool:
+    return any((p / f).is_file() for f in MARKER_FILES)
+
+
+def expand_run_paths(paths: Iterable[Path | str]) -> list[Path]:
+    """Each path as given, except a non-run directory whose children include run dirs → those children."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not _is_run_dir(p):
+            children = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
+            if children:
+                out.extend(children)
+                continue
+        out.append(p)
+    return out
+
+
+def load_runs(paths: Iterable[Path | str]) -> tuple[list[RunRecord], list[Skipped]]:
+    runs: list[RunRecord] = []
+    skipped: list[Skipped] = []
+    for p in expand_run_paths(paths):
+        try:
+            runs.append(load_run(p))
+        except MalformedRunDir as e:
+            skipped.append(Skipped(str(p), e.reason))
+    return runs, skipped
+
+
+# ---------------------------------------------------------------------------------------------- lookup
+def get_path(obj: Any, dotted: str) -> Any:
+    """Value at a dotted path; a key that itself contains dots (``{"bpb.sliding": x}``) is found too."""
+
+    def rec(cur: Any, parts: list[str]) -> Any:
+        if not parts:
+            return cur
+        for i in range(len(parts), 0, -1):
+            key = ".".join(parts[:i])
+            if isinstance(cur, Mapping) and key in cur:
+                r = rec(cur[key], parts[i:])
+                if r is not _MISSING:
+                    return r
+            elif isinstance(cur, list) and i == 1 and key.lstrip("-").isdigit() and -len(cur) <= int(key) < len(cur):
+                r = rec(cur[int(key)], parts[1:])
+                if r is not _MISSING:
+                    return r
+        return _MISSING
+
+    return rec(obj, dotted.split(".")) if dotted else _MISSING
+
+
+def leaf_paths(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """All (dotted path, value) leaves of nested dicts (lists are leaves)."""
+    if isinstance(obj, Mapping) and obj:
+        out: list[tuple[str, Any]] = []
+        for k, v in obj.items():
+            out.extend(leaf_paths(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix, obj)] if prefix else []
+
+
+def suffix_matches(obj: Any, dotted: str) -> list[tuple[str, Any]]:
+    """Nested paths (leaves or sub-objects) ending with ``.dotted``."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(cur: Any, prefix: str) -> None:
+        if not isinstance(cur, Mapping):
+            return
+        for k, v in cur.items():
+            p = f"{prefix}.{k}" if prefix else str(k)
+            if p.endswith("." + dotted):
+                found.append((p, v))
+            walk(v, p)
+
+    walk(obj, "")
+    return found
+
+
+def find_field(sources: Sequence[tuple[str, Mapping[str, Any]]], dotted: str) -> tuple[Any, str | None]:
+    """Look ``dotted`` up in each (label, dict) source: exact path first, then a unique suffix match.
+
+    Returns (value, "label:path") or (_MISSING, None); an ambiguous suffix raises CompareError.
+    """
+    for label, src in sources:
+        v = get_path(src, dotted)
+        if v is not _MISSING:
+            return v, f"{label}:{dotted}"
+    for label, src in sources:
+        hits = suffix_matches(src, dotted)
+        if len(hits) == 1:
+            return hits[0][1], f"{label}:{hits[0][0]}"
+        if len(hits) > 1:
+            paths = ", ".join(p for p, _ in hits)
+            raise CompareError(f"field {dotted!r} is ambiguous in {label} ({paths}); pass one of these dotted paths")
+    return _MISSING, None
+
+
+def _as_number(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        for f in VALUE_FIELDS:
+            if f in v:
+                return _as_number(v[f])
+        return _MISSING
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return _MISSING
+    return float(v)
+
+
+def _last_record_with(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
+    for rec in reversed(records):  # the most recent record holding the name wins
+        if get_path(rec, name) is not _MISSING:
+            return rec
+    return {}
+
+
+def metric_value(run: RunRecord, metric: str) -> tuple[float, str]:
+    """(value, where it came from) for ``metric``; KeyError with a reason when absent or not a number.
+
+    Order: eval.json then summary.json (exact name, then aliases), then the last metrics.jsonl record
+    holding the name (exact, then aliases), then a unique suffix match in eval.json / summary.json.
+    Final files win over the log because they hold the authoritative (e.g. post-quantization) numbers.
+    """
+    names = (metric, *METRIC_ALIASES.get(metric, ()))
+    candidates = [(label, src, n) for n in names for label, src in (("eval.json", run.eval), ("summary.json", run.summary))]
+    candidates += [("metrics.jsonl", _last_record_with(run.metrics, n), n) for n in names]
+    for label, src, name in candidates:
+        raw = get_path(src, name)
+        if raw is _MISSING:
+            continue
+        num = _as_number(raw)
+        if num is _MISSING:
+            raise KeyError(f"metric {metric!r} at {label}:{name} is not a number ({_short(raw)})")
+        return num, f"{label}:{name}"
+    raw, where = find_field([("eval.json", run.eval), ("summary.json", run.summary)], metric)
+    if raw is not _MISSING:
+        num = _as_number(raw)
+        if num is _MISSING:
+            raise KeyError(f"metric {metric!r} at {where} is not a number ({_short(raw)})")
+        return num, str(where)
+    raise KeyError(f"metric {metric!r} not found in eval.json, summary.json or metrics.jsonl")
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _fmt_value(v: Any) -> str:
+    if v is _MISSING or v is None:
+        return "(missing)"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return repr(v)
+    return json.dumps(v, default=str) if isinstance(v, (list, dict)) else str(v)
+
+
+def _sort_key(v: Any) -> tuple[int, Any]:
+    if v is _MISSING or v is None:
+        return (2, "")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v))
+    return (1, _fmt_value(v))
+
+
+def auto_group_fields(runs: Sequence[RunRecord]) -> list[str]:
+    """Config leaves whose values differ between runs, minus per-run bookkeeping (see AUTO_BY_EXCLUDE)."""
+    per_run = [dict(leaf_paths(r.config)) for r in runs]
+    keys = sorted({k for d in per_run for k in d})
+    out = []
+    for k in keys:
+        last = k.split(".")[-1].lower()
+        if any(x in last for x in AUTO_BY_EXCLUDE):
+            continue
+        vals = {json.dumps(d.get(k, "__missing__"), sort_keys=True, default=str) for d in per_run}
+        if len(vals) > 1:
+            out.append(k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- compare
+@dataclass
+class RunValue:
+    run: RunRecord
+    group: str
+    seed: Any
+    value: float
+    source: str
+
+
+@dataclass
+class GroupResult:
+    label: str
+    key: tuple[Any, ...]
+    runs: list[RunValue]
+    ci: MeanCI
+    seeds: list[Any]
+    is_baseline: bool = False
+    paired: PairedTest | None = None
+    unpaired_delta: float | None = None  # difference of means when no seed is shared with the baseline
+
+    @property
+    def delta(self) -> float | None:
+        return self.paired.mean_diff if self.paired is not None else self.unpaired_delta
+
+
+@dataclass
+class Comparison:
+    metric: str
+    by: list[str]
+    seed_key: str
+    level: float
+    groups: list[GroupResult]
+    baseline: str | None
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def values(self) -> list[RunValue]:
+        return [rv for g in self.groups for rv in g.runs]
+
+
+def _by_value(run: RunRecord, f: str) -> Any:
+    v, _ = find_field([("config.json", run.config), ("eval.json", run.eval), ("summary.json", run.summary)], f)
+    return v
+
+
+def _label(by: Sequence[str], key: Sequence[Any]) -> str:
+    if not by:
+        return "all"
+    return ", ".join(f"{b}={_fmt_value(v)}" for b, v in zip(by, key))
+
+
+def _resolve_baseline(baseline: str, groups: Sequence[GroupResult], by: Sequence[str]) -> GroupResult:
+    for g in groups:
+        if baseline == g.label:
+            return g
+    for g in groups:  # values only: "none" or "sgd,0.01"
+        vals = [_fmt_value(v) for v in g.key]
+        if baseline in (",".join(vals), ", ".join(vals)):
+            return g
+    bpath = Path(baseline)
+    for g in groups:
+        for rv in g.runs:
+            if rv.run.name == baseline or (rv.run.path is not None and bpath.exists() and rv.run.path.resolve() == bpath.resolve()):
+                return g
+    labels = "; ".join(g.label for g in groups)
+    raise CompareError(f"baseline {baseline!r} matches no group label, group value or run (groups: {labels})")
+
+
+def compare_runs(
+    runs: Sequence[RunRecord],
+    *,
+    metric: str = "ttt_delta",
+    by: Sequence[str] | None = None,
+    baseline: str | None = None,
+    seed_key: str = "seed",
+    level: float = 0.95,
+    skipped: Sequence[Skipped] = (),
+) -> Comparison:
+    """Group runs, compute per-group t-CIs and paired deltas to the baseline group (pure function)."""
+    skipped = list(skipped)
+    warnings: list[str] = []
+    kept: list[tuple[RunRecord, float, str]] = []
+    for run in runs:
+        try:
+            value, source = metric_value(run, metric)
+        except KeyError as e:
+            skipped.append(Skipped(run.name, str(e.args[0])))
+            continue
+        if not math.isfinite(value):
+            skipped.append(Skipped(run.name, f"metric {metric!r} is {value} ({source})"))
+            continue
+        kept.append((run, value, source))
+    by = list(by) if by is not None else auto_group_fields([r for r, _, _ in kept])
+    grouped: dict[tuple[str, ...], list[RunValue]] = {}
+    keys: dict[tuple[str, ...], tuple[Any, ...]] = {}
+    for run, value, source in kept:
+        key = tuple(_by_value(run, f) for f in by)
+        skey = tuple(json.dumps(_fmt_value(v)) for v in key)
+        seed, _ = find_field([("config.json", run.config)], seed_key)
+        if seed is _MISSING or seed is None:
+            seed = None
+            warnings.append(f"run {run.name}: no {seed_key!r} in config.json; it cannot be paired")
+        elif isinstance(seed, (list, dict)):
+            seed = json.dumps(seed, sort_keys=True)  # hashable pairing key
+        grouped.setdefault(skey, []).append(RunValue(run, _label(by, key), seed, value, source))
+        keys[skey] = key
+
+    groups: list[GroupResult] = []
+    for skey, rvs in grouped.items():
+        key = keys[skey]
+        seeds = [rv.seed for rv in rvs]
+        dup = sorted({_fmt_value(s) for s in seeds if s is not None and seeds.count(s) > 1})
+        if dup:
+            warnings.append(
+                f"group {_label(by, key)}: seeds {', '.join(dup)} occur more than once "
+                "(missing a --by field?); duplicates are averaged for pairing"
+            )
+        groups.append(GroupResult(_label(by, key), key, rvs, mean_ci([rv.value for rv in rvs], level), seeds))
+    groups.sort(key=lambda g: tuple(_sort_key(v) for v in g.key))
+
+    base: GroupResult | None = None
+    if baseline is not None:
+        if not groups:
+            raise CompareError(f"baseline {baseline!r} given but no run has metric {metric!r}")
+        base = _resolve_baseline(baseline, groups, by)
+        base.is_baseline = True
+        groups.remove(base)
+        groups.insert(0, base)
+        base_by_seed = _per_seed(base)
+        for g in groups:
+            if g is base:
+                continue
+            mine = _per_seed(g)
+            common = sorted((s for s in mine if s in base_by_seed), key=_sort_key)
+            if common:
+                g.paired = paired_ttest([mine[s] for s in common], [base_by_seed[s] for s in common], level)
+            else:
+                g.unpaired_delta = g.ci.mean - base.ci.mean
+                warnings.append(f"group {g.label}: no seed shared with the baseline; Δ is a difference of means, untested")
+    return Comparison(metric, by, seed_key, level, groups, base.label if base else None, skipped, warnings)
+
+
+def _per_seed(g: GroupResult) -> dict[Any, float]:
+    acc: dict[Any, list[float]] = {}
+    for rv in g.runs:
+        if rv.seed is not None:
+            acc.setdefault(rv.seed, []).append(rv.value)
+    return {s: math.fsum(v) / len(v) for s, v in acc.items()}
+
+
+# ---------------------------------------------------------------------------------------------- render
+def _f(x: float | None, prec: int) -> str:
+    return "—" if x is None else f"{x:.{prec}f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "<1e-6" if p < 1e-6 else f"{p:.3g}"
+
+
+def _seeds_str(seeds: Sequence[Any]) -> str:
+    return ",".join(_fmt_value(s) for s in sorted(seeds, key=_sort_key)) if any(s is not None for s in seeds) else "—"
+
+
+def to_markdown(cmp: Comparison, precision: int = 4) -> str:
+    pct = f"{100 * cmp.level:g}%"
+    head = ["group", "n", "seeds", f"{cmp.metric} mean ± {pct} CI"]
+    if cmp.baseline is not None:
+        head += [f"Δ vs baseline ± {pct} CI", "pairs", "p (paired t)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for g in cmp.groups:
+        if g.ci.half_width is None:
+            mean = f"{_f(g.ci.mean, precision)} (n=1)"
+        else:
+            mean = f"{_f(g.ci.mean, precision)} ± {_f(g.ci.half_width, precision)}"
+        label = f"{g.label} (baseline)" if g.is_baseline else g.label
+        row = [label, str(g.ci.n), _seeds_str(g.seeds), mean]
+        if cmp.baseline is not None:
+            if g.is_baseline:
+                row += ["—", "—", "—"]
+            elif g.paired is not None:
+                pt = g.paired
+                d = _f(pt.mean_diff, precision) if pt.half_width is None else f"{_f(pt.mean_diff, precision)} ± {_f(pt.half_width, precision)}"
+                row += [d + (" (n=1)" if pt.n == 1 else ""), str(pt.n), _p(pt.p_value)]
+            else:
+                row += [f"{_f(g.unpaired_delta, precision)} (unpaired)", "0", "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    by = ", ".join(cmp.by) if cmp.by else "(none: one group)"
+    lines.append(
+        f"Metric `{cmp.metric}`; groups by {by}; CI: two-sided {pct} Student t over runs (none for n=1)."
+    )
+    if cmp.baseline is not None:
+        lines.append(
+            f"Δ = group − baseline `{cmp.baseline}`, paired on `{cmp.seed_key}` (seeds in both groups); "
+            "p: two-sided paired t-test (needs ≥ 2 pairs)."
+        )
+    for w in cmp.warnings:
+        lines.append(f"- warning: {w}")
+    if cmp.skipped:
+        lines.append(f"Skipped runs ({len(cmp.skipped)}):")
+        for s in cmp.skipped:
+            lines.append(f"- `{s.name}`: {s.reason}")
+    else:
+        lines.append("Skipped runs: none.")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else repr(float(x))
+
+
+def to_csv(cmp: Comparison) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        ["group", *cmp.by, "is_baseline", "n", "seeds", "mean", "sd", "ci_half", "ci_lo", "ci_hi",
+         "delta", "delta_sd", "delta_ci_half", "n_pairs", "t", "p_value", "runs"]
+    )
+    for g in cmp.groups:
+        pt = g.paired
+        w.writerow(
+            [g.label, *[_fmt_value(v) for v in g.key], int(g.is_baseline), g.ci.n, _seeds_str(g.seeds),
+             _num(g.ci.mean), _num(g.ci.sd), _num(g.ci.half_width), _num(g.ci.lo), _num(g.ci.hi),
+             _num(g.delta) if not g.is_baseline else "", _num(pt.sd_diff if pt else None),
+             _num(pt.half_width if pt else None), pt.n if pt else "", _num(pt.t if pt else None),
+             _num(pt.p_value if pt else None), ";".join(rv.run.name for rv in g.runs)]
+        )
+    return buf.getvalue()
+
+
+def runs_csv(cmp: Comparison) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "group", "seed", "value", "source", "path"])
+    for rv in cmp.values:
+        w.writerow([rv.run.name, rv.group, _fmt_value(rv.seed), repr(rv.value), rv.source, str(rv.run.path or "")])
+    for s in cmp.skipped:
+        w.writerow([s.name, "(skipped)", "", "", s.reason, ""])
+    return buf.getvalue()
+
+
+def to_json(cmp: Comparison) -> dict[str, Any]:
+    def ci(c: MeanCI) -> dict[str, Any]:
+        return {"n": c.n, "mean": c.mean, "sd": c.sd, "half_width": c.half_width, "lo": c.lo, "hi": c.hi}
+
+    return {
+        "metric": cmp.metric,
+        "by": cmp.by,
+        "seed_key": cmp.seed_key,
+        "level": cmp.level,
+        "baseline": cmp.baseline,
+        "groups": [
+            {
+                "label": g.label,
+                "key": [None if v is _MISSING else v for v in g.key],
+                "is_baseline": g.is_baseline,
+                "ci": ci(g.ci),
+                "delta": g.delta,
+                "paired": None if g.paired is None else {
+                    "n": g.paired.n, "mean_diff": g.paired.mean_diff, "sd_diff": g.paired.sd_diff,
+                    "half_width": g.paired.half_width, "t": g.paired.t, "df": g.paired.df,
+                    "p_value": g.paired.p_value,
+                },
+                "runs": [{"name": rv.run.name, "seed": rv.seed, "value": rv.value, "source": rv.source} for rv in g.runs],
+            }
+            for g in cmp.groups
+        ],
+        "skipped": [{"name": s.name, "reason": s.reason} for s in cmp.skipped],
+        "warnings": cmp.warnings,
+    }
+
+
+def write_outputs(
+    cmp: Comparison, out: Path, *, precision: int = 4, plots: bool = True, curve_key: str | None = None
+) -> list[Path]:
+    """Write compare.md/.csv/.json, runs.csv and (when there is data for them) the PNG plots."""
+    from metattt.track import jsonio
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (
+        ("compare.md", to_markdown(cmp, precision)),
+        ("compare.csv", to_csv(cmp)),
+        ("runs.csv", runs_csv(cmp)),
+        ("compare.json", jsonio.dumps(to_json(cmp), indent=2) + "\n"),
+    ):
+        jsonio.write_atomic(out / name, text)
+        written.append(out / name)
+    if plots:
+        from metattt.track import plots as P
+
+        for p in (
+            P.plot_learning_curves(cmp, out / "learning_curves.png", key=curve_key),
+            P.plot_running_delta(cmp, out / "ttt_delta_curves.png"),
+            P.plot_metric_bars(cmp, out / "metric_bars.png"),
+        ):
+            if p is not None:
+                written.append(p)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- wandb
+def load_wandb_runs(project: str, *, entity: str | None = None, group: str | None = None) -> list[RunRecord]:
+    """Read finished/online runs through the wandb public API (guarded: clear errors when impossible)."""
+    from metattt.track.wandb_log import INSTALL_HINT, _import_wandb, api_key_configured
+
+    wandb = _import_wandb()
+    if wandb is None:
+        raise CompareError(f"--wandb-project needs wandb: {INSTALL_HINT}")
+    if not api_key_configured():
+        raise CompareError(
+            "--wandb-project reads the wandb API, which needs an API key (wandb login or WANDB_API_KEY); "
+            "for offline runs pass their run directories instead (wandb has no public reader for offline "
+            ".wandb files; our run directories hold the same data)"
+        )
+    api = wandb.Api()
+    path = f"{entity}/{project}" if entity else project
+    filters = {"group": group} if group else None
+    out: list[RunRecord] = []
+    for r in api.runs(path, filters=filters):
+        config = {k: v for k, v in dict(r.config).items() if not str(k).startswith("_")}
+        summary = dict(getattr(r.summary, "_json_dict", None) or {})
+        history = [
+            {"step": rec.get("_step"), **{k: v for k, v in rec.items() if not str(k).startswith("_")}}
+            for rec in r.scan_history()
+        ]
+        out.append(RunRecord(name=str(r.name), path=None, config=config, summary=summary, eval={},
+                             metrics=history, source="wandb"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser(prog: str = "python -m metattt compare") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Compare runs: per-group mean ± t-CI over seeds, paired deltas to a baseline, plots.",
+        epilog="Metric aliases: " + "; ".join(f"{k} → {', '.join(v)}" for k, v in METRIC_ALIASES.items()),
+    )
+    p.add_argument("runs", nargs="*", type=Path, help="run directories (or directories of run directories)")
+    p.add_argument("--by", default=None, help="comma-separated grouping fields (dotted paths into config.json)")
+    p.add_argument("--metric", default="ttt_delta", help="metric name or dotted path (default: ttt_delta)")
+    p.add_argument("--baseline", default=None, help="baseline group label, its value(s), or a run name/path")
+    p.add_argument("--seed-key", default="seed", help="config field pairing runs across groups (default: seed)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level (default: 0.95)")
+    p.add_argument("--precision", type=int, default=4, help="decimals in the markdown table (default: 4)")
+    p.add_argument("--out", type=Path, default=None, help="directory for compare.md/.csv/.json, runs.csv, PNGs")
+    p.add_argument("--curve-key", default=None, help=f"learning-curve key in metrics.jsonl (default: first of {', '.join(CURVE_KEYS)})")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--wandb-project", default=None, help="also read runs from this wandb project (online API)")
+    p.add_argument("--wandb-entity", default=None)
+    p.add_argument("--wandb-group", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0.0 < args.level < 1.0:
+        print(f"error: --level must be in (0, 1), got {args.level}", file=sys.stderr)
+        return 2
+    if not args.runs and not args.wandb_project:
+        print("error: give run directories and/or --wandb-project", file=sys.stderr)
+        return 2
+    try:
+        runs, skipped = load_runs(args.runs)
+        if args.wandb_project:
+            runs += load_wandb_runs(args.wandb_project, entity=args.wandb_entity, group=args.wandb_group)
+        for s in skipped:
+            print(f"skipping {s.name}: {s.reason}", file=sys.stderr)
+        by = [b.strip() for b in args.by.split(",") if b.strip()] if args.by else None
+        cmp = compare_runs(runs, metric=args.metric, by=by, baseline=args.baseline, seed_key=args.seed_key,
+                           level=args.level, skipped=skipped)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s in cmp.skipped[len(skipped):]:
+        print(f"skipping {s.name}: {s.reason}", file=sys.stderr)
+    for w in cmp.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    sys.stdout.write(to_markdown(cmp, args.precision))
+    if args.out is not None:
+        for p in write_outputs(cmp, args.out, precision=args.precision, plots=not args.no_plots, curve_key=args.curve_key):
+            print(f"wrote {p}", file=sys.stderr)
+    if not cmp.groups:
+        print(f"error: no run had a usable {args.metric!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""PNG plots for ``compare``: learning curves, running Δ_TTT curves, metric per group with CIs.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot): no global backend switch, no display
+needed, safe inside other programs and tests. Each function returns the written path, or None when the
+runs hold no data for that plot.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from metattt.track.compare import CURVE_KEYS, RUNNING_DELTA_KEYS, Comparison, RunValue, get_path, _MISSING
+
+_X_KEYS = ("x", "tokens", "scored_tokens", "docs", "documents", "step", "position")
+_Y_KEYS = ("y", "delta", "running_delta", "value", "mean")
+
+
+def _figure(width: float = 7.5, height: float = 4.5) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _group_colors(cmp: Comparison) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {g.label: cmap(i % 10) for i, g in enumerate(cmp.groups)}
+
+
+def _save(fig: Any, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def curve_points(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` from validation records (all records when none carries a ``kind``)."""
+    has_kind = any("kind" in r for r in records)
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, r in enumerate(records):
+        if has_kind and r.get("kind") != "val":
+            continue
+        y = get_path(r, key)
+        if y is _MISSING or not _is_num(y):
+            continue
+        step = r.get("step", i)
+        xs.append(float(step) if _is_num(step) else float(i))
+        ys.append(float(y))
+    return xs, ys
+
+
+def _pick_curve_key(values: Sequence[RunValue]) -> str | None:
+    for key in CURVE_KEYS:
+        if any(curve_points(rv.run.metrics, key)[0] for rv in values):
+            return key
+    return None
+
+
+def plot_learning_curves(cmp: Comparison, out: Path, key: str | None = None) -> Path | None:
+    key = key or _pick_curve_key(cmp.values)
+    if key is None:
+        return None
+    colors = _group_colors(cmp)
+    fig = _figure()
+    ax = fig.add_subplot()
+    seen: set[str] = set()
+    plotted = 0
+    for rv in cmp.values:
+        xs, ys = curve_points(rv.run.metrics, key)
+        if not xs:
+            continue
+        label = rv.group if rv.group not in seen else None
+        seen.add(rv.group)
+        ax.plot(xs, ys, color=colors[rv.group], alpha=0.85, lw=1.4, marker="o" if len(xs) < 15 else None, ms=3, label=label)
+        plotted += 1
+    if not plotted:
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(f"{key} vs step ({plotted} runs, one line each, colour = group)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def running_curve(ev: dict[str, Any]) -> tuple[list[float], list[float], str] | None:
+    """Parse a running Δ_TTT curve from eval.json: list of numbers, list of [x, y], or {x-list, y-list}."""
+    raw: Any = _MISSING
+    for k in RUNNING_DELTA_KEYS:
+        raw = get_path(ev, k)
+        if raw is not _MISSING:
+            break
+    if raw is _MISSING:
+        return None
+    if isinstance(raw, list) and raw and all(_is_num(v) for v in raw):
+        return [float(i + 1) for i in range(len(raw))], [float(v) for v in raw], "evaluation chunk"
+    if isinstance(raw, list) and raw and all(isinstance(v, list) and len(v) == 2 and all(map(_is_num, v)) for v in raw):
+        return [float(v[0]) for v in raw], [float(v[1]) for v in raw], "position"
+    if isinstance(raw, dict):
+        xk = next((k for k in _X_KEYS if isinstance(raw.get(k), list)), None)
+        yk = next((k for k in _Y_KEYS if isinstance(raw.get(k), list)), None)
+        if xk and yk and len(raw[xk]) == len(raw[yk]) and all(map(_is_num, raw[xk] + raw[yk])):
+            return [float(v) for v in raw[xk]], [float(v) for v in raw[yk]], xk
+    return None
+
+
+def plot_running_delta(cmp: Comparison, out: Path) -> Path | None:
+    colors = _group_colors(cmp)
+    fig = _figure()
+    ax = fig.add_subplot()
+    seen: set[str] = set()
+    plotted = 0
+    xlabel = "position"
+    for rv in cmp.values:
+        cur = running_curve(rv.run.eval)
+        if cur is None:
+            continue
+        xs, ys, xlabel = cur
+        label = rv.group if rv.group not in seen else None
+        seen.add(rv.group)
+        ax.plot(xs, ys, color=colors[rv.group], alpha=0.85, lw=1.4, label=label)
+        plotted += 1
+    if not plotted:
+        return None
+    ax.axhline(0.0, color="black", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("running Δ_TTT (bpb)")
+    ax.set_title(f"running Δ_TTT ({plotted} runs, colour = group)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_metric_bars(cmp: Comparison, out: Path) -> Path | None:
+    """Bar per group (mean) with t-CI error bars and each run as a dot; baseline bar hatched."""
+    if not cmp.groups:
+        return None
+    colors = _group_colors(cmp)
+    fig = _figure(max(5.0, 1.2 * len(cmp.groups) + 2.5), 4.5)
+    ax = fig.add_subplot()
+    xs = list(range(len(cmp.groups)))
+    means = [g.ci.mean for g in cmp.groups]
+    errs = [g.ci.half_width or 0.0 for g in cmp.groups]
+    ax.bar(xs, means, yerr=errs, capsize=6, color=[colors[g.label] for g in cmp.groups], alpha=0.55,
+           edgecolor="black", hatch=None, error_kw={"elinewidth": 1.4})
+    for x, g in zip(xs, cmp.groups):
+        if g.is_baseline:
+            ax.bar([x], [g.ci.mean], color="none", edgecolor="black", hatch="//", lw=1.2)
+        n = len(g.runs)
+        for j, rv in enumerate(g.runs):
+            off = 0.0 if n == 1 else (j / (n - 1) - 0.5) * 0.3
+            ax.plot(x + off, rv.value, "o", color="black", ms=3.5, zorder=3)
+    lo = min(min(rv.value for rv in g.runs) if g.runs else g.ci.mean for g in cmp.groups)
+    lo = min(lo, *(m - e for m, e in zip(means, errs)))
+    hi = max(max(rv.value for rv in g.runs) for g in cmp.groups)
+    hi = max(hi, *(m + e for m, e in zip(means, errs)))
+    note = ""
+    span = hi - lo
+    if lo > 0 and span < 0.2 * hi:  # all positive and close together (e.g. bpb): zoom in, say so
+        pad = max(span, 1e-12) * 0.25
+        ax.set_ylim(lo - pad, hi + pad)
+        note = " — y axis does not start at 0"
+    elif hi < 0 and span < 0.2 * abs(lo):
+        pad = max(span, 1e-12) * 0.25
+        ax.set_ylim(lo - pad, hi + pad)
+        note = " — y axis does not end at 0"
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(xs, [g.label + ("\n(baseline)" if g.is_baseline else "") for g in cmp.groups],
+                  rotation=20 if max(len(g.label) for g in cmp.groups) > 14 else 0, fontsize=8)
+    ax.set_ylabel(cmp.metric)
+    pct = f"{100 * cmp.level:g}%"
+    ax.set_title(f"{cmp.metric}: mean ± {pct} t-CI over seeds, dots = runs{note}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    if not all(math.isfinite(v) for v in means):  # pragma: no cover - compare_runs filters these
+        return None
+    return _save(fig, out)

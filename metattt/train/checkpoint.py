@@ -1,0 +1,73 @@
+"""Checkpoint save / resume: everything that decides the next step (weights, optimizer and EMA state, data
+position, RNG, clock) so a resumed run takes the very step an uninterrupted run would have taken."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+
+
+def path_for(run_path: Path, rank: int) -> Path:
+    return Path(run_path) / f"checkpoint_r{rank}.pt"
+
+
+def save(run_path: Path, rank: int, *, step: int, elapsed: float, model, opts, ema, loader, adapter,
+         meta_opt) -> Path:
+    state = {
+        "step": step, "elapsed": elapsed,
+        "model": model.state_dict(), "opts": opts.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "loader": loader.state_dict(),
+        "adapter": adapter.state_dict() if adapter is not None else None,
+        "meta_opt": meta_opt.state_dict() if meta_opt is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    path = path_for(run_path, rank)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-save keeps the previous checkpoint
+    return path
+
+
+def find(resume: str, rank: int) -> tuple[Path, Path]:
+    """Accept a run directory or a checkpoint file; return (run directory, this rank's checkpoint)."""
+    p = Path(resume)
+    run_path = p.parent if p.is_file() else p
+    ck = path_for(run_path, rank)
+    if not ck.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint {ck.name} in {run_path} (was the run started with "
+                                f"--checkpoint-every, and with the same number of ranks?)")
+    return run_path, ck
+
+
+def saved_config(run_path: Path, resume: str) -> TrainConfig:
+    cfg_path = Path(run_path) / "config.json"
+    try:
+        cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot resume from {run_path}: unreadable config.json ({e})") from None
+    cfg.resume = resume
+    return cfg
+
+
+def restore(path: Path, *, model, opts, ema, loader, adapter, meta_opt, device) -> tuple[int, float]:
+    state: dict[str, Any] = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    opts.load_state_dict(state["opts"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    loader.load_state_dict(state["loader"])
+    if adapter is not None and state["adapter"] is not None:
+        adapter.load_state_dict(state["adapter"])
+    if meta_opt is not None and state["meta_opt"] is not None:
+        meta_opt.load_state_dict(state["meta_opt"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+    return int(state["step"]), float(state["elapsed"])

@@ -1,0 +1,89 @@
+"""Command-line flags generated from the typed config, so the dataclasses stay the single source of truth."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Sequence
+
+from .config import PRESETS, TrainConfig, preset
+
+_NESTED = ("model", "optim", "meta")
+
+
+def _parse_bool(s: str) -> bool:
+    low = s.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _converter(tp: Any):
+    """argparse ``type=`` for a field annotation; None for fields not settable from the CLI."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _converter(args[0]) if len(args) == 1 else None
+        if inner is None:
+            return None
+        return lambda s: None if s.lower() in ("none", "") else inner(s)
+    if origin is tuple:
+        elem = typing.get_args(tp)[0]
+        return lambda s: tuple(elem(v) for v in s.split(",") if v.strip() != "")
+    if tp is bool:
+        return _parse_bool
+    if tp in (int, float, str):
+        return tp
+    return None
+
+
+def _fields(cls: type) -> list[tuple[str, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def build_parser(description: str = "Train a banked GPT (optionally with meta-TTT).") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    ap.add_argument("--preset", default="tiny-synthetic", choices=sorted(PRESETS),
+                    help="named configuration to start from (default: tiny-synthetic, the embedded corpus)")
+    base = TrainConfig()
+    for name, tp in _fields(TrainConfig):
+        if name in _NESTED or name == "preset":
+            continue
+        conv = _converter(tp)
+        if conv is not None:
+            ap.add_argument("--" + name.replace("_", "-"), dest=name, type=conv, metavar=tp.__name__.upper()
+                            if isinstance(tp, type) else "V", help=f"(default from preset; tiny: {getattr(base, name)!r})")
+    for section in _NESTED:
+        group = ap.add_argument_group(section)
+        for name, tp in _fields(type(getattr(base, section))):
+            conv = _converter(tp)
+            if conv is not None:
+                group.add_argument(f"--{section}.{name.replace('_', '-')}", dest=f"{section}.{name}", type=conv,
+                                   metavar="V")
+    return ap
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    values = vars(ns)
+    cfg = preset(values.get("preset", "tiny-synthetic"))
+    nested: dict[str, dict[str, Any]] = {s: {} for s in _NESTED}
+    for key, val in values.items():
+        if key == "preset":
+            continue
+        if "." in key:
+            section, name = key.split(".", 1)
+            nested[section][name] = val
+        else:
+            setattr(cfg, key, val)
+    for section, kw in nested.items():
+        if kw:
+            setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **kw))
+    return cfg
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(argv))

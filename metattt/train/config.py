@@ -1,0 +1,104 @@
+"""Typed training configuration and named presets.
+
+A preset fills every field; CLI flags then override single fields (``--seq-len 1024``, ``--model.num-layers 9``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model.config import ModelConfig, pg_2026_03_23, tiny_synthetic
+from ..optim.builder import OptimConfig
+from ..ttt.meta import MetaConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved verbatim as ``config.json``."""
+
+    preset: str = "tiny-synthetic"
+    # data: "synthetic" (embedded corpus, generated on first use) or a directory holding
+    # fineweb_train_*.bin / fineweb_val_*.bin shards (the challenge layout).
+    data: str = "synthetic"
+    data_dir: str = "data/synthetic"  # where the synthetic corpus is written
+    tokenizer: str = ""  # SentencePiece model for the byte LUT (real data)
+    train_pattern: str = ""  # overrides <data>/fineweb_train_*.bin
+    val_pattern: str = ""  # overrides <data>/fineweb_val_*.bin
+    seq_len: int = 256
+    train_batch_tokens: int = 8192  # global tokens per optimizer step (all ranks, all micro-steps)
+    micro_batch_tokens: int = 8192  # tokens per forward on one rank; grad accumulation fills the rest
+    iterations: int = 400
+    max_wallclock_s: float = 0.0  # 0 = no cap; training stops (and warms down) by the clock
+    warmdown_iters: int = 100  # linear lr decay over the last N steps (estimated from step time under a cap)
+    warmdown_frac: float = 0.0  # alternative: warm down over the last fraction of the wallclock budget
+    ema_decay: float = 0.0  # 0 = off; weights saved are the EMA when on
+    ema_start_step: int = 0
+    val_every: int = 100
+    val_tokens: int = 0  # 0 = all val tokens for periodic and final flat evaluation
+    val_batch_seqs: int = 32
+    seed: int = 1337
+    run_root: str = "runs"
+    run_name: str = ""
+    checkpoint_every: int = 0  # 0 = only at the end
+    resume: str = ""  # run directory (or checkpoint file) to continue
+    device: str = "auto"
+    compile: bool = False
+    artifact_budget: int = 16_000_000
+    zstd_level: int = 22
+    wandb: str = ""  # online | offline | off; "" = auto
+    wandb_project: str = "metattt"
+    group: str = ""  # ablation name (wandb group)
+    progress: bool = True
+    model: ModelConfig = field(default_factory=tiny_synthetic)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        model = ModelConfig.from_dict(d.pop("model"))
+        optim = OptimConfig(**d.pop("optim"))
+        meta = MetaConfig(**d.pop("meta"))
+        return cls(model=model, optim=optim, meta=meta, **d)
+
+
+def _tiny_synthetic() -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.optim = dataclasses.replace(cfg.optim, muon_momentum_warmup_steps=50, grad_clip=1.0)
+    return cfg
+
+
+def _pg_2026_03_23() -> TrainConfig:
+    """The public record's training recipe (2026-03-23) on the challenge's data layout."""
+    return TrainConfig(
+        preset="pg-2026-03-23",
+        data="data/datasets/fineweb10B_sp1024",
+        tokenizer="data/tokenizers/fineweb_1024_bpe.model",
+        seq_len=2048,
+        train_batch_tokens=786_432,
+        micro_batch_tokens=98_304,  # 8-fold accumulation on one GPU reproduces the 8-GPU batch
+        iterations=20_000,
+        max_wallclock_s=600.0,
+        warmdown_iters=3500,
+        ema_decay=0.997,
+        val_every=1000,
+        val_batch_seqs=32,
+        model=pg_2026_03_23(),
+        optim=OptimConfig(),
+        compile=True,
+    )
+
+
+PRESETS = {"tiny-synthetic": _tiny_synthetic, "pg-2026-03-23": _pg_2026_03_23}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,275 @@
+"""The wallclock training loop: data → banked GPT → Muon/AdamW (+ optional meta-TTT outer loop) → artifact.
+
+Why one function: a run is a single story (set up, step until the clock or the step budget ends, evaluate,
+quantize, report); helpers hold the pieces (schedule, EMA, checkpoint, validation, data resolution).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..artifact.model_io import load_model_artifact, save_model_artifact
+from ..data.loaders import TrainLoader, load_val_tokens
+from ..model.gpt import BankedGPT
+from ..optim.builder import build_optimizers
+from ..track.progress import progress
+from ..track.rundir import RunDir
+from ..track.wandb_log import WandbLogger
+from ..ttt.meta import meta_loss
+from ..ttt.registry import make_adapter_from_spec
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data_setup import resolve_data
+from .dist import DistInfo, all_reduce_mean, broadcast_flag, setup, teardown
+from .ema import EMA
+from .schedule import lr_scale, meta_step_due
+from .validate import flat_val_bpb
+
+ARTIFACT_NAME = "artifact.ptz"
+
+
+@dataclass
+class _Batching:
+    accum: int
+    micro_tokens: int
+
+
+def _batching(cfg: TrainConfig, world: int) -> _Batching:
+    per_rank = cfg.train_batch_tokens // world
+    micro = min(cfg.micro_batch_tokens, per_rank)
+    if cfg.train_batch_tokens % world or per_rank % micro or micro % cfg.seq_len:
+        raise ValueError(
+            f"train_batch_tokens {cfg.train_batch_tokens} must split evenly over {world} ranks into micro-batches "
+            f"of {micro} tokens, each a multiple of seq_len {cfg.seq_len}")
+    return _Batching(per_rank // micro, micro)
+
+
+def _run_name(cfg: TrainConfig, info: DistInfo) -> str:
+    """Rank 0 picks the name (or the user does); other ranks learn it so they can find checkpoints."""
+    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S-") + f"{torch.randint(0, 1 << 24, (1,)).item():06x}"
+    if info.distributed:
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return name
+
+
+def _print(info: DistInfo, *args: Any) -> None:
+    if info.is_main:
+        print(*args, flush=True)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training as configured; returns the summary (also written to ``summary.json``)."""
+    info = setup(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    resume_from = None
+    if cfg.resume:
+        run_path, resume_from = ckpt.find(cfg.resume, info.rank)
+        cfg = ckpt.saved_config(run_path, resume=cfg.resume)
+        cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
+    torch.manual_seed(cfg.seed)
+    name = _run_name(cfg, info)
+    run = RunDir.create(cfg.run_root, name, cfg.to_dict(), rank=info.rank, exist_ok=resume_from is not None)
+    run_path = Path(cfg.run_root) / name
+    src = resolve_data(cfg, info.is_main) if info.is_main else None
+    if info.distributed:
+        dist.barrier()
+    if src is None:
+        src = resolve_data(cfg, False)
+    batching = _batching(cfg, info.world_size)
+    on_gpu = info.device.type == "cuda"
+
+    model = BankedGPT(cfg.model).to(info.device)
+    opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
+    adapter, meta_opt = None, None
+    if cfg.meta.adapter:
+        adapter = make_adapter_from_spec(cfg.meta.adapter).bind(model)
+        meta_params = list(adapter.meta_parameters().values())
+        if meta_params:
+            meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size, cfg.seed)
+    val = load_val_tokens(src.val_pattern, vocab_size=cfg.model.vocab_size)
+    if cfg.val_tokens:
+        val = val[: cfg.val_tokens + 1]
+    fwd = torch.compile(model, dynamic=False) if cfg.compile else model
+    step, elapsed = 0, 0.0
+    if resume_from is not None:
+        step, elapsed = ckpt.restore(resume_from, model=model, opts=opts, ema=ema, loader=loader, adapter=adapter,
+                                     meta_opt=meta_opt, device=info.device)
+        _print(info, f"resumed {run_path} at step {step} ({elapsed:.1f}s trained)")
+    wandb = WandbLogger(cfg.wandb or None, project=cfg.wandb_project, group=cfg.group or None,
+                        tags=[t for t in ("train", cfg.meta.adapter.split(":")[0] if cfg.meta.adapter else "") if t],
+                        config=cfg.to_dict(), run_dir=run.path) if info.is_main else None
+    _print(info, f"run {run_path} | {model.num_params():,} params | world {info.world_size} | accum {batching.accum} "
+                 f"x {batching.micro_tokens} tokens | device {info.device}")
+
+    def log(record: dict[str, Any]) -> None:
+        run.log_metrics(record)
+        if wandb is not None:
+            wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def validate(at_step: int) -> dict[str, float]:
+        res = flat_val_bpb(model, val, src.lut, cfg.seq_len, cfg.val_batch_seqs, info, on_gpu)
+        log({"kind": "val", "step": at_step, "time_s": elapsed, **res})
+        _print(info, f"step {at_step:6d} | val_bpb {res['val_bpb']:.4f} | val_loss {res['val_loss']:.4f}")
+        return res
+
+    bar = progress(cfg.iterations, desc="train", enabled=cfg.progress and info.is_main)
+    bar.update(step)
+    tokens_per_step = cfg.train_batch_tokens
+    log_every = max(1, min(50, cfg.iterations // 20 or 1))
+    loss_sum = torch.zeros((), device=info.device)
+    loss_count, window_start, window_steps = 0, elapsed, 0
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(info.device)
+    last_val: dict[str, float] = {}
+    while True:
+        stop = step >= cfg.iterations or (cfg.max_wallclock_s > 0 and elapsed >= cfg.max_wallclock_s)
+        stop = broadcast_flag(stop, info)
+        if stop:
+            break
+        if cfg.val_every and step > 0 and step % cfg.val_every == 0:
+            last_val = validate(step)
+        t0 = time.perf_counter()
+        scale = lr_scale(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
+                         max_wallclock_s=cfg.max_wallclock_s, warmdown_frac=cfg.warmdown_frac)
+        opts.set_lr_scale(scale)
+        opts.set_muon_momentum(cfg.optim.muon_momentum_at(step))
+        do_meta = adapter is not None and meta_step_due(cfg.meta.every, cfg.meta.start_frac, step,
+                                                                 cfg.iterations, elapsed, cfg.max_wallclock_s)
+        for _ in range(batching.accum):
+            x, y = loader.next_batch(info.device)
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                if do_meta:
+                    loss, _ = meta_loss(model, adapter, x, y, cfg.meta)
+                else:
+                    loss = fwd(x, y)
+            (loss / batching.accum).backward()
+            loss_sum += loss.detach().float()
+            loss_count += 1
+        if meta_opt is not None and do_meta:
+            _average_grads(meta_opt, info)
+            meta_opt.step()
+            meta_opt.zero_grad(set_to_none=True)
+        opts.step()
+        if ema is not None and step >= cfg.ema_start_step:
+            ema.update(model)
+        step += 1
+        window_steps += 1
+        if on_gpu and (step % log_every == 0):
+            torch.cuda.synchronize(info.device)
+        elapsed += time.perf_counter() - t0
+        bar.update(1)
+        if step % log_every == 0 or step == cfg.iterations:
+            train_loss = all_reduce_mean(loss_sum.item() / max(loss_count, 1), info)
+            dt = max(elapsed - window_start, 1e-9)
+            rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
+                   "ms_per_step": 1000 * dt / window_steps,
+                   "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
+            log(rec)
+            bar.set_postfix(loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
+            loss_sum.zero_()
+            loss_count, window_start, window_steps = 0, elapsed, 0
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                      adapter=adapter, meta_opt=meta_opt)
+    bar.close()
+    peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
+    if cfg.checkpoint_every:
+        ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                  adapter=adapter, meta_opt=meta_opt)
+    raw = validate(step)
+    if ema is not None:
+        ema.copy_to(model)
+        final = validate(step)
+    else:
+        final = raw
+    summary = _finish(cfg, info, run, run_path, model, adapter, src, val, final, raw, step, elapsed, peak_mem)
+    if wandb is not None:
+        wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        wandb.finish()
+    return summary
+
+
+def _average_grads(opt: torch.optim.Optimizer, info: DistInfo) -> None:
+    if not info.distributed:
+        return
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(info.world_size)
+
+
+def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model: BankedGPT, adapter, src, val,
+            final: dict[str, float], raw: dict[str, float], step: int, elapsed: float,
+            peak_mem: float) -> dict[str, Any]:
+    """Quantize to the artifact, score the round-tripped model, write and print the summary."""
+    art_path = run_path / ARTIFACT_NAME
+    extras = {f"ttt.{adapter.name}.{k}": v.detach().cpu() for k, v in adapter.state_dict().items()} if adapter else {}
+    meta = {"lut": src.lut.to_dict(), "data": src.kind, "val_pattern": src.val_pattern, "seq_len": cfg.seq_len,
+            "bounds": src.bounds, **src.meta, "meta_adapter": cfg.meta.adapter or None, "steps": step}
+    report = None
+    if info.is_main:
+        report = save_model_artifact(art_path, model, extras=extras or None, meta=meta, level=cfg.zstd_level,
+                                     budget=cfg.artifact_budget, allow_over_budget=True)
+    if info.distributed:
+        dist.barrier()
+    qmodel, loaded = load_model_artifact(art_path, device=info.device)
+    on_gpu = info.device.type == "cuda"
+    quant = flat_val_bpb(qmodel, val, src.lut, cfg.seq_len, cfg.val_batch_seqs, info, on_gpu)
+    tokens = step * cfg.train_batch_tokens
+    summary: dict[str, Any] = {
+        "steps": step, "train_tokens": tokens, "train_time_s": elapsed,
+        "ms_per_step": 1000 * elapsed / max(step, 1),
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "tokens_per_s_per_gpu": tokens / max(elapsed, 1e-9) / info.world_size,
+        "world_size": info.world_size, "peak_mem_gib": peak_mem, "num_params": model.num_params(),
+        "val_bpb_raw": raw["val_bpb"], "val_bpb": final["val_bpb"], "val_loss": final["val_loss"],
+        "val_bpb_quant": quant["val_bpb"], "quant_gap_bpb": quant["val_bpb"] - final["val_bpb"],
+        "val_tokens": final["val_tokens"], "artifact": str(art_path),
+        "artifact_report": loaded.report.to_dict(), "bounds": src.bounds, "data": src.kind,
+        "meta_adapter": cfg.meta.adapter or None,
+    }
+    run.write_summary(summary)
+    if info.is_main:
+        _print_report(summary, report)
+    return summary
+
+
+def _print_report(s: dict[str, Any], report) -> None:
+    rows = [("model (EMA/final weights)", s["val_bpb"]), ("model after int6/int8 + zstd roundtrip", s["val_bpb_quant"])]
+    b = s.get("bounds") or {}
+    named = [("unigram bound", "unigram_bpb"), ("global-chain bound (bigram)", "bigram_bpb"),
+             ("Bayes bound, document statistics unknown", "bayes_unknown_bpb"),
+             ("Bayes bound, document statistics known", "bayes_known_bpb")]
+    rows += [(label, b[key]) for label, key in named if key in b]
+    width = max(len(r[0]) for r in rows)
+    print("\n== result (flat val bpb, lower is better) ==")
+    for label, v in rows:
+        print(f"  {label:<{width}}  {v:.4f}")
+    if "unigram_bpb" in b and "bayes_unknown_bpb" in b:
+        pos = (b["unigram_bpb"] - s["val_bpb_quant"]) / max(b["unigram_bpb"] - b["bayes_unknown_bpb"], 1e-9)
+        print(f"  model closes {100 * pos:.1f}% of the gap from the unigram bound to the Bayes bound")
+    print(f"  {s['steps']} steps, {s['train_tokens']:,} tokens in {s['train_time_s']:.1f}s "
+          f"({s['tokens_per_s_per_gpu']:,.0f} tokens/s per device, {s['ms_per_step']:.1f} ms/step)")
+    if report is not None:
+        print(report)
+    print(f"  artifact: {s['artifact']}")
+    print(json.dumps({"val_bpb": round(s["val_bpb_quant"], 5), "artifact_bytes": s["artifact_report"].get("total_bytes")}))
+

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import lzma
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metattt.data.__main__ import main
+from metattt.data.build import BuildConfig, build_dataset, iter_documents
+from metattt.data.shards import read_shard
+from metattt.data.tokenizer import load_tokenizer, train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SP_MODEL = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+needs_shared = pytest.mark.skipif(not SP_MODEL.is_file(), reason=f"shared data not present at {SHARED}")
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "
+         "court law state river city music water light year people time day world house school").split()
+
+
+def _fake_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sents = []
+        for _ in range(rng.randint(3, 8)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            sents.append(" ".join(words).capitalize() + f" in {rng.randint(1800, 2024)}.")
+        docs.append(" ".join(sents) + ("\n\nCaf\u00e9 \u00fcber" if rng.random() < 0.2 else ""))
+    return docs
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> Path:
+    data = "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs))
+    if path.name.endswith(".xz"):
+        path.write_bytes(lzma.compress(data.encode()))
+    else:
+        path.write_text(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(_fake_docs(200), d / "tiny.model", vocab_size=320)
+
+
+def test_iter_documents_formats_and_order(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    _write_jsonl(tmp_path / "corpus" / "b.jsonl.xz", ["xz one", "", "xz two"])
+    _write_jsonl(tmp_path / "corpus" / "a.jsonl", ["plain"])
+    (tmp_path / "corpus" / "c.txt").write_text("a whole\n\nfile is one document\n")
+    (tmp_path / "corpus" / "ignored.csv").write_text("x")
+    docs = list(iter_documents([tmp_path / "corpus"]))
+    assert docs == ["plain", "xz one", "xz two", "a whole\n\nfile is one document\n"]  # empty docs skipped
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text' field"):
+        list(iter_documents([bad]))
+    with pytest.raises(ValueError, match="unsupported input file"):
+        list(iter_documents([tmp_path / "corpus" / "ignored.csv"]))
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        list(iter_documents([tmp_path / "nowhere.jsonl"]))
+
+
+def test_trained_tokenizer_has_challenge_settings_and_is_deterministic(tmp_path: Path, tiny_tokenizer) -> None:
+    sp = load_tokenizer(tiny_tokenizer)
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert all(sp.is_byte(i) for i in range(4, 260)) and sp.id_to_piece(4) == "<0x00>"
+    assert not sp.encode("court", out_type=str)[0].startswith("\u2581")  # add_dummy_prefix=False
+    assert sp.encode("2024", out_type=str) == ["2", "0", "2", "4"]  # split_digits
+    assert sp.decode(sp.encode("\u6771")) == "\u6771"  # byte fallback, no <unk>
+    assert sp.encode("\uff21") == sp.encode("A")  # nmt_nfkc: fullwidth A -> A
+    again = train_tokenizer(_fake_docs(200), tmp_path / "tiny.model", vocab_size=320)
+    assert again.read_bytes() == tiny_tokenizer.read_bytes()
+    with pytest.raises(FileNotFoundError, match="absent.model"):
+        load_tokenizer(tmp_path / "absent.model")
+
+
+def test_build_shards_bos_per_doc(tmp_path: Path, tiny_tokenizer) -> None:
+    docs = _fake_docs(40, seed=1)
+    src = _write_jsonl(tmp_path / "docs.jsonl.xz", docs)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fineweb_train_000009.bin").write_bytes(b"stale")
+    summary = build_dataset(BuildConfig([src], tiny_tokenizer, out, val_docs=5, shard_tokens=1000, progress=False))
+    sp = load_tokenizer(tiny_tokenizer)
+    expected = {"val": docs[:5], "train": docs[5:]}
+    assert summary["removed_stale_shards"] == ["fineweb_train_000009.bin"]
+    for split in ("val", "train"):
+        files = sorted(out.glob(f"fineweb_{split}_*.bin"))
+        assert [f.name for f in files] == summary[f"{split}_files"]
+        assert all(read_shard(f).size == 1000 for f in files[:-1])
+        tok = np.concatenate([read_shard(f) for f in files]).astype(np.int64)
+        assert tok.size == summary[f"{split}_tokens"] and tok[0] == 1 and not (tok == 2).any()  # BOS, no EOS
+        bos = np.flatnonzero(tok == 1)
+        assert len(bos) == summary[f"{split}_docs"] == len(expected[split])
+        parts = np.split(tok, bos[1:])
+        assert [p[1:].tolist() for p in parts] == [sp.encode(d) for d in expected[split]]
+    assert json.loads((out / "build_meta.json").read_text())["vocab_size"] == sp.vocab_size()
+
+
+def test_build_config_errors(tmp_path: Path, tiny_tokenizer) -> None:
+    src = _write_jsonl(tmp_path / "d.jsonl", _fake_docs(3))
+    with pytest.raises(ValueError, match="exactly one validation source"):
+        BuildConfig([src], tiny_tokenizer, tmp_path / "o")
+    with pytest.raises(ValueError, match="exactly one validation source"):
+        BuildConfig([src], tiny_tokenizer, tmp_path / "o", val_docs=1, val_text=[src])
+    with pytest.raises(ValueError, match="no training documents"):
+        build_dataset(BuildConfig([src], tiny_tokenizer, tmp_path / "o", val_docs=3, progress=False))
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        build_dataset(BuildConfig([src], tmp_path / "nope.model", tmp_path / "o", val_docs=1, progress=False))
+
+
+def test_cli_build_with_tokenizer_training_and_synthetic(tmp_path: Path, capsys) -> None:
+    src = _write_jsonl(tmp_path / "t.jsonl", _fake_docs(60, seed=2))
+    val = _write_jsonl(tmp_path / "v.jsonl", _fake_docs(4, seed=3))
+    tok = tmp_path / "tok" / "cli.model"
+    rc = main(["build", "--text", str(src), "--val-text", str(val), "--tokenizer", str(tok), "--out",
+               str(tmp_path / "o"), "--train-tokenizer", "--vocab-size", "300", "--no-progress"])
+    line = capsys.readouterr().out
+    assert rc == 0 and tok.is_file() and "64 docs (4 val)" in line and "vocab 300" in line
+    assert load_tokenizer(tok).vocab_size() == 300
+    rc = main(["synthetic", "--out", str(tmp_path / "syn"), "--n-train-tokens", "3000", "--n-val-tokens", "1500",
+               "--min-doc-len", "20", "--max-doc-len", "40", "--vocab-size", "32"])
+    assert rc == 0 and "bayes_known_bpb" in capsys.readouterr().out
+    assert json.loads((tmp_path / "syn" / "meta.json").read_text())["spec"]["vocab_size"] == 32
+
+
+@needs_shared
+def test_build_reproduces_official_val_shard(tmp_path: Path) -> None:
+    """Our pipeline on the val-prefix text gives the challenge's own token ids, byte for byte."""
+    n = 60
+    with lzma.open(SHARED / "text" / "fineweb_valprefix" / "part-0000.jsonl.xz", "rt", encoding="utf-8") as f:
+        docs = [json.loads(next(f))["text"] for _ in range(n)]
+    src = _write_jsonl(tmp_path / "val.jsonl", docs)
+    summary = build_dataset(BuildConfig([src, src], SP_MODEL, tmp_path / "o", val_docs=n, progress=False))
+    ours = read_shard(tmp_path / "o" / "fineweb_val_000000.bin")
+    official = read_shard(SHARED / "fineweb_sp1024_valprefix" / "fineweb_val_000000.bin")
+    assert summary["val_docs"] == n and ours.size > 50_000
+    assert np.array_equal(ours, official[: ours.size])
+    assert official[ours.size] == 1  # the next official document starts right where ours end

@@ -1,0 +1,137 @@
+"""Banked GPT: bank layout, functional forward, options."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from metattt.model import BankedGPT, ModelConfig, bank_slice_index, gpt_forward, tiny_synthetic
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4,
+                xsa_layers=(2,), ve_layers=(1, 2), ve_dim=8, bigram_vocab=32, bigram_dim=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def randomize(model: BankedGPT, seed: int = 0) -> BankedGPT:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_bank_shapes_and_layout():
+    cfg = tiny()
+    m = BankedGPT(cfg)
+    L, d, kv, h = cfg.num_layers, cfg.model_dim, cfg.kv_dim, cfg.mlp_hidden
+    assert m.qo_bank.shape == (2 * L, d, d) and m.kv_bank.shape == (2 * L, kv, d)
+    assert m.mlp_up_bank.shape == (L, h, d) and m.mlp_down_bank.shape == (L, d, h)
+    assert bank_slice_index(cfg, "q", 1) == ("qo_bank", 1)
+    assert bank_slice_index(cfg, "out", 1) == ("qo_bank", L + 1)
+    assert bank_slice_index(cfg, "v", 2) == ("kv_bank", L + 2)
+    slices = m.named_bank_slices()
+    assert len(slices) == 6 * L
+    # every bank slice is named exactly once
+    seen = {(b, i) for b, i, _, _ in slices}
+    assert len(seen) == 6 * L
+    assert sum(getattr(m, b)[i].numel() for b, i in seen) == sum(
+        getattr(m, b).numel() for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"))
+
+
+def test_bank_slices_are_the_layer_weights():
+    """Perturbing layer 1's V slice changes the output exactly as a per-layer V weight would."""
+    cfg = tiny(xsa_layers=(), ve_layers=())
+    m = randomize(BankedGPT(cfg))
+    x = torch.randint(0, 64, (2, 16))
+    w = m.layer_weights(1)
+    assert w["v"].data_ptr() == m.kv_bank[cfg.num_layers + 1].data_ptr()
+    kv = m.kv_bank.detach().clone()
+    kv[cfg.num_layers + 1] *= 0  # zero layer 1's V
+    out_a = m(x, banks={"kv_bank": kv})
+    # Reference: with V of layer 1 zero the attention output of layer 1 is zero, same as zeroing its out-proj.
+    qo = m.qo_bank.detach().clone()
+    qo[cfg.num_layers + 1] *= 0
+    out_b = m(x, banks={"qo_bank": qo})
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out_a, m(x))
+
+
+@pytest.mark.parametrize("extra", [{}, {"recur_start": 1, "recur_end": 2, "recur_times": 2}, {"parallel_start": 1},
+                                   {"tie_embeddings": False}])
+def test_forward_with_banks_equals_module_and_does_not_mutate(extra):
+    cfg = tiny(**extra)
+    m = randomize(BankedGPT(cfg), seed=1)
+    x = torch.randint(0, 64, (2, 16))
+    before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    ref = m(x, x)
+    banks = {n: getattr(m, n).detach().clone().requires_grad_() for n in
+             ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")}
+    out = m(x, x, banks=banks)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in banks.values())
+    assert all(getattr(m, n).grad is None for n in banks)  # bank gradients went to the copies only
+    # Changing the copy changes the result; the module stays untouched.
+    with torch.no_grad():
+        banks["mlp_up_bank"].mul_(2)
+    assert not torch.allclose(m(x, x, banks=banks), ref)
+    for k, v in m.named_parameters():
+        assert torch.equal(v, before[k]), k
+    # the functional core equals the module
+    torch.testing.assert_close(gpt_forward(cfg, m.param_dict(), x), m(x), rtol=0, atol=0)
+
+
+def test_unknown_override_is_an_error():
+    m = BankedGPT(tiny())
+    with pytest.raises(KeyError, match="nope"):
+        m(torch.zeros(1, 4, dtype=torch.long), params={"nope": torch.zeros(1)})
+
+
+def test_causality_and_attention_backends_agree():
+    cfg = tiny()
+    m = randomize(BankedGPT(cfg), seed=2)
+    x = torch.randint(0, 64, (2, 24))
+    a = m(x, attn="sdpa")
+    b = m(x, attn="math")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    x2 = x.clone()
+    x2[:, 12:] = (x2[:, 12:] + 1) % 64
+    c = m(x2)
+    torch.testing.assert_close(a[:, :12], c[:, :12], rtol=1e-5, atol=1e-5)  # future tokens do not leak
+    assert not torch.allclose(a[:, 12:], c[:, 12:])
+
+
+def test_reductions_and_softcap():
+    cfg = tiny(logit_softcap=5.0)
+    m = randomize(BankedGPT(cfg), seed=3)
+    x = torch.randint(0, 64, (2, 8))
+    logits = m(x)
+    assert logits.dtype == torch.float32 and logits.abs().max() <= 5.0
+    per = m(x, x, reduction="none")
+    assert per.shape == x.shape
+    torch.testing.assert_close(per.mean(), m(x, x))
+    torch.testing.assert_close(per.sum(), m(x, x, reduction="sum"))
+
+
+def test_config_roundtrip_and_validation():
+    cfg = tiny_synthetic()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig(num_heads=8, num_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    rec = dataclasses.replace(cfg, recur_start=1, recur_end=3, recur_times=3)
+    assert rec.layer_schedule() == [0, 1, 2, 1, 2, 1, 2, 3]
+
+
+def test_record_preset_size():
+    from metattt.model import pg_2026_03_23
+    cfg = pg_2026_03_23()
+    m = BankedGPT(cfg)
+    banks = sum(getattr(m, b).numel() for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"))
+    assert banks == 11 * (2 * 512 * 512 + 2 * 256 * 512 + 2 * 1536 * 512)
+    assert 26_000_000 < m.num_params() < 28_000_000

@@ -1,0 +1,194 @@
+"""Meta-training step: first-order formula, exact second order vs finite differences / torch.func / higher,
+MetaSGD rate learning, Reptile interpolation."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from metattt.model.config import ModelConfig
+from metattt.model.gpt import BankedGPT
+from metattt.ttt import make_adapter
+from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, reptile_update, split_batch
+
+
+def tiny_model(num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> BankedGPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=2, num_kv_heads=1,
+                      mlp_mult=2.0, rope_dims=8, xsa_layers=(num_layers - 1,), ve_layers=(num_layers - 1,), ve_dim=8,
+                      bigram_vocab=32, bigram_dim=8)
+    m = BankedGPT(cfg)
+    with torch.no_grad():
+        for p in (m.qo_bank, m.mlp_down_bank):
+            p.normal_(std=0.1)
+    return m.to(dtype)
+
+
+def batch(b: int = 4, t: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(4, 64, (b, t + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def grads_of(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("split, steps", [("same-batch", 1), ("cross-doc", 2), ("seq-half", 1)])
+def test_fomaml_meta_gradient_equals_first_order_formula(split: str, steps: int) -> None:
+    m = tiny_model()
+    x, y = batch()
+    alpha = 0.3
+    a = make_adapter("fomaml", "banks:layers>=1+norms", lr=alpha).bind(m)
+    cfg = MetaConfig(adapter="fomaml", inner_steps=steps, split=split, order="first", outer_weight=0.7)
+    loss, stats = meta_loss(m, a, x, y, cfg)
+    loss.backward()
+    got = grads_of(m)
+    # by hand: theta' = theta - alpha * mask * grad L_in, k times; meta-grad = 0.7 * grad L_out(theta')
+    (xi, yi), (xo, yo), start = split_batch(x, y, split)
+    sel = a.sel
+    theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for _ in range(steps):
+        leaves = {n: theta[n].clone().requires_grad_(True) for n in sel.names}
+        gs = torch.autograd.grad(m(xi, yi, params={**theta, **leaves}), list(leaves.values()))
+        for n, gr in zip(sel.names, gs):
+            mask = sel.masks[n]
+            theta[n] = theta[n] - alpha * (gr if mask is None else gr * mask)
+    leaves = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    lo = m(xo, yo, params=leaves, reduction="none")[:, start:].mean()
+    want = dict(zip(leaves, torch.autograd.grad(0.7 * lo, list(leaves.values()))))
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert abs(stats["meta/L_post"].item() - lo.item()) < 1e-5
+    assert stats["meta/gain"].item() > 0  # one inner step on the same data helps
+
+
+def _second_order_grad(m: BankedGPT, a, x, y, backend: str, steps: int = 2) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    m.zero_grad(set_to_none=True)
+    cfg = MetaConfig(adapter="x", inner_steps=steps, split="cross-doc", order="second", backend=backend)
+    loss, _ = meta_loss(m, a, x, y, cfg)
+    loss.backward()
+    return grads_of(m)
+
+
+def test_second_order_matches_finite_differences_torch_func_and_higher() -> None:
+    m = tiny_model(dtype=torch.float64)
+    x, y = batch(b=4, t=10)
+    a = make_adapter("fomaml", "banks:layers>=1+norms", lr=0.5).bind(m)
+    g_auto = _second_order_grad(m, a, x, y, "autograd")
+    g_func = _second_order_grad(m, a, x, y, "torch.func")
+    for n in g_auto:
+        torch.testing.assert_close(g_func[n], g_auto[n], rtol=1e-9, atol=1e-12, msg=n)
+    # directional finite difference of L_out(theta - a g(theta) ...) along a random direction
+    cfg = MetaConfig(adapter="x", inner_steps=2, split="cross-doc", order="second", log_pre=False)
+    gen = torch.Generator().manual_seed(3)
+    direction = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in m.named_parameters()}
+    h = 1e-5
+
+    def value(sign: float) -> float:
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.add_(sign * h * direction[n])
+        v = meta_loss(m, a, x, y, cfg)[0].item()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.sub_(sign * h * direction[n])
+        return v
+
+    fd = (value(1.0) - value(-1.0)) / (2 * h)
+    analytic = sum(float((g_auto[n] * direction[n]).sum()) for n in direction)
+    assert abs(fd - analytic) < 1e-6 * max(1.0, abs(analytic)), (fd, analytic)
+    # first order is a different (approximate) quantity: the test would notice a silently first-order path
+    m.zero_grad(set_to_none=True)
+    meta_loss(m, a, x, y, MetaConfig(adapter="x", inner_steps=2, split="cross-doc", order="first"))[0].backward()
+    g_first = grads_of(m)
+    assert max(float((g_first[n] - g_auto[n]).abs().max()) for n in g_auto) > 1e-6
+    if importlib.util.find_spec("higher") is None:
+        pytest.skip("optional package 'higher' not installed (pip install higher): higher cross-check skipped")
+    g_higher = _second_order_grad(m, a, x, y, "higher")
+    for n in g_auto:
+        torch.testing.assert_close(g_higher[n], g_auto[n], rtol=1e-8, atol=1e-12, msg=n)
+
+
+def test_metasgd_rates_get_gradients_and_learn() -> None:
+    m = tiny_model()
+    x, y = batch()
+    a = make_adapter("metasgd", "banks+norms", lr_init=0.05).bind(m)
+    meta = a.meta_parameters()
+    n_bank_slices = len(m.named_bank_slices())
+    assert meta["log_lr.qo_bank"].shape == (2 * 2,) and sum(meta[f"log_lr.{b}"].numel() for b in
+                                                             ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")) == n_bank_slices
+    before = {n: p.detach().clone() for n, p in meta.items()}
+    opt = torch.optim.Adam(list(meta.values()), lr=0.1)
+    loss, _ = meta_loss(m, a, x, y, MetaConfig(adapter="metasgd", split="cross-doc", order="first"))
+    loss.backward()
+    for n, p in meta.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert all(float(meta[f"log_lr.{b}"].grad.abs().min()) > 0 for b in ("qo_bank", "mlp_up_bank"))
+    opt.step()
+    assert all(not torch.equal(before[n], p.detach()) for n, p in meta.items() if p.grad.abs().sum() > 0)
+    # rates reach the eval-time update too: doubling them doubles the first step
+    a2 = make_adapter("metasgd", "banks", lr_init=0.05).bind(m)
+    d1 = a2.params()["mlp_up_bank"].clone()
+    a2.adapt(m, x, y)
+    step1 = a2.params()["mlp_up_bank"] - d1
+    a2.reset()
+    with torch.no_grad():
+        a2.meta_parameters()["log_lr.mlp_up_bank"].add_(torch.log(torch.tensor(2.0)))
+    a2.adapt(m, x, y)
+    torch.testing.assert_close(a2.params()["mlp_up_bank"] - d1, 2 * step1, rtol=1e-4, atol=1e-8)
+
+
+def test_metasgd_per_row_and_partial_slices() -> None:
+    m = tiny_model(3)
+    a = make_adapter("metasgd", "banks[q,v]:layers>=1", per_row=True).bind(m)
+    assert a.meta_parameters()["log_lr.qo_bank"].shape == (2, 32)
+    r = a.rate("qo_bank")
+    assert r.shape == (6, 32, 1)
+    assert torch.equal(r[[0, 3, 4, 5]], torch.zeros(4, 32, 1)) and bool((r[[1, 2]] > 0).all())
+
+
+def test_reptile_update_interpolates_and_surrogate_gradient() -> None:
+    m = tiny_model()
+    x, y = batch()
+    a = make_adapter("reptile", "banks:layers>=1", lr=0.2, steps=2, epsilon=0.25).bind(m)
+    theta0 = {n: p.detach().clone() for n, p in m.named_parameters()}
+    # theta_k by hand
+    sel = a.sel
+    th = dict(theta0)
+    for _ in range(2):
+        leaves = {n: th[n].clone().requires_grad_(True) for n in sel.names}
+        gs = torch.autograd.grad(m(x, y, params={**th, **leaves}), list(leaves.values()))
+        th.update({n: th[n] - 0.2 * gr * sel.masks[n] for n, gr in zip(sel.names, gs)})
+    loss, _ = reptile_loss(m, a, x, y, steps=2)
+    loss.backward()
+    for n in sel.names:
+        torch.testing.assert_close(m.get_parameter(n).grad, theta0[n] - th[n], rtol=1e-5, atol=1e-7)
+    reptile_update(m, a, x, y)
+    for n, p in m.named_parameters():
+        want = theta0[n] + 0.25 * (th[n] - theta0[n]) if n in sel.names else theta0[n]
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(m.qo_bank[0], theta0["qo_bank"][0])  # layer-0 slice frozen exactly
+
+
+def test_meta_config_validation_and_schedule() -> None:
+    with pytest.raises(ValueError, match="split must be one of"):
+        MetaConfig(split="random")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MetaConfig(backend="jax")
+    c = MetaConfig(adapter="fomaml", every=4, start_frac=0.5)
+    assert c.active(8, 0.6) and not c.active(8, 0.4) and not c.active(9, 0.9)
+    assert not MetaConfig().active(0, 1.0)
+    assert c.make_adapter().name == "fomaml"
+    with pytest.raises(ValueError, match="cross-doc"):
+        split_batch(*batch(b=1), "cross-doc")
+
+
+def test_delta_weight_combines_pre_and_post() -> None:
+    m = tiny_model()
+    x, y = batch()
+    a = make_adapter("fomaml", "banks", lr=0.3).bind(m)
+    loss, st = meta_loss(m, a, x, y, MetaConfig(adapter="fomaml", outer_weight=1.0, delta_weight=0.5))
+    want = 1.5 * st["meta/L_post"] - 0.5 * st["meta/L_pre"]
+    assert abs(loss.item() - want.item()) < 1e-6

@@ -46,7 +46,8 @@ def test_uniform_lut() -> None:
     tok = torch.tensor([1, 5, 9, 2, 1, 15, 3, 0, 4])
     b = lut.target_bytes(tok[:-1], tok[1:])
     assert b.tolist() == [1, 1, 0, 0, 1, 0, 0, 1]
-    assert ByteLUT.uniform(16, control_ids=(0,), bytes_per_token=2, bos_id=0).target_bytes(tok[:-1], tok[1:]).sum() == 14
+    two = ByteLUT.uniform(16, control_ids=(0,), bytes_per_token=2, bos_id=0)
+    assert two.target_bytes(tok[:-1], tok[1:]).sum() == 14  # 7 non-pad targets x 2 bytes
     with pytest.raises(ValueError, match="control_ids"):
         ByteLUT.uniform(4, control_ids=(0, 7))
 

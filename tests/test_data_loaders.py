@@ -45,6 +45,10 @@ def test_sequential_batches_are_the_stream(stream_dir: Path) -> None:
         assert x.flatten().tolist() == expected[:-1].tolist()
         assert y.flatten().tolist() == expected[1:].tolist()
     assert loader.epoch == 1
+    # an explicit list of paths and a device argument work the same way
+    listed = TrainLoader(find_shards(_pattern(stream_dir)), T, L)
+    x, y = listed.next_batch(device="cpu")
+    assert x.device.type == "cpu" and x.flatten().tolist() == list(range(L))
 
 
 @pytest.mark.parametrize("mode", ["sequential", "random"])

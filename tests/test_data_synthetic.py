@@ -41,6 +41,8 @@ def test_default_generation_is_fast_and_bounds_are_ordered(default_dataset) -> N
     assert b["bayes_known_bpb"] < b["bayes_unknown_bpb"] < b["bigram_bpb"] < b["unigram_bpb"]
     assert b["bigram_bpb"] - b["bayes_unknown_bpb"] > 0.5  # a large in-document signal to adapt to
     assert b["bayes_unknown_bpb"] - b["bayes_known_bpb"] < 0.2
+    # a reader limited to a short context window is worse than one adapting to the whole document
+    assert b["bayes_unknown_bpb"] < b["bayes_window2048_bpb"] < b["bayes_window512_bpb"] < b["bayes_window128_bpb"]
     assert 0.25 < b["content_fraction"] < 0.6
     spec = SyntheticSpec()
     assert meta["n_train_tokens"] == spec.n_train_tokens and meta["lut"] == "uniform"
@@ -48,7 +50,7 @@ def test_default_generation_is_fast_and_bounds_are_ordered(default_dataset) -> N
     assert val.numel() == spec.n_val_tokens and val[0] == BOS_ID
     assert TrainLoader(meta["train_pattern"], 1024, 8192).n_tokens == spec.n_train_tokens
     # bounds are exact for the written val data
-    assert synthetic_bounds(spec, val) == b
+    assert synthetic_bounds(spec, val, windows=(128, 512, 2048)) == b
 
 
 def test_deterministic_bytes_and_seed_dependence(tmp_path: Path) -> None:
@@ -85,17 +87,17 @@ def test_val_is_independent_of_train_size_and_distinct_from_train() -> None:
     assert not np.array_equal(generate_split(SMALL, "train")[:3000], generate_split(SMALL, "val"))
 
 
-def _slow_bounds(spec: SyntheticSpec, tokens: np.ndarray) -> dict[str, float]:
+def _slow_bounds(spec: SyntheticSpec, tokens: np.ndarray, window: int = 25) -> dict[str, float]:
     """Straightforward per-token loop implementation of the chain bounds (independent of the vectorised one)."""
     chain = make_chain(spec)
     lengths, theta = document_params(spec, "val")
     nC, alpha, a, b = spec.n_content, spec.alpha, spec.min_doc_len, spec.max_doc_len
-    tot = {"bigram": 0.0, "unknown": 0.0, "known": 0.0}
-    n_bytes, d, k, counts, n_content = 0, -1, 0, {}, 0
+    tot = {"bigram": 0.0, "unknown": 0.0, "known": 0.0, "window": 0.0}
+    n_bytes, d, k, counts, n_content, start = 0, -1, 0, {}, 0, 0
     for t in range(1, len(tokens)):
         x, y = int(tokens[t - 1]), int(tokens[t])
         if x == BOS_ID:
-            d, k, counts, n_content = d + 1, 0, {}, 0
+            d, k, counts, n_content, start = d + 1, 0, {}, 0, t - 1
         h = 1.0 / (b - k + 1) if k >= a else 0.0
         if y == BOS_ID:
             for key in tot:
@@ -107,11 +109,14 @@ def _slow_bounds(spec: SyntheticSpec, tokens: np.ndarray) -> dict[str, float]:
         c = chain.content_prob[x]
         if y < spec.first_content:
             p = (1 - c) * chain.trans_f[x, y - FIRST_REGULAR]
-            probs = {"bigram": p, "unknown": p, "known": p}
+            probs = {"bigram": p, "unknown": p, "known": p, "window": p}
         else:
             j = y - spec.first_content
+            seen = [int(v) for v in tokens[max(start + 1, t - window) : t]]
+            n_w = sum(v >= spec.first_content for v in seen)
             probs = {"bigram": c / nC, "known": c * theta[d, j],
-                     "unknown": c * (alpha + counts.get(j, 0)) / (nC * alpha + n_content)}
+                     "unknown": c * (alpha + counts.get(j, 0)) / (nC * alpha + n_content),
+                     "window": c * (alpha + seen.count(y)) / (nC * alpha + n_w)}
             counts[j] = counts.get(j, 0) + 1
             n_content += 1
         for key in tot:
@@ -121,8 +126,10 @@ def _slow_bounds(spec: SyntheticSpec, tokens: np.ndarray) -> dict[str, float]:
 
 def test_bounds_match_slow_reference_loop() -> None:
     val = generate_split(SMALL, "val")
-    fast = synthetic_bounds(SMALL, val)
-    slow = _slow_bounds(SMALL, val.astype(np.int64))
+    fast = synthetic_bounds(SMALL, val, windows=(25, 10_000))
+    slow = _slow_bounds(SMALL, val.astype(np.int64), window=25)
+    assert fast["bayes_window25_bpb"] == pytest.approx(slow["window"], rel=1e-10)
+    assert fast["bayes_window10000_bpb"] == pytest.approx(fast["bayes_unknown_bpb"], rel=1e-12)
     assert fast["bigram_bpb"] == pytest.approx(slow["bigram"], rel=1e-10)
     assert fast["bayes_unknown_bpb"] == pytest.approx(slow["unknown"], rel=1e-10)
     assert fast["bayes_known_bpb"] == pytest.approx(slow["known"], rel=1e-10)

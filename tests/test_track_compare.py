@@ -50,17 +50,25 @@ def _mean_half(xs: list[float]) -> tuple[float, float | None]:
 
 
 def _write_run(root: Path, adapter: str, seed: int, delta: float) -> Path:
+    """A run directory as the trainer + evaluator write it (eval.json in the evaluator's schema)."""
     d = root / f"{adapter}-s{seed}"
     d.mkdir(parents=True)
-    cfg = {"seed": seed, "ttt": {"adapter": adapter, "inner_lr": 0.01}, "train": {"steps": 30}, "run_name": d.name}
+    cfg = {"seed": seed, "meta": {"adapter": adapter, "inner_lr": 0.01}, "iterations": 30, "run_name": d.name}
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "summary.json").write_text(json.dumps({"final_val_bpb": 1.30 + 0.01 * seed + delta}))
-    curve = [delta * (i + 1) / 5 for i in range(5)]
-    (d / "eval.json").write_text(json.dumps({"ttt_delta": delta, "bpb": {"sliding": 1.3, "ttt": 1.3 + delta},
-                                             "running_delta": curve}))
+    (d / "summary.json").write_text(json.dumps({"val_bpb": 1.30 + 0.01 * seed + delta, "val_bpb_quant": 1.31}))
+    proto = f"ttt:{adapter}"
+    curve = [None] + [delta * (i + 1) / 4 for i in range(4)]  # None: no bytes scored yet in chunk 0
+    (d / "eval.json").write_text(json.dumps({
+        "schema": "metattt.eval/1",
+        "config": {"seed": 0},  # the bootstrap seed: must not be taken as the pairing seed
+        "protocols": {"sliding": {"bpb": 1.3}, proto: {"bpb": 1.3 - delta}},
+        "deltas": {proto: {"from": "sliding", "to": proto, "value": delta, "ci95": [delta - 1e-3, delta + 1e-3]}},
+        "running_delta": {proto: {"from": "sliding", "to": proto, "block_tokens": 1024, "chunk": list(range(5)),
+                                  "delta_bpb": curve}},
+    }))
     lines = []
     for step in range(0, 31, 10):
-        lines.append({"step": step, "time_s": step * 0.1, "kind": "train", "loss": 4.0 - step / 20})
+        lines.append({"step": step, "time_s": step * 0.1, "kind": "train", "train_loss": 4.0 - step / 20})
         lines.append({"step": step, "time_s": step * 0.1, "kind": "val", "val_bpb": 2.0 - step / 40 + delta})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return d
@@ -74,10 +82,10 @@ def runs_root(tmp_path: Path) -> Path:
             _write_run(root, adapter, seed, delta)
     bad = root / "broken-run"
     bad.mkdir()
-    (bad / "config.json").write_text('{"seed": 0, "ttt": {"adapter": "sgd"')  # truncated JSON
+    (bad / "config.json").write_text('{"seed": 0, "meta": {"adapter": "sgd"')  # truncated JSON
     nometric = root / "no-eval"
     nometric.mkdir()
-    (nometric / "config.json").write_text(json.dumps({"seed": 1, "ttt": {"adapter": "sgd"}}))
+    (nometric / "config.json").write_text(json.dumps({"seed": 1, "meta": {"adapter": "sgd"}}))
     return root
 
 
@@ -139,7 +147,7 @@ def test_table_numbers_match_independent_formulas(runs_root: Path, tmp_path: Pat
     assert "broken-run" not in rows["adapter=sgd"]["runs"] and "no-eval" not in rows["adapter=sgd"]["runs"]
 
     runs = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
-    assert {r["source"] for r in runs if r["group"] != "(skipped)"} == {"eval.json:ttt_delta"}
+    assert {r["source"] for r in runs if r["run"] == "sgd-s1"} == {"eval.json:deltas.ttt:sgd"}
     js = json.loads((out / "compare.json").read_text())
     assert js["baseline"] == "adapter=none" and len(js["skipped"]) == 2
 
@@ -152,22 +160,35 @@ def test_table_numbers_match_independent_formulas(runs_root: Path, tmp_path: Pat
 def test_grouping_lookup_variants(runs_root: Path) -> None:
     runs, skipped = load_runs(sorted(p for p in runs_root.iterdir()))
     assert [s.name for s in skipped] == [str(runs_root / "broken-run")]
-    exact = compare_runs(runs, by=["ttt.adapter"], metric="bpb.ttt", baseline="ttt.adapter=none")
-    suffix = compare_runs(runs, by=["adapter"], metric="bpb.ttt", baseline="none")
+    exact = compare_runs(runs, by=["meta.adapter"], metric="protocols.sliding.bpb", baseline="meta.adapter=none")
+    suffix = compare_runs(runs, by=["adapter"], metric="bpb:sliding", baseline="none")
     assert [g.ci.mean for g in exact.groups] == [g.ci.mean for g in suffix.groups]
-    assert exact.groups[0].ci.mean == pytest.approx(1.3 + sum(DELTAS["none"].values()) / 3)
+    assert exact.groups[0].ci.mean == pytest.approx(1.3)
+    per_adapter = compare_runs(runs, by=["adapter"], metric="ttt_delta:lora")
+    assert [g.label for g in per_adapter.groups] == ["adapter=lora"]  # other runs lack that protocol: skipped
+    assert len(per_adapter.skipped) == len(runs) - 2
     # Auto grouping ignores seed / run_name and finds the adapter.
     auto = compare_runs(runs, metric="ttt_delta")
-    assert auto.by == ["ttt.adapter"]
-    # Summary metric through an alias: "val_bpb" → final_val_bpb.
+    assert auto.by == ["meta.adapter"]
+    # Summary metric: "bpb" → val_bpb_quant; "val_bpb" exact from summary.json, not from metrics.jsonl.
+    assert compare_runs(runs, by=["adapter"], metric="bpb").groups[0].runs[0].source == "summary.json:val_bpb_quant"
     alias = compare_runs(runs, by=["adapter"], metric="val_bpb", baseline="none")
-    assert alias.groups[0].runs[0].source == "summary.json:final_val_bpb"
-    # Paired by seed: the seed offset 0.01*seed cancels, leaving exactly the ttt deltas' differences.
+    assert alias.groups[0].runs[0].source == "summary.json:val_bpb"
+    # Paired by the top-level seed: the seed offset 0.01*seed cancels, leaving the ttt deltas' differences.
     lora = next(g for g in alias.groups if g.label == "adapter=lora")
     assert lora.paired is not None
     assert lora.paired.mean_diff == pytest.approx(((-0.0200 - 0.0010) + (-0.0260 + 0.0005)) / 2, abs=1e-12)
     with pytest.raises(CompareError, match="matches no group"):
         compare_runs(runs, by=["adapter"], baseline="nonexistent")
+    # Several TTT protocols in one eval.json: "ttt_delta" asks which one.
+    two = runs[0]
+    two.eval["deltas"]["ttt:other"] = {"value": 0.5}
+    with pytest.raises(CompareError, match="several TTT deltas.*ttt_delta:other"):
+        compare_runs([two], metric="ttt_delta")
+    # A NaN metric (diverged run) is skipped, not averaged.
+    two.eval["deltas"]["ttt:other"] = {"value": float("nan")}
+    nan = compare_runs([two], metric="ttt_delta:other")
+    assert not nan.groups and "is nan" in nan.skipped[0].reason
 
 
 def test_ambiguous_field_and_duplicate_seeds(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Artifact: quantize (int6 banks / int8 embeddings), serialize + zstd, byte accounting.
 
 `save_artifact` / `load_artifact` work on plain state dicts; `save_model_artifact` / `load_model_artifact`
-(model_io) rebuild a `BankedGPT` from the stored config.
+(model_io) rebuild a `BankedGPT` from the stored config; metattt.model is imported only when used.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .errors import (ArtifactError, ArtifactVersionError, ConfigMismatchError, C
                      NotAnArtifactError, OverBudgetError, StateDictMismatchError, TruncatedArtifactError)
 from .format import (FORMAT_VERSION, HEADER_SIZE, MAGIC, LoadedArtifact, check_expect, load_artifact,
                      pack_artifact, save_artifact, unpack_artifact)
+from .model_io import load_model_artifact, load_state_strict, model_state, save_model_artifact
 from .quant import (QuantConfig, QuantizedState, classify, dequantize_rows, dequantize_state_dict, from_rows,
                     quantize_rows, quantize_state_dict, rebank, to_rows, unbank)
 
@@ -21,13 +22,6 @@ __all__ = [
     "pack_artifact", "save_artifact", "unpack_artifact",
     "QuantConfig", "QuantizedState", "classify", "dequantize_rows", "dequantize_state_dict", "from_rows",
     "quantize_rows", "quantize_state_dict", "rebank", "to_rows", "unbank",
-    "save_model_artifact", "load_model_artifact",
+    "save_model_artifact", "load_model_artifact", "load_state_strict", "model_state",
 ]
 
-
-def __getattr__(name: str):
-    # model_io imports metattt.model (torch modules); load it lazily so the format layer stays standalone.
-    if name in ("save_model_artifact", "load_model_artifact"):
-        from . import model_io
-        return getattr(model_io, name)
-    raise AttributeError(f"module 'metattt.artifact' has no attribute {name!r}")

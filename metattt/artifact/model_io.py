@@ -12,6 +12,20 @@ from .errors import StateDictMismatchError
 from .format import LoadedArtifact, load_artifact, save_artifact
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip torch.compile (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers so stored names are the
+    plain BankedGPT names (a wrapped model would otherwise store '_orig_mod.tok_emb' etc.)."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else None
+        if inner is None:
+            return model
+        model, seen = inner, seen + 1
+    return model
+
+
 def _model_config(model: torch.nn.Module) -> Any:
     for attr in ("cfg", "config"):
         cfg = getattr(model, attr, None)
@@ -29,6 +43,7 @@ def model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[s
 
 def save_model_artifact(path: str | os.PathLike, model: torch.nn.Module, **kw: Any) -> ArtifactReport:
     """`save_artifact` with the model's config and state dict (kw: extras, meta, level, budget, ...)."""
+    model = unwrap(model)
     state, buffers = model_state(model)
     exact = tuple(kw.pop("exact", ())) + tuple(buffers)
     return save_artifact(path, _model_config(model).to_dict(), state, exact=exact, **kw)

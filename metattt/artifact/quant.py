@@ -179,7 +179,8 @@ def quantize_rows(w: torch.Tensor, qmax: int, quantiles: Iterable[float] = (1.0,
                          f"for an fp16 scale")
     r, c = w.shape
     if r == 0 or c == 0:
-        return torch.zeros(r, c, dtype=torch.int8), torch.zeros(r, dtype=torch.float16)
+        return (torch.zeros(r, c, dtype=torch.int8, device=w.device),
+                torch.zeros(r, dtype=torch.float16, device=w.device))
     qs = sorted(set(float(q) for q in quantiles) | {1.0}, reverse=True)  # 1.0 first: wins ties
     top_desc = w.abs().topk(_topk_needed(c, min(qs)), dim=1, sorted=True).values
     best_s = best_err = None
@@ -212,7 +213,7 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: QuantConfig
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"quantize_state_dict: {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach().cpu()
+        t = t.detach()  # row quantization runs on t's device (fast on GPU); stored arrays go to CPU
         scheme = classify(name, t, cfg, exact)
         entry: dict[str, Any] = {"scheme": scheme, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         if scheme in ("int6_row", "int8_row"):
@@ -220,8 +221,8 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: QuantConfig
             search = scheme == "int6_row" or cfg.embed_clip_search
             rows = to_rows(t.float())
             q, s = quantize_rows(rows, qmax, cfg.clip_quantiles if search else (1.0,), name=name)
-            out.arrays[f"{name}.q"] = q.contiguous()
-            out.arrays[f"{name}.scale"] = s.contiguous()
+            out.arrays[f"{name}.q"] = q.cpu().contiguous()
+            out.arrays[f"{name}.scale"] = s.cpu().contiguous()
             entry["arrays"] = [f"{name}.q", f"{name}.scale"]
             entry["qmax"] = qmax
             deq = dequantize_rows(q, s)
@@ -237,7 +238,7 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: QuantConfig
                 data = t.float()
             else:
                 data = t
-            out.arrays[f"{name}.data"] = data.contiguous()
+            out.arrays[f"{name}.data"] = data.cpu().contiguous()
             entry["arrays"] = [f"{name}.data"]
         out.entries[name] = entry
     return out

@@ -172,17 +172,20 @@ def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: 
 
     def get(key: str) -> Any:
         if key not in cache:
-            if key in specs:
-                ad = adapter_from_spec(specs[key])
-            elif key in ADAPTER_CLASSES:
-                ad = make_adapter(key)
-            else:
-                raise EvalInputError(f"unknown adapter {key!r}: not a registered adapter "
-                                     f"({', '.join(ADAPTER_CLASSES)}) and no --adapter-spec {key}=...")
-            ad.bind(model)
-            prefix = f"ttt.{ad.name}."
-            mine = {k: v for k, v in extras.items() if k.startswith(prefix)}
-            ad.load_artifact_extras(mine, strict=bool(mine))
+            try:
+                if key in specs:
+                    ad = adapter_from_spec(specs[key])
+                elif key in ADAPTER_CLASSES:
+                    ad = make_adapter(key)
+                else:
+                    raise EvalInputError(f"unknown adapter {key!r}: not a registered adapter "
+                                         f"({', '.join(ADAPTER_CLASSES)}) and no --adapter-spec {key}=...")
+                ad.bind(model)
+                prefix = f"ttt.{ad.name}."
+                mine = {k: v for k, v in extras.items() if k.startswith(prefix)}
+                ad.load_artifact_extras(mine, strict=bool(mine))
+            except (ValueError, KeyError, TypeError) as e:
+                raise EvalInputError(f"adapter {key!r}: {e}") from e
             cache[key] = ad
         return cache[key]
 
@@ -190,17 +193,14 @@ def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: 
 
 
 def _open_run_dir(args: argparse.Namespace, config: dict[str, Any], rank: int):
-    from metattt.track.rundir import RunDir, MalformedRunDir
+    """The run directory for eval.json: ``--run-dir`` or the artifact's folder (a new run dir if it is none)."""
+    from metattt.track.rundir import MARKER_FILES, RunDir
 
     target = Path(args.run_dir) if args.run_dir else Path(args.artifact).resolve().parent
     if rank != 0:
         return RunDir(target, writes=False)
-    if target.is_dir():
-        try:
-            return RunDir.open(target)
-        except MalformedRunDir:
-            if any(target.iterdir()) and args.run_dir is None:
-                return RunDir(target, writes=True)  # a plain folder holding the artifact: write beside it
+    if target.is_dir() and any((target / f).is_file() for f in MARKER_FILES):
+        return RunDir.open(target)
     return RunDir.create(target.parent, target.name, config, exist_ok=True)
 
 

@@ -82,7 +82,6 @@ def _all_gather(shard: torch.Tensor, world: int, group, gloo: bool) -> _Pending:
 @dataclass
 class _Bank:
     param: torch.Tensor
-    group: dict
     num_slices: int  # K (unpadded)
     shard: int       # s: slices per rank
 
@@ -118,7 +117,7 @@ class ParallelMuon(Muon):
         self._gloo = backend == "gloo"
         self._comm_dtype = comm_dtype
         banks = [
-            _Bank(p, g, as_bank(p).size(0), shard_size(as_bank(p).size(0), self.world_size))
+            _Bank(p, as_bank(p).size(0), shard_size(as_bank(p).size(0), self.world_size))
             for g in self.param_groups for p in g["params"]
         ]
         # Largest first: its reduce-scatter is launched first and so is ready first, and its long NS hides
@@ -180,13 +179,15 @@ class ParallelMuon(Muon):
             with torch.enable_grad():
                 loss = closure()
         self.launch_reduce_scatter()
-        previous: tuple[_Bank, _Pending] | None = None
+        # Group dicts are looked up per step: load_state_dict replaces them, and the trainer edits them.
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        previous: tuple[_Bank, dict, _Pending] | None = None
         for i, b in enumerate(self._banks):
             shard = self._shard_grad(i)
             state = self.state[b.param]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(shard)
-            g = b.group
+            g = group_of[id(b.param)]
             update = muon_direction(shard, state["momentum_buffer"], momentum=g["momentum"],
                                     nesterov=g["nesterov"], ns_steps=g["ns_steps"],
                                     polar_express=g["polar_express"], grad_scale=grad_scale)
@@ -194,16 +195,16 @@ class ParallelMuon(Muon):
                                    self.process_group, self._gloo)
             if previous is not None:
                 self._apply(*previous)
-            previous = (b, gathered)
+            previous = (b, g, gathered)
         if previous is not None:
             self._apply(*previous)
         self._pending, self._shards = None, {}
         return loss
 
     @staticmethod
-    def _apply(b: _Bank, gathered: _Pending) -> None:
+    def _apply(b: _Bank, group: dict, gathered: _Pending) -> None:
         full = gathered.wait()[: b.num_slices]
-        apply_muon_update(b.param, full, lr=b.group["lr"], weight_decay=b.group["weight_decay"])
+        apply_muon_update(b.param, full, lr=group["lr"], weight_decay=group["weight_decay"])
 
     # ------------------------------------------------------------------ checkpointing
     def _bank_of(self, p: torch.Tensor) -> _Bank:

@@ -17,7 +17,7 @@ What it does
 * Per group: n seeds, mean ± 95% Student-t CI over seeds ("n=1" when there is a single run). With
   ``--baseline`` (a group label such as ``adapter=none``, its value(s) ``none``, or a run name/path whose
   group becomes the baseline): Δ = group − baseline over seeds present in both (pairing key ``seed`` in
-  config, ``--seed-key``), its t-CI, and the two-sided paired t-test p-value.
+  config.json, exact dotted path ``--seed-key``), its t-CI, and the two-sided paired t-test p-value.
 * Outputs: markdown on stdout; with ``--out DIR``: compare.md, compare.csv (one row per group, full
   precision), runs.csv (one row per run with where its value came from), compare.json, and PNG plots
   (learning_curves.png, ttt_delta_curves.png when eval.json holds running curves, metric_bars.png).
@@ -44,20 +44,42 @@ from typing import Any, Iterable, Mapping, Sequence
 from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
 from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
 
-#: Names tried (in order) after the exact ``--metric`` when it is absent. Keep in step with metattt/eval.
+#: Static aliases tried (in order) after the exact ``--metric`` name. Besides these, metric names follow the
+#: evaluator's eval.json (schema metattt.eval/1, see metattt/eval/report.py) and the trainer's summary.json:
+#:   ttt_delta            the run's single ``deltas["ttt:<adapter>"].value`` (sliding → ttt; positive = TTT
+#:                        better); with several TTT protocols in one eval.json, name one:
+#:   ttt_delta:ADAPTER    ``deltas["ttt:ADAPTER"].value``
+#:   bpb:PROTOCOL         ``protocols[PROTOCOL].bpb`` (bpb:sliding, bpb:flat, bpb:ttt:sgd; ``bpb.sliding`` too)
+#:   context_delta        ``deltas.context.value`` (flat → sliding)
+#:   bpb                  summary ``val_bpb_quant`` (after the artifact round trip), else ``val_bpb``
+#:   val_bpb, val_bpb_quant, quant_gap_bpb, ...: summary.json fields as the trainer writes them.
+#: Any other dotted path into eval.json / summary.json works as is.
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
-    "ttt_delta": ("delta_ttt", "ttt.delta", "delta.ttt", "deltas.ttt", "summary.ttt_delta"),
-    "bpb": ("final_bpb", "bpb.ttt", "bpb.final", "val_bpb", "final_val_bpb"),
-    "val_bpb": ("final_val_bpb", "final_bpb", "bpb"),
-    "bpb_ttt": ("bpb.ttt", "ttt.bpb", "ttt_bpb"),
-    "bpb_sliding": ("bpb.sliding", "sliding.bpb", "sliding_bpb"),
+    "ttt_delta": ("delta_ttt", "ttt.delta"),
+    "context_delta": ("deltas.context",),
+    "bpb": ("val_bpb_quant", "val_bpb", "final_bpb"),
+    "val_bpb": ("final_val_bpb",),
+    "quant_gap": ("quant_gap_bpb",),
 }
+METRIC_HELP = """metric names (--metric):
+  ttt_delta           the run's single TTT gain deltas["ttt:<adapter>"].value in eval.json (positive = TTT better)
+  ttt_delta:ADAPTER   deltas["ttt:ADAPTER"].value (when eval.json holds several TTT protocols)
+  bpb:PROTOCOL        protocols[PROTOCOL].bpb in eval.json (bpb:sliding, bpb:flat, bpb:ttt:sgd)
+  context_delta       deltas.context.value (flat -> sliding)
+  bpb                 summary.json val_bpb_quant (after the artifact round trip), else val_bpb
+  any dotted path     into eval.json, then summary.json, then the last metrics.jsonl record holding it
+
+runs from wandb (--wandb-project) need the online API; for offline runs pass their run directories
+(wandb has no public reader for offline .wandb files; the run directory holds the same data)."""
+
 #: When a metric resolves to an object, the first of these fields is the number.
 VALUE_FIELDS = ("mean", "value", "estimate", "point")
 #: Learning-curve keys tried in validation records of metrics.jsonl when --curve-key is not given.
 CURVE_KEYS = ("val_bpb", "bpb", "val_loss", "loss")
-#: eval.json fields holding a running Δ_TTT curve (list of numbers, list of [x, y], or {"x": [], "y": []}).
-RUNNING_DELTA_KEYS = ("running_delta", "ttt.running_delta", "curves.running_delta", "running.delta", "delta_curve")
+#: eval.json fields holding running Δ_TTT curves: the evaluator's ``{"ttt:X": {"chunk", "delta_bpb",
+#: "block_tokens"}}`` (curves whose key starts with "ttt:" are plotted), or a list of numbers, a list of
+#: [x, y], or {"x": [], "y": []}.
+RUNNING_DELTA_KEYS = ("running_delta", "ttt.running_delta", "curves.running_delta", "delta_curve")
 #: Config leaves never used for automatic grouping (seed is the pairing key; the rest differ per run).
 AUTO_BY_EXCLUDE = ("seed", "name", "dir", "path", "time", "wandb", "tag", "note", "date", "host", "run_id")
 
@@ -209,6 +231,25 @@ def _as_number(v: Any) -> Any:
     return float(v)
 
 
+def _metric_names(run: RunRecord, metric: str) -> list[str]:
+    """Candidate dotted paths for ``metric`` in this run (exact, static aliases, evaluator-schema forms)."""
+    names = [metric, *METRIC_ALIASES.get(metric, ())]
+    for prefix in ("bpb:", "bpb."):
+        if metric.startswith(prefix) and len(metric) > len(prefix):
+            names.append(f"protocols.{metric[len(prefix):]}.bpb")
+    for prefix in ("ttt_delta:", "ttt_delta."):
+        if metric.startswith(prefix) and len(metric) > len(prefix):
+            names += [f"deltas.ttt:{metric[len(prefix):]}", f"deltas.{metric[len(prefix):]}"]
+    if metric == "ttt_delta":
+        deltas = run.eval.get("deltas")
+        ttt = sorted(k for k in deltas if str(k).startswith("ttt:")) if isinstance(deltas, Mapping) else []
+        if len(ttt) > 1:
+            choices = ", ".join("ttt_delta:" + k[len("ttt:"):] for k in ttt)
+            raise CompareError(f"run {run.name}: eval.json has several TTT deltas; pick one with --metric ({choices})")
+        names += [f"deltas.{k}" for k in ttt]
+    return names
+
+
 def _last_record_with(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
     for rec in reversed(records):  # the most recent record holding the name wins
         if get_path(rec, name) is not _MISSING:
@@ -223,7 +264,7 @@ def metric_value(run: RunRecord, metric: str) -> tuple[float, str]:
     holding the name (exact, then aliases), then a unique suffix match in eval.json / summary.json.
     Final files win over the log because they hold the authoritative (e.g. post-quantization) numbers.
     """
-    names = (metric, *METRIC_ALIASES.get(metric, ()))
+    names = _metric_names(run, metric)
     candidates = [(label, src, n) for n in names for label, src in (("eval.json", run.eval), ("summary.json", run.summary))]
     candidates += [("metrics.jsonl", _last_record_with(run.metrics, n), n) for n in names]
     for label, src, name in candidates:
@@ -381,7 +422,7 @@ def compare_runs(
     for run, value, source in kept:
         key = tuple(_by_value(run, f) for f in by)
         skey = tuple(json.dumps(_fmt_value(v)) for v in key)
-        seed, _ = find_field([("config.json", run.config)], seed_key)
+        seed = get_path(run.config, seed_key)  # exact path only: a nested "seed" may be e.g. a bootstrap seed
         if seed is _MISSING or seed is None:
             seed = None
             warnings.append(f"run {run.name}: no {seed_key!r} in config.json; it cannot be paired")
@@ -621,7 +662,8 @@ def build_parser(prog: str = "python -m metattt compare") -> argparse.ArgumentPa
     p = argparse.ArgumentParser(
         prog=prog,
         description="Compare runs: per-group mean ± t-CI over seeds, paired deltas to a baseline, plots.",
-        epilog="Metric aliases: " + "; ".join(f"{k} → {', '.join(v)}" for k, v in METRIC_ALIASES.items()),
+        epilog=METRIC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("runs", nargs="*", type=Path, help="run directories (or directories of run directories)")
     p.add_argument("--by", default=None, help="comma-separated grouping fields (dotted paths into config.json)")

@@ -94,49 +94,76 @@ def plot_learning_curves(cmp: Comparison, out: Path, key: str | None = None) -> 
     return _save(fig, out)
 
 
-def running_curve(ev: dict[str, Any]) -> tuple[list[float], list[float], str] | None:
-    """Parse a running Δ_TTT curve from eval.json: list of numbers, list of [x, y], or {x-list, y-list}."""
+def _num_or_nan(v: Any) -> float:
+    return float(v) if _is_num(v) else math.nan
+
+
+def running_curves(ev: dict[str, Any]) -> list[tuple[str, list[float], list[float], str]]:
+    """Running Δ_TTT curves of one eval.json as (name, xs, ys, x label); [] when it holds none.
+
+    Accepted: the evaluator's ``{"ttt:X": {"chunk": [...], "delta_bpb": [...], "block_tokens": n}}`` (only
+    "ttt:" keys when any exist; x = target tokens scored), a plain list of numbers, a list of [x, y], or
+    ``{"x": [...], "y": [...]}``. ``None`` values (no bytes yet) become gaps.
+    """
     raw: Any = _MISSING
     for k in RUNNING_DELTA_KEYS:
         raw = get_path(ev, k)
         if raw is not _MISSING:
             break
-    if raw is _MISSING:
-        return None
-    if isinstance(raw, list) and raw and all(_is_num(v) for v in raw):
-        return [float(i + 1) for i in range(len(raw))], [float(v) for v in raw], "evaluation chunk"
-    if isinstance(raw, list) and raw and all(isinstance(v, list) and len(v) == 2 and all(map(_is_num, v)) for v in raw):
-        return [float(v[0]) for v in raw], [float(v[1]) for v in raw], "position"
-    if isinstance(raw, dict):
-        xk = next((k for k in _X_KEYS if isinstance(raw.get(k), list)), None)
-        yk = next((k for k in _Y_KEYS if isinstance(raw.get(k), list)), None)
-        if xk and yk and len(raw[xk]) == len(raw[yk]) and all(map(_is_num, raw[xk] + raw[yk])):
-            return [float(v) for v in raw[xk]], [float(v) for v in raw[yk]], xk
-    return None
+    if raw is _MISSING or not raw:
+        return []
+    if isinstance(raw, list):
+        if all(_is_num(v) or v is None for v in raw):
+            return [("", [float(i) for i in range(len(raw))], [_num_or_nan(v) for v in raw], "evaluation chunk")]
+        if all(isinstance(v, list) and len(v) == 2 and _is_num(v[0]) for v in raw):
+            return [("", [float(v[0]) for v in raw], [_num_or_nan(v[1]) for v in raw], "position")]
+        return []
+    if not isinstance(raw, dict):
+        return []
+    xk = next((k for k in _X_KEYS if isinstance(raw.get(k), list)), None)
+    yk = next((k for k in _Y_KEYS if isinstance(raw.get(k), list)), None)
+    if xk and yk and len(raw[xk]) == len(raw[yk]):
+        return [("", [_num_or_nan(v) for v in raw[xk]], [_num_or_nan(v) for v in raw[yk]], xk)]
+    named = {k: v for k, v in raw.items() if isinstance(v, dict) and isinstance(v.get("delta_bpb"), list)}
+    ttt = {k: v for k, v in named.items() if str(k).startswith("ttt:")}
+    out = []
+    for key, cur in sorted((ttt or named).items()):
+        ys = [_num_or_nan(v) for v in cur["delta_bpb"]]
+        chunk = cur.get("chunk") if isinstance(cur.get("chunk"), list) else list(range(len(ys)))
+        block = cur.get("block_tokens")
+        if _is_num(block) and block > 0:
+            xs, label = [(float(c) + 1.0) * float(block) for c in chunk], "target tokens scored"
+        else:
+            xs, label = [float(c) for c in chunk], "chunk index"
+        if len(xs) == len(ys):
+            out.append((str(key), xs, ys, label))
+    return out
 
 
 def plot_running_delta(cmp: Comparison, out: Path) -> Path | None:
     colors = _group_colors(cmp)
+    per_run = [(rv, running_curves(rv.run.eval)) for rv in cmp.values]
+    per_run = [(rv, cs) for rv, cs in per_run if cs]
+    if not per_run:
+        return None
+    curve_names = sorted({name for _, cs in per_run for name, *_ in cs})
+    styles = ["-", "--", ":", "-."]
     fig = _figure()
     ax = fig.add_subplot()
     seen: set[str] = set()
-    plotted = 0
     xlabel = "position"
-    for rv in cmp.values:
-        cur = running_curve(rv.run.eval)
-        if cur is None:
-            continue
-        xs, ys, xlabel = cur
-        label = rv.group if rv.group not in seen else None
-        seen.add(rv.group)
-        ax.plot(xs, ys, color=colors[rv.group], alpha=0.85, lw=1.4, label=label)
-        plotted += 1
-    if not plotted:
-        return None
+    one_each = all(len(cs) == 1 for _, cs in per_run)  # then colour alone tells runs apart
+    for rv, curves in per_run:
+        for name, xs, ys, xlabel in curves:
+            tag = rv.group if one_each else f"{rv.group} [{name}]"
+            ls = "-" if one_each else styles[curve_names.index(name) % len(styles)]
+            ax.plot(xs, ys, color=colors[rv.group], ls=ls, alpha=0.85, lw=1.4, label=tag if tag not in seen else None)
+            seen.add(tag)
     ax.axhline(0.0, color="black", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("running Δ_TTT (bpb)")
-    ax.set_title(f"running Δ_TTT ({plotted} runs, colour = group)")
+    evaluator_form = any(name.startswith("ttt:") for name in curve_names)
+    ax.set_ylabel("cumulative Δ bpb (base − TTT; > 0 = TTT better)" if evaluator_form else "running Δ_TTT (bpb)")
+    ax.set_title(f"running Δ_TTT ({len(per_run)} runs, colour = group)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out)

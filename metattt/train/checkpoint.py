@@ -46,13 +46,14 @@ def find(resume: str, rank: int) -> tuple[Path, Path]:
     return run_path, ck
 
 
-def saved_config(run_path: Path, resume: str) -> TrainConfig:
+def saved_config(run_path: Path, resume: str, halt_after: int = 0) -> TrainConfig:
+    """The run's own config (a resumed run is the same run), with this process's resume/halt settings."""
     cfg_path = Path(run_path) / "config.json"
     try:
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot resume from {run_path}: unreadable config.json ({e})") from None
-    cfg.resume = resume
+    cfg.resume, cfg.halt_after = resume, halt_after
     return cfg
 
 

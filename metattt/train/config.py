@@ -22,6 +22,8 @@ class TrainConfig:
     # fineweb_train_*.bin / fineweb_val_*.bin shards (the challenge layout).
     data: str = "synthetic"
     data_dir: str = "data/synthetic"  # where the synthetic corpus is written
+    synthetic_train_tokens: int = 4_000_000
+    synthetic_val_tokens: int = 200_000
     tokenizer: str = ""  # SentencePiece model for the byte LUT (real data)
     train_pattern: str = ""  # overrides <data>/fineweb_train_*.bin
     val_pattern: str = ""  # overrides <data>/fineweb_val_*.bin
@@ -42,6 +44,7 @@ class TrainConfig:
     run_name: str = ""
     checkpoint_every: int = 0  # 0 = only at the end
     resume: str = ""  # run directory (or checkpoint file) to continue
+    halt_after: int = 0  # leave after N steps in this process (checkpointed), as a preemption would; 0 = off
     device: str = "auto"
     compile: bool = False
     artifact_budget: int = 16_000_000

@@ -23,7 +23,8 @@ class DataSource:
 
 def resolve_data(cfg: TrainConfig, is_main: bool = True) -> DataSource:
     if cfg.data == "synthetic":
-        spec = SyntheticSpec(vocab_size=cfg.model.vocab_size)
+        spec = SyntheticSpec(vocab_size=cfg.model.vocab_size, n_train_tokens=cfg.synthetic_train_tokens,
+                             n_val_tokens=cfg.synthetic_val_tokens)
         meta = make_synthetic_dataset(cfg.data_dir, spec) if is_main else None
         if meta is None:  # other ranks wait for rank 0 (the caller barriers), then read the same files
             meta = make_synthetic_dataset(cfg.data_dir, spec)

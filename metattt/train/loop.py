@@ -22,7 +22,6 @@ from ..track.progress import progress
 from ..track.rundir import RunDir
 from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
-from ..ttt.registry import make_adapter_from_spec
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data_setup import resolve_data
@@ -78,7 +77,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     resume_from = None
     if cfg.resume:
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
-        cfg = ckpt.saved_config(run_path, resume=cfg.resume)
+        cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
     torch.manual_seed(cfg.seed)
     name = _run_name(cfg, info)
@@ -96,7 +95,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     adapter, meta_opt = None, None
     if cfg.meta.adapter:
-        adapter = make_adapter_from_spec(cfg.meta.adapter).bind(model)
+        adapter = cfg.meta.make_adapter().bind(model)
         meta_params = list(adapter.meta_parameters().values())
         if meta_params:
             meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)
@@ -136,14 +135,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     loss_count, window_start, window_steps = 0, elapsed, 0
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(info.device)
-    last_val: dict[str, float] = {}
+    first_step = step
     while True:
         stop = step >= cfg.iterations or (cfg.max_wallclock_s > 0 and elapsed >= cfg.max_wallclock_s)
         stop = broadcast_flag(stop, info)
         if stop:
             break
+        if cfg.halt_after and step - first_step >= cfg.halt_after:
+            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                      adapter=adapter, meta_opt=meta_opt)
+            bar.close()
+            if wandb is not None:
+                wandb.finish()
+            _print(info, f"halted after {cfg.halt_after} steps at step {step}; continue with --resume {run_path}")
+            return {"halted_at_step": step, "run_dir": str(run_path)}
         if cfg.val_every and step > 0 and step % cfg.val_every == 0:
-            last_val = validate(step)
+            validate(step)
         t0 = time.perf_counter()
         scale = lr_scale(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
                          max_wallclock_s=cfg.max_wallclock_s, warmdown_frac=cfg.warmdown_frac)

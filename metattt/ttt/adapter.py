@@ -127,7 +127,10 @@ def reduce_grads(grads: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
 
 
 def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads.values()]))
+    """L2 norm over all tensors, in at least float32 (float64 stays float64: exact tests)."""
+    norms = [g.to(torch.promote_types(g.dtype, torch.float32)).norm() for g in grads.values()]
+    dt = norms[0].dtype
+    return torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
 
 
 def clip_grads(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
@@ -251,7 +254,7 @@ class Adapter:
         self._require_bound()
         if x.shape != y.shape or x.ndim != 2:
             raise ValueError(f"adapt expects x, y of equal shape (B,T); got {tuple(x.shape)} and {tuple(y.shape)}")
-        if not self.trains_in_eval or not self._cur:
+        if not self.trains_in_eval or not self._trainable():
             return {"steps": 0}
         cfg = self.cfg
         lr = lr_at(cfg.lr, getattr(cfg, "schedule", "constant"), progress)

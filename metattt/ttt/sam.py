@@ -1,6 +1,7 @@
 """``sam``: sharpness-aware test-time steps.
 
-Each update: g = grad L(theta); e = rho * g / ||g|| (global norm over the selection, treated as a constant);
+Each update: g = grad L(theta); e = rho * g / ||g|| (global norm over the selection; a constant at first order,
+differentiated in the exact second-order inner loop);
 g' = grad L(theta + e); step from theta with g' (momentum / clip / cosine schedule as in ``sgd``).
 Why: TTT on a few thousand tokens overfits sharp directions; SAM prefers flat ones.
 """
@@ -29,8 +30,9 @@ class SAMConfig(AdapterConfig):
 
 
 def _perturb(params: dict[str, Tensor], grads: dict[str, Tensor], rho: float) -> dict[str, Tensor]:
+    """theta + rho * g / ||g||; differentiable through g when g carries a graph (exact second order)."""
     scale = rho / (global_norm(grads) + 1e-12)
-    return {n: params[n] + (grads[n] * scale.to(grads[n].dtype)).detach() for n in params}
+    return {n: params[n] + grads[n] * scale.to(grads[n].dtype) for n in params}
 
 
 class SAMAdapter(SGDAdapter):
@@ -46,7 +48,7 @@ class SAMAdapter(SGDAdapter):
         return loss
 
     def _inner_step(self, model, base, state, x, y, k, create_graph, attn, backend):  # noqa: ANN001
-        g = self._inner_grads(model, base, state, x, y, False, attn, backend)
+        g = self._inner_grads(model, base, state, x, y, create_graph, attn, backend)
         perturbed = _perturb(state, g, self.cfg.rho)
         g2 = self._inner_grads(model, base, perturbed, x, y, create_graph, attn, backend)
         return {n: state[n] - self.cfg.lr * g2[n] for n in state}

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Training throughput of the banked GPT: tokens/s per GPU, ms/step, MFU and peak memory.
+
+    python benchmarks/train_throughput.py --preset pg-2026-03-23 --steps 20 --variants eager,compile
+    torchrun --nproc_per_node 2 benchmarks/train_throughput.py --variants compile
+
+A step is a full optimizer step on ``train_batch_tokens`` global tokens (gradient accumulation included),
+exactly as the trainer does it (bf16 autocast, Muon/Parallel Muon + AdamW, grad clip). Tokens are random ids
+unless --data gives shards: throughput does not depend on the values. FLOPs per token follow the usual
+convention 6·N_matmul + 12·L·T·d (attention counted as non-causal), against 989 TFLOP/s bf16 dense (H100 SXM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from metattt.model.gpt import BankedGPT  # noqa: E402
+from metattt.optim.builder import build_optimizers  # noqa: E402
+from metattt.train.config import preset  # noqa: E402
+from metattt.train.dist import setup, teardown  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def flops_per_token(model: BankedGPT, seq_len: int) -> float:
+    cfg = model.cfg
+    matmul = sum(getattr(model, b).numel() for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"))
+    matmul += cfg.vocab_size * cfg.model_dim  # output head (tied)
+    for name in ("bigram_proj", "ve_proj"):
+        if hasattr(model, name):
+            matmul += getattr(model, name).numel()
+    n_virtual = len(cfg.layer_schedule())
+    return 6.0 * matmul + 12.0 * n_virtual * seq_len * cfg.model_dim
+
+
+def run_variant(name: str, args, info) -> dict:
+    cfg = preset(args.preset)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg.model).to(info.device)
+    opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
+    compiled = "compile" in name
+    fwd = torch.compile(model, dynamic=False) if compiled else model
+    seq = cfg.seq_len
+    per_rank = cfg.train_batch_tokens // info.world_size
+    micro = min(args.micro_batch_tokens or cfg.micro_batch_tokens, per_rank)
+    accum = per_rank // micro
+    b = micro // seq
+    gen = torch.Generator(device=info.device).manual_seed(info.rank)
+    batches = [torch.randint(0, cfg.model.vocab_size, (b, seq + 1), device=info.device, generator=gen)
+               for _ in range(min(accum, 4))]
+
+    def step() -> None:
+        for i in range(accum):
+            tok = batches[i % len(batches)]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+                loss = fwd(tok[:, :-1], tok[:, 1:], attn=args.attn)
+            (loss / accum).backward()
+        opts.step()
+
+    t_compile = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    if info.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_compile = time.perf_counter() - t_compile
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if args.profile and info.is_main:
+        _profile(step, args.profile)
+    times.sort()
+    med = times[len(times) // 2]
+    tok_s_gpu = cfg.train_batch_tokens / med / info.world_size
+    fpt = flops_per_token(model, seq)
+    dev_name = torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev_name), float("nan"))
+    return {
+        "variant": name, "device": dev_name, "world_size": info.world_size, "accum": accum,
+        "micro_batch_tokens": micro, "ms_per_step": 1000 * med, "ms_min": 1000 * times[0],
+        "ms_max": 1000 * times[-1], "tokens_per_s_per_gpu": tok_s_gpu,
+        "mfu": tok_s_gpu * fpt / (peak * 1e12), "gflops_per_token": fpt / 1e9,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else 0.0,
+        "warmup_s": t_compile,
+    }
+
+
+def _profile(step, top: int) -> None:
+    """Print the ``top`` CUDA kernels of one step by total device time (where the milliseconds go)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="pg-2026-03-23")
+    ap.add_argument("--variants", default="eager,compile", help="comma list of: eager, compile")
+    ap.add_argument("--attn", default="auto", choices=("auto", "flash", "sdpa", "math"))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--micro-batch-tokens", type=int, default=0)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--profile", type=int, default=0, help="print the top-N CUDA kernels of one step")
+    args = ap.parse_args()
+    info = setup("auto")
+    rows = []
+    try:
+        for v in args.variants.split(","):
+            rows.append(run_variant(v.strip(), args, info))
+            if info.is_main:
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        teardown()
+    if info.is_main:
+        print(f"\n{'variant':<16}{'ms/step':>10}{'tok/s/GPU':>12}{'MFU':>7}{'peak GiB':>10}{'world':>7}")
+        for r in rows:
+            print(f"{r['variant']:<16}{r['ms_per_step']:>10.1f}{r['tokens_per_s_per_gpu']:>12,.0f}"
+                  f"{100 * r['mfu']:>6.1f}%{r['peak_mem_gib']:>10.1f}{r['world_size']:>7}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

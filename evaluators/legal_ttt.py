@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Legal score-first evaluator: ``python evaluators/legal_ttt.py ARTIFACT [options]`` (also under torchrun).
+
+Reports bpb of flat / sliding / doc / ttt:<adapter> / oracle:<adapter> protocols, Δ_context = flat - sliding,
+Δ_TTT = sliding - ttt:<adapter> with paired document-bootstrap CIs, and refuses (exit 3) when an adapter
+update saw a token before it was scored. See ``metattt/eval/run.py`` and ``--help``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from metattt.eval.run import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

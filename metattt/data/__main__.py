@@ -1,0 +1,75 @@
+"""``python -m metattt.data {build,synthetic,download}``: thin CLI over the data package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metattt.data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="tokenize text into fineweb_{train,val}_*.bin shards")
+    b.add_argument("--text", nargs="+", required=True, help=".jsonl[.xz|.gz|.zst] / .txt files or directories")
+    b.add_argument("--tokenizer", required=True, type=Path,
+                   help="SentencePiece .model (written there with --train-tokenizer)")
+    b.add_argument("--out", required=True, type=Path)
+    val = b.add_mutually_exclusive_group(required=True)
+    val.add_argument("--val-docs", type=int, help="the first N documents of --text become validation")
+    val.add_argument("--val-text", nargs="+", default=[], help="separate validation inputs")
+    b.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer on the train documents")
+    b.add_argument("--vocab-size", type=int, default=1024)
+    b.add_argument("--shard-tokens", type=int, default=100_000_000)
+    b.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("synthetic", help="write the embedded synthetic document-language corpus")
+    s.add_argument("--out", required=True, type=Path)
+    from metattt.data.synthetic import SyntheticSpec
+
+    for f in fields(SyntheticSpec):
+        s.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+
+    d = sub.add_parser("download", help="fetch challenge FineWeb sp1024 shards + tokenizer from the HF hub")
+    d.add_argument("--train-shards", type=int, default=1)
+    d.add_argument("--out", type=Path, default=Path("data"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "build":
+        from metattt.data.build import BuildConfig, build_dataset, summary_line
+
+        cfg = BuildConfig(
+            text=args.text, tokenizer=args.tokenizer, out=args.out, val_docs=args.val_docs,
+            val_text=args.val_text, train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
+            shard_tokens=args.shard_tokens, progress=not args.no_progress,
+        )
+        print(summary_line(build_dataset(cfg), args.out))
+    elif args.cmd == "synthetic":
+        from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+        spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in fields(SyntheticSpec)})
+        meta = make_synthetic_dataset(args.out, spec)
+        state = "reused" if meta.get("reused") else f"generated in {meta['generation_seconds']:.1f}s"
+        print(f"synthetic corpus in {args.out} ({state}): {meta['n_train_tokens']:,} train / "
+              f"{meta['n_val_tokens']:,} val tokens, vocab {meta['vocab_size']}")
+        print(json.dumps(meta["bounds"], indent=2))
+    elif args.cmd == "download":
+        from metattt.data.download import OfflineError, download_fineweb
+
+        try:
+            paths = download_fineweb(args.out, args.train_shards)
+        except OfflineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{len(paths)} files present under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Build Parameter Golf style shards from raw text: ``fineweb_{train,val}_NNNNNN.bin``.
+
+Inputs: ``.jsonl`` (field "text"; also ``.jsonl.xz`` / ``.jsonl.gz`` / ``.jsonl.zst``) with one document per
+line, and ``.txt`` files with one document per file. Directories are searched recursively (sorted, so the
+result is deterministic). Each document becomes BOS + ids (no EOS), as in the challenge data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metattt.data.shards import write_shard
+from metattt.data.tokenizer import load_tokenizer, train_tokenizer
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".jsonl.zst")
+TEXT_SUFFIXES = (".txt",)
+DEFAULT_SHARD_TOKENS = 100_000_000
+
+
+@dataclass
+class BuildConfig:
+    text: list[Path]
+    tokenizer: Path
+    out: Path
+    val_docs: int | None = None  # first N documents of ``text`` become val
+    val_text: list[Path] = field(default_factory=list)  # or: separate val inputs
+    train_tokenizer: bool = False
+    vocab_size: int = 1024
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    batch_docs: int = 256
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.text = [Path(p) for p in self.text]
+        self.val_text = [Path(p) for p in self.val_text]
+        self.tokenizer, self.out = Path(self.tokenizer), Path(self.out)
+        if not self.text:
+            raise ValueError("no --text inputs given")
+        if (self.val_docs is None) == (not self.val_text):
+            raise ValueError("choose exactly one validation source: --val-docs N or --val-text FILES")
+        if self.val_docs is not None and self.val_docs < 0:
+            raise ValueError(f"--val-docs must be >= 0, got {self.val_docs}")
+        if self.shard_tokens < 1:
+            raise ValueError(f"--shard-tokens must be positive, got {self.shard_tokens}")
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(TEXT_SUFFIXES):
+        return "txt"
+    return None
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input files in a deterministic order: explicit files as given, directories recursively sorted."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
+            if not found:
+                raise FileNotFoundError(f"no {JSONL_SUFFIXES + TEXT_SUFFIXES} files under directory {p}")
+            files.extend(found)
+        elif p.is_file():
+            if _kind(p) is None:
+                raise ValueError(f"unsupported input file {p}: expected one of {JSONL_SUFFIXES + TEXT_SUFFIXES}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"text input not found: {p}")
+    return files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    name = path.name.lower()
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
+    if name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        return io.TextIOWrapper(raw, encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_documents(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
+    """Documents (non-empty texts) of all inputs, in order."""
+    for path in expand_inputs(paths):
+        if _kind(path) == "txt":
+            text = path.read_text(encoding="utf-8")
+            if text.strip():
+                yield text
+            continue
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
+                if text.strip():
+                    yield text
+
+
+class _ShardWriter:
+    """Accumulates a token stream and cuts it into fixed-size shards."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int):
+        self.out, self.split, self.shard_tokens, self.vocab_size = out, split, shard_tokens, vocab_size
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.files: list[str] = []
+        self.tokens = 0
+        self.docs = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self.docs += 1
+        self.tokens += ids.size
+        while ids.size:
+            take = min(ids.size, self.shard_tokens - self.fill)
+            self.buf[self.fill : self.fill + take] = ids[:take]
+            self.fill += take
+            ids = ids[take:]
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"fineweb_{self.split}_{len(self.files):06d}.bin"
+        write_shard(self.out / name, self.buf[: self.fill], self.vocab_size)
+        self.files.append(name)
+        self.fill = 0
+
+
+def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
+    """Tokenize the inputs into train/val shards in ``cfg.out``; returns (and writes) a summary."""
+    from tqdm import tqdm
+
+    def split_docs() -> tuple[Iterator[str], Iterator[str]]:
+        if cfg.val_text:
+            return iter_documents(cfg.val_text), iter_documents(cfg.text)
+        n_val = cfg.val_docs or 0
+
+        def val() -> Iterator[str]:
+            for i, d in enumerate(iter_documents(cfg.text)):
+                if i >= n_val:
+                    return
+                yield d
+
+        def train() -> Iterator[str]:
+            for i, d in enumerate(iter_documents(cfg.text)):
+                if i >= n_val:
+                    yield d
+
+        return val(), train()
+
+    expand_inputs(cfg.text + cfg.val_text)  # fail fast on bad paths before any long work
+    if cfg.train_tokenizer:
+        _, train_iter = split_docs()  # never train the tokenizer on val documents
+        train_tokenizer(train_iter, cfg.tokenizer, cfg.vocab_size)
+    sp = load_tokenizer(cfg.tokenizer)
+    vocab = int(sp.vocab_size())
+    if vocab > 65536:
+        raise ValueError(f"tokenizer {cfg.tokenizer} has {vocab} pieces; uint16 shards hold at most 65536")
+    bos = int(sp.bos_id())
+    if bos < 0:
+        raise ValueError(f"tokenizer {cfg.tokenizer} has no BOS piece; shards need BOS at each document start")
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(cfg.out.glob("fineweb_train_*.bin")) + sorted(cfg.out.glob("fineweb_val_*.bin"))
+    for p in stale:  # old shards would silently join the new ones through the loaders' glob
+        p.unlink()
+    writers = {s: _ShardWriter(cfg.out, s, cfg.shard_tokens, vocab) for s in ("val", "train")}
+    val_iter, train_iter = split_docs()
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
+    for split, docs in (("val", val_iter), ("train", train_iter)):
+        w = writers[split]
+        for batch in _batched(docs, cfg.batch_docs):
+            for ids in sp.encode(batch, out_type=int):
+                arr = np.empty(len(ids) + 1, dtype=np.int64)
+                arr[0] = bos
+                arr[1:] = ids
+                w.add(arr)
+            bar.update(len(batch))
+            bar.set_postfix(split=split, tokens=w.tokens)
+        w.flush()
+    bar.close()
+    if writers["train"].docs == 0:
+        raise ValueError("no training documents left after the validation split (lower --val-docs?)")
+    if writers["val"].docs == 0:
+        raise ValueError("no validation documents (raise --val-docs or check --val-text)")
+    summary = {
+        "tokenizer": str(cfg.tokenizer),
+        "tokenizer_sha256": _sha256(cfg.tokenizer),
+        "vocab_size": vocab,
+        "bos_id": bos,
+        "shard_tokens": cfg.shard_tokens,
+        "removed_stale_shards": [p.name for p in stale],
+        **{f"{s}_{k}": getattr(writers[s], k) for s in ("train", "val") for k in ("docs", "tokens", "files")},
+    }
+    (cfg.out / "build_meta.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_line(summary: dict[str, Any], out: Path) -> str:
+    docs = summary["train_docs"] + summary["val_docs"]
+    tokens = summary["train_tokens"] + summary["val_tokens"]
+    shards = len(summary["train_files"]) + len(summary["val_files"])
+    return (
+        f"built {out}: {docs:,} docs ({summary['val_docs']:,} val), {tokens:,} tokens "
+        f"({summary['val_tokens']:,} val), {shards} shards, vocab {summary['vocab_size']}"
+    )

@@ -1,0 +1,439 @@
+"""The embedded "document language": a synthetic corpus where test-time adaptation provably helps.
+
+Generative model (vocab V, ids 0..3 control, BOS = 1; regular ids split into function tokens F = first half
+and content tokens C = second half):
+
+* a global chain, fixed by the seed: for every previous token x a sparse distribution ``T_F[x]`` over F
+  (Dirichlet, small concentration) and a content probability ``c(x)`` in ``content_prob_range``;
+* every document d draws its own content distribution ``theta_d ~ Dirichlet(alpha * 1_C)``; with small
+  alpha a document uses a few content words heavily (its "names" / "topic words");
+* ``P(y | x, theta_d) = (1 - c(x)) T_F[x, y]`` for y in F and ``c(x) theta_d[y]`` for y in C;
+* a document is BOS followed by L ~ Uniform{min_doc_len..max_doc_len} regular tokens (no EOS).
+
+Documents are longer than a small context window, so a reader that adapts to the document's own statistics
+(beyond its window) can approach ``bayes_unknown_bpb``; a pure bigram reader cannot beat ``bigram_bpb``.
+
+Scoring follows ``ByteLUT.uniform``: every regular target is 1 byte, BOS targets are 0 bytes but their nats
+count (as in the Parameter Golf evaluator). The chain bounds (bigram / bayes_unknown / bayes_known) all use
+the exact document-length hazard to predict BOS, which costs the same ``log(max-min+1)`` nats per document
+in each of them (about 0.005 bits per byte at the defaults), so the differences between them are purely
+about content-token prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metattt.data.bpb import ByteLUT
+from metattt.data.shards import read_shard, read_shard_header, write_shard
+
+GENERATOR_VERSION = 2
+BOS_ID = 1
+CONTROL_IDS = (0, 1, 2, 3)
+FIRST_REGULAR = 4
+_STREAM_CHAIN, _STREAM_VAL, _STREAM_TRAIN = 0, 1, 2
+META_WINDOWS = (128, 512, 2048)  # context lengths whose windowed Bayes bound is recorded in meta.json
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Everything that determines the synthetic corpus; equal specs give byte-identical files."""
+
+    vocab_size: int = 256
+    n_train_tokens: int = 4_000_000
+    n_val_tokens: int = 200_000
+    min_doc_len: int = 512
+    max_doc_len: int = 4096
+    alpha: float = 0.05  # per-document content Dirichlet concentration (small: few heavy content words)
+    function_concentration: float = 0.1  # Dirichlet concentration of each function-token transition row
+    content_prob_min: float = 0.25
+    content_prob_max: float = 0.6
+    shard_tokens: int = 1 << 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.vocab_size <= 65536:
+            raise ValueError(f"SyntheticSpec.vocab_size must be in [8, 65536], got {self.vocab_size}")
+        if not 1 <= self.min_doc_len <= self.max_doc_len:
+            raise ValueError(f"need 1 <= min_doc_len <= max_doc_len, got {self.min_doc_len}, {self.max_doc_len}")
+        if self.n_train_tokens < 2 or self.n_val_tokens < 2:
+            raise ValueError("n_train_tokens and n_val_tokens must be at least 2")
+        if self.alpha <= 0 or self.function_concentration <= 0:
+            raise ValueError("alpha and function_concentration must be positive")
+        if not 0 < self.content_prob_min <= self.content_prob_max < 1:
+            raise ValueError("need 0 < content_prob_min <= content_prob_max < 1")
+        if self.shard_tokens < 1:
+            raise ValueError("shard_tokens must be positive")
+
+    @property
+    def n_function(self) -> int:
+        return (self.vocab_size - FIRST_REGULAR) // 2
+
+    @property
+    def n_content(self) -> int:
+        return self.vocab_size - FIRST_REGULAR - self.n_function
+
+    @property
+    def first_content(self) -> int:
+        return FIRST_REGULAR + self.n_function
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SyntheticSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The global part of the generative model."""
+
+    trans_f: np.ndarray  # (V, n_function) float64, rows sum to 1
+    content_prob: np.ndarray  # (V,) float64
+    alias_prob: np.ndarray  # (V, n_function) Walker alias tables for sampling trans_f rows
+    alias_idx: np.ndarray  # (V, n_function) int64
+
+
+def synthetic_lut(spec: SyntheticSpec) -> ByteLUT:
+    """The byte convention of the synthetic corpus: regular tokens 1 byte, control tokens 0."""
+    return ByteLUT.uniform(spec.vocab_size, control_ids=CONTROL_IDS, bytes_per_token=1, bos_id=BOS_ID)
+
+
+def _rng(spec: SyntheticSpec, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([spec.seed, stream]))
+
+
+def _dirichlet(rng: np.random.Generator, conc: float, shape: tuple[int, int]) -> np.ndarray:
+    """Rows ~ Dirichlet(conc * 1), computed in log space so tiny concentrations never underflow to 0/0."""
+    # Gamma(a) = Gamma(a + 1) * U^(1/a)  (exact), taken in logs.
+    log_g = np.log(rng.standard_gamma(conc + 1.0, size=shape)) + np.log(rng.random(shape)) / conc
+    log_g -= log_g.max(axis=1, keepdims=True)
+    p = np.exp(log_g)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _alias_tables(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker/Vose alias tables for each row of ``p`` (O(1) vectorised sampling per draw)."""
+    rows, n = p.shape
+    prob = np.ones((rows, n))
+    alias = np.tile(np.arange(n), (rows, 1))
+    for r in range(rows):
+        scaled = p[r] * n
+        small = [i for i in range(n) if scaled[i] < 1.0]
+        large = [i for i in range(n) if scaled[i] >= 1.0]
+        while small and large:
+            s, g = small.pop(), large.pop()
+            prob[r, s] = scaled[s]
+            alias[r, s] = g
+            scaled[g] -= 1.0 - scaled[s]
+            (small if scaled[g] < 1.0 else large).append(g)
+    return prob, alias
+
+
+def make_chain(spec: SyntheticSpec) -> Chain:
+    """The seeded global chain (function transitions and content probabilities)."""
+    rng = _rng(spec, _STREAM_CHAIN)
+    trans_f = _dirichlet(rng, spec.function_concentration, (spec.vocab_size, spec.n_function))
+    content_prob = rng.uniform(spec.content_prob_min, spec.content_prob_max, size=spec.vocab_size)
+    alias_prob, alias_idx = _alias_tables(trans_f)
+    return Chain(trans_f, content_prob, alias_prob, alias_idx)
+
+
+def _doc_params(spec: SyntheticSpec, rng: np.random.Generator, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document lengths (enough docs to fill ``n_tokens`` incl. BOS) and their content distributions."""
+    lengths: list[np.ndarray] = []
+    total = 0
+    mean = (spec.min_doc_len + spec.max_doc_len) / 2 + 1
+    while total < n_tokens:
+        chunk = rng.integers(spec.min_doc_len, spec.max_doc_len + 1, size=int((n_tokens - total) / mean) + 4)
+        lengths.append(chunk)
+        total += int((chunk + 1).sum())
+    all_lengths = np.concatenate(lengths)
+    n_docs = int(np.searchsorted(np.cumsum(all_lengths + 1), n_tokens) + 1)
+    all_lengths = all_lengths[:n_docs]
+    theta = _dirichlet(rng, spec.alpha, (n_docs, spec.n_content))
+    return all_lengths, theta
+
+
+def _split_rng(spec: SyntheticSpec, split: str) -> tuple[np.random.Generator, int]:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split == "train":
+        return _rng(spec, _STREAM_TRAIN), spec.n_train_tokens
+    return _rng(spec, _STREAM_VAL), spec.n_val_tokens
+
+
+def document_params(spec: SyntheticSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, theta)`` of the documents of ``split``: regular-token counts and content distributions
+    (rows over C, in content-index order), recomputed from the seed."""
+    rng, n_tokens = _split_rng(spec, split)
+    return _doc_params(spec, rng, n_tokens)
+
+
+def generate_split(spec: SyntheticSpec, split: str, chain: Chain | None = None) -> np.ndarray:
+    """The token stream (uint16) of ``split`` ("train" or "val"); val does not depend on n_train_tokens."""
+    chain = make_chain(spec) if chain is None else chain
+    rng, n_tokens = _split_rng(spec, split)
+    lengths, theta = _doc_params(spec, rng, n_tokens)
+    n_docs, max_len = len(lengths), int(lengths.max())
+    # Content tokens are iid from theta_d, so each document's content draws can be made up front and consumed
+    # in order; only the content/function choice and function tokens depend on the previous token.
+    cum_theta = np.cumsum(theta, axis=1)
+    pool = np.empty((n_docs, max_len), dtype=np.int64)
+    u = rng.random((n_docs, max_len))
+    for d in range(n_docs):
+        pool[d] = np.minimum(np.searchsorted(cum_theta[d], u[d], side="right"), spec.n_content - 1)
+    pool += spec.first_content
+    out = np.empty((n_docs, max_len + 1), dtype=np.int64)
+    out[:, 0] = BOS_ID
+    x = np.full(n_docs, BOS_ID, dtype=np.int64)
+    used = np.zeros(n_docs, dtype=np.int64)
+    rows = np.arange(n_docs)
+    for t in range(max_len):
+        is_content = rng.random(n_docs) < chain.content_prob[x]
+        j = rng.integers(spec.n_function, size=n_docs)
+        keep = rng.random(n_docs) < chain.alias_prob[x, j]
+        func = np.where(keep, j, chain.alias_idx[x, j]) + FIRST_REGULAR
+        y = np.where(is_content, pool[rows, used], func)
+        used += is_content
+        out[:, t + 1] = y
+        x = y
+    mask = np.arange(max_len + 1)[None, :] <= lengths[:, None]
+    return out[mask][:n_tokens].astype(np.uint16)
+
+
+def _split_docs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position document index and document start positions; the stream must start with BOS."""
+    if tokens.size == 0 or tokens[0] != BOS_ID:
+        raise ValueError("synthetic val tokens must start with BOS (1)")
+    is_bos = tokens == BOS_ID
+    doc = np.cumsum(is_bos) - 1
+    starts = np.flatnonzero(is_bos)
+    return doc, starts
+
+
+def _per_target_nats(
+    spec: SyntheticSpec,
+    tokens: np.ndarray,
+    chain: Chain,
+    lengths: np.ndarray,
+    theta: np.ndarray,
+    windows: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Summed nats of the chain predictors over the targets ``tokens[1:]``."""
+    tok = np.asarray(tokens, dtype=np.int64)
+    doc, starts = _split_docs(tok)
+    complete = np.diff(starts) - 1  # lengths of the documents followed by another BOS
+    n_cmp = min(complete.size, lengths.size)
+    mismatch = np.flatnonzero(complete[:n_cmp] != lengths[:n_cmp])
+    if mismatch.size or complete.size > lengths.size:
+        where = int(mismatch[0]) if mismatch.size else lengths.size
+        raise ValueError(
+            f"val tokens do not match this spec's val stream: document {where} differs "
+            f"(got {complete.size} complete documents, the spec generates {lengths.size})"
+        )
+    prev, tgt = tok[:-1], tok[1:]
+    t = np.arange(1, tok.size)
+    k = (t - 1) - starts[doc[:-1]]  # regular tokens already emitted in the current document
+    a, b = spec.min_doc_len, spec.max_doc_len
+    hazard = np.where(k >= a, 1.0 / np.maximum(b - k + 1, 1), 0.0)
+    is_bos = tgt == BOS_ID
+    if np.any(tgt[~is_bos] < FIRST_REGULAR) or np.any(tgt >= spec.vocab_size):
+        raise ValueError("val tokens contain control/out-of-vocab ids other than BOS: not from this spec")
+    if np.any(is_bos & (hazard <= 0)) or np.any(~is_bos & (hazard >= 1)):
+        raise ValueError("val document lengths are outside [min_doc_len, max_doc_len]: not from this spec")
+    length_nats = np.empty(tgt.size)
+    length_nats[is_bos] = -np.log(hazard[is_bos])
+    length_nats[~is_bos] = -np.log1p(-hazard[~is_bos])
+
+    c = chain.content_prob[prev]
+    fc = spec.first_content
+    is_f = (tgt >= FIRST_REGULAR) & (tgt < fc)
+    is_c = tgt >= fc
+    f_nats = -np.log(1.0 - c[is_f]) - np.log(chain.trans_f[prev[is_f], tgt[is_f] - FIRST_REGULAR])
+
+    # content: prior mean (bigram), known theta_d, posterior predictive from the document's own prefix
+    doc_t = doc[1:]
+    ci = np.flatnonzero(is_c)
+    yc = tgt[ci] - fc
+    dc = doc_t[ci]
+    if dc.size and dc.max() >= theta.shape[0]:
+        raise ValueError("val tokens have more documents than this spec generates")
+    base_c = -np.log(c[ci])
+    bigram_c = base_c + math.log(spec.n_content)
+    known_c = base_c - np.log(theta[dc, yc])
+    # counts before each content target: order content positions by (doc, token, position) and count
+    # earlier occurrences within each (doc, token) group; N = content tokens earlier in the document.
+    order = np.lexsort((ci, yc, dc))
+    grp_key = dc[order] * spec.n_content + yc[order]
+    new_grp = np.ones(order.size, dtype=bool)
+    new_grp[1:] = grp_key[1:] != grp_key[:-1]
+    grp_start = np.maximum.accumulate(np.where(new_grp, np.arange(order.size), 0))
+    n_y = np.empty(order.size, dtype=np.int64)
+    n_y[order] = np.arange(order.size) - grp_start
+    doc_first = np.searchsorted(dc, dc, side="left")  # ci is sorted by position, so dc is nondecreasing
+    n_all = np.arange(ci.size) - doc_first
+    unknown_c = base_c - np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
+
+    def total(content_nats: np.ndarray) -> float:
+        return float(length_nats.sum() + f_nats.sum() + content_nats.sum())
+
+    # windowed reader: only the last W tokens (stream positions [t - W, t)) inform the posterior
+    window_totals: dict[int, float] = {}
+    pos = ci + 1  # stream position of each content target
+    big = tok.size + 1
+    keys_sorted = grp_key * big + pos[order]
+    own_key = (dc * spec.n_content + yc) * big
+    content_cum = np.concatenate([[0], np.cumsum(tok >= fc)])
+    for w in windows:
+        if w < 1:
+            raise ValueError(f"window must be >= 1, got {w}")
+        lo = np.maximum(starts[dc] + 1, pos - w)
+        n_y_w = n_y - (np.searchsorted(keys_sorted, own_key + lo) - np.searchsorted(keys_sorted, own_key))
+        n_all_w = content_cum[pos] - content_cum[lo]
+        window_totals[int(w)] = total(
+            base_c - np.log((spec.alpha + n_y_w) / (spec.n_content * spec.alpha + n_all_w))
+        )
+
+    return {
+        "window": window_totals,
+        "bigram": total(bigram_c),
+        "known": total(known_c),
+        "unknown": total(unknown_c),
+        "n_bytes": int((~is_bos).sum()),
+        "n_docs": int(starts.size),
+        "content_fraction": float(ci.size / max(1, (~is_bos).sum())),
+    }
+
+
+def synthetic_bounds(
+    spec: SyntheticSpec, val_tokens: np.ndarray | Any, windows: Sequence[int] = ()
+) -> dict[str, float]:
+    """Reference bpb values for ``val_tokens`` (a prefix of this spec's val stream, starting with BOS).
+
+    ``unigram_bpb``: cross-entropy of the val tokens' own empirical unigram distribution (BOS included as a
+    symbol) — the best any context-free predictor can do on this data.
+    ``bigram_bpb``: the true chain with each document's content distribution replaced by its prior mean.
+    ``bayes_unknown_bpb``: the exact Bayes posterior predictive of a reader of the whole document prefix,
+    content probability ``c(x) (alpha + n_y) / (|C| alpha + N)``.
+    ``bayes_known_bpb``: the true generating distribution (document content distribution known).
+    ``bayes_window{W}_bpb`` (for each W in ``windows``): the Bayes reader whose posterior only sees the last W
+    tokens, i.e. the best a model with a W-token context can do without adapting; the gap to
+    ``bayes_unknown_bpb`` is what test-time adaptation over the whole document can add.
+    """
+    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
+    chain = make_chain(spec)
+    lengths, theta = document_params(spec, "val")
+    res = _per_target_nats(spec, tokens, chain, lengths, theta, windows)
+    n_bytes = res["n_bytes"]
+    if n_bytes == 0:
+        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
+    counts = np.bincount(tokens[1:], minlength=spec.vocab_size).astype(np.float64)
+    p = counts / counts.sum()
+    unigram_nats = float(-(counts[counts > 0] * np.log(p[counts > 0])).sum())
+    ln2 = math.log(2.0)
+    return {
+        "unigram_bpb": unigram_nats / ln2 / n_bytes,
+        "bigram_bpb": res["bigram"] / ln2 / n_bytes,
+        "bayes_unknown_bpb": res["unknown"] / ln2 / n_bytes,
+        "bayes_known_bpb": res["known"] / ln2 / n_bytes,
+        **{f"bayes_window{w}_bpb": v / ln2 / n_bytes for w, v in res["window"].items()},
+        "n_tokens": int(tokens.size),
+        "n_bytes": int(n_bytes),
+        "n_docs": res["n_docs"],
+        "content_fraction": res["content_fraction"],
+    }
+
+
+def _shard_names(prefix: str, n_tokens: int, shard_tokens: int) -> list[str]:
+    return [f"{prefix}_{i:06d}.bin" for i in range(max(1, -(-n_tokens // shard_tokens)))]
+
+
+def _existing_ok(out: Path, meta: dict[str, Any]) -> bool:
+    try:
+        for split in ("train", "val"):
+            sizes = [read_shard_header(out / name) for name in meta["files"][split]]
+            if sum(sizes) != meta[f"n_{split}_tokens"]:
+                return False
+        extra = {p.name for p in out.glob("train_*.bin")} | {p.name for p in out.glob("val_*.bin")}
+        return extra == set(meta["files"]["train"]) | set(meta["files"]["val"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _with_patterns(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "dir": str(out), "train_pattern": str(out / "train_*.bin"), "val_pattern": str(out / "val_*.bin")}
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | None = None) -> dict[str, Any]:
+    """Write train/val shards and ``meta.json`` for ``spec`` into ``out_dir``; reuse them if already there.
+
+    Returns the metadata (spec, vocab, lut kind, bounds, file lists) plus absolute ``train_pattern`` /
+    ``val_pattern``. ``meta.json`` is written last, so an interrupted run is regenerated next time.
+    """
+    spec = SyntheticSpec() if spec is None else spec
+    out = Path(out_dir)
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("generator_version") == GENERATOR_VERSION and old.get("spec") == spec.to_dict():
+            if _existing_ok(out, old):
+                return {**_with_patterns(out, old), "reused": True}
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if meta_path.exists():
+        meta_path.unlink()
+    for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")):
+        stale.unlink()
+    chain = make_chain(spec)
+    files: dict[str, list[str]] = {}
+    val_tokens = None
+    for split in ("val", "train"):
+        tokens = generate_split(spec, split, chain)
+        names = _shard_names(split, tokens.size, spec.shard_tokens)
+        for i, name in enumerate(names):
+            write_shard(out / name, tokens[i * spec.shard_tokens : (i + 1) * spec.shard_tokens], spec.vocab_size)
+        files[split] = names
+        if split == "val":
+            val_tokens = tokens
+    assert val_tokens is not None
+    bounds = synthetic_bounds(spec, val_tokens, windows=META_WINDOWS)
+    meta = {
+        "format": "metattt-synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "spec": spec.to_dict(),
+        "vocab_size": spec.vocab_size,
+        "bos_id": BOS_ID,
+        "control_ids": list(CONTROL_IDS),
+        "lut": "uniform",
+        "bounds": bounds,
+        "n_train_tokens": spec.n_train_tokens,
+        "n_val_tokens": spec.n_val_tokens,
+        "files": files,
+    }
+    tmp = meta_path.with_name(f".meta.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+    return {**_with_patterns(out, meta), "reused": False, "generation_seconds": time.perf_counter() - t0}
+
+
+def load_synthetic_val(out_dir: str | os.PathLike) -> np.ndarray:
+    """Concatenated val tokens of a synthetic dataset directory (convenience for tests and reports)."""
+    out = Path(out_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    return np.concatenate([np.asarray(read_shard(out / n)) for n in meta["files"]["val"]])

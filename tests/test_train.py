@@ -1,0 +1,75 @@
+"""Trainer: CLI → config, a short run end to end, and exact resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metattt.train.cli import parse_config
+from metattt.train.loop import train
+from metattt.train.schedule import lr_scale, meta_step_due
+
+TINY = ["--model.num-layers", "2", "--model.model-dim", "32", "--model.num-heads", "2", "--model.num-kv-heads", "1",
+        "--model.xsa-layers", "1", "--model.ve-layers", "1", "--model.ve-dim", "8", "--model.bigram-vocab", "64",
+        "--model.bigram-dim", "8", "--model.rope-dims", "8", "--seq-len", "64", "--train-batch-tokens", "1024",
+        "--micro-batch-tokens", "512", "--synthetic-train-tokens", "60000", "--synthetic-val-tokens", "4000",
+        "--val-every", "0", "--progress", "false", "--wandb", "off", "--warmdown-iters", "3"]
+
+
+def _args(tmp: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data-dir", str(tmp / "syn"), "--run-root", str(tmp / "runs"), *extra]
+
+
+def test_cli_overrides_and_presets():
+    cfg = parse_config(["--preset", "pg-2026-03-23", "--seq-len", "1024", "--model.num-layers", "9",
+                        "--model.xsa-layers", "5,6,7,8", "--model.ve-layers", "7,8", "--optim.matrix-lr", "0.02", "--meta.adapter", "fomaml"])
+    assert cfg.seq_len == 1024 and cfg.model.num_layers == 9 and cfg.model.xsa_layers == (5, 6, 7, 8)
+    assert cfg.optim.matrix_lr == 0.02 and cfg.meta.adapter == "fomaml"
+    assert cfg.train_batch_tokens == 786_432 and cfg.model.model_dim == 512 and cfg.ema_decay == 0.997
+    with pytest.raises(SystemExit):
+        parse_config(["--preset", "nope"])
+
+
+def test_lr_schedule():
+    assert lr_scale(0, 0.0, iterations=100, warmdown_iters=10, max_wallclock_s=0) == 1.0
+    assert lr_scale(95, 0.0, iterations=100, warmdown_iters=10, max_wallclock_s=0) == pytest.approx(0.5)
+    # by wallclock: 1 s/step so far, 10-step warmdown, 5 s left -> half way down
+    assert lr_scale(50, 50.0, iterations=0, warmdown_iters=10, max_wallclock_s=55.0) == pytest.approx(0.5)
+    assert lr_scale(10, 90.0, iterations=0, warmdown_iters=0, max_wallclock_s=100.0, warmdown_frac=0.2) == \
+        pytest.approx(0.5)
+    assert meta_step_due(4, 0.5, 8, 10, 0.0, 0.0) is True
+    assert meta_step_due(4, 0.5, 4, 10, 0.0, 0.0) is False
+    assert meta_step_due(4, 0.0, 6, 10, 0.0, 0.0) is False
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_short_run_writes_artifact_and_resume_is_exact(tmp_path):
+    full = train(parse_config(_args(tmp_path, "--iterations", "6", "--run-name", "full", "--checkpoint-every", "3")))
+    run_full = tmp_path / "runs" / "full"
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "artifact.ptz"):
+        assert (run_full / name).is_file(), name
+    assert full["steps"] == 6 and full["artifact_report"]["total_bytes"] == \
+        full["artifact_report"]["compressed_bytes"] + full["artifact_report"]["code_bytes"]
+    assert abs(full["val_bpb_quant"] - full["val_bpb"]) < 0.05
+
+    halted = train(parse_config(_args(tmp_path, "--iterations", "6", "--run-name", "cut", "--checkpoint-every", "3",
+                                      "--halt-after", "3")))
+    assert halted["halted_at_step"] == 3
+    run_cut = tmp_path / "runs" / "cut"
+    assert not (run_cut / "summary.json").exists()
+    resumed = train(parse_config(["--resume", str(run_cut), "--progress", "false"]))
+    a, b = _train_losses(run_full), _train_losses(run_cut)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):  # the resumed run takes exactly the steps the uninterrupted run took
+        assert b[step] == a[step], (step, a[step], b[step])
+    assert resumed["val_bpb"] == full["val_bpb"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(parse_config(["--resume", str(tmp_path)]))

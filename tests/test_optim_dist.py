@@ -105,6 +105,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _start_method() -> str:
+    """fork saves ~4 s of torch re-import on 2 cores, but is unsafe once CUDA (and its autograd threads) is
+    initialised in this process (e.g. GPU tests ran first): then spawn."""
+    if os.environ.get("METATTT_TEST_SPAWN") or torch.cuda.is_initialized() or sys.platform != "linux":
+        return "spawn"
+    return "fork"
+
+
 def _reference(clip: float, steps: int):
     torch.manual_seed(0)
     model = ToyBanked()
@@ -114,27 +122,26 @@ def _reference(clip: float, steps: int):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-@pytest.mark.skipif(sys.platform != "linux", reason="uses the fork start method")
 def test_parallel_muon_two_ranks_matches_single_process():
+    # References first: also warms torch's lazy optimizer imports (~2 s) so forked workers inherit them.
+    refs = {}
+    for clip in CLIPS:
+        model, opts, norms = _reference(clip, STEPS)
+        refs[clip] = ({n: p.detach() for n, p in model.named_parameters()}, opts.state_dict()["muon"]["state"], norms)
     with tempfile.TemporaryDirectory() as tmp:
-        # fork: no torch re-import in the children (~4 s saved on 2 cores) and the worker need not be importable
-        # by module name; the parent has no CUDA/NCCL state, so forking is safe.
         mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True,
-                           start_method="fork")
+                           start_method=_start_method())
         results = {(r, c): torch.load(os.path.join(tmp, f"rank{r}_clip{c}.pt")) for r in range(WORLD) for c in CLIPS}
 
-    final = {}
     for clip in CLIPS:
-        model, opts, ref_norms = _reference(clip, STEPS)
-        final[clip] = {n: p.detach() for n, p in model.named_parameters()}
-        ref_state = opts.state_dict()["muon"]["state"]
+        ref_params, ref_state, ref_norms = refs[clip]
         for r in range(WORLD):
             res = results[(r, clip)]
             tag = f"rank {r} clip {clip}"
             # local momentum is only the shard: (ceil(K/2), m, n); K=3 banks are padded to 4 → 2 slices
             assert res["local_shapes"] == [(2, 8, 12), (2, 12, 8), (3, 4, 8), (3, 8, 8)], res["local_shapes"]
             for n, p in res["params"].items():
-                torch.testing.assert_close(p, final[clip][n], atol=1e-5, rtol=0, msg=f"{tag} {n}")
+                torch.testing.assert_close(p, ref_params[n], atol=1e-5, rtol=0, msg=f"{tag} {n}")
             # gathered momentum has single-rank Muon's format and values
             assert sorted(res["muon_state"]) == sorted(ref_state)
             for idx, st in ref_state.items():
@@ -145,4 +152,4 @@ def test_parallel_muon_two_ranks_matches_single_process():
                 assert all(n > clip for n in res["norms"]), res["norms"]  # clipping was active every step
                 torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms), atol=1e-6, rtol=1e-5)
     # clipping changed the trajectory, so the clipped comparison is not a copy of the unclipped one
-    assert not torch.allclose(final[0.0]["qo_bank"], final[0.05]["qo_bank"], atol=1e-4)
+    assert not torch.allclose(refs[0.0][0]["qo_bank"], refs[0.05][0]["qo_bank"], atol=1e-4)

@@ -14,7 +14,7 @@ TINY = ["--model.num-layers", "2", "--model.model-dim", "32", "--model.num-heads
         "--model.xsa-layers", "1", "--model.ve-layers", "1", "--model.ve-dim", "8", "--model.bigram-vocab", "64",
         "--model.bigram-dim", "8", "--model.rope-dims", "8", "--seq-len", "64", "--train-batch-tokens", "1024",
         "--micro-batch-tokens", "512", "--synthetic-train-tokens", "60000", "--synthetic-val-tokens", "4000",
-        "--val-every", "0", "--progress", "false", "--wandb", "off", "--warmdown-iters", "3"]
+        "--val-every", "0", "--max-wallclock-s", "0", "--progress", "false", "--wandb", "off", "--warmdown-iters", "3"]
 
 
 def _args(tmp: Path, *extra: str) -> list[str]:

@@ -13,6 +13,15 @@ from metattt.ttt import make_adapter
 from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, reptile_update, split_batch
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and immune to oversubscribed CI cores."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def tiny_model(num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> BankedGPT:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=2, num_kv_heads=1,

@@ -9,6 +9,15 @@ from metattt.model.gpt import BankedGPT
 from metattt.ttt import ParamSelection, adapter_from_spec, make_adapter, parse_adapter_spec
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and immune to oversubscribed CI cores."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def tiny_model(num_layers: int = 3, tie: bool = True, seed: int = 0) -> BankedGPT:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=64, num_layers=num_layers, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0,

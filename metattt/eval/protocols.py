@@ -250,6 +250,7 @@ def run_protocol(
     cfg: EvalConfig,
     adapter: Any | None = None,
     ctx: DistCtx | None = None,
+    scorer: torch.nn.Module | None = None,
 ) -> ProtocolResult:
     """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol)."""
     ctx = DistCtx.current() if ctx is None else ctx
@@ -266,7 +267,7 @@ def run_protocol(
         # so legality rests on the ledger, not on the adapter's good will
         order = "adapt_first" if getattr(adapter, "adapts_before_scoring", False) else "score_first"
     res = run_stream(model, data.tokens, plan, cfg.score_config(), adapter=adapter, order=order, ledger=ledger,
-                     ctx=ctx, starts=data.starts)
+                     ctx=ctx, starts=data.starts, scorer=scorer)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
@@ -290,6 +291,7 @@ def evaluate(
     cfg: EvalConfig,
     ctx: DistCtx | None = None,
     log: Callable[[str], None] | None = None,
+    scorer: torch.nn.Module | None = None,
 ) -> EvalResult:
     """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them)."""
     plans: dict[str, WindowPlan] = {}
@@ -303,7 +305,7 @@ def evaluate(
             if adapter is None:
                 raise KeyError(f"protocol {spec.name}: no adapter {spec.adapter!r} "
                                f"(known: {sorted(adapters) if isinstance(adapters, dict) else '?'})")
-        r = run_protocol(spec, model, data, plans[spec.windows], cfg, adapter, ctx)
+        r = run_protocol(spec, model, data, plans[spec.windows], cfg, adapter, ctx, scorer)
         out.results[spec.name] = r
         if log is not None:
             bpb = r.nats / math.log(2) / float(data.target_bytes.sum())

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the scoring forward (adapters train eager)")
     ap.add_argument("--wandb", default=None, metavar="MODE", help="online | offline | off (default: env/auto)")
     ap.add_argument("--wandb-project", default="metattt")
     ap.add_argument("--quiet", action="store_true")
@@ -254,11 +255,14 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         + (f"; {world} ranks" if world > 1 else ""))
     say("protocols: " + ", ".join(s.name for s in specs))
     model.eval()
-    ev = evaluate(model, data, specs, factory, cfg, log=say)
+    scorer = torch.compile(model, dynamic=False) if args.compile else None
+    ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer)
     rep_meta = {"artifact": str(args.artifact), "val": val, "lut": lut_src, "device": str(device),
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv)}
+    if rank != 0:
+        return {}
     report = build_report(ev, rep_meta)
     if rank == 0:
         run_dir = _open_run_dir(args, {"evaluator": vars(args)}, rank)

@@ -218,12 +218,14 @@ def run_stream(
     ledger: Ledger | None = None,
     ctx: DistCtx | None = None,
     starts: np.ndarray | None = None,
+    scorer: torch.nn.Module | None = None,
 ) -> StreamResult:
     """Score every target of ``plan`` once, optionally adapting between chunks (see module docstring).
 
     The adapter's ``cfg.reset`` decides when it returns to the trained weights: "never" (once, at the start),
     "chunk" (before every update) or "doc" (chunks restart at each document of ``starts`` and the adapter is
-    reset when a new document begins).
+    reset when a new document begins). ``scorer``: the module used for scoring forwards (e.g. a
+    ``torch.compile`` of ``model``); the adapter always trains through ``model``.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -273,7 +275,7 @@ def run_stream(
             a, b = shares[ctx.rank]
             params = adapter.params() if adapter is not None else None
             with torch.inference_mode():
-                local, nf = score_windows(model, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
+                local, nf = score_windows(scorer or model, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
             n_forwards += nf
             sizes = [int((plan.length[chunk.w0 + sa: chunk.w0 + sb] - plan.score_from[chunk.w0 + sa: chunk.w0 + sb])
                          .sum()) for sa, sb in shares]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -128,12 +128,17 @@ def reduce_grads(grads: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
 
 def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
     """L2 norm over all tensors, in at least float32 (float64 stays float64: exact tests)."""
-    norms = [g.to(torch.promote_types(g.dtype, torch.float32)).norm() for g in grads.values()]
-    dt = norms[0].dtype
+    gs = list(grads.values())
+    dt = torch.promote_types(gs[0].dtype, torch.float32)
+    if all(g.dtype == gs[0].dtype and g.device == gs[0].device for g in gs):
+        norms = torch._foreach_norm([g.to(dt) for g in gs] if gs[0].dtype != dt else gs)
+    else:
+        norms = [g.to(dt).norm() for g in gs]
     return torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
 
 
 def clip_grads(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """Global-norm clip (no host sync: the coefficient stays a tensor)."""
     if not max_norm or max_norm <= 0 or not grads:
         return grads
     norm = global_norm(grads)
@@ -353,10 +358,3 @@ class Adapter:
     def _inner_mask(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         return self._mask(grads)
 
-
-def cfg_fields(cfg_cls: type) -> dict[str, Any]:
-    """Field name -> type annotation string, for the registry's coercion and error messages."""
-    return {f.name: f.type for f in fields(cfg_cls)}
-
-
-LossFn = Callable[[Mapping[str, Tensor]], Tensor]

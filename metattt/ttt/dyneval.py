@@ -61,7 +61,7 @@ class DynEvalAdapter(Adapter):
                 with autocast_for(x):
                     _, g = self._grad(model, x, y, self._trained)
                 for k, v in g.items():
-                    sq = v.float().square()
+                    sq = v.to(torch.promote_types(v.dtype, torch.float32)).square()
                     acc[k] = acc[k] + sq if k in acc else sq
                 n += 1
         if n == 0:
@@ -81,7 +81,8 @@ class DynEvalAdapter(Adapter):
         if strict and (missing or unexpected):
             raise KeyError(f"dyneval stats mismatch: missing {missing}, unexpected {unexpected}")
         dev = {n: self._trained[n].device for n in sel.names}
-        self._rms = {k[4:]: v.to(device=dev[k[4:]], dtype=torch.float32) for k, v in sd.items() if k in want}
+        self._rms = {k[4:]: v.to(device=dev[k[4:]], dtype=torch.promote_types(self._trained[k[4:]].dtype, torch.float32))
+                     for k, v in sd.items() if k in want}
 
     def _update(self, model: nn.Module, x: Tensor, y: Tensor, lr: float) -> Tensor:
         if self._rms is None:
@@ -93,7 +94,7 @@ class DynEvalAdapter(Adapter):
         c = self.cfg
         with torch.no_grad():
             for n, p in self._cur.items():
-                u = (grads[n].float() / (self._rms[n] + c.eps)).clamp_(-c.max_update, c.max_update)
+                u = (grads[n].to(self._rms[n].dtype) / (self._rms[n] + c.eps)).clamp_(-c.max_update, c.max_update)
                 if c.decay:
                     p.lerp_(self._trained[n], c.decay)
                 p.sub_(lr * u.to(p.dtype))

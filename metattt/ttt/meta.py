@@ -46,6 +46,7 @@ class MetaConfig:
     order: str = "first"
     backend: str = "autograd"
     log_pre: bool = True  # compute L_pre for stats even when delta_weight == 0 (one extra forward, no grad)
+    meta_lr: float = 0.01  # Adam lr of the adapter's meta-parameters (MetaSGD log-rates), used by the trainer
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +58,8 @@ class MetaConfig:
             problems.append(f"backend must be one of {META_BACKENDS}, got {self.backend!r}")
         if self.every < 1 or self.inner_steps < 1:
             problems.append(f"every ({self.every}) and inner_steps ({self.inner_steps}) must be >= 1")
+        if self.meta_lr <= 0:
+            problems.append(f"meta_lr must be > 0, got {self.meta_lr}")
         if not 0.0 <= self.start_frac <= 1.0:
             problems.append(f"start_frac must be in [0, 1], got {self.start_frac}")
         if problems:

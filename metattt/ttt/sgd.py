@@ -39,17 +39,22 @@ class SGDAdapter(Adapter):
         """Momentum step in place on ``_cur`` (masked gradients keep frozen slices bit-identical)."""
         cfg = self.cfg
         mom = getattr(cfg, "momentum", 0.0)
+        names = list(self._cur)
+        ps = [self._cur[n] for n in names]
+        gs = [grads[n].to(p.dtype) for n, p in zip(names, ps)]
         with torch.no_grad():
-            for n, p in self._cur.items():
-                g = grads[n].to(p.dtype)
-                if mom:
-                    buf = self._mom.get(n)
-                    if buf is None:
-                        buf = self._mom[n] = g.clone()
-                    else:
-                        buf.mul_(mom).add_(g)
-                    g = g.add(buf, alpha=mom) if getattr(cfg, "nesterov", False) else buf
-                p.add_(g, alpha=-lr)
+            if mom:
+                if not self._mom:
+                    self._mom = {n: g.clone() for n, g in zip(names, gs)}
+                    bufs = [self._mom[n] for n in names]
+                else:
+                    bufs = [self._mom[n] for n in names]
+                    torch._foreach_mul_(bufs, mom)
+                    torch._foreach_add_(bufs, gs)
+                step = torch._foreach_add(gs, bufs, alpha=mom) if getattr(cfg, "nesterov", False) else bufs
+            else:
+                step = gs
+            torch._foreach_add_(ps, step, alpha=-lr)
 
     def _update(self, model: nn.Module, x: Tensor, y: Tensor, lr: float) -> Tensor:
         loss, grads = self._grad(model, x, y)

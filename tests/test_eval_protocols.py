@@ -1,0 +1,331 @@
+"""Evaluator on a tiny trained BankedGPT over the synthetic document corpus: protocol equalities, gains,
+legality refusals, the CLI end to end, bad inputs, and 2-process gloo agreement."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metattt.artifact.model_io import save_model_artifact
+from metattt.data.loaders import TrainLoader, load_val_tokens
+from metattt.data.shards import write_shard
+from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
+from metattt.eval.ledger import LegalityError
+from metattt.eval.protocols import EvalConfig, evaluate, parse_protocol, parse_protocols, prepare_stream
+from metattt.eval.report import SIGN_CONVENTION, build_report
+from metattt.eval.run import EXIT_BAD_INPUT, EXIT_ILLEGAL, main
+from metattt.model.config import ModelConfig
+from metattt.model.gpt import BankedGPT
+from metattt.ttt.registry import make_adapter
+from metattt.ttt.sgd import SGDAdapter
+
+SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=200_000, n_val_tokens=6000, min_doc_len=300, max_doc_len=800,
+                     alpha=0.02, content_prob_min=0.4, content_prob_max=0.7)
+CTX, STRIDE, CHUNK = 64, 8, 256
+EVAL = EvalConfig(seq_len=CTX, context=CTX, stride=STRIDE, chunk_tokens=CHUNK, batch_tokens=4096, n_boot=200)
+SGD = dict(lr=0.03, epochs=1, momentum=0.0, schedule="constant")
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                       rope_dims=8, xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic corpus + a tiny model trained for ~2 s + its artifact (meta: LUT, val pattern, seq_len)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_world")
+    meta = make_synthetic_dataset(root / "data", SPEC)
+    torch.manual_seed(0)
+    model = BankedGPT(tiny_config())
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    loader = TrainLoader(meta["train_pattern"], 128, 16 * 128)
+    for _ in range(110):
+        x, y = loader.next_batch()
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    lut = synthetic_lut(SPEC)
+    art = root / "run" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, model, meta={"lut": lut.to_dict(), "val_pattern": meta["val_pattern"], "seq_len": CTX},
+                        allow_over_budget=True)
+    data = prepare_stream(load_val_tokens(meta["val_pattern"]), lut, "cpu", CHUNK)
+    yield {"model": model, "meta": meta, "artifact": art, "lut": lut, "data": data, "root": root}
+    torch.set_num_threads(threads)
+
+
+def _sgd(model, **kw):
+    return make_adapter("sgd", **{**SGD, **kw}).bind(model)
+
+
+# ------------------------------------------------------------------------------------------------ protocol core
+def test_ttt_none_reproduces_sliding_bitwise(world):
+    m, data = world["model"], world["data"]
+    none = make_adapter("none").bind(m)
+    ev = evaluate(m, data, parse_protocols("sliding,ttt:none,doc,ttt:none@doc"), {"none": none}, EVAL)
+    r = ev.results
+    assert np.array_equal(r["ttt:none"].stream.token_nll, r["sliding"].stream.token_nll)
+    assert np.array_equal(r["ttt:none@doc-sliding"].stream.token_nll, r["doc-sliding"].stream.token_nll)
+    # not trivially equal: doc isolation changes the numbers
+    assert not np.array_equal(r["sliding"].stream.token_nll, r["doc-sliding"].stream.token_nll)
+
+
+def test_context_and_ttt_gains_on_synthetic_corpus(world):
+    """Documents reuse a few content words: more context helps, and adapting to the stream helps beyond it;
+    adapting on a chunk before scoring it (oracle) bounds the legal gain from above."""
+    m, data = world["model"], world["data"]
+    ev = evaluate(m, data, parse_protocols("flat,sliding,ttt:sgd,oracle:sgd"), {"sgd": _sgd(m)}, EVAL)
+    rep = build_report(ev)
+    d = rep["deltas"]
+    assert d["context"]["from"] == "flat" and d["context"]["to"] == "sliding"
+    assert d["context"]["value"] > 0.01 and d["context"]["ci95"][0] > 0
+    assert d["ttt:sgd"]["value"] > 0.005 and d["ttt:sgd"]["ci95"][0] > 0
+    assert d["oracle:sgd"]["value"] >= d["ttt:sgd"]["value"]
+    assert not rep["protocols"]["oracle:sgd"]["legal"] and "upper bound" in rep["protocols"]["oracle:sgd"]["label"]
+    assert rep["protocols"]["ttt:sgd"]["ledger"]["legal"]
+    # the delta is exactly the difference of the two reported bpb values
+    p = rep["protocols"]
+    assert d["ttt:sgd"]["value"] == pytest.approx(p["sliding"]["bpb"] - p["ttt:sgd"]["bpb"], abs=1e-12)
+    # running delta ends at the overall delta
+    rd = rep["running_delta"]["ttt:sgd"]["delta_bpb"]
+    assert rd[-1] == pytest.approx(d["ttt:sgd"]["value"], rel=1e-9)
+    assert rep["protocols"]["ttt:sgd"]["adapter_params"]["adapted_scalars"] == sum(x.numel() for x in m.parameters())
+
+
+def test_selection_slices_reported(world):
+    m, data = world["model"], world["data"]
+    ad = _sgd(m, selection="banks[q,v]:layers>=1")
+    ev = evaluate(m, data, [parse_protocol("ttt:sgd"), parse_protocol("sliding")], {"sgd": ad},
+                  EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
+    info = build_report(ev)["protocols"]["ttt:sgd"]["adapter_params"]
+    d, L = 32, 2
+    assert info["adapted_scalars"] == d * d + 16 * d  # q1 (d x d) + v1 (kv_dim x d), kv_dim = 16
+    assert info["tensors"]["qo_bank"]["slices"] == ["q1"] and info["tensors"]["kv_bank"]["slices"] == ["v1"]
+
+
+class SwapAdapter:
+    """After its first update it scores with a much better model's weights: Δ_TTT is known to be positive."""
+
+    name = "swap"
+
+    def __init__(self, better):
+        self.better = {n: p.detach() for n, p in better.named_parameters()}
+        self.on = False
+
+    def reset(self):
+        self.on = False
+
+    def params(self):
+        return dict(self.better) if self.on else {}
+
+    def adapt(self, model, x, y, progress):
+        self.on = True
+        return {"steps": 1}
+
+    def training_positions(self, c):
+        return c
+
+
+def test_sign_convention_known_answer(world):
+    torch.manual_seed(1)
+    untrained = BankedGPT(tiny_config()).eval()
+    data = world["data"]
+    ev = evaluate(untrained, data, parse_protocols("ttt:swap"), {"swap": SwapAdapter(world["model"])},
+                  EvalConfig(**{**EVAL.to_dict(), "n_boot": 100}))
+    rep = build_report(ev)
+    assert "positive = the second protocol B is better" in rep["sign_convention"] == SIGN_CONVENTION
+    p, d = rep["protocols"], rep["deltas"]["ttt:swap"]
+    assert p["ttt:swap"]["bpb"] < p["sliding"]["bpb"] - 0.5  # trained weights are far better than random
+    assert d["from"] == "sliding" and d["to"] == "ttt:swap"
+    assert d["value"] > 0.5 and d["ci95"][0] > 0
+
+
+def test_doc_reset_mode_is_legal_and_differs(world):
+    m, data = world["model"], world["data"]
+    never = _sgd(m)
+    per_doc = _sgd(m, reset="doc")
+    ev = evaluate(m, data, parse_protocols("ttt:never@doc,ttt:doc@doc"), {"never": never, "doc": per_doc},
+                  EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
+    a, b = ev.results["ttt:never@doc-sliding"], ev.results["ttt:doc@doc-sliding"]
+    assert b.ledger["legal"] and b.ledger["n_updates"] < a.ledger["n_updates"]
+    assert not np.array_equal(a.stream.token_nll, b.stream.token_nll)
+    # with document windows and per-document resets, chunks never straddle documents
+    docs = data.doc_of_target
+    assert len({int(c.doc) for c in b.stream.chunks}) == data.n_docs
+    for c in b.stream.chunks:
+        assert docs[c.lo - 1] == docs[c.hi - 2] == c.doc
+
+
+# ------------------------------------------------------------------------------------------------ cheaters
+class PeekNextChunk(SGDAdapter):
+    """Asks to train on the chunk *after* the one just scored."""
+
+    def training_positions(self, chunk_index):
+        return chunk_index + 1
+
+
+class TrainBeforeScoring(SGDAdapter):
+    """Asks the evaluator to update on each chunk before scoring it (the oracle order, unlabelled)."""
+
+    adapts_before_scoring = True
+
+
+@pytest.mark.parametrize("cls", [PeekNextChunk, TrainBeforeScoring])
+def test_cheating_adapters_are_caught_by_the_api(world, cls):
+    m, data = world["model"], world["data"]
+    ad = cls(SGDAdapter.Config(**SGD)).bind(m)
+    with pytest.raises(LegalityError, match=r"ILLEGAL evaluation 'ttt:cheat'.*update #0 .*only scored later"):
+        evaluate(m, data, parse_protocols("ttt:cheat"), {"cheat": ad}, EVAL)
+
+
+def _cheat_factory(cls):
+    def factory(model, specs, extras):
+        return lambda key: cls(SGDAdapter.Config(**SGD)).bind(model)
+    return factory
+
+
+def _cli(world, tmp_path, *extra, factory=None):
+    args = [str(world["artifact"]), "--context", str(CTX), "--stride", str(STRIDE), "--chunk-tokens", str(CHUNK),
+            "--batch-tokens", "4096", "--bootstrap", "100", "--run-dir", str(tmp_path / "ev"), "--quiet",
+            "--wandb", "off", *extra]
+    return main(args, adapter_factory=factory)
+
+
+@pytest.mark.parametrize("cls", [PeekNextChunk, TrainBeforeScoring])
+def test_cheating_adapters_make_the_cli_refuse(world, tmp_path, capsys, cls):
+    rc = _cli(world, tmp_path, "--protocols", "sliding,ttt:cheat", factory=_cheat_factory(cls))
+    err = capsys.readouterr().err
+    assert rc == EXIT_ILLEGAL
+    assert "REFUSED" in err and "update #0" in err and "positions [" in err
+    assert not (tmp_path / "ev" / "eval.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_end_to_end_writes_eval_json_and_plot(world, tmp_path, capsys):
+    rc = _cli(world, tmp_path, "--protocols", "flat,sliding,doc,ttt:sgd,oracle:sgd",
+              "--adapter-spec", "sgd:lr=0.03,epochs=1,momentum=0.0,schedule=constant")
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(rep["protocols"]) == {"flat", "sliding", "doc-sliding", "ttt:sgd", "oracle:sgd"}
+    assert rep["meta"]["lut"].startswith("artifact:")  # LUT and val pattern came from the artifact
+    for p in rep["protocols"].values():
+        assert p["tokens_scored"] == SPEC.n_val_tokens - 1 and p["tokens_per_s"] > 0
+        assert p["projected_full_val_s"] > 0
+    assert rep["projection"]["tokens"] == 62_000_000 and "PROJECTION" in rep["projection"]["note"]
+    assert rep["deltas"]["context"]["value"] > 0
+    rd = rep["running_delta"]["ttt:sgd"]
+    assert len(rd["delta_bpb"]) == len(rd["chunk"]) == math.ceil((SPEC.n_val_tokens - 1) / CHUNK)
+    assert (tmp_path / "ev" / "eval_running_delta.png").stat().st_size > 1000
+    assert len(rep["per_document"]["bytes"]) == rep["data"]["n_docs"]
+
+
+def test_cli_bad_inputs_exit_nonzero(world, tmp_path, capsys):
+    art = world["artifact"]
+    # corrupted artifact: flip a byte in the payload
+    bad = tmp_path / "bad.ptz"
+    raw = bytearray(art.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    assert main([str(bad), "--run-dir", str(tmp_path / "x"), "--quiet"]) == EXIT_BAD_INPUT
+    assert "cannot load artifact" in capsys.readouterr().err
+    # wrong config expectation
+    assert _cli(world, tmp_path, "--expect", "vocab_size=1024", "--protocols", "flat") == EXIT_BAD_INPUT
+    assert "vocab_size" in capsys.readouterr().err
+    # val shard with a bad header
+    shard = tmp_path / "val_000000.bin"
+    write_shard(shard, np.arange(1, 60) % 64)
+    blob = bytearray(shard.read_bytes())
+    blob[0:4] = (12345).to_bytes(4, "little")
+    shard.write_bytes(bytes(blob))
+    assert _cli(world, tmp_path, "--val", str(shard), "--protocols", "flat") == EXIT_BAD_INPUT
+    assert "bad magic" in capsys.readouterr().err
+    # tokens outside the model's vocab (data from another tokenizer)
+    big = tmp_path / "big_000000.bin"
+    write_shard(big, np.array([1, 5, 900, 7] * 20))
+    assert _cli(world, tmp_path, "--val", str(big), "--protocols", "flat") == EXIT_BAD_INPUT
+    assert "900" in capsys.readouterr().err
+    # unknown protocol
+    assert _cli(world, tmp_path, "--protocols", "sliding,bogus") == EXIT_BAD_INPUT
+    assert "unknown protocol" in capsys.readouterr().err
+
+
+def test_cli_tokenizer_vocab_mismatch(world, tmp_path, capsys):
+    tok = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+    if not tok.is_file():
+        pytest.skip(f"sp1024 tokenizer not found at {tok}")
+    assert _cli(world, tmp_path, "--tokenizer", str(tok), "--protocols", "flat") == EXIT_BAD_INPUT
+    assert "1024 pieces" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def _dist_worker(rank: int, world_size: int, init_file: str, art: str, val: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        from metattt.artifact.model_io import load_model_artifact
+
+        model, _ = load_model_artifact(art)
+        model.eval()
+        data = prepare_stream(load_val_tokens(val), synthetic_lut(SPEC), "cpu", CHUNK)
+        ev = evaluate(model, data, parse_protocols("sliding,ttt:sgd"), {"sgd": _sgd(model)},
+                      EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
+        if rank == 0:
+            rep = build_report(ev)
+            Path(out).write_text(json.dumps({n: p["bpb"] for n, p in rep["protocols"].items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _start_method() -> str:
+    if os.environ.get("METATTT_TEST_SPAWN") or torch.cuda.is_initialized() or sys.platform != "linux":
+        return "spawn"
+    return "fork"
+
+
+def test_two_process_gloo_matches_single_process(world, tmp_path):
+    from metattt.artifact.model_io import load_model_artifact
+
+    m, _ = load_model_artifact(world["artifact"])  # the ranks score the (quantized) artifact too
+    m.eval()
+    data = world["data"]
+    single = build_report(evaluate(m, data, parse_protocols("sliding,ttt:sgd"), {"sgd": _sgd(m)},
+                                   EvalConfig(**{**EVAL.to_dict(), "n_boot": 0})))
+    init = tempfile.mktemp(dir=tmp_path)
+    out = tmp_path / "dist.json"
+    mp.start_processes(_dist_worker, args=(2, init, str(world["artifact"]), world["meta"]["val_pattern"], str(out)),
+                       nprocs=2, join=True, start_method=_start_method())
+    got = json.loads(out.read_text())
+    for name in ("flat", "sliding", "ttt:sgd"):
+        assert got[name] == pytest.approx(single["protocols"][name]["bpb"], rel=1e-5), name
+    assert got["ttt:sgd"] < got["sliding"]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_gpu_bf16_scoring_matches_cpu_and_ttt_none_is_bitwise(world):
+    m_gpu = BankedGPT(tiny_config())
+    m_gpu.load_state_dict(world["model"].state_dict())
+    m_gpu = m_gpu.cuda().eval()
+    data = prepare_stream(world["data"].tokens_np, world["lut"], "cuda", CHUNK)
+    none = make_adapter("none").bind(m_gpu)
+    cfg = EvalConfig(**{**EVAL.to_dict(), "n_boot": 0})
+    ev = evaluate(m_gpu, data, parse_protocols("sliding,ttt:none,ttt:sgd"), {"none": none, "sgd": _sgd(m_gpu)}, cfg)
+    r = ev.results
+    assert np.array_equal(r["ttt:none"].stream.token_nll, r["sliding"].stream.token_nll)
+    cpu = evaluate(world["model"], world["data"], parse_protocols("sliding"), {}, cfg).results["sliding"]
+    assert r["sliding"].nats == pytest.approx(cpu.nats, rel=2e-2)  # bf16 autocast vs fp32
+    assert r["ttt:sgd"].nats < r["sliding"].nats

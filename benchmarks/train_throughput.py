@@ -111,7 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="pg-2026-03-23")
     ap.add_argument("--variants", default="eager,compile", help="comma list of: eager, compile")
-    ap.add_argument("--attn", default="auto", choices=("auto", "flash", "sdpa", "math"))
+    ap.add_argument("--attn", default="auto", choices=("auto", "flash", "sdpa", "sdpa-repeat", "math"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--micro-batch-tokens", type=int, default=0)

@@ -98,6 +98,7 @@ def test_causality_and_attention_backends_agree():
     a = m(x, attn="sdpa")
     b = m(x, attn="math")
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a, m(x, attn="sdpa-repeat"), rtol=1e-5, atol=1e-5)
     x2 = x.clone()
     x2[:, 12:] = (x2[:, 12:] + 1) % 64
     c = m(x2)

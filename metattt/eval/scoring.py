@@ -275,7 +275,7 @@ def run_stream(
             a, b = shares[ctx.rank]
             params = adapter.params() if adapter is not None else None
             with torch.inference_mode():
-                local, nf = score_windows(scorer or model, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
+                local, nf = score_windows(model if scorer is None else scorer, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
             n_forwards += nf
             sizes = [int((plan.length[chunk.w0 + sa: chunk.w0 + sb] - plan.score_from[chunk.w0 + sa: chunk.w0 + sb])
                          .sum()) for sa, sb in shares]

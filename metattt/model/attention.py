@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
+ATTN_BACKENDS = ("auto", "flash", "sdpa", "sdpa-repeat", "math")
 
 
 def _load_flash():
@@ -43,6 +43,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> 
         return out[0] if isinstance(out, tuple) else out
     if backend == "math":
         return _math_attention(q, k, v)
+    if backend == "sdpa-repeat":  # materialise the shared KV heads: some fused kernels lack native GQA
+        group = q.size(2) // k.size(2)
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kt.size(1) != qt.size(1))
     return y.transpose(1, 2)

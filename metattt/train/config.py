@@ -47,6 +47,7 @@ class TrainConfig:
     halt_after: int = 0  # leave after N steps in this process (checkpointed), as a preemption would; 0 = off
     device: str = "auto"
     compile: bool = False
+    compile_warmup_steps: int = 2  # with compile: steps taken (then undone) before the clock starts
     artifact_budget: int = 16_000_000
     zstd_level: int = 22
     wandb: str = ""  # online | offline | off; "" = auto

@@ -6,6 +6,7 @@ quantize, report); helpers hold the pieces (schedule, EMA, checkpoint, validatio
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def _batching(cfg: TrainConfig, world: int) -> _Batching:
 
 def _run_name(cfg: TrainConfig, info: DistInfo) -> str:
     """Rank 0 picks the name (or the user does); other ranks learn it so they can find checkpoints."""
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S-") + f"{torch.randint(0, 1 << 24, (1,)).item():06x}"
+    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     if info.distributed:
         box = [name]
         dist.broadcast_object_list(box, src=0)
@@ -106,6 +107,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         val = val[: cfg.val_tokens + 1]
     fwd = torch.compile(model, dynamic=False) if cfg.compile else model
     step, elapsed = 0, 0.0
+    if cfg.compile and cfg.compile_warmup_steps and resume_from is None:
+        _compile_warmup(cfg, fwd, model, opts, loader, batching, info)
     if resume_from is not None:
         step, elapsed = ckpt.restore(resume_from, model=model, opts=opts, ema=ema, loader=loader, adapter=adapter,
                                      meta_opt=meta_opt, device=info.device)
@@ -210,6 +213,27 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         wandb.finish()
     return summary
+
+
+def _compile_warmup(cfg: TrainConfig, fwd, model: BankedGPT, opts, loader: TrainLoader, batching: _Batching,
+                    info: DistInfo) -> None:
+    """Compile outside the clock (as the record does): take a few real steps, then restore the initial state."""
+    import copy
+
+    t0 = time.perf_counter()
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opts.state_dict()), loader.state_dict())
+    for _ in range(cfg.compile_warmup_steps):
+        for _ in range(batching.accum):
+            x, y = loader.next_batch(info.device)
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+                (fwd(x, y) / batching.accum).backward()
+        opts.step()
+    model.load_state_dict(saved[0])
+    opts.load_state_dict(saved[1])
+    loader.load_state_dict(saved[2])
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
+    _print(info, f"compile warmup: {cfg.compile_warmup_steps} steps in {time.perf_counter() - t0:.1f}s (not timed)")
 
 
 def _average_grads(opt: torch.optim.Optimizer, info: DistInfo) -> None:

@@ -19,3 +19,7 @@ python3 experiments/meta_ttt.py --preset pg-2026-03-23 --data data/pg --tokenize
   --run-root runs --run-name "$name" --progress false --wandb off "$@" 2>&1 | tee "$out/train.log"
 cp runs/$name/summary.json "$out/summary.json"
 echo "runs/$name" > "$out/run_path"
+if [ -n "${EVAL_PROTOCOLS:-}" ]; then
+  timeout "${EVAL_TIMEOUT:-300}" python3 evaluators/legal_ttt.py "runs/$name/artifact.ptz" --protocols "$EVAL_PROTOCOLS" \
+    --run-dir "$out/eval" 2>&1 | tee "$out/eval.log"
+fi

@@ -112,7 +112,7 @@ def test_selection_slices_reported(world):
     ev = evaluate(m, data, [parse_protocol("ttt:sgd"), parse_protocol("sliding")], {"sgd": ad},
                   EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
     info = build_report(ev)["protocols"]["ttt:sgd"]["adapter_params"]
-    d, L = 32, 2
+    d = 32
     assert info["adapted_scalars"] == d * d + 16 * d  # q1 (d x d) + v1 (kv_dim x d), kv_dim = 16
     assert info["tensors"]["qo_bank"]["slices"] == ["q1"] and info["tensors"]["kv_bank"]["slices"] == ["v1"]
 

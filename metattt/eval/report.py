@@ -148,7 +148,8 @@ def format_report(rep: dict[str, Any]) -> str:
     lines = []
     d = rep["data"]
     lines.append(f"scored {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents); "
-                 f"95% CIs: paired bootstrap over documents, n={rep['bootstrap']['n']}, seed={rep['bootstrap']['seed']}")
+                 f"95% CIs: paired bootstrap over documents, n={rep['bootstrap']['n']}, "
+                 f"seed={rep['bootstrap']['seed']}")
     hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{'proj. 8 GPU':>13}  note"
     lines.append(hdr)
     lines.append("-" * len(hdr))

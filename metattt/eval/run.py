@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, default=64, help="sliding stride = scored tokens per window (default 64)")
     ap.add_argument("--seq-len", type=int, default=None, help="flat window length (default: artifact's seq_len)")
     ap.add_argument("--chunk-tokens", type=int, default=32768, help="TTT chunk size in scored tokens (default 32768)")
-    ap.add_argument("--train-seq-len", type=int, default=None, help="adapter training sequence length (default: context)")
+    ap.add_argument("--train-seq-len", type=int, default=None,
+                    help="adapter training sequence length (default: context)")
     ap.add_argument("--batch-tokens", type=int, default=32 * 2048, help="padded tokens per scoring forward")
     ap.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N val tokens")
     ap.add_argument("--run-dir", default=None, help="where eval.json goes (default: the artifact's directory)")

@@ -275,7 +275,8 @@ def run_stream(
             a, b = shares[ctx.rank]
             params = adapter.params() if adapter is not None else None
             with torch.inference_mode():
-                local, nf = score_windows(model if scorer is None else scorer, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
+                fwd = model if scorer is None else scorer
+                local, nf = score_windows(fwd, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
             n_forwards += nf
             sizes = [int((plan.length[chunk.w0 + sa: chunk.w0 + sb] - plan.score_from[chunk.w0 + sa: chunk.w0 + sb])
                          .sum()) for sa, sb in shares]
@@ -305,5 +306,6 @@ def run_stream(
     seconds = time.perf_counter() - t_start
     missing = np.flatnonzero(~done)
     if missing.size:
-        raise AssertionError(f"{plan.name}: {missing.size} targets never scored (first: position {int(missing[0]) + 1})")
+        raise AssertionError(f"{plan.name}: {missing.size} targets never scored "
+                             f"(first: position {int(missing[0]) + 1})")
     return StreamResult(plan.name, nll, chunks, seconds, score_s, adapt_s, plan.n_windows, n_forwards, ledger, stats)

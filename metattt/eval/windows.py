@@ -163,7 +163,8 @@ def check_no_bos_crossing(plan: WindowPlan, tokens: np.ndarray, bos_id: int) -> 
     if np.any(inside > 0):
         i = int(np.argmax(inside > 0))
         raise AssertionError(
-            f"window plan {plan.name!r}: window {i} (tokens {int(plan.start[i])}..{int(plan.start[i] + plan.length[i])})"
+            f"window plan {plan.name!r}: window {i} (tokens {int(plan.start[i])}.."
+            f"{int(plan.start[i] + plan.length[i])})"
             " crosses a document boundary"
         )
 

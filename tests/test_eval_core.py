@@ -250,3 +250,14 @@ def test_training_sequences_ranges():
     assert training_sequences(50, 60, 32) == (49, 1, 10)
     with pytest.raises(ValueError):
         training_sequences(0, 10, 4)
+
+
+def test_parse_protocols_adds_bases_and_orders():
+    from metattt.eval.protocols import parse_protocol, parse_protocols
+
+    names = [s.name for s in parse_protocols("oracle:sgd,ttt:sgd@doc,sliding")]
+    assert names == ["flat", "sliding", "doc-sliding", "ttt:sgd@doc-sliding", "oracle:sgd"]
+    assert parse_protocol("doc").name == "doc-sliding" and not parse_protocol("oracle:x").legal
+    for bad in ("bogus", "ttt:", "ttt:sgd@nowhere", "foo:sgd"):
+        with pytest.raises(ValueError):
+            parse_protocol(bad)

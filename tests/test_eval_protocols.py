@@ -258,6 +258,14 @@ def test_cli_bad_inputs_exit_nonzero(world, tmp_path, capsys):
     write_shard(big, np.array([1, 5, 900, 7] * 20))
     assert _cli(world, tmp_path, "--val", str(big), "--protocols", "flat") == EXIT_BAD_INPUT
     assert "900" in capsys.readouterr().err
+    # the artifact's stored byte LUT does not cover the model's vocab
+    lut_bad = tmp_path / "lutbad" / "artifact.ptz"
+    lut_bad.parent.mkdir()
+    save_model_artifact(lut_bad, world["model"], meta={"lut": synthetic_lut(SyntheticSpec(vocab_size=128)).to_dict(),
+                                                      "val_pattern": world["meta"]["val_pattern"]},
+                        allow_over_budget=True)
+    assert main([str(lut_bad), "--protocols", "flat", "--quiet", "--wandb", "off"]) == EXIT_BAD_INPUT
+    assert "covers 128 tokens but its model has vocab 64" in capsys.readouterr().err
     # unknown protocol
     assert _cli(world, tmp_path, "--protocols", "sliding,bogus") == EXIT_BAD_INPUT
     assert "unknown protocol" in capsys.readouterr().err
@@ -313,3 +321,27 @@ def test_two_process_gloo_matches_single_process(world, tmp_path):
         assert got[name] == pytest.approx(single["protocols"][name]["bpb"], rel=1e-5), name
     assert got["ttt:sgd"] < got["sliding"]
 
+
+
+def test_cli_on_real_val_prefix_with_sentencepiece_lut(tmp_path, capsys):
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    tok = shared / "tokenizers" / "fineweb_1024_bpe.model"
+    val = shared / "fineweb_sp1024_valprefix" / "fineweb_val_000000.bin"
+    if not (tok.is_file() and val.is_file()):
+        pytest.skip(f"shared data not found under {shared} (sp1024 tokenizer and val prefix shard)")
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_config().to_dict(), "vocab_size": 1024})
+    art = tmp_path / "real" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, BankedGPT(cfg), meta={"val_pattern": str(val), "tokenizer": str(tok), "seq_len": 128},
+                        allow_over_budget=True)
+    rc = main([str(art), "--protocols", "flat,sliding,doc", "--context", "128", "--stride", "32",
+               "--chunk-tokens", "4096", "--max-tokens", "20000", "--bootstrap", "50", "--quiet", "--wandb", "off"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((art.parent / "eval.json").read_text())
+    d = rep["data"]
+    assert d["n_targets"] == 19999 and d["n_docs"] > 5
+    assert 2.0 < d["n_bytes"] / d["n_targets"] < 3.0  # sp1024 on FineWeb: ~0.415 tokens per byte
+    assert rep["meta"]["lut"].startswith("tokenizer:")
+    # an untrained model is near-uniform over 1024 ids: ~10 bits per token
+    assert 3.0 < rep["protocols"]["flat"]["bpb"] < 5.0

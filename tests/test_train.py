@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from metattt.train.cli import parse_config
 from metattt.train.loop import train
@@ -73,3 +74,32 @@ def test_short_run_writes_artifact_and_resume_is_exact(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(parse_config(["--resume", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("adapter", ["fomaml:lr=0.01", "metasgd"])
+def test_meta_training_artifact_goes_through_the_evaluator(tmp_path, adapter):
+    """The adapter meta-trained in the trainer is the one the evaluator runs (MetaSGD rates travel in the artifact)."""
+    from metattt.artifact.format import load_artifact
+    from metattt.eval.run import main as eval_main
+
+    name = adapter.split(":")[0]
+    summary = train(parse_config(_args(tmp_path, "--iterations", "4", "--run-name", name, "--meta.adapter", adapter,
+                                       "--meta.every", "2", "--meta.micro-batches", "0")))
+    run = tmp_path / "runs" / name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["meta"] for m in metrics if m["kind"] == "train"] == [True, False, True, False]
+    extras = load_artifact(run / "artifact.ptz").extras
+    if name == "metasgd":
+        assert extras and all(k.startswith("ttt.metasgd.log_lr") for k in extras)
+        init = torch.log(torch.tensor(0.002))
+        assert any(not torch.allclose(v, init.expand_as(v)) for v in extras.values())  # the rates were trained
+    rc = eval_main([str(run / "artifact.ptz"), "--protocols", f"sliding,ttt:{name}", "--context", "64",
+                    "--stride", "32", "--chunk-tokens", "1024", "--bootstrap", "50", "--wandb", "off", "--quiet"])
+    assert rc == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert f"ttt:{name}" in report["deltas"]
+    assert summary["meta_adapter"] == adapter
+    if name == "fomaml":  # an artifact without MetaSGD rates cannot be evaluated with ttt:metasgd
+        rc = eval_main([str(run / "artifact.ptz"), "--protocols", "sliding,ttt:metasgd", "--context", "64",
+                        "--stride", "32", "--wandb", "off", "--quiet"])
+        assert rc == 2

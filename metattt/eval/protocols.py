@@ -83,7 +83,7 @@ def parse_protocol(text: str) -> ProtocolSpec:
 
 def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
     """Comma-separated protocols, plus the base protocols their deltas need (``flat`` and each ttt's windows),
-    deduplicated, in the order: score-only first, then ttt, then oracle."""
+    deduplicated, in the order: score-only (flat, sliding, doc-flat, doc-sliding), then ttt, then oracle."""
     items = text.split(",") if isinstance(text, str) else list(text)
     specs = [parse_protocol(s) for s in items if s.strip()]
     if not specs:
@@ -96,8 +96,11 @@ def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
             needed.append(ProtocolSpec(s.windows))
     out: list[ProtocolSpec] = []
     for mode in MODES:
-        for s in needed:
-            if s.mode == mode and s not in out:
+        group = [s for s in needed if s.mode == mode]
+        if mode == "score":
+            group.sort(key=lambda s: WINDOWS.index(s.windows))
+        for s in group:
+            if s not in out:
                 out.append(s)
     return out
 

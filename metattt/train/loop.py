@@ -161,10 +161,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         opts.set_muon_momentum(cfg.optim.muon_momentum_at(step))
         do_meta = adapter is not None and meta_step_due(cfg.meta.every, cfg.meta.start_frac, step,
                                                                  cfg.iterations, elapsed, cfg.max_wallclock_s)
-        for _ in range(batching.accum):
+        for micro in range(batching.accum):
             x, y = loader.next_batch(info.device)
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_gpu):
-                if do_meta:
+                if do_meta and (cfg.meta.micro_batches == 0 or micro < cfg.meta.micro_batches):
                     loss, _ = meta_loss(model, adapter, x, y, cfg.meta)
                 else:
                     loss = fwd(x, y)
@@ -252,7 +252,7 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model
             peak_mem: float) -> dict[str, Any]:
     """Quantize to the artifact, score the round-tripped model, write and print the summary."""
     art_path = run_path / ARTIFACT_NAME
-    extras = {f"ttt.{adapter.name}.{k}": v.detach().cpu() for k, v in adapter.state_dict().items()} if adapter else {}
+    extras = adapter.artifact_extras() if adapter is not None else {}
     meta = {"lut": src.lut.to_dict(), "data": src.kind, "val_pattern": src.val_pattern, "seq_len": cfg.seq_len,
             "bounds": src.bounds, **src.meta, "meta_adapter": cfg.meta.adapter or None, "steps": step}
     report = None

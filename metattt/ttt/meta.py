@@ -46,6 +46,8 @@ class MetaConfig:
     order: str = "first"
     backend: str = "autograd"
     log_pre: bool = True  # compute L_pre for stats even when delta_weight == 0 (one extra forward, no grad)
+    micro_batches: int = 1  # micro-batches of a meta step that carry the meta-objective (0 = all); the
+    # others train on the plain loss, which keeps the overhead of a meta step small under accumulation
     meta_lr: float = 0.01  # Adam lr of the adapter's meta-parameters (MetaSGD log-rates), used by the trainer
 
     def __post_init__(self) -> None:
@@ -58,6 +60,8 @@ class MetaConfig:
             problems.append(f"backend must be one of {META_BACKENDS}, got {self.backend!r}")
         if self.every < 1 or self.inner_steps < 1:
             problems.append(f"every ({self.every}) and inner_steps ({self.inner_steps}) must be >= 1")
+        if self.micro_batches < 0:
+            problems.append(f"micro_batches must be >= 0, got {self.micro_batches}")
         if self.meta_lr <= 0:
             problems.append(f"meta_lr must be > 0, got {self.meta_lr}")
         if not 0.0 <= self.start_frac <= 1.0:

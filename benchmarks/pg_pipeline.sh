@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real-data pipeline on one GPU: text -> shards -> pg-2026-03-23 training (short wallclock) -> legal evaluation.
 # Usage: bash benchmarks/pg_pipeline.sh OUT_DIR [TRAIN_SECONDS] [EXTRA TRAINER FLAGS...]
+# Env: EVAL_PROTOCOLS (evaluate the artifact when set), EVAL_FLAGS (extra evaluator flags), EVAL_TIMEOUT (s).
 # Needs METATTT_DATA with text/, tokenizers/ and fineweb_sp1024_valprefix/ (see ../shared/data/README.md).
 set -euo pipefail
 out=${1:?usage: pg_pipeline.sh OUT_DIR [TRAIN_SECONDS] [flags...]}; secs=${2:-240}; shift $(( $# >= 2 ? 2 : 1 ))
@@ -21,5 +22,5 @@ cp runs/$name/summary.json "$out/summary.json"
 echo "runs/$name" > "$out/run_path"
 if [ -n "${EVAL_PROTOCOLS:-}" ]; then
   timeout "${EVAL_TIMEOUT:-300}" python3 evaluators/legal_ttt.py "runs/$name/artifact.ptz" --protocols "$EVAL_PROTOCOLS" \
-    --run-dir "$out/eval" 2>&1 | tee "$out/eval.log"
+    ${EVAL_FLAGS:-} --run-dir "$out/eval" 2>&1 | tee "$out/eval.log"
 fi

@@ -46,8 +46,15 @@ def run_variant(name: str, args, info) -> dict:
     torch.manual_seed(0)
     model = BankedGPT(cfg.model).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
-    compiled = "compile" in name
-    fwd = torch.compile(model, dynamic=False) if compiled else model
+    if "compile" in name:
+        model.compile_core()
+    adapter = None
+    if "meta" in name:  # FOMAML outer loop on one micro-batch every 4th step, as --meta.adapter fomaml would
+        from metattt.ttt.meta import MetaConfig, meta_loss
+
+        meta_cfg = MetaConfig(adapter="fomaml:lr=0.002", every=4, micro_batches=1)
+        adapter = meta_cfg.make_adapter().bind(model)
+    counter = {"step": 0}
     seq = cfg.seq_len
     per_rank = cfg.train_batch_tokens // info.world_size
     micro = min(args.micro_batch_tokens or cfg.micro_batch_tokens, per_rank)
@@ -58,12 +65,17 @@ def run_variant(name: str, args, info) -> dict:
                for _ in range(min(accum, 4))]
 
     def step() -> None:
+        meta_now = adapter is not None and counter["step"] % 4 == 0
         for i in range(accum):
             tok = batches[i % len(batches)]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
-                loss = fwd(tok[:, :-1], tok[:, 1:], attn=args.attn)
+                if meta_now and i == 0:
+                    loss, _ = meta_loss(model, adapter, tok[:, :-1], tok[:, 1:], meta_cfg)
+                else:
+                    loss = model(tok[:, :-1], tok[:, 1:], attn=args.attn)
             (loss / accum).backward()
         opts.step()
+        counter["step"] += 1
 
     t_compile = time.perf_counter()
     for _ in range(args.warmup):
@@ -73,7 +85,7 @@ def run_variant(name: str, args, info) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t_compile = time.perf_counter() - t_compile
     times = []
-    for _ in range(args.steps):
+    for _ in range(args.steps * (4 if adapter is not None else 1)):
         t0 = time.perf_counter()
         step()
         if info.device.type == "cuda":
@@ -82,7 +94,7 @@ def run_variant(name: str, args, info) -> dict:
     if args.profile and info.is_main:
         _profile(step, args.profile)
     times.sort()
-    med = times[len(times) // 2]
+    med = sum(times) / len(times)  # mean: with meta every 4 steps the median would hide the meta steps
     tok_s_gpu = cfg.train_batch_tokens / med / info.world_size
     fpt = flops_per_token(model, seq)
     dev_name = torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"
@@ -110,7 +122,7 @@ def _profile(step, top: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="pg-2026-03-23")
-    ap.add_argument("--variants", default="eager,compile", help="comma list of: eager, compile")
+    ap.add_argument("--variants", default="eager,compile", help="comma list of: eager, compile, compile+meta (FOMAML every 4 steps, timed over multiples of 4 steps)")
     ap.add_argument("--attn", default="auto", choices=("auto", "flash", "sdpa", "sdpa-repeat", "math"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

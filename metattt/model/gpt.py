@@ -38,18 +38,22 @@ def _rms(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def _rope(x: Tensor, rope_dims: int, base: float) -> Tensor:
+def rope_tables(cfg: ModelConfig, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin (1,T,1,rope_dims/2) for partial RoPE; cached by the module so compiled graphs take them as inputs."""
+    half = max(cfg.rope_dims // 2, 1)
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, 2 * half, 2, device=device, dtype=torch.float32) / (2 * half)))
+    ang = torch.outer(torch.arange(t, device=device, dtype=torch.float32), inv)
+    return ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+
+
+def _rope(x: Tensor, rope_dims: int, tables: tuple[Tensor, Tensor]) -> Tensor:
     """Rotary embedding on the first ``rope_dims`` dims of each head (partial RoPE); x (B,T,H,D)."""
     if rope_dims == 0:
         return x
-    t = x.size(1)
-    inv = 1.0 / (base ** (torch.arange(0, rope_dims, 2, device=x.device, dtype=torch.float32) / rope_dims))
-    ang = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), inv)
-    cos, sin = ang.cos()[None, :, None, :].to(x.dtype), ang.sin()[None, :, None, :].to(x.dtype)
+    cos, sin = (t.to(x.dtype) for t in tables)
     rot, rest = x[..., :rope_dims], x[..., rope_dims:]
     a, b = rot[..., : rope_dims // 2], rot[..., rope_dims // 2:]
-    rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    return torch.cat((rot, rest), dim=-1)
+    return torch.cat((a * cos - b * sin, a * sin + b * cos, rest), dim=-1)
 
 
 def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
@@ -61,7 +65,7 @@ def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
 
 
 def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, tokens: Tensor,
-               attn: str) -> Tensor:
+               attn: str, rope: tuple[Tensor, Tensor]) -> Tensor:
     b, t, _ = h.shape
     nl, hd = cfg.num_layers, cfg.head_dim
     q = F.linear(h, p["qo_bank"][layer]).view(b, t, cfg.num_heads, hd)
@@ -72,8 +76,8 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
         ve = F.linear(F.embedding(tokens, p["ve_emb"]), p["ve_proj"])
         v = v + p["ve_scales"][j].to(v.dtype) * ve.to(v.dtype)
     v = v.view(b, t, cfg.num_kv_heads, hd)
-    q = _rope(_rms(q), cfg.rope_dims, cfg.rope_base)
-    k = _rope(_rms(k), cfg.rope_dims, cfg.rope_base)
+    q = _rope(_rms(q), cfg.rope_dims, rope)
+    k = _rope(_rms(k), cfg.rope_dims, rope)
     q = q * p[f"blocks.{layer}.q_gain"].to(q.dtype)[None, None, :, None]
     y = causal_attention(q, k, v, attn)
     if layer in cfg.xsa_layers:
@@ -91,22 +95,25 @@ def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int) -> Te
 
 
 def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, layer: int, virtual: int,
-           tokens: Tensor, attn: str) -> Tensor:
+           tokens: Tensor, attn: str, rope: tuple[Tensor, Tensor]) -> Tensor:
     pre = f"blocks.{layer}."
     mix = p[pre + "resid_mix"].to(x.dtype)
     x = mix[0] * x + mix[1] * x0
     s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
     attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
     h = _rms(x) * s
-    a = _attention(cfg, p, h, layer, tokens, attn)
+    a = _attention(cfg, p, h, layer, tokens, attn, rope)
     if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
         return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer)
     x = x + attn_scale * a
     return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer)
 
 
-def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto") -> Tensor:
+def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto",
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Functional core: logits (B,T,V) in float32 after the soft cap, from a full parameter dict."""
+    if rope is None:
+        rope = rope_tables(cfg, tokens.size(1), tokens.device)
     x = F.embedding(tokens, p["tok_emb"])
     if cfg.bigram_vocab:
         big = F.linear(F.embedding(bigram_hash(tokens, cfg.bigram_vocab), p["bigram_emb"]), p["bigram_proj"])
@@ -122,7 +129,7 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     for virtual, layer in enumerate(schedule):
         if n_enc and virtual >= n_enc and skips:
             x = x + p["skip_weights"][virtual - n_enc].to(x.dtype) * skips.pop()
-        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn)
+        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn, rope)
         if virtual < n_enc:
             skips.append(x)
     x = _rms(x)
@@ -130,6 +137,16 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     logits = F.linear(x, head).float()
     c = cfg.logit_softcap
     return c * torch.tanh(logits / c) if c else logits
+
+
+def gpt_loss(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, targets: Tensor | None, reduction: str,
+             attn: str, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Logits, or cross-entropy in nats (``reduction`` mean | sum | none), from a full parameter dict."""
+    logits = gpt_forward(cfg, p, tokens, attn, rope)
+    if targets is None:
+        return logits
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+    return nll.view(targets.shape) if reduction == "none" else nll
 
 
 def _param(*shape: int, std: float | None = None, fill: float | None = None) -> nn.Parameter:
@@ -185,6 +202,21 @@ class BankedGPT(nn.Module):
             self.ve_scales = _param(len(cfg.ve_layers), fill=0.1)
         if not cfg.tie_embeddings:
             self.lm_head = _param(V, d, std=cfg.init_std)
+        self._core = gpt_loss
+        self._rope_cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+    def compile_core(self, **kwargs) -> "BankedGPT":
+        """torch.compile the functional core in place. Unlike ``torch.compile(model)`` this keeps parameter
+        names and the ``params=`` path compiled too, so meta-training and TTT inner loops run the fast graph."""
+        self._core = torch.compile(gpt_loss, dynamic=False, **kwargs)
+        return self
+
+    def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (t, str(device))
+        if key not in self._rope_cache:
+            with torch.inference_mode(False):  # tables made while scoring must stay usable for autograd
+                self._rope_cache[key] = rope_tables(self.cfg, t, device)
+        return self._rope_cache[key]
 
     def param_dict(self) -> dict[str, Tensor]:
         return dict(self.named_parameters())
@@ -198,11 +230,7 @@ class BankedGPT(nn.Module):
                 if unknown:
                     raise KeyError(f"overrides name unknown parameters: {sorted(unknown)}")
                 p.update(override)
-        logits = gpt_forward(self.cfg, p, tokens, attn)
-        if targets is None:
-            return logits
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
-        return nll.view(targets.shape) if reduction == "none" else nll
+        return self._core(self.cfg, p, tokens, targets, reduction, attn, self._rope(tokens.size(1), tokens.device))
 
     def named_bank_slices(self) -> list[tuple[str, int, int, str]]:
         """(bank name, slice index, layer, kind) for every matrix in the banks."""

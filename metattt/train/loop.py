@@ -105,7 +105,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     val = load_val_tokens(src.val_pattern, vocab_size=cfg.model.vocab_size)
     if cfg.val_tokens:
         val = val[: cfg.val_tokens + 1]
-    fwd = torch.compile(model, dynamic=False) if cfg.compile else model
+    fwd = model.compile_core() if cfg.compile else model
     step, elapsed = 0, 0.0
     if cfg.compile and cfg.compile_warmup_steps and resume_from is None:
         _compile_warmup(cfg, fwd, model, opts, loader, batching, info)

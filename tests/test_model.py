@@ -136,3 +136,13 @@ def test_record_preset_size():
     banks = sum(getattr(m, b).numel() for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"))
     assert banks == 11 * (2 * 512 * 512 + 2 * 256 * 512 + 2 * 1536 * 512)
     assert 26_000_000 < m.num_params() < 28_000_000
+
+
+def test_eager_core_context_restores_the_compiled_core():
+    m = BankedGPT(tiny())
+    sentinel = object()
+    m._core = sentinel
+    with m.eager_core():
+        assert m._core is not sentinel
+        m(torch.zeros(1, 4, dtype=torch.long))
+    assert m._core is sentinel

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import zstandard
+
+from metattt.atomic import atomic_path
 
 from .budget import DEFAULT_BUDGET, ArtifactReport, KindBytes, default_code_bytes
 from .errors import (ArtifactError, ArtifactVersionError, ConfigMismatchError, CorruptedArtifactError,
@@ -216,23 +217,10 @@ def pack_artifact(model_cfg: Any, state_dict: Mapping[str, torch.Tensor], extras
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, verify, rename: an existing good file at `path`
     survives any failure, and readers never see a half-written artifact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if Path(tmp).read_bytes() != data:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        if tmp.read_bytes() != data:
             raise ArtifactError(f"{path}: read-back of the temporary file differs from what was written")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_artifact(path: str | os.PathLike, model_cfg: Any, state_dict: Mapping[str, torch.Tensor],

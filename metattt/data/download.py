@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metattt.data.shards import ShardFormatError, read_shard_header
+from metattt.atomic import atomic_path
 
 # --- remote layout (the one place that knows it) -------------------------------------------------------
 HF_REPO_ID = "willdepueoai/parameter-golf"
@@ -98,38 +99,26 @@ def _fetch_urllib(remote_path: str, dest: Path, progress: bool = True) -> None:
     from tqdm import tqdm
 
     url = hf_url(remote_path)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        if total is not None and tmp.stat().st_size != total:
-            raise OSError(f"incomplete download of {url}: got {tmp.stat().st_size} of {total} bytes")
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is not None and tmp.stat().st_size != total:
+                raise OSError(f"incomplete download of {url}: got {tmp.stat().st_size} of {total} bytes")
     except urllib.error.HTTPError as e:
         raise OSError(f"download failed: {url}: HTTP {e.code} {e.reason}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _fetch_hub(remote_path: str, dest: Path, progress: bool = True) -> None:
     from huggingface_hub import hf_hub_download
 
     cached = Path(hf_hub_download(repo_id=HF_REPO_ID, filename=remote_path, repo_type=HF_REPO_TYPE)).resolve()
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    try:
-        try:
-            os.link(cached, tmp)  # no copy when the HF cache is on the same filesystem
-        except OSError:
-            shutil.copyfile(cached, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(cached, tmp)
 
 
 def default_fetch() -> Callable[[str, Path], None]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metattt.atomic import atomic_path
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
@@ -56,17 +58,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int], vocab_s
         raise ValueError(f"write_shard({path}): {arr.size} tokens exceed the int32 header count")
     data = arr.astype(TOKEN_DTYPE, copy=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header(int(data.size)).tobytes())
-            f.write(data.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(_header(int(data.size)).tobytes())
+        f.write(data.tobytes())
     return path
 
 

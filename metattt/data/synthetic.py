@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from metattt.data.bpb import ByteLUT
+from metattt.atomic import atomic_write
 from metattt.data.shards import read_shard, read_shard_header, write_shard
 
 GENERATOR_VERSION = 2
@@ -426,9 +427,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | Non
         "n_val_tokens": spec.n_val_tokens,
         "files": files,
     }
-    tmp = meta_path.with_name(f".meta.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    atomic_write(meta_path, json.dumps(meta, indent=2))
     return {**_with_patterns(out, meta), "reused": False, "generation_seconds": time.perf_counter() - t0}
 
 

@@ -6,8 +6,9 @@ without touching the module.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +211,15 @@ class BankedGPT(nn.Module):
         names and the ``params=`` path compiled too, so meta-training and TTT inner loops run the fast graph."""
         self._core = torch.compile(gpt_loss, dynamic=False, **kwargs)
         return self
+
+    @contextlib.contextmanager
+    def eager_core(self) -> Iterator["BankedGPT"]:
+        """Run the uncompiled core inside the block (e.g. validation: other shapes would cost recompiles)."""
+        core, self._core = self._core, gpt_loss
+        try:
+            yield self
+        finally:
+            self._core = core
 
     def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (t, str(device))

@@ -13,10 +13,10 @@ import dataclasses
 import enum
 import json
 import math
-import os
-import tempfile
 from pathlib import Path, PurePath
 from typing import Any
+
+from metattt.atomic import atomic_write
 
 NONFINITE_TOKENS: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -88,18 +88,4 @@ def loads(text: str) -> Any:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same directory + ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run files are meant to be shared/read by others
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, text)

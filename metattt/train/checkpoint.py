@@ -3,11 +3,12 @@ position, RNG, clock) so a resumed run takes the very step an uninterrupted run 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import atomic_path
 
 from .config import TrainConfig
 
@@ -29,9 +30,8 @@ def save(run_path: Path, rank: int, *, step: int, elapsed: float, model, opts, e
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     path = path_for(run_path, rank)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save keeps the previous checkpoint
+    with atomic_path(path) as tmp:  # a crash mid-save keeps the previous checkpoint
+        torch.save(state, tmp)
     return path
 
 

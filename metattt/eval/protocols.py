@@ -121,10 +121,12 @@ class EvalConfig:
     level: float = 0.95
     projection_tokens: int = 62_000_000
     projection_gpus: int = 8
+    progress: bool = False
 
     def score_config(self) -> ScoreConfig:
         return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
-                           train_seq_len=self.train_seq_len or self.context, autocast=self.autocast)
+                           train_seq_len=self.train_seq_len or self.context, autocast=self.autocast,
+                           progress=self.progress)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

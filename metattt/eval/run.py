@@ -242,7 +242,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     cfg = EvalConfig(seq_len=args.seq_len or int(meta.get("seq_len") or 2048), context=args.context,
                      stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
-                     seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus)
+                     seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
+                     progress=not args.quiet)
     try:
         specs = parse_protocols(args.protocols)
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)

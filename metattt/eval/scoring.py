@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..track.progress import progress as progress_bar
 from .ledger import Ledger
 from .windows import Chunk, WindowPlan, batch_windows, make_chunks
 
@@ -48,6 +49,7 @@ class ScoreConfig:
     train_seq_len: int | None = None  # length of the adapter's training sequences (None: the window context)
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     attn: str = "auto"
+    progress: bool = False  # a per-chunk progress display (stderr; plain periodic lines when not a TTY)
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.chunk_tokens < 1:
@@ -255,7 +257,7 @@ def run_stream(
     _sync(device)
     t_start = time.perf_counter()
     try:
-        for chunk in chunks:
+        for chunk in progress_bar(chunks, desc=plan.name, enabled=cfg.progress and ctx.rank == 0):
             last = chunk.index == len(chunks) - 1
             progress = chunk.index / max(1, len(chunks) - 1)
             if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc:

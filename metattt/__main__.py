@@ -13,6 +13,7 @@ from typing import Sequence
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("metattt.track.compare", "compare run directories: mean ± CI over seeds, paired deltas, plots"),
+    "adapters": ("metattt.ttt.registry", "list the TTT adapters with their hyper-parameters and defaults"),
 }
 
 

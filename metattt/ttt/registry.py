@@ -120,3 +120,10 @@ def adapter_help() -> str:
         hp = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg))
         lines.append(f"{name}: {hp} (select default {cls.default_selection!r})")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m metattt adapters``: every adapter with its hyper-parameters and defaults."""
+    print(adapter_help())
+    print("\nspec syntax: NAME[:key=value,...,select=SELECTION], e.g. 'sgd:lr=0.002,epochs=3,select=banks:layers>=2'")
+    return 0

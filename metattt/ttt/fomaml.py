@@ -11,20 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adapter import AdapterConfig
-from .sgd import SGDAdapter
+from .sgd import SGDAdapter, SGDConfig
 
 
 @dataclass
-class FOMAMLConfig(AdapterConfig):
+class FOMAMLConfig(SGDConfig):
+    """SGD's knobs with MAML's defaults: plain constant-lr steps."""
+
     lr: float = 0.01
     momentum: float = 0.0
     epochs: int = 1
-    batch_seqs: int = 32
     grad_clip: float = 0.0
     schedule: str = "constant"
-    nesterov: bool = False
-    reset: str = "never"
 
 
 class FOMAMLAdapter(SGDAdapter):

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .adapter import AdapterConfig
-from .sgd import SGDAdapter
+from .sgd import SGDAdapter, SGDConfig
 
 
 @dataclass
-class ReptileConfig(AdapterConfig):
+class ReptileConfig(SGDConfig):
+    """SGD's knobs (plain constant-lr inner steps) plus Reptile's step count and interpolation epsilon."""
+
     lr: float = 0.01
-    steps: int = 3
-    epsilon: float = 0.1
     momentum: float = 0.0
     epochs: int = 1
-    batch_seqs: int = 32
     grad_clip: float = 0.0
     schedule: str = "constant"
-    nesterov: bool = False
-    reset: str = "never"
+    steps: int = 3
+    epsilon: float = 0.1
 
     def validate(self) -> None:
         super().validate()

@@ -12,21 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .adapter import AdapterConfig, clip_grads, global_norm
-from .sgd import SGDAdapter
+from .adapter import clip_grads, global_norm
+from .sgd import SGDAdapter, SGDConfig
 
 
 @dataclass
-class SAMConfig(AdapterConfig):
-    lr: float = 0.002
+class SAMConfig(SGDConfig):
+    """The SGD recipe's knobs plus the perturbation radius rho."""
+
     rho: float = 0.05
-    momentum: float = 0.9
-    epochs: int = 3
-    batch_seqs: int = 32
-    grad_clip: float = 1.0
-    schedule: str = "cosine"
-    nesterov: bool = False
-    reset: str = "never"
 
 
 def _perturb(params: dict[str, Tensor], grads: dict[str, Tensor], rho: float) -> dict[str, Tensor]:

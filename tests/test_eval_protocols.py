@@ -289,7 +289,7 @@ def _dist_worker(rank: int, world_size: int, init_file: str, art: str, val: str,
         model, _ = load_model_artifact(art)
         model.eval()
         data = prepare_stream(load_val_tokens(val), synthetic_lut(SPEC), "cpu", CHUNK)
-        ev = evaluate(model, data, parse_protocols("sliding,ttt:sgd"), {"sgd": _sgd(model)},
+        ev = evaluate(model, data, parse_protocols("sliding,ttt:sgd"), {"sgd": _sgd(model, batch_seqs=3)},
                       EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
         if rank == 0:
             rep = build_report(ev)
@@ -310,7 +310,8 @@ def test_two_process_gloo_matches_single_process(world, tmp_path):
     m, _ = load_model_artifact(world["artifact"])  # the ranks score the (quantized) artifact too
     m.eval()
     data = world["data"]
-    single = build_report(evaluate(m, data, parse_protocols("sliding,ttt:sgd"), {"sgd": _sgd(m)},
+    # 4 training rows per chunk in mini-batches of 3: each mini-batch is split over the 2 ranks (2+1, then 1+0)
+    single = build_report(evaluate(m, data, parse_protocols("sliding,ttt:sgd"), {"sgd": _sgd(m, batch_seqs=3)},
                                    EvalConfig(**{**EVAL.to_dict(), "n_boot": 0})))
     init = tempfile.mktemp(dir=tmp_path)
     out = tmp_path / "dist.json"

@@ -196,15 +196,11 @@ def _resolve_training_range(adapter: Any, chunk: Chunk, chunks: list[Chunk]) -> 
 def _adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, step, cfg, label):
     first, n_seq, length = training_sequences(lo, hi, seq_len)
     device = tokens.device
-    a, b = _split(n_seq, ctx.world, ctx.rank)
-    if ctx.world > 1 and b - a == 0:
-        raise ValueError(f"chunk [{lo}, {hi}) gives {n_seq} training sequences of {length}: fewer than the "
-                         f"{ctx.world} ranks (lower --train-seq-len or raise --chunk-tokens)")
-    starts = first + length * torch.arange(a, b, device=device)
+    # every rank passes the whole chunk; the adapter splits each of its mini-batches over the ranks
+    starts = first + length * torch.arange(n_seq, device=device)
     idx = starts[:, None] + torch.arange(length + 1, device=device)[None, :]
     buf = tokens[idx]
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
-    # the ledger gets what every rank's share fed the averaged update, i.e. the whole batch
     ledger.record_update([(first, first + n_seq * length + 1)], step, label)
     return adapter.adapt(model, x, y, progress)  # the adapter owns grad mode, autocast and the rank average
 

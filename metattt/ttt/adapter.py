@@ -14,9 +14,9 @@ Contract (binding; see docs/architecture.md):
 * ``adapt(model, x, y, progress) -> dict``: the legal update on already-scored tokens x, y (B,T) (epochs of
   mini-batches over the rows); ``progress`` in [0,1] drives schedules (cosine lr over chunks). Gradients are
   taken under ``torch.enable_grad()`` and outside inference mode, whatever the caller's context; bf16
-  autocast on CUDA. If torch.distributed is initialised, gradients are token-weighted averages over ranks
-  before every update (ranks may hold different shards of a chunk, even of different sizes), so all ranks
-  stay bit-identical. Returns stats: loss_first / loss_last (mean mini-batch loss of the first / last epoch),
+  autocast on CUDA. If torch.distributed is initialised, every rank passes the same rows; each mini-batch is
+  split over the ranks and gradients are token-weighted averages before every update, so the update is the
+  single-process one (up to reduction order) and all ranks stay bit-identical. Returns stats: loss_first / loss_last (mean mini-batch loss of the first / last epoch),
   steps, lr.
 * ``training_positions(chunk_index) -> int``: which chunk the adapter trains on after chunk ``chunk_index``
   has been scored; honest adapters return ``chunk_index`` (the evaluator checks it against its ledger).
@@ -107,6 +107,16 @@ def minibatches(x: Tensor, y: Tensor, batch_seqs: int) -> Iterator[tuple[Tensor,
 
 def dist_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_rows(n: int) -> slice:
+    """This rank's contiguous share of ``n`` rows (first ranks take the remainder); all rows when not distributed."""
+    if not dist_active():
+        return slice(0, n)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    base, extra = divmod(n, world)
+    a = rank * base + min(rank, extra)
+    return slice(a, a + base + (1 if rank < extra else 0))
 
 
 def reduce_grads(grads: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
@@ -264,21 +274,14 @@ class Adapter:
         cfg = self.cfg
         lr = lr_at(cfg.lr, getattr(cfg, "schedule", "constant"), progress)
         epochs, bs = getattr(cfg, "epochs", 1), getattr(cfg, "batch_seqs", x.size(0))
-        n_local = math.ceil(x.size(0) / bs)
-        n_batches = n_local
-        if dist_active():  # ranks with fewer rows contribute zero-weight steps so collectives stay matched
-            t = torch.tensor([n_local], device=x.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            n_batches = int(t.item())
-        batches = list(minibatches(x, y, bs))
+        # Every rank holds the same rows; each mini-batch is split over the ranks and the token-weighted gradient
+        # average makes the update the single-process one (a rank with no rows contributes weight 0).
+        batches = [(xb[rank_rows(xb.size(0))], yb[rank_rows(yb.size(0))]) for xb, yb in minibatches(x, y, bs)]
+        n_batches = len(batches)
         losses: list[list[Tensor]] = []
         with grad_context(), autocast_for(x):
             for _ in range(epochs):
-                ep: list[Tensor] = []
-                for i in range(n_batches):
-                    xb, yb = batches[i] if i < n_local else (x[:0], y[:0])
-                    ep.append(self._update(model, xb, yb, lr))
-                losses.append(ep)
+                losses.append([self._update(model, xb, yb, lr) for xb, yb in batches])
         first = torch.stack(losses[0]).float().mean().item() if losses and losses[0] else float("nan")
         last = torch.stack(losses[-1]).float().mean().item() if losses and losses[-1] else float("nan")
         return {"loss_first": first, "loss_last": last, "steps": epochs * n_batches, "lr": lr}

@@ -30,6 +30,7 @@ class TrainConfig:
     seq_len: int = 256
     train_batch_tokens: int = 8192  # global tokens per optimizer step (all ranks, all micro-steps)
     micro_batch_tokens: int = 8192  # tokens per forward on one rank; grad accumulation fills the rest
+    loader_mode: str = "sequential"  # sequential | random (seeded block order), per-rank disjoint either way
     iterations: int = 400
     max_wallclock_s: float = 0.0  # 0 = no cap; training stops (and warms down) by the clock
     warmdown_iters: int = 100  # linear lr decay over the last N steps (estimated from step time under a cap)

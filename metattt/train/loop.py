@@ -101,7 +101,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         if meta_params:
             meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size, cfg.seed)
+    loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size, cfg.seed,
+                         mode=cfg.loader_mode)
     val = load_val_tokens(src.val_pattern, vocab_size=cfg.model.vocab_size)
     if cfg.val_tokens:
         val = val[: cfg.val_tokens + 1]
@@ -130,8 +131,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         _print(info, f"step {at_step:6d} | val_bpb {res['val_bpb']:.4f} | val_loss {res['val_loss']:.4f}")
         return res
 
-    bar = progress(cfg.iterations, desc="train", enabled=cfg.progress and info.is_main)
-    bar.update(step)
+    by_time = cfg.max_wallclock_s > 0  # under a clock cap the bar counts training seconds, not steps
+    bar = progress(int(cfg.max_wallclock_s) if by_time else cfg.iterations,
+                   desc="train [s]" if by_time else "train [steps]", enabled=cfg.progress and info.is_main)
+    shown = int(elapsed) if by_time else step
+    bar.update(shown)
     tokens_per_step = cfg.train_batch_tokens
     log_every = max(1, min(50, cfg.iterations // 20 or 1))
     loss_sum = torch.zeros((), device=info.device)
@@ -183,7 +187,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         if on_gpu and (step % log_every == 0):
             torch.cuda.synchronize(info.device)
         elapsed += time.perf_counter() - t0
-        bar.update(1)
+        now = min(int(elapsed), int(cfg.max_wallclock_s)) if by_time else step
+        bar.update(now - shown)
+        shown = now
         if step % log_every == 0 or step == cfg.iterations:
             train_loss = all_reduce_mean(loss_sum.item() / max(loss_count, 1), info)
             dt = max(elapsed - window_start, 1e-9)
@@ -191,7 +197,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                    "ms_per_step": 1000 * dt / window_steps,
                    "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
             log(rec)
-            bar.set_postfix(loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
+            bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
             loss_sum.zero_()
             loss_count, window_start, window_steps = 0, elapsed, 0
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

@@ -103,3 +103,18 @@ def test_meta_training_artifact_goes_through_the_evaluator(tmp_path, adapter):
         rc = eval_main([str(run / "artifact.ptz"), "--protocols", "sliding,ttt:metasgd", "--context", "64",
                         "--stride", "32", "--wandb", "off", "--quiet"])
         assert rc == 2
+
+
+def test_missing_data_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("meta_ttt_entry", Path(__file__).parents[1] / "experiments" /
+                                                  "meta_ttt.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    rc = entry.main(["--preset", "pg-2026-03-23", "--data", str(tmp_path / "nowhere"), "--run-root",
+                     str(tmp_path / "runs"), "--wandb", "off"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no shard files match pattern" in err and "nowhere" in err
+    assert not (tmp_path / "runs").exists()

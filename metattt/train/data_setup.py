@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.bpb import ByteLUT
+from ..data.loaders import find_shards
 from ..data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
 from .config import TrainConfig
 
@@ -34,6 +35,8 @@ def resolve_data(cfg: TrainConfig, is_main: bool = True) -> DataSource:
     root = Path(os.path.expanduser(cfg.data))
     train = cfg.train_pattern or str(root / "fineweb_train_*.bin")
     val = cfg.val_pattern or str(root / "fineweb_val_*.bin")
+    find_shards(train)  # clear errors naming the pattern, before anything is written
+    find_shards(val)
     if not cfg.tokenizer:
         raise ValueError("real-data training needs --tokenizer (SentencePiece model) for the exact byte LUT")
     lut = ByteLUT.from_sentencepiece(cfg.tokenizer)

@@ -81,15 +81,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
     torch.manual_seed(cfg.seed)
-    name = _run_name(cfg, info)
-    run = RunDir.create(cfg.run_root, name, cfg.to_dict(), rank=info.rank, exist_ok=resume_from is not None)
-    run_path = Path(cfg.run_root) / name
-    src = resolve_data(cfg, info.is_main) if info.is_main else None
+    batching = _batching(cfg, info.world_size)
+    src = resolve_data(cfg, info.is_main) if info.is_main else None  # bad data fails before a run dir exists
     if info.distributed:
         dist.barrier()
     if src is None:
         src = resolve_data(cfg, False)
-    batching = _batching(cfg, info.world_size)
+    name = _run_name(cfg, info)
+    run = RunDir.create(cfg.run_root, name, cfg.to_dict(), rank=info.rank, exist_ok=resume_from is not None)
+    run_path = Path(cfg.run_root) / name
     on_gpu = info.device.type == "cuda"
 
     model = BankedGPT(cfg.model).to(info.device)

@@ -19,13 +19,7 @@ from metattt.model.gpt import BankedGPT
 from metattt.ttt import ADAPTERS, MissingMetaParamsError, make_adapter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to oversubscribed CI cores."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 A_MAT = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 3.0]], dtype=torch.float64)
 C_VEC = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)

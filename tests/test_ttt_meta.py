@@ -13,13 +13,7 @@ from metattt.ttt import make_adapter
 from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, reptile_update, split_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to oversubscribed CI cores."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> BankedGPT:

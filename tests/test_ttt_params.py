@@ -9,13 +9,7 @@ from metattt.model.gpt import BankedGPT
 from metattt.ttt import ParamSelection, adapter_from_spec, make_adapter, parse_adapter_spec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to oversubscribed CI cores."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_layers: int = 3, tie: bool = True, seed: int = 0) -> BankedGPT:

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",
                     help="adapter hyper-parameters, e.g. 'sgd:lr=0.002,epochs=3,select=all' (repeatable; "
                          "'KEY=name:...' defines a protocol key, e.g. ttt:fast with 'fast=sgd:lr=0.01')")
-    ap.add_argument("--context", type=int, default=2048, help="sliding window length (default 2048)")
+    ap.add_argument("--context", type=int, default=None,
+                    help="sliding window length (default: the artifact's training seq_len, else 2048)")
     ap.add_argument("--stride", type=int, default=64, help="sliding stride = scored tokens per window (default 64)")
     ap.add_argument("--seq-len", type=int, default=None, help="flat window length (default: artifact's seq_len)")
     ap.add_argument("--chunk-tokens", type=int, default=32768, help="TTT chunk size in scored tokens (default 32768)")
@@ -239,7 +240,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         if args.max_tokens < 2:
             raise EvalInputError("--max-tokens must be at least 2")
         tokens = tokens[: args.max_tokens]
-    cfg = EvalConfig(seq_len=args.seq_len or int(meta.get("seq_len") or 2048), context=args.context,
+    trained_len = int(meta.get("seq_len") or 2048)
+    cfg = EvalConfig(seq_len=args.seq_len or trained_len, context=args.context or trained_len,
                      stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,

@@ -146,3 +146,14 @@ def test_eager_core_context_restores_the_compiled_core():
         assert m._core is not sentinel
         m(torch.zeros(1, 4, dtype=torch.long))
     assert m._core is sentinel
+
+
+def test_rope_tables_are_cached_once_per_device_and_sliced():
+    m = randomize(BankedGPT(tiny()), seed=4)
+    x = torch.randint(0, 64, (1, 20))
+    long_first = m(x)
+    short = m(x[:, :7])
+    assert len(m._rope_cache) == 1 and m._rope_cache["cpu"][0].size(1) == 20
+    torch.testing.assert_close(short, long_first[:, :7], rtol=1e-5, atol=1e-5)
+    fresh = randomize(BankedGPT(tiny()), seed=4)
+    torch.testing.assert_close(fresh(x[:, :7]), short, rtol=0, atol=0)  # sliced tables == tables built for 7

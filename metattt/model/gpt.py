@@ -204,7 +204,7 @@ class BankedGPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(V, d, std=cfg.init_std)
         self._core = gpt_loss
-        self._rope_cache: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        self._rope_cache: dict[str, tuple[Tensor, Tensor]] = {}  # per device, the longest length seen
 
     def compile_core(self, **kwargs) -> "BankedGPT":
         """torch.compile the functional core in place. Unlike ``torch.compile(model)`` this keeps parameter
@@ -222,11 +222,12 @@ class BankedGPT(nn.Module):
             self._core = core
 
     def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (t, str(device))
-        if key not in self._rope_cache:
+        key = str(device)
+        if key not in self._rope_cache or self._rope_cache[key][0].size(1) < t:
             with torch.inference_mode(False):  # tables made while scoring must stay usable for autograd
                 self._rope_cache[key] = rope_tables(self.cfg, t, device)
-        return self._rope_cache[key]
+        cos, sin = self._rope_cache[key]
+        return cos[:, :t], sin[:, :t]
 
     def param_dict(self) -> dict[str, Tensor]:
         return dict(self.named_parameters())

@@ -135,7 +135,9 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
             skips.append(x)
     x = _rms(x)
     head = p["tok_emb"] if cfg.tie_embeddings else p["lm_head"]
-    logits = F.linear(x, head).float()
+    logits = F.linear(x, head)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss and softcap in float32 (float64 stays)
+        logits = logits.float()
     c = cfg.logit_softcap
     return c * torch.tanh(logits / c) if c else logits
 

@@ -91,7 +91,7 @@ def run_variant(name: str, args, info) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if args.profile and info.is_main:
-        _profile(step, args.profile)
+        _profile(step, args.profile, f"{args.profile_out}.{name}.txt" if args.profile_out else "")
     times.sort()
     med = sum(times) / len(times)  # mean: with meta every 4 steps the median would hide the meta steps
     tok_s_gpu = cfg.train_batch_tokens / med / info.world_size
@@ -108,14 +108,38 @@ def run_variant(name: str, args, info) -> dict:
     }
 
 
-def _profile(step, top: int) -> None:
-    """Print the ``top`` CUDA kernels of one step by total device time (where the milliseconds go)."""
+KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names): a rough map of where a step's time goes
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "wgmma")),
+    ("optimizer", ("foreach", "multi_tensor", "adam")),
+    ("embedding", ("embedding", "index_put", "indexing_backward", "scatter", "gather", "sort", "radix")),
+    ("copy/cast", ("copy", "cast", "convert", "elementwise_kernel", "vectorized_elementwise")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def _profile(step, top: int, out: str = "") -> None:
+    """Print the ``top`` CUDA kernels of one step by total device time, and time per kernel group."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=110)
+    groups: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        t = ev.cuda_time_total if t is None else t
+        if t <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        name = ev.key.lower()
+        g = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[g] = groups.get(g, 0.0) + t / 1000.0
+    lines = [f"{g:<16}{ms:>10.1f} ms" for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])]
+    text = table + "\nkernel groups (ms per step; CPU-side ops excluded by name):\n" + "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        Path(out).write_text(text)
 
 
 def main() -> int:
@@ -128,6 +152,7 @@ def main() -> int:
     ap.add_argument("--micro-batch-tokens", type=int, default=0)
     ap.add_argument("--out", default="")
     ap.add_argument("--profile", type=int, default=0, help="print the top-N CUDA kernels of one step")
+    ap.add_argument("--profile-out", default="", help="also write each variant's profile to PREFIX.VARIANT.txt")
     args = ap.parse_args()
     info = setup("auto")
     rows = []

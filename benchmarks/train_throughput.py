@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from metattt.model.gpt import BankedGPT  # noqa: E402
+from metattt.model.gpt import BankedGPT, Runtime  # noqa: E402
 from metattt.optim.builder import build_optimizers  # noqa: E402
 from metattt.train.config import preset  # noqa: E402
 from metattt.train.dist import setup, teardown  # noqa: E402
@@ -40,15 +40,37 @@ def flops_per_token(model: BankedGPT, seq_len: int) -> float:
     return 6.0 * matmul + 12.0 * n_virtual * seq_len * cfg.model_dim
 
 
+def parse_variant(name: str) -> dict:
+    """``compile+bf16+mb=196608`` -> options. Tokens: eager | compile, meta (FOMAML every 4 steps), bf16 (bf16
+    residual stream), unfused-qkv (three Q/K/V GEMMs), mb=N (micro-batch tokens), mode=M (torch.compile mode)."""
+    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "mb": 0, "mode": None}
+    for tok in name.split("+"):
+        if tok in ("eager", "compile"):
+            opts["compile"] = tok == "compile"
+        elif tok in ("meta", "bf16"):
+            opts[tok] = True
+        elif tok == "unfused-qkv":
+            opts["fused_qkv"] = False
+        elif tok.startswith("mb="):
+            opts["mb"] = int(tok[3:])
+        elif tok.startswith("mode="):
+            opts["mode"] = tok[5:]
+        else:
+            raise SystemExit(f"unknown variant token {tok!r} in {name!r}")
+    return opts
+
+
 def run_variant(name: str, args, info) -> dict:
+    v = parse_variant(name)
     cfg = preset(args.preset)
     torch.manual_seed(0)
-    model = BankedGPT(cfg.model).to(info.device)
+    runtime = Runtime(residual_dtype="bfloat16" if v["bf16"] else "float32", fused_qkv=v["fused_qkv"])
+    model = BankedGPT(cfg.model, runtime).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
-    if "compile" in name:
-        model.compile_core()
+    if v["compile"]:
+        model.compile_core(**({"mode": v["mode"]} if v["mode"] else {}))
     adapter = None
-    if "meta" in name:  # FOMAML outer loop on one micro-batch every 4th step, as --meta.adapter fomaml would
+    if v["meta"]:  # FOMAML outer loop on one micro-batch every 4th step, as --meta.adapter fomaml would
         from metattt.ttt.meta import MetaConfig, meta_loss
 
         meta_cfg = MetaConfig(adapter="fomaml:lr=0.002", every=4, micro_batches=1)
@@ -56,7 +78,7 @@ def run_variant(name: str, args, info) -> dict:
     counter = {"step": 0}
     seq = cfg.seq_len
     per_rank = cfg.train_batch_tokens // info.world_size
-    micro = min(args.micro_batch_tokens or cfg.micro_batch_tokens, per_rank)
+    micro = min(v["mb"] or args.micro_batch_tokens or cfg.micro_batch_tokens, per_rank)
     accum = per_rank // micro
     b = micro // seq
     gen = torch.Generator(device=info.device).manual_seed(info.rank)
@@ -145,7 +167,9 @@ def _profile(step, top: int, out: str = "") -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="pg-2026-03-23")
-    ap.add_argument("--variants", default="eager,compile", help="comma list of: eager, compile, compile+meta (FOMAML every 4 steps, timed over multiples of 4 steps)")
+    ap.add_argument("--variants", default="eager,compile",
+                    help="comma list of '+'-joined tokens: eager|compile, meta (FOMAML every 4 steps, timed over "
+                         "multiples of 4 steps), bf16, unfused-qkv, mb=N, mode=M; e.g. compile,compile+bf16")
     ap.add_argument("--attn", default="auto", choices=("auto", "flash", "sdpa", "sdpa-repeat", "math"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

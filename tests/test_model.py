@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from metattt.model import BankedGPT, ModelConfig, bank_slice_index, gpt_forward, tiny_synthetic
+from metattt.model import BankedGPT, ModelConfig, Runtime, bank_slice_index, gpt_forward, tiny_synthetic
 
 
 def tiny(**kw) -> ModelConfig:
@@ -157,3 +157,53 @@ def test_rope_tables_are_cached_once_per_device_and_sliced():
     torch.testing.assert_close(short, long_first[:, :7], rtol=1e-5, atol=1e-5)
     fresh = randomize(BankedGPT(tiny()), seed=4)
     torch.testing.assert_close(fresh(x[:, :7]), short, rtol=0, atol=0)  # sliced tables == tables built for 7
+
+
+def test_fused_qkv_equals_three_gemms():
+    model = randomize(BankedGPT(tiny())).double()  # float64: only the GEMM grouping may differ
+    tok = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    fused = model(tok[:, :-1], tok[:, 1:], reduction="none")
+    g_fused = torch.autograd.grad(fused.sum(), [model.qo_bank, model.kv_bank])
+    model.runtime = Runtime(fused_qkv=False)
+    split = model(tok[:, :-1], tok[:, 1:], reduction="none")
+    g_split = torch.autograd.grad(split.sum(), [model.qo_bank, model.kv_bank])
+    torch.testing.assert_close(fused, split, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_fused, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert g_fused[1].abs().sum() > 0  # the V half of kv_bank gets gradient through the fused path too
+
+
+def test_bf16_residual_stream_only_under_autocast():
+    model = randomize(BankedGPT(tiny()))
+    tok = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    ref = model(tok[:, :-1], tok[:, 1:], reduction="none")
+    model.runtime = Runtime(residual_dtype="bfloat16")
+    # without autocast the switch is a no-op: fp32 weights need an fp32 stream
+    torch.testing.assert_close(model(tok[:, :-1], tok[:, 1:], reduction="none"), ref, rtol=0, atol=0)
+    seen: list[torch.dtype] = []
+    from metattt.model import gpt as gpt_mod
+
+    orig = gpt_mod._block
+
+    def spy(cfg, p, x, *a, **k):
+        seen.append(x.dtype)
+        return orig(cfg, p, x, *a, **k)
+
+    gpt_mod._block = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(tok[:, :-1], tok[:, 1:], reduction="none")
+            model.runtime = Runtime()
+            high = model(tok[:, :-1], tok[:, 1:], reduction="none")
+    finally:
+        gpt_mod._block = orig
+    n = len(model.cfg.layer_schedule())
+    assert seen == [torch.bfloat16] * n + [torch.float32] * n
+    assert low.dtype == high.dtype == torch.float32  # the loss stays fp32 either way
+    diff = (low - high).abs()
+    assert 0 < diff.mean() < 0.01 * high.mean()  # bf16 rounding (~0.4% per op), nothing worse
+
+
+def test_runtime_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="residual_dtype"):
+        Runtime(residual_dtype="float16")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metattt.train.cli import parse_config
+from metattt.train.config import TrainConfig
 from metattt.train.loop import train
 from metattt.train.schedule import lr_scale, meta_step_due
 
@@ -30,6 +31,12 @@ def test_cli_overrides_and_presets():
     assert cfg.train_batch_tokens == 786_432 and cfg.model.model_dim == 512 and cfg.ema_decay == 0.997
     with pytest.raises(SystemExit):
         parse_config(["--preset", "nope"])
+    fast = parse_config(["--runtime.residual-dtype", "bfloat16", "--runtime.fused-qkv", "false"])
+    assert fast.runtime.residual_dtype == "bfloat16" and fast.runtime.fused_qkv is False
+    d = fast.to_dict()
+    assert TrainConfig.from_dict(d).runtime == fast.runtime
+    d.pop("runtime")  # a config.json written before the runtime section existed still loads
+    assert TrainConfig.from_dict(d).runtime.residual_dtype == "float32"
 
 
 def test_lr_schedule():

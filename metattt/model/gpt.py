@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
@@ -25,6 +26,24 @@ BANK_LAYOUT = (
     ("mlp_up_bank", 0, "up"), ("mlp_down_bank", 0, "down"),
 )
 SLICE_KINDS = tuple(kind for _, _, kind in BANK_LAYOUT)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the forward runs, not what it computes: never stored in artifacts, free to differ between training
+    and evaluation.
+
+    ``residual_dtype="bfloat16"`` keeps the residual stream in the autocast dtype while autocast is on (halves
+    the memory traffic of the norm/residual kernels that dominate a step's non-GEMM time; fp32 params stay the
+    master copy). ``fused_qkv`` computes Q, K and V with one GEMM on the concatenated bank slices.
+    """
+
+    residual_dtype: str = "float32"
+    fused_qkv: bool = True
+
+    def __post_init__(self) -> None:
+        if self.residual_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"residual_dtype must be 'float32' or 'bfloat16', got {self.residual_dtype!r}")
 
 
 def bank_slice_index(cfg: ModelConfig, kind: str, layer: int) -> tuple[str, int]:
@@ -65,18 +84,27 @@ def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
     return h
 
 
+def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, fused: bool) -> tuple[Tensor, ...]:
+    nl = cfg.num_layers
+    w_q, w_k, w_v = p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]
+    if not fused:
+        return F.linear(h, w_q), F.linear(h, w_k), F.linear(h, w_v)
+    qkv = F.linear(h, torch.cat((w_q, w_k, w_v)))  # one GEMM reads h once (and one dgrad GEMM in backward)
+    return qkv.split((cfg.model_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+
+
 def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, tokens: Tensor,
-               attn: str, rope: tuple[Tensor, Tensor]) -> Tensor:
+               attn: str, rope: tuple[Tensor, Tensor], rt: Runtime) -> Tensor:
     b, t, _ = h.shape
     nl, hd = cfg.num_layers, cfg.head_dim
-    q = F.linear(h, p["qo_bank"][layer]).view(b, t, cfg.num_heads, hd)
-    k = F.linear(h, p["kv_bank"][layer]).view(b, t, cfg.num_kv_heads, hd)
-    v = F.linear(h, p["kv_bank"][nl + layer])
+    q, k, v = _qkv(cfg, p, h, layer, rt.fused_qkv)
+    q = q.reshape(b, t, cfg.num_heads, hd)
+    k = k.reshape(b, t, cfg.num_kv_heads, hd)
     if layer in cfg.ve_layers:
         j = cfg.ve_layers.index(layer)
         ve = F.linear(F.embedding(tokens, p["ve_emb"]), p["ve_proj"])
         v = v + p["ve_scales"][j].to(v.dtype) * ve.to(v.dtype)
-    v = v.view(b, t, cfg.num_kv_heads, hd)
+    v = v.reshape(b, t, cfg.num_kv_heads, hd)
     q = _rope(_rms(q), cfg.rope_dims, rope)
     k = _rope(_rms(k), cfg.rope_dims, rope)
     q = q * p[f"blocks.{layer}.q_gain"].to(q.dtype)[None, None, :, None]
@@ -96,14 +124,14 @@ def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int) -> Te
 
 
 def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, layer: int, virtual: int,
-           tokens: Tensor, attn: str, rope: tuple[Tensor, Tensor]) -> Tensor:
+           tokens: Tensor, attn: str, rope: tuple[Tensor, Tensor], rt: Runtime) -> Tensor:
     pre = f"blocks.{layer}."
     mix = p[pre + "resid_mix"].to(x.dtype)
     x = mix[0] * x + mix[1] * x0
     s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
     attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
     h = _rms(x) * s
-    a = _attention(cfg, p, h, layer, tokens, attn, rope)
+    a = _attention(cfg, p, h, layer, tokens, attn, rope, rt)
     if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
         return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer)
     x = x + attn_scale * a
@@ -111,15 +139,19 @@ def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, lay
 
 
 def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto",
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, rt: Runtime = Runtime()) -> Tensor:
     """Functional core: logits (B,T,V) in float32 after the soft cap, from a full parameter dict."""
     if rope is None:
         rope = rope_tables(cfg, tokens.size(1), tokens.device)
+    dev = tokens.device.type
+    lowp = torch.get_autocast_dtype(dev) if rt.residual_dtype != "float32" and torch.is_autocast_enabled(dev) else None
     x = F.embedding(tokens, p["tok_emb"])
     if cfg.bigram_vocab:
         big = F.linear(F.embedding(bigram_hash(tokens, cfg.bigram_vocab), p["bigram_emb"]), p["bigram_proj"])
         x = x + p["bigram_scale"].to(x.dtype) * big
     x = _rms(x)
+    if lowp is not None:
+        x = x.to(lowp)
     if cfg.smear_gate:
         g = torch.sigmoid(p["smear_gate"]).to(x.dtype)
         x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
@@ -130,7 +162,7 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     for virtual, layer in enumerate(schedule):
         if n_enc and virtual >= n_enc and skips:
             x = x + p["skip_weights"][virtual - n_enc].to(x.dtype) * skips.pop()
-        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn, rope)
+        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn, rope, rt)
         if virtual < n_enc:
             skips.append(x)
     x = _rms(x)
@@ -143,9 +175,9 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
 
 
 def gpt_loss(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, targets: Tensor | None, reduction: str,
-             attn: str, rope: tuple[Tensor, Tensor]) -> Tensor:
+             attn: str, rope: tuple[Tensor, Tensor], rt: Runtime = Runtime()) -> Tensor:
     """Logits, or cross-entropy in nats (``reduction`` mean | sum | none), from a full parameter dict."""
-    logits = gpt_forward(cfg, p, tokens, attn, rope)
+    logits = gpt_forward(cfg, p, tokens, attn, rope, rt)
     if targets is None:
         return logits
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
@@ -176,9 +208,10 @@ class Block(nn.Module):
 class BankedGPT(nn.Module):
     """Module wrapper holding the parameters; ``forward`` merges overrides and calls ``gpt_forward``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, runtime: Runtime = Runtime()) -> None:
         super().__init__()
         self.cfg = cfg
+        self.runtime = runtime
         L, d, kv, h, V = cfg.num_layers, cfg.model_dim, cfg.kv_dim, cfg.mlp_hidden, cfg.vocab_size
         self.tok_emb = _param(V, d, std=cfg.init_std)
         self.qo_bank = _param(2 * L, d, d)
@@ -243,7 +276,8 @@ class BankedGPT(nn.Module):
                 if unknown:
                     raise KeyError(f"overrides name unknown parameters: {sorted(unknown)}")
                 p.update(override)
-        return self._core(self.cfg, p, tokens, targets, reduction, attn, self._rope(tokens.size(1), tokens.device))
+        return self._core(self.cfg, p, tokens, targets, reduction, attn, self._rope(tokens.size(1), tokens.device),
+                          self.runtime)
 
     def named_bank_slices(self) -> list[tuple[str, int, int, str]]:
         """(bank name, slice index, layer, kind) for every matrix in the banks."""

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from .config import PRESETS, TrainConfig, preset
 
-_NESTED = ("model", "optim", "meta")
+_NESTED = ("model", "optim", "meta", "runtime")
 
 
 def _parse_bool(s: str) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.config import ModelConfig, pg_2026_03_23, tiny_synthetic
+from ..model.gpt import Runtime
 from ..optim.builder import OptimConfig
 from ..ttt.meta import MetaConfig
 
@@ -58,6 +59,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=tiny_synthetic)
     optim: OptimConfig = field(default_factory=OptimConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    runtime: Runtime = field(default_factory=Runtime)  # how the forward runs (not saved in artifacts)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -70,7 +72,8 @@ class TrainConfig:
         model = ModelConfig.from_dict(d.pop("model"))
         optim = OptimConfig(**d.pop("optim"))
         meta = MetaConfig(**d.pop("meta"))
-        return cls(model=model, optim=optim, meta=meta, **d)
+        runtime = Runtime(**d.pop("runtime", {}))  # absent in configs written before it existed
+        return cls(model=model, optim=optim, meta=meta, runtime=runtime, **d)
 
 
 def _tiny_synthetic() -> TrainConfig:

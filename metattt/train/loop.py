@@ -92,7 +92,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run_path = Path(cfg.run_root) / name
     on_gpu = info.device.type == "cuda"
 
-    model = BankedGPT(cfg.model).to(info.device)
+    model = BankedGPT(cfg.model, cfg.runtime).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     adapter, meta_opt = None, None
     if cfg.meta.adapter:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,10 +41,28 @@ def flops_per_token(model: BankedGPT, seq_len: int) -> float:
     return 6.0 * matmul + 12.0 * n_virtual * seq_len * cfg.model_dim
 
 
+def _inductor_value(key: str, val: str):
+    """Parse VAL to the type of the Inductor option KEY (bool/int/float/str)."""
+    import torch._inductor.config as icfg
+
+    cur = icfg
+    for part in key.split("."):
+        if not hasattr(cur, part):
+            raise SystemExit(f"unknown Inductor option {key!r}")
+        cur = getattr(cur, part)
+    if isinstance(cur, bool):
+        return val.lower() in ("1", "true", "on", "yes")
+    for tp in (int, float):
+        if isinstance(cur, tp):
+            return tp(val)
+    return None if val.lower() == "none" else val
+
+
 def parse_variant(name: str) -> dict:
     """``compile+bf16+mb=196608`` -> options. Tokens: eager | compile, meta (FOMAML every 4 steps), bf16 (bf16
-    residual stream), unfused-qkv (three Q/K/V GEMMs), mb=N (micro-batch tokens), mode=M (torch.compile mode)."""
-    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "mb": 0, "mode": None}
+    residual stream), unfused-qkv (three Q/K/V GEMMs), mb=N (micro-batch tokens), mode=M (torch.compile mode),
+    ind:KEY=VAL (an Inductor option, e.g. ind:triton.mix_order_reduction=0)."""
+    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "mb": 0, "mode": None, "inductor": {}}
     for tok in name.split("+"):
         if tok in ("eager", "compile"):
             opts["compile"] = tok == "compile"
@@ -55,6 +74,9 @@ def parse_variant(name: str) -> dict:
             opts["mb"] = int(tok[3:])
         elif tok.startswith("mode="):
             opts["mode"] = tok[5:]
+        elif tok.startswith("ind:"):  # an Inductor option for this compile, e.g. ind:triton.mix_order_reduction=0
+            key, _, val = tok[4:].partition("=")
+            opts["inductor"][key] = _inductor_value(key, val)
         else:
             raise SystemExit(f"unknown variant token {tok!r} in {name!r}")
     return opts
@@ -68,7 +90,10 @@ def run_variant(name: str, args, info) -> dict:
     model = BankedGPT(cfg.model, runtime).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     if v["compile"]:
-        model.compile_core(**({"mode": v["mode"]} if v["mode"] else {}))
+        kw = {"mode": v["mode"]} if v["mode"] else {}
+        if v["inductor"]:
+            kw["options"] = {**model.COMPILE_OPTIONS, **v["inductor"]}
+        model.compile_core(**kw)
     adapter = None
     if v["meta"]:  # FOMAML outer loop on one micro-batch every 4th step, as --meta.adapter fomaml would
         from metattt.ttt.meta import MetaConfig, meta_loss
@@ -113,7 +138,8 @@ def run_variant(name: str, args, info) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if args.profile and info.is_main:
-        _profile(step, args.profile, f"{args.profile_out}.{name}.txt" if args.profile_out else "")
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # device file transfer accepts only these characters
+        _profile(step, args.profile, f"{args.profile_out}.{safe}.txt" if args.profile_out else "")
     times.sort()
     med = sum(times) / len(times)  # mean: with meta every 4 steps the median would hide the meta steps
     tok_s_gpu = cfg.train_batch_tokens / med / info.world_size
@@ -130,13 +156,13 @@ def run_variant(name: str, args, info) -> dict:
     }
 
 
-KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names): a rough map of where a step's time goes
+KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins: where a step's time goes
+    ("inductor fused", ("triton_",)),  # before copy/cast: Inductor names fused kernels after their ops (_to_copy)
     ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
     ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "wgmma")),
     ("optimizer", ("foreach", "multi_tensor", "adam")),
     ("embedding", ("embedding", "index_put", "indexing_backward", "scatter", "gather", "sort", "radix")),
     ("copy/cast", ("copy", "cast", "convert", "elementwise_kernel", "vectorized_elementwise")),
-    ("inductor fused", ("triton_",)),
 )
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from metattt.model.attention import ATTN_BACKENDS  # noqa: E402
 from metattt.model.gpt import BankedGPT, Runtime  # noqa: E402
 from metattt.optim.builder import build_optimizers  # noqa: E402
 from metattt.train.config import preset  # noqa: E402
@@ -61,8 +62,9 @@ def _inductor_value(key: str, val: str):
 def parse_variant(name: str) -> dict:
     """``compile+bf16+mb=196608`` -> options. Tokens: eager | compile, meta (FOMAML every 4 steps), bf16 (bf16
     residual stream), unfused-qkv (three Q/K/V GEMMs), mb=N (micro-batch tokens), mode=M (torch.compile mode),
-    ind:KEY=VAL (an Inductor option, e.g. ind:triton.mix_order_reduction=0)."""
-    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "mb": 0, "mode": None, "inductor": {}}
+    ind:KEY=VAL (an Inductor option, e.g. ind:triton.mix_order_reduction=0), attn=BACKEND (overrides --attn)."""
+    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "mb": 0, "mode": None, "inductor": {},
+            "attn": None}
     for tok in name.split("+"):
         if tok in ("eager", "compile"):
             opts["compile"] = tok == "compile"
@@ -72,6 +74,8 @@ def parse_variant(name: str) -> dict:
             opts["fused_qkv"] = False
         elif tok.startswith("mb="):
             opts["mb"] = int(tok[3:])
+        elif tok.startswith("attn="):
+            opts["attn"] = tok[5:]
         elif tok.startswith("mode="):
             opts["mode"] = tok[5:]
         elif tok.startswith("ind:"):  # an Inductor option for this compile, e.g. ind:triton.mix_order_reduction=0
@@ -118,7 +122,7 @@ def run_variant(name: str, args, info) -> dict:
                 if meta_now and i == 0:
                     loss, _ = meta_loss(model, adapter, tok[:, :-1], tok[:, 1:], meta_cfg)
                 else:
-                    loss = model(tok[:, :-1], tok[:, 1:], attn=args.attn)
+                    loss = model(tok[:, :-1], tok[:, 1:], attn=v["attn"] or args.attn)
             (loss / accum).backward()
         opts.step()
         counter["step"] += 1
@@ -196,7 +200,7 @@ def main() -> int:
     ap.add_argument("--variants", default="eager,compile",
                     help="comma list of '+'-joined tokens: eager|compile, meta (FOMAML every 4 steps, timed over "
                          "multiples of 4 steps), bf16, unfused-qkv, mb=N, mode=M; e.g. compile,compile+bf16")
-    ap.add_argument("--attn", default="auto", choices=("auto", "flash", "sdpa", "sdpa-repeat", "math"))
+    ap.add_argument("--attn", default="auto", choices=ATTN_BACKENDS)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--micro-batch-tokens", type=int, default=0)

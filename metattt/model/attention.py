@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTN_BACKENDS = ("auto", "flash", "sdpa", "sdpa-repeat", "math")
+ATTN_BACKENDS = ("auto", "flash", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-repeat", "math")
+# SDPA with one fused kernel forced (the default lets PyTorch choose; on H100 it picks cuDNN)
+_SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 
 
 def _load_flash():
@@ -47,7 +49,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> 
         group = q.size(2) // k.size(2)
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kt.size(1) != qt.size(1))
+    gqa = kt.size(1) != qt.size(1)
+    if backend in _SDPA_FORCED:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, _SDPA_FORCED[backend])):
+            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 

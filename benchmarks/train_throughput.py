@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from metattt.model.attention import ATTN_BACKENDS  # noqa: E402
-from metattt.model.gpt import BankedGPT, Runtime  # noqa: E402
+from metattt.model.gpt import BankedGPT, Runtime, inductor_options  # noqa: E402
 from metattt.optim.builder import build_optimizers  # noqa: E402
 from metattt.train.config import preset  # noqa: E402
 from metattt.train.dist import setup, teardown  # noqa: E402
@@ -96,7 +96,7 @@ def run_variant(name: str, args, info) -> dict:
     if v["compile"]:
         kw = {"mode": v["mode"]} if v["mode"] else {}
         if v["inductor"]:
-            kw["options"] = {**model.COMPILE_OPTIONS, **v["inductor"]}
+            kw["options"] = {**inductor_options(), **v["inductor"]}
         model.compile_core(**kw)
     adapter = None
     if v["meta"]:  # FOMAML outer loop on one micro-batch every 4th step, as --meta.adapter fomaml would

@@ -207,3 +207,15 @@ def test_bf16_residual_stream_only_under_autocast():
 def test_runtime_rejects_unknown_dtype():
     with pytest.raises(ValueError, match="residual_dtype"):
         Runtime(residual_dtype="float16")
+
+
+def test_compile_core_passes_inductor_options_unless_a_mode_is_given(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    BankedGPT(tiny()).compile_core()
+    BankedGPT(tiny()).compile_core(mode="max-autotune")  # torch.compile refuses mode and options together
+    import torch._inductor.config as icfg
+
+    if hasattr(icfg.triton, "mix_order_reduction"):
+        assert seen[0]["options"] == {"triton.mix_order_reduction": False}
+    assert "options" not in seen[1] and seen[1]["mode"] == "max-autotune"

@@ -102,10 +102,8 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
     k = k.reshape(b, t, cfg.num_kv_heads, hd)
     if layer in cfg.ve_layers:
         j = cfg.ve_layers.index(layer)
-        # the scalar gain is folded into the projection: same function, but its gradient is a reduction over
-        # the small weight instead of over every (token, channel) of the batch
-        ve = F.linear(F.embedding(tokens, p["ve_emb"]), p["ve_proj"] * p["ve_scales"][j])
-        v = v + ve.to(v.dtype)
+        ve = F.linear(F.embedding(tokens, p["ve_emb"]), p["ve_proj"])
+        v = v + p["ve_scales"][j].to(v.dtype) * ve.to(v.dtype)
     v = v.reshape(b, t, cfg.num_kv_heads, hd)
     q = _rope(_rms(q), cfg.rope_dims, rope)
     k = _rope(_rms(k), cfg.rope_dims, rope)
@@ -149,8 +147,8 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     lowp = torch.get_autocast_dtype(dev) if rt.residual_dtype != "float32" and torch.is_autocast_enabled(dev) else None
     x = F.embedding(tokens, p["tok_emb"])
     if cfg.bigram_vocab:
-        w = p["bigram_proj"] * p["bigram_scale"]  # scalar gain folded into the weight (see the value embeddings)
-        x = x + F.linear(F.embedding(bigram_hash(tokens, cfg.bigram_vocab), p["bigram_emb"]), w)
+        big = F.linear(F.embedding(bigram_hash(tokens, cfg.bigram_vocab), p["bigram_emb"]), p["bigram_proj"])
+        x = x + p["bigram_scale"].to(x.dtype) * big
     x = _rms(x)
     if lowp is not None:
         x = x.to(lowp)
@@ -184,6 +182,15 @@ def gpt_loss(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, targets:
         return logits
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
     return nll.view(targets.shape) if reduction == "none" else nll
+
+
+def inductor_options() -> dict[str, object]:
+    """Inductor options for ``compile_core``. Mix-order reductions (one kernel doing an RMSNorm-backward row
+    reduction *and* the column sums of the per-channel gains' gradients) ran ~10x below memory bandwidth on H100
+    and cost 5% of a step (docs/benchmarks.md), so they are off where this torch has them."""
+    import torch._inductor.config as icfg
+
+    return {"triton.mix_order_reduction": False} if hasattr(icfg.triton, "mix_order_reduction") else {}
 
 
 def _param(*shape: int, std: float | None = None, fill: float | None = None) -> nn.Parameter:
@@ -243,16 +250,12 @@ class BankedGPT(nn.Module):
         self._core = gpt_loss
         self._rope_cache: dict[str, tuple[Tensor, Tensor]] = {}  # per device, the longest length seen
 
-    # Inductor options for compile_core. Mix-order reductions (one kernel doing the RMSNorm-backward row
-    # reduction *and* the column sums of the per-channel gains' gradients) ran ~10x below memory bandwidth
-    # here (docs/benchmarks.md), so they are off.
-    COMPILE_OPTIONS: dict = {"triton.mix_order_reduction": False}
-
     def compile_core(self, **kwargs) -> "BankedGPT":
         """torch.compile the functional core in place. Unlike ``torch.compile(model)`` this keeps parameter
-        names and the ``params=`` path compiled too, so meta-training and TTT inner loops run the fast graph."""
+        names and the ``params=`` path compiled too, so meta-training and TTT inner loops run the fast graph.
+        Without ``mode``/``options`` it passes ``inductor_options()``."""
         if "mode" not in kwargs:
-            kwargs.setdefault("options", dict(self.COMPILE_OPTIONS))
+            kwargs.setdefault("options", inductor_options())
         self._core = torch.compile(gpt_loss, dynamic=False, **kwargs)
         return self
 

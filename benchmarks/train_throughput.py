@@ -218,9 +218,10 @@ def main() -> int:
     finally:
         teardown()
     if info.is_main:
-        print(f"\n{'variant':<16}{'ms/step':>10}{'tok/s/GPU':>12}{'MFU':>7}{'peak GiB':>10}{'world':>7}")
+        w = max(16, *(len(r["variant"]) + 2 for r in rows))
+        print(f"\n{'variant':<{w}}{'ms/step':>10}{'tok/s/GPU':>12}{'MFU':>7}{'peak GiB':>10}{'world':>7}")
         for r in rows:
-            print(f"{r['variant']:<16}{r['ms_per_step']:>10.1f}{r['tokens_per_s_per_gpu']:>12,.0f}"
+            print(f"{r['variant']:<{w}}{r['ms_per_step']:>10.1f}{r['tokens_per_s_per_gpu']:>12,.0f}"
                   f"{100 * r['mfu']:>6.1f}%{r['peak_mem_gib']:>10.1f}{r['world_size']:>7}")
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=2))

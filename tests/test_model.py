@@ -173,6 +173,25 @@ def test_fused_qkv_equals_three_gemms():
     assert g_fused[1].abs().sum() > 0  # the V half of kv_bank gets gradient through the fused path too
 
 
+@pytest.mark.parametrize("parallel_start", [None, 1])
+def test_folded_gains_equal_scaled_outputs(parallel_start):
+    """attn_scale/mlp_scale folded into the out/down weights: same loss and same gradients for every parameter."""
+    model = randomize(BankedGPT(tiny(parallel_start=parallel_start))).double()
+    tok = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    params = [p for _, p in model.named_parameters()]
+    outs, grads = [], []
+    for fold in (True, False):
+        model.runtime = Runtime(fold_gains=fold)
+        loss = model(tok[:, :-1], tok[:, 1:], reduction="none")
+        outs.append(loss)
+        grads.append(torch.autograd.grad(loss.sum(), params))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    g = dict(zip([n for n, _ in model.named_parameters()], grads[0]))
+    assert g["blocks.0.attn_scale"].abs().sum() > 0 and g["blocks.2.mlp_scale"].abs().sum() > 0
+
+
 def test_bf16_residual_stream_only_under_autocast():
     model = randomize(BankedGPT(tiny()))
     tok = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))

@@ -36,10 +36,14 @@ class Runtime:
     ``residual_dtype="bfloat16"`` keeps the residual stream in the autocast dtype while autocast is on (halves
     the memory traffic of the norm/residual kernels that dominate a step's non-GEMM time; fp32 params stay the
     master copy). ``fused_qkv`` computes Q, K and V with one GEMM on the concatenated bank slices.
+    ``fold_gains`` multiplies the per-channel ``attn_scale``/``mlp_scale`` into the rows of the out-projection
+    and down-projection before the GEMM (the same function: ``s * (y @ W.T) == y @ (s[:, None] * W).T``), so the
+    backward gets their gradients from the small weight gradient instead of a column sum over every token.
     """
 
     residual_dtype: str = "float32"
     fused_qkv: bool = True
+    fold_gains: bool = True
 
     def __post_init__(self) -> None:
         if self.residual_dtype not in ("float32", "bfloat16"):
@@ -94,7 +98,8 @@ def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, fused
 
 
 def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, tokens: Tensor,
-               attn: str, rope: tuple[Tensor, Tensor], rt: Runtime) -> Tensor:
+               attn: str, rope: tuple[Tensor, Tensor], rt: Runtime, gain: Tensor | None = None) -> Tensor:
+    """Attention branch; ``gain`` (d,) scales the output channels inside the out-projection's weight."""
     b, t, _ = h.shape
     nl, hd = cfg.num_layers, cfg.head_dim
     q, k, v = _qkv(cfg, p, h, layer, rt.fused_qkv)
@@ -115,12 +120,16 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
         yg = y.view(b, t, cfg.num_kv_heads, g, hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
         y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(b, t, cfg.num_heads, hd)
-    return F.linear(y.reshape(b, t, cfg.model_dim), p["qo_bank"][nl + layer])
+    return F.linear(y.reshape(b, t, cfg.model_dim), _scaled_rows(p["qo_bank"][nl + layer], gain))
 
 
-def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int) -> Tensor:
+def _scaled_rows(w: Tensor, gain: Tensor | None) -> Tensor:
+    return w if gain is None else gain[:, None] * w
+
+
+def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, gain: Tensor | None = None) -> Tensor:
     a = F.leaky_relu(F.linear(h, p["mlp_up_bank"][layer]), cfg.leaky_slope)
-    return F.linear(a * a, p["mlp_down_bank"][layer])
+    return F.linear(a * a, _scaled_rows(p["mlp_down_bank"][layer], gain))
 
 
 def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, layer: int, virtual: int,
@@ -129,8 +138,14 @@ def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, lay
     mix = p[pre + "resid_mix"].to(x.dtype)
     x = mix[0] * x + mix[1] * x0
     s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
-    attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
     h = _rms(x) * s
+    if rt.fold_gains:
+        a = _attention(cfg, p, h, layer, tokens, attn, rope, rt, gain=p[pre + "attn_scale"])
+        if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
+            return x + a + _mlp(cfg, p, h, layer, gain=p[pre + "mlp_scale"])
+        x = x + a
+        return x + _mlp(cfg, p, _rms(x) * s, layer, gain=p[pre + "mlp_scale"])
+    attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
     a = _attention(cfg, p, h, layer, tokens, attn, rope, rt)
     if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
         return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer)

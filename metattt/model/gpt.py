@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import qkv_prep
 from .attention import causal_attention
 from .config import ModelConfig
 
@@ -39,11 +40,14 @@ class Runtime:
     ``fold_gains`` multiplies the per-channel ``attn_scale``/``mlp_scale`` into the rows of the out-projection
     and down-projection before the GEMM (the same function: ``s * (y @ W.T) == y @ (s[:, None] * W).T``), so the
     backward gets their gradients from the small weight gradient instead of a column sum over every token.
+    ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
+    precision, fused QKV only; ``metattt.kernels.qkv_prep``).
     """
 
     residual_dtype: str = "float32"
     fused_qkv: bool = True
     fold_gains: bool = True
+    qkv_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.residual_dtype not in ("float32", "bfloat16"):
@@ -88,31 +92,32 @@ def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
     return h
 
 
-def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, fused: bool) -> tuple[Tensor, ...]:
+def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int) -> tuple[Tensor, ...]:
     nl = cfg.num_layers
-    w_q, w_k, w_v = p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]
-    if not fused:
-        return F.linear(h, w_q), F.linear(h, w_k), F.linear(h, w_v)
-    qkv = F.linear(h, torch.cat((w_q, w_k, w_v)))  # one GEMM reads h once (and one dgrad GEMM in backward)
-    return qkv.split((cfg.model_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+    return (F.linear(h, p["qo_bank"][layer]), F.linear(h, p["kv_bank"][layer]),
+            F.linear(h, p["kv_bank"][nl + layer]))
 
 
 def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, tokens: Tensor,
                attn: str, rope: tuple[Tensor, Tensor], rt: Runtime, gain: Tensor | None = None) -> Tensor:
     """Attention branch; ``gain`` (d,) scales the output channels inside the out-projection's weight."""
     b, t, _ = h.shape
-    nl, hd = cfg.num_layers, cfg.head_dim
-    q, k, v = _qkv(cfg, p, h, layer, rt.fused_qkv)
-    q = q.reshape(b, t, cfg.num_heads, hd)
-    k = k.reshape(b, t, cfg.num_kv_heads, hd)
+    nl, hd, nh, nkv = cfg.num_layers, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    q_gain = p[f"blocks.{layer}.q_gain"]
+    qkv = F.linear(h, torch.cat((p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]))) \
+        if rt.fused_qkv else None  # one GEMM reads h once (and one dgrad GEMM in backward)
+    if qkv is not None and rt.qkv_kernel and qkv_prep.available(qkv, hd, cfg.rope_dims):
+        q, k, v = qkv_prep.qkv_prep(qkv, rope[0][0, :, 0], rope[1][0, :, 0], q_gain, nh, nkv, cfg.rope_dims)
+    else:
+        q, k, v = _qkv(cfg, p, h, layer) if qkv is None else \
+            qkv.split((cfg.model_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+        q = _rope(_rms(q.reshape(b, t, nh, hd)), cfg.rope_dims, rope) * q_gain.to(q.dtype)[None, None, :, None]
+        k = _rope(_rms(k.reshape(b, t, nkv, hd)), cfg.rope_dims, rope)
+        v = v.reshape(b, t, nkv, hd)
     if layer in cfg.ve_layers:
         j = cfg.ve_layers.index(layer)
         ve = F.linear(F.embedding(tokens, p["ve_emb"]), p["ve_proj"])
-        v = v + p["ve_scales"][j].to(v.dtype) * ve.to(v.dtype)
-    v = v.reshape(b, t, cfg.num_kv_heads, hd)
-    q = _rope(_rms(q), cfg.rope_dims, rope)
-    k = _rope(_rms(k), cfg.rope_dims, rope)
-    q = q * p[f"blocks.{layer}.q_gain"].to(q.dtype)[None, None, :, None]
+        v = v + p["ve_scales"][j].to(v.dtype) * ve.to(v.dtype).view(b, t, nkv, hd)
     y = causal_attention(q, k, v, attn)
     if layer in cfg.xsa_layers:
         # Exclusive self-attention: remove the component of each head's output along its own value vector.

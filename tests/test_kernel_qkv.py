@@ -113,7 +113,9 @@ def test_triton_kernel_on_gpu():
 
 
 @pytest.mark.gpu
-def test_compiled_model_with_kernel_matches_without():
+def test_compiled_model_with_kernel_as_accurate_as_without():
+    """Against the fp32 eager model, the compiled bf16 model with the kernel is as close as the one without
+    (per parameter gradient; bf16 noise alone is several % on scalar gains)."""
     from metattt.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=256, num_layers=3, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16,
@@ -124,16 +126,19 @@ def test_compiled_model_with_kernel_matches_without():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     tok = torch.randint(0, cfg.vocab_size, (4, 257), device="cuda")
-    results = []
+    params = list(model.parameters())
+    ref_loss = model(tok[:, :-1], tok[:, 1:])  # eager fp32: the kernel path is not taken
+    ref = torch.autograd.grad(ref_loss, params)
+    runs = {}
     for kernel in (True, False):
         model.runtime = Runtime(qkv_kernel=kernel)
         model.compile_core()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(tok[:, :-1], tok[:, 1:])
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        results.append((loss.float(), grads))
-    (l1, g1), (l2, g2) = results
-    assert abs(l1.item() - l2.item()) < 2e-3 * abs(l2.item())
-    for (name, _), a, b in zip(model.named_parameters(), g1, g2):
-        err = (a - b).norm() / b.norm().clamp_min(1e-12)
-        assert err < 3e-2, f"{name}: relative gradient error {err:.3g}"
+        runs[kernel] = (loss.float().item(), torch.autograd.grad(loss, params))
+    for kernel in (True, False):
+        assert abs(runs[kernel][0] - ref_loss.item()) < 5e-3 * ref_loss.item()
+    for (name, _), r, a, b in zip(model.named_parameters(), ref, runs[True][1], runs[False][1]):
+        err_k = ((a - r).norm() / r.norm().clamp_min(1e-12)).item()
+        err_n = ((b - r).norm() / r.norm().clamp_min(1e-12)).item()
+        assert err_k <= 1.5 * err_n + 5e-3, f"{name}: kernel {err_k:.3g} vs Inductor {err_n:.3g} (fp32 reference)"

@@ -8,6 +8,8 @@ dQKV once (plus a (row-blocks, heads) partial sum for the gain gradient). Same f
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,6 +48,11 @@ def available(x: Tensor, head_dim: int, rope_dims: int) -> bool:
 
 
 if triton is not None:
+    # tile height and warps tuned once per row count; the interpreter (tests) gets one config whose tile spans
+    # two gain-gradient slots, so that path is exercised on CPU too
+    _MIN_BLOCK_M = 16
+    _CONFIGS = [triton.Config({"BLOCK_M": 32}, num_warps=1)] if os.environ.get("TRITON_INTERPRET") == "1" else [
+        triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((16, 2), (32, 4), (64, 4), (64, 8), (128, 8))]
 
     @triton.jit
     def _rope_coeffs(rows, cols, cos, sin, T, rmask, D: tl.constexpr, R: tl.constexpr):
@@ -62,6 +69,7 @@ if triton is not None:
         s = tl.where((cols < half)[None, :], -s, s)
         return c, s, partner
 
+    @triton.autotune(configs=_CONFIGS, key=["M"])
     @triton.jit
     def _fwd_kernel(qkv, q_out, k_out, v_out, cos, sin, gain, M, T, eps,
                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -87,10 +95,12 @@ if triton is not None:
             dst = v_out + rows[:, None] * (HK * D) + (h - HQ - HK) * D + cols[None, :]
             tl.store(dst, x.to(v_out.dtype.element_ty), mask=rmask[:, None])
 
+    @triton.autotune(configs=_CONFIGS, key=["M"])
     @triton.jit
     def _bwd_kernel(qkv, dq, dk, dv, cos, sin, gain, dqkv, dgain_part, M, T, eps,
-                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-                    HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
+                    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, n_part,
+                    HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, MIN_M: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
         rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,7 +123,12 @@ if triton is not None:
             if h < HQ:
                 xp = tl.load(qkv + row_base + partner[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
                 pre = n * c + xp * r[:, None] * s  # the output before the gain
-                tl.store(dgain_part + pid * HQ + h, tl.sum(tl.sum(go * pre, axis=1), axis=0))
+                # the gain-gradient partial goes in the first of this tile's MIN_M-row slots, zeros in the rest,
+                # so every slot is written whatever tile size autotuning picked (no stale values)
+                sub = tl.arange(0, BLOCK_M // MIN_M)
+                slot = pid * (BLOCK_M // MIN_M) + sub
+                total = tl.sum(tl.sum(go * pre, axis=1), axis=0)
+                tl.store(dgain_part + slot * HQ + h, tl.where(sub == 0, total, 0.0), mask=slot < n_part)
                 g = tl.load(gain + h).to(tl.float32)
                 go = go * g
                 gp = gp * g
@@ -125,8 +140,6 @@ if triton is not None:
             gv = tl.load(src, mask=rmask[:, None], other=0.0)
             tl.store(dqkv + row_base + cols[None, :], gv.to(dqkv.dtype.element_ty), mask=rmask[:, None])
 
-    _BLOCK_M = 32
-
     @torch.library.triton_op("metattt::qkv_prep", mutates_args=())
     def _qkv_prep(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, kv_heads: int,
                   rope_dims: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,10 +148,12 @@ if triton is not None:
         q = qkv.new_empty(b, t, heads, d)
         k = qkv.new_empty(b, t, kv_heads, d)
         v = qkv.new_empty(b, t, kv_heads, d)
-        grid = (triton.cdiv(b * t, _BLOCK_M), heads + 2 * kv_heads)
+        def grid(meta):
+            return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
+
         torch.library.wrap_triton(_fwd_kernel)[grid](
             qkv, q, k, v, cos, sin, gain, b * t, t, torch.finfo(qkv.dtype).eps,
-            HQ=heads, HK=kv_heads, D=d, R=rope_dims, BLOCK_M=_BLOCK_M, num_warps=4)
+            HQ=heads, HK=kv_heads, D=d, R=rope_dims)
         return q, k, v
 
     @torch.library.triton_op("metattt::qkv_prep_bwd", mutates_args=())
@@ -147,12 +162,16 @@ if triton is not None:
         b, t, width = qkv.shape
         d = width // (heads + 2 * kv_heads)
         dqkv = torch.empty_like(qkv)
-        blocks = triton.cdiv(b * t, _BLOCK_M)
-        part = torch.empty(blocks, heads, device=qkv.device, dtype=torch.float32)
+        # one partial gain-gradient row per MIN_M rows, whatever tile the autotuner picks
+        part = torch.empty(triton.cdiv(b * t, _MIN_BLOCK_M), heads, device=qkv.device, dtype=torch.float32)
         strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]  # (B,T,H,D), any strides but unit along D
-        torch.library.wrap_triton(_bwd_kernel)[(blocks, heads + 2 * kv_heads)](
-            qkv, dq, dk, dv, cos, sin, gain, dqkv, part, b * t, t, torch.finfo(qkv.dtype).eps, *strides,
-            HQ=heads, HK=kv_heads, D=d, R=rope_dims, BLOCK_M=_BLOCK_M, num_warps=4)
+
+        def grid(meta):
+            return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
+
+        torch.library.wrap_triton(_bwd_kernel)[grid](
+            qkv, dq, dk, dv, cos, sin, gain, dqkv, part, b * t, t, torch.finfo(qkv.dtype).eps, *strides, part.size(0),
+            HQ=heads, HK=kv_heads, D=d, R=rope_dims, MIN_M=_MIN_BLOCK_M)
         return dqkv, part.sum(0).to(gain.dtype)
 
     def _setup(ctx, inputs, output) -> None:

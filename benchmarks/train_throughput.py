@@ -167,6 +167,7 @@ def run_variant(name: str, args, info) -> dict:
 
 
 KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins: where a step's time goes
+    ("metattt triton", ("metattt_",)),  # metattt.kernels (hand-written Triton kernels)
     ("inductor fused", ("triton_",)),  # before copy/cast: Inductor names fused kernels after their ops (_to_copy)
     ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
     ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "wgmma")),

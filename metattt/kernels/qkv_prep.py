@@ -71,7 +71,7 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["M"])
     @triton.jit
-    def _fwd_kernel(qkv, q_out, k_out, v_out, cos, sin, gain, M, T, eps,
+    def metattt_qkv_fwd(qkv, q_out, k_out, v_out, cos, sin, gain, M, T, eps,
                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
@@ -97,7 +97,7 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["M"])
     @triton.jit
-    def _bwd_kernel(qkv, dq, dk, dv, cos, sin, gain, dqkv, dgain_part, M, T, eps,
+    def metattt_qkv_bwd(qkv, dq, dk, dv, cos, sin, gain, dqkv, dgain_part, M, T, eps,
                     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, n_part,
                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, MIN_M: tl.constexpr,
                     BLOCK_M: tl.constexpr):
@@ -151,7 +151,7 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
 
-        torch.library.wrap_triton(_fwd_kernel)[grid](
+        torch.library.wrap_triton(metattt_qkv_fwd)[grid](
             qkv, q, k, v, cos, sin, gain, b * t, t, torch.finfo(qkv.dtype).eps,
             HQ=heads, HK=kv_heads, D=d, R=rope_dims)
         return q, k, v
@@ -169,7 +169,7 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
 
-        torch.library.wrap_triton(_bwd_kernel)[grid](
+        torch.library.wrap_triton(metattt_qkv_bwd)[grid](
             qkv, dq, dk, dv, cos, sin, gain, dqkv, part, b * t, t, torch.finfo(qkv.dtype).eps, *strides, part.size(0),
             HQ=heads, HK=kv_heads, D=d, R=rope_dims, MIN_M=_MIN_BLOCK_M)
         return dqkv, part.sum(0).to(gain.dtype)

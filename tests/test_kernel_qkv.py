@@ -113,7 +113,8 @@ def test_triton_kernel_on_gpu():
 
 
 @pytest.mark.gpu
-def test_compiled_model_with_kernel_as_accurate_as_without():
+@pytest.mark.parametrize("flag", ["qkv_kernel", "mlp_kernel"])
+def test_compiled_model_with_kernel_as_accurate_as_without(flag):
     """Against the fp32 eager model, the compiled bf16 model with the kernel is as close as the one without
     (per parameter gradient; bf16 noise alone is several % on scalar gains)."""
     from metattt.model import ModelConfig
@@ -131,7 +132,7 @@ def test_compiled_model_with_kernel_as_accurate_as_without():
     ref = torch.autograd.grad(ref_loss, params)
     runs = {}
     for kernel in (True, False):
-        model.runtime = Runtime(qkv_kernel=kernel)
+        model.runtime = Runtime(**{flag: kernel})
         model.compile_core()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(tok[:, :-1], tok[:, 1:])

@@ -170,12 +170,12 @@ def test_every_autotune_config_compiles_for_sm90():
         pytest.skip("TRITON_INTERPRET=1 replaces the JIT; AOT compilation needs the real one")
     m, n, k = 98304, 512, 1536
     cases = {  # kernel: (configs, pointer dtypes, the integer arguments' values at the model's shape)
-        leaky_mlp._fwd_kernel: (leaky_mlp._FWD_CONFIGS, dict(u_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16"),
+        leaky_mlp.metattt_mlp_fwd: (leaky_mlp._FWD_CONFIGS, dict(u_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16"),
                                 dict(M=m, N=n, K=k, s_um=k, s_uk=1, s_wn=k, s_wk=1, s_om=n, s_on=1)),
-        leaky_mlp._dgrad_kernel: (leaky_mlp._DGRAD_CONFIGS,
+        leaky_mlp.metattt_mlp_dgrad: (leaky_mlp._DGRAD_CONFIGS,
                                   dict(g_ptr="*bf16", w_ptr="*bf16", u_ptr="*bf16", du_ptr="*bf16"),
                                   dict(M=m, N=n, K=k, s_gm=n, s_gn=1, s_wn=k, s_wk=1, s_um=k, s_uk=1, s_dm=k, s_dk=1)),
-        leaky_mlp._wgrad_kernel: (leaky_mlp._WGRAD_CONFIGS, dict(u_ptr="*bf16", g_ptr="*bf16", part_ptr="*fp32"),
+        leaky_mlp.metattt_mlp_wgrad: (leaky_mlp._WGRAD_CONFIGS, dict(u_ptr="*bf16", g_ptr="*bf16", part_ptr="*fp32"),
                                   dict(M=m, N=n, K=k, rows_per_split=9088, s_um=k, s_uk=1, s_gm=n, s_gn=1,
                                        s_ps=n * k, s_pn=k, s_pk=1)),
     }
@@ -262,6 +262,6 @@ def test_fused_traces_under_torch_compile_fullgraph():
     with torch._inductor.config.patch(fx_graph_cache=False):  # compile fresh so the code is captured
         (out, du, dw), codes = run_and_get_code(step)
     src = "\n".join(codes)
-    for name in ("_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel"):
+    for name in ("metattt_mlp_fwd", "metattt_mlp_dgrad", "metattt_mlp_wgrad"):
         assert name in src, f"{name} not in Inductor's output"
     _check_against_fp32(u, w, g, out, du, dw)

@@ -85,7 +85,7 @@ if HAS_TRITON:
         return lk * lk
 
     @triton.jit
-    def _fwd_kernel(u_ptr, w_ptr, out_ptr, M, N, K, slope,
+    def metattt_mlp_fwd(u_ptr, w_ptr, out_ptr, M, N, K, slope,
                     s_um, s_uk, s_wn, s_wk, s_om, s_on,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT_AS_B: tl.constexpr):
         """out[M, N] = act(u)[M, K] @ w[N, K].T; tile BLOCK_M x BLOCK_N, loop over K.
@@ -122,7 +122,7 @@ if HAS_TRITON:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
-    def _dgrad_kernel(g_ptr, w_ptr, u_ptr, du_ptr, M, N, K, slope,
+    def metattt_mlp_dgrad(g_ptr, w_ptr, u_ptr, du_ptr, M, N, K, slope,
                       s_gm, s_gn, s_wn, s_wk, s_um, s_uk, s_dm, s_dk,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """grad_u[M, K] = (g[M, N] @ w[N, K]) * act'(u); tile BLOCK_M x BLOCK_K, loop over N."""
@@ -150,7 +150,7 @@ if HAS_TRITON:
         tl.store(d_ptrs, (acc * d).to(du_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
     @triton.jit
-    def _wgrad_kernel(u_ptr, g_ptr, part_ptr, M, N, K, slope, rows_per_split,
+    def metattt_mlp_wgrad(u_ptr, g_ptr, part_ptr, M, N, K, slope, rows_per_split,
                       s_um, s_uk, s_gm, s_gn, s_ps, s_pn, s_pk,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT_AS_B: tl.constexpr):
         """part[s] = g.T @ act(u) over rows [s·rows_per_split, (s+1)·rows_per_split) of M; tile BLOCK_N x BLOCK_K.
@@ -207,9 +207,9 @@ if HAS_TRITON:
                       _cfg(64, 128, 256, 8, 3, ACT_AS_B=False), _cfg(64, 128, 128, 4, 4, ACT_AS_B=True),
                       _cfg(64, 128, 128, 8, 3, ACT_AS_B=True), _cfg(64, 128, 256, 8, 3, ACT_AS_B=True)]
     _KEY = ["M", "N", "K"]
-    _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
-    _dgrad_tuned = triton.autotune(configs=_DGRAD_CONFIGS, key=_KEY)(_dgrad_kernel)
-    _wgrad_tuned = triton.autotune(configs=_WGRAD_CONFIGS, key=_KEY)(_wgrad_kernel)
+    _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(metattt_mlp_fwd)
+    _dgrad_tuned = triton.autotune(configs=_DGRAD_CONFIGS, key=_KEY)(metattt_mlp_dgrad)
+    _wgrad_tuned = triton.autotune(configs=_WGRAD_CONFIGS, key=_KEY)(metattt_mlp_wgrad)
     _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)  # TRITON_INTERPRET: one small tile, no autotune
     _INTERP_ACT_AS_B = False  # tests flip it to run both operand placements
     _ROWS_ALIGN = 128  # split-K chunks are a multiple of every wgrad BLOCK_M (and of the interpreter's)
@@ -242,7 +242,7 @@ if HAS_TRITON:
         args = (u, w, out, m, n, k, slope, *u.stride(), *w.stride(), *out.stride())
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         if _INTERPRET:
-            _fwd_kernel[grid](*args, **_INTERP_BLOCKS, ACT_AS_B=_INTERP_ACT_AS_B)
+            metattt_mlp_fwd[grid](*args, **_INTERP_BLOCKS, ACT_AS_B=_INTERP_ACT_AS_B)
         else:
             wrap_triton(_fwd_tuned)[grid](*args)
         return out
@@ -256,7 +256,7 @@ if HAS_TRITON:
         args = (g, w, u, du, m, n, k, slope, *g.stride(), *w.stride(), *u.stride(), *du.stride())
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_K"]),)  # noqa: E731
         if _INTERPRET:
-            _dgrad_kernel[grid](*args, **_INTERP_BLOCKS)
+            metattt_mlp_dgrad[grid](*args, **_INTERP_BLOCKS)
         else:
             wrap_triton(_dgrad_tuned)[grid](*args)
         return du
@@ -276,7 +276,7 @@ if HAS_TRITON:
         args = (u, g, part, m, n, k, slope, rows, *u.stride(), *g.stride(), *part.stride())
         grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]) * triton.cdiv(n, META["BLOCK_N"]), split)  # noqa: E731
         if _INTERPRET:
-            _wgrad_kernel[grid](*args, **_INTERP_BLOCKS, ACT_AS_B=_INTERP_ACT_AS_B)
+            metattt_mlp_wgrad[grid](*args, **_INTERP_BLOCKS, ACT_AS_B=_INTERP_ACT_AS_B)
         else:
             wrap_triton(_wgrad_tuned)[grid](*args)
         return part.sum(0).to(u.dtype)

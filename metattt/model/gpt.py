@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import qkv_prep
+from ..kernels import leaky_mlp, qkv_prep
 from .attention import causal_attention
 from .config import ModelConfig
 
@@ -41,13 +41,15 @@ class Runtime:
     and down-projection before the GEMM (the same function: ``s * (y @ W.T) == y @ (s[:, None] * W).T``), so the
     backward gets their gradients from the small weight gradient instead of a column sum over every token.
     ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
-    precision, fused QKV only; ``metattt.kernels.qkv_prep``).
+    precision, fused QKV only; ``metattt.kernels.qkv_prep``). ``mlp_kernel`` recomputes LeakyReLU² inside the
+    down-projection's Triton GEMMs instead of storing it (``metattt.kernels.leaky_mlp``; CUDA, half precision).
     """
 
     residual_dtype: str = "float32"
     fused_qkv: bool = True
     fold_gains: bool = True
     qkv_kernel: bool = True
+    mlp_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.residual_dtype not in ("float32", "bfloat16"):
@@ -132,9 +134,14 @@ def _scaled_rows(w: Tensor, gain: Tensor | None) -> Tensor:
     return w if gain is None else gain[:, None] * w
 
 
-def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, gain: Tensor | None = None) -> Tensor:
-    a = F.leaky_relu(F.linear(h, p["mlp_up_bank"][layer]), cfg.leaky_slope)
-    return F.linear(a * a, _scaled_rows(p["mlp_down_bank"][layer], gain))
+def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: Runtime,
+         gain: Tensor | None = None) -> Tensor:
+    u = F.linear(h, p["mlp_up_bank"][layer])
+    w = _scaled_rows(p["mlp_down_bank"][layer], gain)
+    if rt.mlp_kernel and u.dtype in (torch.bfloat16, torch.float16) and leaky_mlp.fused_mlp_available(u.device):
+        return leaky_mlp.leaky2_down(u, w, cfg.leaky_slope)  # the activation recomputed inside the GEMMs
+    a = F.leaky_relu(u, cfg.leaky_slope)
+    return F.linear(a * a, w)
 
 
 def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, layer: int, virtual: int,
@@ -147,15 +154,15 @@ def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, lay
     if rt.fold_gains:
         a = _attention(cfg, p, h, layer, tokens, attn, rope, rt, gain=p[pre + "attn_scale"])
         if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
-            return x + a + _mlp(cfg, p, h, layer, gain=p[pre + "mlp_scale"])
+            return x + a + _mlp(cfg, p, h, layer, rt, gain=p[pre + "mlp_scale"])
         x = x + a
-        return x + _mlp(cfg, p, _rms(x) * s, layer, gain=p[pre + "mlp_scale"])
+        return x + _mlp(cfg, p, _rms(x) * s, layer, rt, gain=p[pre + "mlp_scale"])
     attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
     a = _attention(cfg, p, h, layer, tokens, attn, rope, rt)
     if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
-        return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer)
+        return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer, rt)
     x = x + attn_scale * a
-    return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer)
+    return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer, rt)
 
 
 def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto",

@@ -15,11 +15,11 @@ import train_throughput as tt  # noqa: E402
 
 
 def test_variant_tokens():
-    v = tt.parse_variant("compile+bf16+unfused-qkv+unfolded+no-qkv-kernel+no-mlp-kernel+mb=196608+attn=sdpa-cudnn+ind:max_autotune=1")
-    assert v["compile"] and v["bf16"] and not v["fused_qkv"] and not v["fold_gains"] and not v["qkv_kernel"] and not v["mlp_kernel"] and v["mb"] == 196608 and v["attn"] == "sdpa-cudnn"
+    v = tt.parse_variant("compile+bf16+unfused-qkv+unfolded+no-qkv-kernel+mlp-kernel+mb=196608+attn=sdpa-cudnn+ind:max_autotune=1")
+    assert v["compile"] and v["bf16"] and not v["fused_qkv"] and not v["fold_gains"] and not v["qkv_kernel"] and v["mlp_kernel"] and v["mb"] == 196608 and v["attn"] == "sdpa-cudnn"
     assert v["inductor"] == {"max_autotune": True}  # parsed to the option's own type
     plain = tt.parse_variant("eager")
-    assert not plain["compile"] and not plain["bf16"] and plain["fused_qkv"] and plain["fold_gains"] and plain["inductor"] == {}
+    assert not plain["compile"] and not plain["bf16"] and plain["fused_qkv"] and plain["fold_gains"] and not plain["mlp_kernel"] and plain["inductor"] == {}
     with pytest.raises(SystemExit, match="unknown variant token"):
         tt.parse_variant("compile+fast")
     with pytest.raises(SystemExit, match="unknown Inductor option"):

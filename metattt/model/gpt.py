@@ -41,15 +41,16 @@ class Runtime:
     and down-projection before the GEMM (the same function: ``s * (y @ W.T) == y @ (s[:, None] * W).T``), so the
     backward gets their gradients from the small weight gradient instead of a column sum over every token.
     ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
-    precision, fused QKV only; ``metattt.kernels.qkv_prep``). ``mlp_kernel`` recomputes LeakyReLU² inside the
-    down-projection's Triton GEMMs instead of storing it (``metattt.kernels.leaky_mlp``; CUDA, half precision).
+    precision, fused QKV only; ``metattt.kernels.qkv_prep``). ``mlp_kernel`` (off: measured slower, see
+    docs/benchmarks.md) recomputes LeakyReLU² inside the down-projection's Triton GEMMs instead of storing it
+    (``metattt.kernels.leaky_mlp``; CUDA, half precision).
     """
 
     residual_dtype: str = "float32"
     fused_qkv: bool = True
     fold_gains: bool = True
     qkv_kernel: bool = True
-    mlp_kernel: bool = True
+    mlp_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_dtype not in ("float32", "bfloat16"):

@@ -75,10 +75,10 @@ if triton is not None:
                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 row math (no 64-bit division); int64 addresses
         cols = tl.arange(0, D)
         rmask = rows < M
-        row_base = rows[:, None] * ((HQ + 2 * HK) * D) + h * D
+        row_base = rows[:, None].to(tl.int64) * ((HQ + 2 * HK) * D) + h * D
         x = tl.load(qkv + row_base + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
         if h < HQ + HK:
             c, s, partner = _rope_coeffs(rows, cols, cos, sin, T, rmask, D, R)
@@ -103,12 +103,12 @@ if triton is not None:
                     BLOCK_M: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 row math (no 64-bit division); int64 addresses
         cols = tl.arange(0, D)
         rmask = rows < M
-        b = rows // T
-        t = rows % T
-        row_base = rows[:, None] * ((HQ + 2 * HK) * D) + h * D
+        b = (rows // T).to(tl.int64)
+        t = (rows % T).to(tl.int64)
+        row_base = rows[:, None].to(tl.int64) * ((HQ + 2 * HK) * D) + h * D
         if h < HQ + HK:
             if h < HQ:
                 g_base = dq + (b * sq_b + t * sq_t + h * sq_h)[:, None]

@@ -37,9 +37,9 @@ def _float64_reference(qkv, cos, sin, gain, heads, kv_heads, rope_dims, eps):
     return prep(q, heads) * gain[:, None], prep(k, kv_heads), v.reshape(b, t, kv_heads, d)
 
 
-def _case(device, dtype, b=2, t=37, heads=4, kv_heads=2, d=16, rope_dims=8, seed=0):
+def _case(device, dtype, b=2, t=37, heads=4, kv_heads=2, d=16, rope_dims=8, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, t, (heads + 2 * kv_heads) * d, generator=g).to(device, dtype)
+    qkv = (torch.randn(b, t, (heads + 2 * kv_heads) * d, generator=g) * scale).to(device, dtype)
     ang = torch.rand(t + 5, rope_dims // 2, generator=g) * 3
     gain = torch.rand(heads, generator=g) + 0.5
     gain = gain.to(device, torch.float64 if dtype == torch.float64 else torch.float32)  # gains are fp32 params
@@ -53,7 +53,8 @@ def _check(out_fn, device, dtype, fwd_tol, bwd_tol, **shape):
     gain.requires_grad_(True)
     out = out_fn(qkv, cos, sin, gain, heads, kv_heads, rope_dims)
     q64, g64 = qkv.detach().double().requires_grad_(), gain.detach().double().requires_grad_()
-    ref = _float64_reference(q64, cos, sin, g64, heads, kv_heads, rope_dims, torch.finfo(dtype).eps)
+    eps = torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps  # F.rms_norm's
+    ref = _float64_reference(q64, cos, sin, g64, heads, kv_heads, rope_dims, eps)
     for a, r in zip(out, ref):
         assert a.shape == r.shape
         assert (a.double() - r).abs().max().item() <= fwd_tol * max(1.0, r.abs().max().item())
@@ -66,8 +67,19 @@ def _check(out_fn, device, dtype, fwd_tol, bwd_tol, **shape):
         assert (a.double() - r).abs().max().item() <= bwd_tol * r.abs().max().item()
 
 
+def test_rms_eps_is_what_f_rms_norm_uses():
+    """Half inputs are normed in float32 with float32's eps; vectors of rms ~0.05 show a wrong eps at once."""
+    x = torch.randn(8, 64, dtype=torch.float64) * 0.05
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        xd = x.to(dtype)
+        xf = xd.double()
+        want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + K.rms_eps(dtype))).to(dtype)
+        torch.testing.assert_close(F.rms_norm(xd, (64,)), want, rtol=1e-2, atol=0)  # bf16 eps: ~2x off
+
+
 def test_reference_matches_independent_formula():
     _check(K.reference, "cpu", torch.float64, 1e-12, 1e-12)
+    _check(K.reference, "cpu", torch.float64, 1e-12, 1e-12, scale=0.02)
     assert not K.available(torch.zeros(1, 1, 64), 16, 8)  # CPU tensors never take the Triton path
 
 
@@ -89,6 +101,7 @@ import metattt.kernels.qkv_prep as K
 op = lambda *a: torch.ops.metattt.qkv_prep(a[0], a[1][:a[0].size(1)].contiguous(), a[2][:a[0].size(1)].contiguous(), *a[3:])
 _check(op, "cpu", torch.float32, 1e-5, 1e-5)
 _check(op, "cpu", torch.bfloat16, 2e-2, 2e-2)
+_check(op, "cpu", torch.bfloat16, 2e-2, 2e-2, scale=0.02)  # small vectors: a wrong eps shows here
 _check(op, "cpu", torch.float32, 1e-5, 1e-5, b=1, t=45, heads=2, kv_heads=1, d=32, rope_dims=32)
 print("interpreter ok")
 """
@@ -110,6 +123,8 @@ def test_triton_kernel_on_gpu():
     assert K.available(torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16), 64, 16)
     _check(K.qkv_prep, "cuda", torch.bfloat16, 2e-2, 2e-2, b=3, t=2048, heads=8, kv_heads=4, d=64, rope_dims=16)
     _check(K.qkv_prep, "cuda", torch.float16, 5e-3, 5e-3, b=1, t=333, heads=8, kv_heads=4, d=64, rope_dims=16)
+    _check(K.qkv_prep, "cuda", torch.bfloat16, 2e-2, 2e-2, b=1, t=300, heads=8, kv_heads=4, d=64, rope_dims=16,
+           scale=0.02)  # rms ~0.02: a wrong eps would be off by far more than bf16 rounding
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ Why: after the fused QKV GEMM, Inductor spent four kernels (~0.4 ms per layer an
 training step) on the backward of norm → rope → gain and on re-assembling dQKV from dq, dk, dv. Here the
 forward reads QKV once and writes q, k, v once; the backward reads dq, dk, dv and the saved QKV once and writes
 dQKV once (plus a (row-blocks, heads) partial sum for the gain gradient). Same function as ``reference``;
-``eps`` follows ``F.rms_norm`` (``finfo(dtype).eps``).
+``eps`` is ``F.rms_norm``'s default (see ``rms_eps``).
 """
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def reference(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, k
 
     q = prep(q, heads) * gain.to(qkv.dtype)[:, None]
     return q, prep(k, kv_heads), v.reshape(b, t, kv_heads, d)
+
+
+def rms_eps(dtype: torch.dtype) -> float:
+    """``F.rms_norm``'s default eps: it computes half-precision inputs in float32 and takes float32's eps then
+    (not ``finfo(bfloat16).eps`` = 2^-7, which would change every norm of a small vector)."""
+    return torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
 
 
 def available(x: Tensor, head_dim: int, rope_dims: int) -> bool:
@@ -152,7 +158,7 @@ if triton is not None:
             return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
 
         torch.library.wrap_triton(metattt_qkv_fwd)[grid](
-            qkv, q, k, v, cos, sin, gain, b * t, t, torch.finfo(qkv.dtype).eps,
+            qkv, q, k, v, cos, sin, gain, b * t, t, rms_eps(qkv.dtype),
             HQ=heads, HK=kv_heads, D=d, R=rope_dims)
         return q, k, v
 
@@ -170,7 +176,7 @@ if triton is not None:
             return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
 
         torch.library.wrap_triton(metattt_qkv_bwd)[grid](
-            qkv, dq, dk, dv, cos, sin, gain, dqkv, part, b * t, t, torch.finfo(qkv.dtype).eps, *strides, part.size(0),
+            qkv, dq, dk, dv, cos, sin, gain, dqkv, part, b * t, t, rms_eps(qkv.dtype), *strides, part.size(0),
             HQ=heads, HK=kv_heads, D=d, R=rope_dims, MIN_M=_MIN_BLOCK_M)
         return dqkv, part.sum(0).to(gain.dtype)
 

@@ -43,7 +43,8 @@ class Runtime:
     ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
     precision, fused QKV only; ``metattt.kernels.qkv_prep``). ``mlp_kernel`` (off: measured slower, see
     docs/benchmarks.md) recomputes LeakyReLU² inside the down-projection's Triton GEMMs instead of storing it
-    (``metattt.kernels.leaky_mlp``; CUDA, half precision).
+    (``metattt.kernels.leaky_mlp``; CUDA, half precision). Neither kernel has a double backward, so
+    ``attn="math"`` (the twice-differentiable path second-order meta-learning uses) runs plain torch throughout.
     """
 
     residual_dtype: str = "float32"
@@ -109,7 +110,7 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
     q_gain = p[f"blocks.{layer}.q_gain"]
     qkv = F.linear(h, torch.cat((p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]))) \
         if rt.fused_qkv else None  # one GEMM reads h once (and one dgrad GEMM in backward)
-    if qkv is not None and rt.qkv_kernel and qkv_prep.available(qkv, hd, cfg.rope_dims):
+    if qkv is not None and rt.qkv_kernel and attn != "math" and qkv_prep.available(qkv, hd, cfg.rope_dims):
         q, k, v = qkv_prep.qkv_prep(qkv, rope[0][0, :, 0], rope[1][0, :, 0], q_gain, nh, nkv, cfg.rope_dims)
     else:
         q, k, v = _qkv(cfg, p, h, layer) if qkv is None else \
@@ -135,11 +136,11 @@ def _scaled_rows(w: Tensor, gain: Tensor | None) -> Tensor:
     return w if gain is None else gain[:, None] * w
 
 
-def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: Runtime,
+def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: Runtime, attn: str,
          gain: Tensor | None = None) -> Tensor:
     u = F.linear(h, p["mlp_up_bank"][layer])
     w = _scaled_rows(p["mlp_down_bank"][layer], gain)
-    if rt.mlp_kernel and u.dtype in (torch.bfloat16, torch.float16) and leaky_mlp.fused_mlp_available(u.device):
+    if rt.mlp_kernel and attn != "math" and u.dtype in (torch.bfloat16, torch.float16) and leaky_mlp.fused_mlp_available(u.device):
         return leaky_mlp.leaky2_down(u, w, cfg.leaky_slope)  # the activation recomputed inside the GEMMs
     a = F.leaky_relu(u, cfg.leaky_slope)
     return F.linear(a * a, w)
@@ -155,15 +156,15 @@ def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, lay
     if rt.fold_gains:
         a = _attention(cfg, p, h, layer, tokens, attn, rope, rt, gain=p[pre + "attn_scale"])
         if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
-            return x + a + _mlp(cfg, p, h, layer, rt, gain=p[pre + "mlp_scale"])
+            return x + a + _mlp(cfg, p, h, layer, rt, attn, gain=p[pre + "mlp_scale"])
         x = x + a
-        return x + _mlp(cfg, p, _rms(x) * s, layer, rt, gain=p[pre + "mlp_scale"])
+        return x + _mlp(cfg, p, _rms(x) * s, layer, rt, attn, gain=p[pre + "mlp_scale"])
     attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
     a = _attention(cfg, p, h, layer, tokens, attn, rope, rt)
     if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
-        return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer, rt)
+        return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer, rt, attn)
     x = x + attn_scale * a
-    return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer, rt)
+    return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer, rt, attn)
 
 
 def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto",

@@ -107,14 +107,50 @@ print("interpreter ok")
 """
 
 
+_INTERP_MODEL = r"""
+import sys, torch
+sys.path.insert(0, {repo!r})
+import metattt.model.gpt as G
+from metattt.model import BankedGPT, ModelConfig
+cfg = ModelConfig(vocab_size=64, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+                  xsa_layers=(2,), ve_layers=(1,), ve_dim=16, bigram_vocab=32, bigram_dim=8)
+torch.manual_seed(0)
+m = BankedGPT(cfg)
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+tok = torch.randint(0, 64, (2, 33))
+params = list(m.parameters())
+plain = G.qkv_prep.available
+out = []
+for forced in (True, False):
+    G.qkv_prep.available = (lambda *a: True) if forced else plain  # the kernel on CPU tensors (interpreter)
+    loss = m(tok[:, :-1], tok[:, 1:])
+    out.append((loss, torch.autograd.grad(loss, params)))
+torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=1e-6)
+for (n, _), a, b in zip(m.named_parameters(), out[0][1], out[1][1]):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda s, n=n: n + ": " + s)
+print("model ok")
+"""
+
+
+def _interpret(code: str) -> subprocess.CompletedProcess:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (CPU-only torch); the GPU tests cover the kernel on the device")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_model_with_kernel_in_interpreter_equals_torch_path():
+    """fp32, CPU, Triton interpreter: the model's kernel path (VE, XSA, GQA, q gains) is the same function with
+    the same gradients as its plain-torch path."""
+    res = _interpret(_INTERP_MODEL.format(repo=str(REPO)))
+    assert res.returncode == 0 and "model ok" in res.stdout, res.stderr[-3000:]
+
+
 def test_triton_kernel_in_interpreter():
     """Runs the real Triton kernels on CPU (TRITON_INTERPRET=1), forward and backward, odd row counts."""
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        pytest.skip("triton is not installed (CPU-only torch); the GPU test covers the kernel on the device")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = _INTERP.format(repo=str(REPO), tests=str(REPO / "tests"))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    res = _interpret(_INTERP.format(repo=str(REPO), tests=str(REPO / "tests")))
     assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -154,8 +190,12 @@ def test_compiled_model_with_kernel_as_accurate_as_without(flag):
         runs[kernel] = (loss.float().item(), torch.autograd.grad(loss, params))
     for kernel in (True, False):
         assert abs(runs[kernel][0] - ref_loss.item()) < 5e-3 * ref_loss.item()
+    errs = []
     for (name, _), r, a, b in zip(model.named_parameters(), ref, runs[True][1], runs[False][1]):
         err_k = ((a - r).norm() / r.norm().clamp_min(1e-12)).item()
         err_n = ((b - r).norm() / r.norm().clamp_min(1e-12)).item()
-        slack = 5e-3 if r.numel() >= 64 else 2e-2  # one-number gradients (sums over all tokens) are the noisiest
-        assert err_k <= 1.5 * err_n + slack, f"{name}: kernel {err_k:.3g} vs Inductor {err_n:.3g} (fp32 reference)"
+        errs.append((err_k, err_n))
+        # a wrong formula is off by O(1); bf16 noise on one-number gains (sums over all tokens) varies 2-3x
+        assert err_k <= 3 * err_n + 2e-2, f"{name}: kernel {err_k:.3g} vs Inductor {err_n:.3g} (fp32 reference)"
+    mean_k, mean_n = (sum(e[i] for e in errs) / len(errs) for i in (0, 1))
+    assert mean_k <= 1.25 * mean_n + 2e-3, f"mean gradient error: kernel {mean_k:.4g} vs Inductor {mean_n:.4g}"

@@ -242,5 +242,6 @@ def test_default_code_paths_convention():
     paths = default_code_paths()
     names = {(p.parent.name, p.name) for p in paths}
     assert ("artifact", "format.py") in names and ("artifact", "quant.py") in names
-    assert all(p.parent.name in ("model", "artifact") and p.suffix == ".py" for p in paths)
+    assert ("kernels", "qkv_prep.py") in names  # the model runs it on CUDA
+    assert all(p.parent.name in ("model", "kernels", "artifact") and p.suffix == ".py" for p in paths)
     assert code_bytes(paths) == sum(p.stat().st_size for p in paths)

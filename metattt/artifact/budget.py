@@ -4,8 +4,8 @@ total = compressed artifact bytes (the whole file, header included) + code bytes
 (16,000,000 bytes by default, not 16 MiB).
 
 Code-bytes convention: the challenge counts the UTF-8 size of the code needed to run the model. For metattt
-that is the source of the model definition and of the artifact loader, i.e. ``metattt/model/*.py`` and
-``metattt/artifact/*.py`` (see `default_code_paths`). Anything else (training, TTT adapters, eval) can be
+that is the source of the model definition, the kernels it runs and the artifact loader, i.e.
+``metattt/model/*.py``, ``metattt/kernels/*.py`` and ``metattt/artifact/*.py`` (see `default_code_paths`). Anything else (training, TTT adapters, eval) can be
 added explicitly with ``code_bytes(paths)``.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterable
 
 DEFAULT_BUDGET = 16_000_000
 _PKG_ROOT = Path(__file__).resolve().parent.parent  # .../metattt
-DEFAULT_CODE_DIRS = ("model", "artifact")
+DEFAULT_CODE_DIRS = ("model", "kernels", "artifact")  # the model imports its Triton kernels
 
 
 def _expand(paths: Iterable[str | Path]) -> list[Path]:
@@ -56,7 +56,7 @@ def code_bytes(paths: Iterable[str | Path]) -> int:
 
 
 def default_code_paths(package_root: str | Path | None = None) -> list[Path]:
-    """Our convention: metattt/model/*.py + metattt/artifact/*.py (those that exist)."""
+    """Our convention: metattt/model/*.py + metattt/kernels/*.py + metattt/artifact/*.py (those that exist)."""
     root = Path(package_root) if package_root is not None else _PKG_ROOT
     out: list[Path] = []
     for d in DEFAULT_CODE_DIRS:

@@ -1,6 +1,7 @@
 """Evaluator core without the real model: window plans, ledger, bootstrap, stub-model scoring."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -261,3 +262,31 @@ def test_parse_protocols_adds_bases_and_orders():
     for bad in ("bogus", "ttt:", "ttt:sgd@nowhere", "foo:sgd"):
         with pytest.raises(ValueError):
             parse_protocol(bad)
+
+
+class ShapeRecorder(torch.nn.Module):
+    """Wraps a scorer and records the input shape of every forward (what a compiled scorer would specialise on)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.shapes = inner, []
+
+    def forward(self, x, **kw):
+        self.shapes.append(tuple(x.shape))
+        return self.inner(x, **kw)
+
+
+@pytest.mark.parametrize("plan_kind", ["sliding", "flat", "doc"])
+def test_fixed_shapes_one_forward_shape_same_scores(plan_kind):
+    toks = torch.from_numpy(_doc_stream([30, 50, 20, 7], seed=3, vocab=16))
+    model = BigramStub(context_bonus=True)  # position-dependent: padding placement would show in the scores
+    plan = {"sliding": lambda: sliding_plan(toks.numel(), 16, 4), "flat": lambda: flat_plan(toks.numel(), 16),
+            "doc": lambda: doc_plan(toks.numpy(), 1, 16, 4)}[plan_kind]()
+    base = ScoreConfig(batch_tokens=40, chunk_tokens=25)
+    plain = run_stream(model, toks, plan, base)
+    rec = ShapeRecorder(model)
+    fixed = run_stream(model, toks, plan, dataclasses.replace(base, fixed_shapes=True), scorer=rec)
+    np.testing.assert_allclose(fixed.token_nll, plain.token_nll, rtol=1e-6)
+    assert len(set(rec.shapes)) == 1 and len(rec.shapes) > 2, rec.shapes
+    assert rec.shapes[0] == (40 // plan.max_length or 1, plan.max_length)
+    assert fixed.ledger.verify()["legal"]

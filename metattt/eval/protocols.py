@@ -122,11 +122,12 @@ class EvalConfig:
     projection_tokens: int = 62_000_000
     projection_gpus: int = 8
     progress: bool = False
+    fixed_shapes: bool = False  # one forward shape (set with --compile)
 
     def score_config(self) -> ScoreConfig:
         return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
                            train_seq_len=self.train_seq_len or self.context, autocast=self.autocast,
-                           progress=self.progress)
+                           progress=self.progress, fixed_shapes=self.fixed_shapes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the scoring forward (adapters train eager)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the scoring forward (adapters train eager); every "
+                    "forward is then padded to one shape, so it compiles once")
     ap.add_argument("--wandb", default=None, metavar="MODE", help="online | offline | off (default: env/auto)")
     ap.add_argument("--wandb-project", default="metattt")
     ap.add_argument("--quiet", action="store_true")
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
-                     progress=not args.quiet)
+                     progress=not args.quiet, fixed_shapes=args.compile)
     try:
         specs = parse_protocols(args.protocols)
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)

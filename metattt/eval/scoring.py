@@ -50,6 +50,9 @@ class ScoreConfig:
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     attn: str = "auto"
     progress: bool = False  # a per-chunk progress display (stderr; plain periodic lines when not a TTY)
+    # pad every forward to one (windows, length) shape: a torch.compile'd scorer then compiles once instead of
+    # again for each chunk's smaller last batch and for short windows (padding is never scored)
+    fixed_shapes: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.chunk_tokens < 1:
@@ -121,13 +124,21 @@ def score_windows(
     device = tokens.device
     outs: list[torch.Tensor] = []
     lengths = plan.length[w0:w1]
-    batches = batch_windows(lengths, cfg.batch_tokens, cfg.max_batch_windows)
+    if cfg.fixed_shapes:
+        t_fix, per = fixed_batch_shape(plan, cfg)
+        batches = [(i, min(i + per, lengths.size)) for i in range(0, lengths.size, per)]
+    else:
+        batches = batch_windows(lengths, cfg.batch_tokens, cfg.max_batch_windows)
     n_tok = tokens.numel()
     for a, b in batches:
-        st = torch.from_numpy(plan.start[w0 + a : w0 + b]).to(device)
+        starts = plan.start[w0 + a : w0 + b]
         ln = plan.length[w0 + a : w0 + b]
         sf = plan.score_from[w0 + a : w0 + b]
         t = int(ln.max())
+        if cfg.fixed_shapes:  # extra rows repeat the first window; extra columns are right padding
+            t = t_fix
+            starts = np.concatenate([starts, np.full(per - starts.size, starts[0], dtype=starts.dtype)])
+        st = torch.from_numpy(starts).to(device)
         idx = st[:, None] + torch.arange(t + 1, device=device)[None, :]
         buf = tokens[idx.clamp_(max=n_tok - 1)]
         x = buf[:, :-1]
@@ -144,6 +155,13 @@ def score_windows(
         outs.append(F.cross_entropy(sel, tgt, reduction="none"))
     nll = torch.cat(outs) if outs else torch.empty(0)
     return nll.float().cpu(), len(batches)
+
+
+def fixed_batch_shape(plan: WindowPlan, cfg: ScoreConfig) -> tuple[int, int]:
+    """(window length, windows per forward) of every forward under ``fixed_shapes``, within ``batch_tokens``."""
+    t = plan.max_length
+    per = max(1, cfg.batch_tokens // t)
+    return t, min(per, cfg.max_batch_windows) if cfg.max_batch_windows else per
 
 
 def _gather_chunk(local: torch.Tensor, sizes: list[int], ctx: DistCtx, device: torch.device) -> torch.Tensor:

@@ -93,6 +93,41 @@ def test_model_kernel_switch_is_a_noop_on_cpu():
     torch.testing.assert_close(model(tok[:, :-1], tok[:, 1:]), ref, rtol=0, atol=0)
 
 
+def test_torch_func_grad_takes_the_plain_path(monkeypatch):
+    """torch.func.grad cannot run ops with register_autograd: the model must route around the kernel there (here
+    the kernel is claimed available on CPU; only the guard keeps the call off the Triton op)."""
+    import metattt.model.gpt as G
+    from metattt.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+                      xsa_layers=(1,), ve_layers=(1,), ve_dim=16, bigram_vocab=32, bigram_dim=8)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg)
+    tok = torch.randint(0, 64, (2, 17))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_of(s):
+        return model(tok[:, :-1], tok[:, 1:], params=s)
+
+    want = torch.func.grad(loss_of)(state)
+    monkeypatch.setattr(G.qkv_prep, "available", lambda *a: True)
+    got = torch.func.grad(loss_of)(state)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+
+
+def test_functorch_guard_traces_under_compile():
+    """The guard must not break the compiled training graph (Dynamo cannot trace the functorch query itself)."""
+    from metattt.kernels import in_functorch_transform
+
+    def f(x):
+        return x * (2.0 if in_functorch_transform(x) else 1.0)
+
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x)
+    assert torch.equal(torch.func.grad(lambda y: f(y).sum())(x), torch.full((3,), 2.0))
+
+
 _INTERP = r"""
 import sys, torch
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})

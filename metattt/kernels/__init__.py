@@ -1,6 +1,17 @@
 """Hand-written Triton kernels, each with a plain-torch reference (used on CPU, in CI and as the tests' ground
 truth): ``qkv_prep`` (per-head norm + partial RoPE + q gain) and ``leaky_mlp`` (LeakyReLU² fused into the
 down-projection GEMMs)."""
+import torch
+
 from .leaky_mlp import fused_mlp_available, leaky2_down, leaky2_down_reference
 
-__all__ = ["fused_mlp_available", "leaky2_down", "leaky2_down_reference"]
+__all__ = ["fused_mlp_available", "in_functorch_transform", "leaky2_down", "leaky2_down_reference"]
+
+
+def in_functorch_transform(x: torch.Tensor) -> bool:
+    """True when ``x`` is inside a ``torch.func`` transform (grad, vmap, ...): ops registered with
+    ``torch.library.register_autograd`` do not support those, so callers take their plain-torch path. Under
+    torch.compile the check is skipped (Dynamo cannot trace it; compiled training never wraps tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))

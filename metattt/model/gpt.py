@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import leaky_mlp, qkv_prep
+from ..kernels import in_functorch_transform, leaky_mlp, qkv_prep
 from .attention import causal_attention
 from .config import ModelConfig
 
@@ -110,7 +110,8 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
     q_gain = p[f"blocks.{layer}.q_gain"]
     qkv = F.linear(h, torch.cat((p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]))) \
         if rt.fused_qkv else None  # one GEMM reads h once (and one dgrad GEMM in backward)
-    if qkv is not None and rt.qkv_kernel and attn != "math" and qkv_prep.available(qkv, hd, cfg.rope_dims):
+    if (qkv is not None and rt.qkv_kernel and attn != "math" and qkv_prep.available(qkv, hd, cfg.rope_dims)
+            and not in_functorch_transform(qkv)):
         q, k, v = qkv_prep.qkv_prep(qkv, rope[0][0, :, 0], rope[1][0, :, 0], q_gain, nh, nkv, cfg.rope_dims)
     else:
         q, k, v = _qkv(cfg, p, h, layer) if qkv is None else \
@@ -140,7 +141,8 @@ def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: R
          gain: Tensor | None = None) -> Tensor:
     u = F.linear(h, p["mlp_up_bank"][layer])
     w = _scaled_rows(p["mlp_down_bank"][layer], gain)
-    if rt.mlp_kernel and attn != "math" and u.dtype in (torch.bfloat16, torch.float16) and leaky_mlp.fused_mlp_available(u.device):
+    if (rt.mlp_kernel and attn != "math" and u.dtype in (torch.bfloat16, torch.float16)
+            and leaky_mlp.fused_mlp_available(u.device) and not in_functorch_transform(u)):
         return leaky_mlp.leaky2_down(u, w, cfg.leaky_slope)  # the activation recomputed inside the GEMMs
     a = F.leaky_relu(u, cfg.leaky_slope)
     return F.linear(a * a, w)

@@ -43,8 +43,9 @@ class Runtime:
     ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
     precision, fused QKV only; ``metattt.kernels.qkv_prep``). ``mlp_kernel`` (off: measured slower, see
     docs/benchmarks.md) recomputes LeakyReLU² inside the down-projection's Triton GEMMs instead of storing it
-    (``metattt.kernels.leaky_mlp``; CUDA, half precision). Neither kernel has a double backward, so
-    ``attn="math"`` (the twice-differentiable path second-order meta-learning uses) runs plain torch throughout.
+    (``metattt.kernels.leaky_mlp``; CUDA, half precision). Neither kernel has a double backward or runs
+    under torch.func transforms, so ``attn="math"`` (the twice-differentiable path second-order meta-learning
+    uses) and ``torch.func.grad`` run plain torch throughout.
     """
 
     residual_dtype: str = "float32"

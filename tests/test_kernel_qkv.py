@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from metattt.kernels import qkv_prep as K
 from metattt.model import BankedGPT, Runtime
-from metattt.model.gpt import rope_tables
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -154,6 +154,7 @@ if triton is not None:
         q = qkv.new_empty(b, t, heads, d)
         k = qkv.new_empty(b, t, kv_heads, d)
         v = qkv.new_empty(b, t, kv_heads, d)
+
         def grid(meta):
             return (triton.cdiv(b * t, meta["BLOCK_M"]), heads + 2 * kv_heads)
 

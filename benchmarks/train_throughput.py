@@ -113,7 +113,7 @@ def run_variant(name: str, args, info) -> dict:
 
         meta_cfg = MetaConfig(adapter="fomaml:lr=0.002", every=4, micro_batches=1)
         adapter = meta_cfg.make_adapter().bind(model)
-    counter = {"step": 0}
+    counter = {"step": 0, "loss": None}
     seq = cfg.seq_len
     per_rank = cfg.train_batch_tokens // info.world_size
     micro = min(v["mb"] or args.micro_batch_tokens or cfg.micro_batch_tokens, per_rank)
@@ -133,6 +133,7 @@ def run_variant(name: str, args, info) -> dict:
                 else:
                     loss = model(tok[:, :-1], tok[:, 1:], attn=v["attn"] or args.attn)
             (loss / accum).backward()
+            counter["loss"] = loss.detach().clone()  # clone: a CUDA-graph replay may reuse the output buffer
         opts.step()
         counter["step"] += 1
 
@@ -143,13 +144,22 @@ def run_variant(name: str, args, info) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_compile = time.perf_counter() - t_compile
+    n_steps = args.steps * (4 if adapter is not None else 1)
     times = []
-    for _ in range(args.steps * (4 if adapter is not None else 1)):
+    if args.sync_each_step:  # per-step times (min/max); the idle GPU at each step start is counted too
+        for _ in range(n_steps):
+            t0 = time.perf_counter()
+            step()
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    else:  # as the trainer runs: steps back to back, one sync at the end of the window
         t0 = time.perf_counter()
-        step()
+        for _ in range(n_steps):
+            step()
         if info.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times = [(time.perf_counter() - t0) / n_steps] * n_steps
     if args.profile and info.is_main:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # device file transfer accepts only these characters
         _profile(step, args.profile, f"{args.profile_out}.{safe}.txt" if args.profile_out else "")
@@ -166,6 +176,7 @@ def run_variant(name: str, args, info) -> dict:
         "mfu": tok_s_gpu * fpt / (peak * 1e12), "gflops_per_token": fpt / 1e9,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else 0.0,
         "warmup_s": t_compile,
+        "last_loss": float(counter["loss"]),  # same seed, data and steps in every variant: a cheap numerics check
     }
 
 
@@ -211,6 +222,8 @@ def main() -> int:
                     help="comma list of '+'-joined tokens: eager|compile, meta (FOMAML every 4 steps, timed over "
                          "multiples of 4 steps), bf16, unfused-qkv, mb=N, mode=M; e.g. compile,compile+bf16")
     ap.add_argument("--attn", default="auto", choices=ATTN_BACKENDS)
+    ap.add_argument("--sync-each-step", action="store_true",
+                    help="synchronize after every timed step (per-step min/max; the trainer syncs only at log steps)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--micro-batch-tokens", type=int, default=0)
@@ -229,10 +242,10 @@ def main() -> int:
         teardown()
     if info.is_main:
         w = max(16, *(len(r["variant"]) + 2 for r in rows))
-        print(f"\n{'variant':<{w}}{'ms/step':>10}{'tok/s/GPU':>12}{'MFU':>7}{'peak GiB':>10}{'world':>7}")
+        print(f"\n{'variant':<{w}}{'ms/step':>10}{'tok/s/GPU':>12}{'MFU':>7}{'peak GiB':>10}{'world':>7}{'loss':>9}")
         for r in rows:
             print(f"{r['variant']:<{w}}{r['ms_per_step']:>10.1f}{r['tokens_per_s_per_gpu']:>12,.0f}"
-                  f"{100 * r['mfu']:>6.1f}%{r['peak_mem_gib']:>10.1f}{r['world_size']:>7}")
+                  f"{100 * r['mfu']:>6.1f}%{r['peak_mem_gib']:>10.1f}{r['world_size']:>7}{r['last_loss']:>9.4f}")
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -231,6 +231,22 @@ def test_cli_end_to_end_writes_eval_json_and_plot(world, tmp_path, capsys):
     assert len(rd["delta_bpb"]) == len(rd["chunk"]) == math.ceil((SPEC.n_val_tokens - 1) / CHUNK)
     assert (tmp_path / "ev" / "eval_running_delta.png").stat().st_size > 1000
     assert len(rep["per_document"]["bytes"]) == rep["data"]["n_docs"]
+    assert rep["meta"]["compiled_scorer"] is False  # --compile defaults to on only for CUDA devices
+
+
+def test_cli_compiled_scorer_then_ttt_matches_eager(world, tmp_path, capsys):
+    """--compile (the CUDA default): the compiled scorer runs under inference mode, then the adapter trains the
+    same model; this crashed on an H100 before RoPE tables were kept out of inference mode. Same bpb as eager."""
+    spec = ("--protocols", "sliding,ttt:sgd", "--max-tokens", "3000",
+            "--adapter-spec", "sgd:lr=0.03,epochs=1,momentum=0.0,schedule=constant")
+    reps = {}
+    for flag in ("--compile", "--no-compile"):
+        assert _cli(world, tmp_path / flag, *spec, flag) == 0, capsys.readouterr().err
+        reps[flag] = json.loads((tmp_path / flag / "ev" / "eval.json").read_text())
+    assert reps["--compile"]["meta"]["compiled_scorer"] and not reps["--no-compile"]["meta"]["compiled_scorer"]
+    for name in ("sliding", "ttt:sgd"):
+        a, b = (reps[f]["protocols"][name]["bpb"] for f in ("--compile", "--no-compile"))
+        assert abs(a - b) < 1e-4, (name, a, b)
 
 
 def test_cli_bad_inputs_exit_nonzero(world, tmp_path, capsys):

@@ -159,6 +159,23 @@ def test_rope_tables_are_cached_once_per_device_and_sliced():
     torch.testing.assert_close(fresh(x[:, :7]), short, rtol=0, atol=0)  # sliced tables == tables built for 7
 
 
+def test_training_after_a_compiled_scorer_under_inference_mode():
+    """The evaluator scores with torch.compile(model) under inference_mode, then TTT trains the same model: the
+    RoPE tables that the compiled graph cached are inference tensors and must not reach autograd (found on an
+    H100: 'Inference tensors cannot be saved for backward'; CPU reproduces it)."""
+    m = randomize(BankedGPT(tiny()), seed=5)
+    x = torch.randint(0, 64, (2, 17))
+    scorer = torch.compile(m, dynamic=False, fullgraph=True)  # and no graph break in the table lookup
+    with torch.inference_mode():
+        scored = scorer(x[:, :-1], x[:, 1:], reduction="none")
+    loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()  # raised before the fix
+    assert m.qo_bank.grad is not None and not m._rope_cache["cpu"][0].is_inference()
+    torch.testing.assert_close(scored.mean(), loss.detach(), rtol=1e-5, atol=1e-5)
+    m.prepare_rope(32, torch.device("cpu"))  # what the evaluator does before compiling: tables for every window
+    assert m._rope_cache["cpu"][0].size(1) == 32 and not m._rope_cache["cpu"][0].is_inference()
+
+
 def test_fused_qkv_equals_three_gemms():
     model = randomize(BankedGPT(tiny())).double()  # float64: only the GEMM grouping may differ
     tok = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))

@@ -300,10 +300,22 @@ class BankedGPT(nn.Module):
         finally:
             self._core = core
 
+    def prepare_rope(self, t: int, device: torch.device) -> None:
+        """Build the RoPE tables for windows up to ``t`` eagerly (before compiling a scorer: no first-fill
+        recompile, and the tables stay ordinary tensors)."""
+        self._rope(t, device)
+
     def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = str(device)
-        if key not in self._rope_cache or self._rope_cache[key][0].size(1) < t:
-            with torch.inference_mode(False):  # tables made while scoring must stay usable for autograd
+        cached = self._rope_cache.get(key)
+        # tables made while scoring must stay usable for autograd (TTT trains right after scoring). Eager code
+        # makes them outside inference mode below, but a compiled scorer traces this into its graph, whose
+        # outputs are inference tensors when it runs under inference mode: eager training remakes such tables
+        # (the check is skipped while compiling: Dynamo cannot trace it and would break the graph here)
+        if (cached is None or cached[0].size(1) < t
+                or (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+                    and cached[0].is_inference())):
+            with torch.inference_mode(False):
                 self._rope_cache[key] = rope_tables(self.cfg, t, device)
         cos, sin = self._rope_cache[key]
         return cos[:, :t], sin[:, :t]

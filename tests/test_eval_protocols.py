@@ -244,6 +244,8 @@ def test_cli_compiled_scorer_then_ttt_matches_eager(world, tmp_path, capsys):
         assert _cli(world, tmp_path / flag, *spec, flag) == 0, capsys.readouterr().err
         reps[flag] = json.loads((tmp_path / flag / "ev" / "eval.json").read_text())
     assert reps["--compile"]["meta"]["compiled_scorer"] and not reps["--no-compile"]["meta"]["compiled_scorer"]
+    # compilation happens in a warm-up before the protocols, not inside the first protocol's timed loop
+    assert reps["--compile"]["meta"]["scorer_compile_s"] > 0 and reps["--no-compile"]["meta"]["scorer_compile_s"] == 0
     for name in ("sliding", "ttt:sgd"):
         a, b = (reps[f]["protocols"][name]["bpb"] for f in ("--compile", "--no-compile"))
         assert abs(a - b) < 1e-4, (name, a, b)

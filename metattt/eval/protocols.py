@@ -8,6 +8,7 @@ differences are paired.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from .ledger import Ledger
-from .scoring import DistCtx, ScoreConfig, StreamResult, run_stream
+from .scoring import DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
 
 WINDOWS = ("flat", "sliding", "doc-flat", "doc-sliding")
@@ -287,6 +288,26 @@ class EvalResult:
     data: StreamData
     cfg: EvalConfig
     results: dict[str, ProtocolResult] = field(default_factory=dict)
+    scorer_compile_s: float = 0.0  # warm-up of a compiled scorer, kept out of every protocol's time
+
+
+def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, plans: list[WindowPlan], cfg: EvalConfig) -> float:
+    """One fixed-shape forward per distinct batch shape, so compilation is not billed to the first protocol
+    (its tokens/s and full-val projection would be wrong by the compile time). Seconds spent."""
+    sc = cfg.score_config()
+    if not sc.fixed_shapes:
+        return 0.0
+    t0 = time.perf_counter()
+    seen: set[tuple[int, int]] = set()
+    for plan in plans:
+        shape = fixed_batch_shape(plan, sc)
+        if plan.n_windows and shape not in seen:
+            seen.add(shape)
+            with torch.inference_mode():
+                score_windows(scorer, data.tokens, plan, 0, min(plan.n_windows, shape[1]), sc, None)
+    if data.tokens.is_cuda:
+        torch.cuda.synchronize(data.tokens.device)
+    return time.perf_counter() - t0
 
 
 def evaluate(
@@ -301,10 +322,15 @@ def evaluate(
 ) -> EvalResult:
     """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them)."""
     plans: dict[str, WindowPlan] = {}
-    out = EvalResult(data, cfg)
     for spec in specs:
         if spec.windows not in plans:
             plans[spec.windows] = build_plan(spec.windows, data, cfg)
+    out = EvalResult(data, cfg)
+    if scorer is not None:
+        out.scorer_compile_s = warm_up_scorer(scorer, data, list(plans.values()), cfg)
+        if log is not None and out.scorer_compile_s:
+            log(f"compiled scorer warmed up in {out.scorer_compile_s:.1f}s (not counted in protocol times)")
+    for spec in specs:
         adapter = None
         if spec.adapter is not None:
             adapter = adapters(spec.adapter) if callable(adapters) else adapters.get(spec.adapter)

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
-                "compiled_scorer": bool(args.compile)}
+                "compiled_scorer": bool(args.compile), "scorer_compile_s": ev.scorer_compile_s}
     if rank != 0:
         return {}
     report = build_report(ev, rep_meta)

@@ -14,20 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metattt.model.attention import causal_attention  # noqa: E402
-
-
-def _time(fn, iters: int) -> float:
-    """Mean milliseconds per call (CUDA events, after two warm-up calls)."""
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from mlp_kernel import timed_ms  # noqa: E402  (CUDA-event timing shared by the kernel benchmarks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = out.detach() if ref is None else ref
         diff = (out.detach().float() - ref.float()).abs().max().item()
         with torch.no_grad():
-            ms_f = _time(lambda: causal_attention(q, k, v, backend), args.iters)
-        ms_fb = _time(lambda: torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), g), args.iters)
+            ms_f = timed_ms(lambda: causal_attention(q, k, v, backend), args.iters, 2)
+        ms_fb = timed_ms(lambda: torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), g), args.iters, 2)
         print(f"{backend:<12}{ms_f:>9.3f}{fwd_flop / ms_f / 1e9:>9.0f}{ms_fb:>12.3f}"
               f"{3.5 * fwd_flop / ms_fb / 1e9:>9.0f}{diff:>11.4f}")
     return 0

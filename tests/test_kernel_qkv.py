@@ -137,6 +137,7 @@ _check(op, "cpu", torch.float32, 1e-5, 1e-5)
 _check(op, "cpu", torch.bfloat16, 2e-2, 2e-2)
 _check(op, "cpu", torch.bfloat16, 2e-2, 2e-2, scale=0.02)  # small vectors: a wrong eps shows here
 _check(op, "cpu", torch.float32, 1e-5, 1e-5, b=1, t=45, heads=2, kv_heads=1, d=32, rope_dims=32)
+_check(op, "cpu", torch.float32, 1e-5, 1e-5, b=2, t=19, heads=2, kv_heads=1, d=32, rope_dims=12)  # odd widths
 print("interpreter ok")
 """
 

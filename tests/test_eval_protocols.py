@@ -84,6 +84,33 @@ def test_ttt_none_reproduces_sliding_bitwise(world):
     assert not np.array_equal(r["sliding"].stream.token_nll, r["doc-sliding"].stream.token_nll)
 
 
+class _CallRecorder(torch.nn.Module):
+    """Stands in for a compiled scorer: records (input shape, scored with params=?) of every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, x, **kw):
+        self.calls.append((tuple(x.shape), kw.get("params") is not None))
+        return self.inner(x, **kw)
+
+
+def test_scorer_warm_up_covers_every_graph_before_the_protocols(world):
+    """With a (compiled) scorer every graph the protocols will need -- each batch shape, and the adapter's
+    params= forward of ttt:/oracle: -- runs once in the warm-up, so no compile lands in a protocol's time."""
+    m, data = world["model"], world["data"]
+    rec, marks = _CallRecorder(m), []
+    cfg = EvalConfig(**{**EVAL.to_dict(), "n_boot": 0, "fixed_shapes": True})
+    ev = evaluate(m, data, parse_protocols("flat,sliding,ttt:sgd,oracle:sgd"), {"sgd": _sgd(m)}, cfg,
+                  log=lambda msg: marks.append((msg, len(rec.calls))), scorer=rec)
+    n_warm = next(n for msg, n in marks if msg.startswith("compiled scorer warmed up"))
+    warm, rest = set(rec.calls[:n_warm]), set(rec.calls[n_warm:])
+    assert ev.scorer_compile_s > 0 and any(p for _, p in warm) and any(not p for _, p in warm)
+    assert rest <= warm, rest - warm  # nothing new after the warm-up
+    assert n_warm == len(warm)  # one forward per graph
+
+
 def test_context_and_ttt_gains_on_synthetic_corpus(world):
     """Documents reuse a few content words: more context helps, and adapting to the stream helps beyond it;
     adapting on a chunk before scoring it (oracle) bounds the legal gain from above."""

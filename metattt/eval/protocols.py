@@ -291,20 +291,27 @@ class EvalResult:
     scorer_compile_s: float = 0.0  # warm-up of a compiled scorer, kept out of every protocol's time
 
 
-def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, plans: list[WindowPlan], cfg: EvalConfig) -> float:
-    """One fixed-shape forward per distinct batch shape, so compilation is not billed to the first protocol
-    (its tokens/s and full-val projection would be wrong by the compile time). Seconds spent."""
+def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, jobs: list[tuple[WindowPlan, Any]],
+                   cfg: EvalConfig) -> float:
+    """One fixed-shape forward per distinct (batch shape, adapter) of ``jobs`` ((plan, bound adapter or None)
+    pairs), so compilation is not billed to the first protocol that needs a graph (its tokens/s and full-val
+    projection would be off by the compile time). ``ttt:``/``oracle:`` protocols score through the adapter's
+    ``params=`` overrides: a graph of its own, warmed up with the adapter's reset state. Seconds spent."""
     sc = cfg.score_config()
     if not sc.fixed_shapes:
         return 0.0
     t0 = time.perf_counter()
-    seen: set[tuple[int, int]] = set()
-    for plan in plans:
+    seen: set[tuple[int, int, int]] = set()
+    for plan, adapter in jobs:
         shape = fixed_batch_shape(plan, sc)
-        if plan.n_windows and shape not in seen:
-            seen.add(shape)
+        key = (*shape, id(adapter))
+        if plan.n_windows and key not in seen:
+            seen.add(key)
+            if adapter is not None:
+                adapter.reset()  # run_stream resets it again before the protocol
+            params = adapter.params() if adapter is not None else None
             with torch.inference_mode():
-                score_windows(scorer, data.tokens, plan, 0, min(plan.n_windows, shape[1]), sc, None)
+                score_windows(scorer, data.tokens, plan, 0, min(plan.n_windows, shape[1]), sc, params)
     if data.tokens.is_cuda:
         torch.cuda.synchronize(data.tokens.device)
     return time.perf_counter() - t0
@@ -322,21 +329,25 @@ def evaluate(
 ) -> EvalResult:
     """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them)."""
     plans: dict[str, WindowPlan] = {}
+    bound: dict[str, Any] = {}  # adapters resolved (built and bound, once per key) before anything runs
     for spec in specs:
         if spec.windows not in plans:
             plans[spec.windows] = build_plan(spec.windows, data, cfg)
-    out = EvalResult(data, cfg)
-    if scorer is not None:
-        out.scorer_compile_s = warm_up_scorer(scorer, data, list(plans.values()), cfg)
-        if log is not None and out.scorer_compile_s:
-            log(f"compiled scorer warmed up in {out.scorer_compile_s:.1f}s (not counted in protocol times)")
-    for spec in specs:
         adapter = None
         if spec.adapter is not None:
             adapter = adapters(spec.adapter) if callable(adapters) else adapters.get(spec.adapter)
             if adapter is None:
                 raise KeyError(f"protocol {spec.name}: no adapter {spec.adapter!r} "
                                f"(known: {sorted(adapters) if isinstance(adapters, dict) else '?'})")
+        bound[spec.name] = adapter
+    out = EvalResult(data, cfg)
+    if scorer is not None:
+        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs]
+        out.scorer_compile_s = warm_up_scorer(scorer, data, jobs, cfg)
+        if log is not None and out.scorer_compile_s:
+            log(f"compiled scorer warmed up in {out.scorer_compile_s:.1f}s (not counted in protocol times)")
+    for spec in specs:
+        adapter = bound[spec.name]
         r = run_protocol(spec, model, data, plans[spec.windows], cfg, adapter, ctx, scorer)
         out.results[spec.name] = r
         if log is not None:

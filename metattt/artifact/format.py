@@ -187,8 +187,12 @@ def _digest(head: bytes, payload: bytes) -> bytes:
 def pack_artifact(model_cfg: Any, state_dict: Mapping[str, torch.Tensor], extras: Mapping[str, Any] | None = None,
                   meta: Mapping[str, Any] | None = None, level: int = 22, budget: int = DEFAULT_BUDGET,
                   code_bytes: int | None = None, quant: QuantConfig | None = None,
-                  exact: tuple[str, ...] | list[str] = (), threads: int = 0) -> tuple[bytes, ArtifactReport]:
-    """Quantize + serialize + compress in memory. Returns (file bytes, report); never raises for budget."""
+                  exact: tuple[str, ...] | list[str] = (), threads: int = 0,
+                  prequantized: QuantizedState | None = None) -> tuple[bytes, ArtifactReport]:
+    """Quantize + serialize + compress in memory. Returns (file bytes, report); never raises for budget.
+
+    ``prequantized``: store this quantized state as it is instead of quantizing ``state_dict`` (pass {}) -- an
+    imported model's integer grid then survives exactly (docs/interop.md)."""
     if not 1 <= level <= 22:
         raise ValueError(f"zstd level must be in [1, 22], got {level}")
     config = _jsonable(model_cfg, "model_cfg")
@@ -203,7 +207,9 @@ def pack_artifact(model_cfg: Any, state_dict: Mapping[str, torch.Tensor], extras
             ext[k] = torch.as_tensor(v).detach().cpu()
         except Exception as e:  # noqa: BLE001 - re-raised with the offending name
             raise TypeError(f"extras[{k!r}] is not convertible to a tensor: {e}") from None
-    qstate = quantize_state_dict(state_dict, quant, exact=exact)
+    if prequantized is not None and state_dict:
+        raise ValueError("pack_artifact: give either a state_dict to quantize or a prequantized state, not both")
+    qstate = prequantized if prequantized is not None else quantize_state_dict(state_dict, quant, exact=exact)
     raw, by_kind, raw_param_bytes = _build_payload(config, qstate, ext, meta_j)
     comp = zstandard.ZstdCompressor(level=level, threads=threads, write_content_size=True).compress(raw)
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, FLAG_ZSTD, len(comp), len(raw))
@@ -227,7 +233,8 @@ def save_artifact(path: str | os.PathLike, model_cfg: Any, state_dict: Mapping[s
                   extras: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
                   level: int = 22, budget: int = DEFAULT_BUDGET, code_bytes: int | None = None,
                   allow_over_budget: bool = False, quant: QuantConfig | None = None,
-                  exact: tuple[str, ...] | list[str] = (), threads: int = 0) -> ArtifactReport:
+                  exact: tuple[str, ...] | list[str] = (), threads: int = 0,
+                  prequantized: QuantizedState | None = None) -> ArtifactReport:
     """Quantize, compress and atomically write an artifact; returns its byte report.
 
     Refuses (OverBudgetError, nothing written) when compressed + code bytes exceed `budget`, unless
@@ -236,7 +243,8 @@ def save_artifact(path: str | os.PathLike, model_cfg: Any, state_dict: Mapping[s
     """
     path = Path(path)
     blob, report = pack_artifact(model_cfg, state_dict, extras, meta, level=level, budget=budget,
-                                 code_bytes=code_bytes, quant=quant, exact=exact, threads=threads)
+                                 code_bytes=code_bytes, quant=quant, exact=exact, threads=threads,
+                                 prequantized=prequantized)
     report.path = str(path)
     if not report.within_budget and not allow_over_budget:
         raise OverBudgetError(

@@ -21,6 +21,10 @@ class ModelConfig:
     mlp_mult: float = 3.0
     rope_dims: int = 16
     rope_base: float = 10000.0
+    # dynamic NTK RoPE as the record scripts build it (``Rotary(train_seq_len=1024)``): a forward over T >
+    # rope_ntk_len tokens uses base ``rope_base * (T / rope_ntk_len) ** (rope_dims / (rope_dims - 2))``. The
+    # record trains and scores at T = 2048, i.e. base 22081.79; None (our default) keeps ``rope_base`` at every T
+    rope_ntk_len: int | None = None
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     ln_scale: bool = True
@@ -59,8 +63,17 @@ class ModelConfig:
             problems.append(f"recurrence range {self.recur_start}..{self.recur_end} invalid")
         if self.recur_times < 1:
             problems.append("recur_times must be >= 1")
+        if self.rope_ntk_len is not None and (self.rope_ntk_len < 1 or self.rope_dims <= 2):
+            problems.append(f"rope_ntk_len {self.rope_ntk_len} needs a positive length and rope_dims > 2")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def rope_base_at(self, t: int) -> float:
+        """The RoPE base a forward over ``t`` tokens uses (``rope_base`` unless dynamic NTK applies)."""
+        if self.rope_ntk_len is None or t <= self.rope_ntk_len:
+            return self.rope_base
+        rd = self.rope_dims
+        return self.rope_base * (t / self.rope_ntk_len) ** (rd / (rd - 2))
 
     @property
     def head_dim(self) -> int:
@@ -102,7 +115,15 @@ class ModelConfig:
 
 
 def pg_2026_03_23() -> ModelConfig:
-    """The public record's architecture (2026-03-23)."""
+    """The public record's architecture (2026-03-23), as a metattt model.
+
+    What differs from the record's ``train_gpt.py`` (docs/interop.md; ``python -m metattt import-pg`` maps a
+    record model onto this config exactly): the RoPE rotation runs the other way (an exact sign fold of W_q/W_k,
+    applied on import), the record's dynamic NTK base is off here (``rope_ntk_len=None``: base 10000 at every
+    length; imported models set ``rope_ntk_len=1024``), one ``ve_scales`` vector holds the record's
+    ``ve_shared.scale * ve_layer_scales``, and every table is float32 where the record keeps ``tok_emb``,
+    ``bigram.embed`` and ``ve_shared.embed`` in bf16 (``legal_ttt.py --compat pg-record`` reproduces that).
+    """
     return ModelConfig()
 
 

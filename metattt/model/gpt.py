@@ -49,6 +49,7 @@ class Runtime:
     """
 
     residual_dtype: str = "float32"
+    lowp_softcap: bool = False  # soft cap in the autocast dtype, as the record scripts compute it (compat scoring)
     fused_qkv: bool = True
     fold_gains: bool = True
     qkv_kernel: bool = True
@@ -71,10 +72,12 @@ def _rms(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rope_tables(cfg: ModelConfig, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin (1,T,1,rope_dims/2) for partial RoPE; cached by the module so compiled graphs take them as inputs."""
+def rope_tables(cfg: ModelConfig, t: int, device: torch.device, base: float | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin (1,T,1,rope_dims/2) for partial RoPE; cached by the module so compiled graphs take them as inputs.
+    ``base`` defaults to the one a forward over ``t`` tokens uses (``cfg.rope_base_at(t)``)."""
     half = max(cfg.rope_dims // 2, 1)
-    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, 2 * half, 2, device=device, dtype=torch.float32) / (2 * half)))
+    base = cfg.rope_base_at(t) if base is None else base
+    inv = 1.0 / (base ** (torch.arange(0, 2 * half, 2, device=device, dtype=torch.float32) / (2 * half)))
     ang = torch.outer(torch.arange(t, device=device, dtype=torch.float32), inv)
     return ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
 
@@ -200,9 +203,11 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     x = _rms(x)
     head = p["tok_emb"] if cfg.tie_embeddings else p["lm_head"]
     logits = F.linear(x, head)
+    c = cfg.logit_softcap
+    if rt.lowp_softcap and c and logits.dtype in (torch.float16, torch.bfloat16):
+        return (c * torch.tanh(logits / c)).float()  # the record scripts' numerics (--compat pg-record)
     if logits.dtype in (torch.float16, torch.bfloat16):  # the loss and softcap in float32 (float64 stays)
         logits = logits.float()
-    c = cfg.logit_softcap
     return c * torch.tanh(logits / c) if c else logits
 
 
@@ -306,7 +311,10 @@ class BankedGPT(nn.Module):
         self._rope(t, device)
 
     def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = str(device)
+        # one table per (device, base): prefixes of a longer table are exact only while the base is the same
+        # (dynamic NTK changes it with T, see ModelConfig.rope_ntk_len)
+        base = self.cfg.rope_base_at(t)
+        key = str(device) if base == self.cfg.rope_base else f"{device}|base={base!r}"
         cached = self._rope_cache.get(key)
         # tables made while scoring must stay usable for autograd (TTT trains right after scoring). Eager code
         # makes them outside inference mode below, but a compiled scorer traces this into its graph, whose
@@ -316,7 +324,7 @@ class BankedGPT(nn.Module):
                 or (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
                     and cached[0].is_inference())):
             with torch.inference_mode(False):
-                self._rope_cache[key] = rope_tables(self.cfg, t, device)
+                self._rope_cache[key] = rope_tables(self.cfg, t, device, base)
         cos, sin = self._rope_cache[key]
         return cos[:, :t], sin[:, :t]
 

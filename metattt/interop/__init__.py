@@ -1,0 +1,1 @@
+"""Interoperability with models from outside metattt (the Parameter Golf record scripts)."""

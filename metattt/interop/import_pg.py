@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,24 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _grouped(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Per-layer rows printed once, as ``blocks.{i}.…`` with the layer range."""
+    out: list[tuple[str, str, str]] = []
+    seen: dict[tuple[str, str, str], list[int]] = {}
+    for src, dst, how in rows:
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", dst)
+        if m and src.startswith(f"blocks.{m.group(1)}."):
+            key = (src.replace(f"blocks.{m.group(1)}.", "blocks.{i}.", 1), f"blocks.{{i}}.{m.group(2)}", how)
+            if key not in seen:
+                seen[key] = []
+                out.append(key)
+            seen[key].append(int(m.group(1)))
+        else:
+            out.append((src, dst, how))
+    return [(s, d + (f"  i={min(seen[(s, d, h)])}..{max(seen[(s, d, h)])}" if (s, d, h) in seen else ""), h)
+            for s, d, h in out]
+
+
 def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
     from ..artifact.format import save_artifact
     from ..data.bpb import ByteLUT
@@ -71,11 +90,12 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
         meta["tokenizer"] = str(Path(args.tokenizer).resolve())
     out.parent.mkdir(parents=True, exist_ok=True)
     report = save_artifact(out, cfg.to_dict(), {}, meta=meta, prequantized=imp.qstate, allow_over_budget=True)
-    width = max(len(s) for s, _, _ in imp.rows)
+    rows = _grouped(imp.rows)
+    width = max(len(s) for s, _, _ in rows)
     say(f"imported {rec.path} ({rec.kind}, sha256 {rec.sha256[:12]}…): {len(rec.sources)} record tensors -> "
         f"{len(imp.qstate.entries)} metattt tensors")
-    for src, dst, how in imp.rows:
-        say(f"  {src:<{width}}  ->  {dst:<16} {how}")
+    for src, dst, how in rows:
+        say(f"  {src:<{width}}  ->  {dst:<20} {how}")
     changed = {k: v for k, v in cfg.to_dict().items() if k not in ("extra",)}
     say("config: " + json.dumps(changed, separators=(",", ":")))
     say(str(report))

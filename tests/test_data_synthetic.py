@@ -223,3 +223,16 @@ def test_lut_convention() -> None:
     lut = synthetic_lut(SMALL)
     assert lut.vocab_size == SMALL.vocab_size and lut.bos_id == BOS_ID
     assert lut.base_bytes[:4].tolist() == [0, 0, 0, 0] and (lut.base_bytes[4:] == 1).all()
+
+
+def test_cli_refuses_another_specs_directory_with_exit_2(tmp_path: Path, capsys) -> None:
+    from metattt.data.__main__ import main
+
+    small = ["--n-train-tokens", "3000", "--n-val-tokens", "2000", "--min-doc-len", "30", "--max-doc-len", "90"]
+    assert main(["synthetic", "--out", str(tmp_path), *small]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert main(["synthetic", "--out", str(tmp_path), *small, "--vocab-size", "128"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "vocab_size 256 there vs 128 here" in err[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

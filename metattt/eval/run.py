@@ -371,8 +371,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
                 "compiled_scorer": bool(args.compile), "scorer_compile_s": ev.scorer_compile_s,
                 "eval_id": new_eval_id()}
-    if rank != 0:
-        return {}
+    if rank != 0:  # every rank holds the same results: the same exit code everywhere
+        return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail
     run_dir = _open_run_dir(target, existing_run, {"evaluator": vars(args)})
     report = write_results(run_dir, ev, rep_meta, warn)

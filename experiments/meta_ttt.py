@@ -14,23 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import os  # noqa: E402
-
-from metattt.data.shards import ShardFormatError  # noqa: E402
-from metattt.train.cli import parse_config  # noqa: E402
-from metattt.train.loop import train  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        train(cfg)
-    except (FileNotFoundError, ShardFormatError, ValueError) as e:  # bad input: say what, not where
-        if os.environ.get("METATTT_DEBUG"):
-            raise
-        print(f"error: {e}\n(set METATTT_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
-    return 0
+from metattt.train.cli import main  # noqa: E402,F401  (exit codes: README "Exit codes")
 
 
 if __name__ == "__main__":

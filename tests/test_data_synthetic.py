@@ -11,6 +11,9 @@ import pytest
 from metattt.data.loaders import TrainLoader, load_val_tokens
 from metattt.data.synthetic import (
     BOS_ID,
+    GENERATING,
+    GENERATOR_VERSION,
+    CorpusClashError,
     FIRST_REGULAR,
     SyntheticSpec,
     document_params,
@@ -72,13 +75,46 @@ def test_reuse_and_regeneration(tmp_path: Path) -> None:
     again = make_synthetic_dataset(tmp_path, SMALL)
     assert again["reused"] and not first["reused"]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
-    smaller = SyntheticSpec(**{**SMALL.to_dict(), "n_train_tokens": 2000})
-    meta = make_synthetic_dataset(tmp_path, smaller)  # different spec: regenerate, drop stale shards
-    assert not meta["reused"] and meta["files"]["train"] == ["train_000000.bin"]
-    assert sorted(p.name for p in tmp_path.glob("train_*.bin")) == ["train_000000.bin"]
-    assert json.loads((tmp_path / "meta.json").read_text())["spec"] == smaller.to_dict()
-    (tmp_path / "val_000001.bin").unlink()  # damaged directory: regenerate even with the same spec
-    assert not make_synthetic_dataset(tmp_path, smaller)["reused"]
+    (tmp_path / "val_000001.bin").unlink()  # damaged directory of the same spec: regenerate
+    assert not make_synthetic_dataset(tmp_path, SMALL)["reused"]
+    assert {p.name for p in tmp_path.iterdir()} == set(mtimes)  # no generation marker left behind
+
+
+def test_another_specs_corpus_is_never_deleted(tmp_path: Path) -> None:
+    """Issue 17: a second spec in the same directory used to delete and regenerate the corpus silently."""
+    make_synthetic_dataset(tmp_path, SMALL)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = SyntheticSpec(**{**SMALL.to_dict(), "vocab_size": 48})
+    with pytest.raises(CorpusClashError, match=r"another spec \(.*vocab_size 40 there vs 48 here"):
+        make_synthetic_dataset(tmp_path, other)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # shards without our meta.json are of unknown origin: refused too
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "val_000000.bin").write_bytes(b"not ours")
+    with pytest.raises(CorpusClashError, match="without a synthetic meta.json"):
+        make_synthetic_dataset(foreign, SMALL)
+    assert (foreign / "val_000000.bin").read_bytes() == b"not ours"
+
+
+def test_interrupted_generation_is_resumed_for_its_own_spec_only(tmp_path: Path) -> None:
+    make_synthetic_dataset(tmp_path, SMALL)
+    (tmp_path / "meta.json").unlink()  # as if killed before meta.json: the generation marker remains
+    (tmp_path / GENERATING).write_text(json.dumps({"generator_version": GENERATOR_VERSION, "spec": SMALL.to_dict()}))
+    with pytest.raises(CorpusClashError):
+        make_synthetic_dataset(tmp_path, SyntheticSpec(**{**SMALL.to_dict(), "seed": 9}))
+    assert not make_synthetic_dataset(tmp_path, SMALL)["reused"]
+    assert not (tmp_path / GENERATING).exists()
+
+
+def test_trainer_gives_each_spec_its_own_directory(tmp_path: Path) -> None:
+    from metattt.train.data_setup import synthetic_dir
+
+    a, b = SMALL, SyntheticSpec(**{**SMALL.to_dict(), "vocab_size": 48})
+    da, db = synthetic_dir(tmp_path, a), synthetic_dir(tmp_path, b)
+    assert da != db and da.parent == db.parent == tmp_path
+    make_synthetic_dataset(tmp_path, a)  # a corpus already directly in --data-dir is used as is
+    assert synthetic_dir(tmp_path, a) == tmp_path and synthetic_dir(tmp_path, b) == db
 
 
 def test_val_is_independent_of_train_size_and_distinct_from_train() -> None:
@@ -187,3 +223,16 @@ def test_lut_convention() -> None:
     lut = synthetic_lut(SMALL)
     assert lut.vocab_size == SMALL.vocab_size and lut.bos_id == BOS_ID
     assert lut.base_bytes[:4].tolist() == [0, 0, 0, 0] and (lut.base_bytes[4:] == 1).all()
+
+
+def test_cli_refuses_another_specs_directory_with_exit_2(tmp_path: Path, capsys) -> None:
+    from metattt.data.__main__ import main
+
+    small = ["--n-train-tokens", "3000", "--n-val-tokens", "2000", "--min-doc-len", "30", "--max-doc-len", "90"]
+    assert main(["synthetic", "--out", str(tmp_path), *small]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert main(["synthetic", "--out", str(tmp_path), *small, "--vocab-size", "128"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "vocab_size 256 there vs 128 here" in err[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -125,3 +125,49 @@ def test_missing_data_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no shard files match pattern" in err and "nowhere" in err
     assert not (tmp_path / "runs").exists()
+
+
+def _entry():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("meta_ttt_entry", Path(__file__).parents[1] / "experiments" /
+                                                  "meta_ttt.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    return entry
+
+
+def test_run_name_clash_exits_2_naming_the_flag(tmp_path, capsys):
+    """Issue 17: an existing --run-name used to raise FileExistsError (exit 1) with a hint naming exist_ok=True."""
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "notes.txt").write_text("mine")
+    rc = _entry().main(_args(tmp_path, "--iterations", "1", "--run-name", "taken"))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert "--run-name taken" in lines[0] and "exist_ok" not in lines[0] and "--resume" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "runs" / "taken").iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "syn").exists()  # nothing written: the clash is found before the data
+
+
+def test_shared_data_dir_keeps_each_corpus_and_the_evaluator_checks_it(tmp_path, capsys):
+    """Issue 17: a second training with another vocab in the same --data-dir silently regenerated the corpus, and
+    the first artifact then scored different data (exit 0). Now each spec has its own corpus, the artifact and the
+    run directory store the val fingerprint, and the evaluator reproduces the trainer's number on that data."""
+    from metattt.artifact.format import load_artifact
+    from metattt.eval.run import main as eval_main
+
+    entry = _entry()
+    assert entry.main(_args(tmp_path, "--iterations", "2", "--run-name", "a")) == 0
+    assert entry.main(_args(tmp_path, "--iterations", "2", "--run-name", "b", "--model.vocab-size", "128")) == 0
+    run_a = tmp_path / "runs" / "a"
+    summary = json.loads((run_a / "summary.json").read_text())
+    rc = eval_main([str(run_a / "artifact.ptz"), "--protocols", "flat", "--bootstrap", "0", "--wandb", "off",
+                    "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((run_a / "eval.json").read_text())
+    assert rep["protocols"]["flat"]["bpb"] == pytest.approx(summary["val_bpb_quant"], abs=1e-5)
+    meta = load_artifact(run_a / "artifact.ptz").meta
+    assert meta["val_fingerprint"] == summary["data_fingerprint"]["val_fingerprint"] == rep["meta"]["val_fingerprint"]
+    assert meta["val_fingerprint"] != json.loads((tmp_path / "runs" / "b" / "summary.json").read_text()
+                                                 )["data_fingerprint"]["val_fingerprint"]
+    assert rep["meta"]["data_check"] == "match"

@@ -53,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "synthetic":
         from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset
 
-        spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in fields(SyntheticSpec)})
-        meta = make_synthetic_dataset(args.out, spec)
+        try:
+            spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in fields(SyntheticSpec)})
+            meta = make_synthetic_dataset(args.out, spec)
+        except ValueError as e:  # bad spec, or --out holds another corpus (never overwritten)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         state = "reused" if meta.get("reused") else f"generated in {meta['generation_seconds']:.1f}s"
         print(f"synthetic corpus in {args.out} ({state}): {meta['n_train_tokens']:,} train / "
               f"{meta['n_val_tokens']:,} val tokens, vocab {meta['vocab_size']}")

@@ -378,29 +378,71 @@ def _with_patterns(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "dir": str(out), "train_pattern": str(out / "train_*.bin"), "val_pattern": str(out / "val_*.bin")}
 
 
+class CorpusClashError(ValueError):
+    """The output directory holds files this generator did not make for this spec: they are never deleted."""
+
+
+GENERATING = ".generating.json"  # written before the shards, removed after meta.json: marks an interrupted run
+
+
+def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    diff = [f"{k} {old.get(k)!r} there vs {new.get(k)!r} here" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(diff) or "same fields"
+
+
+def _claim(out: Path, spec: SyntheticSpec) -> dict[str, Any] | None:
+    """The reusable metadata of ``out`` for ``spec``, None when ``out`` may be (re)generated for it, or raise
+    :class:`CorpusClashError` when it holds another spec's corpus or files of unknown origin."""
+    mine = {"generator_version": GENERATOR_VERSION, "spec": spec.to_dict()}
+    for fname in ("meta.json", GENERATING):
+        path = out / fname
+        if not path.is_file():
+            continue
+        try:
+            old = json.loads(path.read_text())
+            old_mine = {"generator_version": old["generator_version"], "spec": old["spec"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorpusClashError(f"{path} is unreadable ({e}); not regenerating over it: remove {out} or choose "
+                                   "another directory") from e
+        if old_mine != mine:
+            what = (f"generator version {old_mine['generator_version']} there vs {GENERATOR_VERSION} here"
+                    if old_mine["generator_version"] != GENERATOR_VERSION else _spec_diff(old_mine["spec"], mine["spec"]))
+            raise CorpusClashError(f"{out} holds a synthetic corpus made for another spec ({what}); it is never "
+                                   "deleted: choose another directory")
+        if fname == "meta.json" and _existing_ok(out, old):
+            return old
+        return None  # our own corpus, damaged or interrupted: regenerate it
+    stray = sorted(p.name for p in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")))
+    if stray:
+        raise CorpusClashError(f"{out} holds shards ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}) "
+                               "without a synthetic meta.json: not made by this generator; choose another directory")
+    return None
+
+
 def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | None = None) -> dict[str, Any]:
     """Write train/val shards and ``meta.json`` for ``spec`` into ``out_dir``; reuse them if already there.
 
     Returns the metadata (spec, vocab, lut kind, bounds, file lists) plus absolute ``train_pattern`` /
-    ``val_pattern``. ``meta.json`` is written last, so an interrupted run is regenerated next time.
+    ``val_pattern``. A directory holding another spec's corpus (or shards of unknown origin) is refused with
+    :class:`CorpusClashError`, never overwritten; one holding this spec's corpus, damaged or interrupted
+    (``meta.json`` is written last), is regenerated.
     """
     spec = SyntheticSpec() if spec is None else spec
     out = Path(out_dir)
     meta_path = out / "meta.json"
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("generator_version") == GENERATOR_VERSION and old.get("spec") == spec.to_dict():
-            if _existing_ok(out, old):
-                return {**_with_patterns(out, old), "reused": True}
+    if out.exists() and not out.is_dir():
+        raise CorpusClashError(f"synthetic corpus directory {out} is a file")
+    old = _claim(out, spec) if out.is_dir() else None
+    if old is not None:
+        return {**_with_patterns(out, old), "reused": True}
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / GENERATING, json.dumps({"generator_version": GENERATOR_VERSION, "spec": spec.to_dict()}))
     if meta_path.exists():
         meta_path.unlink()
     for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")):
-        stale.unlink()
+        stale.unlink()  # this spec's own shards (checked by _claim)
     chain = make_chain(spec)
     files: dict[str, list[str]] = {}
     val_tokens = None
@@ -428,6 +470,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | Non
         "files": files,
     }
     atomic_write(meta_path, json.dumps(meta, indent=2))
+    (out / GENERATING).unlink()
     return {**_with_patterns(out, meta), "reused": False, "generation_seconds": time.perf_counter() - t0}
 
 

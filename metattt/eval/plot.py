@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from metattt.atomic import atomic_path
+
 
 def plot_running_delta(report: dict[str, Any], path: str | Path) -> Path | None:
     """Write the plot to ``path``; returns None when the report has no TTT/oracle protocol."""
@@ -35,7 +37,9 @@ def plot_running_delta(report: dict[str, Any], path: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # never half a PNG, never a stale one left by a failed write
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

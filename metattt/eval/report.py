@@ -68,6 +68,9 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
             "nats_per_token": r.nats / max(s.n_scored, 1),
             "legal": r.spec.legal,
             "label": "legal score" if r.spec.legal else ORACLE_LABEL,
+            # a diverged adapter (non-finite loss/parameters) stopped at "chunk"; the number is not comparable
+            "valid": s.invalid is None,
+            "invalid": s.invalid,
             "mode": r.spec.mode,
             "windows": r.spec.windows,
             "adapter": r.spec.adapter,
@@ -91,6 +94,7 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         d = diffs[(a, b)]
         deltas[key] = {"from": a, "to": b, "value": d.point, "ci95": [d.lo, d.hi],
                        "legal": specs[a].legal and specs[b].legal,
+                       "valid": ev.results[a].stream.invalid is None and ev.results[b].stream.invalid is None,
                        "label": "legal" if specs[a].legal and specs[b].legal else ORACLE_LABEL}
     running = {}
     for key, (a, b) in pairs.items():
@@ -155,6 +159,8 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append("-" * len(hdr))
     for n, p in rep["protocols"].items():
         note = "" if p["legal"] else f"** {p['label']} **"
+        if p.get("invalid"):
+            note += f" ** INVALID: non-finite {p['invalid']['what']} at chunk {p['invalid']['chunk']} **"
         lines.append(f"{n:<26}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
                      f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>13}  {note}")
     if rep["deltas"]:
@@ -162,6 +168,8 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append("deltas  (" + rep["sign_convention"] + ")")
         for k, v in rep["deltas"].items():
             note = "" if v["legal"] else f"** {v['label']} **"
+            if not v.get("valid", True):
+                note += " ** INVALID (diverged adapter) **"
             lines.append(f"  {k:<24}{v['from'] + ' -> ' + v['to']:<34}{v['value']:>+10.5f}  "
                          f"{_fmt_ci(v['ci95'], 5):<24}{note}")
     for n, p in rep["protocols"].items():

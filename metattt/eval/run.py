@@ -1,7 +1,12 @@
 """``python evaluators/legal_ttt.py ARTIFACT ...``: load an artifact, run the protocols, verify legality, report.
 
-Exit codes: 0 ok; 2 bad input (artifact, data, tokenizer, arguments); 3 an illegal adaptation was detected
-(the ledger refused; nothing is reported).
+Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, arguments, run directory),
+checked before anything is scored or written; 3 an illegal adaptation was detected (the ledger refused; nothing
+is reported); 4 a reported ``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its
+adaptation was stopped, eval.json holds every protocol with the invalid one marked).
+
+Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
+table and wandb come after it, and a failure there is a warning, never a lost evaluation.
 """
 
 from __future__ import annotations
@@ -16,13 +21,17 @@ from typing import Any, Callable
 import torch
 
 from .ledger import LegalityError
-from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
-from .report import build_report, format_report
+from metattt.data.fingerprint import tokens_fingerprint
 
+from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
+from .report import format_report
+from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
+
+EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_ILLEGAL = 3
+EXIT_INVALID = 4
 DEFAULT_PROTOCOLS = "flat,sliding,ttt:sgd"
-PLOT_NAME = "eval_running_delta.png"
 
 
 class EvalInputError(ValueError):
@@ -58,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--projection-tokens", type=int, default=62_000_000,
                     help="tokens assumed for the full FineWeb val in the time projection (default 62M)")
-    ap.add_argument("--projection-gpus", type=int, default=8)
+    ap.add_argument("--projection-gpus", type=int, default=8, help="GPUs assumed in the time projection (>= 1)")
+    ap.add_argument("--allow-other-data", action="store_true",
+                    help="evaluate even when the validation data's fingerprint differs from the one stored in the "
+                         "artifact (the stored and the new bpb then refer to different data)")
     ap.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE",
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
@@ -198,16 +210,88 @@ def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: 
     return get
 
 
-def _open_run_dir(args: argparse.Namespace, config: dict[str, Any], rank: int):
-    """The run directory for eval.json: ``--run-dir`` or the artifact's folder (a new run dir if it is none)."""
-    from metattt.track.rundir import MARKER_FILES, RunDir
+def _check_args(args: argparse.Namespace) -> None:
+    """Ranges of the numeric options, before anything is loaded (the ones needing the artifact come later)."""
+    positive = {"--context": args.context, "--seq-len": args.seq_len, "--train-seq-len": args.train_seq_len,
+                "--stride": args.stride, "--chunk-tokens": args.chunk_tokens, "--batch-tokens": args.batch_tokens,
+                "--projection-tokens": args.projection_tokens, "--projection-gpus": args.projection_gpus}
+    for flag, v in positive.items():
+        if v is not None and v < 1:
+            raise EvalInputError(f"{flag} must be at least 1, got {v}")
+    if args.bootstrap < 0:
+        raise EvalInputError(f"--bootstrap must be >= 0 (0: no CIs), got {args.bootstrap}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise EvalInputError(f"--max-tokens must be at least 2, got {args.max_tokens}")
 
-    target = Path(args.run_dir) if args.run_dir else Path(args.artifact).resolve().parent
-    if rank != 0:
-        return RunDir(target, writes=False)
+
+def _check_artifact_path(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise EvalInputError(f"artifact not found: {path}")
+    if p.is_dir():
+        hint = f" (did you mean {p / 'artifact.ptz'}?)" if (p / "artifact.ptz").is_file() else ""
+        raise EvalInputError(f"artifact {path} is a directory, not an artifact file{hint}")
+
+
+def _check_adapter_specs(adapter_specs: dict[str, str], specs: list[Any]) -> None:
+    used = {s.adapter for s in specs if s.adapter is not None}
+    unused = [k for k in adapter_specs if k not in used]
+    if unused:
+        raise EvalInputError(f"--adapter-spec {', '.join(unused)}: no protocol uses "
+                             f"{'it' if len(unused) == 1 else 'them'} (protocol adapters: "
+                             f"{', '.join(sorted(used)) or 'none'}); a misspelt key would run the defaults")
+
+
+def _check_windows(cfg: EvalConfig, specs: list[Any]) -> None:
+    if any(s.windows in ("sliding", "doc-sliding") for s in specs) and cfg.stride > cfg.context:
+        raise EvalInputError(f"--stride {cfg.stride} exceeds the sliding context {cfg.context}: it must be in "
+                             f"1..{cfg.context}")
+
+
+def _run_dir_target(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path(args.artifact).resolve().parent
+
+
+def _check_run_dir(target: Path) -> bool:
+    """Validate the run directory before scoring; True when it is an existing run directory to add to."""
+    from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
+
+    if target.exists() and not target.is_dir():
+        raise EvalInputError(f"run directory {target} is not a directory (--run-dir)")
     if target.is_dir() and any((target / f).is_file() for f in MARKER_FILES):
+        try:
+            RunDir.open(target)
+        except MalformedRunDir as e:
+            raise EvalInputError(f"{e}; fix or move it, or choose another --run-dir") from e
+        return True
+    return False
+
+
+def _open_run_dir(target: Path, existing: bool, config: dict[str, Any]):
+    """The run directory for eval.json: the existing one, or a new run dir at ``target``."""
+    from metattt.track.rundir import RunDir
+
+    if existing:
         return RunDir.open(target)
     return RunDir.create(target.parent, target.name, config, exist_ok=True)
+
+
+def _check_data(args: argparse.Namespace, meta: dict[str, Any], val: str, fp: str, warn: Callable[[str], None]
+                ) -> str:
+    """Compare the loaded validation data with the artifact's; returns how it went (stored in eval.json)."""
+    stored = meta.get("val_fingerprint")
+    if stored is None:
+        warn(f"warning: the artifact stores no validation-data fingerprint (written before fingerprints existed): "
+             f"cannot check that {val} ({fp}) is the data it was scored on")
+        return "unchecked: the artifact stores no fingerprint"
+    if stored == fp:
+        return "match"
+    msg = (f"validation data {val} has fingerprint {fp} but the artifact's was {stored} "
+           f"({meta.get('val_n_tokens', '?')} tokens): different data")
+    if not args.allow_other_data:
+        raise EvalInputError(msg + "; pass --allow-other-data to evaluate on it anyway")
+    warn(f"warning: {msg} (--allow-other-data)")
+    return f"other data allowed: artifact {stored}"
 
 
 def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str], Any]] | None = None,
@@ -218,15 +302,26 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     from metattt.data.loaders import load_val_tokens
     from metattt.data.shards import ShardFormatError
 
+    _check_args(args)
+    try:
+        specs = parse_protocols(args.protocols)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+    adapter_specs = _parse_adapter_specs(args.adapter_spec)
+    _check_adapter_specs(adapter_specs, specs)
+    _check_artifact_path(args.artifact)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(args.device, local_rank)
     rank, world = _setup_dist(device)
     say = out if rank == 0 and not args.quiet else (lambda _s: None)
+    warn = (lambda s: print(s, file=sys.stderr)) if rank == 0 else (lambda _s: None)
+    target = _run_dir_target(args)
+    existing_run = _check_run_dir(target) if rank == 0 else False
     t0 = time.perf_counter()
     try:
         model, loaded = load_model_artifact(args.artifact, device=device, expect=_parse_expect(args.expect) or None)
-    except FileNotFoundError as e:
-        raise EvalInputError(f"artifact not found: {args.artifact} ({e})") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise EvalInputError(f"cannot read artifact {args.artifact}: {e}") from e
     except ArtifactError as e:
         raise EvalInputError(f"cannot load artifact {args.artifact}: {type(e).__name__}: {e}") from e
     meta = dict(loaded.meta or {})
@@ -239,25 +334,25 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         raise EvalInputError(f"validation data: {e}") from e
     except ShardFormatError as e:
         raise EvalInputError(f"bad validation shard: {e}") from e
+    val_fp = tokens_fingerprint(tokens)  # of the whole stream, as the trainer stored it
+    data_check = _check_data(args, meta, val, val_fp, warn)
     if args.max_tokens is not None:
-        if args.max_tokens < 2:
-            raise EvalInputError("--max-tokens must be at least 2")
         tokens = tokens[: args.max_tokens]
     if args.compile is None:
         args.compile = device.type == "cuda"
     trained_len = int(meta.get("seq_len") or 2048)
-    cfg = EvalConfig(seq_len=args.seq_len or trained_len, context=args.context or trained_len,
+    cfg = EvalConfig(seq_len=args.seq_len if args.seq_len is not None else trained_len,
+                     context=args.context if args.context is not None else trained_len,
                      stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
                      progress=not args.quiet, fixed_shapes=args.compile)
+    _check_windows(cfg, specs)
     try:
-        specs = parse_protocols(args.protocols)
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)
         cfg.score_config()
     except ValueError as e:
         raise EvalInputError(str(e)) from e
-    adapter_specs = _parse_adapter_specs(args.adapter_spec)
     factory = (adapter_factory or make_adapter_factory)(model, adapter_specs, dict(loaded.extras or {}))
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
@@ -269,24 +364,36 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         model.prepare_rope(max(cfg.seq_len, cfg.context, cfg.train_seq_len or 0), device)
     scorer = torch.compile(model, dynamic=False) if args.compile else None
     ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer)
-    rep_meta = {"artifact": str(args.artifact), "val": val, "lut": lut_src, "device": str(device),
+    rep_meta = {"artifact": str(args.artifact), "val": val, "val_fingerprint": val_fp, "data_check": data_check,
+                "lut": lut_src, "device": str(device),
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
-                "compiled_scorer": bool(args.compile), "scorer_compile_s": ev.scorer_compile_s}
-    if rank != 0:
-        return {}
-    report = build_report(ev, rep_meta)
-    if rank == 0:
-        run_dir = _open_run_dir(args, {"evaluator": vars(args)}, rank)
-        path = run_dir.write_eval(report)
+                "compiled_scorer": bool(args.compile), "scorer_compile_s": ev.scorer_compile_s,
+                "eval_id": new_eval_id()}
+    if rank != 0:  # every rank holds the same results: the same exit code everywhere
+        return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
+    # results first: eval.json is on disk before any plot, table or wandb step can fail
+    run_dir = _open_run_dir(target, existing_run, {"evaluator": vars(args)})
+    report = write_results(run_dir, ev, rep_meta, warn)
+    path = report["_paths"]["eval_json"]
+    png = None
+    try:
         from .plot import plot_running_delta
 
-        png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME) if run_dir.path else None
-        report["_paths"] = {"eval_json": str(path) if path else None, "plot": str(png) if png else None}
+        png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME)
+    except Exception as e:  # noqa: BLE001 - a plot must never cost the evaluation
+        warn(f"warning: the running-delta plot failed ({type(e).__name__}: {e}); results are in {path}")
+    report["_paths"]["plot"] = str(png) if png else None
+    try:
         say(format_report(report))
-        say(f"wrote {path}" + (f" and {png}" if png else ""))
+    except Exception as e:  # noqa: BLE001
+        warn(f"warning: printing the report failed ({type(e).__name__}: {e}); results are in {path}")
+    say(f"wrote {path}" + (f" and {png}" if png else ""))
+    try:
         _wandb(args, report, run_dir)
+    except Exception as e:  # noqa: BLE001
+        warn(f"warning: wandb logging failed ({type(e).__name__}: {e}); results are in {path}")
     return report
 
 
@@ -309,8 +416,11 @@ def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
 def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[[str], Any]] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args, adapter_factory)
-        return 0
+        report = run(args, adapter_factory)
+        bad = invalid_protocols(report)
+        for name, why in bad.items():
+            print(f"INVALID: {name}: {why}", file=sys.stderr)
+        return EXIT_INVALID if bad else EXIT_OK
     except LegalityError as e:
         print(f"REFUSED: {e}", file=sys.stderr)
         return EXIT_ILLEGAL

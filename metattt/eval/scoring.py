@@ -6,6 +6,11 @@ plan always produces the same forwards in the same order (``ttt:none`` == ``slid
 adapter, each chunk is scored with the current weights and only then handed to the adapter (``score_first``);
 ``adapt_first`` is the oracle ordering and is only allowed with a non-enforcing ledger.
 
+An adapter whose update leaves a non-finite loss (in its returned stats) or non-finite parameters (in
+``params()``) is reset to the trained weights and not adapted again for the rest of the protocol; the result is
+marked invalid with the chunk index (``StreamResult.invalid``) and the remaining chunks are scored with the
+trained weights, so every target still gets a finite score and the other protocols are untouched.
+
 Under torch.distributed, a chunk's windows (and its training sequences) are split contiguously across ranks
 and the per-target nats are all-gathered, so every rank ends with the full result.
 """
@@ -87,6 +92,7 @@ class StreamResult:
     n_forwards: int
     ledger: Ledger
     adapt_stats: list[Any] = field(default_factory=list)
+    invalid: dict[str, Any] | None = None  # {"chunk": index, "what": "loss_last (nan)"} when adaptation diverged
 
     @property
     def n_scored(self) -> int:
@@ -223,6 +229,42 @@ def _adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, st
     return adapter.adapt(model, x, y, progress)  # the adapter owns grad mode, autocast and the rank average
 
 
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().item()) if v.numel() == 1 else None
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    return None
+
+
+def nonfinite_in(stats: Any, params: dict[str, torch.Tensor]) -> str | None:
+    """What is non-finite after an adapter update (a stats value, else a parameter), or None when all is finite."""
+    if isinstance(stats, dict):
+        for k, v in stats.items():
+            x = _number(v)
+            if x is not None and not np.isfinite(x):
+                return f"{k} ({x})"
+    names = [n for n, t in params.items() if t.is_floating_point()]
+    if names:
+        ok = torch.stack([torch.isfinite(params[n]).all() for n in names])
+        if not bool(ok.all()):
+            return f"parameter {names[int((~ok).nonzero()[0])]}"
+    return None
+
+
+def _diverged(stats: Any, adapter: AdapterLike, ctx: DistCtx, device: torch.device) -> str | None:
+    """:func:`nonfinite_in`, agreed over ranks (any rank's divergence stops every rank)."""
+    what = nonfinite_in(stats, adapter.params())
+    if ctx.world > 1:
+        flag = torch.tensor([0.0 if what is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if what is None and flag.item() > 0:
+            what = "loss or parameters on another rank"
+    return what
+
+
 def run_stream(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -264,6 +306,7 @@ def run_stream(
     score_s = adapt_s = 0.0
     n_forwards = 0
     stats: list[Any] = []
+    invalid: dict[str, Any] | None = None
     was_training = model.training
     model.eval()
     if adapter is not None:
@@ -274,29 +317,37 @@ def run_stream(
         for chunk in progress_bar(chunks, desc=plan.name, enabled=cfg.progress and ctx.rank == 0):
             last = chunk.index == len(chunks) - 1
             progress = chunk.index / max(1, len(chunks) - 1)
-            if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc:
+            if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc and invalid is None:
                 adapter.reset()
-            if order == "adapt_first":
+            if order == "adapt_first" and invalid is None:
                 t0 = time.perf_counter()
                 if reset == "chunk":
                     adapter.reset()
                 step = ledger.next_step()
                 stats.append(_adapt_on(model, tokens, adapter, chunk.lo, chunk.hi, seq_len, progress, ctx, ledger,
                                        step, cfg, f"oracle chunk {chunk.index}"))
+                invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
                 _sync(device)
                 adapt_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             step = ledger.next_step()
             shares = [_split(chunk.w1 - chunk.w0, ctx.world, r) for r in range(ctx.world)]
             a, b = shares[ctx.rank]
-            params = adapter.params() if adapter is not None else None
-            with torch.inference_mode():
-                fwd = model if scorer is None else scorer
-                local, nf = score_windows(fwd, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
-            n_forwards += nf
             sizes = [int((plan.length[chunk.w0 + sa: chunk.w0 + sb] - plan.score_from[chunk.w0 + sa: chunk.w0 + sb])
                          .sum()) for sa, sb in shares]
-            full = _gather_chunk(local, sizes, ctx, device)
+            for _attempt in range(2):
+                params = adapter.params() if adapter is not None else None
+                with torch.inference_mode():
+                    fwd = model if scorer is None else scorer
+                    local, nf = score_windows(fwd, tokens, plan, chunk.w0 + a, chunk.w0 + b, cfg, params)
+                n_forwards += nf
+                full = _gather_chunk(local, sizes, ctx, device)
+                if adapter is None or invalid is not None or bool(torch.isfinite(full).all()):
+                    break
+                # the adapted weights score non-finite nats: back to the trained weights, which saw nothing, and
+                # score this chunk again with them (its scores were never recorded)
+                adapter.reset()
+                invalid = {"chunk": int(chunk.index), "what": "nats scored with the adapted weights"}
             if full.numel() != chunk.n_scored:
                 raise AssertionError(f"chunk {chunk.index}: scored {full.numel()} targets, expected {chunk.n_scored}")
             if done[chunk.lo - 1 : chunk.hi - 1].any():
@@ -307,7 +358,7 @@ def run_stream(
             _sync(device)
             score_s += time.perf_counter() - t0
             useless = reset == "doc" and not last and chunks[chunk.index + 1].doc != chunk.doc  # reset next anyway
-            if order == "score_first" and not last and not useless:
+            if order == "score_first" and not last and not useless and invalid is None:
                 t0 = time.perf_counter()
                 if reset == "chunk":
                     adapter.reset()
@@ -315,6 +366,7 @@ def run_stream(
                 step = ledger.next_step()
                 stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, step, cfg,
                                        f"after chunk {chunk.index}"))
+                invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
                 _sync(device)
                 adapt_s += time.perf_counter() - t0
     finally:
@@ -324,4 +376,15 @@ def run_stream(
     if missing.size:
         raise AssertionError(f"{plan.name}: {missing.size} targets never scored "
                              f"(first: position {int(missing[0]) + 1})")
-    return StreamResult(plan.name, nll, chunks, seconds, score_s, adapt_s, plan.n_windows, n_forwards, ledger, stats)
+    return StreamResult(plan.name, nll, chunks, seconds, score_s, adapt_s, plan.n_windows, n_forwards, ledger, stats,
+                        invalid)
+
+
+def _stop_if_diverged(stats: Any, adapter: AdapterLike, ctx: DistCtx, device: torch.device, chunk_index: int
+                      ) -> dict[str, Any] | None:
+    """None while the adapter is finite; else reset it to the trained weights and say where it diverged."""
+    what = _diverged(stats, adapter, ctx, device)
+    if what is None:
+        return None
+    adapter.reset()
+    return {"chunk": int(chunk_index), "what": what}

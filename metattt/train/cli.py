@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import types
 import typing
 from typing import Any, Sequence
@@ -87,3 +89,25 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     return config_from_args(build_parser().parse_args(argv))
+
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The trainer's entry point: 0 when the run finished, 2 for bad input (one line on stderr, naming it).
+
+    argparse itself exits 2 for unknown flags and malformed values.
+    """
+    from ..data.shards import ShardFormatError
+    from .loop import train
+
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except (FileNotFoundError, ShardFormatError, ValueError) as e:  # bad input: say what, not where
+        if os.environ.get("METATTT_DEBUG"):
+            raise
+        print(f"error: {e} (METATTT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK

@@ -1,6 +1,7 @@
 """Resolve a TrainConfig's data source into shard patterns, a byte LUT and (for synthetic data) bounds."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +9,8 @@ from typing import Any
 
 from ..data.bpb import ByteLUT
 from ..data.loaders import find_shards
-from ..data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
+from ..data.fingerprint import short, spec_fingerprint
+from ..data.synthetic import GENERATOR_VERSION, SyntheticSpec, make_synthetic_dataset, synthetic_lut
 from .config import TrainConfig
 
 
@@ -22,16 +24,37 @@ class DataSource:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def synthetic_fingerprint(spec: SyntheticSpec) -> str:
+    """Fingerprint of what determines the synthetic corpus: its spec and the generator version."""
+    return spec_fingerprint({"generator_version": GENERATOR_VERSION, "spec": spec.to_dict()})
+
+
+def synthetic_dir(data_dir: str | Path, spec: SyntheticSpec) -> Path:
+    """``data_dir`` itself when it already holds this spec's corpus, else a directory of its own for the spec
+    (``data_dir/v<vocab>-<fingerprint>``): runs with different specs sharing ``--data-dir`` never touch each
+    other's corpus."""
+    root = Path(data_dir)
+    try:
+        old = json.loads((root / "meta.json").read_text())
+        if old.get("generator_version") == GENERATOR_VERSION and old.get("spec") == spec.to_dict():
+            return root
+    except (OSError, ValueError, AttributeError):
+        pass
+    return root / f"v{spec.vocab_size}-{short(synthetic_fingerprint(spec))}"
+
+
 def resolve_data(cfg: TrainConfig, is_main: bool = True) -> DataSource:
     if cfg.data == "synthetic":
         spec = SyntheticSpec(vocab_size=cfg.model.vocab_size, n_train_tokens=cfg.synthetic_train_tokens,
                              n_val_tokens=cfg.synthetic_val_tokens)
-        meta = make_synthetic_dataset(cfg.data_dir, spec) if is_main else None
+        out = synthetic_dir(Path(cfg.data_dir).absolute(), spec)  # absolute: the artifact's val glob works anywhere
+        meta = make_synthetic_dataset(out, spec) if is_main else None
         if meta is None:  # other ranks wait for rank 0 (the caller barriers), then read the same files
-            meta = make_synthetic_dataset(cfg.data_dir, spec)
+            meta = make_synthetic_dataset(out, spec)
         return DataSource(cfg.train_pattern or meta["train_pattern"], cfg.val_pattern or meta["val_pattern"],
                           synthetic_lut(spec), "synthetic", dict(meta["bounds"]),
-                          {"synthetic_spec": spec.to_dict(), "data_dir": str(cfg.data_dir)})
+                          {"synthetic_spec": spec.to_dict(), "synthetic_fingerprint": synthetic_fingerprint(spec),
+                           "data_dir": str(out)})
     root = Path(os.path.expanduser(cfg.data))
     train = cfg.train_pattern or str(root / "fineweb_train_*.bin")
     val = cfg.val_pattern or str(root / "fineweb_val_*.bin")

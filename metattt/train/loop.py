@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..artifact.model_io import load_model_artifact, save_model_artifact
+from ..data.fingerprint import tokens_fingerprint
 from ..data.loaders import TrainLoader, load_val_tokens
 from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
@@ -60,6 +61,18 @@ def _run_name(cfg: TrainConfig, info: DistInfo) -> str:
     return name
 
 
+class RunNameClash(ValueError):
+    """``--run-name`` names a run directory that already exists (bad input: nothing is written)."""
+
+
+def _check_run_name(cfg: TrainConfig) -> None:
+    if cfg.run_name and not cfg.resume:
+        path = Path(cfg.run_root) / cfg.run_name
+        if path.exists():
+            raise RunNameClash(f"--run-name {cfg.run_name}: {path} already exists; choose another --run-name, or "
+                               f"continue that run with --resume {path}")
+
+
 def _print(info: DistInfo, *args: Any) -> None:
     if info.is_main:
         print(*args, flush=True)
@@ -76,6 +89,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     resume_from = None
+    _check_run_name(cfg)  # before any data or run file is written
     if cfg.resume:
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
         cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
@@ -88,7 +102,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if src is None:
         src = resolve_data(cfg, False)
     name = _run_name(cfg, info)
-    run = RunDir.create(cfg.run_root, name, cfg.to_dict(), rank=info.rank, exist_ok=resume_from is not None)
+    try:
+        run = RunDir.create(cfg.run_root, name, cfg.to_dict(), rank=info.rank, exist_ok=resume_from is not None)
+    except FileExistsError as e:  # made by someone else since _check_run_name
+        raise RunNameClash(f"--run-name {name}: {Path(cfg.run_root) / name} already exists; choose "
+                           "another --run-name") from e
     run_path = Path(cfg.run_root) / name
     on_gpu = info.device.type == "cuda"
 
@@ -104,6 +122,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size, cfg.seed,
                          mode=cfg.loader_mode)
     val = load_val_tokens(src.val_pattern, vocab_size=cfg.model.vocab_size)
+    # of the whole val stream behind the pattern, as the evaluator loads it: it refuses other data later
+    src.meta["val_fingerprint"] = tokens_fingerprint(val)
+    src.meta["val_n_tokens"] = int(val.numel())
     if cfg.val_tokens:
         val = val[: cfg.val_tokens + 1]
     fwd = model.compile_core() if cfg.compile else model
@@ -282,6 +303,8 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model
         "val_tokens": final["val_tokens"], "artifact": str(art_path),
         "artifact_report": loaded.report.to_dict(), "bounds": src.bounds, "data": src.kind,
         "meta_adapter": cfg.meta.adapter or None,
+        "data_fingerprint": {k: src.meta[k] for k in ("val_fingerprint", "val_n_tokens", "synthetic_fingerprint")
+                             if k in src.meta},
     }
     run.write_summary(summary)
     if info.is_main:

@@ -124,11 +124,14 @@ class EvalConfig:
     projection_gpus: int = 8
     progress: bool = False
     fixed_shapes: bool = False  # one forward shape (set with --compile)
+    compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
 
     def score_config(self) -> ScoreConfig:
+        record = self.compat == "pg-record"  # its forwards are always context long
         return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
                            train_seq_len=self.train_seq_len or self.context, autocast=self.autocast,
-                           progress=self.progress, fixed_shapes=self.fixed_shapes)
+                           progress=self.progress, fixed_shapes=self.fixed_shapes or record,
+                           pad_to=self.context if record else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +146,7 @@ class ProtocolResult:
     ledger: dict[str, Any]
     adapter_info: dict[str, Any] | None = None
     world: int = 1
+    compat: dict[str, Any] | None = None  # --compat pg-record: the record's extra tail scorings
 
     @property
     def name(self) -> str:
@@ -280,7 +284,14 @@ def run_protocol(
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
     block_nats = np.bincount(data.block_of_target, weights=nll)
     info = adapter_info(adapter) if adapter is not None else None
-    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world)
+    compat = None
+    if cfg.compat == "pg-record" and spec.windows in ("flat", "sliding"):
+        from .compat import tail_scores
+
+        compat = {"tail_windows": 0, "tail_targets": 0, "tail_nats": 0.0, "tail_bytes": 0.0}
+        if spec.windows == "sliding":  # flat has no tail in the record either
+            compat = tail_scores(model, data, cfg, adapter.params() if adapter is not None else None, scorer)
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat)
 
 
 @dataclass

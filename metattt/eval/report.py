@@ -73,6 +73,7 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
             "invalid": s.invalid,
             "mode": r.spec.mode,
             "windows": r.spec.windows,
+            **(_compat_entry(r, total_bytes) if r.compat is not None else {}),
             "adapter": r.spec.adapter,
             "n_windows": s.n_windows,
             "n_chunks": len(s.chunks),
@@ -147,6 +148,13 @@ def _fmt_time(s: float | None) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
+def _compat_entry(r: Any, total_bytes: float) -> dict[str, Any]:
+    """``--compat pg-record``: the record's number (its tail re-scorings included) beside ours."""
+    from .compat import compat_bpb
+
+    return {"compat": {"mode": "pg-record", "bpb": compat_bpb(r.nats, total_bytes, r.compat), **r.compat}}
+
+
 def format_report(rep: dict[str, Any]) -> str:
     """The human-readable table printed by the CLI."""
     lines = []
@@ -163,6 +171,14 @@ def format_report(rep: dict[str, Any]) -> str:
             note += f" ** INVALID: non-finite {p['invalid']['what']} at chunk {p['invalid']['chunk']} **"
         lines.append(f"{n:<26}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
                      f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>13}  {note}")
+    compat = {n: p["compat"] for n, p in rep["protocols"].items() if p.get("compat")}
+    if compat:
+        lines.append("")
+        lines.append("--compat pg-record: the record scripts' numbers (val truncated to whole training windows, "
+                     "the sliding tail's re-scorings counted)")
+        for n, c in compat.items():
+            lines.append(f"  {n:<24}{c['bpb']:>12.8f}   (+{c['tail_targets']:,} re-scored targets in "
+                         f"{c['tail_windows']} tail windows)")
     if rep["deltas"]:
         lines.append("")
         lines.append("deltas  (" + rep["sign_convention"] + ")")

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
+    ap.add_argument("--compat", default="none", choices=("none", "pg-record"),
+                    help="pg-record: also report the record scripts' numbers (truncated val, tail re-scoring, every "
+                         "forward padded to the context, bf16 tables/residual/soft cap under autocast; "
+                         "docs/interop.md). Default: every target exactly once")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the scoring forward (adapters train eager); every forward is then padded to "
                     "one shape, so it compiles once. Default: on for CUDA (1.9x sliding throughput on an H100), off "
@@ -338,6 +342,13 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     data_check = _check_data(args, meta, val, val_fp, warn)
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
+    if args.compat == "pg-record":
+        from .compat import truncate
+
+        try:
+            tokens = truncate(tokens, int(args.seq_len or meta.get("seq_len") or 2048))
+        except ValueError as e:
+            raise EvalInputError(str(e)) from e
     if args.compile is None:
         args.compile = device.type == "cuda"
     trained_len = int(meta.get("seq_len") or 2048)
@@ -346,13 +357,17 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
-                     progress=not args.quiet, fixed_shapes=args.compile)
+                     progress=not args.quiet, fixed_shapes=args.compile, compat=args.compat)
     _check_windows(cfg, specs)
     try:
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)
         cfg.score_config()
     except ValueError as e:
         raise EvalInputError(str(e)) from e
+    if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
+        from .compat import record_numerics
+
+        record_numerics(model)  # before any adapter snapshots the weights
     factory = (adapter_factory or make_adapter_factory)(model, adapter_specs, dict(loaded.extras or {}))
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
@@ -369,7 +384,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
-                "compiled_scorer": bool(args.compile), "scorer_compile_s": ev.scorer_compile_s,
+                "compiled_scorer": bool(args.compile), "compat": args.compat, "scorer_compile_s": ev.scorer_compile_s,
                 "eval_id": new_eval_id()}
     if rank != 0:  # every rank holds the same results: the same exit code everywhere
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}

@@ -58,6 +58,7 @@ class ScoreConfig:
     # pad every forward to one (windows, length) shape: a torch.compile'd scorer then compiles once instead of
     # again for each chunk's smaller last batch and for short windows (padding is never scored)
     fixed_shapes: bool = False
+    pad_to: int | None = None  # with fixed_shapes: pad every forward to at least this length (the record's x_batch)
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.chunk_tokens < 1:
@@ -165,7 +166,7 @@ def score_windows(
 
 def fixed_batch_shape(plan: WindowPlan, cfg: ScoreConfig) -> tuple[int, int]:
     """(window length, windows per forward) of every forward under ``fixed_shapes``, within ``batch_tokens``."""
-    t = plan.max_length
+    t = max(plan.max_length, cfg.pad_to or 0)
     per = max(1, cfg.batch_tokens // t)
     return t, min(per, cfg.max_batch_windows) if cfg.max_batch_windows else per
 

@@ -239,6 +239,26 @@ def test_adaptation_helps_and_report_decomposes(world):
     assert "decomposition of " + name in format_report(rep)
 
 
+def test_cli_runs_the_family_and_rejects_bad_options(world, tmp_path, capsys):
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.eval.run import EXIT_BAD_INPUT, main
+
+    art = tmp_path / "run" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, world["model"], meta={"lut": synthetic_lut(SPEC).to_dict(), "seq_len": 48,
+                                                   "val_pattern": world["meta"]["val_pattern"]}, allow_over_budget=True)
+    common = [str(art), "--bootstrap", "20", "--quiet", "--wandb", "off", "--max-tokens", "1500"]
+    assert main([*common, "--protocols", "docttt:doclora@rank=0"]) == EXIT_BAD_INPUT
+    assert "rank must be a positive integer" in capsys.readouterr().err
+    assert main([*common, "--protocols", "docttt:doclora@chunks=16"]) == EXIT_BAD_INPUT
+    assert "no option 'chunks'" in capsys.readouterr().err
+    name = f"docttt:doclora@{OPTS}/{LORA}"
+    assert main([*common, "--protocols", name]) == 0, capsys.readouterr().err
+    rep = json.loads((art.parent / "eval.json").read_text())
+    assert rep["protocols"][name]["ledger"]["legal"] and rep["protocols"][name]["tokens_scored"] == 1499
+    assert [s["step"] for s in rep["docttt_decomposition"][name]["steps"]] == ["context", "adaptation"]
+
+
 # ------------------------------------------------------------------------------------------------ cheaters
 class CheatingDocLoRA(DocLoRA):
     adapts_before_scoring = True  # trains on each chunk, then scores it
@@ -301,3 +321,21 @@ def test_two_process_gloo_matches_single_process(world, tmp_path):
     for n, r in single.results.items():
         np.testing.assert_allclose(np.asarray(got[n], dtype=np.float32), r.stream.token_nll, rtol=1e-5,
                                    atol=1e-6, err_msg=n)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_docttt_on_cuda_bf16(world):
+    """The CUDA path (bf16 autocast, device generator, LoRA under autocast): legal, finite, and lr 0 matches the
+    no-adaptation baseline."""
+    m = BankedGPT(tiny_config()).cuda()
+    m.load_state_dict(world["model"].state_dict())
+    m.eval()
+    data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
+    name = f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}"
+    ev = evaluate(m, data, parse_protocols(f"{name},docttt:doclora@{OPTS}/rank=4/lr=0"), {}, EVAL)
+    rep = build_report(ev)
+    assert all(p["ledger"]["legal"] and np.isfinite(p["bpb"]) for p in rep["protocols"].values())
+    np.testing.assert_allclose(ev.results[f"docttt:doclora@{OPTS}/rank=4/lr=0"].stream.token_nll,
+                               ev.results[f"doc-chunk@{OPTS}"].stream.token_nll, rtol=1e-3, atol=1e-3)
+    assert rep["docttt_decomposition"][name]["steps"][1]["value"] > 0

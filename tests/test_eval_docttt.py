@@ -158,6 +158,22 @@ def test_doclora_step_is_torch_adamw_per_document(one_thread):
     assert ad.adapted_count(cfg) == 3 * (cfg.num_layers * (32 + 32) + 32 + 64)
 
 
+def test_keep_a_carries_a_and_resets_b_and_state(one_thread):
+    cfg = tiny_config()
+    params = dict(BankedGPT(cfg).named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    for keep in (False, True):
+        ad = DocLoRA(DocLoRAConfig(rank=2, keep_a=keep, alpha=4.0))
+        tr, st = ad.init(params, 3, cfg, gen)
+        grads = {k: torch.ones_like(v) for k, v in tr.items()}
+        tr, st = ad.step(tr, st, grads, 0.0)
+        tr2, st2 = ad.init(params, 3, cfg, gen, carry=tr)
+        assert torch.equal(tr2["A.q"], tr["A.q"]) == keep
+        assert not tr2["B.q"].any() and not st2["m.B.q"].any() and not st2["t"].any()
+        lora = ad.materialize(tr, cfg.num_layers)["lora"]
+        torch.testing.assert_close(lora["q.1"][1], 2.0 * tr["B.q"][:, 1])  # scale alpha / rank
+
+
 def test_doclora_options_parse_and_fail_clearly():
     cfg = DocLoRAConfig.from_options({"rank": "8", "keep_a": "true", "alpha": "16"})
     assert cfg.rank == 8 and cfg.keep_a and cfg.scale == 2.0

@@ -15,6 +15,7 @@ configuration is run first as warm-up (CUDA init, autotuning, compilation) and n
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def main() -> None:
             for spec in specs:
                 adapter = None
                 family = spec.mode == "docttt"  # builds its own document queue and adapter from the spec
+
+                if family:  # the compile variant compiles docttt's core (fixed shapes), not a separate scorer
+                    cfg = replace(cfg, docttt_compile=variant == "compile")
 
                 def plan(d):
                     return None if family else build_plan(spec.windows, d, cfg)

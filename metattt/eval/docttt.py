@@ -16,6 +16,7 @@ ledgers merged, so every rank verifies the whole run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -218,11 +219,14 @@ class BatchOut:
 
 def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
               adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
-              init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto") -> BatchOut:
+              init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
+              bucket: int = 0) -> BatchOut:
     """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
 
     ``init``: the adapter's (trainables, state) for these documents (rows in order); ``base``: parameter
-    overrides for the base model (after phases). Documents must be sorted by length, longest first."""
+    overrides for the base model (after phases). Documents must be sorted by length, longest first.
+    ``bucket`` > 0: every forward has one row per document of the batch (finished ones are dummies, never scored
+    nor trained) and a length rounded up to a multiple of ``bucket``, so a compiled core sees few shapes."""
     n = e - a
     if np.any(np.diff(n) > 0):
         raise ValueError("run_batch needs documents sorted by length, longest first")
@@ -235,14 +239,18 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     out = BatchOut([])
     for c in range(int(nc.max())):
         act = int((nc > c).sum())  # sorted longest first: the active documents are a prefix
-        aa, ee = a[:act], e[:act]
+        aa = a[:act]
         end = aa + np.minimum((c + 1) * C, n[:act])  # inputs end (exclusive) = last target of the chunk
         lo = aa + c * C + 1  # first target of the chunk
         s = np.maximum(aa, end - W)
         ln = end - s
         t = int(ln.max())
         train = (nc[:act] - 1 > c) if adapter is not None else np.zeros(act, dtype=bool)
-        st_t = torch.from_numpy(s).to(device)
+        n_rows = a.size if bucket else act
+        if bucket:
+            t = -(-t // bucket) * bucket
+        s_rows = np.concatenate([s, a[act:n_rows]])  # dummy rows: the finished documents' starts
+        st_t = torch.from_numpy(s_rows).to(device)
         idx = (st_t[:, None] + torch.arange(t + 1, device=device)[None, :]).clamp_(max=n_tok - 1)
         buf = tokens[idx]
         x = buf[:, :-1]
@@ -256,7 +264,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             kw: dict[str, Any] = {}
             leaves = None
             if adapter is not None:
-                leaves = {k: v[:act].detach().requires_grad_(grad) for k, v in tr.items()}
+                leaves = {k: v[:n_rows].detach().requires_grad_(grad) for k, v in tr.items()}
                 kw.update(adapter.materialize(leaves, n_layers))
             if base is not None:
                 kw["params"] = base
@@ -268,13 +276,13 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
 
         def update(nll: torch.Tensor, leaves: dict[str, torch.Tensor], step: int) -> float:
             nonlocal tr, st
-            w = torch.from_numpy(train.astype(np.float32) / cnt).to(device)  # mean per document, trained docs
+            w = torch.from_numpy((train / cnt).astype(np.float32)).to(device)  # mean per document, trained docs
             loss = (nll * w[rows]).sum()
             names = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in names])
             full = {k: torch.zeros_like(tr[k]) for k in names}
             for k, g in zip(names, grads):
-                full[k][:act] = g
+                full[k][:n_rows] = g
             active = torch.zeros(tr[names[0]].shape[0], dtype=torch.bool, device=device)
             active[:act] = torch.from_numpy(train).to(device)
             tr, st = adapter.step(tr, st, full, 0.0, active=active)
@@ -292,7 +300,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             out.adapt_s += time.perf_counter() - t0
             train = np.zeros(act, dtype=bool)
         t0 = time.perf_counter()
-        grad = bool(train.any())
+        grad = bool(train.any()) or (bucket > 0 and adapter is not None)  # fixed shapes: one graph per length
         with torch.inference_mode(False), torch.set_grad_enabled(grad):
             nll, leaves = forward(grad)
             step = ledger.next_step()
@@ -304,7 +312,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 ledger.record_score(int(lo[i]), int(end[i]) + 1, step)
             _sync(device)
             out.score_s += time.perf_counter() - t0
-            if grad:
+            if train.any():
                 t0 = time.perf_counter()
                 loss = update(nll, leaves, ledger.next_step())
                 out.loss_first = loss if out.loss_first is None else out.loss_first
@@ -375,11 +383,14 @@ def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
 
 def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
                ledger: Ledger, ctx: DistCtx | None = None, autocast: bool = True, attn: str = "auto",
-               make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None) -> StreamResult:
+               make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None, compile: bool = False,
+               bucket: int = 0) -> StreamResult:
     """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
 
     Batches are dealt round-robin over ranks (batch i on rank i % world); phases are computed identically on
-    every rank from the same documents, so results equal one process's."""
+    every rank from the same documents, so results equal one process's. ``compile``: the model's functional
+    core is compiled for this run (fixed shapes: ``bucket`` defaults to 128 then); the base parameters are
+    passed detached, so no graph computes gradients for them outside the phases."""
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
     n = int(tokens.numel())
@@ -391,7 +402,16 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     bounds = phase_boundaries(queue, spec.phases, spec.phase_docs) if adapter is not None else []
     nll = np.zeros(n - 1, dtype=np.float32)
     done = np.zeros(n - 1, dtype=np.int32)
-    base: dict[str, torch.Tensor] | None = None
+    frozen = {k: v.detach() for k, v in model.named_parameters()}
+    base: dict[str, torch.Tensor] = frozen
+    if compile and not bucket:
+        bucket = 128
+    core = getattr(model, "_core", None)
+    if compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        model.compile_core()
     was_training = model.training
     model.eval()
     stats: list[dict[str, Any]] = []
@@ -408,9 +428,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                 init = None
                 if adapter is not None:
                     gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
-                    params = base if base is not None else dict(model.named_parameters())
-                    init = adapter.init(params, len(idx), model.cfg, gen, carry=tr)
-                res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn)
+                    init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
+                res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, bucket)
                 tr = res.trainables
                 for lo, v in res.nll:
                     nll[lo - 1: lo - 1 + v.size] = v
@@ -425,8 +444,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                 seg += 1
                 ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
                 docs = phase_documents(queue, bounds[bi][1])
-                params = base if base is not None else {k: v.detach() for k, v in model.named_parameters()}
-                base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, params, ledger, autocast)
+                with model.eager_core() if compile else contextlib.nullcontext():  # shapes vary: no recompiles
+                    base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger, autocast)
                 stats.append({"phase": bi, **st})
                 tr = None
                 seg += 1
@@ -436,6 +455,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                 adapt_s += time.perf_counter() - t0
     finally:
         model.train(was_training)
+        if compile:
+            model._core = core
     if ctx.world > 1:
         both = torch.from_numpy(np.stack([nll, done.astype(np.float32)])).to(device)
         dist.all_reduce(both)

@@ -131,6 +131,7 @@ class EvalConfig:
     projection_gpus: int = 8
     progress: bool = False
     fixed_shapes: bool = False  # one forward shape (set with --compile)
+    docttt_compile: bool = False  # docttt: compiled core, lengths bucketed to 128 (not yet measured: opt-in)
 
     def score_config(self) -> ScoreConfig:
         return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
@@ -297,7 +298,7 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
-                            autocast=cfg.autocast)
+                            autocast=cfg.autocast, compile=cfg.docttt_compile)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)

@@ -325,10 +325,13 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
 
 # ------------------------------------------------------------------------------------------------ phases
 def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
-              base: dict[str, torch.Tensor], ledger: Ledger, autocast: bool = True) -> tuple[dict, dict]:
+              base: dict[str, torch.Tensor], ledger: Ledger, autocast: bool = True, ctx: DistCtx = DistCtx()
+              ) -> tuple[dict, dict]:
     """Full-model SGD (momentum, cosine lr, global-norm clip) on documents ``[a, e)``, ``phase_epochs`` epochs of
     steps of ~``phase_tokens`` tokens; rows are document pieces of <= ``window`` tokens (attention never leaves
-    a document). Returns (new base parameters, stats); every step is a ledger update."""
+    a document). Under torch.distributed each step's rows are split over the ranks and the token-summed
+    gradients all-reduced, so every rank takes the single-process step. Returns (new base parameters, stats);
+    every step is a ledger update (each rank records its rows)."""
     device, W = tokens.device, spec.window
     pieces = [(int(p), int(min(p + W, q))) for s0, q in zip(a, e) for p in range(int(s0), int(q), W)]
     per = max(1, spec.phase_tokens // W)
@@ -338,19 +341,37 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     mom = {k: torch.zeros_like(cur[k]) for k in names}
     doc_start = {int(p): int(s0) for s0, q in zip(a, e) for p in range(int(s0), int(q), W)}
     losses = []
-    for k_step, rows in enumerate(steps):
-        t = max(q - p for p, q in rows)
-        x = torch.zeros(len(rows), t, dtype=torch.long, device=device)
-        y = torch.full((len(rows), t), -100, dtype=torch.long, device=device)
-        for i, (p, q) in enumerate(rows):
-            x[i, : q - p] = tokens[p:q]
-            y[i, : q - p] = tokens[p + 1:q + 1]
+    for k_step, all_rows in enumerate(steps):
         lr = spec.phase_lr * 0.5 * (1 + math.cos(math.pi * k_step / max(1, len(steps))))
-        with torch.inference_mode(False), torch.enable_grad():
-            leaves = {k: cur[k].detach().requires_grad_(True) for k in names}
-            with _autocast(device, autocast):
-                loss = model(x, y, params={**cur, **leaves})
-            grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        base_n, extra = divmod(len(all_rows), ctx.world)
+        r0 = ctx.rank * base_n + min(ctx.rank, extra)
+        rows = all_rows[r0: r0 + base_n + (1 if ctx.rank < extra else 0)]
+        n_tgt = torch.tensor([float(sum(q - p for p, q in rows))], device=device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=device)
+        if rows:
+            t = max(q - p for p, q in rows)
+            x = torch.zeros(len(rows), t, dtype=torch.long, device=device)
+            y = torch.full((len(rows), t), -100, dtype=torch.long, device=device)
+            for i, (p, q) in enumerate(rows):
+                x[i, : q - p] = tokens[p:q]
+                y[i, : q - p] = tokens[p + 1:q + 1]
+            with torch.inference_mode(False), torch.enable_grad():
+                leaves = {k: cur[k].detach().requires_grad_(True) for k in names}
+                with _autocast(device, autocast):
+                    loss_sum = model(x, y, params={**cur, **leaves}, reduction="sum")
+                grads = list(torch.autograd.grad(loss_sum, [leaves[k] for k in names]))
+        else:
+            grads = [torch.zeros_like(cur[k]) for k in names]
+        if ctx.world > 1:
+            flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss_sum.detach().float().reshape(1)])
+            dist.all_reduce(flat)
+            dist.all_reduce(n_tgt)
+            parts = torch.split(flat[:-1], [g.numel() for g in grads])
+            grads = [v.view_as(g).to(g.dtype) for v, g in zip(parts, grads)]
+            loss_sum = flat[-1]
+        total = float(n_tgt)
+        grads = [g / total for g in grads]
+        loss = loss_sum.detach() / total
         with torch.no_grad():
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             coef = min(1.0, spec.phase_clip / (float(norm) + 1e-6)) if spec.phase_clip > 0 else 1.0
@@ -387,8 +408,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                bucket: int = 0) -> StreamResult:
     """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
 
-    Batches are dealt round-robin over ranks (batch i on rank i % world); phases are computed identically on
-    every rank from the same documents, so results equal one process's. ``compile``: the model's functional
+    Batches are dealt round-robin over ranks (batch i on rank i % world); a phase's SGD steps are split over all
+    ranks (gradients all-reduced), so every rank holds the same base and results equal one process's. ``compile``: the model's functional
     core is compiled for this run (fixed shapes: ``bucket`` defaults to 128 then); the base parameters are
     passed detached, so no graph computes gradients for them outside the phases."""
     ctx = DistCtx.current() if ctx is None else ctx
@@ -445,7 +466,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                 ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
                 docs = phase_documents(queue, bounds[bi][1])
                 with model.eager_core() if compile else contextlib.nullcontext():  # shapes vary: no recompiles
-                    base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger, autocast)
+                        base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
+                                         autocast, ctx)
                 stats.append({"phase": bi, **st})
                 tr = None
                 seg += 1

@@ -80,10 +80,11 @@ def test_lora_none_and_zero_b_are_the_plain_forward_bitwise(one_thread):
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randint(0, 64, (3, 20))
     ref = m(x)
-    lora = {k: (a, torch.zeros_like(b)) for k, (a, b) in _rand_lora(m.cfg, 3, 4, torch.Generator().manual_seed(1)).items()}
+    full = _rand_lora(m.cfg, 3, 4, torch.Generator().manual_seed(1))
+    lora = {k: (a, torch.zeros_like(b)) for k, (a, b) in full.items()}
     assert torch.equal(m(x, lora=None), ref)
     assert torch.equal(m(x, lora=lora), ref)
-    assert not torch.equal(m(x, lora=_rand_lora(m.cfg, 3, 4, torch.Generator().manual_seed(1))), ref)
+    assert not torch.equal(m(x, lora=full), ref)
 
 
 @pytest.mark.parametrize("runtime", [Runtime(), Runtime(fused_qkv=False, fold_gains=False)])

@@ -5,14 +5,15 @@ The 2026-04 records' evaluation: documents (BOS-delimited spans, ``windows.doc_s
 <= ``window`` tokens ending at the chunk. One forward (per-document LoRA applied per row) scores the chunk's
 targets, then the *same* forward's loss on the chunk (mean per document, summed over documents; a document's
 last chunk is not trained) is back-propagated into the LoRA and the optimiser steps once: score-before-update
-at chunk granularity. ``phases``: after the first ``phase_docs`` documents of the queue (in ``phases`` equal
-parts), full-model SGD on every document scored so far, then LoRAs are rebuilt on the updated base.
+at chunk granularity. ``phases``: phase p starts after the batch that completes the first
+``phase_docs * (p+1) // phases`` queue documents and runs full-model SGD on exactly those (all scored by then);
+then LoRAs are rebuilt on the updated base.
 
 Targets are exactly those of the other protocols (document d's span also predicts the next document's BOS, as
 ``doc-flat`` does), so per-target nats pair with them. The ledger gets every scored chunk and every update's
 positions (a document's own positions; its opening BOS is the delimiter the windows are built from, as in
-``doc-flat``); under torch.distributed batches are dealt round-robin (no lock files), nats are summed and the
-ledgers merged, so every rank verifies the whole run.
+``doc-flat``); under torch.distributed batches are dealt round-robin (no lock files), phase steps are split over
+the ranks, nats are summed and the ledgers merged, so every rank verifies the whole run.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..track.progress import progress as progress_bar
 from ..ttt.doclora import DocLoRA, DocLoRAConfig
 from .ledger import Ledger
 from .scoring import DistCtx, StreamResult, _autocast, _sync
@@ -405,13 +407,13 @@ def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
 def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
                ledger: Ledger, ctx: DistCtx | None = None, autocast: bool = True, attn: str = "auto",
                make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None, compile: bool = False,
-               bucket: int = 0) -> StreamResult:
+               bucket: int = 0, progress: bool = False) -> StreamResult:
     """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
 
     Batches are dealt round-robin over ranks (batch i on rank i % world); a phase's SGD steps are split over all
-    ranks (gradients all-reduced), so every rank holds the same base and results equal one process's. ``compile``: the model's functional
-    core is compiled for this run (fixed shapes: ``bucket`` defaults to 128 then); the base parameters are
-    passed detached, so no graph computes gradients for them outside the phases."""
+    ranks (gradients all-reduced), so every rank holds the same base and results equal one process's.
+    ``compile``: the model's functional core is compiled for this run (fixed shapes: ``bucket`` defaults to 128
+    then); the base parameters are passed detached, so no graph computes gradients for them outside the phases."""
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
     n = int(tokens.numel())
@@ -443,7 +445,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     t_start = time.perf_counter()
     seg, bi = 0, 0
     try:
-        for b, idx in enumerate(queue.batches):
+        for b, idx in enumerate(progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)):
             if b % ctx.world == ctx.rank:
                 a, e = queue.a[idx], queue.e[idx]
                 init = None

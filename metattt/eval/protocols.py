@@ -298,7 +298,7 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
-                            autocast=cfg.autocast, compile=cfg.docttt_compile)
+                            autocast=cfg.autocast, compile=cfg.docttt_compile, progress=cfg.progress)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)

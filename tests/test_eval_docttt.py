@@ -288,6 +288,34 @@ def test_cli_runs_the_family_and_rejects_bad_options(world, tmp_path, capsys):
     assert [s["step"] for s in rep["docttt_decomposition"][name]["steps"]] == ["context", "adaptation"]
 
 
+def test_cli_on_real_val_prefix(tmp_path, capsys):
+    """Real FineWeb val documents (BOS-opened): every target scored once, paired with doc-flat, legal."""
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.eval.run import main
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not shared.is_dir():
+        shared = Path("/work/shared/data")
+    tok = shared / "tokenizers" / "fineweb_1024_bpe.model"
+    val = shared / "fineweb_sp1024_valprefix" / "fineweb_val_000000.bin"
+    if not (tok.is_file() and val.is_file()):
+        pytest.skip(f"shared data not found under {shared} (sp1024 tokenizer and val prefix shard)")
+    torch.manual_seed(0)
+    art = tmp_path / "real" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, BankedGPT(tiny_config(vocab_size=1024)),
+                        meta={"val_pattern": str(val), "tokenizer": str(tok), "seq_len": 128}, allow_over_budget=True)
+    name = "docttt:doclora@docs=8/window=128/phases=1/phase_docs=8/rank=4"  # chunk 32: the default
+    rc = main([str(art), "--protocols", name, "--max-tokens", "12000", "--bootstrap", "20", "--quiet",
+               "--wandb", "off"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((art.parent / "eval.json").read_text())
+    assert rep["data"]["n_docs"] > 5
+    for n in ("doc-flat", "doc-chunk@docs=8/window=128", name):
+        assert rep["protocols"][n]["tokens_scored"] == 11999 and rep["protocols"][n]["ledger"]["legal"], n
+    assert [s["step"] for s in rep["docttt_decomposition"][name]["steps"]] == ["context", "adaptation", "phases"]
+
+
 # ------------------------------------------------------------------------------------------------ cheaters
 class CheatingDocLoRA(DocLoRA):
     adapts_before_scoring = True  # trains on each chunk, then scores it
@@ -308,6 +336,7 @@ def test_phases_train_only_on_fully_scored_documents(world, monkeypatch):
     spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=2/phase_docs=6/{LORA}")
     queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
     assert docttt.phase_boundaries(queue, 2, 6) == [(0, 3), (1, 6)]
+    assert docttt.phase_boundaries(queue, 1, 10_000) == []  # it would end after the last batch
     ledger = Ledger(spec.name)
     docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger)
     assert ledger.verify()["legal"]

@@ -169,7 +169,8 @@ def doc_queue(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> DocQueue:
 
 def phase_boundaries(queue: DocQueue, phases: int, phase_docs: int) -> list[tuple[int, int]]:
     """(last batch index, number of queue documents to train on) of each phase: phase p trains on the first
-    ``phase_docs * (p+1) // phases`` documents, after the batch that completes them."""
+    ``phase_docs * (p+1) // phases`` documents, after the batch that completes them (none after the last batch:
+    no document would be scored with it)."""
     if phases == 0:
         return []
     limit = min(phase_docs, int(queue.a.size))
@@ -177,8 +178,9 @@ def phase_boundaries(queue: DocQueue, phases: int, phase_docs: int) -> list[tupl
     out = []
     for p in range(phases):
         k = limit * (p + 1) // phases
-        if k > 0:
-            out.append((int(np.searchsorted(ends, k, side="left")), k))
+        b = int(np.searchsorted(ends, k, side="left"))
+        if k > 0 and b < len(queue.batches) - 1:  # a phase after the last batch could only be wasted
+            out.append((b, k))
     return out
 
 

@@ -5,6 +5,8 @@ the full FineWeb val on 8 GPUs.
     python benchmarks/eval_throughput.py                         # fresh pg-2026-03-23 model, random docs
     python benchmarks/eval_throughput.py runs/X/artifact.ptz --val '/data/fineweb_val_*.bin'
     python benchmarks/eval_throughput.py --batch-tokens 32768,65536,131072 --variants eager,compile
+    python benchmarks/eval_throughput.py --protocols doc-chunk,docttt:doclora   # doc-batched LoRA TTT: rank 96,
+                                          # chunk 32, 64 documents per batch, window 2048 (docttt.py defaults)
 
 Tokens are the first --tokens of the val data when given (or of the artifact's stored val pattern), else
 random ids cut into documents of ~1,000 tokens: throughput does not depend on the values. One chunk of every
@@ -13,6 +15,7 @@ configuration is run first as warm-up (CUDA init, autotuning, compilation) and n
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -91,18 +94,26 @@ def main() -> None:
             warm = prepare_stream(tokens[: args.chunk_tokens + args.context + 1], lut, device, cfg.chunk_tokens)
             for spec in specs:
                 adapter = None
-                if spec.adapter is not None:
+                family = spec.mode == "docttt"  # builds its own document queue and adapter from the spec
+
+                if family:  # the compile variant compiles docttt's core (fixed shapes), not a separate scorer
+                    cfg = replace(cfg, docttt_compile=variant == "compile")
+
+                def plan(d):
+                    return None if family else build_plan(spec.windows, d, cfg)
+
+                if spec.adapter is not None and not family:
                     from metattt.ttt.registry import adapter_from_spec
 
                     adapter = adapter_from_spec(args.adapter_spec).bind(model)
                     prefix = f"ttt.{adapter.name}."
                     mine = {k: v for k, v in extras.items() if k.startswith(prefix)}
                     adapter.load_artifact_extras(mine, strict=bool(mine))
-                run_protocol(spec, model, warm, build_plan(spec.windows, warm, cfg), cfg, adapter, scorer=scorer)
+                run_protocol(spec, model, warm, plan(warm), cfg, adapter, scorer=scorer)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
-                r = run_protocol(spec, model, data, build_plan(spec.windows, data, cfg), cfg, adapter, scorer=scorer)
+                r = run_protocol(spec, model, data, plan(data), cfg, adapter, scorer=scorer)
                 wall = time.perf_counter() - t0
                 rate = r.stream.n_scored / r.stream.seconds
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import docttt
 from .ledger import Ledger
 from .scoring import DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
@@ -65,6 +66,8 @@ def parse_protocol(text: str) -> ProtocolSpec:
     t = text.strip()
     if not t:
         raise ValueError("empty protocol name")
+    if docttt.is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
+        return docttt.parse_docttt(t)
     if ":" not in t:
         if t not in _WINDOW_ALIASES:
             raise ValueError(f"unknown protocol {t!r}; expected flat, sliding, doc, doc-flat, doc-sliding, "
@@ -93,13 +96,17 @@ def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
     if any(s.mode != "score" or s.windows == "sliding" for s in specs):
         needed.append(ProtocolSpec("flat"))
     for s in specs:
-        if s.mode != "score":
+        if s.mode == docttt.FAMILY:
+            needed += [ProtocolSpec("doc-flat"), *s.requires()]
+        elif s.mode != "score":
             needed.append(ProtocolSpec(s.windows))
     out: list[ProtocolSpec] = []
-    for mode in MODES:
+    for mode in ("score", docttt.FAMILY, "ttt", "oracle"):
         group = [s for s in needed if s.mode == mode]
         if mode == "score":
             group.sort(key=lambda s: WINDOWS.index(s.windows))
+        elif mode == docttt.FAMILY:  # the decomposition's order: doc-chunk, docttt, docttt + phases
+            group.sort(key=lambda s: (s.adapter is not None, s.phases > 0))
         for s in group:
             if s not in out:
                 out.append(s)
@@ -125,6 +132,7 @@ class EvalConfig:
     progress: bool = False
     fixed_shapes: bool = False  # one forward shape (set with --compile)
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
+    docttt_compile: bool = False  # docttt: compiled core, lengths bucketed to 128 (not yet measured: opt-in)
 
     def score_config(self) -> ScoreConfig:
         record = self.compat == "pg-record"  # its forwards are always context long
@@ -265,6 +273,8 @@ def run_protocol(
 ) -> ProtocolResult:
     """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol)."""
     ctx = DistCtx.current() if ctx is None else ctx
+    if spec.mode == docttt.FAMILY:
+        return _run_docttt(spec, model, data, cfg, ctx)
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)
@@ -292,6 +302,25 @@ def run_protocol(
         if spec.windows == "sliding":  # flat has no tail in the record either
             compat = tail_scores(model, data, cfg, adapter.params() if adapter is not None else None, scorer)
     return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat)
+
+
+def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx
+                ) -> ProtocolResult:
+    """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
+    ledger = Ledger(spec.name, enforce=True)
+    res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
+                            autocast=cfg.autocast, compile=cfg.docttt_compile, progress=cfg.progress)
+    summary = ledger.verify()
+    nll = res.token_nll.astype(np.float64)
+    doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
+    block_nats = np.bincount(data.block_of_target, weights=nll)
+    info = None
+    if spec.adapter is not None:
+        ad = docttt.make_doc_adapter(spec)
+        info = {"adapter": ad.name, "config": ad.cfg.to_dict(),
+                "adapted_scalars_per_doc": ad.adapted_count(model.cfg), "docs_per_batch": spec.docs,
+                "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world)
 
 
 @dataclass
@@ -342,6 +371,9 @@ def evaluate(
     plans: dict[str, WindowPlan] = {}
     bound: dict[str, Any] = {}  # adapters resolved (built and bound, once per key) before anything runs
     for spec in specs:
+        if spec.mode == docttt.FAMILY:  # builds its own document queue; its adapter comes from the spec
+            bound[spec.name] = None
+            continue
         if spec.windows not in plans:
             plans[spec.windows] = build_plan(spec.windows, data, cfg)
         adapter = None
@@ -353,13 +385,13 @@ def evaluate(
         bound[spec.name] = adapter
     out = EvalResult(data, cfg)
     if scorer is not None:
-        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs]
+        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if spec.mode != docttt.FAMILY]
         out.scorer_compile_s = warm_up_scorer(scorer, data, jobs, cfg)
         if log is not None and out.scorer_compile_s:
             log(f"compiled scorer warmed up in {out.scorer_compile_s:.1f}s (not counted in protocol times)")
     for spec in specs:
         adapter = bound[spec.name]
-        r = run_protocol(spec, model, data, plans[spec.windows], cfg, adapter, ctx, scorer)
+        r = run_protocol(spec, model, data, plans.get(spec.windows), cfg, adapter, ctx, scorer)
         out.results[spec.name] = r
         if log is not None:
             bpb = r.nats / math.log(2) / float(data.target_bytes.sum())

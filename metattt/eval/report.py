@@ -33,6 +33,27 @@ def delta_pairs(names: list[str], specs: dict[str, Any]) -> dict[str, tuple[str,
         s = specs[n]
         if s.mode != "score" and s.base in names:
             out[n] = (s.base, n)
+        if s.mode == "docttt" and s.adapter is not None and "doc-flat" in names:
+            out["total:" + n] = ("doc-flat", n)
+    return out
+
+
+def docttt_decomposition(names: list[str], specs: dict[str, Any], deltas: dict[str, Any]) -> dict[str, Any]:
+    """Per ``docttt:`` protocol, its chain doc-flat -> doc-chunk (context: chunked doc windows, no adaptation)
+    -> docttt (per-document LoRA) -> + phases, each step a paired Δ, and the total."""
+    out: dict[str, Any] = {}
+    for n in names:
+        s = specs[n]
+        if s.mode != "docttt" or s.adapter is None or "total:" + n not in deltas:
+            continue
+        steps = []
+        cur = n
+        while cur in deltas and specs[cur].mode == "docttt":
+            sc = specs[cur]
+            what = "context" if sc.adapter is None else ("phases" if sc.phases else "adaptation")
+            steps.append({"step": what, **deltas[cur]})
+            cur = deltas[cur]["from"]
+        out[n] = {"steps": steps[::-1], "total": deltas["total:" + n]}
     return out
 
 
@@ -97,6 +118,7 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
                        "legal": specs[a].legal and specs[b].legal,
                        "valid": ev.results[a].stream.invalid is None and ev.results[b].stream.invalid is None,
                        "label": "legal" if specs[a].legal and specs[b].legal else ORACLE_LABEL}
+    decomposition = docttt_decomposition(names, specs, deltas)
     running = {}
     for key, (a, b) in pairs.items():
         if specs[b].mode == "score":
@@ -121,6 +143,7 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         },
         "protocols": protocols,
         "deltas": deltas,
+        **({"docttt_decomposition": decomposition} if decomposition else {}),
         "running_delta": running,
         "per_document": {
             "bytes": doc_bytes.tolist(),
@@ -188,6 +211,12 @@ def format_report(rep: dict[str, Any]) -> str:
                 note += " ** INVALID (diverged adapter) **"
             lines.append(f"  {k:<24}{v['from'] + ' -> ' + v['to']:<34}{v['value']:>+10.5f}  "
                          f"{_fmt_ci(v['ci95'], 5):<24}{note}")
+    for n, dec in rep.get("docttt_decomposition", {}).items():
+        lines.append("")
+        lines.append(f"decomposition of {n} (each step a paired Δ, positive = better):")
+        for st in [*dec["steps"], {"step": "total", **dec["total"]}]:
+            lines.append(f"  {st['step']:<12}{st['from'] + ' -> ' + st['to']:<60}{st['value']:>+10.5f}  "
+                         f"{_fmt_ci(st['ci95'], 5)}")
     for n, p in rep["protocols"].items():
         a = p.get("adapter_params")
         if a and "adapted_scalars" in a:

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="SentencePiece model for the byte LUT (default: LUT stored in the artifact)")
     ap.add_argument("--protocols", default=DEFAULT_PROTOCOLS,
                     help="comma list of flat, sliding, doc (=doc-sliding), doc-flat, ttt:<adapter>[@windows], "
-                         f"oracle:<adapter>[@windows] (default {DEFAULT_PROTOCOLS}); flat and each ttt's base "
-                         "windows are added when needed for the deltas")
+                         f"oracle:<adapter>[@windows], doc-chunk[@opts], docttt:doclora[@k=v/...] (default "
+                         f"{DEFAULT_PROTOCOLS}); flat and each ttt's base windows (docttt: its decomposition chain) "
+                         "are added when needed for the deltas")
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",
                     help="adapter hyper-parameters, e.g. 'sgd:lr=0.002,epochs=3,select=all' (repeatable; "
                          "'KEY=name:...' defines a protocol key, e.g. ttt:fast with 'fast=sgd:lr=0.01')")

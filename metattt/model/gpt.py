@@ -27,6 +27,18 @@ BANK_LAYOUT = (
     ("mlp_up_bank", 0, "up"), ("mlp_down_bank", 0, "down"),
 )
 SLICE_KINDS = tuple(kind for _, _, kind in BANK_LAYOUT)
+# per-row LoRA targets of ``gpt_forward(..., lora=)``: keys "q.{layer}" ... "mlp.{layer}" and "head"
+LORA_KINDS = ("q", "k", "v", "out", "mlp")
+LoRA = Mapping[str, tuple[Tensor, Tensor]]
+
+
+def lora_delta(x: Tensor, lora: LoRA | None, key: str) -> Tensor | None:
+    """Per-row low-rank term ``(x_b @ A_b.T) @ B_b.T`` for x (B,T,in), A (B,r,in), B (B,out,r); None when absent.
+    Two batched GEMMs through rank r: per-document weights are never materialised."""
+    if not lora or key not in lora:
+        return None
+    a, b = lora[key]
+    return torch.matmul(torch.matmul(x, a.transpose(1, 2).to(x.dtype)), b.transpose(1, 2).to(x.dtype))
 
 
 @dataclass(frozen=True)
@@ -100,25 +112,40 @@ def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
     return h
 
 
-def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int) -> tuple[Tensor, ...]:
+def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, lora: LoRA | None = None
+         ) -> tuple[Tensor, ...]:
     nl = cfg.num_layers
-    return (F.linear(h, p["qo_bank"][layer]), F.linear(h, p["kv_bank"][layer]),
-            F.linear(h, p["kv_bank"][nl + layer]))
+    out = (F.linear(h, p["qo_bank"][layer]), F.linear(h, p["kv_bank"][layer]), F.linear(h, p["kv_bank"][nl + layer]))
+    if not lora:
+        return out
+    return tuple(o if d is None else o + d for o, d in
+                 zip(out, (lora_delta(h, lora, f"{kind}.{layer}") for kind in ("q", "k", "v"))))
+
+
+def _qkv_lora(h: Tensor, lora: LoRA | None, layer: int, qkv: Tensor, dims: tuple[int, int, int]) -> Tensor:
+    """Fused Q/K/V output plus the per-row LoRA terms (zeros where a target has none)."""
+    ds = [lora_delta(h, lora, f"{kind}.{layer}") for kind in ("q", "k", "v")]
+    if all(d is None for d in ds):
+        return qkv
+    return qkv + torch.cat([qkv.new_zeros(*qkv.shape[:-1], n) if d is None else d for d, n in zip(ds, dims)], -1)
 
 
 def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, tokens: Tensor,
-               attn: str, rope: tuple[Tensor, Tensor], rt: Runtime, gain: Tensor | None = None) -> Tensor:
+               attn: str, rope: tuple[Tensor, Tensor], rt: Runtime, gain: Tensor | None = None,
+               lora: LoRA | None = None) -> Tensor:
     """Attention branch; ``gain`` (d,) scales the output channels inside the out-projection's weight."""
     b, t, _ = h.shape
     nl, hd, nh, nkv = cfg.num_layers, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     q_gain = p[f"blocks.{layer}.q_gain"]
     qkv = F.linear(h, torch.cat((p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]))) \
         if rt.fused_qkv else None  # one GEMM reads h once (and one dgrad GEMM in backward)
+    if lora and qkv is not None:
+        qkv = _qkv_lora(h, lora, layer, qkv, (cfg.model_dim, cfg.kv_dim, cfg.kv_dim))
     if (qkv is not None and rt.qkv_kernel and attn != "math" and qkv_prep.available(qkv, hd, cfg.rope_dims)
             and not in_functorch_transform(qkv)):
         q, k, v = qkv_prep.qkv_prep(qkv, rope[0][0, :, 0], rope[1][0, :, 0], q_gain, nh, nkv, cfg.rope_dims)
     else:
-        q, k, v = _qkv(cfg, p, h, layer) if qkv is None else \
+        q, k, v = _qkv(cfg, p, h, layer, lora) if qkv is None else \
             qkv.split((cfg.model_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
         q = _rope(_rms(q.reshape(b, t, nh, hd)), cfg.rope_dims, rope) * q_gain.to(q.dtype)[None, None, :, None]
         k = _rope(_rms(k.reshape(b, t, nkv, hd)), cfg.rope_dims, rope)
@@ -134,7 +161,10 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
         yg = y.view(b, t, cfg.num_kv_heads, g, hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
         y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(b, t, cfg.num_heads, hd)
-    return F.linear(y.reshape(b, t, cfg.model_dim), _scaled_rows(p["qo_bank"][nl + layer], gain))
+    y = y.reshape(b, t, cfg.model_dim)
+    out = F.linear(y, _scaled_rows(p["qo_bank"][nl + layer], gain))
+    d = lora_delta(y, lora, f"out.{layer}")
+    return out if d is None else out + (d if gain is None else gain.to(d.dtype) * d)
 
 
 def _scaled_rows(w: Tensor, gain: Tensor | None) -> Tensor:
@@ -152,30 +182,42 @@ def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: R
     return F.linear(a * a, w)
 
 
+def _mlp_lora(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: Runtime, attn: str,
+              gain: Tensor | None, lora: LoRA | None) -> Tensor:
+    """MLP plus the per-row LoRA's parallel branch on the MLP input (scaled like the MLP output)."""
+    out = _mlp(cfg, p, h, layer, rt, attn, gain=gain)
+    d = lora_delta(h, lora, f"mlp.{layer}")
+    return out if d is None else out + (d if gain is None else gain.to(d.dtype) * d)
+
+
 def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, layer: int, virtual: int,
-           tokens: Tensor, attn: str, rope: tuple[Tensor, Tensor], rt: Runtime) -> Tensor:
+           tokens: Tensor, attn: str, rope: tuple[Tensor, Tensor], rt: Runtime, lora: LoRA | None = None) -> Tensor:
     pre = f"blocks.{layer}."
     mix = p[pre + "resid_mix"].to(x.dtype)
     x = mix[0] * x + mix[1] * x0
     s = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
     h = _rms(x) * s
     if rt.fold_gains:
-        a = _attention(cfg, p, h, layer, tokens, attn, rope, rt, gain=p[pre + "attn_scale"])
+        a = _attention(cfg, p, h, layer, tokens, attn, rope, rt, gain=p[pre + "attn_scale"], lora=lora)
         if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
-            return x + a + _mlp(cfg, p, h, layer, rt, attn, gain=p[pre + "mlp_scale"])
+            return x + a + _mlp_lora(cfg, p, h, layer, rt, attn, p[pre + "mlp_scale"], lora)
         x = x + a
-        return x + _mlp(cfg, p, _rms(x) * s, layer, rt, attn, gain=p[pre + "mlp_scale"])
+        return x + _mlp_lora(cfg, p, _rms(x) * s, layer, rt, attn, p[pre + "mlp_scale"], lora)
     attn_scale, mlp_scale = p[pre + "attn_scale"].to(x.dtype), p[pre + "mlp_scale"].to(x.dtype)
-    a = _attention(cfg, p, h, layer, tokens, attn, rope, rt)
+    a = _attention(cfg, p, h, layer, tokens, attn, rope, rt, lora=lora)
     if cfg.parallel_start is not None and virtual >= cfg.parallel_start:
-        return x + attn_scale * a + mlp_scale * _mlp(cfg, p, h, layer, rt, attn)
+        return x + attn_scale * a + mlp_scale * _mlp_lora(cfg, p, h, layer, rt, attn, None, lora)
     x = x + attn_scale * a
-    return x + mlp_scale * _mlp(cfg, p, _rms(x) * s, layer, rt, attn)
+    return x + mlp_scale * _mlp_lora(cfg, p, _rms(x) * s, layer, rt, attn, None, lora)
 
 
 def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto",
-                rope: tuple[Tensor, Tensor] | None = None, rt: Runtime = Runtime()) -> Tensor:
-    """Functional core: logits (B,T,V) in float32 after the soft cap, from a full parameter dict."""
+                rope: tuple[Tensor, Tensor] | None = None, rt: Runtime = Runtime(), lora: LoRA | None = None
+                ) -> Tensor:
+    """Functional core: logits (B,T,V) in float32 after the soft cap, from a full parameter dict.
+
+    ``lora``: optional per-row low-rank terms (row b of the batch uses factors b; see ``lora_delta``) on
+    "q|k|v|out|mlp.{layer}" (mlp: a parallel branch on the MLP input) and "head"; None = the plain model."""
     if rope is None:
         rope = rope_tables(cfg, tokens.size(1), tokens.device)
     dev = tokens.device.type
@@ -197,12 +239,15 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     for virtual, layer in enumerate(schedule):
         if n_enc and virtual >= n_enc and skips:
             x = x + p["skip_weights"][virtual - n_enc].to(x.dtype) * skips.pop()
-        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn, rope, rt)
+        x = _block(cfg, p, x, x0, layer, virtual, tokens, attn, rope, rt, lora)
         if virtual < n_enc:
             skips.append(x)
     x = _rms(x)
     head = p["tok_emb"] if cfg.tie_embeddings else p["lm_head"]
     logits = F.linear(x, head)
+    if lora:
+        d = lora_delta(x, lora, "head")
+        logits = logits if d is None else logits + d
     c = cfg.logit_softcap
     if rt.lowp_softcap and c and logits.dtype in (torch.float16, torch.bfloat16):
         return (c * torch.tanh(logits / c)).float()  # the record scripts' numerics (--compat pg-record)
@@ -212,9 +257,9 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
 
 
 def gpt_loss(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, targets: Tensor | None, reduction: str,
-             attn: str, rope: tuple[Tensor, Tensor], rt: Runtime = Runtime()) -> Tensor:
+             attn: str, rope: tuple[Tensor, Tensor], rt: Runtime = Runtime(), lora: LoRA | None = None) -> Tensor:
     """Logits, or cross-entropy in nats (``reduction`` mean | sum | none), from a full parameter dict."""
-    logits = gpt_forward(cfg, p, tokens, attn, rope, rt)
+    logits = gpt_forward(cfg, p, tokens, attn, rope, rt, lora)
     if targets is None:
         return logits
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
@@ -332,7 +377,8 @@ class BankedGPT(nn.Module):
         return dict(self.named_parameters())
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *, params: Mapping[str, Tensor] | None = None,
-                banks: Mapping[str, Tensor] | None = None, reduction: str = "mean", attn: str = "auto") -> Tensor:
+                banks: Mapping[str, Tensor] | None = None, reduction: str = "mean", attn: str = "auto",
+                lora: LoRA | None = None) -> Tensor:
         p = self.param_dict()
         for override in (banks, params):
             if override:
@@ -340,8 +386,10 @@ class BankedGPT(nn.Module):
                 if unknown:
                     raise KeyError(f"overrides name unknown parameters: {sorted(unknown)}")
                 p.update(override)
-        return self._core(self.cfg, p, tokens, targets, reduction, attn, self._rope(tokens.size(1), tokens.device),
-                          self.runtime)
+        rope = self._rope(tokens.size(1), tokens.device)
+        if lora is None:  # the call every existing graph was compiled for
+            return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime)
+        return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime, lora)
 
     def named_bank_slices(self) -> list[tuple[str, int, int, str]]:
         """(bank name, slice index, layer, kind) for every matrix in the banks."""

@@ -1,0 +1,507 @@
+"""Document-batched score-first TTT (``docttt:ADAPTER``) and its no-adaptation baseline (``doc-chunk``).
+
+The 2026-04 records' evaluation: documents (BOS-delimited spans, ``windows.doc_segments``) are sorted by length
+(longest first) into batches; for chunk c of every document of a batch, the window is that document's last
+<= ``window`` tokens ending at the chunk. One forward (per-document LoRA applied per row) scores the chunk's
+targets, then the *same* forward's loss on the chunk (mean per document, summed over documents; a document's
+last chunk is not trained) is back-propagated into the LoRA and the optimiser steps once: score-before-update
+at chunk granularity. ``phases``: phase p starts after the batch that completes the first
+``phase_docs * (p+1) // phases`` queue documents and runs full-model SGD on exactly those (all scored by then);
+then LoRAs are rebuilt on the updated base.
+
+Targets are exactly those of the other protocols (document d's span also predicts the next document's BOS, as
+``doc-flat`` does), so per-target nats pair with them. The ledger gets every scored chunk and every update's
+positions (a document's own positions; its opening BOS is the delimiter the windows are built from, as in
+``doc-flat``); under torch.distributed batches are dealt round-robin (no lock files), phase steps are split over
+the ranks, nats are summed and the ledgers merged, so every rank verifies the whole run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..track.progress import progress as progress_bar
+from ..ttt.doclora import DocLoRA, DocLoRAConfig
+from .ledger import Ledger
+from .scoring import DistCtx, StreamResult, _autocast, _sync
+from .windows import WindowPlan, check_no_bos_crossing, doc_segments
+
+BASELINE = "doc-chunk"
+FAMILY = "docttt"
+_SEG = 10 ** 12  # ledger steps: segment (between phases) * _SEG + counter, one global order for every rank
+
+
+@dataclass(frozen=True)
+class DocTTTSpec:
+    """One protocol of the family; ``adapter=None`` is the ``doc-chunk`` baseline (adaptation off)."""
+
+    adapter: str | None = None
+    chunk: int = 32
+    docs: int = 64
+    window: int = 2048
+    phases: int = 0
+    phase_docs: int = 2000
+    phase_lr: float = 0.001
+    phase_momentum: float = 0.9
+    phase_tokens: int = 32768
+    phase_epochs: int = 1
+    phase_clip: float = 1.0
+    adapter_opts: tuple[tuple[str, str], ...] = ()
+    mode: str = field(default=FAMILY, init=False)
+    windows: str = field(default=BASELINE, init=False)
+
+    def __post_init__(self) -> None:
+        for n in ("chunk", "docs", "window", "phase_docs", "phase_tokens", "phase_epochs"):
+            if getattr(self, n) < 1:
+                raise ValueError(f"{self.name}: {n} must be >= 1, got {getattr(self, n)}")
+        if self.phases < 0:
+            raise ValueError(f"{self.name}: phases must be >= 0, got {self.phases}")
+        if self.adapter is None and (self.phases or self.adapter_opts):
+            raise ValueError(f"{BASELINE} takes no adapter options or phases (use docttt:ADAPTER@...)")
+        if self.adapter is not None and self.adapter != DocLoRA.name:
+            raise ValueError(f"docttt adapter {self.adapter!r} is unknown; batched adapters: {DocLoRA.name}")
+        if self.adapter is not None:
+            self.lora_config()  # validates the options now (exit 2 before anything runs)
+
+    @property
+    def legal(self) -> bool:
+        return True
+
+    @property
+    def name(self) -> str:
+        opts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                if f.init and f.name not in ("adapter", "adapter_opts") and getattr(self, f.name) != f.default]
+        opts += [f"{k}={v}" for k, v in self.adapter_opts]
+        head = BASELINE if self.adapter is None else f"{FAMILY}:{self.adapter}"
+        return head + ("@" + "/".join(opts) if opts else "")
+
+    @property
+    def base(self) -> str:
+        """The protocol this one's Δ is taken from: doc-flat → doc-chunk → docttt → docttt + phases."""
+        if self.adapter is None:
+            return "doc-flat"
+        if self.phases:
+            return self.without_phases().name
+        return self.baseline().name
+
+    def baseline(self) -> "DocTTTSpec":
+        return DocTTTSpec(None, self.chunk, self.docs, self.window)
+
+    def without_phases(self) -> "DocTTTSpec":
+        return replace(self, phases=0, phase_docs=2000, phase_lr=0.001, phase_momentum=0.9, phase_tokens=32768,
+                       phase_epochs=1, phase_clip=1.0)
+
+    def requires(self) -> list["DocTTTSpec"]:
+        """The family members its decomposition needs (doc-flat is added by the caller)."""
+        out = [self.baseline()] if self.adapter is not None else []
+        if self.phases:
+            out.append(self.without_phases())
+        return out
+
+    def lora_config(self) -> DocLoRAConfig:
+        return DocLoRAConfig.from_options(dict(self.adapter_opts))
+
+
+def is_docttt(text: str) -> bool:
+    t = text.strip()
+    return t.startswith(FAMILY + ":") or t == BASELINE or t.startswith(BASELINE + "@")
+
+
+def parse_docttt(text: str) -> DocTTTSpec:
+    """``doc-chunk[@chunk=32/window=2048/docs=64]`` or ``docttt:doclora[@opt=value/...]``: protocol options
+    (chunk, docs, window, phases, phase_docs, phase_lr, phase_momentum, phase_tokens, phase_epochs, phase_clip)
+    and doclora options (rank, alpha, lr, beta1, beta2, eps, weight_decay, targets, keep_a, seed)."""
+    t = text.strip()
+    head, _, rest = t.partition("@")
+    adapter = None if head == BASELINE else head.partition(":")[2]
+    if adapter == "":
+        raise ValueError(f"protocol {t!r} names no adapter (docttt:{DocLoRA.name})")
+    proto = {f.name: f for f in fields(DocTTTSpec) if f.init and f.name not in ("adapter", "adapter_opts")}
+    kw: dict[str, Any] = {}
+    lora: list[tuple[str, str]] = []
+    for item in (s for s in rest.split("/") if s.strip()):
+        k, eq, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        if not eq or not k:
+            raise ValueError(f"protocol {t!r}: option {item!r} is not key=value")
+        if k in proto:
+            typ = type(proto[k].default)
+            try:
+                kw[k] = typ(v)
+            except ValueError as e:
+                raise ValueError(f"protocol {t!r}: {k}={v!r} is not a {typ.__name__}") from e
+        else:
+            lora.append((k, v))
+    return DocTTTSpec(adapter, adapter_opts=tuple(lora), **kw)
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+@dataclass(frozen=True)
+class DocQueue:
+    """Documents (input spans ``[a, e)``, targets ``a+1..e``) in queue order, cut into batches."""
+
+    a: np.ndarray  # int64 (n_docs,), queue order
+    e: np.ndarray
+    batches: list[np.ndarray]  # indices into a / e
+
+    @property
+    def n_targets(self) -> np.ndarray:
+        return self.e - self.a
+
+
+def doc_queue(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> DocQueue:
+    """Documents sorted by length, longest first (ties: stream order), in batches of ``docs_per_batch``."""
+    segs = doc_segments(np.asarray(tokens), bos_id)
+    a = np.array([s for s, _ in segs], dtype=np.int64)
+    e = np.array([t for _, t in segs], dtype=np.int64)
+    order = np.argsort(-(e - a), kind="stable")
+    a, e = a[order], e[order]
+    return DocQueue(a, e, [np.arange(i, min(i + docs_per_batch, a.size)) for i in range(0, a.size, docs_per_batch)])
+
+
+def phase_boundaries(queue: DocQueue, phases: int, phase_docs: int) -> list[tuple[int, int]]:
+    """(last batch index, number of queue documents to train on) of each phase: phase p trains on the first
+    ``phase_docs * (p+1) // phases`` documents, after the batch that completes them (none after the last batch:
+    no document would be scored with it)."""
+    if phases == 0:
+        return []
+    limit = min(phase_docs, int(queue.a.size))
+    ends = np.cumsum([b.size for b in queue.batches])
+    out = []
+    for p in range(phases):
+        k = limit * (p + 1) // phases
+        b = int(np.searchsorted(ends, k, side="left"))
+        if k > 0 and b < len(queue.batches) - 1:  # a phase after the last batch could only be wasted
+            out.append((b, k))
+    return out
+
+
+def phase_documents(queue: DocQueue, n_docs: int) -> np.ndarray:
+    """Queue indices a phase trains on: the first ``n_docs`` documents (all scored by then)."""
+    return np.arange(n_docs)
+
+
+def chunk_plan(tokens: np.ndarray, bos_id: int, chunk: int, window: int) -> WindowPlan:
+    """The ``doc-chunk`` windows as a stream-order :class:`WindowPlan` ("doc-sliding, stride = chunk" in the
+    records' sense): for chunk c of a document, the document's last <= ``window`` tokens ending at the chunk,
+    scoring the chunk. Used as the reference ``run_stream`` plan (the docttt loop scores the same windows)."""
+    starts, lengths, score_from = [], [], []
+    for a, e in doc_segments(np.asarray(tokens), bos_id):
+        ends = np.minimum(a + chunk * np.arange(1, -(-(e - a) // chunk) + 1, dtype=np.int64), e)
+        s = np.maximum(a, ends - window)
+        prev = np.concatenate(([a], ends[:-1]))
+        starts.append(s)
+        lengths.append(ends - s)
+        score_from.append(prev - s)
+    plan = WindowPlan(BASELINE, int(np.asarray(tokens).size), *(np.concatenate(x) for x in (starts, lengths,
+                                                                                             score_from)))
+    plan.validate(window)
+    check_no_bos_crossing(plan, np.asarray(tokens), bos_id)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ one batch
+@dataclass
+class BatchOut:
+    nll: list[tuple[int, np.ndarray]]  # (first target position, nats of consecutive targets) per doc-chunk
+    forwards: int = 0
+    train_steps: int = 0
+    score_s: float = 0.0
+    adapt_s: float = 0.0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    trainables: dict[str, torch.Tensor] | None = None
+
+
+def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
+              adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
+              init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
+              bucket: int = 0) -> BatchOut:
+    """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
+
+    ``init``: the adapter's (trainables, state) for these documents (rows in order); ``base``: parameter
+    overrides for the base model (after phases). Documents must be sorted by length, longest first.
+    ``bucket`` > 0: every forward has one row per document of the batch (finished ones are dummies, never scored
+    nor trained) and a length rounded up to a multiple of ``bucket``, so a compiled core sees few shapes."""
+    n = e - a
+    if np.any(np.diff(n) > 0):
+        raise ValueError("run_batch needs documents sorted by length, longest first")
+    device, n_tok = tokens.device, tokens.numel()
+    C, W = spec.chunk, spec.window
+    nc = -(-n // C)
+    cheat = bool(adapter is not None and getattr(adapter, "adapts_before_scoring", False))
+    tr, st = init if init is not None else (None, None)
+    n_layers = model.cfg.num_layers
+    out = BatchOut([])
+    for c in range(int(nc.max())):
+        act = int((nc > c).sum())  # sorted longest first: the active documents are a prefix
+        aa = a[:act]
+        end = aa + np.minimum((c + 1) * C, n[:act])  # inputs end (exclusive) = last target of the chunk
+        lo = aa + c * C + 1  # first target of the chunk
+        s = np.maximum(aa, end - W)
+        ln = end - s
+        t = int(ln.max())
+        train = (nc[:act] - 1 > c) if adapter is not None else np.zeros(act, dtype=bool)
+        n_rows = a.size if bucket else act
+        if bucket:
+            t = -(-t // bucket) * bucket
+        s_rows = np.concatenate([s, a[act:n_rows]])  # dummy rows: the finished documents' starts
+        st_t = torch.from_numpy(s_rows).to(device)
+        idx = (st_t[:, None] + torch.arange(t + 1, device=device)[None, :]).clamp_(max=n_tok - 1)
+        buf = tokens[idx]
+        x = buf[:, :-1]
+        cnt = end - lo + 1
+        rows_np = np.repeat(np.arange(act), cnt)
+        cols_np = np.concatenate([np.arange(f, g) for f, g in zip(lo - 1 - s, ln)])
+        rows, cols = torch.from_numpy(rows_np).to(device), torch.from_numpy(cols_np).to(device)
+        tgt = buf[rows, cols + 1]
+
+        def forward(grad: bool):
+            kw: dict[str, Any] = {}
+            leaves = None
+            if adapter is not None:
+                leaves = {k: v[:n_rows].detach().requires_grad_(grad) for k, v in tr.items()}
+                kw.update(adapter.materialize(leaves, n_layers))
+            if base is not None:
+                kw["params"] = base
+            if attn != "auto":
+                kw["attn"] = attn
+            with _autocast(device, autocast):
+                logits = model(x, **kw)
+            return F.cross_entropy(logits[rows, cols].float(), tgt, reduction="none"), leaves
+
+        def update(nll: torch.Tensor, leaves: dict[str, torch.Tensor], step: int) -> float:
+            nonlocal tr, st
+            w = torch.from_numpy((train / cnt).astype(np.float32)).to(device)  # mean per document, trained docs
+            loss = (nll * w[rows]).sum()
+            names = list(leaves)
+            grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+            full = {k: torch.zeros_like(tr[k]) for k in names}
+            for k, g in zip(names, grads):
+                full[k][:n_rows] = g
+            active = torch.zeros(tr[names[0]].shape[0], dtype=torch.bool, device=device)
+            active[:act] = torch.from_numpy(train).to(device)
+            tr, st = adapter.step(tr, st, full, 0.0, active=active)
+            own = np.maximum(s, aa + 1)  # the document's own positions (its opening BOS is the delimiter)
+            ledger.record_update([(int(p), int(q) + 1) for p, q, ok in zip(own, end, train) if ok], step,
+                                 f"docttt chunk {c}")
+            out.train_steps += 1
+            return float(loss.detach()) / max(int(train.sum()), 1)
+
+        if cheat and train.any():  # obliged, then refused by the ledger: trains on the chunk before scoring it
+            t0 = time.perf_counter()
+            with torch.inference_mode(False), torch.enable_grad():
+                nll, leaves = forward(True)
+                update(nll, leaves, ledger.next_step())
+            out.adapt_s += time.perf_counter() - t0
+            train = np.zeros(act, dtype=bool)
+        t0 = time.perf_counter()
+        grad = bool(train.any()) or (bucket > 0 and adapter is not None)  # fixed shapes: one graph per length
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            nll, leaves = forward(grad)
+            step = ledger.next_step()
+            vals = nll.detach().float().cpu().numpy()
+            out.forwards += 1
+            off = np.concatenate(([0], np.cumsum(cnt)))
+            for i in range(act):
+                out.nll.append((int(lo[i]), vals[off[i]:off[i + 1]]))
+                ledger.record_score(int(lo[i]), int(end[i]) + 1, step)
+            _sync(device)
+            out.score_s += time.perf_counter() - t0
+            if train.any():
+                t0 = time.perf_counter()
+                loss = update(nll, leaves, ledger.next_step())
+                out.loss_first = loss if out.loss_first is None else out.loss_first
+                out.loss_last = loss
+                _sync(device)
+                out.adapt_s += time.perf_counter() - t0
+    out.trainables = tr
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
+              base: dict[str, torch.Tensor], ledger: Ledger, autocast: bool = True, ctx: DistCtx = DistCtx()
+              ) -> tuple[dict, dict]:
+    """Full-model SGD (momentum, cosine lr, global-norm clip) on documents ``[a, e)``, ``phase_epochs`` epochs of
+    steps of ~``phase_tokens`` tokens; rows are document pieces of <= ``window`` tokens (attention never leaves
+    a document). Under torch.distributed each step's rows are split over the ranks and the token-summed
+    gradients all-reduced, so every rank takes the single-process step. Returns (new base parameters, stats);
+    every step is a ledger update (each rank records its rows)."""
+    device, W = tokens.device, spec.window
+    pieces = [(int(p), int(min(p + W, q))) for s0, q in zip(a, e) for p in range(int(s0), int(q), W)]
+    per = max(1, spec.phase_tokens // W)
+    steps = [pieces[i:i + per] for i in range(0, len(pieces), per)] * spec.phase_epochs
+    names = [k for k, v in base.items() if v.is_floating_point()]
+    cur = {k: v.detach().clone() for k, v in base.items()}
+    mom = {k: torch.zeros_like(cur[k]) for k in names}
+    doc_start = {int(p): int(s0) for s0, q in zip(a, e) for p in range(int(s0), int(q), W)}
+    losses = []
+    for k_step, all_rows in enumerate(steps):
+        lr = spec.phase_lr * 0.5 * (1 + math.cos(math.pi * k_step / max(1, len(steps))))
+        base_n, extra = divmod(len(all_rows), ctx.world)
+        r0 = ctx.rank * base_n + min(ctx.rank, extra)
+        rows = all_rows[r0: r0 + base_n + (1 if ctx.rank < extra else 0)]
+        n_tgt = torch.tensor([float(sum(q - p for p, q in rows))], device=device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=device)
+        if rows:
+            t = max(q - p for p, q in rows)
+            x = torch.zeros(len(rows), t, dtype=torch.long, device=device)
+            y = torch.full((len(rows), t), -100, dtype=torch.long, device=device)
+            for i, (p, q) in enumerate(rows):
+                x[i, : q - p] = tokens[p:q]
+                y[i, : q - p] = tokens[p + 1:q + 1]
+            with torch.inference_mode(False), torch.enable_grad():
+                leaves = {k: cur[k].detach().requires_grad_(True) for k in names}
+                with _autocast(device, autocast):
+                    loss_sum = model(x, y, params={**cur, **leaves}, reduction="sum")
+                grads = list(torch.autograd.grad(loss_sum, [leaves[k] for k in names]))
+        else:
+            grads = [torch.zeros_like(cur[k]) for k in names]
+        if ctx.world > 1:
+            flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss_sum.detach().float().reshape(1)])
+            dist.all_reduce(flat)
+            dist.all_reduce(n_tgt)
+            parts = torch.split(flat[:-1], [g.numel() for g in grads])
+            grads = [v.view_as(g).to(g.dtype) for v, g in zip(parts, grads)]
+            loss_sum = flat[-1]
+        total = float(n_tgt)
+        grads = [g / total for g in grads]
+        loss = loss_sum.detach() / total
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            coef = min(1.0, spec.phase_clip / (float(norm) + 1e-6)) if spec.phase_clip > 0 else 1.0
+            for k, g in zip(names, grads):
+                mom[k] = mom[k] * spec.phase_momentum + g * coef
+                cur[k] = cur[k] - lr * mom[k]
+        ledger.record_update([(max(p, doc_start[p] + 1), q + 1) for p, q in rows], ledger.next_step(),
+                             f"phase sgd step {k_step}")
+        losses.append(float(loss.detach()))
+    return cur, {"phase_steps": len(steps), "phase_docs": int(a.size), "phase_loss_first": losses[0] if losses
+                 else None, "phase_loss_last": losses[-1] if losses else None}
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
+    """Every rank's score and update records in one ledger (steps are globally ordered by construction)."""
+    if ctx.world == 1:
+        return ledger
+    mine = (ledger._score_lo, ledger._score_hi, ledger._score_step, ledger.updates)
+    parts: list[Any] = [None] * ctx.world
+    dist.all_gather_object(parts, mine)
+    out = Ledger(ledger.name, enforce=ledger.enforce)
+    for lo, hi, stp, ups in parts:
+        out._score_lo.extend(lo)
+        out._score_hi.extend(hi)
+        out._score_step.extend(stp)
+        out.updates.extend(ups)
+    return out
+
+
+def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
+               ledger: Ledger, ctx: DistCtx | None = None, autocast: bool = True, attn: str = "auto",
+               make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None, compile: bool = False,
+               bucket: int = 0, progress: bool = False) -> StreamResult:
+    """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
+
+    Batches are dealt round-robin over ranks (batch i on rank i % world); a phase's SGD steps are split over all
+    ranks (gradients all-reduced), so every rank holds the same base and results equal one process's.
+    ``compile``: the model's functional core is compiled for this run (fixed shapes: ``bucket`` defaults to 128
+    then); the base parameters are passed detached, so no graph computes gradients for them outside the phases."""
+    ctx = DistCtx.current() if ctx is None else ctx
+    device = tokens.device
+    n = int(tokens.numel())
+    queue = doc_queue(tokens_np, bos_id, spec.docs)
+    adapter = (make_adapter or make_doc_adapter)(spec)
+    if adapter is not None and ctx.world > 1 and adapter.cfg.keep_a:
+        raise ValueError(f"{spec.name}: keep_a carries A from batch to batch, so results depend on which batches "
+                         "a rank ran; it is single-process only")
+    bounds = phase_boundaries(queue, spec.phases, spec.phase_docs) if adapter is not None else []
+    nll = np.zeros(n - 1, dtype=np.float32)
+    done = np.zeros(n - 1, dtype=np.int32)
+    frozen = {k: v.detach() for k, v in model.named_parameters()}
+    base: dict[str, torch.Tensor] = frozen
+    if compile and not bucket:
+        bucket = 128
+    core = getattr(model, "_core", None)
+    if compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        model.compile_core()
+    was_training = model.training
+    model.eval()
+    stats: list[dict[str, Any]] = []
+    score_s = adapt_s = 0.0
+    n_fwd = 0
+    tr = None
+    _sync(device)
+    t_start = time.perf_counter()
+    seg, bi = 0, 0
+    try:
+        for b, idx in enumerate(progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)):
+            if b % ctx.world == ctx.rank:
+                a, e = queue.a[idx], queue.e[idx]
+                init = None
+                if adapter is not None:
+                    gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
+                    init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
+                res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, bucket)
+                tr = res.trainables
+                for lo, v in res.nll:
+                    nll[lo - 1: lo - 1 + v.size] = v
+                    done[lo - 1: lo - 1 + v.size] += 1
+                score_s += res.score_s
+                adapt_s += res.adapt_s
+                n_fwd += res.forwards
+                stats.append({"batch": b, "docs": int(idx.size), "train_steps": res.train_steps,
+                              "loss_first": res.loss_first, "loss_last": res.loss_last})
+            while bi < len(bounds) and b == bounds[bi][0]:
+                t0 = time.perf_counter()
+                seg += 1
+                ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
+                docs = phase_documents(queue, bounds[bi][1])
+                with model.eager_core() if compile else contextlib.nullcontext():  # shapes vary: no recompiles
+                        base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
+                                         autocast, ctx)
+                stats.append({"phase": bi, **st})
+                tr = None
+                seg += 1
+                ledger._step = max(ledger._step, seg * _SEG)
+                bi += 1
+                _sync(device)
+                adapt_s += time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+        if compile:
+            model._core = core
+    if ctx.world > 1:
+        both = torch.from_numpy(np.stack([nll, done.astype(np.float32)])).to(device)
+        dist.all_reduce(both)
+        nll, done = both[0].cpu().numpy(), both[1].cpu().numpy().astype(np.int32)
+        merged = _merge_ledgers(ledger, ctx)
+        ledger._score_lo[:], ledger._score_hi[:], ledger._score_step[:] = (merged._score_lo, merged._score_hi,
+                                                                           merged._score_step)
+        ledger.updates[:] = merged.updates
+    _sync(device)
+    seconds = time.perf_counter() - t_start
+    if np.any(done != 1):
+        bad = int(np.flatnonzero(done != 1)[0]) + 1
+        raise AssertionError(f"{spec.name}: target {bad} scored {int(done[bad - 1])} times (expected once)")
+    return StreamResult(spec.name, nll, [], seconds, score_s, adapt_s, int(queue.n_targets.size), n_fwd, ledger,
+                        stats)
+
+
+def make_doc_adapter(spec: DocTTTSpec) -> DocLoRA | None:
+    """The factory of batched adapters (``doclora`` only, until the registry carries batched adapters)."""
+    if spec.adapter is None:
+        return None
+    return DocLoRA(spec.lora_config())

@@ -1,0 +1,180 @@
+"""``doclora``: per-document LoRA for document-batched test-time training (the 2026-04 records' method).
+
+Every document of a batch owns its own rank-r factors on Q, K, V, the attention output, a parallel MLP branch
+and the LM head; the factors of all documents live in batched tensors with a leading document dimension and the
+model applies them per row (``gpt_forward(..., lora=)``), so per-document weights are never materialised.
+
+Functional contract (issue 16's adapter shape): ``init(params, n_docs) -> (trainables, state)``,
+``step(trainables, state, grads, progress) -> (trainables, state)``, ``materialize(trainables) -> model
+overrides``. AdamW is elementwise (decoupled weight decay ``p *= 1 - lr * wd``, eps added to the bias-corrected
+``sqrt(v)`` as in ``torch.optim.AdamW``), so one step over the batched tensors is the per-document step of every
+document at once, provided the loss is a sum of per-document terms (the evaluator's is).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+TARGETS = ("q", "k", "v", "out", "mlp", "head")
+
+
+@dataclass
+class DocLoRAConfig:
+    """Defaults: the records' (rank 96, AdamW lr 1e-4, betas (0, 0.999), eps 1e-10, weight decay 0.5)."""
+
+    rank: int = 96
+    alpha: float = 0.0  # > 0: output scale alpha / rank (the records' later variant, alpha 144); 0: scale 1
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-10
+    weight_decay: float = 0.5
+    targets: str = "q+k+v+out+mlp+head"  # '+'-separated subset of TARGETS
+    keep_a: bool = False  # keep (trained) A across batches; only B and the optimiser state are reset
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"doclora rank must be a positive integer, got {self.rank!r}")
+        for name in ("lr", "eps", "weight_decay", "alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"doclora {name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"doclora {name} must be in [0, 1), got {getattr(self, name)!r}")
+        bad = [t for t in self.target_list if t not in TARGETS]
+        if bad or not self.target_list:
+            raise ValueError(f"doclora targets {self.targets!r}: choose '+'-joined names from {', '.join(TARGETS)}")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return tuple(t for t in self.targets.split("+") if t)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.alpha > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, str]) -> "DocLoRAConfig":
+        """Build from string options (protocol text), converting each to its field's type."""
+        known = {f.name: f for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        for k, v in opts.items():
+            if k not in known:
+                raise ValueError(f"doclora has no option {k!r} (options: {', '.join(known)})")
+            default = getattr(cls(), k)
+            try:
+                if isinstance(default, bool):
+                    if v.lower() not in ("1", "0", "true", "false"):
+                        raise ValueError(v)
+                    kw[k] = v.lower() in ("1", "true")
+                else:
+                    kw[k] = type(default)(v)
+            except ValueError as e:
+                raise ValueError(f"doclora option {k}={v!r} is not a {type(default).__name__}") from e
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+
+class DocLoRA(nn.Module):
+    """Batched per-document LoRA factors and their AdamW, as pure functions of tensor dicts.
+
+    Trainables: ``A.{t}`` (D, L, r, in) and ``B.{t}`` (D, L, out, r) per block target t (L = physical layers),
+    ``A.head`` (D, r, d), ``B.head`` (D, V, r). A ~ uniform(+-1/sqrt(in)), B = 0: the identity at init.
+    """
+
+    name = "doclora"
+    Config = DocLoRAConfig
+
+    def __init__(self, cfg: DocLoRAConfig | None = None, **kw: Any) -> None:
+        super().__init__()
+        self.cfg = cfg if cfg is not None else DocLoRAConfig(**kw)
+        self.cfg.validate()
+
+    def shapes(self, model_cfg: Any) -> dict[str, tuple[int | None, int, int]]:
+        """target -> (layers or None for the head, in features, out features)."""
+        d, kv, L = model_cfg.model_dim, model_cfg.kv_dim, model_cfg.num_layers
+        full = {"q": (L, d, d), "k": (L, d, kv), "v": (L, d, kv), "out": (L, d, d), "mlp": (L, d, d),
+                "head": (None, d, model_cfg.vocab_size)}
+        return {t: full[t] for t in self.cfg.target_list}
+
+    def init(self, params: Mapping[str, Tensor], n_docs: int, model_cfg: Any, generator: torch.Generator,
+             carry: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Fresh factors and optimiser state for ``n_docs`` documents on the device/dtype of ``params``.
+
+        ``carry``: the previous batch's trainables; with ``keep_a`` their A factors are kept (same shape only)."""
+        ref = params["tok_emb"]
+        dev, dt, r = ref.device, ref.dtype, self.cfg.rank
+        tr: dict[str, Tensor] = {}
+        for t, (layers, fin, fout) in self.shapes(model_cfg).items():
+            lead = (n_docs,) if layers is None else (n_docs, layers)
+            keep = carry is not None and self.cfg.keep_a and f"A.{t}" in carry and carry[f"A.{t}"].shape[0] == n_docs
+            if keep:
+                a = carry[f"A.{t}"].detach().clone()
+            else:
+                bound = 1.0 / math.sqrt(fin)
+                a = torch.empty(*lead, r, fin, device=dev, dtype=dt).uniform_(-bound, bound, generator=generator)
+            tr[f"A.{t}"] = a
+            tr[f"B.{t}"] = torch.zeros(*lead, fout, r, device=dev, dtype=dt)
+        state = {f"m.{k}": torch.zeros_like(v) for k, v in tr.items()}
+        state.update({f"v.{k}": torch.zeros_like(v) for k, v in tr.items()})
+        state["t"] = torch.zeros(n_docs, device=dev, dtype=torch.float64)  # steps taken, per document
+        return tr, state
+
+    def materialize(self, trainables: Mapping[str, Tensor], n_layers: int) -> dict[str, Any]:
+        """Model overrides: ``{"lora": {"q.{layer}": (A, scale * B), ..., "head": (A, scale * B)}}``."""
+        s = self.cfg.scale
+        lora: dict[str, tuple[Tensor, Tensor]] = {}
+        for t in self.cfg.target_list:
+            a, b = trainables[f"A.{t}"], trainables[f"B.{t}"]
+            if s != 1.0:
+                b = b * s
+            if t == "head":
+                lora["head"] = (a, b)
+            else:
+                for layer in range(n_layers):
+                    lora[f"{t}.{layer}"] = (a[:, layer], b[:, layer])
+        return {"lora": lora}
+
+    def step(self, trainables: Mapping[str, Tensor], state: Mapping[str, Tensor], grads: Mapping[str, Tensor],
+             progress: float, active: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One AdamW step (constant lr; ``progress`` unused). ``active`` (D,) bool: documents that step (others
+        keep factors and state unchanged, as if they were not in the batch)."""
+        c = self.cfg
+        t = state["t"] + (1.0 if active is None else active.to(state["t"].dtype))
+        new_tr, new_st = {}, {"t": t}
+        with torch.no_grad():
+            bc1 = 1.0 - c.beta1 ** t.clamp(min=1)  # (D,) float64
+            bc2 = 1.0 - c.beta2 ** t.clamp(min=1)
+            for k, p in trainables.items():
+                g = grads[k].to(p.dtype)
+                view = (-1,) + (1,) * (p.dim() - 1)
+                m = state[f"m.{k}"] * c.beta1 + g * (1 - c.beta1)
+                v = state[f"v.{k}"] * c.beta2 + g * g * (1 - c.beta2)
+                denom = (v.sqrt() / bc2.sqrt().to(p.dtype).view(view)).add_(c.eps)
+                upd = p * (1 - c.lr * c.weight_decay) - (c.lr / bc1).to(p.dtype).view(view) * m / denom
+                if active is not None:
+                    keep = ~active.view(view)
+                    upd = torch.where(keep, p, upd)
+                    m = torch.where(keep, state[f"m.{k}"], m)
+                    v = torch.where(keep, state[f"v.{k}"], v)
+                new_tr[k], new_st[f"m.{k}"], new_st[f"v.{k}"] = upd, m, v
+        return new_tr, new_st
+
+    @staticmethod
+    def rows(tree: Mapping[str, Tensor], index: slice | Tensor) -> dict[str, Tensor]:
+        """The documents ``index`` of a trainables/state dict (e.g. one document for reference runs)."""
+        return {k: v[index] for k, v in tree.items()}
+
+    def adapted_count(self, model_cfg: Any) -> int:
+        """Adapter scalars per document."""
+        r = self.cfg.rank
+        return sum((layers or 1) * r * (fin + fout) for layers, fin, fout in self.shapes(model_cfg).values())

@@ -1,0 +1,405 @@
+"""Document-batched TTT (``doc-chunk`` / ``docttt:doclora``): the per-row LoRA forward, the batched AdamW,
+batched == one document at a time, lr 0 == chunked doc-window scoring bit for bit, legality refusals (a cheating
+adapter, a cheating phase), the decomposition in the report, and 2-process gloo agreement."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metattt.data.loaders import TrainLoader, load_val_tokens
+from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
+from metattt.eval import docttt
+from metattt.eval.ledger import Ledger, LegalityError
+from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
+from metattt.eval.report import build_report, format_report
+from metattt.eval.scoring import ScoreConfig, run_stream
+from metattt.model.config import ModelConfig
+from metattt.model.gpt import BankedGPT, Runtime
+from metattt.ttt.doclora import DocLoRA, DocLoRAConfig
+
+SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=120_000, n_val_tokens=3000, min_doc_len=60, max_doc_len=400,
+                     alpha=0.02, content_prob_min=0.4, content_prob_max=0.7)
+OPTS = "chunk=16/docs=4/window=48"  # canonical order (as names print them)
+LORA = "rank=4/lr=0.01"
+EVAL = EvalConfig(seq_len=48, context=48, stride=16, chunk_tokens=256, batch_tokens=4096, n_boot=200)
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
+                xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic corpus + a tiny model trained for ~1 s (documents reuse content words: adaptation can help)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("docttt_world")
+    meta = make_synthetic_dataset(root / "data", SPEC)
+    torch.manual_seed(0)
+    model = BankedGPT(tiny_config())
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    loader = TrainLoader(meta["train_pattern"], 64, 16 * 64)
+    for _ in range(80):
+        x, y = loader.next_batch()
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    data = prepare_stream(load_val_tokens(meta["val_pattern"]), synthetic_lut(SPEC), "cpu", 256)
+    yield {"model": model, "data": data, "meta": meta, "root": root}
+    torch.set_num_threads(threads)
+
+
+def _rand_lora(cfg: ModelConfig, n: int, r: int, gen: torch.Generator, kinds=("q", "k", "v", "out", "mlp")):
+    d, kv = cfg.model_dim, cfg.kv_dim
+    out_dim = {"q": d, "k": kv, "v": kv, "out": d, "mlp": d}
+    lora = {}
+    for k in kinds:
+        for layer in range(cfg.num_layers):
+            lora[f"{k}.{layer}"] = (torch.randn(n, r, d, generator=gen) * 0.3,
+                                    torch.randn(n, out_dim[k], r, generator=gen) * 0.3)
+    return lora
+
+
+# ------------------------------------------------------------------------------------------------ model
+def test_lora_none_and_zero_b_are_the_plain_forward_bitwise(one_thread):
+    torch.manual_seed(0)
+    m = BankedGPT(tiny_config())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(0, 64, (3, 20))
+    ref = m(x)
+    full = _rand_lora(m.cfg, 3, 4, torch.Generator().manual_seed(1))
+    lora = {k: (a, torch.zeros_like(b)) for k, (a, b) in full.items()}
+    assert torch.equal(m(x, lora=None), ref)
+    assert torch.equal(m(x, lora=lora), ref)
+    assert not torch.equal(m(x, lora=full), ref)
+
+
+@pytest.mark.parametrize("runtime", [Runtime(), Runtime(fused_qkv=False, fold_gains=False)])
+def test_per_row_lora_equals_materialised_per_row_weights(runtime, one_thread):
+    """Row b with factors (A_b, B_b) on q/k/v/out and the head == the model with W + B_b @ A_b for that row."""
+    torch.manual_seed(0)
+    cfg = tiny_config(tie_embeddings=False)
+    m = BankedGPT(cfg, runtime)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    gen = torch.Generator().manual_seed(2)
+    n, r, L = 3, 4, cfg.num_layers
+    lora = _rand_lora(cfg, n, r, gen, kinds=("q", "k", "v", "out"))
+    lora["head"] = (torch.randn(n, r, cfg.model_dim, generator=gen) * 0.3,
+                    torch.randn(n, cfg.vocab_size, r, generator=gen) * 0.3)
+    x = torch.randint(0, 64, (n, 17))
+    got = m(x, lora=lora)
+    for b in range(n):
+        qo, kv = m.qo_bank.detach().clone(), m.kv_bank.detach().clone()
+        for layer in range(L):
+            dd = {k: lora[f"{k}.{layer}"][1][b] @ lora[f"{k}.{layer}"][0][b] for k in ("q", "k", "v", "out")}
+            qo[layer] += dd["q"]
+            qo[L + layer] += dd["out"]
+            kv[layer] += dd["k"]
+            kv[L + layer] += dd["v"]
+        head = m.lm_head.detach() + lora["head"][1][b] @ lora["head"][0][b]
+        want = m(x[b:b + 1], params={"qo_bank": qo, "kv_bank": kv, "lm_head": head})
+        torch.testing.assert_close(got[b:b + 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_branch_same_with_and_without_folded_gains(one_thread):
+    """The parallel MLP branch is scaled like the MLP output whether mlp_scale is folded into W or not."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    fold, plain = BankedGPT(cfg, Runtime()), BankedGPT(cfg, Runtime(fold_gains=False))
+    with torch.no_grad():
+        for p in fold.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for blk in fold.blocks:
+            blk.mlp_scale.uniform_(0.5, 2.0)
+            blk.attn_scale.uniform_(0.5, 2.0)
+    plain.load_state_dict(fold.state_dict())
+    lora = _rand_lora(cfg, 2, 4, torch.Generator().manual_seed(3), kinds=("mlp", "out"))
+    x = torch.randint(0, 64, (2, 15))
+    out = fold(x, lora=lora)
+    torch.testing.assert_close(out, plain(x, lora=lora), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, fold(x), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+def test_doclora_step_is_torch_adamw_per_document(one_thread):
+    """Each document's factors follow torch.optim.AdamW (weight decay, eps, bias correction) exactly as if
+    optimised alone; documents left out of a step (active=False) are untouched."""
+    cfg = tiny_config()
+    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01, beta1=0.5, eps=1e-6, weight_decay=0.5, targets="q+head"))
+    params = dict(BankedGPT(cfg).named_parameters())
+    tr, st = ad.init(params, 2, cfg, torch.Generator().manual_seed(0))
+    ref = {k: torch.nn.Parameter(v[0].clone()) for k, v in tr.items()}
+    opt = torch.optim.AdamW(ref.values(), lr=0.01, betas=(0.5, 0.999), eps=1e-6, weight_decay=0.5)
+    gen = torch.Generator().manual_seed(1)
+    frozen = {k: v[1].clone() for k, v in tr.items()}
+    for _ in range(4):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in tr.items()}
+        tr, st = ad.step(tr, st, grads, 0.0, active=torch.tensor([True, False]))
+        for k, p in ref.items():
+            p.grad = grads[k][0].clone()
+        opt.step()
+    for k in tr:
+        torch.testing.assert_close(tr[k][0], ref[k].detach(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(tr[k][1], frozen[k])
+    assert ad.adapted_count(cfg) == 3 * (cfg.num_layers * (32 + 32) + 32 + 64)
+
+
+def test_keep_a_carries_a_and_resets_b_and_state(one_thread):
+    cfg = tiny_config()
+    params = dict(BankedGPT(cfg).named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    for keep in (False, True):
+        ad = DocLoRA(DocLoRAConfig(rank=2, keep_a=keep, alpha=4.0))
+        tr, st = ad.init(params, 3, cfg, gen)
+        grads = {k: torch.ones_like(v) for k, v in tr.items()}
+        tr, st = ad.step(tr, st, grads, 0.0)
+        tr2, st2 = ad.init(params, 3, cfg, gen, carry=tr)
+        assert torch.equal(tr2["A.q"], tr["A.q"]) == keep
+        assert not tr2["B.q"].any() and not st2["m.B.q"].any() and not st2["t"].any()
+        lora = ad.materialize(tr, cfg.num_layers)["lora"]
+        torch.testing.assert_close(lora["q.1"][1], 2.0 * tr["B.q"][:, 1])  # scale alpha / rank
+
+
+def test_doclora_options_parse_and_fail_clearly():
+    cfg = DocLoRAConfig.from_options({"rank": "8", "keep_a": "true", "alpha": "16"})
+    assert cfg.rank == 8 and cfg.keep_a and cfg.scale == 2.0
+    with pytest.raises(ValueError, match="no option 'rnk'"):
+        DocLoRAConfig.from_options({"rnk": "8"})
+    with pytest.raises(ValueError, match="targets"):
+        DocLoRAConfig.from_options({"targets": "q+zz"})
+    with pytest.raises(ValueError, match="is not a int"):
+        parse_protocols("docttt:doclora@rank=big")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_protocols("docttt:doclora@chunk")
+    with pytest.raises(ValueError, match="unknown"):
+        parse_protocols("docttt:sgd")
+
+
+# ------------------------------------------------------------------------------------------------ protocol core
+def test_batched_equals_one_document_at_a_time(world):
+    """The same factors and optimiser run on 4 documents in one batch or on each document alone give the same
+    nats and the same final factors (float tolerance: padding changes the GEMM shapes)."""
+    m, data = world["model"], world["data"]
+    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
+    idx = queue.batches[1]
+    a, e = queue.a[idx], queue.e[idx]
+    assert len(set((e - a).tolist())) > 1  # documents of different lengths: different numbers of chunks
+    ad = docttt.make_doc_adapter(spec)
+    init = ad.init(dict(m.named_parameters()), len(idx), m.cfg, torch.Generator().manual_seed(0))
+    batched = docttt.run_batch(m, data.tokens, a, e, spec, ad, None, Ledger(), init)
+    got = dict(batched.nll)
+    assert batched.train_steps > 0
+    for b in range(len(idx)):
+        one = docttt.run_batch(m, data.tokens, a[b:b + 1], e[b:b + 1], spec, ad, None, Ledger(),
+                               tuple(DocLoRA.rows(t, slice(b, b + 1)) for t in init))
+        for lo, v in one.nll:
+            np.testing.assert_allclose(got[lo], v, rtol=1e-4, atol=1e-5)
+        for k, t in one.trainables.items():
+            torch.testing.assert_close(batched.trainables[k][b:b + 1], t, rtol=1e-4, atol=1e-6)
+    # and adaptation did something: later chunks differ from the unadapted model's
+    base = docttt.run_batch(m, data.tokens, a, e, docttt.parse_docttt(f"doc-chunk@{OPTS}"), None, None, Ledger())
+    assert not np.array_equal(np.concatenate([v for _, v in base.nll]), np.concatenate([v for _, v in batched.nll]))
+
+
+def test_lr0_equals_chunked_doc_window_scoring_bitwise(world):
+    """docttt with lr 0 == doc-chunk (adaptation off) == run_stream on the stream-order plan of the same
+    windows (each document's last <= window tokens ending at each chunk): bit for bit on CPU."""
+    m, data = world["model"], world["data"]
+    ev = evaluate(m, data, parse_protocols(f"docttt:doclora@{OPTS}/rank=4/lr=0"), {},
+                  EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
+    base, lr0 = ev.results[f"doc-chunk@{OPTS}"], ev.results[f"docttt:doclora@{OPTS}/rank=4/lr=0"]
+    plan = docttt.chunk_plan(data.tokens_np, data.bos_id, 16, 48)
+    ref = run_stream(m, data.tokens, plan, ScoreConfig(batch_tokens=4096, chunk_tokens=256))
+    assert lr0.ledger["n_updates"] > 0  # it did take (zero-size) steps
+    assert np.array_equal(base.stream.token_nll, ref.token_nll)
+    assert np.array_equal(lr0.stream.token_nll, ref.token_nll)
+    # the plan has windows longer than a chunk and windows cut to `window` tokens
+    assert plan.length.max() == 48 and (plan.score_from > 0).any()
+    # same targets as doc-flat (paired), and not trivially the same numbers
+    flat = ev.results["doc-flat"].stream.token_nll
+    assert flat.shape == ref.token_nll.shape and not np.array_equal(flat, ref.token_nll)
+
+
+def test_fixed_shape_buckets_score_the_same(world):
+    """bucket > 0 (one row per document, lengths rounded up: what a compiled core needs) changes only padding."""
+    m, data = world["model"], world["data"]
+    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}")
+    out = {}
+    for bucket in (0, 32):
+        ledger = Ledger(spec.name)
+        out[bucket] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger, bucket=bucket)
+        assert ledger.verify()["legal"]
+    np.testing.assert_allclose(out[32].token_nll, out[0].token_nll, rtol=1e-4, atol=1e-5)
+
+
+def test_adaptation_helps_and_report_decomposes(world):
+    m, data = world["model"], world["data"]
+    name = f"docttt:doclora@{OPTS}/phases=2/phase_docs=6/phase_lr=0.01/{LORA}"
+    ev = evaluate(m, data, parse_protocols(name), {}, EVAL)
+    rep = build_report(ev)
+    assert [n for n in rep["protocols"] if n.startswith("doc")] == [
+        "doc-flat", f"doc-chunk@{OPTS}", f"docttt:doclora@{OPTS}/{LORA}", name]
+    dec = rep["docttt_decomposition"][name]
+    assert [s["step"] for s in dec["steps"]] == ["context", "adaptation", "phases"]
+    assert dec["steps"][0]["from"] == "doc-flat" and dec["steps"][-1]["to"] == name
+    assert sum(s["value"] for s in dec["steps"]) == pytest.approx(dec["total"]["value"], abs=1e-12)
+    p = rep["protocols"]
+    assert dec["steps"][1]["value"] == pytest.approx(p[f"doc-chunk@{OPTS}"]["bpb"] - p[f"docttt:doclora@{OPTS}/{LORA}"]
+                                                     ["bpb"], abs=1e-12)
+    assert dec["steps"][1]["value"] > 0 and dec["steps"][1]["ci95"][0] > 0  # per-document LoRA TTT helps here
+    assert dec["steps"][2]["value"] != 0  # the phases changed the base
+    assert all(p[n]["ledger"]["legal"] for n in p)
+    assert "decomposition of " + name in format_report(rep)
+
+
+def test_cli_runs_the_family_and_rejects_bad_options(world, tmp_path, capsys):
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.eval.run import EXIT_BAD_INPUT, main
+
+    art = tmp_path / "run" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, world["model"], meta={"lut": synthetic_lut(SPEC).to_dict(), "seq_len": 48,
+                                                   "val_pattern": world["meta"]["val_pattern"]}, allow_over_budget=True)
+    common = [str(art), "--bootstrap", "20", "--quiet", "--wandb", "off", "--max-tokens", "1500"]
+    assert main([*common, "--protocols", "docttt:doclora@rank=0"]) == EXIT_BAD_INPUT
+    assert "rank must be a positive integer" in capsys.readouterr().err
+    assert main([*common, "--protocols", "docttt:doclora@chunks=16"]) == EXIT_BAD_INPUT
+    assert "no option 'chunks'" in capsys.readouterr().err
+    name = f"docttt:doclora@{OPTS}/{LORA}"
+    assert main([*common, "--protocols", name]) == 0, capsys.readouterr().err
+    rep = json.loads((art.parent / "eval.json").read_text())
+    assert rep["protocols"][name]["ledger"]["legal"] and rep["protocols"][name]["tokens_scored"] == 1499
+    assert [s["step"] for s in rep["docttt_decomposition"][name]["steps"]] == ["context", "adaptation"]
+
+
+def test_cli_on_real_val_prefix(tmp_path, capsys):
+    """Real FineWeb val documents (BOS-opened): every target scored once, paired with doc-flat, legal."""
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.eval.run import main
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not shared.is_dir():
+        shared = Path("/work/shared/data")
+    tok = shared / "tokenizers" / "fineweb_1024_bpe.model"
+    val = shared / "fineweb_sp1024_valprefix" / "fineweb_val_000000.bin"
+    if not (tok.is_file() and val.is_file()):
+        pytest.skip(f"shared data not found under {shared} (sp1024 tokenizer and val prefix shard)")
+    torch.manual_seed(0)
+    art = tmp_path / "real" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, BankedGPT(tiny_config(vocab_size=1024)),
+                        meta={"val_pattern": str(val), "tokenizer": str(tok), "seq_len": 128}, allow_over_budget=True)
+    name = "docttt:doclora@docs=8/window=128/phases=1/phase_docs=8/rank=4"  # chunk 32: the default
+    rc = main([str(art), "--protocols", name, "--max-tokens", "12000", "--bootstrap", "20", "--quiet",
+               "--wandb", "off"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((art.parent / "eval.json").read_text())
+    assert rep["data"]["n_docs"] > 5
+    for n in ("doc-flat", "doc-chunk@docs=8/window=128", name):
+        assert rep["protocols"][n]["tokens_scored"] == 11999 and rep["protocols"][n]["ledger"]["legal"], n
+    assert [s["step"] for s in rep["docttt_decomposition"][name]["steps"]] == ["context", "adaptation", "phases"]
+
+
+# ------------------------------------------------------------------------------------------------ cheaters
+class CheatingDocLoRA(DocLoRA):
+    adapts_before_scoring = True  # trains on each chunk, then scores it
+
+
+def test_cheating_batched_adapter_is_refused(world):
+    m, data = world["model"], world["data"]
+    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    with pytest.raises(LegalityError, match="only scored later"):
+        ledger = Ledger(spec.name)
+        docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
+                          make_adapter=lambda s: CheatingDocLoRA(s.lora_config()))
+        ledger.verify()
+
+
+def test_phases_train_only_on_fully_scored_documents(world, monkeypatch):
+    m, data = world["model"], world["data"]
+    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=2/phase_docs=6/{LORA}")
+    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
+    assert docttt.phase_boundaries(queue, 2, 6) == [(0, 3), (1, 6)]
+    assert docttt.phase_boundaries(queue, 1, 10_000) == []  # it would end after the last batch
+    ledger = Ledger(spec.name)
+    docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger)
+    assert ledger.verify()["legal"]
+    phase = [u for u in ledger.updates if u.label.startswith("phase")]
+    assert phase and {a for u in phase for a, _ in u.ranges} >= {int(queue.a[0]) + 1}
+    # a phase that also trains on the next (not yet scored) batch's documents is refused
+    monkeypatch.setattr(docttt, "phase_documents", lambda q, k: np.arange(min(k + 4, q.a.size)))
+    bad = Ledger(spec.name)
+    docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, bad)
+    with pytest.raises(LegalityError, match="phase sgd"):
+        bad.verify()
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def _dist_worker(rank: int, world_size: int, init_file: str, state: str, val: str, out: str, name: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = BankedGPT(tiny_config())
+        model.load_state_dict(torch.load(state))
+        model.eval()
+        data = prepare_stream(load_val_tokens(val), synthetic_lut(SPEC), "cpu", 256)
+        ev = evaluate(model, data, parse_protocols(name), {}, EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
+        if rank == 0:
+            Path(out).write_text(json.dumps({n: r.stream.token_nll.tolist() for n, r in ev.results.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_matches_single_process(world, tmp_path):
+    m, data = world["model"], world["data"]
+    name = f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/phase_lr=0.01/{LORA}"
+    single = evaluate(m, data, parse_protocols(name), {}, EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    out = tmp_path / "dist.json"
+    mp.start_processes(_dist_worker, args=(2, tempfile.mktemp(dir=tmp_path), str(tmp_path / "m.pt"),
+                                           world["meta"]["val_pattern"], str(out), name),
+                       nprocs=2, join=True, start_method="fork")
+    got = json.loads(out.read_text())
+    for n, r in single.results.items():
+        np.testing.assert_allclose(np.asarray(got[n], dtype=np.float32), r.stream.token_nll, rtol=1e-5,
+                                   atol=1e-6, err_msg=n)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_docttt_on_cuda_bf16(world):
+    """The CUDA path (bf16 autocast, device generator, LoRA under autocast): legal, finite, and lr 0 matches the
+    no-adaptation baseline."""
+    m = BankedGPT(tiny_config()).cuda()
+    m.load_state_dict(world["model"].state_dict())
+    m.eval()
+    data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
+    name = f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}"
+    ev = evaluate(m, data, parse_protocols(f"{name},docttt:doclora@{OPTS}/rank=4/lr=0"), {}, EVAL)
+    rep = build_report(ev)
+    assert all(p["ledger"]["legal"] and np.isfinite(p["bpb"]) for p in rep["protocols"].values())
+    np.testing.assert_allclose(ev.results[f"docttt:doclora@{OPTS}/rank=4/lr=0"].stream.token_nll,
+                               ev.results[f"doc-chunk@{OPTS}"].stream.token_nll, rtol=1e-3, atol=1e-3)
+    assert rep["docttt_decomposition"][name]["steps"][1]["value"] > 0
+    # the compiled core (fixed shapes) scores as the eager one does
+    comp = evaluate(m, data, parse_protocols(name), {}, EvalConfig(**{**EVAL.to_dict(), "n_boot": 0,
+                                                                       "docttt_compile": True}))
+    got, want = comp.results[name].stream.token_nll, ev.results[name].stream.token_nll
+    assert abs(float(got.mean()) - float(want.mean())) < 2e-3  # bf16: same function, other kernels
+    assert comp.results[name].ledger["legal"]

@@ -171,3 +171,28 @@ def test_shared_data_dir_keeps_each_corpus_and_the_evaluator_checks_it(tmp_path,
     assert meta["val_fingerprint"] != json.loads((tmp_path / "runs" / "b" / "summary.json").read_text()
                                                  )["data_fingerprint"]["val_fingerprint"]
     assert rep["meta"]["data_check"] == "match"
+
+
+
+def test_init_from_starts_at_the_artifacts_weights_and_adopts_its_config(tmp_path, capsys):
+    from metattt.artifact.format import load_artifact
+
+    train(parse_config(_args(tmp_path, "--iterations", "4", "--run-name", "a")))
+    art = tmp_path / "runs" / "a" / "artifact.ptz"
+    # zero learning rates (and no EMA): nothing moves, so b's artifact must hold a's weights exactly
+    argv = _args(tmp_path, "--iterations", "1", "--run-name", "b", "--init-from", str(art), "--optim.matrix-lr", "0",
+                 "--optim.embed-lr", "0", "--optim.scalar-lr", "0", "--optim.head-lr", "0")
+    argv[argv.index("--model.model-dim") + 1] = "48"  # the artifact's config wins over the flags, and says so
+    train(parse_config(argv))
+    assert "the artifact's model config replaces the preset's (model_dim: 48 -> 32" in capsys.readouterr().out
+    a_art, b_art = load_artifact(art), load_artifact(tmp_path / "runs" / "b" / "artifact.ptz")
+    assert b_art.config == a_art.config
+    for k, v in a_art.state_dict.items():
+        assert torch.equal(v, b_art.state_dict[k]), k
+    assert json.loads((tmp_path / "runs" / "b" / "config.json").read_text())["model"]["model_dim"] == 32
+
+
+def test_init_from_a_missing_artifact_is_bad_input(tmp_path):
+    from metattt.train.cli import main
+
+    assert main(_args(tmp_path, "--iterations", "1", "--run-name", "c", "--init-from", str(tmp_path / "no.ptz"))) == 2

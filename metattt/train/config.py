@@ -46,6 +46,9 @@ class TrainConfig:
     run_name: str = ""
     checkpoint_every: int = 0  # 0 = only at the end
     resume: str = ""  # run directory (or checkpoint file) to continue
+    # start from an artifact's weights (ours, or a record model from ``python -m metattt import-pg``); its model
+    # config replaces the preset's, a fresh optimiser state and schedule start (docs/interop.md)
+    init_from: str = ""
     halt_after: int = 0  # leave after N steps in this process (checkpointed), as a preemption would; 0 = off
     device: str = "auto"
     compile: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..artifact.model_io import load_model_artifact, save_model_artifact
+from ..artifact.model_io import load_model_artifact, load_state_strict, save_model_artifact
 from ..data.fingerprint import tokens_fingerprint
 from ..data.loaders import TrainLoader, load_val_tokens
 from ..model.gpt import BankedGPT
@@ -78,6 +78,27 @@ def _print(info: DistInfo, *args: Any) -> None:
         print(*args, flush=True)
 
 
+def _init_from(cfg: TrainConfig, info: DistInfo) -> tuple[TrainConfig, Any]:
+    """The artifact to start from: its model config replaces ``cfg.model`` (a differing preset is reported)."""
+    import dataclasses
+
+    from ..artifact.errors import ArtifactError
+    from ..artifact.format import load_artifact
+    from ..model.config import ModelConfig
+
+    try:
+        loaded = load_artifact(cfg.init_from)
+    except (ArtifactError, FileNotFoundError, IsADirectoryError) as e:
+        raise ValueError(f"--init-from {cfg.init_from}: cannot load artifact: {e}") from None
+    model_cfg = ModelConfig.from_dict(loaded.config)
+    diff = {k: (v, getattr(model_cfg, k)) for k, v in cfg.model.to_dict().items()
+            if k != "extra" and model_cfg.to_dict().get(k) != v}
+    if diff:
+        _print(info, f"--init-from {cfg.init_from}: the artifact's model config replaces the preset's "
+                     f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())})")
+    return dataclasses.replace(cfg, model=model_cfg), loaded
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns the summary (also written to ``summary.json``)."""
     info = setup(cfg.device)
@@ -94,6 +115,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
         cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
+    init = None
+    if cfg.init_from and resume_from is None:
+        cfg, init = _init_from(cfg, info)
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
     src = resolve_data(cfg, info.is_main) if info.is_main else None  # bad data fails before a run dir exists
@@ -110,11 +134,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run_path = Path(cfg.run_root) / name
     on_gpu = info.device.type == "cuda"
 
-    model = BankedGPT(cfg.model, cfg.runtime).to(info.device)
+    model = BankedGPT(cfg.model, cfg.runtime)
+    if init is not None:
+        load_state_strict(model, init.state_dict, cfg.init_from)
+    model = model.to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     adapter, meta_opt = None, None
     if cfg.meta.adapter:
         adapter = cfg.meta.make_adapter().bind(model)
+        if init is not None:  # meta-parameters the artifact carries for this adapter (e.g. MetaSGD rates)
+            adapter.load_artifact_extras(init.extras, strict=False)
         meta_params = list(adapter.meta_parameters().values())
         if meta_params:
             meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)

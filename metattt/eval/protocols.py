@@ -269,10 +269,8 @@ def run_protocol(
         adapter = None
     elif spec.mode == "oracle":
         order = "adapt_first"
-    else:
-        # an adapter that asks to train before scoring is obliged; the enforcing ledger then refuses the run,
-        # so legality rests on the ledger, not on the adapter's good will
-        order = "adapt_first" if getattr(adapter, "adapts_before_scoring", False) else "score_first"
+    else:  # the adapter picks what it trains on (training_positions); the enforcing ledger refuses cheats
+        order = "score_first"
     res = run_stream(model, data.tokens, plan, cfg.score_config(), adapter=adapter, order=order, ledger=ledger,
                      ctx=ctx, starts=data.starts, scorer=scorer)
     summary = ledger.verify()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..artifact.model_io import load_model_artifact, save_model_artifact
 from ..data.loaders import TrainLoader, load_val_tokens
+from ..devices import autocast_for
 from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
 from ..track.progress import progress
@@ -143,6 +144,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(info.device)
     first_step = step
+    meta_sums: dict[str, torch.Tensor] = {}  # meta statistics of this rank's meta micro-batches since the last log
+    meta_count = 0
     while True:
         stop = step >= cfg.iterations or (cfg.max_wallclock_s > 0 and elapsed >= cfg.max_wallclock_s)
         stop = broadcast_flag(stop, info)
@@ -167,9 +170,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                                                                  cfg.iterations, elapsed, cfg.max_wallclock_s)
         for micro in range(batching.accum):
             x, y = loader.next_batch(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            with autocast_for(info.device):
                 if do_meta and (cfg.meta.micro_batches == 0 or micro < cfg.meta.micro_batches):
-                    loss, _ = meta_loss(model, adapter, x, y, cfg.meta)
+                    loss, mstats = meta_loss(model, adapter, x, y, cfg.meta)
+                    for k, v in mstats.items():
+                        meta_sums[k] = meta_sums[k] + v.float() if k in meta_sums else v.float()
+                    meta_count += 1
                 else:
                     loss = fwd(x, y)
             (loss / batching.accum).backward()
@@ -196,6 +202,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
                    "ms_per_step": 1000 * dt / window_steps,
                    "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
+            if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
+                rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
+                meta_sums, meta_count = {}, 0
             log(rec)
             bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
             loss_sum.zero_()
@@ -231,7 +240,7 @@ def _compile_warmup(cfg: TrainConfig, fwd, model: BankedGPT, opts, loader: Train
     for _ in range(cfg.compile_warmup_steps):
         for _ in range(batching.accum):
             x, y = loader.next_batch(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+            with autocast_for(info.device):
                 (fwd(x, y) / batching.accum).backward()
         opts.step()
     model.load_state_dict(saved[0])

@@ -7,7 +7,6 @@ differences are paired.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..data.bpb import bpb
 from .ledger import Ledger
 from .scoring import DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
@@ -349,7 +349,6 @@ def evaluate(
         r = run_protocol(spec, model, data, plans[spec.windows], cfg, adapter, ctx, scorer)
         out.results[spec.name] = r
         if log is not None:
-            bpb = r.nats / math.log(2) / float(data.target_bytes.sum())
-            log(f"{spec.name:<24} bpb {bpb:.5f}  {r.stream.seconds:8.1f}s  "
+            log(f"{spec.name:<24} bpb {bpb(r.nats, data.target_bytes.sum()):.5f}  {r.stream.seconds:8.1f}s  "
                 f"{r.stream.n_scored / max(r.stream.seconds, 1e-9):,.0f} tok/s")
     return out

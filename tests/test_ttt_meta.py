@@ -321,3 +321,23 @@ def test_meta_parameters_and_state_dict_come_from_torch() -> None:
     keys = set(a.state_dict())
     assert "log_lr.blocks.0.attn_scale" in keys and "log_lr.qo_bank" in keys
     assert set(a.artifact_extras()) == {f"ttt.metasgd.{k}" for k in keys}
+
+
+def test_meta_step_pays_no_extra_forward() -> None:
+    """Default meta step (same-batch, one inner mini-batch, first order): one inner forward+backward and one outer
+    forward, L_pre taken from the inner loss for free (before the redesign a third, no-grad forward paid for it)."""
+    m = tiny_model()
+    x, y = batch()
+    calls = []
+    handle = m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    a = make_adapter("fomaml", "banks", lr=0.3).bind(m)
+    loss, st = meta_loss(m, a, x, y, MetaConfig(adapter="fomaml"))
+    loss.backward()
+    assert len(calls) == 2 and {"meta/L_pre", "meta/gain", "meta/L_post", "meta/L_inner"} <= set(st)
+    calls.clear()
+    meta_loss(m, a, x, y, MetaConfig(adapter="fomaml", split="cross-doc"))
+    assert len(calls) == 2  # L_pre is not free here: it is skipped unless log_pre
+    calls.clear()
+    meta_loss(m, a, x, y, MetaConfig(adapter="fomaml", split="cross-doc", log_pre=True))
+    assert len(calls) == 3
+    handle.remove()

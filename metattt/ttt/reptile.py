@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sgd import SGDAdapter, SGDConfig
+from .fomaml import FOMAMLAdapter, FOMAMLConfig
 
 
 @dataclass
-class ReptileConfig(SGDConfig):
-    """SGD's knobs (plain constant-lr steps) plus Reptile's inner passes and interpolation epsilon."""
+class ReptileConfig(FOMAMLConfig):
+    """fomaml's plain constant-lr steps plus Reptile's inner passes and interpolation epsilon."""
 
-    lr: float = 0.01
-    momentum: float = 0.0
-    epochs: int = 1
-    grad_clip: float = 0.0
-    schedule: str = "constant"
     steps: int = 3
     epsilon: float = 0.1
 
@@ -30,7 +25,7 @@ class ReptileConfig(SGDConfig):
             raise ValueError(f"reptile epsilon must be in (0, 1], got {self.epsilon}")
 
 
-class ReptileAdapter(SGDAdapter):
+class ReptileAdapter(FOMAMLAdapter):
     name = "reptile"
     Config = ReptileConfig
     meta_mode = "reptile"

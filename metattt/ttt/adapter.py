@@ -20,6 +20,8 @@ dimension); nothing below mutates a tensor in place, so the same code is differe
 * ``trainables(base) -> dict``: the tensors the rule differentiates and updates, built from the base weights
   ``base`` (selected name -> tensor). Default: the selected tensors themselves; LoRA: its factors.
 * ``materialize(base, trainables) -> dict``: the model's ``params=`` overrides. Default: the trainables.
+  ``loss(model, x, y, overrides, attn)`` is how they reach the model (default ``model(x, y, params=...)``; a
+  batched per-document adapter can route its overrides through another model argument there).
 * ``init(trainables) -> state``: optimiser state (momentum, moments, step count, anchors). Default ``{}``.
 * ``direction(trainables, grad_at) -> (loss, grads)``: the gradient the rule steps with; ``grad_at(t)`` returns
   (mean loss, masked gradients) at ``t``. Default one call; SAM calls it twice.
@@ -208,6 +210,14 @@ class Adapter(nn.Module):
              progress: float) -> tuple[Tensors, dict[str, Any]]:
         raise NotImplementedError(f"adapter {self.name!r} defines no update step")
 
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, overrides: Mapping[str, Tensor],
+             attn: str | None = None) -> Tensor:
+        """Mean next-token loss with ``overrides`` (an adapter whose overrides are not parameters, e.g. per-row
+        LoRA deltas, passes them its own way here)."""
+        if attn is None:
+            return model(x, y, params=dict(overrides))
+        return model(x, y, params=dict(overrides), attn=attn)
+
     def mask(self, grads: Tensors) -> Tensors:
         """Zero the gradient rows of unselected bank slices (frozen slices stay bit-identical)."""
         return self._require_bound().mask_grads(grads)
@@ -296,8 +306,7 @@ class Adapter(nn.Module):
         """``grad_at(t)``: (mean loss, masked gradients) on (x, y) at trainables ``t``; constants unless ``second``."""
 
         def loss_of(t: Mapping[str, Tensor]) -> Tensor:
-            over = {**base, **self.materialize(base, t)}
-            return model(x, y, params=over) if attn is None else model(x, y, params=over, attn=attn)
+            return self.loss(model, x, y, {**base, **self.materialize(base, t)}, attn)
 
         def grad_at(t: Mapping[str, Tensor]) -> tuple[Tensor, Tensors]:
             if x.size(0) == 0:  # a rank with no rows in this mini-batch still joins the average, with weight 0

@@ -119,3 +119,19 @@ def test_plugin_through_trainer_meta_step_and_evaluator(tmp_path, capsys) -> Non
     rc = eval_main([art, "--protocols", "sliding,ttt:peek", "--adapter-module", cheat, *EVAL])
     err = capsys.readouterr().err
     assert rc == EXIT_ILLEGAL and "REFUSED" in err and "update #0" in err
+
+
+def test_bad_plugin_is_a_clear_error_before_any_run_dir(tmp_path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("meta_ttt_entry", REPO / "experiments" / "meta_ttt.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    broken = _write(tmp_path, "broken.py", "raise RuntimeError('boom')\n")
+    for mod in (str(tmp_path / "nope.py"), broken):
+        rc = entry.main(["--adapter-module", mod, "--meta.adapter", "signsgd", "--run-root", str(tmp_path / "runs"),
+                         "--wandb", "off"])
+        assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope.py': no such file" in err and "failed to import: RuntimeError: boom" in err
+    assert not (tmp_path / "runs").exists()

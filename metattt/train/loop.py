@@ -83,6 +83,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
+    adapter = cfg.meta.make_adapter() if cfg.meta.adapter else None  # a bad spec or plug-in fails before any I/O
     src = resolve_data(cfg, info.is_main) if info.is_main else None  # bad data fails before a run dir exists
     if info.distributed:
         dist.barrier()
@@ -95,9 +96,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
     model = BankedGPT(cfg.model, cfg.runtime).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
-    adapter, meta_opt = None, None
-    if cfg.meta.adapter:
-        adapter = cfg.meta.make_adapter().bind(model)
+    meta_opt = None
+    if adapter is not None:
+        adapter.bind(model)
         meta_params = list(adapter.meta_parameters().values())
         if meta_params:
             meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)

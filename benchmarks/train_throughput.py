@@ -111,7 +111,7 @@ def run_variant(name: str, args, info) -> dict:
     if v["meta"]:  # FOMAML outer loop on one micro-batch every 4th step, as --meta.adapter fomaml would
         from metattt.ttt.meta import MetaConfig, meta_loss
 
-        meta_cfg = MetaConfig(adapter="fomaml:lr=0.002", every=4, micro_batches=1)
+        meta_cfg = MetaConfig(adapter=args.meta_spec, every=4, micro_batches=1)
         adapter = meta_cfg.make_adapter().bind(model)
     counter = {"step": 0, "loss": None}
     seq = cfg.seq_len
@@ -224,6 +224,9 @@ def main() -> int:
     ap.add_argument("--attn", default="auto", choices=ATTN_BACKENDS)
     ap.add_argument("--sync-each-step", action="store_true",
                     help="synchronize after every timed step (per-step min/max; the trainer syncs only at log steps)")
+    ap.add_argument("--meta-spec", default="fomaml:lr=0.002",
+                    help="adapter spec of the meta variant (its batch_seqs sets the inner mini-batches; default 32 "
+                         "rows, as the evaluator's TTT)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--micro-batch-tokens", type=int, default=0)

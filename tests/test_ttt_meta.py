@@ -1,5 +1,5 @@
-"""Meta-training step: first-order formula, exact second order vs finite differences / torch.func / higher,
-MetaSGD rate learning, Reptile interpolation."""
+"""Meta-training step: the inner loop is the evaluator's update (bit for bit at first order), first-order
+formula, exact second order vs finite differences / torch.func / higher, MetaSGD rate learning, Reptile."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,8 @@ import torch
 from metattt.model.config import ModelConfig
 from metattt.model.gpt import BankedGPT
 from metattt.ttt import make_adapter
-from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, reptile_update, split_batch
+from metattt.train.schedule import meta_step_due
+from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, split_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +45,8 @@ def test_fomaml_meta_gradient_equals_first_order_formula(split: str, steps: int)
     x, y = batch()
     alpha = 0.3
     a = make_adapter("fomaml", "banks:layers>=1+norms", lr=alpha).bind(m)
-    cfg = MetaConfig(adapter="fomaml", inner_steps=steps, split=split, order="first", outer_weight=0.7)
+    cfg = MetaConfig(adapter="fomaml", inner_steps=steps, split=split, order="first", outer_weight=0.7,
+                     log_pre=split != "cross-doc")
     loss, stats = meta_loss(m, a, x, y, cfg)
     loss.backward()
     got = grads_of(m)
@@ -64,7 +66,13 @@ def test_fomaml_meta_gradient_equals_first_order_formula(split: str, steps: int)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
     assert abs(stats["meta/L_post"].item() - lo.item()) < 1e-5
-    assert stats["meta/gain"].item() > 0  # one inner step on the same data helps
+    if split == "cross-doc":  # L_pre is not free there and log_pre is off: no extra forward, no gain stat
+        assert "meta/L_pre" not in stats and "meta/L_inner" in stats
+    else:
+        assert stats["meta/gain"].item() > 0  # inner steps on (part of) the same rows help
+    with torch.no_grad():  # the free statistic: mean loss of the first inner pass, at the current weights
+        inner_pre = m(xi, yi).item()
+    assert stats["meta/L_inner"].item() == pytest.approx(inner_pre, abs=1e-5)
 
 
 def _second_order_grad(m: BankedGPT, a, x, y, backend: str, steps: int = 2) -> dict[str, torch.Tensor]:  # noqa: ANN001
@@ -205,27 +213,32 @@ def test_metasgd_per_row_and_partial_slices() -> None:
     assert torch.equal(r[[0, 3, 4, 5]], torch.zeros(4, 32, 1)) and bool((r[[1, 2]] > 0).all())
 
 
-def test_reptile_update_interpolates_and_surrogate_gradient() -> None:
+def test_reptile_uses_its_own_steps_and_epsilon() -> None:
+    """theta_k after ReptileConfig.steps plain steps; the surrogate's gradient is epsilon * (theta - theta_k), so
+    one SGD step of lr 1 on it is exactly the Reptile interpolation (and the trainer's meta step uses it)."""
     m = tiny_model()
     x, y = batch()
     a = make_adapter("reptile", "banks:layers>=1", lr=0.2, steps=2, epsilon=0.25).bind(m)
     theta0 = {n: p.detach().clone() for n, p in m.named_parameters()}
-    # theta_k by hand
     sel = a.sel
     th = dict(theta0)
-    for _ in range(2):
+    for _ in range(2):  # theta_k by hand
         leaves = {n: th[n].clone().requires_grad_(True) for n in sel.names}
         gs = torch.autograd.grad(m(x, y, params={**th, **leaves}), list(leaves.values()))
         th.update({n: th[n] - 0.2 * gr * sel.masks[n] for n, gr in zip(sel.names, gs)})
-    loss, _ = reptile_loss(m, a, x, y, steps=2)
+    loss, stats = meta_loss(m, a, x, y, MetaConfig(adapter="reptile", inner_steps=5, outer_weight=1.0))
     loss.backward()
     for n in sel.names:
-        torch.testing.assert_close(m.get_parameter(n).grad, theta0[n] - th[n], rtol=1e-5, atol=1e-7)
-    reptile_update(m, a, x, y)
+        torch.testing.assert_close(m.get_parameter(n).grad, 0.25 * (theta0[n] - th[n]), rtol=1e-5, atol=1e-8)
+    assert stats["reptile/dist"].item() > 0
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    opt.step()
     for n, p in m.named_parameters():
         want = theta0[n] + 0.25 * (th[n] - theta0[n]) if n in sel.names else theta0[n]
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7)
     assert torch.equal(m.qo_bank[0], theta0["qo_bank"][0])  # layer-0 slice frozen exactly
+    m.zero_grad(set_to_none=True)
+    reptile_loss(m, a, x, y, steps=2, epsilon=1.0)[0].backward()  # explicit overrides still work
 
 
 def test_meta_config_validation_and_schedule() -> None:
@@ -234,8 +247,8 @@ def test_meta_config_validation_and_schedule() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         MetaConfig(backend="jax")
     c = MetaConfig(adapter="fomaml", every=4, start_frac=0.5)
-    assert c.active(8, 0.6) and not c.active(8, 0.4) and not c.active(9, 0.9)
-    assert not MetaConfig().active(0, 1.0)
+    due = [meta_step_due(c.every, c.start_frac, s, 100, 0.0, 0.0) for s in (8, 48, 52, 53)]
+    assert due == [False, False, True, False]
     assert c.make_adapter().name == "fomaml"
     with pytest.raises(ValueError, match="cross-doc"):
         split_batch(*batch(b=1), "cross-doc")
@@ -248,3 +261,83 @@ def test_delta_weight_combines_pre_and_post() -> None:
     loss, st = meta_loss(m, a, x, y, MetaConfig(adapter="fomaml", outer_weight=1.0, delta_weight=0.5))
     want = 1.5 * st["meta/L_post"] - 0.5 * st["meta/L_pre"]
     assert abs(loss.item() - want.item()) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------- one update rule
+ONE_RULE = {  # hyper-parameters chosen so every part of each rule acts: momentum, clip, schedule, mini-batches
+    "sgd": ("banks:layers>=1+norms", dict(lr=0.05, momentum=0.9, grad_clip=0.5, batch_seqs=2, nesterov=True)),
+    "fomaml": ("banks:layers>=1+norms", dict(lr=0.1, batch_seqs=3)),
+    "metasgd": ("banks[q,v]+norms", dict(lr_init=0.05, per_row=True, grad_clip=1.0, batch_seqs=2)),
+    "sam": ("all", dict(lr=0.05, rho=0.1, momentum=0.9, batch_seqs=2)),
+    "lora": ("banks[q,v,up]:layers>=1", dict(lr=0.01, rank=2, batch_seqs=2)),
+    "dyneval": ("banks+norms", dict(lr=0.001, decay=0.1, batch_seqs=2)),
+    "reptile": ("banks:layers>=1", dict(lr=0.1, batch_seqs=3)),
+}
+
+
+def _eval_and_inner(name: str, k: int, create_graph: bool):  # noqa: ANN202
+    m = tiny_model()
+    x, y = batch(b=5, t=10, seed=4)
+    sel, kw = ONE_RULE[name]
+    a = make_adapter(name, sel, epochs=k, **kw).bind(m)
+    if name == "dyneval":
+        a.collect_stats(m, [(x, y)])
+    with torch.no_grad():
+        for p in a.meta_parameters().values():  # non-uniform learned rates
+            p.add_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+    st = a.adapt(m, x, y, progress=0.0)
+    evaluated = a.params()
+    adapted, _ = a.inner_loop(m, dict(m.named_parameters()), x, y, passes=k, create_graph=create_graph,
+                              attn="math" if create_graph else None)
+    return m, a, st, evaluated, adapted
+
+
+@pytest.mark.parametrize("name", list(ONE_RULE))
+def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str) -> None:
+    """k inner passes of meta-training reach exactly the weights that the evaluator's update with epochs=k reaches
+    on the same rows (first order, CPU): the trainer meta-trains for the update the evaluator performs."""
+    m, a, st, evaluated, adapted = _eval_and_inner(name, 2, create_graph=False)
+    assert st["steps"] == 2 * -(-5 // a.cfg.batch_seqs)  # epochs x mini-batches
+    assert set(evaluated) == set(adapted) and evaluated
+    named = dict(m.named_parameters())
+    assert any(not torch.equal(evaluated[n], named[n]) for n in evaluated), "the update did nothing"
+    for n in evaluated:
+        assert torch.equal(evaluated[n], adapted[n]), n
+    assert any(t.requires_grad for t in adapted.values())  # and the meta result carries the outer graph
+
+
+@pytest.mark.parametrize("name", ["sgd", "metasgd", "sam", "lora", "dyneval"])
+def test_second_order_inner_loop_has_the_same_values(name: str) -> None:
+    _, _, _, evaluated, adapted = _eval_and_inner(name, 2, create_graph=True)
+    for n in evaluated:
+        torch.testing.assert_close(adapted[n].detach(), evaluated[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_meta_parameters_and_state_dict_come_from_torch() -> None:
+    m = tiny_model()
+    a = make_adapter("metasgd", "banks+norms").bind(m)
+    assert isinstance(a, torch.nn.Module)
+    assert dict(a.named_parameters()) == a.meta_parameters()
+    keys = set(a.state_dict())
+    assert "log_lr.blocks.0.attn_scale" in keys and "log_lr.qo_bank" in keys
+    assert set(a.artifact_extras()) == {f"ttt.metasgd.{k}" for k in keys}
+
+
+def test_meta_step_pays_no_extra_forward() -> None:
+    """Default meta step (same-batch, one inner mini-batch, first order): one inner forward+backward and one outer
+    forward, L_pre taken from the inner loss for free (before the redesign a third, no-grad forward paid for it)."""
+    m = tiny_model()
+    x, y = batch()
+    calls = []
+    handle = m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    a = make_adapter("fomaml", "banks", lr=0.3).bind(m)
+    loss, st = meta_loss(m, a, x, y, MetaConfig(adapter="fomaml"))
+    loss.backward()
+    assert len(calls) == 2 and {"meta/L_pre", "meta/gain", "meta/L_post", "meta/L_inner"} <= set(st)
+    calls.clear()
+    meta_loss(m, a, x, y, MetaConfig(adapter="fomaml", split="cross-doc"))
+    assert len(calls) == 2  # L_pre is not free here: it is skipped unless log_pre
+    calls.clear()
+    meta_loss(m, a, x, y, MetaConfig(adapter="fomaml", split="cross-doc", log_pre=True))
+    assert len(calls) == 3
+    handle.remove()

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from ..track.progress import progress as progress_bar
 from ..ttt.doclora import DocLoRA, DocLoRAConfig
 from .ledger import Ledger
-from .scoring import DistCtx, StreamResult, _autocast, _sync
+from ..devices import DistCtx, autocast_for as _autocast
+from .scoring import StreamResult, _sync
 from .windows import WindowPlan, check_no_bos_crossing, doc_segments
 
 BASELINE = "doc-chunk"

@@ -7,7 +7,6 @@ differences are paired.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..data.bpb import bpb
 from . import docttt
 from .ledger import Ledger
 from .scoring import DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
@@ -283,10 +283,8 @@ def run_protocol(
         adapter = None
     elif spec.mode == "oracle":
         order = "adapt_first"
-    else:
-        # an adapter that asks to train before scoring is obliged; the enforcing ledger then refuses the run,
-        # so legality rests on the ledger, not on the adapter's good will
-        order = "adapt_first" if getattr(adapter, "adapts_before_scoring", False) else "score_first"
+    else:  # the adapter picks what it trains on (training_positions); the enforcing ledger refuses cheats
+        order = "score_first"
     res = run_stream(model, data.tokens, plan, cfg.score_config(), adapter=adapter, order=order, ledger=ledger,
                      ctx=ctx, starts=data.starts, scorer=scorer)
     summary = ledger.verify()
@@ -394,7 +392,6 @@ def evaluate(
         r = run_protocol(spec, model, data, plans.get(spec.windows), cfg, adapter, ctx, scorer)
         out.results[spec.name] = r
         if log is not None:
-            bpb = r.nats / math.log(2) / float(data.target_bytes.sum())
-            log(f"{spec.name:<24} bpb {bpb:.5f}  {r.stream.seconds:8.1f}s  "
+            log(f"{spec.name:<24} bpb {bpb(r.nats, data.target_bytes.sum()):.5f}  {r.stream.seconds:8.1f}s  "
                 f"{r.stream.n_scored / max(r.stream.seconds, 1e-9):,.0f} tok/s")
     return out

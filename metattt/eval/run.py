@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..ttt.registry import PluginError, Registry, add_module_flag
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",
                     help="adapter hyper-parameters, e.g. 'sgd:lr=0.002,epochs=3,select=all' (repeatable; "
                          "'KEY=name:...' defines a protocol key, e.g. ttt:fast with 'fast=sgd:lr=0.01')")
+    add_module_flag(ap)
     ap.add_argument("--context", type=int, default=None,
                     help="sliding window length (default: the artifact's training seq_len, else 2048)")
     ap.add_argument("--stride", type=int, default=64, help="sliding stride = scored tokens per window (default 64)")
@@ -186,23 +188,25 @@ def _setup_dist(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
-def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: dict[str, torch.Tensor]
-                         ) -> Callable[[str], Any]:
-    """Build, bind and load meta-parameters of each adapter on first use (cached per key)."""
-    from metattt.ttt.registry import ADAPTER_CLASSES, adapter_from_spec, make_adapter
+def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: dict[str, torch.Tensor],
+                         registry: Any = None) -> Callable[[str], Any]:
+    """Build, bind and load meta-parameters of each adapter on first use (cached per key); names resolve in
+    ``registry`` (default: the built-ins and installed entry points)."""
+    from metattt.ttt.registry import Registry
 
+    reg = registry if registry is not None else Registry.build()
     cache: dict[str, Any] = {}
 
     def get(key: str) -> Any:
         if key not in cache:
             try:
                 if key in specs:
-                    ad = adapter_from_spec(specs[key])
-                elif key in ADAPTER_CLASSES:
-                    ad = make_adapter(key)
+                    ad = reg.from_spec(specs[key])
+                elif key in reg.classes:
+                    ad = reg.make(key)
                 else:
                     raise EvalInputError(f"unknown adapter {key!r}: not a registered adapter "
-                                         f"({', '.join(ADAPTER_CLASSES)}) and no --adapter-spec {key}=...")
+                                         f"({', '.join(reg.names)}) and no --adapter-spec {key}=...")
                 ad.bind(model)
                 prefix = f"ttt.{ad.name}."
                 mine = {k: v for k, v in extras.items() if k.startswith(prefix)}
@@ -369,7 +373,14 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         from .compat import record_numerics
 
         record_numerics(model)  # before any adapter snapshots the weights
-    factory = (adapter_factory or make_adapter_factory)(model, adapter_specs, dict(loaded.extras or {}))
+    try:
+        registry = Registry.build(args.adapter_module or ())
+    except PluginError as e:
+        raise EvalInputError(str(e)) from e
+    if adapter_factory is None:
+        factory = make_adapter_factory(model, adapter_specs, dict(loaded.extras or {}), registry)
+    else:
+        factory = adapter_factory(model, adapter_specs, dict(loaded.extras or {}))
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
         + (f"; {world} ranks" if world > 1 else ""))

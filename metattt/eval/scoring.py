@@ -17,7 +17,6 @@ and the per-target nats are all-gathered, so every rank ends with the full resul
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..devices import DistCtx, autocast_for, row_share
 from ..track.progress import progress as progress_bar
 from .ledger import Ledger
 from .windows import Chunk, WindowPlan, batch_windows, make_chunks
@@ -34,14 +34,22 @@ from .windows import Chunk, WindowPlan, batch_windows, make_chunks
 ORDERS = ("score_only", "score_first", "adapt_first")
 
 
+class AdapterResetLike(Protocol):
+    reset: str  # "never" | "chunk" | "doc": when the evaluator returns the adapter to the trained weights
+
+
 class AdapterLike(Protocol):
-    """What the evaluator needs from ``metattt.ttt.adapter.Adapter``."""
+    """Exactly what the evaluator calls on an adapter (``metattt.ttt.adapter.Adapter`` implements it)."""
+
+    cfg: AdapterResetLike
 
     def reset(self) -> None: ...
 
     def params(self) -> dict[str, torch.Tensor]: ...
 
     def adapt(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> Any: ...
+
+    def training_positions(self, chunk_index: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -67,18 +75,6 @@ class ScoreConfig:
             raise ValueError("train_seq_len must be positive")
 
 
-@dataclass(frozen=True)
-class DistCtx:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def current(cls) -> DistCtx:
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-
 @dataclass
 class StreamResult:
     """Per-target nats (index p-1 for target position p) and timings of one protocol run."""
@@ -100,22 +96,9 @@ class StreamResult:
         return int(self.token_nll.size)
 
 
-def _split(n: int, world: int, rank: int) -> tuple[int, int]:
-    """Contiguous share ``[a, b)`` of ``n`` items for ``rank`` (first ranks get the remainder)."""
-    base, extra = divmod(n, world)
-    a = rank * base + min(rank, extra)
-    return a, a + base + (1 if rank < extra else 0)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def score_windows(
@@ -155,7 +138,7 @@ def score_windows(
         cols = np.concatenate([np.arange(f, l) for f, l in zip(sf, ln)]) if len(ln) > 1 else np.arange(sf[0], ln[0])
         rows_t = torch.from_numpy(rows).to(device)
         cols_t = torch.from_numpy(cols).to(device)
-        with _autocast(device, cfg.autocast):
+        with autocast_for(device, cfg.autocast):
             logits = model(x, params=params, attn=cfg.attn) if cfg.attn != "auto" else model(x, params=params)
         sel = logits[rows_t, cols_t].float()
         tgt = buf[rows_t, cols_t + 1]
@@ -199,26 +182,19 @@ def training_sequences(lo: int, hi: int, seq_len: int) -> tuple[int, int, int]:
     return lo - 1, n // seq_len, seq_len
 
 
-def _resolve_training_range(adapter: Any, chunk: Chunk, chunks: list[Chunk]) -> tuple[int, int]:
-    """Target range the adapter asks to train on after chunk ``chunk`` (default: that chunk)."""
-    ask = getattr(adapter, "training_positions", None)
-    if ask is None:
-        return chunk.lo, chunk.hi
-    want = ask(chunk.index)
-    if want is None:
-        return chunk.lo, chunk.hi
-    if isinstance(want, (int, np.integer)):
-        if not 0 <= int(want) < len(chunks):
-            raise IndexError(f"adapter asked to train on chunk {int(want)} of {len(chunks)}")
-        c = chunks[int(want)]
-        return c.lo, c.hi
-    if isinstance(want, Chunk):
-        return want.lo, want.hi
-    lo, hi = want
-    return int(lo), int(hi)
+def _resolve_training_range(adapter: AdapterLike, chunk: Chunk, chunks: list[Chunk]) -> tuple[int, int]:
+    """Target range of the chunk the adapter asks to train on after scoring ``chunk`` (the ledger judges it)."""
+    want = adapter.training_positions(chunk.index)
+    if not isinstance(want, (int, np.integer)) or isinstance(want, bool):
+        raise TypeError(f"adapter.training_positions must return a chunk index (int), got {want!r}")
+    if not 0 <= int(want) < len(chunks):
+        raise IndexError(f"adapter asked to train on chunk {int(want)} of {len(chunks)}")
+    c = chunks[int(want)]
+    return c.lo, c.hi
 
 
-def _adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, step, cfg, label):
+def _adapt_on(model: torch.nn.Module, tokens: torch.Tensor, adapter: AdapterLike, lo: int, hi: int, seq_len: int,
+              progress: float, ledger: Ledger, step: int, label: str) -> Any:
     first, n_seq, length = training_sequences(lo, hi, seq_len)
     device = tokens.device
     # every rank passes the whole chunk; the adapter splits each of its mini-batches over the ranks
@@ -295,7 +271,7 @@ def run_stream(
     ctx = DistCtx.current() if ctx is None else ctx
     ledger = Ledger(plan.name) if ledger is None else ledger
     device = tokens.device
-    reset = str(getattr(getattr(adapter, "cfg", None), "reset", "never")) if adapter is not None else "never"
+    reset = str(adapter.cfg.reset) if adapter is not None else "never"
     if reset not in ("never", "chunk", "doc"):
         raise ValueError(f"adapter reset mode {reset!r} is not one of never, chunk, doc")
     if reset == "doc" and starts is None:
@@ -325,14 +301,14 @@ def run_stream(
                 if reset == "chunk":
                     adapter.reset()
                 step = ledger.next_step()
-                stats.append(_adapt_on(model, tokens, adapter, chunk.lo, chunk.hi, seq_len, progress, ctx, ledger,
-                                       step, cfg, f"oracle chunk {chunk.index}"))
+                stats.append(_adapt_on(model, tokens, adapter, chunk.lo, chunk.hi, seq_len, progress, ledger, step,
+                                       f"oracle chunk {chunk.index}"))
                 invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
                 _sync(device)
                 adapt_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             step = ledger.next_step()
-            shares = [_split(chunk.w1 - chunk.w0, ctx.world, r) for r in range(ctx.world)]
+            shares = [row_share(chunk.w1 - chunk.w0, ctx.world, r) for r in range(ctx.world)]
             a, b = shares[ctx.rank]
             sizes = [int((plan.length[chunk.w0 + sa: chunk.w0 + sb] - plan.score_from[chunk.w0 + sa: chunk.w0 + sb])
                          .sum()) for sa, sb in shares]
@@ -365,7 +341,7 @@ def run_stream(
                     adapter.reset()
                 lo, hi = _resolve_training_range(adapter, chunk, chunks)
                 step = ledger.next_step()
-                stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ctx, ledger, step, cfg,
+                stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ledger, step,
                                        f"after chunk {chunk.index}"))
                 invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
                 _sync(device)

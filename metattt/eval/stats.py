@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.bpb import bpb
+
 LN2 = math.log(2.0)
 
 
@@ -28,10 +30,7 @@ class Interval:
 
 
 def bpb_of(nats: np.ndarray, nbytes: np.ndarray) -> float:
-    total = float(np.sum(nbytes))
-    if not total > 0:
-        raise ValueError("bpb needs a positive byte count")
-    return float(np.sum(nats)) / LN2 / total
+    return bpb(np.sum(nats), np.sum(nbytes))
 
 
 def _resample_counts(rng: np.random.Generator, n_docs: int, n: int) -> np.ndarray:

@@ -51,6 +51,9 @@ def build_parser(description: str = "Train a banked GPT (optionally with meta-TT
     ap = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     ap.add_argument("--preset", default="tiny-synthetic", choices=sorted(PRESETS),
                     help="named configuration to start from (default: tiny-synthetic, the embedded corpus)")
+    ap.add_argument("--adapter-module", action="append", dest="meta.adapter_modules", metavar="FILE.py|MODULE",
+                    help="load adapter plug-ins usable in --meta.adapter (repeatable; docs/adapters.md); the same "
+                         "as --meta.adapter-modules A,B")
     base = TrainConfig()
     for name, tp in _fields(TrainConfig):
         if name in _NESTED or name == "preset":
@@ -78,7 +81,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             continue
         if "." in key:
             section, name = key.split(".", 1)
-            nested[section][name] = val
+            nested[section][name] = tuple(val) if isinstance(val, list) else val
         else:
             setattr(cfg, key, val)
     for section, kw in nested.items():

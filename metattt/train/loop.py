@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..artifact.model_io import load_model_artifact, load_state_strict, save_model_artifact
 from ..data.fingerprint import tokens_fingerprint
 from ..data.loaders import TrainLoader, load_val_tokens
+from ..devices import autocast_for
 from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
 from ..track.progress import progress
@@ -120,6 +121,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         cfg, init = _init_from(cfg, info)
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
+    adapter = cfg.meta.make_adapter() if cfg.meta.adapter else None  # a bad spec or plug-in fails before any I/O
     src = resolve_data(cfg, info.is_main) if info.is_main else None  # bad data fails before a run dir exists
     if info.distributed:
         dist.barrier()
@@ -139,9 +141,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         load_state_strict(model, init.state_dict, cfg.init_from)
     model = model.to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
-    adapter, meta_opt = None, None
-    if cfg.meta.adapter:
-        adapter = cfg.meta.make_adapter().bind(model)
+    meta_opt = None
+    if adapter is not None:
+        adapter.bind(model)
         if init is not None:  # meta-parameters the artifact carries for this adapter (e.g. MetaSGD rates)
             adapter.load_artifact_extras(init.extras, strict=False)
         meta_params = list(adapter.meta_parameters().values())
@@ -193,6 +195,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(info.device)
     first_step = step
+    meta_sums: dict[str, torch.Tensor] = {}  # meta statistics of this rank's meta micro-batches since the last log
+    meta_count = 0
     while True:
         stop = step >= cfg.iterations or (cfg.max_wallclock_s > 0 and elapsed >= cfg.max_wallclock_s)
         stop = broadcast_flag(stop, info)
@@ -217,9 +221,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                                                                  cfg.iterations, elapsed, cfg.max_wallclock_s)
         for micro in range(batching.accum):
             x, y = loader.next_batch(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            with autocast_for(info.device):
                 if do_meta and (cfg.meta.micro_batches == 0 or micro < cfg.meta.micro_batches):
-                    loss, _ = meta_loss(model, adapter, x, y, cfg.meta)
+                    loss, mstats = meta_loss(model, adapter, x, y, cfg.meta)
+                    for k, v in mstats.items():
+                        meta_sums[k] = meta_sums[k] + v.float() if k in meta_sums else v.float()
+                    meta_count += 1
                 else:
                     loss = fwd(x, y)
             (loss / batching.accum).backward()
@@ -246,6 +253,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
                    "ms_per_step": 1000 * dt / window_steps,
                    "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
+            if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
+                rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
+                meta_sums, meta_count = {}, 0
             log(rec)
             bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
             loss_sum.zero_()
@@ -281,7 +291,7 @@ def _compile_warmup(cfg: TrainConfig, fwd, model: BankedGPT, opts, loader: Train
     for _ in range(cfg.compile_warmup_steps):
         for _ in range(batching.accum):
             x, y = loader.next_batch(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=info.device.type == "cuda"):
+            with autocast_for(info.device):
                 (fwd(x, y) / batching.accum).backward()
         opts.step()
     model.load_state_dict(saved[0])

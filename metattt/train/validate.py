@@ -2,12 +2,10 @@
 the challenge's roundtrip eval) through the evaluator's one scoring path, so trainer and evaluator agree."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from torch import Tensor
 
-from ..data.bpb import ByteLUT
+from ..data.bpb import ByteLUT, bpb
 from ..model.gpt import BankedGPT
 from ..eval.scoring import ScoreConfig, run_stream
 from ..eval.windows import flat_plan
@@ -26,4 +24,4 @@ def flat_val_bpb(model: BankedGPT, tokens: Tensor, lut: ByteLUT, seq_len: int, b
     nats = float(np.sum(res.token_nll, dtype=np.float64))
     nbytes = float(lut.target_bytes(tokens[:-1], tokens[1:]).sum())
     n = int(res.token_nll.size)
-    return {"val_bpb": nats / math.log(2) / nbytes, "val_loss": nats / n, "val_tokens": n, "val_bytes": int(nbytes)}
+    return {"val_bpb": bpb(nats, nbytes), "val_loss": nats / n, "val_tokens": n, "val_bytes": int(nbytes)}

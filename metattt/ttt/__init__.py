@@ -1,11 +1,12 @@
-"""Meta-TTT core: parameter selections, test-time adapters (the inner loop) and the meta-training step."""
+"""Meta-TTT core: parameter selections, test-time adapters (one update rule each) and the meta-training step."""
 from __future__ import annotations
 
-from .adapter import Adapter, AdapterConfig, MissingMetaParamsError
+from .adapter import Adapter, AdapterConfig, MissingMetaParamsError, clip_grads, lr_at, register_nested
 from .params import ParamSelection, SelectedParams
-from .registry import ADAPTERS, adapter_from_spec, make_adapter, parse_adapter_spec
+from .registry import ADAPTERS, PluginError, Registry, adapter_from_spec, make_adapter, parse_adapter_spec
 
 __all__ = [
-    "ADAPTERS", "Adapter", "AdapterConfig", "MissingMetaParamsError", "ParamSelection", "SelectedParams",
-    "adapter_from_spec", "make_adapter", "parse_adapter_spec",
+    "ADAPTERS", "Adapter", "AdapterConfig", "MissingMetaParamsError", "ParamSelection", "PluginError", "Registry",
+    "SelectedParams", "adapter_from_spec", "clip_grads", "lr_at", "make_adapter", "parse_adapter_spec",
+    "register_nested",
 ]

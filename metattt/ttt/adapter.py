@@ -1,55 +1,68 @@
-"""The Adapter: one inner-loop object shared by the legal evaluator and the meta-trainer.
+"""The Adapter: a parameter selection plus ONE functional update rule, run by the evaluator and the meta-trainer.
 
-Contract (binding; see docs/architecture.md):
+Why one rule: the project asks whether meta-training raises the test-time-training gain. That question is only
+well posed if the meta-trainer trains the model for exactly the update the evaluator performs, so both loops
+call the same ``step`` below (the evaluator under no-grad on real chunks, the meta-trainer with or without the
+graph of the inner gradients). Contract (binding; docs/adapters.md has a worked example):
 
-* ``Adapter(cfg, selection)``: ``name`` (registry key), ``cfg`` (a typed hyper-parameter dataclass with at least
-  ``reset`` in {"never", "chunk", "doc"}), ``selection`` (a :class:`ParamSelection`).
-* ``bind(model) -> self``: resolve the selection against the model, snapshot the trained weights as detached
-  clones, initialise per-adapter state (momentum, LoRA factors, meta-parameters). Call again after loading
-  new weights into the model.
-* ``reset()``: back to the trained weights (and fresh optimiser state). The *evaluator* decides when, from
-  ``cfg.reset``: "never" (continuous adaptation), "chunk" or "doc".
-* ``params() -> dict[str, Tensor]``: the current adapted weights, to score with ``model(x, params=...)``
-  ({} for the none adapter). Tensors are owned by the adapter and updated in place by ``adapt``.
-* ``adapt(model, x, y, progress) -> dict``: the legal update on already-scored tokens x, y (B,T) (epochs of
-  mini-batches over the rows); ``progress`` in [0,1] drives schedules (cosine lr over chunks). Gradients are
-  taken under ``torch.enable_grad()`` and outside inference mode, whatever the caller's context; bf16
-  autocast on CUDA. If torch.distributed is initialised, every rank passes the same rows; each mini-batch is
-  split over the ranks and gradients are token-weighted averages before every update, so the update is the
-  single-process one (up to reduction order) and all ranks stay bit-identical. Returns stats: loss_first / loss_last (mean mini-batch loss of the first / last epoch),
-  steps, lr.
-* ``training_positions(chunk_index) -> int``: which chunk the adapter trains on after chunk ``chunk_index``
-  has been scored; honest adapters return ``chunk_index`` (the evaluator checks it against its ledger).
-* ``inner_loop(model, base, x, y, *, steps, create_graph, attn=None, backend="autograd") -> dict``: the
-  functional inner loop for meta-training: ``steps`` full-batch steps from ``base`` (name -> tensor, usually
-  the model's own parameters). Returns the adapted tensors *for the selected names only* (merge with base or
-  let the model fall back to its own parameters). With ``create_graph=False`` the inner gradients are constants
-  (first order): the result depends on ``base`` through the identity and on meta-parameters (MetaSGD rates)
-  linearly, so an outer ``backward`` gives the first-order meta-gradient with no double backward. With
-  ``create_graph=True`` it is the exact (second-order) meta-gradient; use ``attn="math"`` then (fused
-  attention kernels have no double backward). ``backend``: "autograd" or "torch.func".
-* ``meta_parameters() -> dict[str, nn.Parameter]`` (empty unless learned, e.g. MetaSGD log-rates);
-  ``state_dict()/load_state_dict(sd, strict=True)``: the meta-parameters and stored statistics;
-  ``artifact_extras()/load_artifact_extras(extras)`` the same under keys ``ttt.<adapter>.<name>``.
-  ``requires_meta_params``: loading without them raises :class:`MissingMetaParamsError` naming the keys.
-* ``selection_report() -> str``: exact adapted scalars per tensor / slice.
+Class attributes: ``name`` (registry key, unique per run), ``Config`` (a dataclass subclass of
+:class:`AdapterConfig`; ``reset`` in {"never", "chunk", "doc"}, ``epochs`` and ``batch_seqs`` drive the
+driver), ``default_selection`` (a :class:`ParamSelection` spec), ``requires_meta_params`` (loading without them
+raises :class:`MissingMetaParamsError`), ``meta_mode`` ("inner", or "reptile": the trainer's meta-objective).
+
+State is plain dicts ``name -> Tensor`` of any shape (a batched adapter may carry a leading document
+dimension); nothing below mutates a tensor in place, so the same code is differentiable:
+
+* ``setup(model)``: called by ``bind``; create meta-parameters (``nn.Parameter`` attributes or
+  :func:`register_nested` ones, e.g. MetaSGD log-rates) and fixed tensors. They are the module's
+  parameters / buffers, so ``meta_parameters()``, ``state_dict()`` and artifact extras (keys
+  ``ttt.<name>.<state_dict key>``) come from ``torch.nn.Module``.
+* ``trainables(base) -> dict``: the tensors the rule differentiates and updates, built from the base weights
+  ``base`` (selected name -> tensor). Default: the selected tensors themselves; LoRA: its factors.
+* ``materialize(base, trainables) -> dict``: the model's ``params=`` overrides. Default: the trainables.
+  ``loss(model, x, y, overrides, attn)`` is how they reach the model (default ``model(x, y, params=...)``; a
+  batched per-document adapter can route its overrides through another model argument there).
+* ``init(trainables) -> state``: optimiser state (momentum, moments, step count, anchors). Default ``{}``.
+* ``direction(trainables, grad_at) -> (loss, grads)``: the gradient the rule steps with; ``grad_at(t)`` returns
+  (mean loss, masked gradients) at ``t``. Default one call; SAM calls it twice.
+* ``step(trainables, state, grads, progress) -> (trainables, state)``: one update. ``progress`` in [0, 1]
+  drives schedules (chunk index over chunks in evaluation; 0 in meta-training). Clipping, momentum,
+  learning-rate schedules and per-slice rates all live here.
+
+Drivers (this class; subclasses do not override them): ``adapt(model, x, y, progress)`` is the evaluator's legal
+update on scored rows x, y (B, T): ``epochs`` passes of mini-batches of ``batch_seqs`` rows, each mini-batch
+split over the ranks with token-weighted gradient averaging (so all ranks stay bit-identical and equal the
+single-process update up to reduction order), under bf16 autocast on CUDA, whatever the caller's grad or
+inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the meta-trainer's: the same
+passes and mini-batches, the same ``step``, on this rank's rows; with ``create_graph=False`` the inner gradients
+are constants (first order: the result depends on ``base`` through the identity and on meta-parameters through
+``step``), with ``True`` the exact second-order graph (use ``attn="math"``: fused attention kernels have no
+double backward). First order, on CPU, ``inner_loop`` with ``passes=k`` returns bit for bit the weights that
+``adapt`` with ``epochs=k`` reaches on the same rows. ``reset()`` returns to the trained weights and fresh
+state; ``params()`` gives the current overrides; ``training_positions(chunk_index) -> int`` names the chunk to
+train on after scoring ``chunk_index`` (honest adapters: that chunk; the evaluator's ledger refuses others).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..devices import DistCtx, autocast_for
 from .params import ParamSelection, SelectedParams
 
 RESET_MODES = ("never", "chunk", "doc")
 SCHEDULES = ("constant", "cosine")
 BACKENDS = ("autograd", "torch.func")
+META_MODES = ("inner", "reptile")
+
+Tensors = dict[str, Tensor]
+GradAt = Callable[[Mapping[str, Tensor]], "tuple[Tensor, Tensors]"]
 
 
 class MissingMetaParamsError(KeyError):
@@ -64,6 +77,8 @@ class AdapterConfig:
     """Hyper-parameters common to all adapters."""
 
     reset: str = "never"
+    epochs: int = 1
+    batch_seqs: int = 32
 
     def validate(self) -> None:
         if self.reset not in RESET_MODES:
@@ -80,11 +95,6 @@ class AdapterConfig:
         return asdict(self)
 
 
-def autocast_for(x: Tensor) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (the evaluator's speed path), nothing on CPU (exact tests)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
-
-
 def grad_context() -> contextlib.ExitStack:
     """Gradients on, inference mode off: the evaluator scores under inference_mode."""
     stack = contextlib.ExitStack()
@@ -93,35 +103,14 @@ def grad_context() -> contextlib.ExitStack:
     return stack
 
 
-def call_loss(model: nn.Module, x: Tensor, y: Tensor, params: Mapping[str, Tensor], attn: str | None = None) -> Tensor:
-    """Mean next-token loss under ``params`` overrides (``attn`` only passed when set)."""
-    if attn is None:
-        return model(x, y, params=dict(params))
-    return model(x, y, params=dict(params), attn=attn)
-
-
 def minibatches(x: Tensor, y: Tensor, batch_seqs: int) -> Iterator[tuple[Tensor, Tensor]]:
     for i in range(0, x.size(0), batch_seqs):
         yield x[i:i + batch_seqs], y[i:i + batch_seqs]
 
 
-def dist_active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_rows(n: int) -> slice:
-    """This rank's contiguous share of ``n`` rows (first ranks take the remainder); all rows when not distributed."""
-    if not dist_active():
-        return slice(0, n)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    base, extra = divmod(n, world)
-    a = rank * base + min(rank, extra)
-    return slice(a, a + base + (1 if rank < extra else 0))
-
-
-def reduce_grads(grads: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+def reduce_grads(grads: Tensors, weight: float) -> Tensors:
     """Token-weighted mean of gradients over ranks (identity when not distributed)."""
-    if not dist_active():
+    if not DistCtx.current().active or not grads:
         return grads
     names = list(grads)
     flat = torch.cat([grads[n].float().flatten() * weight for n in names] +
@@ -147,16 +136,16 @@ def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
 
 
-def clip_grads(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
-    """Global-norm clip (no host sync: the coefficient stays a tensor)."""
+def clip_grads(grads: Tensors, max_norm: float) -> Tensors:
+    """Global-norm clip, out of place and without a host sync (the coefficient stays a tensor)."""
     if not max_norm or max_norm <= 0 or not grads:
         return grads
-    norm = global_norm(grads)
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    coef = (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
     return {n: g * coef.to(g.dtype) for n, g in grads.items()}
 
 
 def lr_at(lr: float, schedule: str, progress: float) -> float:
+    """``lr`` under ``schedule`` at ``progress`` in [0, 1] (cosine: lr * 0.5 * (1 + cos(pi * progress)))."""
     if not 0.0 <= progress <= 1.0 + 1e-9:
         raise ValueError(f"progress must be in [0, 1], got {progress}")
     if schedule == "cosine":
@@ -164,56 +153,107 @@ def lr_at(lr: float, schedule: str, progress: float) -> float:
     return lr
 
 
-class Adapter:
-    """Base class; subclasses set ``name``/``Config`` and override the update rules."""
+def register_nested(root: nn.Module, dotted: str, value: Tensor, *, buffer: bool = False) -> None:
+    """Register ``value`` under a dotted name (``log_lr.blocks.0.attn_scale``) through empty container modules,
+    so torch's ``state_dict`` keys are the dotted names themselves."""
+    *path, leaf = dotted.split(".")
+    mod = root
+    for part in path:
+        if part not in mod._modules:
+            mod.add_module(part, nn.Module())
+        mod = mod._modules[part]
+    if buffer:
+        mod.register_buffer(leaf, value)
+    else:
+        mod.register_parameter(leaf, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+
+
+class Adapter(nn.Module):
+    """Base class; subclasses set ``name``/``Config`` and override the functional core (module docstring)."""
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type] = AdapterConfig
     requires_meta_params: ClassVar[bool] = False
     default_selection: ClassVar[str] = "all"
     trains_in_eval: ClassVar[bool] = True
+    meta_mode: ClassVar[str] = "inner"
 
     def __init__(self, cfg: AdapterConfig | None = None, selection: "str | ParamSelection | None" = None) -> None:
+        super().__init__()
         self.cfg = cfg if cfg is not None else self.Config()
         if not isinstance(self.cfg, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.cfg).__name__}")
         self.cfg.validate()
         self.selection = ParamSelection.parse(selection if selection is not None else self.default_selection)
         self.sel: SelectedParams | None = None
-        self._trained: dict[str, Tensor] = {}
-        self._cur: dict[str, Tensor] = {}
+        self._trained: Tensors = {}
+        self._cur: Tensors = {}
+        self._state: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ functional core (override these)
+    def setup(self, model: nn.Module) -> None:
+        """Create meta-parameters / fixed tensors after the selection is resolved (``self.sel``)."""
+
+    def trainables(self, base: Mapping[str, Tensor]) -> Tensors:
+        return {n: base[n] for n in self._require_bound().names}
+
+    def materialize(self, base: Mapping[str, Tensor], trainables: Mapping[str, Tensor]) -> Tensors:
+        return dict(trainables)
+
+    def init(self, trainables: Mapping[str, Tensor]) -> dict[str, Any]:
+        return {}
+
+    def direction(self, trainables: Mapping[str, Tensor], grad_at: GradAt) -> tuple[Tensor, Tensors]:
+        return grad_at(trainables)
+
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
+             progress: float) -> tuple[Tensors, dict[str, Any]]:
+        raise NotImplementedError(f"adapter {self.name!r} defines no update step")
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, overrides: Mapping[str, Tensor],
+             attn: str | None = None) -> Tensor:
+        """Mean next-token loss with ``overrides`` (an adapter whose overrides are not parameters, e.g. per-row
+        LoRA deltas, passes them its own way here)."""
+        if attn is None:
+            return model(x, y, params=dict(overrides))
+        return model(x, y, params=dict(overrides), attn=attn)
+
+    def mask(self, grads: Tensors) -> Tensors:
+        """Zero the gradient rows of unselected bank slices (frozen slices stay bit-identical)."""
+        return self._require_bound().mask_grads(grads)
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, model: nn.Module) -> "Adapter":
+        """Resolve the selection, snapshot the trained weights, (re)create meta-parameters, reset."""
         self.sel = self.selection.resolve(model)
+        self._modules.clear()
+        self._parameters.clear()
+        self._buffers.clear()
         with torch.inference_mode(False), torch.no_grad():
             named = dict(model.named_parameters())
             self._trained = {n: named[n].detach().clone() for n in self.sel.names}
-            self._init_state(model)
+            self.setup(model)
         self.reset()
         return self
 
-    def _init_state(self, model: nn.Module) -> None:
-        """Per-adapter state created at bind (meta-parameters, statistics)."""
-
     def reset(self) -> None:
+        """Back to the trained weights and fresh optimiser state (the evaluator decides when, from cfg.reset)."""
         self._require_bound()
         with torch.inference_mode(False), torch.no_grad():
-            self._cur = {n: t.clone() for n, t in self._trained.items()}
-            self._reset_optim()
-
-    def _reset_optim(self) -> None:
-        """Clear optimiser state (momentum buffers...)."""
+            self._cur = {n: t.clone() for n, t in self.trainables(self._trained).items()}
+            self._state = self.init(self._cur)
 
     def _require_bound(self) -> SelectedParams:
         if self.sel is None:
             raise RuntimeError(f"adapter {self.name!r} is not bound: call adapter.bind(model) first")
         return self.sel
 
-    def params(self) -> dict[str, Tensor]:
-        return dict(self._cur)
+    def params(self) -> Tensors:
+        self._require_bound()
+        with torch.no_grad():
+            return self.materialize(self._trained, self._cur)
 
-    def trained_params(self) -> dict[str, Tensor]:
+    def trained_params(self) -> Tensors:
         return dict(self._trained)
 
     def training_positions(self, chunk_index: int) -> int:
@@ -224,22 +264,21 @@ class Adapter:
 
     @property
     def adapted_count(self) -> int:
+        """Scalars the update changes (exact, per slice; LoRA: its factors)."""
         return self._require_bound().count
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(cfg={self.cfg}, selection={self.selection.spec!r})"
+    def extra_repr(self) -> str:
+        return f"cfg={self.cfg}, selection={self.selection.spec!r}"
 
     # ------------------------------------------------------------------ meta-parameters / artifact
     def meta_parameters(self) -> dict[str, nn.Parameter]:
-        return {}
+        return dict(self.named_parameters())
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in self.meta_parameters().items()}
-
-    def load_state_dict(self, sd: Mapping[str, Tensor], strict: bool = True) -> None:
-        own = self.meta_parameters()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
+    def load_state_dict(self, sd: Mapping[str, Tensor], strict: bool = True, assign: bool = False):  # noqa: ANN201
+        """torch's load with this project's errors: missing learned meta-parameters raise
+        :class:`MissingMetaParamsError` naming the artifact keys; a wrong shape names the state."""
+        own = self.state_dict(keep_vars=True)
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing and (strict or self.requires_meta_params):
             raise MissingMetaParamsError(
                 f"adapter {self.name!r} needs meta-parameters that are missing: {missing} "
@@ -247,117 +286,106 @@ class Adapter:
                 f"meta-trained with this adapter and selection {self.selection.spec!r}?")
         if unexpected and strict:
             raise KeyError(f"adapter {self.name!r}: unexpected state keys {unexpected}; expected {sorted(own)}")
-        with torch.no_grad():
-            for n, p in own.items():
-                if n in sd:
-                    t = sd[n]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise ValueError(f"adapter {self.name!r}: state {n!r} has shape {tuple(t.shape)}, "
-                                         f"expected {tuple(p.shape)} (different model or selection?)")
-                    p.copy_(t.to(device=p.device, dtype=p.dtype))
+        for k, t in own.items():
+            if k in sd and tuple(sd[k].shape) != tuple(t.shape):
+                raise ValueError(f"adapter {self.name!r}: state {k!r} has shape {tuple(sd[k].shape)}, "
+                                 f"expected {tuple(t.shape)} (different model or selection?)")
+        return super().load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False, assign=assign)
 
-    def artifact_extras(self) -> dict[str, Tensor]:
-        return {f"ttt.{self.name}.{k}": v.cpu() for k, v in self.state_dict().items()}
+    def artifact_extras(self) -> Tensors:
+        return {f"ttt.{self.name}.{k}": v.detach().cpu().clone() for k, v in self.state_dict().items()}
 
     def load_artifact_extras(self, extras: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load ``ttt.<name>.*`` keys from an artifact's extras (other keys are ignored)."""
         prefix = f"ttt.{self.name}."
         self.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)}, strict=strict)
 
-    # ------------------------------------------------------------------ evaluation-time adaptation
-    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0) -> dict[str, float]:
-        self._require_bound()
-        if x.shape != y.shape or x.ndim != 2:
-            raise ValueError(f"adapt expects x, y of equal shape (B,T); got {tuple(x.shape)} and {tuple(y.shape)}")
-        if not self.trains_in_eval or not self._trainable():
-            return {"steps": 0}
-        cfg = self.cfg
-        lr = lr_at(cfg.lr, getattr(cfg, "schedule", "constant"), progress)
-        epochs, bs = getattr(cfg, "epochs", 1), getattr(cfg, "batch_seqs", x.size(0))
-        # Every rank holds the same rows; each mini-batch is split over the ranks and the token-weighted gradient
-        # average makes the update the single-process one (a rank with no rows contributes weight 0).
-        batches = [(xb[rank_rows(xb.size(0))], yb[rank_rows(yb.size(0))]) for xb, yb in minibatches(x, y, bs)]
-        n_batches = len(batches)
-        losses: list[list[Tensor]] = []
-        with grad_context(), autocast_for(x):
-            for _ in range(epochs):
-                losses.append([self._update(model, xb, yb, lr) for xb, yb in batches])
-        first = torch.stack(losses[0]).float().mean().item() if losses and losses[0] else float("nan")
-        last = torch.stack(losses[-1]).float().mean().item() if losses and losses[-1] else float("nan")
-        return {"loss_first": first, "loss_last": last, "steps": epochs * n_batches, "lr": lr}
+    # ------------------------------------------------------------------ the one driver of both loops
+    def _grad_at(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, second: bool,
+                 attn: str | None, backend: str, over_ranks: bool) -> GradAt:
+        """``grad_at(t)``: (mean loss, masked gradients) on (x, y) at trainables ``t``; constants unless ``second``."""
 
-    def _update(self, model: nn.Module, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        """One update of the adapter's state on a mini-batch; returns the (pre-update) loss."""
-        raise NotImplementedError
+        def loss_of(t: Mapping[str, Tensor]) -> Tensor:
+            return self.loss(model, x, y, {**base, **self.materialize(base, t)}, attn)
 
-    # helpers for subclasses -------------------------------------------------------------------------------
-    def _trainable(self) -> dict[str, Tensor]:
-        """Tensors that ``adapt`` differentiates and updates (full-parameter adapters: ``_cur``)."""
-        return self._cur
+        def grad_at(t: Mapping[str, Tensor]) -> tuple[Tensor, Tensors]:
+            if x.size(0) == 0:  # a rank with no rows in this mini-batch still joins the average, with weight 0
+                grads = {n: torch.zeros_like(v) for n, v in t.items()}
+                return torch.zeros((), device=x.device), reduce_grads(grads, 0.0)
+            if second:
+                ins = {n: (v if v.requires_grad else v.detach().requires_grad_(True)) for n, v in t.items()}
+            else:
+                ins = {n: v.detach().requires_grad_(True) for n, v in t.items()}
+            if backend == "torch.func":
+                grads, loss = torch.func.grad_and_value(loss_of)(ins)
+                grads = dict(grads)
+                if not second:
+                    grads = {n: g.detach() for n, g in grads.items()}
+            else:
+                loss = loss_of(ins)
+                gs = torch.autograd.grad(loss, list(ins.values()), create_graph=second, allow_unused=True)
+                grads = {n: (g if g is not None else torch.zeros_like(ins[n])) for n, g in zip(ins, gs)}
+            grads = self.mask(grads)
+            if over_ranks:
+                grads = reduce_grads(grads, float(y.numel()))
+            return loss.detach(), grads
 
-    def _materialize(self, trainable: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Parameter overrides for the model from trainable tensors (LoRA builds W + BA here)."""
-        return dict(trainable)
+        return grad_at
 
-    def _mask(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self._require_bound().mask_grads(grads)
-
-    def _grad(self, model: nn.Module, x: Tensor, y: Tensor,
-              trainable: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(loss, masked rank-averaged gradients) of the mean loss at ``trainable`` (default: current state)."""
-        trainable = self._trainable() if trainable is None else trainable
-        leaves = {n: t.detach().requires_grad_(True) for n, t in trainable.items()}
-        if x.size(0) == 0:  # padding step of a rank with fewer rows
-            zero = {n: torch.zeros_like(t) for n, t in leaves.items()}
-            return torch.zeros((), device=x.device), reduce_grads(zero, 0.0)
-        loss = call_loss(model, x, y, self._materialize(leaves))
-        gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        grads = {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(leaves, gs)}
-        grads = self._mask(grads)
-        return loss.detach(), reduce_grads(grads, float(y.numel()))
-
-    # ------------------------------------------------------------------ functional inner loop (meta-training)
-    def inner_loop(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, steps: int,
-                   create_graph: bool, attn: str | None = None, backend: str = "autograd") -> dict[str, Tensor]:
-        self._require_bound()
+    def _run(self, model: nn.Module, base: Mapping[str, Tensor], trainables: Tensors, state: dict[str, Any],
+             x: Tensor, y: Tensor, *, passes: int, progress: float, second: bool, no_grad_step: bool,
+             attn: str | None = None, backend: str = "autograd",
+             over_ranks: bool = False) -> tuple[Tensors, dict[str, Any], list[list[Tensor]]]:
+        """``passes`` epochs of mini-batches of ``cfg.batch_seqs`` rows, one ``step`` per mini-batch."""
         if backend not in BACKENDS:
             raise ValueError(f"inner-loop backend must be one of {BACKENDS}, got {backend!r} "
                              "(the 'higher' backend lives in metattt.ttt.meta)")
-        missing = [n for n in self._require_bound().names if n not in base]
+        ctx = DistCtx.current() if over_ranks else DistCtx()
+        batches = [(xb[ctx.share(xb.size(0))], yb[ctx.share(yb.size(0))])
+                   for xb, yb in minibatches(x, y, self.cfg.batch_seqs)]
+        losses: list[list[Tensor]] = []
+        for _ in range(passes):
+            epoch = []
+            for xb, yb in batches:
+                grad_at = self._grad_at(model, base, xb, yb, second=second, attn=attn, backend=backend,
+                                        over_ranks=over_ranks)
+                loss, grads = self.direction(trainables, grad_at)
+                with torch.no_grad() if no_grad_step else contextlib.nullcontext():
+                    trainables, state = self.step(trainables, state, grads, progress)
+                epoch.append(loss)
+            losses.append(epoch)
+        return trainables, state, losses
+
+    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0) -> dict[str, float]:
+        """The evaluator's legal update on already-scored rows (see the module docstring)."""
+        self._require_bound()
+        if x.shape != y.shape or x.ndim != 2:
+            raise ValueError(f"adapt expects x, y of equal shape (B,T); got {tuple(x.shape)} and {tuple(y.shape)}")
+        if not self.trains_in_eval or not self._cur:
+            return {"steps": 0}
+        lr_at(0.0, "constant", progress)  # validates progress before any work
+        with grad_context(), autocast_for(x.device):
+            self._cur, self._state, losses = self._run(model, self._trained, self._cur, self._state, x, y,
+                                                       passes=self.cfg.epochs, progress=progress, second=False,
+                                                       no_grad_step=True, over_ranks=True)
+        first = torch.stack(losses[0]).float().mean().item() if losses and losses[0] else float("nan")
+        last = torch.stack(losses[-1]).float().mean().item() if losses and losses[-1] else float("nan")
+        st = {"loss_first": first, "loss_last": last, "steps": sum(len(e) for e in losses)}
+        if hasattr(self.cfg, "lr"):
+            st["lr"] = lr_at(self.cfg.lr, getattr(self.cfg, "schedule", "constant"), progress)
+        return st
+
+    def inner_loop(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, passes: int,
+                   create_graph: bool, attn: str | None = None,
+                   backend: str = "autograd") -> tuple[Tensors, dict[str, Tensor]]:
+        """The meta-trainer's inner loop from ``base`` (name -> tensor, usually the model's parameters): returns
+        (the ``params=`` overrides after ``passes`` epochs, ``{"loss_first": mean loss of the first pass}``)."""
+        sel = self._require_bound()
+        missing = [n for n in sel.names if n not in base]
         if missing:
             raise KeyError(f"inner_loop base lacks selected parameters {missing}")
-        state = self._inner_init(base)
-        for k in range(steps):
-            state = self._inner_step(model, base, state, x, y, k, create_graph, attn, backend)
-        return self._inner_materialize(base, state)
-
-    def _inner_init(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {n: base[n] for n in self._require_bound().names}
-
-    def _inner_materialize(self, base: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return dict(state)
-
-    def _inner_step(self, model: nn.Module, base: Mapping[str, Tensor], state: dict[str, Tensor], x: Tensor,
-                    y: Tensor, k: int, create_graph: bool, attn: str | None, backend: str) -> dict[str, Tensor]:
-        raise NotImplementedError(f"adapter {self.name!r} has no functional inner loop")
-
-    def _inner_grads(self, model: nn.Module, base: Mapping[str, Tensor], state: Mapping[str, Tensor], x: Tensor,
-                     y: Tensor, create_graph: bool, attn: str | None, backend: str) -> dict[str, Tensor]:
-        """Masked gradient of the loss at ``state`` (constants unless ``create_graph``)."""
-
-        def loss_of(s: Mapping[str, Tensor]) -> Tensor:
-            return call_loss(model, x, y, {**base, **self._inner_materialize(base, s)}, attn)
-
-        if backend == "torch.func":
-            grads = dict(torch.func.grad(loss_of)(dict(state)))
-            if not create_graph:
-                grads = {n: g.detach() for n, g in grads.items()}
-        else:
-            ins = {n: (t if t.requires_grad else t.detach().requires_grad_(True)) for n, t in state.items()}
-            gs = torch.autograd.grad(loss_of(ins), list(ins.values()), create_graph=create_graph, allow_unused=True)
-            grads = {n: (g if g is not None else torch.zeros_like(ins[n])) for n, g in zip(ins, gs)}
-        return self._inner_mask(grads)
-
-    def _inner_mask(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self._mask(grads)
-
+        t0 = self.trainables(base)
+        t, _, losses = self._run(model, base, t0, self.init(t0), x, y, passes=passes, progress=0.0,
+                                 second=create_graph, no_grad_step=False, attn=attn, backend=backend)
+        first = torch.stack(losses[0]).float().mean() if losses and losses[0] else torch.full((), float("nan"))
+        return self.materialize(base, t), {"loss_first": first}

@@ -1,21 +1,23 @@
 """``dyneval``: Krause-style dynamic evaluation with RMS-normalised steps and decay to the trained weights.
 
-Update per mini-batch: theta <- theta - lr * clamp(g / (rms + eps), +-max_update) + decay * (theta_0 - theta)
-(decay toward the trained weights theta_0; applied as a lerp so decay=1 lands exactly on theta_0).
-``rms`` is the per-parameter (or per-slice, ``granularity="slice"``) root-mean-square of gradients, from
-``collect_stats(model, batches)`` on training data, or loaded from artifact extras (``ttt.dyneval.rms.<name>``),
-or - with ``auto_stats`` - collected from the first adapted (already-scored, hence legal) chunk.
-Per-parameter stats are as large as the selection: prefer "slice" granularity for the artifact.
+Step per mini-batch: theta <- lerp(theta, theta_0, decay) - lr * clamp(g / (rms + eps), +-max_update), with
+theta_0 the weights the update started from (the trained weights in evaluation; the lerp makes decay=1 land
+exactly on theta_0). ``rms`` is the per-parameter (or per-slice, ``granularity="slice"``) root-mean-square of
+gradients, a buffer of the module (``rms.<name>``; artifact extras ``ttt.dyneval.rms.<name>``): from
+``collect_stats(model, batches)`` on training data, loaded from the artifact, or - with ``auto_stats`` -
+collected from the first adapted (already-scored, hence legal) chunk. Per-parameter stats are as large as the
+selection: prefer "slice" granularity for the artifact.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter, AdapterConfig, autocast_for, grad_context
+from ..devices import DistCtx, autocast_for
+from .adapter import Adapter, AdapterConfig, Tensors, grad_context, lr_at, register_nested
 
 
 @dataclass
@@ -43,70 +45,75 @@ class DynEvalAdapter(Adapter):
     name = "dyneval"
     Config = DynEvalConfig
 
-    def _init_state(self, model: nn.Module) -> None:
-        self._rms: dict[str, Tensor] | None = None
+    @property
+    def has_stats(self) -> bool:
+        return "rms" in self._modules
 
     def _reduce_stat(self, ms: Tensor) -> Tensor:
         if self.cfg.granularity == "param" or ms.ndim == 0:
             return ms
         return ms.flatten(1).mean(1).view(ms.shape[0], *([1] * (ms.ndim - 1))) if ms.ndim >= 2 else ms.mean()
 
-    def collect_stats(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    def _set_stats(self, rms: Mapping[str, Tensor]) -> None:
+        for n, v in rms.items():
+            dt = torch.promote_types(self._trained[n].dtype, torch.float32)
+            register_nested(self, f"rms.{n}", v.detach().to(device=self._trained[n].device, dtype=dt), buffer=True)
+
+    def collect_stats(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensors:
         """RMS of mini-batch gradients at the trained weights, over ``batches`` of (x, y)."""
         self._require_bound()
-        acc: dict[str, Tensor] = {}
+        acc: Tensors = {}
         n = 0
+        ctx = DistCtx.current()
         with grad_context():
             for x, y in batches:
-                with autocast_for(x):
-                    _, g = self._grad(model, x, y, self._trained)
+                rows = ctx.share(x.size(0))
+                grad_at = self._grad_at(model, self._trained, x[rows], y[rows], second=False, attn=None,
+                                        backend="autograd", over_ranks=True)
+                with autocast_for(x.device):
+                    _, g = grad_at(self._trained)
                 for k, v in g.items():
                     sq = v.to(torch.promote_types(v.dtype, torch.float32)).square()
                     acc[k] = acc[k] + sq if k in acc else sq
                 n += 1
         if n == 0:
             raise ValueError("dyneval.collect_stats got no batches")
-        self._rms = {k: self._reduce_stat(v / n).sqrt() for k, v in acc.items()}
-        return dict(self._rms)
+        rms = {k: self._reduce_stat(v / n).sqrt() for k, v in acc.items()}
+        self._set_stats(rms)
+        return rms
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {} if self._rms is None else {f"rms.{k}": v.detach().clone() for k, v in self._rms.items()}
-
-    def load_state_dict(self, sd: Mapping[str, Tensor], strict: bool = True) -> None:
+    def load_state_dict(self, sd: Mapping[str, Tensor], strict: bool = True, assign: bool = False):  # noqa: ANN201
+        """Adopt ``rms.<name>`` statistics (none given: keep collecting them as configured)."""
         sel = self._require_bound()
         if not sd:
-            return
+            return None
         want = {f"rms.{n}" for n in sel.names}
         missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
         if strict and (missing or unexpected):
             raise KeyError(f"dyneval stats mismatch: missing {missing}, unexpected {unexpected}")
-        dev = {n: self._trained[n].device for n in sel.names}
-        self._rms = {k[4:]: v.to(device=dev[k[4:]], dtype=torch.promote_types(self._trained[k[4:]].dtype, torch.float32))
-                     for k, v in sd.items() if k in want}
+        self._set_stats({k[4:]: v for k, v in sd.items() if k in want})
+        return None
 
-    def _update(self, model: nn.Module, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        if self._rms is None:
+    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0) -> dict[str, float]:
+        if not self.has_stats and self._cur:
             if not self.cfg.auto_stats:
                 raise RuntimeError("dyneval has no gradient statistics: call collect_stats(model, batches), load "
                                    "them from the artifact extras, or set auto_stats=true")
             self.collect_stats(model, [(x, y)])
-        loss, grads = self._grad(model, x, y)
-        c = self.cfg
-        with torch.no_grad():
-            for n, p in self._cur.items():
-                u = (grads[n].to(self._rms[n].dtype) / (self._rms[n] + c.eps)).clamp_(-c.max_update, c.max_update)
-                if c.decay:
-                    p.lerp_(self._trained[n], c.decay)
-                p.sub_(lr * u.to(p.dtype))
-        return loss
+        return super().adapt(model, x, y, progress)
 
-    def _inner_step(self, model, base, state, x, y, k, create_graph, attn, backend):  # noqa: ANN001
-        if self._rms is None:
-            raise RuntimeError("dyneval inner loop needs gradient statistics (collect_stats first)")
-        grads = self._inner_grads(model, base, state, x, y, create_graph, attn, backend)
+    def init(self, trainables: Tensors) -> dict[str, Any]:
+        return {f"anchor.{n}": t.clone() for n, t in trainables.items()}
+
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
+             progress: float) -> tuple[Tensors, dict[str, Any]]:
+        if not self.has_stats:
+            raise RuntimeError("dyneval needs gradient statistics (collect_stats, artifact extras or auto_stats)")
         c = self.cfg
+        lr = lr_at(c.lr, c.schedule, progress)
         out = {}
-        for n in state:
-            u = (grads[n] / (self._rms[n].to(grads[n].dtype) + c.eps)).clamp(-c.max_update, c.max_update)
-            out[n] = torch.lerp(state[n], base[n], c.decay) - c.lr * u
-        return out
+        for n, p in trainables.items():
+            rms = self.get_buffer(f"rms.{n}")
+            u = (grads[n].to(rms.dtype) / (rms + c.eps)).clamp(-c.max_update, c.max_update)
+            out[n] = torch.lerp(p, state[f"anchor.{n}"], c.decay) - lr * u.to(p.dtype)
+        return out, state

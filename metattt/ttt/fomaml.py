@@ -1,11 +1,9 @@
-"""``fomaml``: first-order MAML.
+"""``fomaml``: first-order MAML, a preset of the ``sgd`` rule (plain constant-lr steps, no momentum, no clip).
 
-Meta-training (``metattt.ttt.meta.meta_loss`` with order="first"): k plain SGD steps of size ``lr`` (alpha)
-from the current weights on the inner split, then the outer loss at the adapted weights; its gradient at the
-adapted point is applied to the base weights (the inner gradients are constants, so d(adapted)/d(base) = I).
-With order="second" the same inner loop is differentiated exactly (full MAML).
-Evaluation: plain SGD steps (no momentum, constant lr), ``epochs`` passes over each chunk's scored rows;
-``reset`` configurable (default "never": continuous, like the public recipe).
+Meta-training (``metattt.ttt.meta.meta_loss``, order="first"): the sgd step from the current weights on the
+inner split, then the outer loss at the adapted weights; its gradient at the adapted point reaches the base
+weights through the identity (the inner gradients are constants). order="second" differentiates the same steps
+exactly (full MAML). Evaluation runs the very same steps, ``epochs`` passes over each chunk's scored rows.
 """
 from __future__ import annotations
 

@@ -1,30 +1,35 @@
 """Meta-training outer step: ``meta_loss(model, adapter, x, y, cfg)`` for the trainer.
 
-outer = (w_post + w_delta) * L_post - w_delta * L_pre, with L_post the outer-split loss at the weights adapted by
-``adapter.inner_loop`` on the inner split and L_pre the same loss at the current weights. ``loss.backward()``
-puts meta-gradients on the model's parameters and on the adapter's meta-parameters (MetaSGD rates).
+outer = (w_post + w_delta) * L_post - w_delta * L_pre, with L_post the outer-split loss at the weights that
+``adapter.inner_loop`` reaches on the inner split -- the adapter's own ``step``, the one the evaluator runs, for
+``inner_steps`` passes over the inner split's mini-batches -- and L_pre the same loss at the current weights.
+``loss.backward()`` puts meta-gradients on the model's parameters and on the adapter's meta-parameters.
 
 * order="first": inner gradients are constants, so the gradient at the adapted point reaches the base weights
   through the identity (FOMAML); no double backward.
-* order="second": exact meta-gradient through the k inner steps (create_graph), with the inner forward on the
-  ``math`` attention path (fused kernels have no double backward). Backends: "autograd", "torch.func"
-  (``torch.func.grad``), "higher" (optional, ``pip install higher``; plain-SGD adapters only).
-* Reptile is its own meta-update (``reptile_update``); for a reptile adapter ``meta_loss`` returns the
-  surrogate sum_n <theta_n, sg(theta_n - theta_k,n)> whose gradient is the Reptile direction theta - theta_k,
-  so the trainer's optimiser applies it (plain SGD with lr epsilon reproduces the interpolation exactly).
+* order="second": exact meta-gradient through the inner steps (create_graph), with the inner forward on the
+  ``math`` attention path (fused kernels have no double backward). Backends: "autograd", "torch.func", "higher"
+  (optional, ``pip install higher``; plain constant-lr SGD adapters only, as an independent cross-check).
+* ``adapter.meta_mode == "reptile"``: the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
+  gradient is the Reptile direction; theta_k after the adapter's own ``steps`` passes.
+
+Statistics (detached tensors, no host sync): ``meta/L_post``, ``meta/L_inner`` (first inner pass, free) and,
+when known, ``meta/L_pre`` and ``meta/gain``. L_pre is free when the split is "same-batch" and the inner split is
+one mini-batch (it is the first inner loss); otherwise it costs one more no-grad forward of the outer split,
+about a third of a forward+backward, i.e. roughly +15% on a first-order meta micro-batch (inner fwd+bwd, outer
+fwd+bwd), so that forward is opt-in (``log_pre``) unless ``delta_weight`` needs L_pre anyway.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter, grad_context
-from .none import NoneAdapter
-from .registry import adapter_from_spec
-from .reptile import ReptileAdapter
+from .registry import Registry
 from .sgd import SGDAdapter
 
 SPLITS = ("same-batch", "cross-doc", "seq-half")
@@ -37,20 +42,24 @@ class MetaConfig:
     """How (and how often) the trainer adds the meta-objective."""
 
     adapter: str | None = None  # adapter spec, e.g. "fomaml:lr=0.01,select=banks:layers>=2"; None = off
+    adapter_modules: tuple[str, ...] = ()  # plug-in files / modules whose adapters the spec may name
     every: int = 4
-    inner_steps: int = 1
+    inner_steps: int = 1  # passes over the inner split's mini-batches (reptile: its own ``steps``)
     split: str = "same-batch"
     outer_weight: float = 1.0
     delta_weight: float = 0.0
     start_frac: float = 0.0
     order: str = "first"
     backend: str = "autograd"
-    log_pre: bool = True  # compute L_pre for stats even when delta_weight == 0 (one extra forward, no grad)
+    log_pre: bool = False  # pay one no-grad forward for L_pre when it is not free (see the module docstring)
     micro_batches: int = 1  # micro-batches of a meta step that carry the meta-objective (0 = all); the
     # others train on the plain loss, which keeps the overhead of a meta step small under accumulation
     meta_lr: float = 0.01  # Adam lr of the adapter's meta-parameters (MetaSGD log-rates), used by the trainer
 
     def __post_init__(self) -> None:
+        # plug-in files as absolute paths, so a resumed run (config.json) finds them from any directory
+        self.adapter_modules = tuple(str(Path(m).expanduser().resolve()) if m.endswith(".py") else m
+                                     for m in (self.adapter_modules or ()))
         problems = []
         if self.split not in SPLITS:
             problems.append(f"split must be one of {SPLITS}, got {self.split!r}")
@@ -73,14 +82,13 @@ class MetaConfig:
     def enabled(self) -> bool:
         return bool(self.adapter)
 
-    def active(self, step: int, progress: float) -> bool:
-        """Whether training step ``step`` (at training ``progress`` in [0,1]) includes the meta-objective."""
-        return self.enabled and progress >= self.start_frac and step % self.every == 0
+    def registry(self) -> Registry:
+        return Registry.build(self.adapter_modules)
 
-    def make_adapter(self) -> Adapter:
+    def make_adapter(self, registry: Registry | None = None) -> Adapter:
         if not self.adapter:
             raise ValueError("MetaConfig.adapter is not set")
-        return adapter_from_spec(self.adapter)
+        return (registry or self.registry()).from_spec(self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,15 +130,19 @@ def _import_higher():  # noqa: ANN202
 
 def higher_inner_loop(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, steps: int,
                       create_graph: bool, attn: str | None = None) -> dict[str, Tensor]:
-    """The plain-SGD inner loop via ``higher``'s differentiable optimiser (an independent implementation
-    used to cross-check the autograd / torch.func backends). Returns adapted selected tensors."""
+    """Plain constant-lr full-batch SGD via ``higher``'s differentiable optimiser: an independent implementation
+    that cross-checks the autograd / torch.func backends. Returns adapted selected tensors."""
     higher = _import_higher()
-    if not isinstance(adapter, SGDAdapter) or type(adapter).__name__ == "SAMAdapter":
-        raise ValueError(f"backend 'higher' supports plain-SGD adapters (sgd, fomaml, reptile), not {adapter.name!r}")
+    c = adapter.cfg
+    plain = (isinstance(adapter, SGDAdapter) and type(adapter).direction is Adapter.direction and not c.momentum
+             and not c.grad_clip)
+    if not plain or x.size(0) > c.batch_seqs:
+        raise ValueError(f"backend 'higher' supports plain constant-lr SGD adapters (sgd rule with momentum=0, "
+                         f"grad_clip=0, one mini-batch), not {adapter.name!r} with {c}")
     sel = adapter._require_bound()
     names = [n for n, _ in model.named_parameters()]
     selected = set(sel.names)
-    opt = torch.optim.SGD(model.parameters(), lr=adapter.cfg.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=c.lr)
 
     def mask(grads):  # noqa: ANN001, ANN202
         out = []
@@ -152,75 +164,55 @@ def higher_inner_loop(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, 
 
 def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
               cfg: MetaConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Outer meta-objective on batch (x, y); returns (loss, stats) with detached tensor stats
-    (``meta/L_pre``, ``meta/L_post``, ``meta/gain``) so the caller decides when to sync."""
-    if isinstance(adapter, NoneAdapter):
-        raise ValueError("meta_loss with the 'none' adapter has nothing to meta-train")
+    """Outer meta-objective on batch (x, y); returns (loss, detached tensor stats) so the caller decides when to
+    sync."""
+    if not adapter.trains_in_eval:
+        raise ValueError(f"meta_loss with the {adapter.name!r} adapter has nothing to meta-train")
     if adapter.sel is None:
         adapter.bind(model)
-    if isinstance(adapter, ReptileAdapter):
-        return reptile_loss(model, adapter, x, y, steps=cfg.inner_steps, weight=cfg.outer_weight)
+    if adapter.meta_mode == "reptile":
+        return reptile_loss(model, adapter, x, y, weight=cfg.outer_weight)
     (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
     second = cfg.order == "second"
     attn = "math" if second else None
     base = dict(model.named_parameters())
+    stats: dict[str, Tensor] = {}
     with grad_context():
         if cfg.backend == "higher":
             adapted = higher_inner_loop(model, adapter, xi, yi, steps=cfg.inner_steps, create_graph=second, attn=attn)
         else:
-            adapted = adapter.inner_loop(model, base, xi, yi, steps=cfg.inner_steps, create_graph=second,
-                                         attn=attn, backend=cfg.backend)
+            adapted, inner = adapter.inner_loop(model, base, xi, yi, passes=cfg.inner_steps, create_graph=second,
+                                                attn=attn, backend=cfg.backend)
+            stats["meta/L_inner"] = inner["loss_first"]
         l_post = _outer_loss(model, xo, yo, start, adapted)
         loss = (cfg.outer_weight + cfg.delta_weight) * l_post
         l_pre = None
         if cfg.delta_weight:
             l_pre = _outer_loss(model, xo, yo, start, {})
             loss = loss - cfg.delta_weight * l_pre
+        elif cfg.split == "same-batch" and "meta/L_inner" in stats and xi.size(0) <= adapter.cfg.batch_seqs:
+            l_pre = stats["meta/L_inner"]  # the first inner loss is the loss at the current weights on this batch
         elif cfg.log_pre:
             with torch.no_grad():
                 l_pre = _outer_loss(model, xo, yo, start, {})
-    stats = {"meta/L_post": l_post.detach()}
+    stats["meta/L_post"] = l_post.detach()
     if l_pre is not None:
         stats["meta/L_pre"] = l_pre.detach()
         stats["meta/gain"] = (l_pre - l_post).detach()
     return loss, stats
 
 
-def _reptile_target(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, steps: int) -> dict[str, Tensor]:
-    base = dict(model.named_parameters())
-    with grad_context():
-        adapted = adapter.inner_loop(model, base, x, y, steps=steps, create_graph=False)
-    return {n: t.detach() for n, t in adapted.items()}
-
-
-def reptile_update(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, steps: int | None = None,
-                   epsilon: float | None = None) -> dict[str, float]:
-    """In place: theta <- theta + epsilon * (theta_k - theta) on the selected tensors, theta_k after ``steps``
-    inner steps of ``adapter`` (any adapter with an inner loop) on (x, y). Frozen slices stay bit-identical."""
-    if adapter.sel is None:
-        adapter.bind(model)
-    steps = steps if steps is not None else getattr(adapter.cfg, "steps", None)
-    epsilon = epsilon if epsilon is not None else getattr(adapter.cfg, "epsilon", None)
-    if steps is None or epsilon is None:
-        raise ValueError(f"reptile_update with adapter {adapter.name!r} needs explicit steps= and epsilon=")
-    target = _reptile_target(model, adapter, x, y, steps)
-    named = dict(model.named_parameters())
-    moved = 0.0
-    with torch.no_grad():
-        for n, tk in target.items():
-            p = named[n]
-            d = tk - p
-            moved += float(d.float().square().sum())
-            p.add_(d * epsilon)
-    return {"reptile/step_norm": moved ** 0.5 * epsilon}
-
-
 def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, steps: int | None = None,
-                 weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Surrogate whose gradient w.r.t. each selected tensor is ``weight * (theta - theta_k)``."""
+                 epsilon: float | None = None, weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Surrogate whose gradient w.r.t. each selected tensor is ``weight * epsilon * (theta - theta_k)``, theta_k
+    after ``steps`` (default: the adapter's ``steps``) first-order passes of the adapter's step on (x, y)."""
     steps = steps if steps is not None else getattr(adapter.cfg, "steps", 1)
-    target = _reptile_target(model, adapter, x, y, steps)
+    epsilon = epsilon if epsilon is not None else getattr(adapter.cfg, "epsilon", 1.0)
     named = dict(model.named_parameters())
-    loss = sum((named[n] * (named[n].detach() - tk)).sum() for n, tk in target.items()) * weight
-    dist2 = sum(float((named[n].detach() - tk).float().square().sum()) for n, tk in target.items())
-    return loss, {"reptile/dist": torch.tensor(dist2 ** 0.5)}
+    with grad_context():
+        adapted, inner = adapter.inner_loop(model, named, x, y, passes=steps, create_graph=False)
+    target = {n: t.detach() for n, t in adapted.items()}
+    diff = {n: named[n].detach() - tk for n, tk in target.items()}
+    loss = sum((named[n] * d).sum() for n, d in diff.items()) * (weight * epsilon)
+    dist2 = sum(d.float().square().sum() for d in diff.values())
+    return loss, {"meta/L_inner": inner["loss_first"], "reptile/dist": torch.as_tensor(dist2).sqrt()}

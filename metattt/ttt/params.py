@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-SLICE_KINDS = ("q", "k", "v", "out", "up", "down")
-BANK_GROUPS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+from ..model.gpt import BANK_NAMES as BANK_GROUPS  # the bank layout's one home
+from ..model.gpt import SLICE_KINDS
+
 GROUPS = ("all", "banks", *BANK_GROUPS, "emb", "norms", "gains", "head")
 EMB_NAMES = ("tok_emb", "bigram_emb", "bigram_proj", "ve_emb", "ve_proj")
 NORM_SUFFIXES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear_gate",

@@ -1,26 +1,21 @@
-"""``reptile``: a training-time meta-update, theta <- theta + epsilon * (theta_k - theta).
+"""``reptile``: the sgd rule (fomaml's plain-step preset) with Reptile as the trainer's meta-objective.
 
-theta_k is the result of ``steps`` plain SGD steps (lr ``lr``) on a batch (``metattt.ttt.meta.reptile_update``
-applies it in place; ``meta_loss`` gives the equivalent surrogate loss for the trainer's optimiser).
-At evaluation it ACTS LIKE PLAIN SGD (the fomaml rule: ``epochs`` plain steps of size ``lr`` per chunk), which
-is the adaptation Reptile meta-trains the initialisation for.
+Meta-training (``meta_mode = "reptile"``): theta_k = ``steps`` passes of the sgd step over the batch, then the
+surrogate loss whose gradient is ``epsilon * (theta - theta_k)`` (``metattt.ttt.meta.reptile_loss``); the
+trainer's optimiser applies it (plain SGD with lr 1 is exactly theta <- theta + epsilon * (theta_k - theta)).
+At evaluation it is the same sgd step, ``epochs`` passes per chunk: the adaptation Reptile meta-trains for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sgd import SGDAdapter, SGDConfig
+from .fomaml import FOMAMLAdapter, FOMAMLConfig
 
 
 @dataclass
-class ReptileConfig(SGDConfig):
-    """SGD's knobs (plain constant-lr inner steps) plus Reptile's step count and interpolation epsilon."""
+class ReptileConfig(FOMAMLConfig):
+    """fomaml's plain constant-lr steps plus Reptile's inner passes and interpolation epsilon."""
 
-    lr: float = 0.01
-    momentum: float = 0.0
-    epochs: int = 1
-    grad_clip: float = 0.0
-    schedule: str = "constant"
     steps: int = 3
     epsilon: float = 0.1
 
@@ -30,6 +25,7 @@ class ReptileConfig(SGDConfig):
             raise ValueError(f"reptile epsilon must be in (0, 1], got {self.epsilon}")
 
 
-class ReptileAdapter(SGDAdapter):
+class ReptileAdapter(FOMAMLAdapter):
     name = "reptile"
     Config = ReptileConfig
+    meta_mode = "reptile"

@@ -1,17 +1,17 @@
-"""``sgd``: the public record's legal score-first TTT recipe.
+"""``sgd``: the public record's legal score-first TTT recipe, and the rule fomaml / reptile / sam build on.
 
 SGD lr 0.002, momentum 0.9, 3 epochs over each chunk's already-scored sequences in mini-batches, cosine lr over
 chunks (lr * 0.5 * (1 + cos(pi * progress))), global grad-norm clip 1.0, weights carried across chunks
-(reset="never"), on a parameter selection (default: all).
+(reset="never"), on a parameter selection (default: all). Meta-training runs this same step (at progress 0).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from .adapter import Adapter, AdapterConfig, clip_grads
+from .adapter import Adapter, AdapterConfig, Tensors, clip_grads, lr_at
 
 
 @dataclass
@@ -26,41 +26,32 @@ class SGDConfig(AdapterConfig):
     reset: str = "never"
 
 
+def sgd_step(params: Tensors, mom: Tensors | None, grads: Tensors, lr: float, momentum: float,
+             nesterov: bool) -> tuple[Tensors, Tensors | None]:
+    """theta - lr * d with d = g, or the momentum buffer b = momentum * b + g (nesterov: g + momentum * b)."""
+    if not momentum:
+        return {n: p - lr * grads[n].to(p.dtype) for n, p in params.items()}, None
+    new_mom = {n: momentum * mom[n] + grads[n].to(p.dtype) for n, p in params.items()}
+    d = {n: grads[n].to(p.dtype) + momentum * new_mom[n] for n, p in params.items()} if nesterov else new_mom
+    return {n: p - lr * d[n] for n, p in params.items()}, new_mom
+
+
 class SGDAdapter(Adapter):
-    """Momentum SGD on the selected tensors; the functional inner loop takes plain steps at ``cfg.lr``."""
+    """Momentum SGD on the selected tensors, clipped, on a cosine schedule over chunks."""
 
     name = "sgd"
     Config = SGDConfig
 
-    def _reset_optim(self) -> None:
-        self._mom: dict[str, Tensor] = {}
+    def init(self, trainables: Tensors) -> dict[str, Any]:
+        if not self.cfg.momentum:
+            return {}
+        return {f"mom.{n}": torch.zeros_like(t) for n, t in trainables.items()}
 
-    def _apply(self, grads: dict[str, Tensor], lr: float) -> None:
-        """Momentum step in place on ``_cur`` (masked gradients keep frozen slices bit-identical)."""
-        cfg = self.cfg
-        mom = getattr(cfg, "momentum", 0.0)
-        names = list(self._cur)
-        ps = [self._cur[n] for n in names]
-        gs = [grads[n].to(p.dtype) for n, p in zip(names, ps)]
-        with torch.no_grad():
-            if mom:
-                if not self._mom:
-                    self._mom = {n: g.clone() for n, g in zip(names, gs)}
-                    bufs = [self._mom[n] for n in names]
-                else:
-                    bufs = [self._mom[n] for n in names]
-                    torch._foreach_mul_(bufs, mom)
-                    torch._foreach_add_(bufs, gs)
-                step = torch._foreach_add(gs, bufs, alpha=mom) if getattr(cfg, "nesterov", False) else bufs
-            else:
-                step = gs
-            torch._foreach_add_(ps, step, alpha=-lr)
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
+             progress: float) -> tuple[Tensors, dict[str, Any]]:
+        c = self.cfg
+        grads = clip_grads(grads, c.grad_clip)
+        mom = {n: state[f"mom.{n}"] for n in trainables} if c.momentum else None
+        new, mom = sgd_step(trainables, mom, grads, lr_at(c.lr, c.schedule, progress), c.momentum, c.nesterov)
+        return new, ({f"mom.{n}": m for n, m in mom.items()} if mom is not None else state)
 
-    def _update(self, model: nn.Module, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        loss, grads = self._grad(model, x, y)
-        self._apply(clip_grads(grads, getattr(self.cfg, "grad_clip", 0.0)), lr)
-        return loss
-
-    def _inner_step(self, model, base, state, x, y, k, create_graph, attn, backend):  # noqa: ANN001
-        grads = self._inner_grads(model, base, state, x, y, create_graph, attn, backend)
-        return {n: state[n] - self.cfg.lr * grads[n] for n in state}

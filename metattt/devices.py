@@ -1,0 +1,50 @@
+"""Where a computation runs: this process's rank share of a batch, and the autocast choice.
+
+One home for both (the evaluator, the adapters and the trainer used to carry their own copies): every rank holds
+the same rows and takes the contiguous share ``row_share`` gives it; on CUDA the speed path is bf16 autocast, on
+CPU nothing (exact tests).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistCtx:
+    """Rank and world size of this process (world 1 when torch.distributed is not initialised)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "DistCtx":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def share(self, n: int) -> slice:
+        """This rank's rows of ``n`` (see :func:`row_share`)."""
+        a, b = row_share(n, self.world, self.rank)
+        return slice(a, b)
+
+
+def row_share(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous share ``[a, b)`` of ``n`` items for ``rank`` (the first ranks take the remainder)."""
+    base, extra = divmod(n, world)
+    a = rank * base + min(rank, extra)
+    return a, a + base + (1 if rank < extra else 0)
+
+
+def autocast_for(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``enabled``; nothing on CPU."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -86,3 +86,21 @@ def test_compat_numbers_equal_the_record_loops(tmp_path: Path, capsys) -> None:
     # our own number stays "every target exactly once" (on the truncated stream)
     n_targets = ((SPEC.n_val_tokens - 1) // L) * L
     assert rep["data"]["n_targets"] == n_targets
+
+
+def test_storage_dtypes_round_every_update_of_the_named_tensors() -> None:
+    from metattt.ttt.registry import adapter_from_spec
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    plain = adapter_from_spec("sgd:lr=0.05,epochs=2,batch_seqs=2").bind(model)
+    rounded = adapter_from_spec("sgd:lr=0.05,epochs=2,batch_seqs=2").bind(model)
+    rounded.storage_dtypes = {"tok_emb": torch.bfloat16}
+    plain.adapt(model, x, y, 0.0)
+    rounded.adapt(model, x, y, 0.0)
+    t = rounded.params()["tok_emb"]
+    assert torch.equal(t, t.bfloat16().float()) and not torch.equal(t, plain.params()["tok_emb"])
+    assert not torch.equal(plain.params()["tok_emb"], plain.params()["tok_emb"].bfloat16().float())

@@ -57,13 +57,15 @@ def record_numerics(model: torch.nn.Module) -> None:
     round_tables(model)
 
 
-def bf16_step(params: dict[str, torch.Tensor]) -> None:
-    """After an adapter step: the record's bf16 tables live in bf16, so each update is rounded to it."""
-    with torch.no_grad():
-        for n in BF16_TABLES:
-            t = params.get(n)
-            if t is not None:
-                t.copy_(t.to(torch.bfloat16).to(t.dtype))
+def bf16_tables_factory(factory: Any) -> Any:
+    """Adapters whose every update of the record's tables is rounded to bf16 (its TTT updates them in bf16;
+    its SGD momentum buffers are bf16 too, which this does not reproduce)."""
+    def get(key: str) -> Any:
+        ad = factory(key)
+        if hasattr(ad, "storage_dtypes"):
+            ad.storage_dtypes = {n: torch.bfloat16 for n in BF16_TABLES}
+        return ad
+    return get
 
 
 def tail_plan(n_tokens: int, context: int, stride: int) -> Any:

@@ -381,6 +381,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         factory = make_adapter_factory(model, adapter_specs, dict(loaded.extras or {}), registry)
     else:
         factory = adapter_factory(model, adapter_specs, dict(loaded.extras or {}))
+    if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
+        from .compat import bf16_tables_factory
+
+        factory = bf16_tables_factory(factory)
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
         + (f"; {world} ranks" if world > 1 else ""))

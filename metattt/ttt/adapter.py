@@ -189,6 +189,9 @@ class Adapter(nn.Module):
         self._trained: Tensors = {}
         self._cur: Tensors = {}
         self._state: dict[str, Any] = {}
+        # trainables kept at a lower precision between steps (name -> dtype): every update is rounded to it, as
+        # a framework holding those tensors in that dtype would (the record's bf16 tables: --compat pg-record)
+        self.storage_dtypes: dict[str, torch.dtype] = {}
 
     # ------------------------------------------------------------------ functional core (override these)
     def setup(self, model: nn.Module) -> None:
@@ -352,6 +355,9 @@ class Adapter(nn.Module):
                 loss, grads = self.direction(trainables, grad_at)
                 with torch.no_grad() if no_grad_step else contextlib.nullcontext():
                     trainables, state = self.step(trainables, state, grads, progress)
+                    if self.storage_dtypes:
+                        trainables = {n: (t.to(self.storage_dtypes[n]).to(t.dtype) if n in self.storage_dtypes
+                                          else t) for n, t in trainables.items()}
                 epoch.append(loss)
             losses.append(epoch)
         return trainables, state, losses

@@ -61,6 +61,8 @@ def test_main_job_prints_decomposition_with_room_and_shares(tmp_path, capsys):
     ttt_line = next(ln for ln in out.splitlines() if ln.strip().startswith("ttt:sgd"))
     assert f"{100 * rows['ttt:sgd']['share']:.1f}%" in ttt_line
     assert "proj." not in out  # the evaluator's table (and its projection column) is not repeated here
+    # a 4-step model is far above its window's bound: the share is flagged as mixing in plain learning
+    assert rows["sliding"]["bpb"] - dec["room"]["bayes_window_bpb"] > room and "caution: sliding is" in out
 
 
 def test_room_from_meta_json_when_it_covers_the_stream(tmp_path):

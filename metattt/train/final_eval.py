@@ -129,6 +129,11 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
                      f"({room['source']})")
         lines.append("  share = TTT gain / room: the part of what adapting beyond the window can add (for a "
                      "Bayes reader) that the protocol captured")
+        sliding = next((r["bpb"] for r in dec["rows"] if r["protocol"] == "sliding"), None)
+        if sliding is not None and sliding - room["bayes_window_bpb"] > room["room_bpb"]:
+            lines.append(f"  caution: sliding is {sliding - room['bayes_window_bpb']:.4f} bpb above bayes_window{w}, "
+                         "more than the room: an undertrained model also gains from TTT by plain further learning, "
+                         "so its share mixes that in")
     if plan_name == "short":
         lines.append("  (a val prefix in 2,048-token chunks; --final-eval full runs the evaluator's full-size "
                      "protocols, off skips this)")

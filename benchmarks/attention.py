@@ -14,9 +14,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metattt.model.attention import causal_attention  # noqa: E402
-from mlp_kernel import timed_ms  # noqa: E402  (CUDA-event timing shared by the kernel benchmarks)
+
+
+def timed_ms(fn, iters: int, warmup: int) -> float:
+    """Mean CUDA-event milliseconds of ``fn`` over ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,9 +62,9 @@ def _inductor_value(key: str, val: str):
 def parse_variant(name: str) -> dict:
     """``compile+bf16+mb=196608`` -> options. Tokens: eager | compile, meta (FOMAML every 4 steps), bf16 (bf16
     residual stream), unfused-qkv (three Q/K/V GEMMs), unfolded (attn/mlp scales as separate multiplies), no-qkv-kernel (q/k norm+RoPE left
-    to Inductor), mlp-kernel (LeakyReLU² fused into Triton GEMMs), mb=N (micro-batch tokens), mode=M (torch.compile mode),
+    to Inductor), mb=N (micro-batch tokens), mode=M (torch.compile mode),
     ind:KEY=VAL (an Inductor option, e.g. ind:triton.mix_order_reduction=0), attn=BACKEND (overrides --attn)."""
-    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "fold_gains": True, "qkv_kernel": True, "mlp_kernel": False, "mb": 0, "mode": None, "inductor": {},
+    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "fold_gains": True, "qkv_kernel": True, "mb": 0, "mode": None, "inductor": {},
             "attn": None}
     for tok in name.split("+"):
         if tok in ("eager", "compile"):
@@ -77,8 +77,6 @@ def parse_variant(name: str) -> dict:
             opts["fold_gains"] = False
         elif tok == "no-qkv-kernel":
             opts["qkv_kernel"] = False
-        elif tok == "mlp-kernel":
-            opts["mlp_kernel"] = True
         elif tok.startswith("mb="):
             opts["mb"] = int(tok[3:])
         elif tok.startswith("attn="):
@@ -98,8 +96,7 @@ def run_variant(name: str, args, info) -> dict:
     cfg = preset(args.preset)
     torch.manual_seed(0)
     runtime = Runtime(residual_dtype="bfloat16" if v["bf16"] else "float32", fused_qkv=v["fused_qkv"],
-                      fold_gains=v["fold_gains"], qkv_kernel=v["qkv_kernel"],
-                      mlp_kernel=v["mlp_kernel"])
+                      fold_gains=v["fold_gains"], qkv_kernel=v["qkv_kernel"])
     model = BankedGPT(cfg.model, runtime).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     if v["compile"]:

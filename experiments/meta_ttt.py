@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Train a banked GPT (optionally meta-training a TTT adapter) and write a quantized artifact.
+"""Train a banked GPT (optionally meta-training a TTT adapter), write a quantized artifact, and evaluate it.
 
     python experiments/meta_ttt.py                                  # embedded synthetic corpus, CPU-sized
+    python experiments/meta_ttt.py --final-eval full                # the evaluator's full-size protocols after
     torchrun --nproc_per_node 8 experiments/meta_ttt.py --preset pg-2026-03-23 --data DIR --tokenizer MODEL
     python experiments/meta_ttt.py --meta.adapter fomaml:lr=0.01 --meta.every 4
 

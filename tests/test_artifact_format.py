@@ -242,6 +242,27 @@ def test_default_code_paths_convention():
     paths = default_code_paths()
     names = {(p.parent.name, p.name) for p in paths}
     assert ("artifact", "format.py") in names and ("artifact", "quant.py") in names
+    assert ("model", "gpt.py") in names  # imported lazily inside the loader's function
     assert ("kernels", "qkv_prep.py") in names  # the model runs it on CUDA
-    assert all(p.parent.name in ("model", "kernels", "artifact") and p.suffix == ".py" for p in paths)
+    assert ("metattt", "atomic.py") in names and ("metattt", "__init__.py") in names  # the loader imports them
+    assert all(p.parent.name in ("metattt", "model", "kernels", "artifact") and p.suffix == ".py" for p in paths)
     assert code_bytes(paths) == sum(p.stat().st_size for p in paths)
+
+
+def test_default_code_paths_is_the_import_closure(tmp_path: Path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "entry.py": "import os\nfrom . import helper\nfrom .sub import leaf\n\ndef f():\n    from pkg.lazy import x\n",
+        "helper.py": "from .sub.leaf import y\n",
+        "lazy.py": "x = 1\n",
+        "unused.py": "import pkg.entry\n",  # imports the entry, but nothing imports it: not shipped
+        "sub/__init__.py": "",
+        "sub/leaf.py": "y = 2\nfrom .. import helper\n",  # a cycle is fine
+        "sub/other.py": "z = 3\n",
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(text)
+    got = {p.relative_to(pkg).as_posix() for p in default_code_paths(pkg, entry="pkg.entry")}
+    assert got == {"__init__.py", "entry.py", "helper.py", "lazy.py", "sub/__init__.py", "sub/leaf.py"}

@@ -15,13 +15,15 @@ import train_throughput as tt  # noqa: E402
 
 
 def test_variant_tokens():
-    v = tt.parse_variant("compile+bf16+unfused-qkv+unfolded+no-qkv-kernel+mlp-kernel+mb=196608+attn=sdpa-cudnn+ind:max_autotune=1")
-    assert v["compile"] and v["bf16"] and not v["fused_qkv"] and not v["fold_gains"] and not v["qkv_kernel"] and v["mlp_kernel"] and v["mb"] == 196608 and v["attn"] == "sdpa-cudnn"
+    v = tt.parse_variant("compile+bf16+unfused-qkv+unfolded+no-qkv-kernel+mb=196608+attn=sdpa-cudnn+ind:max_autotune=1")
+    assert v["compile"] and v["bf16"] and not v["fused_qkv"] and not v["fold_gains"] and not v["qkv_kernel"] and v["mb"] == 196608 and v["attn"] == "sdpa-cudnn"
     assert v["inductor"] == {"max_autotune": True}  # parsed to the option's own type
     plain = tt.parse_variant("eager")
-    assert not plain["compile"] and not plain["bf16"] and plain["fused_qkv"] and plain["fold_gains"] and not plain["mlp_kernel"] and plain["inductor"] == {}
+    assert not plain["compile"] and not plain["bf16"] and plain["fused_qkv"] and plain["fold_gains"] and plain["inductor"] == {}
     with pytest.raises(SystemExit, match="unknown variant token"):
         tt.parse_variant("compile+fast")
+    with pytest.raises(SystemExit, match="unknown variant token 'mlp-kernel'"):  # removed with its kernel
+        tt.parse_variant("compile+mlp-kernel")
     with pytest.raises(SystemExit, match="unknown Inductor option"):
         tt.parse_variant("compile+ind:no_such_option=1")
 
@@ -35,3 +37,11 @@ def test_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["eager", "eager+bf16+unfused-qkv"]
     assert all(r["tokens_per_s_per_gpu"] > 0 and r["accum"] >= 1 for r in rows)
+
+
+def test_attention_benchmark_imports_and_parses_args():
+    """It carries its own CUDA-event timer (the MLP-kernel benchmark it borrowed it from was removed)."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--backends" in res.stdout

@@ -15,6 +15,7 @@ from metattt.data.synthetic import (
     GENERATOR_VERSION,
     CorpusClashError,
     FIRST_REGULAR,
+    META_WINDOWS,
     SyntheticSpec,
     document_params,
     generate_split,
@@ -45,7 +46,8 @@ def test_default_generation_is_fast_and_bounds_are_ordered(default_dataset) -> N
     assert b["bigram_bpb"] - b["bayes_unknown_bpb"] > 0.5  # a large in-document signal to adapt to
     assert b["bayes_unknown_bpb"] - b["bayes_known_bpb"] < 0.2
     # a reader limited to a short context window is worse than one adapting to the whole document
-    assert b["bayes_unknown_bpb"] < b["bayes_window2048_bpb"] < b["bayes_window512_bpb"] < b["bayes_window128_bpb"]
+    assert b["bayes_unknown_bpb"] < b["bayes_window2048_bpb"] < b["bayes_window512_bpb"] < b["bayes_window256_bpb"] \
+        < b["bayes_window128_bpb"]
     assert 0.25 < b["content_fraction"] < 0.6
     spec = SyntheticSpec()
     assert meta["n_train_tokens"] == spec.n_train_tokens and meta["lut"] == "uniform"
@@ -53,7 +55,7 @@ def test_default_generation_is_fast_and_bounds_are_ordered(default_dataset) -> N
     assert val.numel() == spec.n_val_tokens and val[0] == BOS_ID
     assert TrainLoader(meta["train_pattern"], 1024, 8192).n_tokens == spec.n_train_tokens
     # bounds are exact for the written val data
-    assert synthetic_bounds(spec, val, windows=(128, 512, 2048)) == b
+    assert synthetic_bounds(spec, val, windows=META_WINDOWS) == b
 
 
 def test_deterministic_bytes_and_seed_dependence(tmp_path: Path) -> None:

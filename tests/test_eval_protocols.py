@@ -255,8 +255,9 @@ def test_cli_end_to_end_writes_eval_json_and_plot(world, tmp_path, capsys):
     assert rep["meta"]["lut"].startswith("artifact:")  # LUT and val pattern came from the artifact
     for p in rep["protocols"].values():
         assert p["tokens_scored"] == SPEC.n_val_tokens - 1 and p["tokens_per_s"] > 0
-        assert p["projected_full_val_s"] > 0
-    assert rep["projection"]["tokens"] == 62_000_000 and "PROJECTION" in rep["projection"]["note"]
+        assert p["projected_full_val_s"] is None  # measured on a CPU: no 8-GPU projection
+    assert rep["projection"]["tokens"] == 62_000_000 and rep["projection"]["applies"] is False
+    assert "measured on cpu, not a GPU" in rep["projection"]["note"] and "PROJECTION" not in rep["projection"]["note"]
     assert rep["deltas"]["context"]["value"] > 0
     rd = rep["running_delta"]["ttt:sgd"]
     assert len(rd["delta_bpb"]) == len(rd["chunk"]) == math.ceil((SPEC.n_val_tokens - 1) / CHUNK)
@@ -395,3 +396,27 @@ def test_cli_on_real_val_prefix_with_sentencepiece_lut(tmp_path, capsys):
     assert rep["meta"]["lut"].startswith("tokenizer:")
     # an untrained model is near-uniform over 1024 ids: ~10 bits per token
     assert 3.0 < rep["protocols"]["flat"]["bpb"] < 5.0
+
+
+def test_projection_only_for_gpu_throughput(world, tmp_path, capsys):
+    from metattt.eval.report import format_report, projection_applies
+
+    assert projection_applies("cuda", 8) and not projection_applies("cpu", 8)
+    assert not projection_applies("cuda", 0) and not projection_applies("cuda", -1)  # never a division by zero
+    rc = _cli(world, tmp_path, "--protocols", "flat", "--projection-gpus", "4")
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    table = format_report(rep).splitlines()
+    hdr = next(ln for ln in table if ln.startswith("protocol"))
+    row = next(ln for ln in table if ln.startswith("flat"))
+    assert "proj. 4 GPU" in hdr and row[hdr.index("proj. 4 GPU"):].split()[0] == "n/a"
+
+
+@pytest.mark.gpu
+def test_projection_from_gpu_throughput(world, tmp_path, capsys):
+    rc = _cli(world, tmp_path, "--protocols", "flat", "--device", "cuda", "--projection-gpus", "8")
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    p = rep["protocols"]["flat"]
+    assert rep["projection"]["applies"] and "PROJECTION" in rep["projection"]["note"]
+    assert p["projected_full_val_s"] == pytest.approx(62_000_000 / (p["tokens_per_s_per_process"] * 8), rel=1e-9)

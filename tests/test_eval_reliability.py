@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ class NaNAfter:
     """Honest score-first adapter whose ``k``-th update leaves a NaN parameter, or reports a NaN loss."""
 
     name = "nanafter"
+    cfg = SimpleNamespace(reset="never")  # the evaluator seam reads cfg.reset
 
     def __init__(self, model, k: int, via: str):
         self.k, self.via, self.n, self.bad = k, via, 0, False

@@ -35,6 +35,10 @@ def test_cli_overrides_and_presets():
     assert fast.runtime.residual_dtype == "bfloat16" and fast.runtime.fused_qkv is False
     d = fast.to_dict()
     assert TrainConfig.from_dict(d).runtime == fast.runtime
+    old = fast.to_dict()
+    old["runtime"]["mlp_kernel"] = True  # a config.json from before the MLP kernel was removed still resumes
+    assert TrainConfig.from_dict(old).runtime == fast.runtime
+    assert parse_config([]).final_eval == "short" and cfg.final_eval == "off"  # tiny preset evaluates, pg not
     d.pop("runtime")  # a config.json written before the runtime section existed still loads
     assert TrainConfig.from_dict(d).runtime.residual_dtype == "float32"
 

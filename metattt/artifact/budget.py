@@ -4,19 +4,21 @@ total = compressed artifact bytes (the whole file, header included) + code bytes
 (16,000,000 bytes by default, not 16 MiB).
 
 Code-bytes convention: the challenge counts the UTF-8 size of the code needed to run the model. For metattt
-that is the source of the model definition, the kernels it runs and the artifact loader, i.e.
-``metattt/model/*.py``, ``metattt/kernels/*.py`` and ``metattt/artifact/*.py`` (see `default_code_paths`). Anything else (training, TTT adapters, eval) can be
-added explicitly with ``code_bytes(paths)``.
+that is every package module that importing the artifact loader (``metattt.artifact.model_io``, which builds
+the model) can execute: its import closure inside the package, package ``__init__`` files and imports inside
+functions included, found statically (see `default_code_paths`). Code the model does not run (training, TTT
+adapters, eval) is not counted; it can be added explicitly with ``code_bytes(paths)``.
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 DEFAULT_BUDGET = 16_000_000
 _PKG_ROOT = Path(__file__).resolve().parent.parent  # .../metattt
-DEFAULT_CODE_DIRS = ("model", "kernels", "artifact")  # the model imports its Triton kernels
+LOADER_MODULE = "metattt.artifact.model_io"  # loads an artifact into the model: the code that must ship
 
 
 def _expand(paths: Iterable[str | Path]) -> list[Path]:
@@ -55,13 +57,50 @@ def code_bytes(paths: Iterable[str | Path]) -> int:
     return total
 
 
-def default_code_paths(package_root: str | Path | None = None) -> list[Path]:
-    """Our convention: metattt/model/*.py + metattt/kernels/*.py + metattt/artifact/*.py (those that exist)."""
-    root = Path(package_root) if package_root is not None else _PKG_ROOT
-    out: list[Path] = []
-    for d in DEFAULT_CODE_DIRS:
-        out.extend(sorted((root / d).glob("*.py")))
+def _module_file(root: Path, name: str) -> Path | None:
+    """The source file of package module ``name`` (``pkg.a.b``) under ``root`` (the package dir), if any."""
+    base = root.joinpath(*name.split(".")[1:])
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return base.with_suffix(".py") if base.with_suffix(".py").is_file() else None
+
+
+def _imported_names(path: Path, module: str) -> set[str]:
+    """Absolute names a module may import, anywhere in its body; ``from m import x`` adds ``m.x`` too (x may be
+    a submodule; names that are not modules are dropped by the caller)."""
+    pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                mod = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
     return out
+
+
+def default_code_paths(package_root: str | Path | None = None, entry: str = LOADER_MODULE) -> list[Path]:
+    """The package files that importing ``entry`` can run (its import closure within the package), sorted."""
+    root = Path(package_root) if package_root is not None else _PKG_ROOT
+    top = entry.split(".")[0]
+    todo, files = [entry], {}
+    while todo:
+        name = todo.pop()
+        if name in files or name.split(".")[0] != top:
+            continue
+        f = _module_file(root, name)
+        if f is None:
+            continue
+        files[name] = f
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages' __init__ run first
+        todo += sorted(_imported_names(f, name))
+    return sorted(set(files.values()))
 
 
 def default_code_bytes(package_root: str | Path | None = None) -> int:

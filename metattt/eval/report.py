@@ -77,12 +77,14 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
     per, diffs = bootstrap({n: r.doc_nats for n, r in ev.results.items()}, doc_bytes, list(pairs.values()),
                            n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
     block_bytes = data.block_bytes
+    measured_on = data.tokens.device.type
+    projects = projection_applies(measured_on, cfg.projection_gpus)
     protocols: dict[str, Any] = {}
     for n, r in ev.results.items():
         s = r.stream
         rate = s.n_scored / max(s.seconds, 1e-12)
         per_gpu = rate / max(r.world, 1)
-        proj = cfg.projection_tokens / (per_gpu * cfg.projection_gpus) if per_gpu > 0 else None
+        proj = cfg.projection_tokens / (per_gpu * cfg.projection_gpus) if projects and per_gpu > 0 else None
         protocols[n] = {
             "bpb": per[n].point,
             "ci95": [per[n].lo, per[n].hi],
@@ -136,10 +138,12 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         "bootstrap": {"n": cfg.n_boot, "seed": cfg.seed, "level": cfg.level, "unit": "document",
                       "paired": True, "estimator": "sum(nats)/ln2/sum(bytes) over resampled documents"},
         "projection": {
-            "tokens": cfg.projection_tokens, "gpus": cfg.projection_gpus,
+            "tokens": cfg.projection_tokens, "gpus": cfg.projection_gpus, "measured_on": measured_on,
+            "applies": projects,
             "note": (f"PROJECTION, not a measurement: {cfg.projection_tokens:,} tokens (full FineWeb val, taken "
                      f"as 62M) / (measured tokens/s per process x {cfg.projection_gpus}), assuming linear "
-                     "scaling"),
+                     "scaling" if projects else
+                     f"no {cfg.projection_gpus}-GPU projection: throughput was measured on {measured_on}, not a GPU"),
         },
         "protocols": protocols,
         "deltas": deltas,
@@ -150,6 +154,11 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
             "nats": {n: r.doc_nats.tolist() for n, r in ev.results.items()},
         } if data.n_docs <= 100_000 else None,
     }
+
+
+def projection_applies(device_type: str, gpus: int) -> bool:
+    """Scaling a measured rate to N GPUs means something only when it was measured on a GPU."""
+    return device_type == "cuda" and gpus >= 1
 
 
 def _jsonable_stats(st: Any) -> Any:
@@ -185,7 +194,8 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append(f"scored {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents); "
                  f"95% CIs: paired bootstrap over documents, n={rep['bootstrap']['n']}, "
                  f"seed={rep['bootstrap']['seed']}")
-    hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{'proj. 8 GPU':>13}  note"
+    proj_col = f"proj. {rep['projection']['gpus']} GPU"
+    hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{proj_col:>13}  note"
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for n, p in rep["protocols"].items():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import in_functorch_transform, leaky_mlp, qkv_prep
+from ..kernels import in_functorch_transform, qkv_prep
 from .attention import causal_attention
 from .config import ModelConfig
 
@@ -53,10 +53,8 @@ class Runtime:
     and down-projection before the GEMM (the same function: ``s * (y @ W.T) == y @ (s[:, None] * W).T``), so the
     backward gets their gradients from the small weight gradient instead of a column sum over every token.
     ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
-    precision, fused QKV only; ``metattt.kernels.qkv_prep``). ``mlp_kernel`` (off: measured slower, see
-    docs/benchmarks.md) recomputes LeakyReLU² inside the down-projection's Triton GEMMs instead of storing it
-    (``metattt.kernels.leaky_mlp``; CUDA, half precision). Neither kernel has a double backward or runs
-    under torch.func transforms, so ``attn="math"`` (the twice-differentiable path second-order meta-learning
+    precision, fused QKV only; ``metattt.kernels.qkv_prep``). The kernel has no double backward and does not
+    run under torch.func transforms, so ``attn="math"`` (the twice-differentiable path second-order meta-learning
     uses) and ``torch.func.grad`` run plain torch throughout.
     """
 
@@ -65,7 +63,6 @@ class Runtime:
     fused_qkv: bool = True
     fold_gains: bool = True
     qkv_kernel: bool = True
-    mlp_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_dtype not in ("float32", "bfloat16"):
@@ -175,9 +172,6 @@ def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: R
          gain: Tensor | None = None) -> Tensor:
     u = F.linear(h, p["mlp_up_bank"][layer])
     w = _scaled_rows(p["mlp_down_bank"][layer], gain)
-    if (rt.mlp_kernel and attn != "math" and u.dtype in (torch.bfloat16, torch.float16)
-            and leaky_mlp.fused_mlp_available(u.device) and not in_functorch_transform(u)):
-        return leaky_mlp.leaky2_down(u, w, cfg.leaky_slope)  # the activation recomputed inside the GEMMs
     a = F.leaky_relu(u, cfg.leaky_slope)
     return F.linear(a * a, w)
 

@@ -1,32 +1,11 @@
 """Ablation comparison across run directories: ``python -m metattt compare RUN_DIR... [options]``.
 
-What it does
-------------
-* Loads each run directory (a directory holding none of the run files but with run directories inside
-  it is expanded to them). A malformed run (see :class:`MalformedRunDir`) or one without the metric is
-  named on stderr, skipped, never averaged in, and listed in the table footer.
-* Groups runs by ``--by`` fields, looked up in config.json, then eval.json, then summary.json. A field is
-  a dotted path (``meta.adapter``); when that exact path is absent, a unique leaf whose path ends with it
-  is used (``adapter`` finds ``ttt.adapter``); an ambiguous suffix is an error listing the candidates.
-  Without ``--by``, the config leaves that differ between runs (ignoring seed, names, paths, dirs, times)
-  form the group key.
-* The metric (``--metric``, dotted path) is looked up in eval.json, then summary.json (exact name, then
-  the aliases in :data:`METRIC_ALIASES`), then the last metrics.jsonl record holding it, then as a unique
-  suffix in eval.json / summary.json. A value that is an object with ``mean``/``value``/``estimate``/``point`` uses that field
-  (so ``{"bpb": {"mean": 1.1, "ci": [..]}}`` works as ``--metric bpb``).
-* Per group: n seeds, mean ± 95% Student-t CI over seeds ("n=1" when there is a single run). With
-  ``--baseline`` (a group label such as ``adapter=none``, its value(s) ``none``, or a run name/path whose
-  group becomes the baseline): Δ = group − baseline over seeds present in both (pairing key ``seed`` in
-  config.json, exact dotted path ``--seed-key``), its t-CI, and the two-sided paired t-test p-value.
-* Outputs: markdown on stdout; with ``--out DIR``: compare.md, compare.csv (one row per group, full
-  precision), runs.csv (one row per run with where its value came from), compare.json, and PNG plots
-  (learning_curves.png, ttt_delta_curves.png when eval.json holds running curves, metric_bars.png).
-
-wandb
------
-``--wandb-project P`` reads runs through the wandb public API (needs wandb installed and an API key). For
-offline runs pass their run directories instead: wandb has no public reader for offline ``.wandb`` files,
-and our run directory holds the same data anyway.
+Per group of runs (``--by`` dotted config fields; default: the config leaves that differ between runs, minus
+per-run bookkeeping): n, mean ± Student-t CI over seeds; with ``--baseline``, Δ to the baseline group paired on
+the seed, its t-CI and paired t-test. A malformed or metric-less run is named on stderr and in the footer, never
+averaged in. Lookup rules: :func:`find_field` (grouping fields), :func:`metric_value` and ``--help`` (metrics).
+Outputs: markdown on stdout; ``--out DIR`` adds compare.md/.csv/.json, runs.csv and PNG plots. ``--wandb-project``
+reads the online wandb API only (it has no public reader for offline files; run directories hold the same data).
 """
 
 from __future__ import annotations
@@ -44,16 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
 from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
 
-#: Static aliases tried (in order) after the exact ``--metric`` name. Besides these, metric names follow the
-#: evaluator's eval.json (schema metattt.eval/1, see metattt/eval/report.py) and the trainer's summary.json:
-#:   ttt_delta            the run's single ``deltas["ttt:<adapter>"].value`` (sliding → ttt; positive = TTT
-#:                        better); with several TTT protocols in one eval.json, name one:
-#:   ttt_delta:ADAPTER    ``deltas["ttt:ADAPTER"].value``
-#:   bpb:PROTOCOL         ``protocols[PROTOCOL].bpb`` (bpb:sliding, bpb:flat, bpb:ttt:sgd; ``bpb.sliding`` too)
-#:   context_delta        ``deltas.context.value`` (flat → sliding)
-#:   bpb                  summary ``val_bpb_quant`` (after the artifact round trip), else ``val_bpb``
-#:   val_bpb, val_bpb_quant, quant_gap_bpb, ...: summary.json fields as the trainer writes them.
-#: Any other dotted path into eval.json / summary.json works as is.
+#: Aliases tried (in order) after the exact ``--metric`` name; METRIC_HELP documents the names users type.
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     "ttt_delta": ("delta_ttt", "ttt.delta"),
     "context_delta": ("deltas.context",),
@@ -533,69 +503,44 @@ def to_markdown(cmp: Comparison, precision: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _num(x: float | None) -> str:
-    return "" if x is None else repr(float(x))
+def group_record(cmp: Comparison, g: GroupResult) -> dict[str, Any]:
+    """One group as a flat record (a compare.csv row; compare.json adds its runs). None = not applicable."""
+    pt = g.paired
+    return {"group": g.label, **{b: _fmt_value(v) for b, v in zip(cmp.by, g.key)},
+            "is_baseline": int(g.is_baseline), "n": g.ci.n, "seeds": _seeds_str(g.seeds), "mean": g.ci.mean,
+            "sd": g.ci.sd, "ci_half": g.ci.half_width, "ci_lo": g.ci.lo, "ci_hi": g.ci.hi,
+            "delta": None if g.is_baseline else g.delta, "delta_sd": pt and pt.sd_diff,
+            "delta_ci_half": pt and pt.half_width, "n_pairs": pt and pt.n, "t": pt and pt.t, "df": pt and pt.df,
+            "p_value": pt and pt.p_value, "runs": ";".join(rv.run.name for rv in g.runs)}
+
+
+def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:
+    buf = io.StringIO()  # csv writes None as "" and floats at full precision (repr)
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def to_csv(cmp: Comparison) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["group", *cmp.by, "is_baseline", "n", "seeds", "mean", "sd", "ci_half", "ci_lo", "ci_hi",
-         "delta", "delta_sd", "delta_ci_half", "n_pairs", "t", "p_value", "runs"]
-    )
-    for g in cmp.groups:
-        pt = g.paired
-        w.writerow(
-            [g.label, *[_fmt_value(v) for v in g.key], int(g.is_baseline), g.ci.n, _seeds_str(g.seeds),
-             _num(g.ci.mean), _num(g.ci.sd), _num(g.ci.half_width), _num(g.ci.lo), _num(g.ci.hi),
-             _num(g.delta) if not g.is_baseline else "", _num(pt.sd_diff if pt else None),
-             _num(pt.half_width if pt else None), pt.n if pt else "", _num(pt.t if pt else None),
-             _num(pt.p_value if pt else None), ";".join(rv.run.name for rv in g.runs)]
-        )
-    return buf.getvalue()
+    rows = [group_record(cmp, g) for g in cmp.groups]
+    return _csv(rows, list(rows[0]) if rows else ["group", *cmp.by])
 
 
 def runs_csv(cmp: Comparison) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "group", "seed", "value", "source", "path"])
-    for rv in cmp.values:
-        w.writerow([rv.run.name, rv.group, _fmt_value(rv.seed), repr(rv.value), rv.source, str(rv.run.path or "")])
-    for s in cmp.skipped:
-        w.writerow([s.name, "(skipped)", "", "", s.reason, ""])
-    return buf.getvalue()
+    rows = [{"run": rv.run.name, "group": rv.group, "seed": _fmt_value(rv.seed), "value": rv.value,
+             "source": rv.source, "path": str(rv.run.path or "")} for rv in cmp.values]
+    rows += [{"run": s.name, "group": "(skipped)", "source": s.reason} for s in cmp.skipped]
+    return _csv(rows, ["run", "group", "seed", "value", "source", "path"])
 
 
 def to_json(cmp: Comparison) -> dict[str, Any]:
-    def ci(c: MeanCI) -> dict[str, Any]:
-        return {"n": c.n, "mean": c.mean, "sd": c.sd, "half_width": c.half_width, "lo": c.lo, "hi": c.hi}
-
-    return {
-        "metric": cmp.metric,
-        "by": cmp.by,
-        "seed_key": cmp.seed_key,
-        "level": cmp.level,
-        "baseline": cmp.baseline,
-        "groups": [
-            {
-                "label": g.label,
-                "key": [None if v is _MISSING else v for v in g.key],
-                "is_baseline": g.is_baseline,
-                "ci": ci(g.ci),
-                "delta": g.delta,
-                "paired": None if g.paired is None else {
-                    "n": g.paired.n, "mean_diff": g.paired.mean_diff, "sd_diff": g.paired.sd_diff,
-                    "half_width": g.paired.half_width, "t": g.paired.t, "df": g.paired.df,
-                    "p_value": g.paired.p_value,
-                },
-                "runs": [{"name": rv.run.name, "seed": rv.seed, "value": rv.value, "source": rv.source} for rv in g.runs],
-            }
-            for g in cmp.groups
-        ],
-        "skipped": [{"name": s.name, "reason": s.reason} for s in cmp.skipped],
-        "warnings": cmp.warnings,
-    }
+    groups = [{**group_record(cmp, g), "key": [None if v is _MISSING else v for v in g.key],
+               "runs": [{"name": rv.run.name, "seed": rv.seed, "value": rv.value, "source": rv.source}
+                        for rv in g.runs]} for g in cmp.groups]
+    return {"metric": cmp.metric, "by": cmp.by, "seed_key": cmp.seed_key, "level": cmp.level,
+            "baseline": cmp.baseline, "groups": groups,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in cmp.skipped], "warnings": cmp.warnings}
 
 
 def write_outputs(

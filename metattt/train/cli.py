@@ -98,16 +98,30 @@ EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The trainer's entry point: 0 when the run finished, 2 for bad input (one line on stderr, naming it).
+    """The trainer's entry point: 0 when the run finished, 2 for bad input (one line on stderr, naming it), 3 if
+    the final evaluation's ledger refused an update. Single-process runs end with the evaluator's decomposition
+    (``--final-eval``); under torchrun the command for it is printed.
 
     argparse itself exits 2 for unknown flags and malformed values.
     """
     from ..data.shards import ShardFormatError
+    from ..eval.ledger import LegalityError
+    from .final_eval import check_mode, run_final_eval
     from .loop import train
 
     try:
         cfg = parse_config(argv)
-        train(cfg)
+        check_mode(cfg.final_eval)  # before training: a typo must not cost the run
+        summary = train(cfg)
+        if "artifact" in summary and cfg.final_eval != "off":
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(f"final eval skipped under torchrun: python evaluators/legal_ttt.py {summary['artifact']}")
+            else:
+                run_final_eval(cfg, summary["artifact"])
+    except LegalityError as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ShardFormatError, ValueError) as e:  # bad input: say what, not where
         if os.environ.get("METATTT_DEBUG"):
             raise

@@ -162,8 +162,8 @@ def test_sweep_expands_into_cells_with_their_own_flags(tmp_path) -> None:
 
     st = parse_study(tomllib.loads(_toml(tmp_path) + 'sweep = { "--chunk-tokens" = [1024, 2048], "--no-autocast" = [false, true] }\n'))
     names = [c.ev.name for c in st.cells()]
-    assert names == ["a.chunk-tokens=1024.no-no-autocast", "a.chunk-tokens=1024.no-autocast",
-                     "a.chunk-tokens=2048.no-no-autocast", "a.chunk-tokens=2048.no-autocast"]
+    assert names == ["a.chunk-tokens=1024.no-autocast=false", "a.chunk-tokens=1024.no-autocast=true",
+                     "a.chunk-tokens=2048.no-autocast=false", "a.chunk-tokens=2048.no-autocast=true"]
     assert len({c.key for c in st.cells()}) == 4
     assert st.cells()[1].ev.flags[-3:] == ("--chunk-tokens", "1024", "--no-autocast")
 

@@ -185,7 +185,7 @@ def _expand_sweep(base: dict[str, Any], sweep: Any, where: str) -> list[tuple[st
         for flag, v in zip(names, combo):
             short = flag[2:]
             if isinstance(v, bool):
-                parts.append(short if v else f"no-{short}")
+                parts.append(f"{short}={str(v).lower()}")
                 flags += [flag] if v else []
             else:
                 parts.append(f"{short}={v}")

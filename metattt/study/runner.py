@@ -136,7 +136,8 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
     """Train missing models and evaluate missing cells; returns one Outcome per model and cell."""
     nproc = nproc or study.nproc
     outcomes: list[Outcome] = []
-    cells = [c for c in study.cells() if only is None or c.model.name in only or c.ev.name in only]
+    cells = [c for c in study.cells()
+             if only is None or c.model.name in only or c.ev.name in only or c.ev.section in only]
     needed = {c.model.name: c.model for c in cells}
     failed_models: set[str] = set()
     for m in needed.values():

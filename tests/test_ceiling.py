@@ -172,3 +172,20 @@ def test_shipped_configs_parse() -> None:
     for name in ("ceiling_cpu.toml", "ceiling_gpu.toml"):
         st = load_study(REPO / "experiments" / name)
         assert st.cells() and all(c.ev.section in st.sections for c in st.cells())
+
+
+def test_a_replaced_artifact_makes_its_cells_not_done(study, tmp_path) -> None:
+    from metattt.study.runner import cell_done
+
+    root, cfg = study
+    st = load_study(cfg)
+    c = st.cells()[0]
+    assert cell_done(st, c)
+    art = st.artifact_path(c.model)
+    saved = art.read_bytes()
+    try:
+        art.write_bytes(saved + b"\0")
+        assert not cell_done(st, c)
+    finally:
+        art.write_bytes(saved)
+    assert cell_done(st, c)

@@ -2,7 +2,7 @@
 
 Resumability is decided from the run directories alone: a model is done when its directory has
 ``summary.json``, ``artifact.ptz`` and a ``study.json`` whose key matches; a cell is done when its
-``eval.json`` holds every requested protocol and its ``study.json`` key matches. A directory left by an
+``eval.json`` holds every requested protocol and its ``study.json`` key and artifact sha256 match. A directory left by an
 interrupted run is moved aside (``NAME.incomplete-N``), never deleted. Trainer and evaluator run as
 subprocesses (``torchrun --standalone --nproc_per_node N`` when ``nproc > 1``), each logging to its directory.
 """
@@ -82,9 +82,26 @@ def requested_protocols(c: Cell) -> list[str]:
     return [s.name for s in parse_protocols(list(c.ev.protocols))]
 
 
+def artifact_digest(path: Path) -> str | None:
+    """sha256 of the artifact file: a cell evaluated another file (re-imported, retrained) is not done."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def cell_done(study: StudyConfig, c: Cell) -> bool:
     d = study.cell_dir(c)
     if not _record_ok(d, c.key):
+        return False
+    rec = _read_json(d / RECORD) or {}
+    if rec.get("artifact_sha256") != artifact_digest(study.artifact_path(c.model)):
         return False
     ev = _read_json(d / "eval.json")
     if not ev or ev.get("schema") != "metattt.eval/1":
@@ -123,10 +140,10 @@ def _run(cmd: list[str], cwd: Path, log_path: Path, env: dict[str, str]) -> int:
     return proc.returncode
 
 
-def _write_record(d: Path, key: str, settings: dict, cmd: list[str], seconds: float) -> None:
+def _write_record(d: Path, key: str, settings: dict, cmd: list[str], seconds: float, **extra) -> None:
     from metattt.atomic import atomic_write
 
-    rec = {"status": "done", "key": key, "settings": settings, "command": shlex.join(cmd),
+    rec = {"status": "done", "key": key, **extra, "settings": settings, "command": shlex.join(cmd),
            "argv": cmd, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(d / RECORD, json.dumps(rec, indent=2))
 
@@ -189,12 +206,14 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
         if moved:
             log(f"{what}: incomplete directory moved to {moved}")
         d.mkdir(parents=True, exist_ok=True)
+        digest = artifact_digest(study.artifact_path(c.model))
         log(f"{what}: evaluating -> {d}")
         t0 = time.perf_counter()
         rc = _run(cmd, Path.cwd(), d / LOG, {**study.env})
         dt = time.perf_counter() - t0
         if rc == 0:
-            _write_record(d, c.key, {"model": c.model.name, "model_key": c.model.key, **c.ev.settings()}, cmd, dt)
+            _write_record(d, c.key, {"model": c.model.name, "model_key": c.model.key, **c.ev.settings()}, cmd, dt,
+                          artifact_sha256=digest)
         if rc == 0 and cell_done(study, c):
             outcomes.append(Outcome(what, "done", dt))
             log(f"{what}: done in {dt:.0f}s")

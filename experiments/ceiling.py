@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         from metattt.study.runner import run_study
 
-        outcomes = run_study(study, nproc=args.nproc, dry_run=args.dry_run,
-                             only=set(args.only) if args.only else None)
+        try:
+            outcomes = run_study(study, nproc=args.nproc, dry_run=args.dry_run,
+                                 only=set(args.only) if args.only else None)
+        except StudyConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         for o in outcomes:
             print(f"  {o.what:<48} {o.status}" + (f" ({o.seconds:.0f}s)" if o.seconds else ""))
         bad = [o for o in outcomes if o.status.startswith(("failed", "blocked"))]

@@ -155,6 +155,10 @@ def test_config_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
         load_study(tmp_path / "bad.toml")
     assert ceiling.main(["--config", str(tmp_path / "absent.toml")]) == 2
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "env.toml").write_text(base.replace('"--iterations"', '"$CEILING_TEST_UNSET", "--iterations"'))
+    os.environ.pop("CEILING_TEST_UNSET", None)
+    assert ceiling.main(["--config", str(tmp_path / "env.toml"), "--dry-run"]) == 2
+    assert "CEILING_TEST_UNSET not set" in capsys.readouterr().err
 
 
 def test_sweep_expands_into_cells_with_their_own_flags(tmp_path) -> None:
@@ -168,10 +172,21 @@ def test_sweep_expands_into_cells_with_their_own_flags(tmp_path) -> None:
     assert st.cells()[1].ev.flags[-3:] == ("--chunk-tokens", "1024", "--no-autocast")
 
 
-def test_shipped_configs_parse() -> None:
+def test_shipped_configs_parse_and_their_adapter_specs_exist() -> None:
+    from metattt.eval.run import _parse_adapter_specs
+    from metattt.ttt.registry import ADAPTER_CLASSES, adapter_from_spec
+
     for name in ("ceiling_cpu.toml", "ceiling_gpu.toml"):
         st = load_study(REPO / "experiments" / name)
         assert st.cells() and all(c.ev.section in st.sections for c in st.cells())
+        for e in st.evals:
+            specs = _parse_adapter_specs(list(e.adapter_specs))
+            for p in e.protocols:
+                if ":" in p:
+                    key = p.split(":", 1)[1].split("@")[0]
+                    assert key in specs or key in ADAPTER_CLASSES, (name, e.name, p)
+            for spec in specs.values():
+                adapter_from_spec(spec)
 
 
 def test_a_replaced_artifact_makes_its_cells_not_done(study, tmp_path) -> None:

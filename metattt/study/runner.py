@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import Cell, ModelSpec, StudyConfig
+from .config import Cell, ModelSpec, StudyConfig, StudyConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINER = "experiments/meta_ttt.py"
@@ -156,6 +157,10 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
     cells = [c for c in study.cells()
              if only is None or c.model.name in only or c.ev.name in only or c.ev.section in only]
     needed = {c.model.name: c.model for c in cells}
+    texts = [t for m in needed.values() for t in (m.train or (m.artifact,))] + [f for c in cells for f in c.ev.flags]
+    unset = sorted({v for t in texts for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", study.expand(t))})
+    if unset:
+        raise StudyConfigError(f"environment variable(s) {', '.join(unset)} not set (used in {study.source})")
     failed_models: set[str] = set()
     for m in needed.values():
         what = f"model {m.name}"

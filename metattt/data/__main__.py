@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=1024)
     b.add_argument("--shard-tokens", type=int, default=100_000_000)
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--pseudo-doc-text", nargs="+", default=[], metavar="PATH",
+                   help="long texts (books) cut into BOS-delimited pseudo-documents with the length distribution "
+                        "of --pseudo-doc-lengths-from, shuffled into the train split with the --text documents")
+    b.add_argument("--pseudo-doc-lengths-from", nargs="+", default=[], metavar="PATH",
+                   help="documents whose token lengths the pseudo-documents follow (default: --text train docs)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the pseudo-document lengths and train order")
 
     s = sub.add_parser("synthetic", help="write the embedded synthetic document-language corpus")
     s.add_argument("--out", required=True, type=Path)
@@ -44,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         from metattt.data.build import BuildConfig, build_dataset, summary_line
 
-        cfg = BuildConfig(
-            text=args.text, tokenizer=args.tokenizer, out=args.out, val_docs=args.val_docs,
-            val_text=args.val_text, train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
-            shard_tokens=args.shard_tokens, progress=not args.no_progress,
-        )
-        print(summary_line(build_dataset(cfg), args.out))
+        try:
+            cfg = BuildConfig(
+                text=args.text, tokenizer=args.tokenizer, out=args.out, val_docs=args.val_docs,
+                val_text=args.val_text, train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
+                shard_tokens=args.shard_tokens, progress=not args.no_progress, pseudo_doc_text=args.pseudo_doc_text,
+                pseudo_doc_lengths=args.pseudo_doc_lengths_from, seed=args.seed,
+            )
+            print(summary_line(build_dataset(cfg), args.out))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     elif args.cmd == "synthetic":
         from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset
 

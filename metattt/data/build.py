@@ -3,6 +3,11 @@
 Inputs: ``.jsonl`` (field "text"; also ``.jsonl.xz`` / ``.jsonl.gz`` / ``.jsonl.zst``) with one document per
 line, and ``.txt`` files with one document per file. Directories are searched recursively (sorted, so the
 result is deterministic). Each document becomes BOS + ids (no EOS), as in the challenge data.
+
+Corpus option (``--pseudo-doc-text BOOKS``): long texts are cut into BOS-delimited pseudo-documents whose token
+lengths follow the length distribution of reference documents (``--pseudo-doc-lengths-from``, default the
+train documents of ``--text``), and the train split is the pseudo-documents and the ``--text`` train documents
+in one seeded random order (``metattt/data/pseudodocs.py``). Validation is unchanged.
 """
 
 from __future__ import annotations
@@ -40,10 +45,17 @@ class BuildConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     batch_docs: int = 256
     progress: bool = True
+    pseudo_doc_text: list[Path] = field(default_factory=list)  # long texts cut into pseudo-documents (train)
+    pseudo_doc_lengths: list[Path] = field(default_factory=list)  # length reference (default: --text train docs)
+    seed: int = 0  # pseudo-document lengths and the train document order
 
     def __post_init__(self) -> None:
         self.text = [Path(p) for p in self.text]
         self.val_text = [Path(p) for p in self.val_text]
+        self.pseudo_doc_text = [Path(p) for p in self.pseudo_doc_text]
+        self.pseudo_doc_lengths = [Path(p) for p in self.pseudo_doc_lengths]
+        if self.pseudo_doc_lengths and not self.pseudo_doc_text:
+            raise ValueError("--pseudo-doc-lengths-from needs --pseudo-doc-text")
         self.tokenizer, self.out = Path(self.tokenizer), Path(self.out)
         if not self.text:
             raise ValueError("no --text inputs given")
@@ -160,6 +172,49 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _encode(sp, docs: Iterable[str], bos: int, batch_docs: int, bar=None) -> Iterator[np.ndarray]:
+    """BOS + ids of each document, in order."""
+    for batch in _batched(docs, batch_docs):
+        for ids in sp.encode(batch, out_type=int):
+            arr = np.empty(len(ids) + 1, dtype=np.int64)
+            arr[0] = bos
+            arr[1:] = ids
+            yield arr
+        if bar is not None:
+            bar.update(len(batch))
+
+
+def _mixed_train(cfg: BuildConfig, sp, bos: int, train_docs: Iterable[str], bar) -> tuple[list[np.ndarray], dict]:
+    """The train documents plus the pseudo-documents cut from ``cfg.pseudo_doc_text``, in one seeded order."""
+    from metattt.data.pseudodocs import length_summary, pseudo_documents
+
+    docs = [a.astype(np.uint16) for a in _encode(sp, train_docs, bos, cfg.batch_docs, bar)]
+    if cfg.pseudo_doc_lengths:
+        ref = np.array([a.size - 1 for a in _encode(sp, iter_documents(cfg.pseudo_doc_lengths), bos,
+                                                    cfg.batch_docs)], dtype=np.int64)
+    else:
+        ref = np.array([a.size - 1 for a in docs], dtype=np.int64)
+    ref = ref[ref > 0]
+    if ref.size == 0:
+        raise ValueError("no reference documents for the pseudo-document lengths (empty --text train split and "
+                         "no --pseudo-doc-lengths-from)")
+    rng = np.random.default_rng(cfg.seed)
+    pseudo = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(iter_documents(cfg.pseudo_doc_text), sp,
+                                                                         ref, rng), bos, cfg.batch_docs, bar)]
+    if not pseudo:
+        raise ValueError(f"--pseudo-doc-text {', '.join(map(str, cfg.pseudo_doc_text))} holds no text")
+    n_real = len(docs)
+    order = rng.permutation(n_real + len(pseudo))
+    allr = docs + pseudo
+    info = {"seed": cfg.seed, "pseudo_docs": len(pseudo), "pseudo_tokens": int(sum(a.size for a in pseudo)),
+            "text_docs": n_real, "text_tokens": int(sum(a.size for a in docs)),
+            "reference_lengths": length_summary(ref),
+            "pseudo_lengths": length_summary([a.size - 1 for a in pseudo]),
+            "pseudo_doc_text": [str(p) for p in cfg.pseudo_doc_text],
+            "length_source": [str(p) for p in cfg.pseudo_doc_lengths] or "train documents of --text"}
+    return [allr[i] for i in order], info
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -186,7 +241,7 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
 
         return val(), train()
 
-    expand_inputs(cfg.text + cfg.val_text)  # fail fast on bad paths before any long work
+    expand_inputs(cfg.text + cfg.val_text + cfg.pseudo_doc_text + cfg.pseudo_doc_lengths)  # fail fast on bad paths before any long work
     if cfg.train_tokenizer:
         _, train_iter = split_docs()  # never train the tokenizer on val documents
         train_tokenizer(train_iter, cfg.tokenizer, cfg.vocab_size)
@@ -205,16 +260,15 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     writers = {s: _ShardWriter(cfg.out, s, cfg.shard_tokens, vocab) for s in ("val", "train")}
     val_iter, train_iter = split_docs()
     bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
+    mix: dict[str, Any] | None = None
     for split, docs in (("val", val_iter), ("train", train_iter)):
         w = writers[split]
-        for batch in _batched(docs, cfg.batch_docs):
-            for ids in sp.encode(batch, out_type=int):
-                arr = np.empty(len(ids) + 1, dtype=np.int64)
-                arr[0] = bos
-                arr[1:] = ids
-                w.add(arr)
-            bar.update(len(batch))
-            bar.set_postfix(split=split, tokens=w.tokens)
+        if split == "train" and cfg.pseudo_doc_text:
+            arrays, mix = _mixed_train(cfg, sp, bos, docs, bar)
+        else:
+            arrays = _encode(sp, docs, bos, cfg.batch_docs, bar)
+        for arr in arrays:
+            w.add(arr)
         w.flush()
     bar.close()
     if writers["train"].docs == 0:
@@ -229,6 +283,7 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
         "shard_tokens": cfg.shard_tokens,
         "removed_stale_shards": [p.name for p in stale],
         **{f"{s}_{k}": getattr(writers[s], k) for s in ("train", "val") for k in ("docs", "tokens", "files")},
+        **({"pseudo_docs": mix} if mix is not None else {}),
     }
     (cfg.out / "build_meta.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -241,4 +296,12 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
     return (
         f"built {out}: {docs:,} docs ({summary['val_docs']:,} val), {tokens:,} tokens "
         f"({summary['val_tokens']:,} val), {shards} shards, vocab {summary['vocab_size']}"
-    )
+    ) + (_mix_line(summary["pseudo_docs"]) if summary.get("pseudo_docs") else "")
+
+
+def _mix_line(m: dict[str, Any]) -> str:
+    r, p = m["reference_lengths"], m["pseudo_lengths"]
+    return (f"\ntrain = {m['text_docs']:,} documents ({m['text_tokens']:,} tokens) + {m['pseudo_docs']:,} "
+            f"pseudo-documents ({m['pseudo_tokens']:,} tokens), shuffled (seed {m['seed']}); lengths in tokens, "
+            f"reference vs pseudo: median {r['q50']:.0f} vs {p['q50']:.0f}, q10 {r['q10']:.0f} vs {p['q10']:.0f}, "
+            f"q90 {r['q90']:.0f} vs {p['q90']:.0f}, mean {r['mean']:.0f} vs {p['mean']:.0f}")

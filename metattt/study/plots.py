@@ -1,0 +1,134 @@
+"""Small PNGs for the ceiling report, drawn from the cells' eval.json only.
+
+* ``capacity``: Δ_TTT (with its 95% CI) against the number of adapted scalars, log x; a flat line would mean
+  the adaptation gain does not grow with what may adapt.
+* ``running``: cumulative Δ_TTT along the validation stream; rising = still learning from the stream.
+* ``fraction`` (synthetic corpus): the fraction of the exact adaptation room each adapter captures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import StudyConfig
+
+DPI = 80
+SIZE = (6.0, 3.4)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _ttt_points(ev: dict[str, Any]) -> list[tuple[str, int, float, float, float]]:
+    out = []
+    for key, d in ev["deltas"].items():
+        if not key.startswith("ttt:"):
+            continue
+        ap = ev["protocols"][key].get("adapter_params") or {}
+        if "adapted_scalars" in ap and ap["adapted_scalars"] > 0:
+            out.append((key, int(ap["adapted_scalars"]), d["value"], d["ci95"][0], d["ci95"][1]))
+    return out
+
+
+def capacity_plot(results: list, path: Path) -> Path | None:
+    series = []
+    for r in results:
+        pts = sorted(_ttt_points(r.eval), key=lambda t: t[1])
+        if len(pts) >= 2:
+            series.append((f"{r.cell.model.name}/{r.cell.ev.name}", pts))
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=SIZE)
+    for label, pts in series:
+        xs = [p[1] for p in pts]
+        ys = [p[2] for p in pts]
+        err = [[p[2] - p[3] for p in pts], [p[4] - p[2] for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("adapted scalars")
+    ax.set_ylabel("Δ_TTT = sliding − ttt (bpb)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def running_plot(results: list, path: Path) -> Path | None:
+    lines = []
+    for r in results:
+        for key, rd in (r.eval.get("running_delta") or {}).items():
+            if key.startswith("ttt:") and len(rd["delta_bpb"]) >= 2:
+                lines.append((f"{r.cell.model.name}/{r.cell.ev.name}/{key}", rd))
+    if not lines:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=SIZE)
+    for label, rd in lines[:24]:
+        ys = [float("nan") if v is None else v for v in rd["delta_bpb"]]
+        xs = [(i + 1) * rd["block_tokens"] for i in range(len(ys))]
+        ax.plot(xs, ys, label=label, linewidth=1.0)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("scored tokens")
+    ax.set_ylabel("cumulative Δ_TTT (bpb)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def fraction_plot(results: list, path: Path) -> Path | None:
+    from .report import synthetic_bounds_for
+
+    bars = []
+    for r in results:
+        bd = synthetic_bounds_for(r)
+        if not bd:
+            continue
+        room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
+        if room <= 0:
+            continue
+        for key, d in r.eval["deltas"].items():
+            if key.startswith("ttt:"):
+                bars.append((f"{r.cell.model.name}\n{key[4:]}", d["value"] / room, d["ci95"][0] / room,
+                             d["ci95"][1] / room))
+    if not bars:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(SIZE[0], 0.45 * len(bars)), SIZE[1] + 0.4))
+    xs = range(len(bars))
+    ax.bar(xs, [b[1] for b in bars], yerr=[[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]], capsize=2)
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=6, rotation=90)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("Δ_TTT / adaptation room")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def section_plots(study: StudyConfig, section: str, results: list) -> list[Path]:
+    """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed."""
+    out = []
+    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot)):
+        path = study.plots / f"{study.name}-s{section}-{kind}.png"
+        got = fn(results, path) if results else None
+        if got is not None:
+            out.append(got)
+        elif path.exists():
+            path.unlink()
+    return out

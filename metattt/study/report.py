@@ -1,0 +1,307 @@
+"""The ceiling report: markdown sections and plots generated from the study's run directories only.
+
+Each study owns marked blocks ``<!-- ceiling:STUDY:SECTION begin -->`` … ``<!-- ceiling:STUDY:SECTION end -->`` in
+the report file; everything between a pair is rewritten, everything outside is hand-written prose and kept.
+Every number printed comes from a cell's ``eval.json`` (bpb, CIs, the Δ the evaluator computed) or is derived
+from its per-document nats with the evaluator's own paired bootstrap (flat − ttt, the "seed's own delta");
+on the synthetic corpus the exact bounds are recomputed for the evaluated tokens and context (``bounds.json``).
+``parse_tables`` reads the tables back, so a test can hold the report to the run directories.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Cell, StudyConfig
+from .runner import RECORD, cell_done, model_done, requested_protocols
+
+BOUNDS_FILE = "bounds.json"
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    dir: Path
+    eval: dict[str, Any] | None  # None: not done
+    record: dict[str, Any] | None
+    model_summary: dict[str, Any] | None
+    model_record: dict[str, Any] | None
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def collect(study: StudyConfig) -> list[CellResult]:
+    out = []
+    for c in study.cells():
+        d = study.cell_dir(c)
+        done = cell_done(study, c)
+        md = study.model_dir(c.model) if c.model.train is not None else None
+        summ = _read(md / "summary.json") if md and model_done(study, c.model) else None
+        out.append(CellResult(c, d, _read(d / "eval.json") if done else None, _read(d / RECORD) if done else None,
+                              summ, _read(md / RECORD) if md else None))
+    return out
+
+
+# ---------------------------------------------------------------- numbers derived from one eval.json
+
+def flat_minus(ev: dict[str, Any], name: str) -> tuple[float, float, float] | None:
+    """bpb(flat) − bpb(name) with the evaluator's paired document bootstrap (same n and seed as eval.json)."""
+    from metattt.eval.stats import bootstrap
+
+    per = ev.get("per_document")
+    if not per or "flat" not in per["nats"] or name not in per["nats"]:
+        return None
+    nats = {k: np.asarray(per["nats"][k]) for k in ("flat", name)}
+    b = ev["bootstrap"]
+    _, diffs = bootstrap(nats, np.asarray(per["bytes"]), [("flat", name)], n_boot=b["n"], seed=b["seed"],
+                         level=b["level"])
+    d = diffs[("flat", name)]
+    return d.point, d.lo, d.hi
+
+
+def synthetic_bounds_for(cr: CellResult) -> dict[str, Any] | None:
+    """Exact synthetic-corpus bounds for the tokens this cell evaluated and its context (cached in the cell)."""
+    ev = cr.eval
+    am = (ev or {}).get("meta", {}).get("artifact_meta", {})
+    if not ev or am.get("data") != "synthetic" or "synthetic_spec" not in am:
+        return None
+    n_tokens, context = int(ev["data"]["n_tokens"]), int(ev["config"]["context"])
+    cache = _read(cr.dir / BOUNDS_FILE)
+    if cache and cache.get("n_tokens") == n_tokens and cache.get("context") == context:
+        return cache
+    from metattt.data.loaders import load_val_tokens
+    from metattt.data.synthetic import SyntheticSpec, synthetic_bounds
+
+    spec = SyntheticSpec.from_dict(am["synthetic_spec"])
+    try:
+        tokens = np.asarray(load_val_tokens(ev["meta"]["val"], vocab_size=spec.vocab_size))[:n_tokens]
+    except (FileNotFoundError, ValueError):
+        return None
+    b = synthetic_bounds(spec, tokens, windows=(context,))
+    out = {"n_tokens": n_tokens, "context": context, "bigram_bpb": b["bigram_bpb"],
+           "window_bpb": b[f"bayes_window{context}_bpb"], "bayes_unknown_bpb": b["bayes_unknown_bpb"],
+           "bayes_known_bpb": b["bayes_known_bpb"], "unigram_bpb": b["unigram_bpb"], "n_docs": b["n_docs"]}
+    from metattt.atomic import atomic_write
+
+    atomic_write(cr.dir / BOUNDS_FILE, json.dumps(out, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+
+def _f(v: float | None, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:+.5f}" if signed else f"{v:.5f}"
+
+
+def _ci(lo: float | None, hi: float | None) -> str:
+    if lo is None or hi is None or any(isinstance(x, float) and math.isnan(x) for x in (lo, hi)):
+        return "n/a"
+    return f"[{lo:.5f}, {hi:.5f}]"
+
+
+def _model_line(cr: CellResult) -> str:
+    m = cr.cell.model
+    if m.artifact is not None:
+        meta = (cr.eval or {}).get("meta", {}).get("artifact_meta", {})
+        steps = meta.get("steps")
+        return f"artifact `{m.artifact}`" + (f" ({steps} training steps recorded in it)" if steps else "")
+    s = cr.model_summary or {}
+    cmd = (cr.model_record or {}).get("command", "?")
+    seed = _flag_value(m.train or (), "--seed") or "1337 (trainer default)"
+    return (f"trained: {s.get('steps', '?')} steps, {s.get('train_tokens', 0):,} tokens in "
+            f"{s.get('train_time_s', 0):.0f} s, seed {seed}, {s.get('num_params', 0):,} parameters, flat val bpb "
+            f"{_f(s.get('val_bpb_quant'))} after the artifact round trip; `{cmd}`")
+
+
+def _flag_value(flags: tuple[str, ...], name: str) -> str | None:
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            return flags[i + 1]
+        if f.startswith(name + "="):
+            return f.split("=", 1)[1]
+    return None
+
+
+def _numerics(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
+    if not cfg.get("autocast"):
+        return "float32 (--no-autocast)"
+    return "bf16 autocast" if str(meta.get("device", "")).startswith("cuda") else "float32 (autocast applies on CUDA only)"
+
+
+TABLE_HEAD = ("| protocol | bpb | bpb 95% CI | Δ vs base | Δ 95% CI | flat − protocol | flat − protocol 95% CI "
+              "| adapted scalars | tokens/s | legal |")
+
+
+def cell_table(cr: CellResult) -> list[str]:
+    ev = cr.eval
+    assert ev is not None
+    c, d, b, cfg = cr.cell, ev["data"], ev["bootstrap"], ev["config"]
+    meta = ev.get("meta", {})
+    lines = [f"#### `{c.ev.name}` on `{c.model.name}`", "",
+             f"run dir: `{cr.dir}`", "",
+             f"Model: {_model_line(cr)}.", "",
+             f"Evaluated {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents) on "
+             f"`{meta.get('val', '?')}`, device {meta.get('device', '?')}, "
+             f"{_numerics(cfg, meta)}; context {cfg['context']}, "
+             f"stride {cfg['stride']}, flat windows {cfg['seq_len']}, TTT chunks {cfg['chunk_tokens']:,} tokens. "
+             f"95% CIs: paired bootstrap over documents, n={b['n']}, seed {b['seed']}. "
+             "Δ vs base: flat → sliding is Δ_context, sliding → ttt:X is Δ_TTT (positive = second better); "
+             "flat − protocol is the seed's own delta (context + adaptation).", "",
+             TABLE_HEAD, "|" + "---|" * TABLE_HEAD.count(" |")]
+    by_to = {v["to"]: v for v in ev["deltas"].values()}
+    for name, p in ev["protocols"].items():
+        dl = by_to.get(name)
+        fm = flat_minus(ev, name) if name != "flat" else None
+        ap = p.get("adapter_params") or {}
+        scal = f"{ap['adapted_scalars']:,}" if "adapted_scalars" in ap else ""
+        lines.append(
+            f"| {name} | {_f(p['bpb'])} | {_ci(*p['ci95'])} | {_f(dl['value'], True) if dl else ''} | "
+            f"{_ci(*dl['ci95']) if dl else ''} | {_f(fm[0], True) if fm else ''} | {_ci(fm[1], fm[2]) if fm else ''} "
+            f"| {scal} | {p['tokens_per_s']:,.0f} | {'yes' if p['legal'] else 'no (oracle)'} |")
+    bounds = synthetic_bounds_for(cr)
+    if bounds:
+        lines += [""] + bounds_table(ev, bounds)
+    specs = meta.get("adapter_specs") or {}
+    if specs:
+        lines += ["", "Adapter specs: " + "; ".join(f"`{k}` = `{v}`" for k, v in specs.items())]
+    cmd = (cr.record or {}).get("command") or " ".join(shlex.quote(a) for a in meta.get("argv", []))
+    lines += ["", "```", cmd, "```", ""]
+    return lines
+
+
+BOUNDS_HEAD = ("| protocol | Δ_TTT | adaptation room | fraction of adaptation room | fraction 95% CI | "
+               "context captured by the model |")
+
+
+def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
+    """Section 6: the fractions of the exact context and adaptation rooms that model and adapters capture."""
+    w = bd["context"]
+    ctx_room = bd["bigram_bpb"] - bd["window_bpb"]
+    ad_room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
+    sl = ev["protocols"].get("sliding", {}).get("bpb")
+    ctx_frac = (bd["bigram_bpb"] - sl) / ctx_room if sl is not None and ctx_room > 0 else None
+    lines = [f"Exact bounds on these {bd['n_tokens']:,} tokens: global chain {_f(bd['bigram_bpb'])}, Bayes reader of "
+             f"the last {w} tokens {_f(bd['window_bpb'])}, Bayes reader of the whole document "
+             f"{_f(bd['bayes_unknown_bpb'])} (θ known {_f(bd['bayes_known_bpb'])}). Context room (chain − window) "
+             f"{_f(ctx_room)}; adaptation room (window − whole document) {_f(ad_room)}. The sliding model captures "
+             f"{'n/a' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} of the context room "
+             f"((chain − sliding) / room); its own gap to the window bound is {_f(sl - bd['window_bpb'] if sl else None)}."
+             " The fraction's CI scales Δ_TTT's CI by the (fixed, exact) room.", "",
+             BOUNDS_HEAD, "|" + "---|" * BOUNDS_HEAD.count(" |")]
+    for key, dl in ev["deltas"].items():
+        if not key.startswith(("ttt:", "oracle:")):
+            continue
+        fr = dl["value"] / ad_room if ad_room > 0 else float("nan")
+        lo, hi = (dl["ci95"][0] / ad_room, dl["ci95"][1] / ad_room) if ad_room > 0 else (None, None)
+        lines.append(f"| {key} | {_f(dl['value'], True)} | {_f(ad_room)} | {_f(fr, True)} | {_ci(lo, hi)} | "
+                     f"{'' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} |")
+    return lines
+
+
+def render_section(study: StudyConfig, section: str, results: list[CellResult], plots: list[Path],
+                   report_dir: Path) -> list[str]:
+    mine = [r for r in results if r.cell.ev.section == section]
+    done = [r for r in mine if r.eval is not None]
+    missing = [r for r in mine if r.eval is None]
+    cfg = study.source or "CONFIG"
+    lines = [f"_Generated by `python experiments/ceiling.py --config {cfg}` from {len(done)} of {len(mine)} "
+             f"configured cells (study `{study.name}`, root `{study.root}`); edit only outside the markers._", ""]
+    if missing:
+        lines += ["**Still missing** (configured, no complete run directory yet): "
+                  + ", ".join(f"`{r.cell.ev.name}` on `{r.cell.model.name}`" for r in missing) + ".", ""]
+    for r in done:
+        lines += cell_table(r)
+    for p in plots:
+        rel = Path(_relpath(p, report_dir))
+        lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+    return lines
+
+
+def _relpath(p: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(p.resolve(), base.resolve())
+
+
+def markers(study: StudyConfig, section: str) -> tuple[str, str]:
+    tag = f"ceiling:{study.name}:{section}"
+    return f"<!-- {tag} begin -->", f"<!-- {tag} end -->"
+
+
+def splice(text: str, begin: str, end: str, body: list[str], title: str) -> str:
+    """Replace the block between ``begin`` and ``end`` (appended, with a heading, when absent)."""
+    block = "\n".join([begin, *body, end])
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        return pre + block + post
+    sep = "" if text.endswith("\n") or not text else "\n"
+    return f"{text}{sep}\n## {title}\n\n{block}\n"
+
+
+def write_report(study: StudyConfig, log=print) -> dict[str, list[str]]:
+    """Regenerate this study's sections in ``study.report`` and its plots; returns section -> body lines."""
+    from .plots import section_plots
+
+    results = collect(study)
+    report = study.report
+    text = report.read_text(encoding="utf-8") if report.is_file() else "# The ceiling study\n"
+    bodies = {}
+    for section, title in study.sections.items():
+        mine = [r for r in results if r.cell.ev.section == section and r.eval is not None]
+        plots = section_plots(study, section, mine)
+        body = render_section(study, section, results, plots, report.parent)
+        begin, end = markers(study, section)
+        text = splice(text, begin, end, body, f"{section}. {title}")
+        bodies[section] = body
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text, encoding="utf-8")
+    log(f"wrote {report} ({', '.join(study.sections)})")
+    return bodies
+
+
+# ---------------------------------------------------------------- reading the report back
+
+_ROW_SPLIT = re.compile(r"\s*\|\s*")
+
+
+def parse_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
+    """run dir -> protocol -> {column: cell text} for every cell table in ``text``."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    run_dir, head = None, None
+    for line in text.splitlines():
+        m = re.match(r"^run dir: `([^`]+)`$", line)
+        if m:
+            run_dir, head = m.group(1), None
+            continue
+        if not line.startswith("|") or run_dir is None:
+            if line.strip():
+                head = None  # prose ends a table
+            continue
+        cols = _ROW_SPLIT.split(line.strip().strip("|").strip())
+        if line.startswith("|---"):
+            continue
+        if cols[0] == "protocol":
+            head = cols
+            continue
+        if head is None:
+            continue
+        key = "bounds" if "adaptation room" in head else "main"
+        out.setdefault(run_dir, {}).setdefault(cols[0], {}).update(
+            {f"{key}:{h}": v for h, v in zip(head, cols)})
+    return out

@@ -1,0 +1,206 @@
+"""The ceiling study (experiments/ceiling.py): config, resumable cells, and a report that says what the runs say."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metattt.study.config import StudyConfigError, load_study, parse_study
+from metattt.study.report import parse_tables
+from metattt.study.runner import run_study
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import ceiling  # noqa: E402
+
+TRAIN = ["--data-dir", "{study}/data", "--synthetic-train-tokens", "200000", "--synthetic-val-tokens", "12000",
+         "--iterations", "4", "--warmdown-iters", "2", "--val-every", "0", "--max-wallclock-s", "0",
+         "--seq-len", "128", "--train-batch-tokens", "2048", "--micro-batch-tokens", "2048",
+         "--model.num-layers", "2", "--model.model-dim", "32", "--model.num-heads", "2", "--model.num-kv-heads", "1",
+         "--model.xsa-layers", "1", "--model.ve-layers", "1", "--progress", "false"]
+
+
+def _toml(root: Path, chunk: int = 2048, extra_eval: str = "") -> str:
+    train = ", ".join(json.dumps(f) for f in TRAIN)
+    return f"""
+[study]
+name = "t"
+root = "{root / 'study'}"
+report = "{root / 'report.md'}"
+plots = "{root / 'plots'}"
+[study.sections]
+"6" = "tiny"
+[[model]]
+name = "m"
+train = [{train}]
+[[eval]]
+name = "a"
+section = "6"
+protocols = ["flat", "sliding", "ttt:sgd", "ttt:small", "oracle:sgd"]
+adapter_specs = ["small=sgd:select=norms"]
+flags = ["--bootstrap", "50", "--chunk-tokens", "{chunk}", "--quiet"]
+{extra_eval}
+"""
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ceiling")
+    cfg = root / "study.toml"
+    cfg.write_text(_toml(root))
+    (root / "report.md").write_text("# hand-written title\n\nprose that must survive\n")
+    assert ceiling.main(["--config", str(cfg)]) == 0
+    return root, cfg
+
+
+def _cell_dir(study_root: Path) -> Path:
+    (d,) = [p for p in (study_root / "study" / "cells" / "m").iterdir() if ".incomplete" not in p.name]
+    return d
+
+
+def test_report_numbers_are_those_of_the_run_dirs(study) -> None:
+    root, _ = study
+    text = (root / "report.md").read_text()
+    assert text.startswith("# hand-written title\n\nprose that must survive\n")
+    assert "<!-- ceiling:t:6 begin -->" in text and "<!-- ceiling:t:6 end -->" in text
+    tables = parse_tables(text)
+    cell = _cell_dir(root)
+    ev = json.loads((cell / "eval.json").read_text())
+    assert list(tables) == [str(cell)]
+    rows = tables[str(cell)]
+    assert set(rows) == set(ev["protocols"]) == {"flat", "sliding", "ttt:sgd", "ttt:small", "oracle:sgd"}
+    by_to = {d["to"]: d for d in ev["deltas"].values()}
+    for name, p in ev["protocols"].items():
+        r = rows[name]
+        assert float(r["main:bpb"]) == pytest.approx(p["bpb"], abs=5e-6)
+        lo, hi = (float(x) for x in r["main:bpb 95% CI"].strip("[]").split(","))
+        assert (lo, hi) == pytest.approx(tuple(p["ci95"]), abs=5e-6)
+        if name in by_to:
+            assert float(r["main:Δ vs base"]) == pytest.approx(by_to[name]["value"], abs=5e-6)
+        if name != "flat":
+            own = ev["protocols"]["flat"]["bpb"] - p["bpb"]
+            assert float(r["main:flat − protocol"]) == pytest.approx(own, abs=5e-6)
+        ap = p.get("adapter_params") or {}
+        if "adapted_scalars" in ap:
+            assert int(r["main:adapted scalars"].replace(",", "")) == ap["adapted_scalars"]
+    assert int(rows["ttt:small"]["main:adapted scalars"].replace(",", "")) < int(
+        rows["ttt:sgd"]["main:adapted scalars"].replace(",", ""))
+    assert ev["meta"]["argv"][-4:] == ["--run-dir", str(cell), "--wandb", "off"]
+    assert " ".join(ev["meta"]["argv"][1:]) in text  # the exact command of the cell
+
+
+def test_bounds_table_uses_the_exact_bounds_of_the_evaluated_tokens(study) -> None:
+    from metattt.data.synthetic import SyntheticSpec, load_synthetic_val, synthetic_bounds
+
+    root, _ = study
+    cell = _cell_dir(root)
+    ev = json.loads((cell / "eval.json").read_text())
+    spec = SyntheticSpec.from_dict(ev["meta"]["artifact_meta"]["synthetic_spec"])
+    w = ev["config"]["context"]
+    b = synthetic_bounds(spec, load_synthetic_val(root / "study" / "data"), windows=(w,))
+    room = b[f"bayes_window{w}_bpb"] - b["bayes_unknown_bpb"]
+    rows = parse_tables((root / "report.md").read_text())[str(cell)]
+    assert float(rows["ttt:sgd"]["bounds:adaptation room"]) == pytest.approx(room, abs=5e-6)
+    frac = ev["deltas"]["ttt:sgd"]["value"] / room
+    assert float(rows["ttt:sgd"]["bounds:fraction of adaptation room"]) == pytest.approx(frac, abs=5e-6)
+    assert (root / "plots" / "t-s6-capacity.png").stat().st_size < 100_000
+
+
+def test_done_cells_are_skipped_and_a_changed_setting_is_a_new_cell(study, tmp_path) -> None:
+    root, cfg = study
+    eval_json = _cell_dir(root) / "eval.json"
+    before = eval_json.stat().st_mtime_ns
+    st = load_study(cfg)
+    outcomes = run_study(st, log=lambda s: None)
+    assert [o.status for o in outcomes] == ["skipped (done)", "skipped (done)"]
+    assert eval_json.stat().st_mtime_ns == before
+    changed = tmp_path / "changed.toml"
+    changed.write_text(_toml(root, chunk=4096))
+    st2 = load_study(changed)
+    assert st2.cells()[0].key != st.cells()[0].key and st2.models[0].key == st.models[0].key
+    outcomes = run_study(st2, dry_run=True, log=lambda s: None)
+    assert [o.status for o in outcomes] == ["skipped (done)", "would run"]
+
+
+def test_an_incomplete_cell_is_moved_aside_and_rerun(study) -> None:
+    root, cfg = study
+    cell = _cell_dir(root)
+    (cell / "study.json").unlink()  # as if the evaluator had been killed before the record
+    outcomes = run_study(load_study(cfg), log=lambda s: None)
+    assert [o.status for o in outcomes] == ["skipped (done)", "done"]
+    assert (cell.parent / f"{cell.name}.incomplete-1" / "eval.json").is_file()
+    assert json.loads((cell / "study.json").read_text())["status"] == "done"
+
+
+def test_config_errors_are_one_line_exit_2(tmp_path, capsys) -> None:
+    base = _toml(tmp_path)
+    cases = {
+        "sweep = { \"--chunk-tokens\" = [] }": "sweep entry",
+        "models = [\"nope\"]": "not defined",
+        "colour = 1": "unknown keys",
+    }
+    for extra, msg in cases.items():
+        bad = tmp_path / "bad.toml"
+        bad.write_text(base + extra + "\n")
+        assert ceiling.main(["--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err and err.count("\n") == 1
+    (tmp_path / "bad.toml").write_text(base.replace('"6" = "tiny"', '"5" = "tiny"'))
+    with pytest.raises(StudyConfigError, match="not in \\[study.sections\\]"):
+        load_study(tmp_path / "bad.toml")
+    assert ceiling.main(["--config", str(tmp_path / "absent.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "env.toml").write_text(base.replace('"--iterations"', '"$CEILING_TEST_UNSET", "--iterations"'))
+    os.environ.pop("CEILING_TEST_UNSET", None)
+    assert ceiling.main(["--config", str(tmp_path / "env.toml"), "--dry-run"]) == 2
+    assert "CEILING_TEST_UNSET not set" in capsys.readouterr().err
+
+
+def test_sweep_expands_into_cells_with_their_own_flags(tmp_path) -> None:
+    import tomllib
+
+    st = parse_study(tomllib.loads(_toml(tmp_path) + 'sweep = { "--chunk-tokens" = [1024, 2048], "--no-autocast" = [false, true] }\n'))
+    names = [c.ev.name for c in st.cells()]
+    assert names == ["a.chunk-tokens=1024.no-autocast=false", "a.chunk-tokens=1024.no-autocast=true",
+                     "a.chunk-tokens=2048.no-autocast=false", "a.chunk-tokens=2048.no-autocast=true"]
+    assert len({c.key for c in st.cells()}) == 4
+    assert st.cells()[1].ev.flags[-3:] == ("--chunk-tokens", "1024", "--no-autocast")
+
+
+def test_shipped_configs_parse_and_their_adapter_specs_exist() -> None:
+    from metattt.eval.run import _parse_adapter_specs
+    from metattt.ttt.registry import ADAPTER_CLASSES, adapter_from_spec
+
+    for name in ("ceiling_cpu.toml", "ceiling_gpu.toml"):
+        st = load_study(REPO / "experiments" / name)
+        assert st.cells() and all(c.ev.section in st.sections for c in st.cells())
+        for e in st.evals:
+            specs = _parse_adapter_specs(list(e.adapter_specs))
+            for p in e.protocols:
+                if ":" in p:
+                    key = p.split(":", 1)[1].split("@")[0]
+                    assert key in specs or key in ADAPTER_CLASSES, (name, e.name, p)
+            for spec in specs.values():
+                adapter_from_spec(spec)
+
+
+def test_a_replaced_artifact_makes_its_cells_not_done(study, tmp_path) -> None:
+    from metattt.study.runner import cell_done
+
+    root, cfg = study
+    st = load_study(cfg)
+    c = st.cells()[0]
+    assert cell_done(st, c)
+    art = st.artifact_path(c.model)
+    saved = art.read_bytes()
+    try:
+        art.write_bytes(saved + b"\0")
+        assert not cell_done(st, c)
+    finally:
+        art.write_bytes(saved)
+    assert cell_done(st, c)

@@ -42,10 +42,11 @@ def test_main_job_prints_decomposition_with_room_and_shares(tmp_path, capsys):
     assert report["meta"]["adapter_specs"] == {"meta": "fomaml:lr=0.01"}
     assert report["config"]["chunk_tokens"] == FINAL_EVAL_PLANS["short"].chunk_tokens
     # the room, recomputed independently on the scored stream (the whole 4,000-token val split here)
-    meta = json.loads((tmp_path / "syn" / "meta.json").read_text())
+    syn = next(p.parent for p in (tmp_path / "syn").rglob("meta.json"))  # a directory per corpus spec
+    meta = json.loads((syn / "meta.json").read_text())
     spec = SyntheticSpec.from_dict(meta["spec"])
     w = report["config"]["context"]
-    b = synthetic_bounds(spec, load_synthetic_val(tmp_path / "syn")[: report["data"]["n_tokens"]], windows=(w,))
+    b = synthetic_bounds(spec, load_synthetic_val(syn)[: report["data"]["n_tokens"]], windows=(w,))
     room = b[f"bayes_window{w}_bpb"] - b["bayes_unknown_bpb"]
     assert room > 0
     dec = decomposition(report)

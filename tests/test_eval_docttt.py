@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metattt.data.loaders import TrainLoader, load_val_tokens
+from metattt.data.loaders import load_val_tokens
 from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
 from metattt.eval import docttt
 from metattt.eval.ledger import Ledger, LegalityError
@@ -23,6 +23,7 @@ from metattt.eval.scoring import ScoreConfig, run_stream
 from metattt.model.config import ModelConfig
 from metattt.model.gpt import BankedGPT, Runtime
 from metattt.ttt.doclora import DocLoRA, DocLoRAConfig
+from tiny import tiny_config, trained_tiny
 
 SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=120_000, n_val_tokens=3000, min_doc_len=60, max_doc_len=400,
                      alpha=0.02, content_prob_min=0.4, content_prob_max=0.7)
@@ -31,10 +32,6 @@ LORA = "rank=4/lr=0.01"
 EVAL = EvalConfig(seq_len=48, context=48, stride=16, chunk_tokens=256, batch_tokens=4096, n_boot=200)
 
 
-def tiny_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
-                xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
-    return ModelConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +41,7 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("docttt_world")
     meta = make_synthetic_dataset(root / "data", SPEC)
-    torch.manual_seed(0)
-    model = BankedGPT(tiny_config())
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    loader = TrainLoader(meta["train_pattern"], 64, 16 * 64)
-    for _ in range(80):
-        x, y = loader.next_batch()
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = trained_tiny(meta["train_pattern"], 64, 80)
     data = prepare_stream(load_val_tokens(meta["val_pattern"]), synthetic_lut(SPEC), "cpu", 256)
     yield {"model": model, "data": data, "meta": meta, "root": root}
     torch.set_num_threads(threads)

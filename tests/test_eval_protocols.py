@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from metattt.artifact.model_io import save_model_artifact
-from metattt.data.loaders import TrainLoader, load_val_tokens
+from metattt.data.loaders import load_val_tokens
 from metattt.data.shards import write_shard
 from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
 from metattt.eval.ledger import LegalityError
@@ -28,6 +28,7 @@ from metattt.model.config import ModelConfig
 from metattt.model.gpt import BankedGPT
 from metattt.ttt.registry import make_adapter
 from metattt.ttt.sgd import SGDAdapter
+from tiny import tiny_config, trained_tiny
 
 SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=200_000, n_val_tokens=6000, min_doc_len=300, max_doc_len=800,
                      alpha=0.02, content_prob_min=0.4, content_prob_max=0.7)
@@ -36,9 +37,6 @@ EVAL = EvalConfig(seq_len=CTX, context=CTX, stride=STRIDE, chunk_tokens=CHUNK, b
 SGD = dict(lr=0.03, epochs=1, momentum=0.0, schedule="constant")
 
 
-def tiny_config() -> ModelConfig:
-    return ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                       rope_dims=8, xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +46,7 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval_world")
     meta = make_synthetic_dataset(root / "data", SPEC)
-    torch.manual_seed(0)
-    model = BankedGPT(tiny_config())
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    loader = TrainLoader(meta["train_pattern"], 128, 16 * 128)
-    for _ in range(110):
-        x, y = loader.next_batch()
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = trained_tiny(meta["train_pattern"], 128, 110)
     lut = synthetic_lut(SPEC)
     art = root / "run" / "artifact.ptz"
     art.parent.mkdir()

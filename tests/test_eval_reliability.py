@@ -21,16 +21,13 @@ from metattt.data.shards import write_shard
 from metattt.data.synthetic import SyntheticSpec, generate_split, make_synthetic_dataset, synthetic_lut
 from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from metattt.eval.run import EXIT_BAD_INPUT, EXIT_INVALID, EXIT_OK, main
-from metattt.model.config import ModelConfig
 from metattt.model.gpt import BankedGPT
+from tiny import tiny_config
 
 SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=2000, n_val_tokens=3000, min_doc_len=200, max_doc_len=600)
 CTX, STRIDE, CHUNK = 64, 16, 512
 
 
-def tiny_config() -> ModelConfig:
-    return ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                       rope_dims=8, xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
 
 
 @pytest.fixture(scope="module")

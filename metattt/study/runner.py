@@ -110,6 +110,14 @@ def cell_done(study: StudyConfig, c: Cell) -> bool:
     return all(p in (ev.get("protocols") or {}) for p in requested_protocols(c))
 
 
+def _fresh(d: Path, what: str, log) -> Path:
+    """``d`` emptied for a new run: an incomplete earlier one is moved aside (never deleted), and said so."""
+    moved = _move_aside(d)
+    if moved:
+        log(f"{what}: incomplete directory moved to {moved}")
+    return d
+
+
 def _move_aside(d: Path) -> Path | None:
     if not d.exists():
         return None
@@ -177,10 +185,7 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
             outcomes.append(Outcome(what, "would run"))
             log(f"{what}: would run {shlex.join(cmd)}")
             continue
-        d = study.model_dir(m)
-        moved = _move_aside(d)
-        if moved:
-            log(f"{what}: incomplete directory moved to {moved}")
+        d = _fresh(study.model_dir(m), what, log)
         log(f"{what}: training -> {d}")
         t0 = time.perf_counter()
         rc = _run(cmd, Path.cwd(), d.parent / f"{d.name}.{LOG}", {**study.env})
@@ -206,10 +211,7 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
             outcomes.append(Outcome(what, "would run"))
             log(f"{what}: would run {shlex.join(cmd)}")
             continue
-        d = study.cell_dir(c)
-        moved = _move_aside(d)
-        if moved:
-            log(f"{what}: incomplete directory moved to {moved}")
+        d = _fresh(study.cell_dir(c), what, log)
         d.mkdir(parents=True, exist_ok=True)
         digest = artifact_digest(study.artifact_path(c.model))
         log(f"{what}: evaluating -> {d}")

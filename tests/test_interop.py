@@ -205,3 +205,33 @@ def test_reference_record_artifact_imports(tmp_path: Path) -> None:
     n = sum(math.prod(e["shape"]) for e in imp.qstate.entries.values())
     assert n == 26_928_220 - 1  # the record's ve_shared.scale and two layer scales are our two ve_scales
     assert load_artifact  # the CLI path (write + load) is covered on the tiny model above
+
+
+def _reference_paths() -> tuple[Path, Path, Path] | None:
+    """(record artifact, val shard, tokenizer) from $METATTT_REFERENCE / $METATTT_DATA (device) or ../shared."""
+    import os
+
+    ref = Path(os.environ.get("METATTT_REFERENCE", REFERENCE.parent)) / "pg549-143steps" / "final_model.int6.ptz"
+    data = Path(os.environ.get("METATTT_DATA", REFERENCE.parents[1] / "data"))
+    val = data / "fineweb_sp1024_valprefix" / "fineweb_val_000000.bin"
+    tok = data / "tokenizers" / "fineweb_1024_bpe.model"
+    return (ref, val, tok) if ref.is_file() and val.is_file() and tok.is_file() else None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_reference_paths() is None, reason="needs the reference record artifact and the val prefix")
+def test_reference_record_model_scores_like_the_record_on_gpu(tmp_path: Path) -> None:
+    """The record's printed numbers for this artifact (its README): flat, sliding and legal TTT within 0.005."""
+    import json
+
+    from metattt.eval.run import main as evaluate
+
+    ref, val, tok = _reference_paths()
+    art = tmp_path / "record" / "artifact.ptz"
+    assert cli(["import-pg", str(ref), "--out", str(art), "--tokenizer", str(tok)]) == 0
+    assert evaluate([str(art), "--val", str(val), "--protocols", "flat,sliding,ttt:sgd", "--compat", "pg-record",
+                     "--bootstrap", "0", "--quiet", "--wandb", "off", "--run-dir", str(tmp_path / "ev")]) == 0
+    rep = json.loads((tmp_path / "ev" / "eval.json").read_text())["protocols"]
+    printed = {"flat": 5.19963323, "sliding": 5.19544863, "ttt:sgd": 3.90657572}
+    for name, want in printed.items():
+        assert abs(rep[name]["compat"]["bpb"] - want) < 0.005, (name, rep[name]["compat"]["bpb"], want)

@@ -47,9 +47,9 @@ def collect(study: StudyConfig) -> list[CellResult]:
     out = []
     for c in study.cells():
         d = study.cell_dir(c)
-        done = cell_done(study, c)
+        done = cell_done(study, c, recorded=True)
         md = study.model_dir(c.model) if c.model.train is not None else None
-        summ = _read(md / "summary.json") if md and model_done(study, c.model) else None
+        summ = _read(md / "summary.json") if md and model_done(study, c.model, recorded=True) else None
         out.append(CellResult(c, d, _read(d / "eval.json") if done else None, _read(d / RECORD) if done else None,
                               summ, _read(md / RECORD) if md else None))
     return out

@@ -70,11 +70,14 @@ def _record_ok(d: Path, key: str) -> bool:
     return bool(rec) and rec.get("key") == key and rec.get("status") == "done"
 
 
-def model_done(study: StudyConfig, m: ModelSpec) -> bool:
+def model_done(study: StudyConfig, m: ModelSpec, recorded: bool = False) -> bool:
+    """``recorded``: a trained model's artifact may be absent if its sha256 sidecar is there (report only)."""
     if m.artifact is not None:
         return study.artifact_path(m).is_file()
     d = study.model_dir(m)
-    return _record_ok(d, m.key) and (d / "summary.json").is_file() and (d / "artifact.ptz").is_file()
+    art = d / "artifact.ptz"
+    have = art.is_file() or (recorded and _sidecar(art).is_file())
+    return _record_ok(d, m.key) and (d / "summary.json").is_file() and have
 
 
 def requested_protocols(c: Cell) -> list[str]:
@@ -83,8 +86,15 @@ def requested_protocols(c: Cell) -> list[str]:
     return [s.name for s in parse_protocols(list(c.ev.protocols))]
 
 
-def artifact_digest(path: Path) -> str | None:
-    """sha256 of the artifact file: a cell evaluated another file (re-imported, retrained) is not done."""
+def _sidecar(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".sha256")
+
+
+def artifact_digest(path: Path, recorded: bool = False) -> str | None:
+    """sha256 of the artifact file: a cell evaluated another file (re-imported, retrained) is not done.
+
+    ``recorded``: when the file is absent, the digest its training wrote beside it (``artifact.ptz.sha256``), so a
+    report can be regenerated where run directories were copied without their (large) artifacts."""
     import hashlib
 
     h = hashlib.sha256()
@@ -93,16 +103,20 @@ def artifact_digest(path: Path) -> str | None:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError:
+        if recorded and _sidecar(path).is_file():
+            return _sidecar(path).read_text().strip() or None
         return None
     return h.hexdigest()
 
 
-def cell_done(study: StudyConfig, c: Cell) -> bool:
+def cell_done(study: StudyConfig, c: Cell, recorded: bool = False) -> bool:
+    """``recorded``: accept a trained model's recorded digest for an absent artifact (report only)."""
     d = study.cell_dir(c)
     if not _record_ok(d, c.key):
         return False
     rec = _read_json(d / RECORD) or {}
-    if rec.get("artifact_sha256") != artifact_digest(study.artifact_path(c.model)):
+    digest = artifact_digest(study.artifact_path(c.model), recorded=recorded and c.model.train is not None)
+    if rec.get("artifact_sha256") != digest:
         return False
     ev = _read_json(d / "eval.json")
     if not ev or ev.get("schema") != "metattt.eval/1":
@@ -191,6 +205,7 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
         rc = _run(cmd, Path.cwd(), d.parent / f"{d.name}.{LOG}", {**study.env})
         dt = time.perf_counter() - t0
         if rc == 0 and (d / "artifact.ptz").is_file():
+            _sidecar(d / "artifact.ptz").write_text(artifact_digest(d / "artifact.ptz") + "\n")
             _write_record(d, m.key, {"train": list(m.train or ())}, cmd, dt)
             outcomes.append(Outcome(what, "done", dt))
             log(f"{what}: done in {dt:.0f}s")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,29 @@ def test_init_from_starts_at_the_artifacts_weights_and_adopts_its_config(tmp_pat
     for k, v in a_art.state_dict.items():
         assert torch.equal(v, b_art.state_dict[k]), k
     assert json.loads((tmp_path / "runs" / "b" / "config.json").read_text())["model"]["model_dim"] == 32
+
+
+def test_init_from_a_plain_artifact_meta_trains_metasgd_from_its_initial_rates(tmp_path):
+    """A MetaSGD run from an artifact trained without a meta step (the ceiling study's section 2): its rates start at
+    their init, are learned, and the new artifact carries them; from a MetaSGD artifact they are loaded."""
+    from metattt.artifact.format import load_artifact
+    from metattt.ttt.metasgd import MetaSGDConfig
+
+    train(parse_config(_args(tmp_path, "--iterations", "2", "--run-name", "a")))
+    art = tmp_path / "runs" / "a" / "artifact.ptz"
+    assert not any(k.startswith("ttt.metasgd.") for k in load_artifact(art).extras)
+    meta = ["--meta.adapter", "metasgd", "--meta.every", "1"]
+    train(parse_config(_args(tmp_path, "--iterations", "2", "--run-name", "b", "--init-from", str(art), *meta)))
+    b = load_artifact(tmp_path / "runs" / "b" / "artifact.ptz").extras
+    rates = {k: v for k, v in b.items() if k.startswith("ttt.metasgd.log_lr.")}
+    assert rates
+    train(parse_config(_args(tmp_path, "--iterations", "1", "--run-name", "c", "--init-from",
+                             str(tmp_path / "runs" / "b" / "artifact.ptz"), *meta, "--meta.meta-lr", "1e-12")))
+    c = load_artifact(tmp_path / "runs" / "c" / "artifact.ptz").extras
+    init = math.log(MetaSGDConfig().lr_init)
+    assert max(float((v - init).abs().max()) for v in rates.values()) > 1e-4  # b learned its rates from the init
+    for k, v in rates.items():  # c (meta lr 1e-12) starts from b's rates, not from the init
+        assert torch.allclose(c[k], v, atol=1e-8), k
 
 
 def test_init_from_a_missing_artifact_is_bad_input(tmp_path):

@@ -144,7 +144,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     meta_opt = None
     if adapter is not None:
         adapter.bind(model)
-        if init is not None:  # meta-parameters the artifact carries for this adapter (e.g. MetaSGD rates)
+        # meta-parameters the artifact carries for this adapter (e.g. MetaSGD rates); an artifact trained without
+        # this adapter carries none, and meta-training from it starts them at their init
+        if init is not None and any(k.startswith(f"ttt.{adapter.name}.") for k in init.extras):
             adapter.load_artifact_extras(init.extras, strict=False)
         meta_params = list(adapter.meta_parameters().values())
         if meta_params:

@@ -213,6 +213,48 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
     return lines
 
 
+CROSS_HEAD = "| model vs reference | delta | Δ (model) | Δ (reference) | difference | difference 95% CI |"
+
+
+def cross_model_table(done: list[CellResult]) -> list[str]:
+    """For an evaluator setting run on several models: each model's Δ minus the setting's first model's, paired
+    over documents (the same documents, one bootstrap). Per-cell CIs cannot answer "does the model (its
+    meta-training, say) change Δ_TTT?": they ignore that both models were scored on the same documents."""
+    from metattt.eval.stats import bootstrap
+
+    by_ev: dict[str, list[CellResult]] = {}
+    for r in done:
+        by_ev.setdefault(r.cell.ev.name, []).append(r)
+    lines: list[str] = []
+    for name, rs in by_ev.items():
+        ref = rs[0]
+        per_ref = ref.eval.get("per_document") if ref.eval else None
+        rows = []
+        for r in rs[1:]:
+            per = r.eval.get("per_document")
+            if not per or not per_ref or per["bytes"] != per_ref["bytes"]:
+                continue  # not the same documents: nothing to pair
+            bs = r.eval["bootstrap"]
+            for key, dl in r.eval["deltas"].items():
+                rd = ref.eval["deltas"].get(key)
+                a, b = dl["from"], dl["to"]
+                if rd is None or (rd["from"], rd["to"]) != (a, b) or b not in per_ref["nats"]:
+                    continue
+                gain = {m: np.asarray(pd["nats"][a]) - np.asarray(pd["nats"][b])
+                        for m, pd in (("model", per), ("ref", per_ref))}
+                _, diffs = bootstrap(gain, np.asarray(per["bytes"]), [("model", "ref")], n_boot=bs["n"],
+                                     seed=bs["seed"], level=bs["level"])
+                d = diffs[("model", "ref")]
+                rows.append(f"| `{r.cell.model.name}` vs `{ref.cell.model.name}` | {a} → {b} | "
+                            f"{_f(dl['value'], True)} | {_f(rd['value'], True)} | {_f(d.point, True)} | "
+                            f"{_ci(d.lo, d.hi)} |")
+        if rows:
+            lines += [f"**`{name}`: each model's Δ minus `{ref.cell.model.name}`'s, paired over the same documents** "
+                      f"(positive = the model gains more; CI: document bootstrap, n={ref.eval['bootstrap']['n']}).",
+                      "", CROSS_HEAD, "|" + "---|" * CROSS_HEAD.count(" |"), *rows, ""]
+    return lines
+
+
 def render_section(study: StudyConfig, section: str, results: list[CellResult], plots: list[Path],
                    report_dir: Path) -> list[str]:
     mine = [r for r in results if r.cell.ev.section == section]
@@ -226,6 +268,7 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
                   + ", ".join(f"`{r.cell.ev.name}` on `{r.cell.model.name}`" for r in missing) + ".", ""]
     for r in done:
         lines += cell_table(r)
+    lines += cross_model_table(done)
     for p in plots:
         rel = Path(_relpath(p, report_dir))
         lines += [f"![{p.stem}]({rel.as_posix()})", ""]

@@ -1,0 +1,47 @@
+"""The report's cross-model table: a model's Δ minus the reference model's, paired over the same documents."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from metattt.eval.stats import LN2
+from metattt.study.report import CellResult, cross_model_table
+
+
+def _result(model: str, nats: dict[str, list[float]], doc_bytes: list[float]) -> CellResult:
+    by = np.asarray(doc_bytes)
+    bpb = {k: float(np.sum(v) / LN2 / by.sum()) for k, v in nats.items()}
+    deltas = {"context": {"from": "flat", "to": "sliding", "value": bpb["flat"] - bpb["sliding"]},
+              "ttt:sgd": {"from": "sliding", "to": "ttt:sgd", "value": bpb["sliding"] - bpb["ttt:sgd"]}}
+    ev = {"deltas": deltas, "bootstrap": {"n": 400, "seed": 0, "level": 0.95},
+          "per_document": {"bytes": list(doc_bytes), "nats": nats}}
+    cell = SimpleNamespace(ev=SimpleNamespace(name="meta"), model=SimpleNamespace(name=model))
+    return CellResult(cell, Path("x"), ev, {}, None, None)
+
+
+def test_difference_of_deltas_is_paired_over_documents() -> None:
+    rng = np.random.default_rng(0)
+    n = 40
+    by = list(rng.uniform(500, 3000, n))
+    flat = rng.uniform(1000, 5000, n)
+    sl = flat - rng.uniform(0, 200, n)
+    ref = {"flat": list(flat), "sliding": list(sl), "ttt:sgd": list(sl - rng.uniform(0, 300, n))}
+    extra = np.asarray(by) * LN2 * 0.01  # the model gains exactly 0.01 bpb more from TTT on every document
+    mod = {**ref, "ttt:sgd": list(np.asarray(ref["ttt:sgd"]) - extra)}
+    lines = cross_model_table([_result("none", ref, by), _result("fomaml", mod, by)])
+    rows = {ln.split("|")[2].strip(): ln for ln in lines if ln.startswith("| `fomaml`")}
+    ttt = [c.strip() for c in rows["sliding → ttt:sgd"].split("|")]
+    assert float(ttt[5]) == pytest.approx(0.01, abs=1e-5)
+    lo, hi = (float(x) for x in ttt[6].strip("[]").split(","))
+    assert lo == pytest.approx(0.01, abs=1e-5) and hi == pytest.approx(0.01, abs=1e-5)  # paired: no spread at all
+    ctx = [c.strip() for c in rows["flat → sliding"].split("|")]
+    assert float(ctx[5]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_other_documents_are_not_paired() -> None:
+    by = [1000.0, 2000.0, 1500.0]
+    nats = {"flat": [900.0, 1900.0, 1400.0], "sliding": [880.0, 1850.0, 1390.0], "ttt:sgd": [870.0, 1800.0, 1300.0]}
+    assert cross_model_table([_result("a", nats, by), _result("b", nats, [1000.0, 2000.0, 1501.0])]) == []

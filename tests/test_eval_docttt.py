@@ -223,16 +223,50 @@ def test_lr0_equals_chunked_doc_window_scoring_bitwise(world):
     assert flat.shape == ref.token_nll.shape and not np.array_equal(flat, ref.token_nll)
 
 
-def test_fixed_shape_buckets_score_the_same(world):
-    """bucket > 0 (one row per document, lengths rounded up: what a compiled core needs) changes only padding."""
+def test_fixed_shapes_score_the_same(world):
+    """``chunk`` (lengths min((c+1)*chunk, window): the CUDA default) and ``batch`` (also one row per document,
+    finished ones dummies) change only padding: the same nats as ``exact`` to float tolerance, and the same
+    ledger."""
     m, data = world["model"], world["data"]
     spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}")
-    out = {}
-    for bucket in (0, 32):
-        ledger = Ledger(spec.name)
-        out[bucket] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger, bucket=bucket)
+    out, ledgers = {}, {}
+    for shapes in docttt.SHAPES:
+        ledgers[shapes] = ledger = Ledger(spec.name)
+        out[shapes] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger, shapes=shapes)
         assert ledger.verify()["legal"]
-    np.testing.assert_allclose(out[32].token_nll, out[0].token_nll, rtol=1e-4, atol=1e-5)
+    for shapes in ("chunk", "batch"):
+        np.testing.assert_allclose(out[shapes].token_nll, out["exact"].token_nll, rtol=1e-4, atol=1e-5)
+        assert ledgers[shapes].verify() == ledgers["exact"].verify()
+    assert not np.array_equal(out["exact"].token_nll, docttt.run_docttt(
+        docttt.parse_docttt(f"doc-chunk@{OPTS}"), m, data.tokens, data.tokens_np, data.bos_id, Ledger()).token_nll)
+
+
+def test_batch_plan_shapes_and_positions():
+    """The plan's index arithmetic: chunk c of a document scores targets a+1+c*chunk.., once each; windows are
+    the document's last <= window tokens; forward lengths by ``shapes``; the last chunk is never trained."""
+    a, e = np.array([100, 0, 40]), np.array([170, 37, 50])  # 70, 37, 10 targets; chunk 16, window 24
+    plans = {s: docttt.batch_plan(a, e, 16, 24, s) for s in docttt.SHAPES}
+    p = plans["exact"]
+    assert p.n_chunks == 5 and p.active.tolist() == [3, 2, 2, 1, 1]
+    for b in range(3):
+        act = p.count[:, b] > 0
+        got = np.concatenate([np.arange(lo, hi) for lo, hi in zip(p.lo[act, b], p.hi[act, b])])
+        assert got.tolist() == list(range(a[b] + 1, e[b] + 1))  # every target once, in order
+        assert np.all(p.start[act, b] >= a[b]) and np.all(p.length[act, b] <= 24)
+        assert np.all(p.start[act, b] + p.length[act, b] == p.hi[act, b] - 1)  # window ends at the chunk's end
+        assert p.train[act, b].tolist() == [True] * (act.sum() - 1) + [False]
+    assert p.length[:, 0].tolist() == [16, 24, 24, 24, 24] and p.start[4, 0] == 170 - 24  # cut to the window
+    assert all(q.t.tolist() == [16, 24, 24, 24, 24] for q in plans.values())
+    assert p.rows.tolist() == plans["chunk"].rows.tolist() == [3, 2, 2, 1, 1]
+    assert plans["batch"].rows.tolist() == [3] * 5
+    e2 = a + np.array([37, 20, 10])  # the longest document's last chunk is shorter than the window
+    t = {s: docttt.batch_plan(a, e2, 16, 48, s).t.tolist() for s in docttt.SHAPES}
+    assert t == {"exact": [16, 32, 37], "chunk": [16, 32, 48], "batch": [16, 32, 48]}
+    assert not docttt.batch_plan(a, e, 16, 24, train=False).train.any()
+    with pytest.raises(ValueError, match="sorted by length"):
+        docttt.batch_plan(a[::-1], e[::-1], 16, 24)
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        docttt.batch_plan(a, e, 16, 24, "fixed")
 
 
 def test_adaptation_helps_and_report_decomposes(world):

@@ -144,6 +144,25 @@ def test_doclora_step_is_torch_adamw_per_document(one_thread):
         torch.testing.assert_close(tr[k][0], ref[k].detach(), rtol=1e-6, atol=1e-7)
         assert torch.equal(tr[k][1], frozen[k])
     assert ad.adapted_count(cfg) == 3 * (cfg.num_layers * (32 + 32) + 32 + 64)
+    # documents at different step counts in one step (runs of rows, each with its own bias correction), and
+    # gradients for only the first rows of the batch
+    tr, st = ad.init(params, 4, cfg, torch.Generator().manual_seed(2))
+    refs = [{k: torch.nn.Parameter(v[b].clone()) for k, v in tr.items()} for b in range(3)]
+    opts = [torch.optim.AdamW(r.values(), lr=0.01, betas=(0.5, 0.999), eps=1e-6, weight_decay=0.5) for r in refs]
+    last = {k: v[3].clone() for k, v in tr.items()}
+    for pattern in ([1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1]):
+        grads = {k: torch.randn((3,) + v.shape[1:], generator=gen) for k, v in tr.items()}
+        tr, st = ad.step(tr, st, grads, 0.0, active=torch.tensor(pattern, dtype=torch.bool))
+        for b, on in enumerate(pattern):
+            if on:
+                for k, p in refs[b].items():
+                    p.grad = grads[k][b].clone()
+                opts[b].step()
+    assert st["t"].tolist() == [3, 3, 3, 0]
+    for b in range(3):
+        for k in tr:
+            torch.testing.assert_close(tr[k][b], refs[b][k].detach(), rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(tr[k][3], last[k]) for k in tr)
 
 
 def test_keep_a_carries_a_and_resets_b_and_state(one_thread):

@@ -26,7 +26,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..track.progress import progress as progress_bar
 from ..ttt.doclora import DocLoRA, DocLoRAConfig
@@ -279,7 +278,7 @@ def batch_plan(a: np.ndarray, e: np.ndarray, chunk: int, window: int, shapes: st
 
 class Nats:
     """Per-target nats on the device (index p-1 for target p, plus one slot that absorbs padding) and how often
-    each was written: filled with ``index_put_`` per chunk, read to the host once per run (no sync per chunk)."""
+    each was written: scattered into per chunk, read to the host once per run (no sync per chunk)."""
 
     def __init__(self, n_tokens: int, device: torch.device) -> None:
         self.n_tokens = n_tokens
@@ -287,8 +286,8 @@ class Nats:
         self.count = torch.zeros(n_tokens, dtype=torch.int32, device=device)
 
     def put(self, dest: torch.Tensor, vals: torch.Tensor) -> None:
-        self.nats.index_put_((dest,), vals.detach().reshape(-1).float())
-        self.count.index_put_((dest,), torch.ones_like(dest, dtype=torch.int32), accumulate=True)
+        self.nats.scatter_(0, dest, vals.detach().reshape(-1).float())  # padding: any value lands in the last slot
+        self.count.scatter_add_(0, dest, torch.ones_like(dest, dtype=torch.int32))
 
 
 class _Clock:

@@ -523,6 +523,26 @@ def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
     return out
 
 
+@contextlib.contextmanager
+def compiled_core(model: torch.nn.Module, enabled: bool = True):
+    """Inside the block the model's functional core is the docttt compiled one (automatic dynamic shapes, kept
+    on the model, so later runs reuse its graphs); the previous core is restored after."""
+    if not enabled:
+        yield model
+        return
+    import torch._dynamo as dynamo
+
+    cfg = dynamo.config  # every graph variant (lengths, rows, grad mode, lora or not) counts towards one limit
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    core = model._core
+    model.compile_core(dynamic=None)
+    try:
+        yield model
+    finally:
+        model._core = core
+
+
 def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
                ledger: Ledger, ctx: DistCtx | None = None, autocast: bool = True, attn: str = "auto",
                make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None, compile: bool = False,
@@ -533,9 +553,11 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     ranks (gradients all-reduced), so every rank holds the same base and results equal one process's.
     ``shapes`` (see :class:`BatchPlan`): default ``chunk`` on CUDA (forward lengths depend only on the chunk
     index), ``exact`` elsewhere (bit for bit ``run_stream`` on CPU; ``chunk`` pads, which changes float sums).
-    ``compile``: the model's functional core is compiled with dynamic shapes (one graph for every length and
-    row count, plus the variants Dynamo specialises, e.g. one row) and kept on the model for later runs; the
-    base parameters are passed detached, so no graph computes gradients for them outside the phases (eager)."""
+    ``compile``: the model's functional core is compiled with automatic dynamic shapes (a static graph for the
+    first shape, then one with the changing lengths and row counts symbolic, plus the variants Dynamo
+    specialises, e.g. one row; ``dynamic=True`` would make the model's own dimensions symbolic too, which breaks
+    the graph at attention) and kept on the model for later runs; the base parameters are passed detached, so no
+    graph computes gradients for them outside the phases (eager)."""
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
     shapes = ("chunk" if device.type == "cuda" else "exact") if shapes is None else shapes
@@ -551,9 +573,6 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     sink = Nats(n, device)
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     base: dict[str, torch.Tensor] = frozen
-    core = getattr(model, "_core", None)
-    if compile:
-        model.compile_core(dynamic=True)
     was_training = model.training
     model.eval()
     stats: list[dict[str, Any]] = []
@@ -564,40 +583,41 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     t_start = time.perf_counter()
     seg, bi = 0, 0
     try:
-        for b, idx in enumerate(progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)):
-            if b % ctx.world == ctx.rank:
-                a, e = queue.a[idx], queue.e[idx]
-                init = None
-                if adapter is not None:
-                    gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
-                    init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
-                res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, shapes,
-                                sink, inplace=True)
-                tr = res.trainables
-                score_s += res.score_s
-                adapt_s += res.adapt_s
-                n_fwd += res.forwards
-                stats.append({"batch": b, "docs": int(idx.size), "train_steps": res.train_steps,
-                              "loss_first": res.loss_first, "loss_last": res.loss_last})
-            while bi < len(bounds) and b == bounds[bi][0]:
-                t0 = time.perf_counter()
-                seg += 1
-                ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
-                docs = phase_documents(queue, bounds[bi][1])
-                with model.eager_core() if compile else contextlib.nullcontext():  # shapes vary: no recompiles
-                    base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
-                                         autocast, ctx)
-                stats.append({"phase": bi, **st})
-                tr = None
-                seg += 1
-                ledger._step = max(ledger._step, seg * _SEG)
-                bi += 1
-                _sync(device)
-                adapt_s += time.perf_counter() - t0
+        with compiled_core(model, compile):
+            bar = progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)
+            for b, idx in enumerate(bar):
+                if b % ctx.world == ctx.rank:
+                    a, e = queue.a[idx], queue.e[idx]
+                    init = None
+                    if adapter is not None:
+                        gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
+                        init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
+                    res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, shapes,
+                                    sink, inplace=True)
+                    tr = res.trainables
+                    score_s += res.score_s
+                    adapt_s += res.adapt_s
+                    n_fwd += res.forwards
+                    stats.append({"batch": b, "docs": int(idx.size), "train_steps": res.train_steps,
+                                  "loss_first": res.loss_first, "loss_last": res.loss_last})
+                while bi < len(bounds) and b == bounds[bi][0]:
+                    t0 = time.perf_counter()
+                    seg += 1
+                    ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
+                    docs = phase_documents(queue, bounds[bi][1])
+                    # phase shapes vary: eager, no recompiles
+                    with model.eager_core() if compile else contextlib.nullcontext():
+                        base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
+                                             autocast, ctx)
+                    stats.append({"phase": bi, **st})
+                    tr = None
+                    seg += 1
+                    ledger._step = max(ledger._step, seg * _SEG)
+                    bi += 1
+                    _sync(device)
+                    adapt_s += time.perf_counter() - t0
     finally:
         model.train(was_training)
-        if compile:
-            model._core = core
     both = torch.stack([sink.nats[:-1], sink.count[:-1].float()])
     if ctx.world > 1:
         dist.all_reduce(both)  # every target is written on one rank (zeros elsewhere)

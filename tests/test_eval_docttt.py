@@ -443,3 +443,46 @@ def test_docttt_on_cuda_bf16(world):
     got, want = comp.results[name].stream.token_nll, ev.results[name].stream.token_nll
     assert abs(float(got.mean()) - float(want.mean())) < 2e-3  # bf16: same function, other kernels
     assert comp.results[name].ledger["legal"]
+
+
+@pytest.mark.gpu
+def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
+    """The chunk loop never synchronises with the GPU (no .cpu()/.item() per chunk, pinned plan upload): the
+    number of synchronising calls of a batch does not grow with its chunks; and the CUDA default shapes
+    (``chunk``) score like ``exact``."""
+    import warnings
+
+    m = BankedGPT(tiny_config()).cuda()
+    m.load_state_dict(world["model"].state_dict())
+    m.eval()
+    data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
+    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
+    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    ad = docttt.make_doc_adapter(spec)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    syncs, nll = {}, {}
+    for b in (0, len(queue.batches) - 1):  # the longest and the shortest batch: many and few chunks
+        idx = queue.batches[b]
+        init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
+        docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                         shapes="chunk")  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                                       shapes="chunk")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[b] = (sum("synchroniz" in str(w.message) for w in caught), out.plan.n_chunks, out.train_steps)
+        nll[b] = dict(out.nll)
+    (first, n_first, k_first), (last, n_last, k_last) = syncs[0], syncs[len(queue.batches) - 1]
+    assert n_first > n_last and k_last > 0, syncs  # more chunks in the first batch, both train
+    assert first <= 4 and first == last, syncs
+    idx = queue.batches[0]
+    init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
+    exact = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                             shapes="exact")
+    for lo, v in exact.nll:
+        np.testing.assert_allclose(nll[0][lo], v, rtol=2e-2, atol=2e-2)  # bf16: other shapes, other sums

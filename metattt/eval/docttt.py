@@ -365,8 +365,10 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
         tr, st = ({k: v.clone() for k, v in x.items()} for x in (tr, st))
     n_layers = model.cfg.num_layers
     out = BatchOut(plan, sink)
-    idx_dev = torch.from_numpy(np.stack([plan.start, plan.col0, plan.count, plan.train.astype(np.int64)])
-                               ).to(device)
+    idx_host = torch.from_numpy(np.stack([plan.start, plan.col0, plan.count, plan.train.astype(np.int64)]))
+    if device.type == "cuda":  # pinned: an asynchronous copy, the host does not wait for the device
+        idx_host = idx_host.pin_memory()
+    idx_dev = idx_host.to(device, non_blocking=True)
     S, COL, CNT, TRN = idx_dev
     ar_c = torch.arange(C, device=device)
     ar_t = torch.arange(int(plan.t.max()) + 1, device=device)

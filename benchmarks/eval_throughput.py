@@ -11,11 +11,18 @@ the full FineWeb val on 8 GPUs.
 Tokens are the first --tokens of the val data when given (or of the artifact's stored val pattern), else
 random ids cut into documents of ~1,000 tokens: throughput does not depend on the values. One chunk of every
 configuration is run first as warm-up (CUDA init, autotuning, compilation) and not timed.
+
+Variants: ``eager`` or ``compile``, for the docttt family optionally ``+shapes=exact|chunk|batch`` (forward
+shapes, ``docttt.BatchPlan``; default: chunk on CUDA). For the docttt family the full-val time is not a tokens/s
+extrapolation (a short prefix holds few documents, so its length-sorted batches mix lengths and its time is
+dominated by few-row tail chunks): the chunk step is timed as a function of context length at full and at one
+row, the full val is modelled as documents resampled from the prefix's lengths, sorted into batches and dealt
+over the ranks as the protocol does, and the same model predicts the measured prefix run as a check.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import sys
 import time
 from pathlib import Path
@@ -31,6 +38,171 @@ from metattt.eval.protocols import EvalConfig, parse_protocol, prepare_stream, r
 FULL_VAL_TOKENS = 62_000_000
 
 
+def parse_variant(text: str) -> dict:
+    """``eager`` | ``compile``, then ``+shapes=exact|chunk|batch`` (docttt only)."""
+    from metattt.eval.docttt import SHAPES
+
+    head, *rest = text.strip().split("+")
+    if head not in ("eager", "compile"):
+        raise SystemExit(f"unknown variant {text!r}: start with eager or compile")
+    out = {"compile": head == "compile", "shapes": "auto"}
+    for tok in rest:
+        k, _, v = tok.partition("=")
+        if k != "shapes" or v not in SHAPES:
+            raise SystemExit(f"unknown variant token {tok!r} in {text!r} (shapes={'|'.join(SHAPES)})")
+        out["shapes"] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ docttt model
+@dataclass(frozen=True)
+class StepModel:
+    """Measured chunk-step times (seconds) at forward lengths ``t`` with 1 and ``rows`` rows: ``fwd`` (the
+    scoring forward), ``upd`` (backward + optimiser step); linear in t between measured lengths and in the
+    number of rows between 1 and ``rows``; ``overhead`` per batch (adapter init, plan, the one sync)."""
+
+    t: np.ndarray
+    fwd1: np.ndarray
+    fwd_full: np.ndarray
+    upd1: np.ndarray
+    upd_full: np.ndarray
+    rows: int
+    overhead: float = 0.0
+
+    def _at(self, lo: np.ndarray, hi: np.ndarray, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        a, b = np.interp(t, self.t, lo), np.interp(t, self.t, hi)
+        w = (np.asarray(r, dtype=np.float64) - 1) / max(self.rows - 1, 1)
+        return a + (b - a) * w
+
+    def fwd(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return self._at(self.fwd1, self.fwd_full, t, r)
+
+    def upd(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return self._at(self.upd1, self.upd_full, t, r)
+
+
+def resample_lengths(lengths: np.ndarray, total: int, seed: int = 0) -> np.ndarray:
+    """Document lengths (targets) drawn with replacement from ``lengths`` until they hold >= ``total``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    out = np.empty(0, dtype=np.int64)
+    while out.sum() < total:
+        out = np.concatenate([out, rng.choice(lengths, size=int(total / lengths.mean() * 1.05) + 1)])
+    return out[: int(np.searchsorted(np.cumsum(out), total)) + 1]
+
+
+def batch_seconds(n: np.ndarray, model: StepModel, chunk: int, window: int, shapes: str, train: bool) -> float:
+    """Modelled time of one batch of documents with ``n`` targets: every chunk c costs fwd(t_c, rows_c), and
+    upd(t_c, rows_c) while some document still trains (not on the batch's last chunk); t_c =
+    min((c+1)*chunk, window) (``exact`` shapes: the same, the longest window), rows_c = active documents
+    (``batch`` shapes: all)."""
+    nc = -(-np.asarray(n, dtype=np.int64) // chunk)
+    c = np.arange(int(nc.max()))
+    t = np.minimum((c + 1) * chunk, window)
+    rows = np.full(c.size, nc.size) if shapes == "batch" else (nc[None, :] > c[:, None]).sum(1)
+    s = model.fwd(t, rows).sum() + model.overhead
+    if train:
+        s += model.upd(t[:-1], rows[:-1]).sum()
+    return float(s)
+
+
+def project_docttt(lengths: np.ndarray, model: StepModel, chunk: int, window: int, docs: int, world: int,
+                   shapes: str = "chunk", train: bool = True) -> dict:
+    """Modelled protocol time: documents sorted longest first into batches of ``docs``, batch i on rank
+    i % world (docttt's schedule); the run takes as long as its slowest rank."""
+    n = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
+    per = np.array([batch_seconds(n[i:i + docs], model, chunk, window, shapes, train)
+                    for i in range(0, n.size, docs)])
+    ranks = np.array([per[r::world].sum() for r in range(world)])
+    return {"wall_s": float(ranks.max()), "rank_s": ranks, "batches": int(per.size), "docs": int(n.size),
+            "targets": int(n.sum())}
+
+
+def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autocast: bool, reps: int = 2
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(t, fwd s, upd s, overhead s per batch) of one batch of ``rows`` documents of ``window + chunk``
+    targets each (every forward length from chunk to window), the last of ``reps`` runs (earlier: warm-up)."""
+    from metattt.eval import docttt
+    from metattt.eval.ledger import Ledger
+    from metattt.eval.scoring import _sync
+
+    n = spec.window + spec.chunk
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(4, model.cfg.vocab_size, (rows * (n + 1) + 1,), generator=gen).to(device)
+    a = np.arange(rows, dtype=np.int64) * (n + 1)
+    adapter = docttt.make_doc_adapter(spec)
+    frozen = {k: v.detach() for k, v in model.named_parameters()}
+    shp = ("chunk" if device.type == "cuda" else "exact") if shapes == "auto" else shapes
+    with docttt.compiled_core(model, compile):
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            init = None
+            if adapter is not None:
+                init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
+            out = docttt.run_batch(model, tokens, a, a + n, spec, adapter, None, Ledger(), init, autocast,
+                                   shapes=shp, inplace=True)
+            _sync(device)
+            wall = time.perf_counter() - t0
+    ct = out.chunk_times[:-1] if adapter is not None else out.chunk_times  # the last chunk trains nobody
+    t = np.array([c[0] for c in ct], dtype=np.float64)
+    fwd = np.array([c[2] for c in ct])
+    upd = np.array([c[3] for c in ct]) if adapter is not None else np.zeros(len(ct))
+    t_u = np.unique(t)  # lengths repeat once the window is full: average them
+    fwd_u = np.array([fwd[t == x].mean() for x in t_u])
+    upd_u = np.array([upd[t == x].mean() for x in t_u])
+    overhead = max(0.0, wall - sum(c[2] + c[3] for c in out.chunk_times))
+    return t_u, fwd_u, upd_u, overhead
+
+
+def _docttt_report(spec, variant, model, data, device, autocast, result) -> tuple[float, list[str]]:
+    """The docttt projection for one measured protocol run: (projected 8-GPU seconds, printed lines)."""
+    from metattt.eval.windows import doc_segments
+
+    v = parse_variant(variant)
+    train = spec.adapter is not None
+    D = spec.docs
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t, f_full, u_full, over = calibrate(model, spec, device, D, v["shapes"], v["compile"], autocast)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    _, f1, u1, _ = calibrate(model, spec, device, 1, v["shapes"], v["compile"], autocast)
+    sm = StepModel(t, f1, f_full, u1, u_full, D, over)
+    shapes = v["shapes"] if v["shapes"] != "auto" else ("chunk" if device.type == "cuda" else "exact")
+    lengths = np.array([e - a for a, e in doc_segments(data.tokens_np, data.bos_id)], dtype=np.int64)
+    check = project_docttt(lengths, sm, spec.chunk, spec.window, D, 1, shapes, train)
+    full = project_docttt(resample_lengths(lengths, FULL_VAL_TOKENS), sm, spec.chunk, spec.window, D, 8, shapes,
+                          train)
+    ratio = result.seconds / check["wall_s"]
+    show = sorted({int(x) for x in t if x in (t[0], t[-1])} | {int(x) for x in t if int(x) & (int(x) - 1) == 0})
+    lines = [f"docttt projection, {spec.name} [{variant}, shapes {shapes}]:",
+             f"  measured: the chunk step (forward{' | backward + AdamW' if train else ''}) of one batch of "
+             f"{D} and of 1 document(s) of {spec.window + spec.chunk} targets, per forward length t (CUDA events "
+             "on GPU, 2nd of 2 runs):",
+             f"  {'t':>6}{'fwd ms @' + str(D):>13}{'upd ms @' + str(D):>13}{'fwd ms @1':>11}{'upd ms @1':>11}"]
+    for x in show:
+        i = int(np.flatnonzero(t == x)[0])
+        lines.append(f"  {x:>6}{1e3 * f_full[i]:>13.2f}{1e3 * u_full[i]:>13.2f}{1e3 * f1[i]:>11.2f}"
+                     f"{1e3 * u1[i]:>11.2f}")
+    lines += [f"  per-batch overhead {1e3 * over:.1f} ms; peak memory of the {D}-row batch {mem:.2f} GiB",
+              f"  model: a batch costs, per chunk c, fwd(t_c, rows_c)"
+              + (" + upd(t_c, rows_c) (not on its last chunk)" if train else "")
+              + f", t_c = min((c+1)*{spec.chunk}, {spec.window}), rows_c = documents still active"
+              + (" (batch shapes: every document of the batch)" if shapes == "batch" else "")
+              + f"; linear between measured t and between 1 and {D} rows; + overhead",
+              f"  check on the measured data ({check['docs']:,} documents, {check['targets']:,} targets, "
+              f"{check['batches']} batches, 1 process): modelled {check['wall_s']:.2f} s, measured "
+              f"{result.seconds:.2f} s (measured / modelled = {ratio:.2f})",
+              f"  full val: {full['docs']:,} document lengths resampled (seed 0) from those {check['docs']:,} to "
+              f"{full['targets']:,} targets, {full['batches']} batches dealt round-robin over 8 ranks: "
+              f"PROJECTED {full['wall_s']:.1f} s (slowest rank; mean rank {full['rank_s'].mean():.1f} s; "
+              f"x {ratio:.2f} from the check = {full['wall_s'] * ratio:.1f} s)"]
+    if spec.phases:
+        lines.append("  (phase SGD is not in the model: add its measured time)")
+    return full["wall_s"], lines
+
+
+# ------------------------------------------------------------------------------------------------ main
 def _model_and_tokens(args, device):
     meta: dict = {}
     extras: dict = {}
@@ -73,19 +245,26 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=64)
     ap.add_argument("--chunk-tokens", type=int, default=32768)
     ap.add_argument("--batch-tokens", default=str(32 * 2048), help="comma list to sweep")
-    ap.add_argument("--variants", default="eager", help="comma list of eager, compile")
+    ap.add_argument("--variants", default="eager", help="comma list of eager, compile (+shapes=... for docttt)")
     ap.add_argument("--no-autocast", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        try:
+            parse_variant(v)
+        except SystemExit as e:
+            ap.error(str(e))  # exit 2, one line
     device = torch.device(args.device)
     model, tokens, lut, source, extras = _model_and_tokens(args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} params; data: {tokens.numel():,} tokens ({source}); device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     specs = [parse_protocol(p) for p in args.protocols.split(",") if p.strip()]
-    rows = []
-    for variant in args.variants.split(","):
-        scorer = torch.compile(model, dynamic=False) if variant == "compile" else None
+    rows, notes = [], []
+    for variant in variants:
+        var = parse_variant(variant)
+        scorer = torch.compile(model, dynamic=False) if var["compile"] else None
         for bt in (int(b) for b in args.batch_tokens.split(",")):
             cfg = EvalConfig(seq_len=args.context, context=args.context, stride=args.stride,
                              chunk_tokens=args.chunk_tokens, batch_tokens=bt, autocast=not args.no_autocast,
@@ -95,9 +274,8 @@ def main() -> None:
             for spec in specs:
                 adapter = None
                 family = spec.mode == "docttt"  # builds its own document queue and adapter from the spec
-
-                if family:  # the compile variant compiles docttt's core (fixed shapes), not a separate scorer
-                    cfg = replace(cfg, docttt_compile=variant == "compile")
+                if family:  # the compile variant compiles docttt's core, not a separate scorer
+                    cfg = replace(cfg, docttt_compile=var["compile"], docttt_shapes=var["shapes"])
 
                 def plan(d):
                     return None if family else build_plan(spec.windows, d, cfg)
@@ -109,7 +287,9 @@ def main() -> None:
                     prefix = f"ttt.{adapter.name}."
                     mine = {k: v for k, v in extras.items() if k.startswith(prefix)}
                     adapter.load_artifact_extras(mine, strict=bool(mine))
+                t0 = time.perf_counter()
                 run_protocol(spec, model, warm, plan(warm), cfg, adapter, scorer=scorer)
+                warm_s = time.perf_counter() - t0
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
@@ -117,19 +297,30 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 rate = r.stream.n_scored / r.stream.seconds
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+                proj = FULL_VAL_TOKENS / (rate * 8)
+                if family:
+                    proj, lines = _docttt_report(spec, variant, model, data, device, cfg.autocast, r.stream)
+                    notes.append(lines)
                 rows.append((variant, bt, spec.name, r.stream.n_scored, r.stream.seconds, wall, rate,
-                             r.stream.score_seconds, r.stream.adapt_seconds, FULL_VAL_TOKENS / (rate * 8), mem))
-                print(f"  {variant} batch_tokens={bt} {spec.name}: {rate:,.0f} tok/s", flush=True)
-    hdr = (f"{'variant':<8}{'batch_tok':>10}  {'protocol':<12}{'tokens':>10}{'loop s':>9}{'tok/s':>12}"
-           f"{'score s':>9}{'adapt s':>9}{'proj 62M/8GPU':>15}{'peak GiB':>10}")
+                             r.stream.score_seconds, r.stream.adapt_seconds, proj, mem, warm_s, family))
+                print(f"  {variant} batch_tokens={bt} {spec.name}: {rate:,.0f} tok/s (warm-up {warm_s:.1f} s)",
+                      flush=True)
+    w = max([12] + [len(r[2]) + 1 for r in rows])
+    hdr = (f"{'variant':<8}{'batch_tok':>10}  {'protocol':<{w}}{'tokens':>10}{'loop s':>9}{'tok/s':>12}"
+           f"{'score s':>9}{'adapt s':>9}{'proj 62M/8GPU':>15}{'peak GiB':>10}{'warm-up s':>11}")
     print()
     print(hdr)
     print("-" * len(hdr))
-    for v, bt, name, n, s, wall, rate, ss, as_, proj, mem in rows:
-        print(f"{v:<8}{bt:>10}  {name:<12}{n:>10,}{s:>9.2f}{rate:>12,.0f}{ss:>9.2f}{as_:>9.2f}{proj:>14.1f}s"
-              f"{mem:>10.2f}")
-    print(f"\nproj 62M/8GPU: PROJECTION = {FULL_VAL_TOKENS:,} tokens / (measured single-process tok/s x 8), "
-          "assuming linear scaling; 'loop s' excludes plan building and bootstrap.")
+    for v, bt, name, n, s, wall, rate, ss, as_, proj, mem, warm_s, fam in rows:
+        print(f"{v:<8}{bt:>10}  {name:<{w}}{n:>10,}{s:>9.2f}{rate:>12,.0f}{ss:>9.2f}{as_:>9.2f}{proj:>13.1f}s"
+              f"{'*' if fam else ' '}{mem:>10.2f}{warm_s:>11.1f}")
+    print(f"\nproj 62M/8GPU: {FULL_VAL_TOKENS:,} tokens / (measured single-process tok/s x 8), assuming linear "
+          "scaling; * = the docttt model below instead. 'loop s' excludes plan building and bootstrap; "
+          "'warm-up s' (a short run first, untimed) holds compilation. 'score s' / 'adapt s' of docttt: forward "
+          "/ backward + step, CUDA-event time on GPU.")
+    for lines in notes:
+        print()
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

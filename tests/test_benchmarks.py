@@ -1,12 +1,16 @@
-"""The throughput benchmark parses its variant tokens and runs end to end (CPU, tiny preset)."""
+"""The throughput benchmarks parse their variant tokens and run end to end (CPU, tiny models); the docttt
+projection's arithmetic."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -45,3 +49,55 @@ def test_attention_benchmark_imports_and_parses_args():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "--backends" in res.stdout
+
+
+import eval_throughput as et  # noqa: E402
+
+
+def test_docttt_projection_arithmetic():
+    """The docttt time model: per chunk fwd(t_c, rows_c) (+ upd except on a batch's last chunk), batches sorted
+    longest first, dealt round-robin over ranks, the slowest rank's sum (hand-computed cases)."""
+    sm = et.StepModel(t=np.array([16.0, 24.0]), fwd1=np.ones(2), fwd_full=np.full(2, 2.0), upd1=np.full(2, 10.0),
+                      upd_full=np.full(2, 20.0), rows=2, overhead=0.5)  # fwd = rows, upd = 10 x rows
+    lengths = np.array([10, 70, 37])  # batches of 2: [70, 37] (5 and 3 chunks of 16), [10]
+    one = et.project_docttt(lengths, sm, 16, 24, 2, 1)
+    assert one["batches"] == 2 and one["docs"] == 3 and one["targets"] == 117
+    assert one["wall_s"] == pytest.approx((2 + 2 + 2 + 1 + 1) + 10 * (2 + 2 + 2 + 1) + 0.5 + 1 + 0.5)
+    two = et.project_docttt(lengths, sm, 16, 24, 2, 2)
+    assert two["rank_s"].tolist() == pytest.approx([78.5, 1.5]) and two["wall_s"] == pytest.approx(78.5)
+    assert et.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="batch")["wall_s"] == pytest.approx(
+        10 + 80 + 0.5 + 1.5)  # every forward has both rows
+    assert et.project_docttt(lengths, sm, 16, 24, 2, 1, train=False)["wall_s"] == pytest.approx(8.5 + 1.5)
+    lin = et.StepModel(t=np.array([16.0, 32.0]), fwd1=np.array([1.0, 3.0]), fwd_full=np.array([5.0, 7.0]),
+                       upd1=np.zeros(2), upd_full=np.zeros(2), rows=3)
+    assert lin.fwd(np.array([24.0]), np.array([1]))[0] == pytest.approx(2.0)
+    assert lin.fwd(np.array([24.0]), np.array([2]))[0] == pytest.approx(4.0)  # halfway between 1 and 3 rows
+    got = et.resample_lengths(np.array([3, 5, 100]), 10_000, seed=1)
+    assert got.sum() >= 10_000 and got[:-1].sum() < 10_000 and set(got.tolist()) <= {3, 5, 100}
+    assert np.array_equal(got, et.resample_lengths(np.array([3, 5, 100]), 10_000, seed=1))
+
+
+def test_eval_benchmark_docttt_runs_on_cpu(tmp_path):
+    """One command: the measured run, the step calibration and the projection, for doc-chunk and docttt."""
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.model.gpt import BankedGPT
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    art = tmp_path / "tiny.ptz"
+    save_model_artifact(art, BankedGPT(tiny_config()), allow_over_budget=True)
+    opts = "chunk=16/docs=4/window=48"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_throughput.py"), str(art), "--tokens", "2500",
+                          "--context", "48", "--chunk-tokens", "256", "--protocols",
+                          f"doc-chunk@{opts},docttt:doclora@{opts}/rank=4", "--variants", "eager,eager+shapes=batch"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.count("PROJECTED") == 4 and out.count("measured / modelled") == 4, out
+    assert "shapes exact" in out and "shapes batch" in out
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_throughput.py"), "--variants", "eager+fast"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown variant token" in bad.stderr

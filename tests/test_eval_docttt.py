@@ -144,6 +144,25 @@ def test_doclora_step_is_torch_adamw_per_document(one_thread):
         torch.testing.assert_close(tr[k][0], ref[k].detach(), rtol=1e-6, atol=1e-7)
         assert torch.equal(tr[k][1], frozen[k])
     assert ad.adapted_count(cfg) == 3 * (cfg.num_layers * (32 + 32) + 32 + 64)
+    # documents at different step counts in one step (runs of rows, each with its own bias correction), and
+    # gradients for only the first rows of the batch
+    tr, st = ad.init(params, 4, cfg, torch.Generator().manual_seed(2))
+    refs = [{k: torch.nn.Parameter(v[b].clone()) for k, v in tr.items()} for b in range(3)]
+    opts = [torch.optim.AdamW(r.values(), lr=0.01, betas=(0.5, 0.999), eps=1e-6, weight_decay=0.5) for r in refs]
+    last = {k: v[3].clone() for k, v in tr.items()}
+    for pattern in ([1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1]):
+        grads = {k: torch.randn((3,) + v.shape[1:], generator=gen) for k, v in tr.items()}
+        tr, st = ad.step(tr, st, grads, 0.0, active=torch.tensor(pattern, dtype=torch.bool))
+        for b, on in enumerate(pattern):
+            if on:
+                for k, p in refs[b].items():
+                    p.grad = grads[k][b].clone()
+                opts[b].step()
+    assert st["t"].tolist() == [3, 3, 3, 0]
+    for b in range(3):
+        for k in tr:
+            torch.testing.assert_close(tr[k][b], refs[b][k].detach(), rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(tr[k][3], last[k]) for k in tr)
 
 
 def test_keep_a_carries_a_and_resets_b_and_state(one_thread):
@@ -223,16 +242,50 @@ def test_lr0_equals_chunked_doc_window_scoring_bitwise(world):
     assert flat.shape == ref.token_nll.shape and not np.array_equal(flat, ref.token_nll)
 
 
-def test_fixed_shape_buckets_score_the_same(world):
-    """bucket > 0 (one row per document, lengths rounded up: what a compiled core needs) changes only padding."""
+def test_fixed_shapes_score_the_same(world):
+    """``chunk`` (lengths min((c+1)*chunk, window): the CUDA default) and ``batch`` (also one row per document,
+    finished ones dummies) change only padding: the same nats as ``exact`` to float tolerance, and the same
+    ledger."""
     m, data = world["model"], world["data"]
     spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}")
-    out = {}
-    for bucket in (0, 32):
-        ledger = Ledger(spec.name)
-        out[bucket] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger, bucket=bucket)
+    out, ledgers = {}, {}
+    for shapes in docttt.SHAPES:
+        ledgers[shapes] = ledger = Ledger(spec.name)
+        out[shapes] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger, shapes=shapes)
         assert ledger.verify()["legal"]
-    np.testing.assert_allclose(out[32].token_nll, out[0].token_nll, rtol=1e-4, atol=1e-5)
+    for shapes in ("chunk", "batch"):
+        np.testing.assert_allclose(out[shapes].token_nll, out["exact"].token_nll, rtol=1e-4, atol=1e-5)
+        assert ledgers[shapes].verify() == ledgers["exact"].verify()
+    assert not np.array_equal(out["exact"].token_nll, docttt.run_docttt(
+        docttt.parse_docttt(f"doc-chunk@{OPTS}"), m, data.tokens, data.tokens_np, data.bos_id, Ledger()).token_nll)
+
+
+def test_batch_plan_shapes_and_positions():
+    """The plan's index arithmetic: chunk c of a document scores targets a+1+c*chunk.., once each; windows are
+    the document's last <= window tokens; forward lengths by ``shapes``; the last chunk is never trained."""
+    a, e = np.array([100, 0, 40]), np.array([170, 37, 50])  # 70, 37, 10 targets; chunk 16, window 24
+    plans = {s: docttt.batch_plan(a, e, 16, 24, s) for s in docttt.SHAPES}
+    p = plans["exact"]
+    assert p.n_chunks == 5 and p.active.tolist() == [3, 2, 2, 1, 1]
+    for b in range(3):
+        act = p.count[:, b] > 0
+        got = np.concatenate([np.arange(lo, hi) for lo, hi in zip(p.lo[act, b], p.hi[act, b])])
+        assert got.tolist() == list(range(a[b] + 1, e[b] + 1))  # every target once, in order
+        assert np.all(p.start[act, b] >= a[b]) and np.all(p.length[act, b] <= 24)
+        assert np.all(p.start[act, b] + p.length[act, b] == p.hi[act, b] - 1)  # window ends at the chunk's end
+        assert p.train[act, b].tolist() == [True] * (act.sum() - 1) + [False]
+    assert p.length[:, 0].tolist() == [16, 24, 24, 24, 24] and p.start[4, 0] == 170 - 24  # cut to the window
+    assert all(q.t.tolist() == [16, 24, 24, 24, 24] for q in plans.values())
+    assert p.rows.tolist() == plans["chunk"].rows.tolist() == [3, 2, 2, 1, 1]
+    assert plans["batch"].rows.tolist() == [3] * 5
+    e2 = a + np.array([37, 20, 10])  # the longest document's last chunk is shorter than the window
+    t = {s: docttt.batch_plan(a, e2, 16, 48, s).t.tolist() for s in docttt.SHAPES}
+    assert t == {"exact": [16, 32, 37], "chunk": [16, 32, 48], "batch": [16, 32, 48]}
+    assert not docttt.batch_plan(a, e, 16, 24, train=False).train.any()
+    with pytest.raises(ValueError, match="sorted by length"):
+        docttt.batch_plan(a[::-1], e[::-1], 16, 24)
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        docttt.batch_plan(a, e, 16, 24, "fixed")
 
 
 def test_adaptation_helps_and_report_decomposes(world):
@@ -390,3 +443,46 @@ def test_docttt_on_cuda_bf16(world):
     got, want = comp.results[name].stream.token_nll, ev.results[name].stream.token_nll
     assert abs(float(got.mean()) - float(want.mean())) < 2e-3  # bf16: same function, other kernels
     assert comp.results[name].ledger["legal"]
+
+
+@pytest.mark.gpu
+def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
+    """The chunk loop never synchronises with the GPU (no .cpu()/.item() per chunk, pinned plan upload): the
+    number of synchronising calls of a batch does not grow with its chunks; and the CUDA default shapes
+    (``chunk``) score like ``exact``."""
+    import warnings
+
+    m = BankedGPT(tiny_config()).cuda()
+    m.load_state_dict(world["model"].state_dict())
+    m.eval()
+    data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
+    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
+    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    ad = docttt.make_doc_adapter(spec)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    syncs, nll = {}, {}
+    for b in (0, len(queue.batches) - 1):  # the longest and the shortest batch: many and few chunks
+        idx = queue.batches[b]
+        init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
+        docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                         shapes="chunk")  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                                       shapes="chunk")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[b] = (sum("synchroniz" in str(w.message) for w in caught), out.plan.n_chunks, out.train_steps)
+        nll[b] = dict(out.nll)
+    (first, n_first, k_first), (last, n_last, k_last) = syncs[0], syncs[len(queue.batches) - 1]
+    assert n_first > n_last and k_last > 0, syncs  # more chunks in the first batch, both train
+    assert first <= 4 and first == last, syncs
+    idx = queue.batches[0]
+    init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
+    exact = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                             shapes="exact")
+    for lo, v in exact.nll:
+        np.testing.assert_allclose(nll[0][lo], v, rtol=2e-2, atol=2e-2)  # bf16: other shapes, other sums

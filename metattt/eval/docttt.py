@@ -26,7 +26,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..track.progress import progress as progress_bar
 from ..ttt.doclora import DocLoRA, DocLoRAConfig
@@ -210,9 +209,124 @@ def chunk_plan(tokens: np.ndarray, bos_id: int, chunk: int, window: int) -> Wind
 
 
 # ------------------------------------------------------------------------------------------------ one batch
+SHAPES = ("exact", "chunk", "batch")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The chunk loop of one batch as index arithmetic (host numpy, fields (chunks, documents) unless noted).
+
+    Row b of chunk c reads the window ``[start, start + length)``; the logit at window column ``col0 + j``
+    (j < ``count``) scores target ``start + col0 + j + 1``. Finished documents have ``count`` 0 (a dummy row when
+    the forward has more rows than active documents). Forward shapes, by ``shapes``: ``exact`` (rows = active
+    documents, length = the longest active window: what ``run_stream`` computes, bit for bit on CPU), ``chunk``
+    (rows = active documents, length ``min((c+1)*chunk, window)``, the records' context size, which also fixes
+    the dynamic-NTK RoPE base), ``batch`` (``chunk`` lengths and one row per document of the batch: shapes depend
+    only on c, the records' layout)."""
+
+    start: np.ndarray
+    col0: np.ndarray
+    count: np.ndarray
+    length: np.ndarray
+    train: np.ndarray  # bool: the document trains on the chunk (never on its last one)
+    t: np.ndarray  # (chunks,) forward length
+    rows: np.ndarray  # (chunks,) forward rows
+    active: np.ndarray  # (chunks,) documents still scoring: a prefix (sorted longest first)
+
+    @property
+    def lo(self) -> np.ndarray:
+        """First scored target position."""
+        return self.start + self.col0 + 1
+
+    @property
+    def hi(self) -> np.ndarray:
+        """One past the last scored target position."""
+        return self.lo + self.count
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.t.size)
+
+
+def batch_plan(a: np.ndarray, e: np.ndarray, chunk: int, window: int, shapes: str = "exact",
+               train: bool = True) -> BatchPlan:
+    """The plan of documents ``[a, e)`` (targets ``a+1..e``), sorted longest first; ``train``: adaptation on."""
+    if shapes not in SHAPES:
+        raise ValueError(f"docttt shapes must be one of {', '.join(SHAPES)}, got {shapes!r}")
+    a, e = np.asarray(a, dtype=np.int64), np.asarray(e, dtype=np.int64)
+    n = e - a
+    if n.size == 0 or np.any(n < 1):
+        raise ValueError("batch_plan needs at least one document, each with at least one target")
+    if np.any(np.diff(n) > 0):
+        raise ValueError("run_batch needs documents sorted by length, longest first")
+    nc = -(-n // chunk)
+    c = np.arange(int(nc.max()), dtype=np.int64)[:, None]
+    end = a + np.minimum((c + 1) * chunk, n)  # inputs end (exclusive) = last target of the chunk
+    start = np.maximum(a, end - window)
+    act = nc > c
+    lo = a + c * chunk + 1
+    count = np.where(act, end - lo + 1, 0)
+    col0 = np.where(act, lo - 1 - start, 0)
+    length = end - start
+    tr = act & (nc - 1 > c) if train else np.zeros_like(act)
+    t_chunk = np.minimum((c[:, 0] + 1) * chunk, window)
+    t = np.where(act, length, 0).max(1) if shapes == "exact" else t_chunk
+    active = act.sum(1)
+    rows = np.full_like(active, a.size) if shapes == "batch" else active
+    return BatchPlan(start, col0, count, length, tr, t, rows, active)
+
+
+class Nats:
+    """Per-target nats on the device (index p-1 for target p, plus one slot that absorbs padding) and how often
+    each was written: scattered into per chunk, read to the host once per run (no sync per chunk)."""
+
+    def __init__(self, n_tokens: int, device: torch.device) -> None:
+        self.n_tokens = n_tokens
+        self.nats = torch.zeros(n_tokens, dtype=torch.float32, device=device)
+        self.count = torch.zeros(n_tokens, dtype=torch.int32, device=device)
+
+    def put(self, dest: torch.Tensor, vals: torch.Tensor) -> None:
+        self.nats.scatter_(0, dest, vals.detach().reshape(-1).float())  # padding: any value lands in the last slot
+        self.count.scatter_add_(0, dest, torch.ones_like(dest, dtype=torch.int32))
+
+
+class _Clock:
+    """Marks on the device's timeline: CUDA events (read once per batch) or host time on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> int:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+        return len(self.marks) - 1
+
+    def seconds(self, i: int, j: int) -> float:
+        if self.cuda:
+            return self.marks[i].elapsed_time(self.marks[j]) / 1000.0
+        return self.marks[j] - self.marks[i]
+
+    def wait(self) -> None:
+        if self.cuda and self.marks:
+            self.marks[-1].synchronize()
+
+
+def _record_scores(ledger: Ledger, lo: np.ndarray, hi: np.ndarray, step: int) -> None:
+    """``Ledger.record_score`` for many ranges of one step at once (its interval lists, extended)."""
+    ledger._score_lo.extend(lo.tolist())
+    ledger._score_hi.extend(hi.tolist())
+    ledger._score_step.extend([int(step)] * int(lo.size))
+
+
 @dataclass
 class BatchOut:
-    nll: list[tuple[int, np.ndarray]]  # (first target position, nats of consecutive targets) per doc-chunk
+    plan: BatchPlan
+    sink: Nats
     forwards: int = 0
     train_steps: int = 0
     score_s: float = 0.0
@@ -220,110 +334,114 @@ class BatchOut:
     loss_first: float | None = None
     loss_last: float | None = None
     trainables: dict[str, torch.Tensor] | None = None
+    chunk_times: list[tuple[int, int, float, float]] = field(default_factory=list)  # (t, rows, fwd s, update s)
+
+    @property
+    def nll(self) -> list[tuple[int, np.ndarray]]:
+        """(first target position, nats of consecutive targets) per doc-chunk (a host copy: for checks)."""
+        vals = self.sink.nats.cpu().numpy()
+        lo, cnt, act = self.plan.lo, self.plan.count, self.plan.count > 0
+        return [(int(p), vals[p - 1: p - 1 + k]) for p, k in zip(lo[act], cnt[act])]
 
 
 def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
               adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
               init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
-              bucket: int = 0) -> BatchOut:
+              shapes: str = "exact", sink: Nats | None = None, inplace: bool = False) -> BatchOut:
     """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
 
-    ``init``: the adapter's (trainables, state) for these documents (rows in order); ``base``: parameter
-    overrides for the base model (after phases). Documents must be sorted by length, longest first.
-    ``bucket`` > 0: every forward has one row per document of the batch (finished ones are dummies, never scored
-    nor trained) and a length rounded up to a multiple of ``bucket``, so a compiled core sees few shapes."""
-    n = e - a
-    if np.any(np.diff(n) > 0):
-        raise ValueError("run_batch needs documents sorted by length, longest first")
+    ``init``: the adapter's (trainables, state) for these documents (rows in order; copied unless ``inplace``);
+    ``base``: parameter overrides for the base model (after phases). Documents must be sorted by length, longest
+    first. ``shapes``: see :class:`BatchPlan`. Nats go to ``sink`` (a fresh one when None). The loop never waits
+    for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
+    positions, nats are scattered on the device, losses and timings are read once at the end."""
     device, n_tok = tokens.device, tokens.numel()
-    C, W = spec.chunk, spec.window
-    nc = -(-n // C)
+    C = spec.chunk
+    plan = batch_plan(a, e, C, spec.window, shapes, train=adapter is not None)
+    sink = Nats(n_tok, device) if sink is None else sink
     cheat = bool(adapter is not None and getattr(adapter, "adapts_before_scoring", False))
     tr, st = init if init is not None else (None, None)
+    if tr is not None and not inplace:
+        tr, st = ({k: v.clone() for k, v in x.items()} for x in (tr, st))
     n_layers = model.cfg.num_layers
-    out = BatchOut([])
-    for c in range(int(nc.max())):
-        act = int((nc > c).sum())  # sorted longest first: the active documents are a prefix
-        aa = a[:act]
-        end = aa + np.minimum((c + 1) * C, n[:act])  # inputs end (exclusive) = last target of the chunk
-        lo = aa + c * C + 1  # first target of the chunk
-        s = np.maximum(aa, end - W)
-        ln = end - s
-        t = int(ln.max())
-        train = (nc[:act] - 1 > c) if adapter is not None else np.zeros(act, dtype=bool)
-        n_rows = a.size if bucket else act
-        if bucket:
-            t = -(-t // bucket) * bucket
-        s_rows = np.concatenate([s, a[act:n_rows]])  # dummy rows: the finished documents' starts
-        st_t = torch.from_numpy(s_rows).to(device)
-        idx = (st_t[:, None] + torch.arange(t + 1, device=device)[None, :]).clamp_(max=n_tok - 1)
-        buf = tokens[idx]
+    out = BatchOut(plan, sink)
+    idx_host = torch.from_numpy(np.stack([plan.start, plan.col0, plan.count, plan.train.astype(np.int64)]))
+    if device.type == "cuda":  # pinned: an asynchronous copy, the host does not wait for the device
+        idx_host = idx_host.pin_memory()
+    idx_dev = idx_host.to(device, non_blocking=True)
+    S, COL, CNT, TRN = idx_dev
+    ar_c = torch.arange(C, device=device)
+    ar_t = torch.arange(int(plan.t.max()) + 1, device=device)
+    own = np.maximum(plan.start, np.asarray(a, dtype=np.int64) + 1)  # a document's own positions (not its BOS)
+    clock = _Clock(device)
+    marks: list[tuple[int, ...]] = []
+    losses: list[torch.Tensor] = []
+    for c in range(plan.n_chunks):
+        act, R, t = int(plan.active[c]), int(plan.rows[c]), int(plan.t[c])
+        train = plan.train[c, :R].copy()
+        st_row = S[c, :R]
+        buf = tokens[(st_row[:, None] + ar_t[: t + 1]).clamp_(max=n_tok - 1)]
         x = buf[:, :-1]
-        cnt = end - lo + 1
-        rows_np = np.repeat(np.arange(act), cnt)
-        cols_np = np.concatenate([np.arange(f, g) for f, g in zip(lo - 1 - s, ln)])
-        rows, cols = torch.from_numpy(rows_np).to(device), torch.from_numpy(cols_np).to(device)
-        tgt = buf[rows, cols + 1]
+        valid = ar_c < CNT[c, :R, None]
+        cols = torch.where(valid, COL[c, :R, None] + ar_c, 0)
+        tgt = buf.gather(1, cols + 1)
+        dest = torch.where(valid, st_row[:, None] + cols, n_tok - 1).reshape(-1)
 
         def forward(grad: bool):
             kw: dict[str, Any] = {}
             leaves = None
             if adapter is not None:
-                leaves = {k: v[:n_rows].detach().requires_grad_(grad) for k, v in tr.items()}
+                leaves = {k: v[:R].detach().requires_grad_(grad) for k, v in tr.items()}
                 kw.update(adapter.materialize(leaves, n_layers))
             if base is not None:
                 kw["params"] = base
             if attn != "auto":
                 kw["attn"] = attn
             with _autocast(device, autocast):
-                logits = model(x, **kw)
-            return F.cross_entropy(logits[rows, cols].float(), tgt, reduction="none"), leaves
+                nll = model(x, tgt, positions=cols, reduction="none", **kw)
+            return nll, leaves
 
-        def update(nll: torch.Tensor, leaves: dict[str, torch.Tensor], step: int) -> float:
+        def update(nll: torch.Tensor, leaves: dict[str, torch.Tensor], train: np.ndarray, step: int) -> None:
             nonlocal tr, st
-            w = torch.from_numpy((train / cnt).astype(np.float32)).to(device)  # mean per document, trained docs
-            loss = (nll * w[rows]).sum()
+            w = TRN[c, :R].float() / CNT[c, :R].clamp(min=1).float()  # mean per document, trained docs only
+            loss = (torch.where(valid, nll, 0.0) * w[:, None]).sum()
             names = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-            full = {k: torch.zeros_like(tr[k]) for k in names}
-            for k, g in zip(names, grads):
-                full[k][:n_rows] = g
-            active = torch.zeros(tr[names[0]].shape[0], dtype=torch.bool, device=device)
-            active[:act] = torch.from_numpy(train).to(device)
-            tr, st = adapter.step(tr, st, full, 0.0, active=active)
-            own = np.maximum(s, aa + 1)  # the document's own positions (its opening BOS is the delimiter)
-            ledger.record_update([(int(p), int(q) + 1) for p, q, ok in zip(own, end, train) if ok], step,
+            tr, st = adapter.step(tr, st, dict(zip(names, grads)), 0.0, active=torch.from_numpy(train))
+            ok = np.flatnonzero(train)
+            ledger.record_update(list(zip(own[c, ok].tolist(), (plan.hi[c, ok]).tolist())), step,
                                  f"docttt chunk {c}")
             out.train_steps += 1
-            return float(loss.detach()) / max(int(train.sum()), 1)
+            losses.append(loss.detach() / max(int(train.sum()), 1))
 
+        m0 = clock.mark()
         if cheat and train.any():  # obliged, then refused by the ledger: trains on the chunk before scoring it
-            t0 = time.perf_counter()
             with torch.inference_mode(False), torch.enable_grad():
                 nll, leaves = forward(True)
-                update(nll, leaves, ledger.next_step())
-            out.adapt_s += time.perf_counter() - t0
-            train = np.zeros(act, dtype=bool)
-        t0 = time.perf_counter()
-        grad = bool(train.any()) or (bucket > 0 and adapter is not None)  # fixed shapes: one graph per length
+                update(nll, leaves, train, ledger.next_step())
+            train = np.zeros_like(train)
+        m1 = clock.mark()
+        grad = bool(train.any()) or (adapter is not None and shapes != "exact")  # one graph for a compiled core
         with torch.inference_mode(False), torch.set_grad_enabled(grad):
             nll, leaves = forward(grad)
             step = ledger.next_step()
-            vals = nll.detach().float().cpu().numpy()
+            sink.put(dest, nll)
             out.forwards += 1
-            off = np.concatenate(([0], np.cumsum(cnt)))
-            for i in range(act):
-                out.nll.append((int(lo[i]), vals[off[i]:off[i + 1]]))
-                ledger.record_score(int(lo[i]), int(end[i]) + 1, step)
-            _sync(device)
-            out.score_s += time.perf_counter() - t0
+            _record_scores(ledger, plan.lo[c, :act], plan.hi[c, :act], step)
+            m2 = clock.mark()
             if train.any():
-                t0 = time.perf_counter()
-                loss = update(nll, leaves, ledger.next_step())
-                out.loss_first = loss if out.loss_first is None else out.loss_first
-                out.loss_last = loss
-                _sync(device)
-                out.adapt_s += time.perf_counter() - t0
+                update(nll, leaves, train, ledger.next_step())
+            m3 = clock.mark()
+        marks.append((t, R, m0, m1, m2, m3))
+    clock.wait()
+    for t, R, m0, m1, m2, m3 in marks:
+        fwd, upd = clock.seconds(m1, m2), clock.seconds(m2, m3) + clock.seconds(m0, m1)
+        out.chunk_times.append((t, R, fwd, upd))
+        out.score_s += fwd
+        out.adapt_s += upd
+    if losses:
+        vals = torch.stack([losses[0], losses[-1]]).tolist()
+        out.loss_first, out.loss_last = vals
     out.trainables = tr
     return out
 
@@ -407,18 +525,46 @@ def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
     return out
 
 
+@contextlib.contextmanager
+def compiled_core(model: torch.nn.Module, enabled: bool = True):
+    """Inside the block the model's functional core is the docttt compiled one (automatic dynamic shapes, kept
+    on the model, so later runs reuse its graphs); the previous core is restored after."""
+    if not enabled:
+        yield model
+        return
+    import torch._dynamo as dynamo
+
+    cfg = dynamo.config  # every graph variant (lengths, rows, grad mode, lora or not) counts towards one limit
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    core = model._core
+    model.compile_core(dynamic=None)
+    try:
+        yield model
+    finally:
+        model._core = core
+
+
 def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
                ledger: Ledger, ctx: DistCtx | None = None, autocast: bool = True, attn: str = "auto",
                make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None, compile: bool = False,
-               bucket: int = 0, progress: bool = False) -> StreamResult:
+               shapes: str | None = None, progress: bool = False) -> StreamResult:
     """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
 
     Batches are dealt round-robin over ranks (batch i on rank i % world); a phase's SGD steps are split over all
     ranks (gradients all-reduced), so every rank holds the same base and results equal one process's.
-    ``compile``: the model's functional core is compiled for this run (fixed shapes: ``bucket`` defaults to 128
-    then); the base parameters are passed detached, so no graph computes gradients for them outside the phases."""
+    ``shapes`` (see :class:`BatchPlan`): default ``chunk`` on CUDA (forward lengths depend only on the chunk
+    index), ``exact`` elsewhere (bit for bit ``run_stream`` on CPU; ``chunk`` pads, which changes float sums).
+    ``compile``: the model's functional core is compiled with automatic dynamic shapes (a static graph for the
+    first shape, then one with the changing lengths and row counts symbolic, plus the variants Dynamo
+    specialises, e.g. one row; ``dynamic=True`` would make the model's own dimensions symbolic too, which breaks
+    the graph at attention) and kept on the model for later runs; the base parameters are passed detached, so no
+    graph computes gradients for them outside the phases (eager)."""
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
+    shapes = ("chunk" if device.type == "cuda" else "exact") if shapes is None else shapes
+    if shapes not in SHAPES:
+        raise ValueError(f"docttt shapes must be one of {', '.join(SHAPES)}, got {shapes!r}")
     n = int(tokens.numel())
     queue = doc_queue(tokens_np, bos_id, spec.docs)
     adapter = (make_adapter or make_doc_adapter)(spec)
@@ -426,18 +572,9 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         raise ValueError(f"{spec.name}: keep_a carries A from batch to batch, so results depend on which batches "
                          "a rank ran; it is single-process only")
     bounds = phase_boundaries(queue, spec.phases, spec.phase_docs) if adapter is not None else []
-    nll = np.zeros(n - 1, dtype=np.float32)
-    done = np.zeros(n - 1, dtype=np.int32)
+    sink = Nats(n, device)
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     base: dict[str, torch.Tensor] = frozen
-    if compile and not bucket:
-        bucket = 128
-    core = getattr(model, "_core", None)
-    if compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        model.compile_core()
     was_training = model.training
     model.eval()
     stats: list[dict[str, Any]] = []
@@ -448,50 +585,50 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     t_start = time.perf_counter()
     seg, bi = 0, 0
     try:
-        for b, idx in enumerate(progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)):
-            if b % ctx.world == ctx.rank:
-                a, e = queue.a[idx], queue.e[idx]
-                init = None
-                if adapter is not None:
-                    gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
-                    init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
-                res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, bucket)
-                tr = res.trainables
-                for lo, v in res.nll:
-                    nll[lo - 1: lo - 1 + v.size] = v
-                    done[lo - 1: lo - 1 + v.size] += 1
-                score_s += res.score_s
-                adapt_s += res.adapt_s
-                n_fwd += res.forwards
-                stats.append({"batch": b, "docs": int(idx.size), "train_steps": res.train_steps,
-                              "loss_first": res.loss_first, "loss_last": res.loss_last})
-            while bi < len(bounds) and b == bounds[bi][0]:
-                t0 = time.perf_counter()
-                seg += 1
-                ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
-                docs = phase_documents(queue, bounds[bi][1])
-                with model.eager_core() if compile else contextlib.nullcontext():  # shapes vary: no recompiles
+        with compiled_core(model, compile):
+            bar = progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)
+            for b, idx in enumerate(bar):
+                if b % ctx.world == ctx.rank:
+                    a, e = queue.a[idx], queue.e[idx]
+                    init = None
+                    if adapter is not None:
+                        gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
+                        init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
+                    res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, shapes,
+                                    sink, inplace=True)
+                    tr = res.trainables
+                    score_s += res.score_s
+                    adapt_s += res.adapt_s
+                    n_fwd += res.forwards
+                    stats.append({"batch": b, "docs": int(idx.size), "train_steps": res.train_steps,
+                                  "loss_first": res.loss_first, "loss_last": res.loss_last})
+                while bi < len(bounds) and b == bounds[bi][0]:
+                    t0 = time.perf_counter()
+                    seg += 1
+                    ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
+                    docs = phase_documents(queue, bounds[bi][1])
+                    # phase shapes vary: eager, no recompiles
+                    with model.eager_core() if compile else contextlib.nullcontext():
                         base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
-                                         autocast, ctx)
-                stats.append({"phase": bi, **st})
-                tr = None
-                seg += 1
-                ledger._step = max(ledger._step, seg * _SEG)
-                bi += 1
-                _sync(device)
-                adapt_s += time.perf_counter() - t0
+                                             autocast, ctx)
+                    stats.append({"phase": bi, **st})
+                    tr = None
+                    seg += 1
+                    ledger._step = max(ledger._step, seg * _SEG)
+                    bi += 1
+                    _sync(device)
+                    adapt_s += time.perf_counter() - t0
     finally:
         model.train(was_training)
-        if compile:
-            model._core = core
+    both = torch.stack([sink.nats[:-1], sink.count[:-1].float()])
     if ctx.world > 1:
-        both = torch.from_numpy(np.stack([nll, done.astype(np.float32)])).to(device)
-        dist.all_reduce(both)
-        nll, done = both[0].cpu().numpy(), both[1].cpu().numpy().astype(np.int32)
+        dist.all_reduce(both)  # every target is written on one rank (zeros elsewhere)
         merged = _merge_ledgers(ledger, ctx)
         ledger._score_lo[:], ledger._score_hi[:], ledger._score_step[:] = (merged._score_lo, merged._score_hi,
                                                                            merged._score_step)
         ledger.updates[:] = merged.updates
+    both = both.cpu().numpy()
+    nll, done = np.ascontiguousarray(both[0]), both[1].astype(np.int32)
     _sync(device)
     seconds = time.perf_counter() - t_start
     if np.any(done != 1):

@@ -132,7 +132,8 @@ class EvalConfig:
     progress: bool = False
     fixed_shapes: bool = False  # one forward shape (set with --compile)
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
-    docttt_compile: bool = False  # docttt: compiled core, lengths bucketed to 128 (not yet measured: opt-in)
+    docttt_compile: bool = False  # docttt: compiled core, automatic dynamic shapes (opt-in until measured)
+    docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
 
     def score_config(self) -> ScoreConfig:
         record = self.compat == "pg-record"  # its forwards are always context long
@@ -307,7 +308,8 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
-                            autocast=cfg.autocast, compile=cfg.docttt_compile, progress=cfg.progress)
+                            autocast=cfg.autocast, compile=cfg.docttt_compile, progress=cfg.progress,
+                            shapes=None if cfg.docttt_shapes == "auto" else cfg.docttt_shapes)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)

@@ -206,12 +206,14 @@ def _block(cfg: ModelConfig, p: Mapping[str, Tensor], x: Tensor, x0: Tensor, lay
 
 
 def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn: str = "auto",
-                rope: tuple[Tensor, Tensor] | None = None, rt: Runtime = Runtime(), lora: LoRA | None = None
-                ) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, rt: Runtime = Runtime(), lora: LoRA | None = None,
+                positions: Tensor | None = None) -> Tensor:
     """Functional core: logits (B,T,V) in float32 after the soft cap, from a full parameter dict.
 
     ``lora``: optional per-row low-rank terms (row b of the batch uses factors b; see ``lora_delta``) on
-    "q|k|v|out|mlp.{layer}" (mlp: a parallel branch on the MLP input) and "head"; None = the plain model."""
+    "q|k|v|out|mlp.{layer}" (mlp: a parallel branch on the MLP input) and "head"; None = the plain model.
+    ``positions`` (B,P) long: logits (B,P,V) of only those positions of each row (the final norm, head and soft
+    cap run on P instead of T positions: chunked scoring needs a few positions of a long window)."""
     if rope is None:
         rope = rope_tables(cfg, tokens.size(1), tokens.device)
     dev = tokens.device.type
@@ -236,6 +238,8 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
         x = _block(cfg, p, x, x0, layer, virtual, tokens, attn, rope, rt, lora)
         if virtual < n_enc:
             skips.append(x)
+    if positions is not None:
+        x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.size(-1)))
     x = _rms(x)
     head = p["tok_emb"] if cfg.tie_embeddings else p["lm_head"]
     logits = F.linear(x, head)
@@ -251,9 +255,11 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
 
 
 def gpt_loss(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, targets: Tensor | None, reduction: str,
-             attn: str, rope: tuple[Tensor, Tensor], rt: Runtime = Runtime(), lora: LoRA | None = None) -> Tensor:
-    """Logits, or cross-entropy in nats (``reduction`` mean | sum | none), from a full parameter dict."""
-    logits = gpt_forward(cfg, p, tokens, attn, rope, rt, lora)
+             attn: str, rope: tuple[Tensor, Tensor], rt: Runtime = Runtime(), lora: LoRA | None = None,
+             positions: Tensor | None = None) -> Tensor:
+    """Logits, or cross-entropy in nats (``reduction`` mean | sum | none), from a full parameter dict
+    (``positions``: only those positions, targets then (B,P))."""
+    logits = gpt_forward(cfg, p, tokens, attn, rope, rt, lora, positions)
     if targets is None:
         return logits
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
@@ -324,15 +330,21 @@ class BankedGPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(V, d, std=cfg.init_std)
         self._core = gpt_loss
+        self._compiled: dict[str, object] = {}  # compile_core's cores by arguments
         self._rope_cache: dict[str, tuple[Tensor, Tensor]] = {}  # per device, the longest length seen
 
     def compile_core(self, **kwargs) -> "BankedGPT":
         """torch.compile the functional core in place. Unlike ``torch.compile(model)`` this keeps parameter
         names and the ``params=`` path compiled too, so meta-training and TTT inner loops run the fast graph.
-        Without ``mode``/``options`` it passes ``inductor_options()``."""
+        Without ``mode``/``options`` it passes ``inductor_options()``; ``dynamic`` defaults to False. A compiled
+        core is kept per set of arguments, so compiling again (e.g. a second evaluation) reuses its graphs."""
         if "mode" not in kwargs:
             kwargs.setdefault("options", inductor_options())
-        self._core = torch.compile(gpt_loss, dynamic=False, **kwargs)
+        kwargs.setdefault("dynamic", False)
+        key = repr(sorted(kwargs.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(gpt_loss, **kwargs)
+        self._core = self._compiled[key]
         return self
 
     @contextlib.contextmanager
@@ -372,7 +384,7 @@ class BankedGPT(nn.Module):
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *, params: Mapping[str, Tensor] | None = None,
                 banks: Mapping[str, Tensor] | None = None, reduction: str = "mean", attn: str = "auto",
-                lora: LoRA | None = None) -> Tensor:
+                lora: LoRA | None = None, positions: Tensor | None = None) -> Tensor:
         p = self.param_dict()
         for override in (banks, params):
             if override:
@@ -381,9 +393,9 @@ class BankedGPT(nn.Module):
                     raise KeyError(f"overrides name unknown parameters: {sorted(unknown)}")
                 p.update(override)
         rope = self._rope(tokens.size(1), tokens.device)
-        if lora is None:  # the call every existing graph was compiled for
+        if lora is None and positions is None:  # the call every existing graph was compiled for
             return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime)
-        return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime, lora)
+        return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime, lora, positions)
 
     def named_bank_slices(self) -> list[tuple[str, int, int, str]]:
         """(bank name, slice index, layer, kind) for every matrix in the banks."""

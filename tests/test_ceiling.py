@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from metattt.study.config import StudyConfigError, load_study, parse_study
-from metattt.study.report import parse_tables
+from metattt.study.report import parse_summary, parse_tables
 from metattt.study.runner import run_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("ceiling")
     cfg = root / "study.toml"
     cfg.write_text(_toml(root))
-    (root / "report.md").write_text("# hand-written title\n\nprose that must survive\n")
+    (root / "report.md").write_text(PREAMBLE)
     assert ceiling.main(["--config", str(cfg)]) == 0
     return root, cfg
 
@@ -63,35 +63,112 @@ def _cell_dir(study_root: Path) -> Path:
     return d
 
 
+OTHER_BLOCK = "<!-- ceiling:other:1 begin -->\n| protocol | bpb |\n| flat | 1.23456 |\n<!-- ceiling:other:1 end -->\n"
+PREAMBLE = "# hand-written title\n\nprose that must survive\n\n" + OTHER_BLOCK + "\nprose after another study's block\n"
+
+
+def _num(text: str) -> float:
+    return float(text.replace(",", "").rstrip("%"))
+
+
+def _mismatches(text: str, cell: Path) -> list[str]:
+    """Every number of ``cell``'s rows in the report that differs from its eval.json / summary.json / bounds.json."""
+    ev = json.loads((cell / "eval.json").read_text())
+    rows = parse_tables(text).get(str(cell))
+    if rows is None:
+        return [f"no table for {cell}"]
+    bad = []
+
+    def check(what: str, shown: str, want: float, tol: float = 5e-6) -> None:
+        if shown is None or abs(_num(shown) - want) > tol:
+            bad.append(f"{what}: report {shown!r}, run dir {want:.6f}")
+
+    if set(rows) != set(ev["protocols"]):
+        bad.append(f"protocols: report {sorted(rows)}, run dir {sorted(ev['protocols'])}")
+    by_to = {d["to"]: d for d in ev["deltas"].values()}
+    flat = ev["protocols"]["flat"]["bpb"]
+    for name, p in ev["protocols"].items():
+        r = rows.get(name, {})
+        check(f"{name} bpb", r.get("main:bpb"), p["bpb"])
+        lo, hi = r.get("main:bpb 95% CI", "[nan, nan]").strip("[]").split(",")
+        check(f"{name} bpb CI lo", lo, p["ci95"][0])
+        check(f"{name} bpb CI hi", hi, p["ci95"][1])
+        if name in by_to:
+            check(f"{name} Δ", r.get("main:Δ vs base"), by_to[name]["value"])
+        if name != "flat":
+            check(f"{name} flat − protocol", r.get("main:flat − protocol"), flat - p["bpb"])
+        ap = p.get("adapter_params") or {}
+        if "adapted_scalars" in ap:
+            check(f"{name} adapted scalars", r.get("main:adapted scalars"), ap["adapted_scalars"], 0)
+    bd = json.loads((cell / "bounds.json").read_text())
+    room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
+    summ = json.loads((next(cell.parents[2].glob("models/m-*/summary.json"))).read_text())
+    srow = parse_summary(text).get(("m", cell.name.rsplit("-", 1)[0]), {})
+    check("summary sliding bpb", srow.get("sliding bpb"), ev["protocols"]["sliding"]["bpb"])
+    check("summary steps", srow.get("steps"), summ["steps"], 0)
+    check("summary parameters", srow.get("parameters"), summ["num_params"], 0)
+    for key, d in ev["deltas"].items():
+        if key.startswith(("ttt:", "oracle:")):
+            check(f"{key} adaptation room", rows.get(key, {}).get("bounds:adaptation room"), room)
+            check(f"{key} fraction", rows.get(key, {}).get("bounds:fraction of adaptation room"), d["value"] / room)
+            check(f"{key} summary fraction", (srow.get(key) or "nan").split(" ")[0], 100 * d["value"] / room, 0.05)
+    return bad
+
+
 def test_report_numbers_are_those_of_the_run_dirs(study) -> None:
     root, _ = study
     text = (root / "report.md").read_text()
-    assert text.startswith("# hand-written title\n\nprose that must survive\n")
+    assert text.startswith(PREAMBLE)
     assert "<!-- ceiling:t:6 begin -->" in text and "<!-- ceiling:t:6 end -->" in text
     tables = parse_tables(text)
     cell = _cell_dir(root)
     ev = json.loads((cell / "eval.json").read_text())
     assert list(tables) == [str(cell)]
+    assert set(tables[str(cell)]) == {"flat", "sliding", "ttt:sgd", "ttt:small", "oracle:sgd"}
+    assert _mismatches(text, cell) == []
     rows = tables[str(cell)]
-    assert set(rows) == set(ev["protocols"]) == {"flat", "sliding", "ttt:sgd", "ttt:small", "oracle:sgd"}
-    by_to = {d["to"]: d for d in ev["deltas"].values()}
-    for name, p in ev["protocols"].items():
-        r = rows[name]
-        assert float(r["main:bpb"]) == pytest.approx(p["bpb"], abs=5e-6)
-        lo, hi = (float(x) for x in r["main:bpb 95% CI"].strip("[]").split(","))
-        assert (lo, hi) == pytest.approx(tuple(p["ci95"]), abs=5e-6)
-        if name in by_to:
-            assert float(r["main:Δ vs base"]) == pytest.approx(by_to[name]["value"], abs=5e-6)
-        if name != "flat":
-            own = ev["protocols"]["flat"]["bpb"] - p["bpb"]
-            assert float(r["main:flat − protocol"]) == pytest.approx(own, abs=5e-6)
-        ap = p.get("adapter_params") or {}
-        if "adapted_scalars" in ap:
-            assert int(r["main:adapted scalars"].replace(",", "")) == ap["adapted_scalars"]
     assert int(rows["ttt:small"]["main:adapted scalars"].replace(",", "")) < int(
         rows["ttt:sgd"]["main:adapted scalars"].replace(",", ""))
     assert ev["meta"]["argv"][-4:] == ["--run-dir", str(cell), "--wandb", "off"]
     assert " ".join(ev["meta"]["argv"][1:]) in text  # the exact command of the cell
+
+
+def test_the_check_fails_when_a_run_dir_changes_and_the_report_follows_it(study) -> None:
+    """The comparison above can fail: a changed eval.json is caught until the report is regenerated from it."""
+    root, cfg = study
+    cell = _cell_dir(root)
+    path = cell / "eval.json"
+    saved = path.read_text()
+    try:
+        ev = json.loads(saved)
+        d = ev["deltas"]["ttt:sgd"]  # as if the cell had been rerun with another result
+        d["value"], d["ci95"] = d["value"] + 0.01, [d["ci95"][0] + 0.01, d["ci95"][1] + 0.01]
+        path.write_text(json.dumps(ev))
+        text = (root / "report.md").read_text()
+        bad = _mismatches(text, cell)
+        assert bad and all(b.startswith("ttt:sgd") for b in bad), bad
+        assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0
+        assert _mismatches((root / "report.md").read_text(), cell) == []
+        ev["protocols"]["ttt:sgd"]["bpb"] += 0.01  # a stale bpb column is caught too
+        path.write_text(json.dumps(ev))
+        assert any(b.startswith("ttt:sgd bpb") for b in _mismatches((root / "report.md").read_text(), cell))
+    finally:
+        path.write_text(saved)
+        assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0
+    assert _mismatches((root / "report.md").read_text(), cell) == []
+
+
+def test_regenerating_keeps_other_studies_blocks_and_prose(study) -> None:
+    """The GPU study's sections live in the same file: rewriting ours twice leaves theirs byte for byte."""
+    root, cfg = study
+    assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0
+    text = (root / "report.md").read_text()
+    assert text.startswith(PREAMBLE) and text.count(OTHER_BLOCK) == 1
+    assert text.count("<!-- ceiling:t:6 begin -->") == 1 and text.count("## 6. tiny") == 1
+    edited = text.replace("prose after another study's block", "prose edited by hand")
+    (root / "report.md").write_text(edited)
+    assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0
+    assert (root / "report.md").read_text() == edited
 
 
 def test_bounds_table_uses_the_exact_bounds_of_the_evaluated_tokens(study) -> None:

@@ -3,7 +3,8 @@
 * ``capacity``: Δ_TTT (with its 95% CI) against the number of adapted scalars, log x; a flat line would mean
   the adaptation gain does not grow with what may adapt.
 * ``running``: cumulative Δ_TTT along the validation stream; rising = still learning from the stream.
-* ``fraction`` (synthetic corpus): the fraction of the exact adaptation room each adapter captures.
+* ``fraction`` (synthetic corpus): the fraction of the exact adaptation room each adapter (and the oracle)
+  captures.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def capacity_plot(results: list, path: Path) -> Path | None:
     for label, pts in series:
         xs = [p[1] for p in pts]
         ys = [p[2] for p in pts]
-        err = [[p[2] - p[3] for p in pts], [p[4] - p[2] for p in pts]]
+        # a point may sit just outside its percentile CI; matplotlib refuses negative error bars
+        err = [[max(0.0, p[2] - p[3]) for p in pts], [max(0.0, p[4] - p[2]) for p in pts]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.axhline(0.0, color="grey", linewidth=0.8)
@@ -105,17 +107,20 @@ def fraction_plot(results: list, path: Path) -> Path | None:
         if room <= 0:
             continue
         for key, d in r.eval["deltas"].items():
-            if key.startswith("ttt:"):
-                bars.append((f"{r.cell.model.name}\n{key[4:]}", d["value"] / room, d["ci95"][0] / room,
+            if key.startswith(("ttt:", "oracle:")):  # the oracle (not legal) as the reference bar
+                label = key[4:] if key.startswith("ttt:") else key
+                bars.append((f"{r.cell.model.name}\n{label}", d["value"] / room, d["ci95"][0] / room,
                              d["ci95"][1] / room))
     if not bars:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(SIZE[0], 0.45 * len(bars)), SIZE[1] + 0.4))
     xs = range(len(bars))
-    ax.bar(xs, [b[1] for b in bars], yerr=[[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]], capsize=2)
+    err = [[max(0.0, b[1] - b[2]) for b in bars], [max(0.0, b[3] - b[1]) for b in bars]]
+    ax.bar(xs, [b[1] for b in bars], yerr=err, capsize=2)
     ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=6, rotation=90)
     ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # the whole room
     ax.set_ylabel("Δ_TTT / adaptation room")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

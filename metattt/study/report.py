@@ -156,7 +156,7 @@ def cell_table(cr: CellResult) -> list[str]:
              f"run dir: `{cr.dir}`", "",
              f"Model: {_model_line(cr)}.", "",
              f"Evaluated {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents) on "
-             f"`{meta.get('val', '?')}`, device {meta.get('device', '?')}, "
+             f"`{_shown_path(meta.get('val', '?'))}`, device {meta.get('device', '?')}, "
              f"{_numerics(cfg, meta)}; context {cfg['context']}, "
              f"stride {cfg['stride']}, flat windows {cfg['seq_len']}, TTT chunks {cfg['chunk_tokens']:,} tokens. "
              f"95% CIs: paired bootstrap over documents, n={b['n']}, seed {b['seed']}. "
@@ -201,7 +201,7 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
              f"{_f(ctx_room)}; adaptation room (window − whole document) {_f(ad_room)}. The sliding model captures "
              f"{'n/a' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} of the context room "
              f"((chain − sliding) / room); its own gap to the window bound is {_f(sl - bd['window_bpb'] if sl else None)}."
-             " The fraction's CI scales Δ_TTT's CI by the (fixed, exact) room.", "",
+             " The fraction's CI scales Δ_TTT's CI by the (fixed, exact) room." + _caution(sl, bd), "",
              BOUNDS_HEAD, "|" + "---|" * BOUNDS_HEAD.count(" |")]
     for key, dl in ev["deltas"].items():
         if not key.startswith(("ttt:", "oracle:")):
@@ -255,6 +255,61 @@ def cross_model_table(done: list[CellResult]) -> list[str]:
     return lines
 
 
+def _caution(sliding: float | None, bd: dict[str, Any]) -> str:
+    """Said whenever the model's gap to the window bound exceeds the adaptation room (as in the trainer's report)."""
+    gap, room = _gap_over_room(sliding, bd)
+    if gap is None or room <= 0 or gap <= 1:
+        return ""
+    return (f" Caution: that gap is {gap:.1f}× the adaptation room, so an adapter can also gain by plain further "
+            "learning of what the window already shows; fractions near or above 1 mean exactly that.")
+
+
+def _gap_over_room(sliding: float | None, bd: dict[str, Any]) -> tuple[float | None, float]:
+    room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
+    if sliding is None or room <= 0:
+        return None, room
+    return (sliding - bd["window_bpb"]) / room, room
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+SUMMARY_LEAD = "Across cells (synthetic bounds; fraction of the adaptation room per adapter, 95% CI in brackets):"
+
+
+def summary_table(done: list[CellResult]) -> list[str]:
+    """Section 6 at a glance: one row per cell, so the fractions can be read against model size and training."""
+    rows = []
+    keys: list[str] = []
+    for r in done:
+        bd = synthetic_bounds_for(r)
+        if not bd:
+            continue
+        rows.append((r, bd))
+        keys += [k for k in r.eval["deltas"] if k.startswith(("ttt:", "oracle:")) and k not in keys]
+    if not rows:
+        return []
+    head = ("| model | setting | parameters | steps | train tokens | sliding bpb | context captured | "
+            "(sliding − window) / adaptation room | " + " | ".join(keys) + " |")
+    lines = [SUMMARY_LEAD, "", head, "|" + "---|" * head.count(" |")]
+    for r, bd in rows:
+        ev, s = r.eval, r.model_summary or {}
+        sl = ev["protocols"].get("sliding", {}).get("bpb")
+        ctx_room = bd["bigram_bpb"] - bd["window_bpb"]
+        ctx = _pct((bd["bigram_bpb"] - sl) / ctx_room) if sl is not None and ctx_room > 0 else "n/a"
+        gap, room = _gap_over_room(sl, bd)
+        cells = []
+        for k in keys:
+            dl = ev["deltas"].get(k)
+            cells.append("" if dl is None or room <= 0 else
+                         f"{_pct(dl['value'] / room)} [{_pct(dl['ci95'][0] / room)}, {_pct(dl['ci95'][1] / room)}]")
+        lines.append(f"| {r.cell.model.name} | {r.cell.ev.name} | {s.get('num_params', 0):,} | {s.get('steps', '?')} | "
+                     f"{s.get('train_tokens', 0):,} | {_f(sl)} | {ctx} | {'n/a' if gap is None else f'{gap:.1f}'} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_section(study: StudyConfig, section: str, results: list[CellResult], plots: list[Path],
                    report_dir: Path) -> list[str]:
     mine = [r for r in results if r.cell.ev.section == section]
@@ -266,6 +321,7 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
     if missing:
         lines += ["**Still missing** (configured, no complete run directory yet): "
                   + ", ".join(f"`{r.cell.ev.name}` on `{r.cell.model.name}`" for r in missing) + ".", ""]
+    lines += summary_table(done)
     for r in done:
         lines += cell_table(r)
     lines += cross_model_table(done)
@@ -273,6 +329,14 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
         rel = Path(_relpath(p, report_dir))
         lines += [f"![{p.stem}]({rel.as_posix()})", ""]
     return lines
+
+
+def _shown_path(path: str) -> str:
+    """A path under the working directory is shown relative to it, so the report does not name this machine."""
+    try:
+        return Path(path).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path
 
 
 def _relpath(p: Path, base: Path) -> str:
@@ -347,4 +411,22 @@ def parse_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
         key = "bounds" if "adaptation room" in head else "main"
         out.setdefault(run_dir, {}).setdefault(cols[0], {}).update(
             {f"{key}:{h}": v for h, v in zip(head, cols)})
+    return out
+
+
+def parse_summary(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(model, setting) -> {column: cell text} for the summary tables in ``text``."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    head = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            head = None if line.strip() else head
+            continue
+        if line.startswith("|---"):
+            continue
+        cols = _ROW_SPLIT.split(line.strip().strip("|").strip())
+        if cols[:2] == ["model", "setting"]:
+            head = cols
+        elif head is not None:
+            out[(cols[0], cols[1])] = dict(zip(head, cols))
     return out

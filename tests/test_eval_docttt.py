@@ -165,6 +165,28 @@ def test_doclora_step_is_torch_adamw_per_document(one_thread):
     assert all(torch.equal(tr[k][3], last[k]) for k in tr)
 
 
+def test_doclora_step_takes_autograd_gradients_with_transposed_strides(one_thread):
+    """The head factors' autograd gradients have transposed strides; CUDA's fused AdamW refuses a gradient whose
+    strides differ from its parameter's (this failed on the H200), so the step makes them contiguous and checks
+    the kernel's precondition on every device. The result equals the same step with contiguous gradients."""
+    cfg = tiny_config()
+    m = BankedGPT(cfg)
+    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01))
+    tr, st = ad.init(dict(m.named_parameters()), 2, cfg, torch.Generator().manual_seed(0))
+    tr = {k: v + 0.01 for k, v in tr.items()}  # B != 0, so every factor gets a gradient
+    leaves = {k: v.detach().requires_grad_(True) for k, v in tr.items()}
+    out = m(torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)),
+            **ad.materialize(leaves, cfg.num_layers))
+    grads = dict(zip(leaves, torch.autograd.grad(out.float().square().mean(), list(leaves.values()))))
+    assert not grads["A.head"].is_contiguous()  # what autograd gives (the case the kernel refused)
+    a_tr, a_st = ad.step({k: v.clone() for k, v in tr.items()}, {k: v.clone() for k, v in st.items()}, grads, 0.0)
+    b_tr, _ = ad.step({k: v.clone() for k, v in tr.items()}, {k: v.clone() for k, v in st.items()},
+                      {k: g.contiguous() for k, g in grads.items()}, 0.0)
+    for k in tr:
+        assert torch.equal(a_tr[k], b_tr[k]), k
+        assert not torch.equal(a_tr[k], tr[k]), k
+
+
 def test_keep_a_carries_a_and_resets_b_and_state(one_thread):
     cfg = tiny_config()
     params = dict(BankedGPT(cfg).named_parameters())

@@ -179,10 +179,16 @@ class DocLoRA(nn.Module):
             step = torch.full((), n, dtype=torch.float32, device=dev)  # the kernel's bias correction
             for k, p in trainables.items():
                 P.append(p[r0:r1])
-                G.append(grads[k][r0:r1].to(p.dtype))
+                # autograd gives some factors' gradients transposed strides (the head's); the CUDA kernel wants
+                # every (param, grad, m, v) with the same strides, so the gradient is made contiguous
+                G.append(grads[k][r0:r1].to(p.dtype).contiguous())
                 M.append(state[f"m.{k}"][r0:r1])
                 V.append(state[f"v.{k}"][r0:r1])
                 T.append(step)
+        for q in zip(P, G, M, V):  # the CUDA kernel's precondition, checked on every device (CPU would not)
+            if len({(t.dtype, t.device, t.stride()) for t in q}) != 1 or not all(t.is_contiguous() for t in q):
+                raise RuntimeError("doclora step: a factor, its gradient and its moments differ in dtype, device "
+                                   f"or strides: {[(t.dtype, str(t.device), t.stride()) for t in q]}")
         if P:
             with torch.no_grad():
                 torch._fused_adamw_(P, G, M, V, [], T, lr=c.lr, beta1=c.beta1, beta2=c.beta2,

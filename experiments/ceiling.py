@@ -17,6 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from metattt.study.config import StudyConfigError, load_study  # noqa: E402
 
 
+def _stop_on_sigterm() -> None:
+    """`timeout` and schedulers send SIGTERM: turn it into SystemExit so the runner stops its child processes."""
+    import signal
+
+    def stop(signum, frame):  # noqa: ANN001, ARG001
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ceiling.py", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="study TOML (see metattt/study/config.py)")
@@ -58,4 +68,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _stop_on_sigterm()
     raise SystemExit(main())

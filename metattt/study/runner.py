@@ -158,9 +158,34 @@ def _run(cmd: list[str], cwd: Path, log_path: Path, env: dict[str, str]) -> int:
         real = [sys.executable if cmd[0] == "python" else cmd[0],
                 *(str(REPO / a) if a in (TRAINER, EVALUATOR) else a for a in cmd[1:])]
         pp = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        proc = subprocess.run(real, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **env, "PYTHONPATH": pp})
-    return proc.returncode
+        # its own process group, killed with the study: a study stopped by `timeout` (SIGTERM) must not leave a
+        # trainer holding the GPU (seen on the H200: the next command then measured a shared device)
+        proc = subprocess.Popen(real, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env, "PYTHONPATH": pp})
+        try:
+            return proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the child's process group (torchrun and its workers too), then SIGKILL what is left after 10 s."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        if wait is None:
+            break
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def _write_record(d: Path, key: str, settings: dict, cmd: list[str], seconds: float, **extra) -> None:

@@ -82,6 +82,9 @@ def test_kinds_groups_and_head() -> None:
         ParamSelection.parse("norms").resolve(m).count
     assert ParamSelection.parse("all").resolve(m).count == sum(p.numel() for p in m.parameters())
     assert ParamSelection.parse("none").resolve(m).count == 0
+    qg = ParamSelection.parse("q_gain").resolve(m)  # one scalar per head and layer, nothing else
+    assert qg.names == ("blocks.0.q_gain", "blocks.1.q_gain", "blocks.2.q_gain") and qg.count == 3 * 2
+    assert ParamSelection.parse("q_gain:layers>=2").resolve(m).names == ("blocks.2.q_gain",)
 
 
 @pytest.mark.parametrize("spec, msg", [

@@ -9,13 +9,15 @@ Spec grammar (terms joined by ``+``; a parameter is selected if any term selects
 
     spec   := "none" | term ("+" term)*
     term   := group ["[" kind ("," kind)* "]"] (":" filter)*
-    group  := all | banks | qo_bank | kv_bank | mlp_up_bank | mlp_down_bank | emb | norms | gains | head
+    group  := all | banks | qo_bank | kv_bank | mlp_up_bank | mlp_down_bank | emb | norms | gains | q_gain | head
     kind   := q | k | v | out | up | down                  (bank slices only)
     filter := layers>=N | layers>N | layers<=N | layers<N | layers=N | layers=A-B   (A-B inclusive)
 
 Groups: ``all`` every parameter; ``banks`` the four banks; ``emb`` tok_emb, bigram_emb, bigram_proj, ve_emb,
 ve_proj; ``norms`` (alias ``gains``) the per-block control vectors (attn_scale, mlp_scale, resid_mix, q_gain)
-plus skip_weights, smear_gate, bigram_scale, ve_scales and any other tensor with ndim <= 1; ``head`` the output
+plus skip_weights, smear_gate, bigram_scale, ve_scales and any other tensor with ndim <= 1; ``q_gain`` the
+per-block query gains alone (one scalar per head and layer: the smallest selection that changes attention
+sharpness); ``head`` the output
 projection: ``lm_head`` when untied, else ``tok_emb`` (tied embeddings: adapting the head adapts the input
 embedding too). A layer filter restricts layer-indexed tensors only (bank slices and ``blocks.{i}.*``);
 tensors that belong to no layer (embeddings, skip weights, ...) are unaffected by it.
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from ..model.gpt import BANK_NAMES as BANK_GROUPS  # the bank layout's one home
 from ..model.gpt import SLICE_KINDS
 
-GROUPS = ("all", "banks", *BANK_GROUPS, "emb", "norms", "gains", "head")
+GROUPS = ("all", "banks", *BANK_GROUPS, "emb", "norms", "gains", "q_gain", "head")
 EMB_NAMES = ("tok_emb", "bigram_emb", "bigram_proj", "ve_emb", "ve_proj")
 NORM_SUFFIXES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear_gate",
                  "bigram_scale", "ve_scales")
@@ -161,6 +163,10 @@ class ParamSelection:
                     if name in banks or name in EMB_NAMES or name == "lm_head":
                         continue
                     if name.split(".")[-1] in NORM_SUFFIXES or p.ndim <= 1:
+                        add_named(term, name)
+            elif g == "q_gain":
+                for name in params:
+                    if name.endswith(".q_gain"):
                         add_named(term, name)
             elif g == "head":
                 add_whole("lm_head" if "lm_head" in params else "tok_emb")

@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 
 from metattt.eval.stats import LN2
-from metattt.study.report import CellResult, cross_model_table
+from metattt.study.report import CellResult, cross_model_table, cross_setting_table
 
 
-def _result(model: str, nats: dict[str, list[float]], doc_bytes: list[float]) -> CellResult:
+def _result(model: str, nats: dict[str, list[float]], doc_bytes: list[float], setting: str = "meta") -> CellResult:
     by = np.asarray(doc_bytes)
     bpb = {k: float(np.sum(v) / LN2 / by.sum()) for k, v in nats.items()}
     deltas = {"context": {"from": "flat", "to": "sliding", "value": bpb["flat"] - bpb["sliding"]},
               "ttt:sgd": {"from": "sliding", "to": "ttt:sgd", "value": bpb["sliding"] - bpb["ttt:sgd"]}}
     ev = {"deltas": deltas, "bootstrap": {"n": 400, "seed": 0, "level": 0.95},
           "per_document": {"bytes": list(doc_bytes), "nats": nats}}
-    cell = SimpleNamespace(ev=SimpleNamespace(name="meta"), model=SimpleNamespace(name=model))
+    protocols = {k: {"bpb": v} for k, v in bpb.items()}
+    ev["protocols"] = protocols
+    cell = SimpleNamespace(ev=SimpleNamespace(name=setting), model=SimpleNamespace(name=model))
     return CellResult(cell, Path("x"), ev, {}, None, None)
 
 
@@ -45,3 +47,21 @@ def test_other_documents_are_not_paired() -> None:
     by = [1000.0, 2000.0, 1500.0]
     nats = {"flat": [900.0, 1900.0, 1400.0], "sliding": [880.0, 1850.0, 1390.0], "ttt:sgd": [870.0, 1800.0, 1300.0]}
     assert cross_model_table([_result("a", nats, by), _result("b", nats, [1000.0, 2000.0, 1501.0])]) == []
+
+
+def test_settings_of_one_sweep_are_paired_per_protocol_and_delta() -> None:
+    rng = np.random.default_rng(1)
+    n = 30
+    by = list(rng.uniform(500, 3000, n))
+    flat = rng.uniform(1000, 5000, n)
+    bf16 = {"flat": list(flat), "sliding": list(flat - 50), "ttt:sgd": list(flat - 120)}
+    worse = np.asarray(by) * LN2 * 0.002  # float32 scores TTT 0.002 bpb worse on every document, the rest equal
+    fp32 = {**bf16, "ttt:sgd": list(np.asarray(bf16["ttt:sgd"]) + worse)}
+    other = _result("m2", bf16, by, "numerics.no-autocast=false")  # another model's sweep: its own table
+    lines = cross_setting_table([_result("m", bf16, by, "numerics.no-autocast=false"),
+                                 _result("m", fp32, by, "numerics.no-autocast=true"), other])
+    rows = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")] for ln in lines if ln.startswith("| `no-")}
+    assert float(rows["bpb ttt:sgd"][5]) == pytest.approx(0.002, abs=1e-6)
+    assert float(rows["bpb flat"][5]) == pytest.approx(0.0, abs=1e-9)
+    assert float(rows["sliding → ttt:sgd"][5]) == pytest.approx(-0.002, abs=1e-6)
+    assert sum("`numerics` on" in ln for ln in lines) == 1  # m2 has one setting only: nothing to pair

@@ -214,44 +214,93 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
 
 
 CROSS_HEAD = "| model vs reference | delta | Δ (model) | Δ (reference) | difference | difference 95% CI |"
+SETTING_HEAD = "| setting vs reference | quantity | value | reference | difference | difference 95% CI |"
+
+
+def _paired(per: dict, per_ref: dict, bs: dict, a_nats: np.ndarray, b_nats: np.ndarray):
+    """bpb(a) − bpb(b) of two per-document nats vectors on the same documents, with the cells' bootstrap."""
+    from metattt.eval.stats import bootstrap
+
+    _, diffs = bootstrap({"a": a_nats, "b": b_nats}, np.asarray(per["bytes"]), [("a", "b")], n_boot=bs["n"],
+                         seed=bs["seed"], level=bs["level"])
+    return diffs[("a", "b")]
+
+
+def _same_docs(r: CellResult, ref: CellResult) -> tuple[dict, dict] | None:
+    per, per_ref = (x.eval.get("per_document") if x.eval else None for x in (r, ref))
+    if not per or not per_ref or per["bytes"] != per_ref["bytes"]:
+        return None  # not the same documents: nothing to pair
+    return per, per_ref
+
+
+def _delta_rows(r: CellResult, ref: CellResult, label: str) -> list[str]:
+    """Each Δ (from → to) of ``r`` minus the same Δ of ``ref``, paired over documents."""
+    both = _same_docs(r, ref)
+    if both is None:
+        return []
+    per, per_ref = both
+    rows = []
+    for key, dl in r.eval["deltas"].items():
+        rd = ref.eval["deltas"].get(key)
+        a, b = dl["from"], dl["to"]
+        if rd is None or (rd["from"], rd["to"]) != (a, b) or b not in per_ref["nats"]:
+            continue
+        gain = [np.asarray(pd["nats"][a]) - np.asarray(pd["nats"][b]) for pd in (per, per_ref)]
+        d = _paired(per, per_ref, r.eval["bootstrap"], *gain)
+        rows.append(f"| {label} | {a} → {b} | {_f(dl['value'], True)} | {_f(rd['value'], True)} | "
+                    f"{_f(d.point, True)} | {_ci(d.lo, d.hi)} |")
+    return rows
 
 
 def cross_model_table(done: list[CellResult]) -> list[str]:
     """For an evaluator setting run on several models: each model's Δ minus the setting's first model's, paired
     over documents (the same documents, one bootstrap). Per-cell CIs cannot answer "does the model (its
     meta-training, say) change Δ_TTT?": they ignore that both models were scored on the same documents."""
-    from metattt.eval.stats import bootstrap
-
     by_ev: dict[str, list[CellResult]] = {}
     for r in done:
         by_ev.setdefault(r.cell.ev.name, []).append(r)
     lines: list[str] = []
     for name, rs in by_ev.items():
         ref = rs[0]
-        per_ref = ref.eval.get("per_document") if ref.eval else None
-        rows = []
-        for r in rs[1:]:
-            per = r.eval.get("per_document")
-            if not per or not per_ref or per["bytes"] != per_ref["bytes"]:
-                continue  # not the same documents: nothing to pair
-            bs = r.eval["bootstrap"]
-            for key, dl in r.eval["deltas"].items():
-                rd = ref.eval["deltas"].get(key)
-                a, b = dl["from"], dl["to"]
-                if rd is None or (rd["from"], rd["to"]) != (a, b) or b not in per_ref["nats"]:
-                    continue
-                gain = {m: np.asarray(pd["nats"][a]) - np.asarray(pd["nats"][b])
-                        for m, pd in (("model", per), ("ref", per_ref))}
-                _, diffs = bootstrap(gain, np.asarray(per["bytes"]), [("model", "ref")], n_boot=bs["n"],
-                                     seed=bs["seed"], level=bs["level"])
-                d = diffs[("model", "ref")]
-                rows.append(f"| `{r.cell.model.name}` vs `{ref.cell.model.name}` | {a} → {b} | "
-                            f"{_f(dl['value'], True)} | {_f(rd['value'], True)} | {_f(d.point, True)} | "
-                            f"{_ci(d.lo, d.hi)} |")
+        rows = [row for r in rs[1:] for row in _delta_rows(r, ref, f"`{r.cell.model.name}` vs `{ref.cell.model.name}`")]
         if rows:
             lines += [f"**`{name}`: each model's Δ minus `{ref.cell.model.name}`'s, paired over the same documents** "
                       f"(positive = the model gains more; CI: document bootstrap, n={ref.eval['bootstrap']['n']}).",
                       "", CROSS_HEAD, "|" + "---|" * CROSS_HEAD.count(" |"), *rows, ""]
+    return lines
+
+
+def cross_setting_table(done: list[CellResult]) -> list[str]:
+    """For the settings of one sweep (``name.flag=value``) on one model: each setting's bpb per protocol and its
+    Δs minus the sweep's first setting's, paired over documents (e.g. float32 − bf16 with a CI)."""
+    by: dict[tuple[str, str], list[CellResult]] = {}
+    for r in done:
+        if "." in r.cell.ev.name:
+            by.setdefault((r.cell.model.name, r.cell.ev.name.split(".", 1)[0]), []).append(r)
+    lines: list[str] = []
+    for (model, family), rs in by.items():
+        ref = rs[0]
+        rows = []
+        for r in rs[1:]:
+            both = _same_docs(r, ref)
+            if both is None:
+                continue
+            per, per_ref = both
+            label = f"`{r.cell.ev.name.split('.', 1)[1]}` vs `{ref.cell.ev.name.split('.', 1)[1]}`"
+            for p, pv in r.eval["protocols"].items():
+                rp = ref.eval["protocols"].get(p)
+                if rp is None or p not in per["nats"] or p not in per_ref["nats"]:
+                    continue
+                d = _paired(per, per_ref, r.eval["bootstrap"], np.asarray(per["nats"][p]),
+                            np.asarray(per_ref["nats"][p]))
+                rows.append(f"| {label} | bpb {p} | {_f(pv['bpb'])} | {_f(rp['bpb'])} | {_f(d.point, True)} | "
+                            f"{_ci(d.lo, d.hi)} |")
+            rows += _delta_rows(r, ref, label)
+        if rows:
+            lines += [f"**`{family}` on `{model}`: each setting minus `{ref.cell.ev.name.split('.', 1)[1]}`, paired "
+                      f"over the same documents** (bpb rows: positive = the setting scores worse; Δ rows: "
+                      f"positive = it gains more; CI: document bootstrap, n={ref.eval['bootstrap']['n']}).",
+                      "", SETTING_HEAD, "|" + "---|" * SETTING_HEAD.count(" |"), *rows, ""]
     return lines
 
 
@@ -324,7 +373,7 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
     lines += summary_table(done)
     for r in done:
         lines += cell_table(r)
-    lines += cross_model_table(done)
+    lines += cross_model_table(done) + cross_setting_table(done)
     for p in plots:
         rel = Path(_relpath(p, report_dir))
         lines += [f"![{p.stem}]({rel.as_posix()})", ""]

@@ -74,24 +74,32 @@ def capacity_plot(results: list, path: Path) -> Path | None:
 
 
 def running_plot(results: list, path: Path) -> Path | None:
-    lines = []
+    """One panel per model (their scales differ by orders of magnitude: an untrained model gains ~1 bpb)."""
+    by_model: dict[str, list] = {}
     for r in results:
         for key, rd in (r.eval.get("running_delta") or {}).items():
             if key.startswith("ttt:") and len(rd["delta_bpb"]) >= 2:
-                lines.append((f"{r.cell.model.name}/{r.cell.ev.name}/{key}", rd))
-    if not lines:
+                by_model.setdefault(r.cell.model.name, []).append((f"{r.cell.ev.name}/{key}", rd))
+    if not by_model:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=SIZE)
-    for label, rd in lines[:24]:
-        ys = [float("nan") if v is None else v for v in rd["delta_bpb"]]
-        xs = [(i + 1) * rd["block_tokens"] for i in range(len(ys))]
-        ax.plot(xs, ys, label=label, linewidth=1.0)
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("scored tokens")
-    ax.set_ylabel("cumulative Δ_TTT (bpb)")
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
+    n = len(by_model)
+    cols = min(n, 2)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(SIZE[0] * cols * 0.8, SIZE[1] * rows), squeeze=False)
+    for ax, (model, lines) in zip(axes.flat, by_model.items()):
+        for label, rd in lines[:24]:
+            ys = [float("nan") if v is None else v for v in rd["delta_bpb"]]
+            xs = [(i + 1) * rd["block_tokens"] for i in range(len(ys))]
+            ax.plot(xs, ys, label=label, linewidth=1.0)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(model, fontsize=8)
+        ax.set_xlabel("scored tokens")
+        ax.set_ylabel("cumulative Δ_TTT (bpb)")
+        ax.legend(fontsize=5, ncol=2)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
     return _save(fig, path)
 
 

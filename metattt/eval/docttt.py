@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -638,8 +638,15 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                         stats)
 
 
-def make_doc_adapter(spec: DocTTTSpec) -> DocLoRA | None:
-    """The factory of batched adapters (``doclora`` only, until the registry carries batched adapters)."""
+def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module | None = None,
+                     extras: Mapping[str, torch.Tensor] | None = None) -> DocLoRA | None:
+    """The factory of batched adapters (``doclora`` only, until the registry carries batched adapters).
+    ``init=meta`` binds the adapter to ``model`` and loads the learned A0 from the artifact's ``extras``."""
     if spec.adapter is None:
         return None
-    return DocLoRA(spec.lora_config())
+    ad = DocLoRA(spec.lora_config())
+    if ad.cfg.init == "meta":
+        if model is None:
+            raise ValueError(f"{spec.name}: init=meta needs the model and the artifact's extras")
+        ad.bind(model).load_artifact_extras(extras or {})
+    return ad

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -271,11 +271,13 @@ def run_protocol(
     adapter: Any | None = None,
     ctx: DistCtx | None = None,
     scorer: torch.nn.Module | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
 ) -> ProtocolResult:
-    """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol)."""
+    """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol).
+    ``extras``: the artifact's extras (a batched adapter's learned init, ``docttt:doclora@init=meta``)."""
     ctx = DistCtx.current() if ctx is None else ctx
     if spec.mode == docttt.FAMILY:
-        return _run_docttt(spec, model, data, cfg, ctx)
+        return _run_docttt(spec, model, data, cfg, ctx, extras)
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)
@@ -303,11 +305,12 @@ def run_protocol(
     return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat)
 
 
-def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx
-                ) -> ProtocolResult:
+def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx,
+                extras: Mapping[str, torch.Tensor] | None = None) -> ProtocolResult:
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
+                            make_adapter=lambda s: docttt.make_doc_adapter(s, model, extras),
                             autocast=cfg.autocast, compile=cfg.docttt_compile, progress=cfg.progress,
                             shapes=None if cfg.docttt_shapes == "auto" else cfg.docttt_shapes)
     summary = ledger.verify()
@@ -316,7 +319,7 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
     block_nats = np.bincount(data.block_of_target, weights=nll)
     info = None
     if spec.adapter is not None:
-        ad = docttt.make_doc_adapter(spec)
+        ad = docttt.DocLoRA(spec.lora_config())
         info = {"adapter": ad.name, "config": ad.cfg.to_dict(),
                 "adapted_scalars_per_doc": ad.adapted_count(model.cfg), "docs_per_batch": spec.docs,
                 "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
@@ -366,8 +369,10 @@ def evaluate(
     ctx: DistCtx | None = None,
     log: Callable[[str], None] | None = None,
     scorer: torch.nn.Module | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
 ) -> EvalResult:
-    """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them)."""
+    """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them);
+    ``extras``: the artifact's extras, for batched adapters that load a learned init."""
     plans: dict[str, WindowPlan] = {}
     bound: dict[str, Any] = {}  # adapters resolved (built and bound, once per key) before anything runs
     for spec in specs:
@@ -391,7 +396,7 @@ def evaluate(
             log(f"compiled scorer warmed up in {out.scorer_compile_s:.1f}s (not counted in protocol times)")
     for spec in specs:
         adapter = bound[spec.name]
-        r = run_protocol(spec, model, data, plans.get(spec.windows), cfg, adapter, ctx, scorer)
+        r = run_protocol(spec, model, data, plans.get(spec.windows), cfg, adapter, ctx, scorer, extras)
         out.results[spec.name] = r
         if log is not None:
             log(f"{spec.name:<24} bpb {bpb(r.nats, data.target_bytes.sum()):.5f}  {r.stream.seconds:8.1f}s  "

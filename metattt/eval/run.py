@@ -394,7 +394,16 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     if args.compile:  # RoPE tables for the longest window, built eagerly: no first-fill recompile
         model.prepare_rope(max(cfg.seq_len, cfg.context, cfg.train_seq_len or 0), device)
     scorer = torch.compile(model, dynamic=False) if args.compile else None
-    ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer)
+    extras = dict(loaded.extras or {})
+    for spec in specs:  # a learned batched init must be in the artifact: exit 2 before anything runs
+        if spec.mode == "docttt":
+            from .docttt import make_doc_adapter
+
+            try:
+                make_doc_adapter(spec, model, extras)
+            except ValueError as e:
+                raise EvalInputError(f"{spec.name}: {e}") from e
+    ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer, extras=extras)
     rep_meta = {"artifact": str(args.artifact), "val": val, "val_fingerprint": val_fp, "data_check": data_check,
                 "lut": lut_src, "device": str(device),
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,

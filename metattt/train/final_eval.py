@@ -44,7 +44,12 @@ def evaluator_argv(cfg: TrainConfig, artifact: str, plan: FinalEvalPlan) -> list
     """The evaluator's command line for this run's artifact (its run directory receives eval.json)."""
     protocols = "flat,sliding,ttt:sgd"
     argv = [artifact, "--bootstrap", str(plan.bootstrap), "--device", cfg.device, "--quiet"]
-    if cfg.meta.adapter:
+    if cfg.meta.is_doclora:  # batched: the learned init against the records' random one, same options
+        opts = [o.strip() for o in cfg.meta.adapter.partition(":")[2].split(",")
+                if o.strip() and not o.strip().startswith("init=")]
+        lead = "/".join([f"window={cfg.seq_len}", *opts])  # the trained context
+        protocols += f",docttt:doclora@{lead + '/' if lead else ''}init=meta,docttt:doclora" + (f"@{lead}" if lead else "")
+    elif cfg.meta.adapter:
         protocols += f",ttt:{META_KEY}"
         argv += ["--adapter-spec", f"{META_KEY}={cfg.meta.adapter}"]
     argv += ["--protocols", protocols]

@@ -11,6 +11,12 @@ overrides``. AdamW is elementwise (decoupled weight decay ``p *= 1 - lr * wd``, 
 document at once, provided the loss is a sum of per-document terms (the evaluator's is). ``step`` works in place
 (torch's fused AdamW kernel on views of the batched tensors): at rank 96 the factors of 64 documents
 are ~1.3 GB, and an out-of-place step would double that and its memory traffic.
+
+Meta-learned init (``init=meta``): the module then owns one shared A factor per target (``A0``, nn.Parameters,
+shapes (L, r, in) / (r, in)) that every document's A starts from instead of a fresh uniform draw; B still starts
+at 0, so the adapted model still starts as the base model. ``metattt.ttt.meta.doclora_meta_loss`` learns A0 in
+the trainer (``--meta.adapter doclora:...``); the artifact carries it as ``ttt.doclora.A0.<target>`` and the
+evaluator's ``docttt:doclora@init=meta`` uses it.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 TARGETS = ("q", "k", "v", "out", "mlp", "head")
+INITS = ("random", "meta")
+EXTRA_PREFIX = "ttt.doclora.A0."
 
 
 @dataclass
@@ -38,6 +46,7 @@ class DocLoRAConfig:
     targets: str = "q+k+v+out+mlp+head"  # '+'-separated subset of TARGETS
     keep_a: bool = False  # keep (trained) A across batches; only B and the optimiser state are reset
     seed: int = 0
+    init: str = "random"  # "random": A ~ uniform(+-1/sqrt(in)) per document; "meta": the learned shared A0
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -48,6 +57,8 @@ class DocLoRAConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"doclora {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.init not in INITS:
+            raise ValueError(f"doclora init must be one of {', '.join(INITS)}, got {self.init!r}")
         bad = [t for t in self.target_list if t not in TARGETS]
         if bad or not self.target_list:
             raise ValueError(f"doclora targets {self.targets!r}: choose '+'-joined names from {', '.join(TARGETS)}")
@@ -100,6 +111,43 @@ class DocLoRA(nn.Module):
         super().__init__()
         self.cfg = cfg if cfg is not None else DocLoRAConfig(**kw)
         self.cfg.validate()
+        self.A0 = nn.ParameterDict()  # the learned shared init (init=meta), created by ``bind``
+
+    # ------------------------------------------------------------------ the learned init (init=meta)
+    def bind(self, model: nn.Module) -> "DocLoRA":
+        """Create A0 for ``model`` (init=meta; a no-op otherwise): uniform(+-1/sqrt(in)) from ``cfg.seed``, float32
+        on the model's device. Idempotent: a bound adapter keeps its (possibly learned) values."""
+        if self.cfg.init != "meta" or len(self.A0):
+            return self
+        dev = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for t, (layers, fin, _) in self.shapes(model.cfg).items():
+            shape = (self.cfg.rank, fin) if layers is None else (layers, self.cfg.rank, fin)
+            bound = 1.0 / math.sqrt(fin)
+            self.A0[t] = nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=gen).to(dev))
+        return self
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"A0.{t}": p for t, p in self.A0.items()}
+
+    def artifact_extras(self) -> dict[str, Tensor]:
+        return {EXTRA_PREFIX + t: p.detach().cpu().clone() for t, p in self.A0.items()}
+
+    def load_artifact_extras(self, extras: Mapping[str, Tensor], strict: bool = True) -> None:
+        """Load A0 from an artifact's extras (after ``bind``); with ``strict`` every target must be there."""
+        have = {k[len(EXTRA_PREFIX):]: v for k, v in extras.items() if k.startswith(EXTRA_PREFIX)}
+        missing = [t for t in self.A0 if t not in have]
+        if missing and strict:
+            raise ValueError(f"doclora init=meta: the artifact has no learned A0 for {missing} (extras "
+                             f"{[EXTRA_PREFIX + t for t in missing]}); meta-train it with --meta.adapter doclora "
+                             "and --meta.split seq-half, or use init=random")
+        with torch.no_grad():
+            for t, p in self.A0.items():
+                if t in have:
+                    if tuple(have[t].shape) != tuple(p.shape):
+                        raise ValueError(f"doclora A0.{t}: the artifact has shape {tuple(have[t].shape)}, this "
+                                         f"adapter {tuple(p.shape)} (another rank or model?)")
+                    p.copy_(have[t].to(p.device, p.dtype))
 
     def shapes(self, model_cfg: Any) -> dict[str, tuple[int | None, int, int]]:
         """target -> (layers or None for the head, in features, out features)."""
@@ -121,6 +169,10 @@ class DocLoRA(nn.Module):
             keep = carry is not None and self.cfg.keep_a and f"A.{t}" in carry and carry[f"A.{t}"].shape[0] == n_docs
             if keep:
                 a = carry[f"A.{t}"].detach().clone()
+            elif self.cfg.init == "meta":
+                if t not in self.A0:
+                    raise ValueError("doclora init=meta: call bind(model) (and load the artifact's A0) first")
+                a = self.A0[t].detach().to(dev, dt).expand(*lead[:1], *self.A0[t].shape).clone()
             else:
                 bound = 1.0 / math.sqrt(fin)
                 a = torch.empty(*lead, r, fin, device=dev, dtype=dt).uniform_(-bound, bound, generator=generator)

@@ -10,6 +10,8 @@ outer = (w_post + w_delta) * L_post - w_delta * L_pre, with L_post the outer-spl
 * order="second": exact meta-gradient through the inner steps (create_graph), with the inner forward on the
   ``math`` attention path (fused kernels have no double backward). Backends: "autograd", "torch.func", "higher"
   (optional, ``pip install higher``; plain constant-lr SGD adapters only, as an independent cross-check).
+* ``doclora`` (the batched per-document LoRA of the doc-batched evaluator): ``doclora_meta_loss`` learns the
+  shared A init; each row is a document, split "seq-half" (see that function).
 * ``adapter.meta_mode == "reptile"``: the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
   gradient is the Reptile direction; theta_k after the adapter's own ``steps`` passes.
 
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter, grad_context
+from .doclora import DocLoRA, DocLoRAConfig
 from .registry import Registry
 from .sgd import SGDAdapter
 
@@ -75,6 +78,11 @@ class MetaConfig:
             problems.append(f"meta_lr must be > 0, got {self.meta_lr}")
         if not 0.0 <= self.start_frac <= 1.0:
             problems.append(f"start_frac must be in [0, 1], got {self.start_frac}")
+        if self.is_doclora and self.split != "seq-half":
+            problems.append(f"adapter doclora adapts per row (one document each): it needs split 'seq-half', "
+                            f"got {self.split!r}")
+        if self.is_doclora and self.order != "first":
+            problems.append("adapter doclora meta-trains first-order only")
         if problems:
             raise ValueError("invalid MetaConfig: " + "; ".join(problems))
 
@@ -85,9 +93,25 @@ class MetaConfig:
     def registry(self) -> Registry:
         return Registry.build(self.adapter_modules)
 
-    def make_adapter(self, registry: Registry | None = None) -> Adapter:
+    @property
+    def is_doclora(self) -> bool:
+        return bool(self.adapter) and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
+
+    def make_adapter(self, registry: Registry | None = None) -> Adapter | DocLoRA:
+        """The registry's adapter for the spec, or ``doclora[:k=v,...]`` (batched, not in the registry) with its
+        learned init switched on."""
         if not self.adapter:
             raise ValueError("MetaConfig.adapter is not set")
+        if self.is_doclora:
+            opts = {}
+            for item in (t for t in self.adapter.partition(":")[2].split(",") if t.strip()):
+                k, eq, v = item.partition("=")
+                if not eq:
+                    raise ValueError(f"adapter spec {self.adapter!r}: option {item!r} is not key=value")
+                opts[k.strip()] = v.strip()
+            if opts.get("init", "meta") != "meta":
+                raise ValueError("meta-training doclora learns its init: init must be 'meta'")
+            return DocLoRA(DocLoRAConfig.from_options({**opts, "init": "meta"}))
         return (registry or self.registry()).from_spec(self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +190,8 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
               cfg: MetaConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Outer meta-objective on batch (x, y); returns (loss, detached tensor stats) so the caller decides when to
     sync."""
+    if isinstance(adapter, DocLoRA):
+        return doclora_meta_loss(model, adapter, x, y, cfg)
     if not adapter.trains_in_eval:
         raise ValueError(f"meta_loss with the {adapter.name!r} adapter has nothing to meta-train")
     if adapter.sel is None:
@@ -216,3 +242,38 @@ def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, st
     loss = sum((named[n] * d).sum() for n, d in diff.items()) * (weight * epsilon)
     dist2 = sum(d.float().square().sum() for d in diff.values())
     return loss, {"meta/L_inner": inner["loss_first"], "reptile/dist": torch.as_tensor(dist2).sqrt()}
+
+
+def doclora_meta_loss(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor,
+                      cfg: MetaConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """First-order meta-objective of the doc-batched LoRA's shared init A0 (the evaluator's ``init=meta``).
+
+    Every row is one document: its factors start at (A0, B = 0), take ``inner_steps`` of the adapter's own AdamW
+    step on the row's first half (loss: mean per row, summed over rows, as in the evaluator), and the outer loss
+    is the rows' second half with the whole row as context. First order: the adapted A is A0 + sg(A - A0), so
+    the outer gradient reaches A0 summed over rows, and the base weights directly (no inner-step Jacobians)."""
+    (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
+    n_layers = model.cfg.num_layers
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    tr, st = adapter.init(base, x.size(0), model.cfg, torch.Generator(device=x.device))
+    stats: dict[str, Tensor] = {}
+    with grad_context():
+        for k in range(cfg.inner_steps):
+            leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
+            nll = model(xi, yi, params=base, reduction="none", **adapter.materialize(leaves, n_layers))
+            loss_in = nll.float().mean(dim=1).sum()
+            grads = torch.autograd.grad(loss_in, list(leaves.values()))
+            tr, st = adapter.step(tr, st, dict(zip(leaves, grads)), 0.0)
+            if k == 0:
+                stats["meta/L_inner"] = (loss_in / x.size(0)).detach()
+        fo = {}
+        for n, v in tr.items():
+            t = n[2:]
+            if n.startswith("A.") and t in adapter.A0:
+                a0 = adapter.A0[t].to(v.dtype).unsqueeze(0).expand_as(v)
+                fo[n] = a0 + (v - a0).detach()
+            else:
+                fo[n] = v.detach()
+        l_post = model(xo, yo, reduction="none", **adapter.materialize(fo, n_layers))[:, start:].mean()
+    stats["meta/L_post"] = l_post.detach()
+    return cfg.outer_weight * l_post, stats

@@ -1,0 +1,136 @@
+"""The doc-batched LoRA's meta-learned init (``init=meta``): A0 broadcast to every document, its first-order
+meta-gradient, the trainer learning it (``--meta.adapter doclora``), the artifact carrying it, and the evaluator
+using it (``docttt:doclora@init=meta``) or refusing an artifact without it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metattt.model.config import ModelConfig
+from metattt.model.gpt import BankedGPT
+from metattt.train.cli import parse_config
+from metattt.train.loop import train
+from metattt.ttt.doclora import EXTRA_PREFIX, DocLoRA, DocLoRAConfig
+from metattt.ttt.meta import MetaConfig, doclora_meta_loss
+from test_train import _args
+from tiny import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(seed: int = 0) -> BankedGPT:
+    torch.manual_seed(seed)
+    m = BankedGPT(tiny_config())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_meta_init_starts_every_document_at_a0_and_round_trips() -> None:
+    m = _model()
+    ad = DocLoRA(DocLoRAConfig(rank=3, init="meta")).bind(m)
+    assert set(ad.A0) == {"q", "k", "v", "out", "mlp", "head"}
+    with torch.no_grad():
+        for p in ad.A0.values():
+            p.normal_()
+    tr, _ = ad.init(dict(m.named_parameters()), 4, m.cfg, torch.Generator())
+    for t, a0 in ad.A0.items():
+        assert tr[f"A.{t}"].shape[0] == 4 and all(torch.equal(tr[f"A.{t}"][i], a0) for i in range(4))
+        assert not tr[f"B.{t}"].any()
+    tr[f"A.q"].add_(1.0)  # documents own copies: adapting one never writes A0
+    assert not torch.equal(tr["A.q"][0], ad.A0["q"])
+    other = DocLoRA(DocLoRAConfig(rank=3, init="meta")).bind(m)
+    other.load_artifact_extras(ad.artifact_extras())
+    assert all(torch.equal(other.A0[t], ad.A0[t]) for t in ad.A0)
+    with pytest.raises(ValueError, match="no learned A0"):
+        DocLoRA(DocLoRAConfig(rank=3, init="meta")).bind(m).load_artifact_extras({})
+    with pytest.raises(ValueError, match="shape"):
+        DocLoRA(DocLoRAConfig(rank=2, init="meta")).bind(m).load_artifact_extras(ad.artifact_extras())
+
+
+def test_meta_gradient_is_the_outer_gradient_at_the_adapted_factors_summed_over_documents() -> None:
+    """First order: d L_outer / d A0 = sum over rows of d L_outer / d A_row at the adapted factors, computed here
+    by an independent replay of the inner steps; the base weights get the outer loss's plain gradient."""
+    m = _model()
+    cfg = MetaConfig(adapter="doclora:rank=2,lr=0.01", split="seq-half", inner_steps=2)
+    ad = cfg.make_adapter()
+    ad.bind(m)
+    x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(3))
+    y = torch.roll(x, -1, dims=1)
+    loss, stats = doclora_meta_loss(m, ad, x, y, cfg)
+    loss.backward()
+    assert set(stats) == {"meta/L_inner", "meta/L_post"}
+    got = {t: p.grad.clone() for t, p in ad.A0.items()}
+    base_grad = m.qo_bank.grad.clone()
+    # replay: the same inner steps, then the outer loss at leaves on the adapted factors
+    ref = DocLoRA(DocLoRAConfig(rank=2, lr=0.01, init="meta")).bind(m)
+    ref.load_artifact_extras(ad.artifact_extras())
+    base = {k: v.detach() for k, v in m.named_parameters()}
+    tr, st = ref.init(base, 3, m.cfg, torch.Generator())
+    for _ in range(2):
+        leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
+        nll = m(x[:, :8], y[:, :8], params=base, reduction="none", **ref.materialize(leaves, m.cfg.num_layers))
+        g = torch.autograd.grad(nll.mean(dim=1).sum(), list(leaves.values()))
+        tr, st = ref.step(tr, st, dict(zip(leaves, g)), 0.0)
+    leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
+    out = m(x, y, params=base, reduction="none", **ref.materialize(leaves, m.cfg.num_layers))[:, 8:].mean()
+    g = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
+    for t in ad.A0:
+        torch.testing.assert_close(got[t], g[f"A.{t}"].sum(0), rtol=1e-5, atol=1e-7)
+        assert got[t].abs().sum() > 0
+    assert base_grad.abs().sum() > 0
+
+
+def test_meta_config_needs_seq_half_and_first_order() -> None:
+    with pytest.raises(ValueError, match="seq-half"):
+        MetaConfig(adapter="doclora", split="same-batch")
+    with pytest.raises(ValueError, match="first-order"):
+        MetaConfig(adapter="doclora:rank=2", split="seq-half", order="second")
+    with pytest.raises(ValueError, match="init must be 'meta'"):
+        MetaConfig(adapter="doclora:init=random", split="seq-half").make_adapter()
+
+
+def test_trainer_learns_a0_and_the_evaluator_uses_it(tmp_path, capsys) -> None:
+    from metattt.artifact.format import load_artifact
+    from metattt.eval.run import main as eval_main
+
+    meta = ["--meta.adapter", "doclora:rank=2,lr=0.01", "--meta.split", "seq-half", "--meta.every", "1",
+            "--meta.meta-lr", "0.05"]
+    train(parse_config(_args(tmp_path, "--iterations", "3", "--run-name", "m", "--final-eval", "off", *meta)))
+    art = tmp_path / "runs" / "m" / "artifact.ptz"
+    extras = load_artifact(art).extras
+    a0 = {k: v for k, v in extras.items() if k.startswith(EXTRA_PREFIX)}
+    assert sorted(a0) == sorted(EXTRA_PREFIX + t for t in ("q", "k", "v", "out", "mlp", "head"))
+    fresh = DocLoRA(DocLoRAConfig(rank=2, init="meta")).bind(BankedGPT(ModelConfig.from_dict(load_artifact(art).config)))
+    assert any(not torch.equal(v, fresh.A0[k[len(EXTRA_PREFIX):]]) for k, v in a0.items())  # learned
+    opts = "docs=4/window=64/rank=2/lr=0.01"
+    rc = eval_main([str(art), "--protocols", f"docttt:doclora@{opts}/init=meta,docttt:doclora@{opts}",
+                    "--max-tokens", "1500", "--bootstrap", "0", "--wandb", "off", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "runs" / "m" / "eval.json").read_text())
+    names = list(rep["protocols"])
+    assert any("init=meta" in n for n in names) and "doc-chunk@docs=4/window=64" in names
+    meta_bpb = next(v["bpb"] for n, v in rep["protocols"].items() if "init=meta" in n)
+    rand_bpb = rep["protocols"][f"docttt:doclora@{opts}"]["bpb"]
+    assert meta_bpb != rand_bpb  # a different init, a different adaptation
+    # an artifact trained without the doclora meta step carries no A0: exit 2, one line naming the protocol
+    train(parse_config(_args(tmp_path, "--iterations", "1", "--run-name", "p", "--final-eval", "off")))
+    capsys.readouterr()
+    rc = eval_main([str(tmp_path / "runs" / "p" / "artifact.ptz"), "--protocols", f"docttt:doclora@{opts}/init=meta",
+                    "--max-tokens", "1500", "--bootstrap", "0", "--wandb", "off", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no learned A0" in err, err
+
+
+def test_final_eval_runs_the_learned_init_beside_the_random_one(tmp_path) -> None:
+    from metattt.train.final_eval import FINAL_EVAL_PLANS, evaluator_argv
+
+    cfg = parse_config(_args(tmp_path, "--meta.adapter", "doclora:rank=2,lr=0.01", "--meta.split", "seq-half"))
+    argv = evaluator_argv(cfg, "a.ptz", FINAL_EVAL_PLANS["short"])
+    protos = argv[argv.index("--protocols") + 1].split(",")
+    assert "docttt:doclora@window=64/rank=2/lr=0.01/init=meta" in protos
+    assert "docttt:doclora@window=64/rank=2/lr=0.01" in protos and "--adapter-spec" not in argv

@@ -134,3 +134,21 @@ def test_final_eval_runs_the_learned_init_beside_the_random_one(tmp_path) -> Non
     protos = argv[argv.index("--protocols") + 1].split(",")
     assert "docttt:doclora@window=64/rank=2/lr=0.01/init=meta" in protos
     assert "docttt:doclora@window=64/rank=2/lr=0.01" in protos and "--adapter-spec" not in argv
+
+
+def test_final_eval_calls_doc_chunk_context_and_gives_it_no_share_of_the_room() -> None:
+    from metattt.train.final_eval import decomposition, format_decomposition
+
+    def proto(bpb: float, mode: str) -> dict:
+        return {"bpb": bpb, "ci95": [bpb - 0.01, bpb + 0.01], "legal": True, "mode": mode}
+
+    report = {"meta": {"artifact_meta": {}}, "data": {"n_tokens": 100, "n_targets": 99, "n_docs": 2},
+              "config": {"context": 64},
+              "protocols": {"doc-flat": proto(9.0, "score"), "doc-chunk": proto(8.9, "docttt"),
+                            "docttt:doclora": proto(8.5, "docttt")},
+              "deltas": {"doc-chunk": {"value": 0.1, "ci95": [0.05, 0.15]},
+                         "docttt:doclora": {"value": 0.4, "ci95": [0.3, 0.5]}}}
+    rows = {r["protocol"]: r for r in decomposition(report)["rows"]}
+    assert not rows["doc-chunk"]["adapts"] and rows["docttt:doclora"]["adapts"]
+    text = format_decomposition(decomposition(report), report, "short")
+    assert "context +0.1000" in text and "TTT +0.4000" in text

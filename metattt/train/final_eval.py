@@ -91,12 +91,14 @@ def decomposition(report: dict[str, Any]) -> dict[str, Any]:
     room = analytic_room(am, report["data"]["n_tokens"], int(report["config"]["context"]))
     rows = []
     for name, p in report["protocols"].items():
-        row: dict[str, Any] = {"protocol": name, "bpb": p["bpb"], "ci95": p["ci95"], "legal": p["legal"]}
+        adapts = p["mode"] != "score" and not name.startswith("doc-chunk")  # doc-chunk: windows, no adaptation
+        row: dict[str, Any] = {"protocol": name, "bpb": p["bpb"], "ci95": p["ci95"], "legal": p["legal"],
+                               "adapts": adapts}
         key = "context" if name == "sliding" else name
         d = report["deltas"].get(key)
         if d is not None:
             row["gain"], row["gain_ci95"] = d["value"], d["ci95"]
-            if p["mode"] != "score" and room is not None and room["room_bpb"] > 0:
+            if adapts and room is not None and room["room_bpb"] > 0:
                 row["share"] = d["value"] / room["room_bpb"]
                 row["share_ci95"] = [None if v is None else v / room["room_bpb"] for v in d["ci95"]]
         rows.append(row)
@@ -111,12 +113,14 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
     d = report["data"]
     lines = [f"\n== the decomposition: legal score-first evaluator, {plan_name} "
              f"({d['n_targets']:,} targets, {d['n_docs']:,} documents; 95% CIs: paired document bootstrap) ==",
-             f"  {'protocol':<10}{'bpb':>8}  {'95% CI':<18}  {'gain over previous':<30}  share of the room"]
+             ]
+    w = max([10] + [len(r["protocol"]) + 2 for r in dec["rows"]])
+    lines.append(f"  {'protocol':<{w}}{'bpb':>8}  {'95% CI':<18}  {'gain over previous':<30}  share of the room")
     for r in dec["rows"]:
         ci = f"[{_num(r['ci95'][0], '.4f')}, {_num(r['ci95'][1], '.4f')}]"
         gain = ""
         if "gain" in r:
-            what = "context" if r["protocol"] == "sliding" else "TTT"
+            what = "TTT" if r.get("adapts", r["protocol"] != "sliding") else "context"
             gain = (f"{what} {r['gain']:+.4f} [{_num(r['gain_ci95'][0], '+.4f')}, "
                     f"{_num(r['gain_ci95'][1], '+.4f')}]")
         share = ""
@@ -125,7 +129,7 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
             share = f"{100 * r['share']:.1f}% [{_num(None if lo is None else 100 * lo, '.1f')}%, " \
                     f"{_num(None if hi is None else 100 * hi, '.1f')}%]"
         label = r["protocol"] + ("" if r["legal"] else " (not legal)")
-        lines.append(f"  {label:<10}{r['bpb']:>8.4f}  {ci:<18}  {gain:<30}  {share}".rstrip())
+        lines.append(f"  {label:<{w}}{r['bpb']:>8.4f}  {ci:<18}  {gain:<30}  {share}".rstrip())
     room = dec["room"]
     if room is not None:
         w = room["window"]

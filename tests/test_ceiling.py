@@ -256,7 +256,9 @@ def test_shipped_configs_parse_and_their_adapter_specs_exist() -> None:
 
     builtin = builtin_registry().names
 
-    for name in ("ceiling_cpu.toml", "ceiling_gpu.toml"):
+    names = sorted(p.name for p in (REPO / "experiments").glob("ceiling_*.toml"))
+    assert {"ceiling_cpu.toml", "ceiling_gpu.toml", "ceiling_synth.toml"} <= set(names)
+    for name in names:
         st = load_study(REPO / "experiments" / name)
         assert st.cells() and all(c.ev.section in st.sections for c in st.cells())
         for e in st.evals:

@@ -39,18 +39,21 @@ FULL_VAL_TOKENS = 62_000_000
 
 
 def parse_variant(text: str) -> dict:
-    """``eager`` | ``compile``, then ``+shapes=exact|chunk|batch`` (docttt only)."""
+    """``eager`` | ``compile``, then ``+shapes=exact|chunk|batch`` (docttt only) and ``+attn=BACKEND``."""
     from metattt.eval.docttt import SHAPES
+    from metattt.model.attention import ATTN_BACKENDS
 
     head, *rest = text.strip().split("+")
     if head not in ("eager", "compile"):
         raise SystemExit(f"unknown variant {text!r}: start with eager or compile")
-    out = {"compile": head == "compile", "shapes": "auto"}
+    out = {"compile": head == "compile", "shapes": "auto", "attn": "auto"}
+    allowed = {"shapes": SHAPES, "attn": ATTN_BACKENDS}
     for tok in rest:
         k, _, v = tok.partition("=")
-        if k != "shapes" or v not in SHAPES:
-            raise SystemExit(f"unknown variant token {tok!r} in {text!r} (shapes={'|'.join(SHAPES)})")
-        out["shapes"] = v
+        if k not in allowed or v not in allowed[k]:
+            raise SystemExit(f"unknown variant token {tok!r} in {text!r} (shapes={'|'.join(SHAPES)}, "
+                             f"attn={'|'.join(ATTN_BACKENDS)})")
+        out[k] = v
     return out
 
 
@@ -118,8 +121,8 @@ def project_docttt(lengths: np.ndarray, model: StepModel, chunk: int, window: in
             "targets": int(n.sum())}
 
 
-def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autocast: bool, reps: int = 2
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autocast: bool, reps: int = 2,
+              attn: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(t, fwd s, upd s, overhead s per batch) of one batch of ``rows`` documents of ``window + chunk``
     targets each (every forward length from chunk to window), the last of ``reps`` runs (earlier: warm-up)."""
     from metattt.eval import docttt
@@ -141,7 +144,7 @@ def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autoca
             if adapter is not None:
                 init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
             out = docttt.run_batch(model, tokens, a, a + n, spec, adapter, None, Ledger(), init, autocast,
-                                   shapes=shp, inplace=True)
+                                   attn=attn, shapes=shp, inplace=True)
             _sync(device)
             wall = time.perf_counter() - t0
     ct = out.chunk_times[:-1] if adapter is not None else out.chunk_times  # the last chunk trains nobody
@@ -164,9 +167,10 @@ def _docttt_report(spec, variant, model, data, device, autocast, result) -> tupl
     D = spec.docs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t, f_full, u_full, over = calibrate(model, spec, device, D, v["shapes"], v["compile"], autocast)
+    t, f_full, u_full, over = calibrate(model, spec, device, D, v["shapes"], v["compile"], autocast,
+                                        attn=v["attn"])
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    _, f1, u1, _ = calibrate(model, spec, device, 1, v["shapes"], v["compile"], autocast)
+    _, f1, u1, _ = calibrate(model, spec, device, 1, v["shapes"], v["compile"], autocast, attn=v["attn"])
     sm = StepModel(t, f1, f_full, u1, u_full, D, over)
     shapes = v["shapes"] if v["shapes"] != "auto" else ("chunk" if device.type == "cuda" else "exact")
     lengths = np.array([e - a for a, e in doc_segments(data.tokens_np, data.bos_id)], dtype=np.int64)
@@ -175,7 +179,10 @@ def _docttt_report(spec, variant, model, data, device, autocast, result) -> tupl
                           train)
     ratio = result.seconds / check["wall_s"]
     show = sorted({int(x) for x in t if x in (t[0], t[-1])} | {int(x) for x in t if int(x) & (int(x) - 1) == 0})
-    lines = [f"docttt projection, {spec.name} [{variant}, shapes {shapes}]:",
+    from metattt.eval.docttt import resolve_attn
+
+    att = resolve_attn(v["attn"], device, autocast)
+    lines = [f"docttt projection, {spec.name} [{variant}, shapes {shapes}, attention {att}]:",
              f"  measured: the chunk step (forward{' | backward + AdamW' if train else ''}) of one batch of "
              f"{D} and of 1 document(s) of {spec.window + spec.chunk} targets, per forward length t (CUDA events "
              "on GPU, 2nd of 2 runs):",
@@ -268,7 +275,7 @@ def main() -> None:
         for bt in (int(b) for b in args.batch_tokens.split(",")):
             cfg = EvalConfig(seq_len=args.context, context=args.context, stride=args.stride,
                              chunk_tokens=args.chunk_tokens, batch_tokens=bt, autocast=not args.no_autocast,
-                             n_boot=0)
+                             n_boot=0, attn=var["attn"])
             data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=model.cfg.vocab_size)
             warm = prepare_stream(tokens[: args.chunk_tokens + args.context + 1], lut, device, cfg.chunk_tokens)
             for spec in specs:

@@ -11,7 +11,8 @@ from metattt.eval.stats import LN2
 from metattt.study.report import CellResult, cross_model_table, cross_setting_table
 
 
-def _result(model: str, nats: dict[str, list[float]], doc_bytes: list[float], setting: str = "meta") -> CellResult:
+def _result(model: str, nats: dict[str, list[float]], doc_bytes: list[float], setting: str = "meta",
+            section: str = "2", flags: tuple[str, ...] = ("--max-tokens", "4096")) -> CellResult:
     by = np.asarray(doc_bytes)
     bpb = {k: float(np.sum(v) / LN2 / by.sum()) for k, v in nats.items()}
     deltas = {"context": {"from": "flat", "to": "sliding", "value": bpb["flat"] - bpb["sliding"]},
@@ -20,7 +21,8 @@ def _result(model: str, nats: dict[str, list[float]], doc_bytes: list[float], se
           "per_document": {"bytes": list(doc_bytes), "nats": nats}}
     protocols = {k: {"bpb": v} for k, v in bpb.items()}
     ev["protocols"] = protocols
-    cell = SimpleNamespace(ev=SimpleNamespace(name=setting), model=SimpleNamespace(name=model))
+    cell = SimpleNamespace(ev=SimpleNamespace(name=setting, section=section, flags=flags),
+                           model=SimpleNamespace(name=model))
     return CellResult(cell, Path("x"), ev, {}, None, None)
 
 
@@ -41,6 +43,26 @@ def test_difference_of_deltas_is_paired_over_documents() -> None:
     assert lo == pytest.approx(0.01, abs=1e-5) and hi == pytest.approx(0.01, abs=1e-5)  # paired: no spread at all
     ctx = [c.strip() for c in rows["flat → sliding"].split("|")]
     assert float(ctx[5]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_settings_of_one_section_with_the_same_flags_are_one_comparison() -> None:
+    """A model with its own protocol list (e.g. MetaSGD's learned rates) is still paired with the reference model of
+    its section; other flags, other sections and the reference model's own other settings are not."""
+    rng = np.random.default_rng(2)
+    n = 30
+    by = list(rng.uniform(500, 3000, n))
+    flat = rng.uniform(1000, 5000, n)
+    ref = {"flat": list(flat), "sliding": list(flat - 40), "ttt:sgd": list(flat - 90)}
+    mod = {**ref, "ttt:sgd": list(np.asarray(ref["ttt:sgd"]) + np.asarray(by) * LN2 * 0.003)}
+    lines = cross_model_table([_result("none", ref, by), _result("metasgd", mod, by, setting="meta-metasgd"),
+                               _result("none", ref, by, setting="meta-extra"),
+                               _result("other", mod, by, setting="meta-x", flags=("--max-tokens", "8192")),
+                               _result("third", mod, by, setting="cap", section="3")])
+    assert lines[0].startswith("**`meta`, `meta-metasgd`, `meta-extra`: each model's Δ minus `none`'s")
+    rows = [ln for ln in lines if ln.startswith("| `")]
+    assert {ln.split("|")[1].strip() for ln in rows} == {"`metasgd` vs `none`"}
+    ttt = [c.strip() for c in next(ln for ln in rows if "ttt:sgd" in ln).split("|")]
+    assert float(ttt[5]) == pytest.approx(-0.003, abs=1e-5)
 
 
 def test_other_documents_are_not_paired() -> None:

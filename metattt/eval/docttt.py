@@ -356,6 +356,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
     positions, nats are scattered on the device, losses and timings are read once at the end."""
     device, n_tok = tokens.device, tokens.numel()
+    attn = resolve_attn(attn, device, autocast)
     C = spec.chunk
     plan = batch_plan(a, e, C, spec.window, shapes, train=adapter is not None)
     sink = Nats(n_tok, device) if sink is None else sink
@@ -509,6 +510,18 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
 
 
 # ------------------------------------------------------------------------------------------------ protocol
+def resolve_attn(attn: str, device: torch.device, autocast: bool = True) -> str:
+    """The attention backend of the chunk loop. ``auto`` on CUDA under bf16 autocast without flash-attn is SDPA's
+    FLASH kernel, not PyTorch's own choice (cuDNN): cuDNN builds a kernel for every new (rows, length) shape, and
+    the chunk loop's shapes change at almost every step (docs/benchmarks.md, session 7). In float32 SDPA has no
+    cuDNN or FLASH kernel, so its own choice stays."""
+    from ..model.attention import flash_available
+
+    if attn == "auto" and autocast and device.type == "cuda" and not flash_available():
+        return "sdpa-flash"
+    return attn
+
+
 def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
     """Every rank's score and update records in one ledger (steps are globally ordered by construction)."""
     if ctx.world == 1:

@@ -134,11 +134,12 @@ class EvalConfig:
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
     docttt_compile: bool = False  # docttt: compiled core, automatic dynamic shapes (opt-in until measured)
     docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
+    attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
 
     def score_config(self) -> ScoreConfig:
         record = self.compat == "pg-record"  # its forwards are always context long
         return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
-                           train_seq_len=self.train_seq_len or self.context, autocast=self.autocast,
+                           train_seq_len=self.train_seq_len or self.context, autocast=self.autocast, attn=self.attn,
                            progress=self.progress, fixed_shapes=self.fixed_shapes or record,
                            pad_to=self.context if record else None)
 
@@ -311,7 +312,7 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
     ledger = Ledger(spec.name, enforce=True)
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
                             make_adapter=lambda s: docttt.make_doc_adapter(s, model, extras),
-                            autocast=cfg.autocast, compile=cfg.docttt_compile, progress=cfg.progress,
+                            autocast=cfg.autocast, attn=cfg.attn, compile=cfg.docttt_compile, progress=cfg.progress,
                             shapes=None if cfg.docttt_shapes == "auto" else cfg.docttt_shapes)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..model.attention import ATTN_BACKENDS
 from ..ttt.registry import PluginError, Registry, add_module_flag
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
+    ap.add_argument("--attn", default="auto", choices=ATTN_BACKENDS,
+                    help="attention backend (default auto: flash-attn if installed, else SDPA's choice; the docttt "
+                         "family then uses SDPA's FLASH kernel, whose cost does not depend on new shapes)")
     ap.add_argument("--compat", default="none", choices=("none", "pg-record"),
                     help="pg-record: also report the record scripts' numbers (truncated val, tail re-scoring, every "
                          "forward padded to the context, bf16 tables/residual/soft cap under autocast; "
@@ -362,7 +366,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      stride=args.stride, chunk_tokens=args.chunk_tokens, batch_tokens=args.batch_tokens,
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
-                     progress=not args.quiet, fixed_shapes=args.compile, compat=args.compat)
+                     progress=not args.quiet, fixed_shapes=args.compile, compat=args.compat,
+                     attn=args.attn)
     _check_windows(cfg, specs)
     try:
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)

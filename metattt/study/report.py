@@ -253,18 +253,21 @@ def _delta_rows(r: CellResult, ref: CellResult, label: str) -> list[str]:
 
 
 def cross_model_table(done: list[CellResult]) -> list[str]:
-    """For an evaluator setting run on several models: each model's Δ minus the setting's first model's, paired
-    over documents (the same documents, one bootstrap). Per-cell CIs cannot answer "does the model (its
-    meta-training, say) change Δ_TTT?": they ignore that both models were scored on the same documents."""
-    by_ev: dict[str, list[CellResult]] = {}
+    """For the models of one section scored with the same evaluator flags (one setting, or several, e.g. a
+    model-specific protocol list): each model's Δ minus the group's first model's, paired over documents (the
+    same documents, one bootstrap). Per-cell CIs cannot answer "does the model (its meta-training, say) change
+    Δ_TTT?": they ignore that both models were scored on the same documents."""
+    groups: dict[tuple[str, tuple[str, ...]], list[CellResult]] = {}
     for r in done:
-        by_ev.setdefault(r.cell.ev.name, []).append(r)
+        groups.setdefault((r.cell.ev.section, tuple(r.cell.ev.flags)), []).append(r)
     lines: list[str] = []
-    for name, rs in by_ev.items():
+    for rs in groups.values():
         ref = rs[0]
-        rows = [row for r in rs[1:] for row in _delta_rows(r, ref, f"`{r.cell.model.name}` vs `{ref.cell.model.name}`")]
+        rows = [row for r in rs[1:] if r.cell.model.name != ref.cell.model.name
+                for row in _delta_rows(r, ref, f"`{r.cell.model.name}` vs `{ref.cell.model.name}`")]
         if rows:
-            lines += [f"**`{name}`: each model's Δ minus `{ref.cell.model.name}`'s, paired over the same documents** "
+            names = ", ".join(f"`{n}`" for n in dict.fromkeys(r.cell.ev.name for r in rs))
+            lines += [f"**{names}: each model's Δ minus `{ref.cell.model.name}`'s, paired over the same documents** "
                       f"(positive = the model gains more; CI: document bootstrap, n={ref.eval['bootstrap']['n']}).",
                       "", CROSS_HEAD, "|" + "---|" * CROSS_HEAD.count(" |"), *rows, ""]
     return lines

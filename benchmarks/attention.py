@@ -4,6 +4,12 @@ Why: attention is the largest single block of a training step; this isolates the
 Default shape = one micro-batch of the pg-2026-03-23 preset (48 x 2048 tokens, 8 query / 4 KV heads of 64).
 
     python3 benchmarks/attention.py --backends sdpa,sdpa-flash,sdpa-repeat
+    python3 benchmarks/attention.py --backends sdpa,sdpa-flash --new-shapes 20   # cost of a shape's first call
+
+``--new-shapes N``: the mean time of the first call at each of N shapes never seen before (rows 1..N, lengths
+64, 128, ...; synchronised per call) against a second call at the same shapes. The doc-batched TTT loop changes
+its (rows, length) shape at almost every step, so a backend that builds a kernel per shape (cuDNN) costs that
+build again and again.
 """
 from __future__ import annotations
 
@@ -31,6 +37,39 @@ def timed_ms(fn, iters: int, warmup: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def new_shape_ms(backend: str, shapes: list[tuple[int, int]], heads: int, kv_heads: int, d: int,
+                 backward: bool) -> list[float]:
+    """Wall milliseconds of one synchronised call per shape (in order)."""
+    import time
+
+    out = []
+    for b, t in shapes:
+        q = torch.randn(b, t, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+        k, v = (torch.randn(b, t, kv_heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                for _ in range(2))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        y = causal_attention(q, k, v, backend)
+        if backward:
+            y.sum().backward()
+        torch.cuda.synchronize()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def new_shapes_report(args) -> int:
+    n = args.new_shapes
+    print(f"{'backend':<12}{'pass':<9}{'new shape ms':>13}{'same shape ms':>15}   ({n} shapes each, bf16)")
+    for i, backend in enumerate(args.backends.split(",")):
+        for j, backward in enumerate((False, True)):
+            base = (2 * i + j) * n  # lengths unseen by every earlier backend and pass
+            shapes = [(r, 64 * (base + r)) for r in range(1, n + 1)]
+            cold = new_shape_ms(backend, shapes, args.heads, args.kv_heads, args.head_dim, backward)
+            warm = new_shape_ms(backend, shapes, args.heads, args.kv_heads, args.head_dim, backward)
+            print(f"{backend:<12}{'fwd+bwd' if backward else 'fwd':<9}{sum(cold) / n:>13.2f}{sum(warm) / n:>15.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="sdpa,sdpa-cudnn,sdpa-flash,sdpa-repeat")
@@ -40,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--new-shapes", type=int, default=0, metavar="N",
+                    help="instead: first-call vs repeated-call time at N new shapes per backend")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA device")
+    if args.new_shapes:
+        return new_shapes_report(args)
     b, t, d = args.batch, args.seq, args.head_dim
     torch.manual_seed(0)
     # the model's layout: (B, T, heads, D) views of one fused Q|K|V buffer

@@ -508,3 +508,21 @@ def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
                              shapes="exact")
     for lo, v in exact.nll:
         np.testing.assert_allclose(nll[0][lo], v, rtol=2e-2, atol=2e-2)  # bf16: other shapes, other sums
+
+
+def test_attention_backend_of_the_chunk_loop():
+    """``auto`` on CUDA under bf16 is SDPA's FLASH kernel (no kernel build per new shape) unless flash-attn is
+    installed; float32, CPU and an explicit choice are left alone; the evaluator passes ``--attn`` through."""
+    from metattt.model.attention import flash_available
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert docttt.resolve_attn("auto", cuda, True) == ("auto" if flash_available() else "sdpa-flash")
+    assert docttt.resolve_attn("auto", cuda, False) == "auto"
+    assert docttt.resolve_attn("auto", cpu, True) == "auto"
+    assert docttt.resolve_attn("sdpa", cuda, True) == "sdpa"
+    assert EvalConfig(attn="math").score_config().attn == "math"
+    from metattt.eval.run import build_parser
+
+    assert build_parser().parse_args(["a.ptz", "--attn", "sdpa-flash"]).attn == "sdpa-flash"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["a.ptz", "--attn", "cudnn-please"])

@@ -194,9 +194,9 @@ class DocLoRA(nn.Module):
                 b = b * s
             if t == "head":
                 lora["head"] = (a, b)
-            else:
-                for layer in range(n_layers):
-                    lora[f"{t}.{layer}"] = (a[:, layer], b[:, layer])
+            else:  # unbind, not a[:, layer]: one backward stack instead of a zero-filled full-size gradient per layer
+                for layer, (al, bl) in enumerate(zip(a.unbind(1)[:n_layers], b.unbind(1)[:n_layers])):
+                    lora[f"{t}.{layer}"] = (al, bl)
         return {"lora": lora}
 
     def step(self, trainables: Mapping[str, Tensor], state: Mapping[str, Tensor], grads: Mapping[str, Tensor],

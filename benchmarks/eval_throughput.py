@@ -158,13 +158,16 @@ def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autoca
     return t_u, fwd_u, upd_u, overhead
 
 
-def _docttt_report(spec, variant, model, data, device, autocast, result) -> tuple[float, list[str]]:
-    """The docttt projection for one measured protocol run: (projected 8-GPU seconds, printed lines)."""
+def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[dict, list[str]]:
+    """The chunk-step model of one docttt protocol and its full-val projection, measured *before* the protocol
+    run (it also warms that run's kernels and graphs up), so a run cut short still leaves these lines."""
+    from metattt.eval.docttt import resolve_attn
     from metattt.eval.windows import doc_segments
 
     v = parse_variant(variant)
     train = spec.adapter is not None
     D = spec.docs
+    t0 = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t, f_full, u_full, over = calibrate(model, spec, device, D, v["shapes"], v["compile"], autocast,
@@ -177,15 +180,12 @@ def _docttt_report(spec, variant, model, data, device, autocast, result) -> tupl
     check = project_docttt(lengths, sm, spec.chunk, spec.window, D, 1, shapes, train)
     full = project_docttt(resample_lengths(lengths, FULL_VAL_TOKENS), sm, spec.chunk, spec.window, D, 8, shapes,
                           train)
-    ratio = result.seconds / check["wall_s"]
     show = sorted({int(x) for x in t if x in (t[0], t[-1])} | {int(x) for x in t if int(x) & (int(x) - 1) == 0})
-    from metattt.eval.docttt import resolve_attn
-
     att = resolve_attn(v["attn"], device, autocast)
     lines = [f"docttt projection, {spec.name} [{variant}, shapes {shapes}, attention {att}]:",
-             f"  measured: the chunk step (forward{' | backward + AdamW' if train else ''}) of one batch of "
-             f"{D} and of 1 document(s) of {spec.window + spec.chunk} targets, per forward length t (CUDA events "
-             "on GPU, 2nd of 2 runs):",
+             f"  measured ({time.perf_counter() - t0:.1f} s, before the protocol run): the chunk step "
+             f"(forward{' | backward + AdamW' if train else ''}) of one batch of {D} and of 1 document(s) of "
+             f"{spec.window + spec.chunk} targets, per forward length t (CUDA events on GPU, 2nd of 2 runs):",
              f"  {'t':>6}{'fwd ms @' + str(D):>13}{'upd ms @' + str(D):>13}{'fwd ms @1':>11}{'upd ms @1':>11}"]
     for x in show:
         i = int(np.flatnonzero(t == x)[0])
@@ -197,16 +197,22 @@ def _docttt_report(spec, variant, model, data, device, autocast, result) -> tupl
               + f", t_c = min((c+1)*{spec.chunk}, {spec.window}), rows_c = documents still active"
               + (" (batch shapes: every document of the batch)" if shapes == "batch" else "")
               + f"; linear between measured t and between 1 and {D} rows; + overhead",
-              f"  check on the measured data ({check['docs']:,} documents, {check['targets']:,} targets, "
-              f"{check['batches']} batches, 1 process): modelled {check['wall_s']:.2f} s, measured "
-              f"{result.seconds:.2f} s (measured / modelled = {ratio:.2f})",
+              f"  this data ({check['docs']:,} documents, {check['targets']:,} targets, {check['batches']} batches, "
+              f"1 process): modelled {check['wall_s']:.2f} s",
               f"  full val: {full['docs']:,} document lengths resampled (seed 0) from those {check['docs']:,} to "
               f"{full['targets']:,} targets, {full['batches']} batches dealt round-robin over 8 ranks: "
-              f"PROJECTED {full['wall_s']:.1f} s (slowest rank; mean rank {full['rank_s'].mean():.1f} s; "
-              f"x {ratio:.2f} from the check = {full['wall_s'] * ratio:.1f} s)"]
+              f"PROJECTED {full['wall_s']:.1f} s (slowest rank; mean rank {full['rank_s'].mean():.1f} s)"]
     if spec.phases:
         lines.append("  (phase SGD is not in the model: add its measured time)")
-    return full["wall_s"], lines
+    return {"check_s": check["wall_s"], "full_s": full["wall_s"]}, lines
+
+
+def _docttt_check(proj: dict, result) -> tuple[float, str]:
+    """The measured run against the model: (projected 8-GPU seconds, the check line)."""
+    ratio = result.seconds / proj["check_s"]
+    return proj["full_s"], (f"  measured {result.seconds:.2f} s on this data, modelled {proj['check_s']:.2f} s "
+                            f"(measured / modelled = {ratio:.2f}); PROJECTED full val x {ratio:.2f} = "
+                            f"{proj['full_s'] * ratio:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -254,6 +260,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", default=str(32 * 2048), help="comma list to sweep")
     ap.add_argument("--variants", default="eager", help="comma list of eager, compile (+shapes=... for docttt)")
     ap.add_argument("--no-autocast", action="store_true")
+    ap.add_argument("--progress", action="store_true", help="per-chunk / per-batch progress on stderr")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -275,7 +282,7 @@ def main() -> None:
         for bt in (int(b) for b in args.batch_tokens.split(",")):
             cfg = EvalConfig(seq_len=args.context, context=args.context, stride=args.stride,
                              chunk_tokens=args.chunk_tokens, batch_tokens=bt, autocast=not args.no_autocast,
-                             n_boot=0, attn=var["attn"])
+                             n_boot=0, attn=var["attn"], progress=args.progress)
             data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=model.cfg.vocab_size)
             warm = prepare_stream(tokens[: args.chunk_tokens + args.context + 1], lut, device, cfg.chunk_tokens)
             for spec in specs:
@@ -297,6 +304,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 run_protocol(spec, model, warm, plan(warm), cfg, adapter, scorer=scorer)
                 warm_s = time.perf_counter() - t0
+                if family:
+                    est, lines = _docttt_calibration(spec, variant, model, data, device, cfg.autocast)
+                    print("\n".join(lines), flush=True)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
@@ -306,8 +316,8 @@ def main() -> None:
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
                 proj = FULL_VAL_TOKENS / (rate * 8)
                 if family:
-                    proj, lines = _docttt_report(spec, variant, model, data, device, cfg.autocast, r.stream)
-                    notes.append(lines)
+                    proj, line = _docttt_check(est, r.stream)
+                    notes.append([f"docttt {spec.name} [{variant}]:", line])
                 rows.append((variant, bt, spec.name, r.stream.n_scored, r.stream.seconds, wall, rate,
                              r.stream.score_seconds, r.stream.adapt_seconds, proj, mem, warm_s, family))
                 print(f"  {variant} batch_tokens={bt} {spec.name}: {rate:,.0f} tok/s (warm-up {warm_s:.1f} s)",

@@ -526,3 +526,35 @@ def test_attention_backend_of_the_chunk_loop():
     assert build_parser().parse_args(["a.ptz", "--attn", "sdpa-flash"]).attn == "sdpa-flash"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["a.ptz", "--attn", "cudnn-please"])
+
+
+def test_compiled_core_traces_the_whole_run_into_a_few_graphs(world, monkeypatch):
+    """``docttt_compile``: Dynamo (``aot_eager`` backend here: the same tracing, guards and recompiles as the
+    GPU's inductor, eager kernels) turns a run whose forward shape changes at every chunk into a bounded number of
+    graphs (static first shape, dynamic, the last batch's rows), and scores exactly as the eager loop does."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    m = BankedGPT(tiny_config())
+    m.load_state_dict(world["model"].state_dict())
+    m.eval()
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate(([1], rng.integers(4, 64, size=int(n) - 1))) for n in rng.integers(20, 300, size=10)]
+    toks = np.concatenate(docs + [np.array([1])]).astype(np.int64)
+    spec = docttt.parse_docttt("docttt:doclora@chunk=16/docs=4/window=128/rank=4/lr=0.01")
+    queue = docttt.doc_queue(toks, 1, spec.docs)
+    shapes = set()
+    for idx in queue.batches:
+        plan = docttt.batch_plan(queue.a[idx], queue.e[idx], spec.chunk, spec.window, "batch")
+        shapes |= set(zip(plan.rows.tolist(), plan.t.tolist()))
+    eager = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), shapes="batch")
+    compile_core = m.compile_core
+    monkeypatch.setattr(m, "compile_core", lambda **kw: compile_core(backend="aot_eager", **kw))
+    dynamo.reset()
+    counters.clear()
+    comp = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), compile=True,
+                             shapes="batch")
+    assert len(shapes) >= 10  # many forward shapes ...
+    assert counters["stats"]["unique_graphs"] <= 4, (len(shapes), dict(counters["stats"]))  # ... few graphs
+    np.testing.assert_array_equal(comp.token_nll, eager.token_nll)
+    dynamo.reset()

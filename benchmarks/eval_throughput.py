@@ -7,17 +7,20 @@ the full FineWeb val on 8 GPUs.
     python benchmarks/eval_throughput.py --batch-tokens 32768,65536,131072 --variants eager,compile
     python benchmarks/eval_throughput.py --protocols doc-chunk,docttt:doclora   # doc-batched LoRA TTT: rank 96,
                                           # chunk 32, 64 documents per batch, window 2048 (docttt.py defaults)
+    python benchmarks/eval_throughput.py A.ptz --protocols docttt:doclora --variants compile+shapes=batch \
+        --profile 15 --progress                 # + a torch.profiler table of one batch, progress on stderr
 
 Tokens are the first --tokens of the val data when given (or of the artifact's stored val pattern), else
 random ids cut into documents of ~1,000 tokens: throughput does not depend on the values. One chunk of every
 configuration is run first as warm-up (CUDA init, autotuning, compilation) and not timed.
 
 Variants: ``eager`` or ``compile``, for the docttt family optionally ``+shapes=exact|chunk|batch`` (forward
-shapes, ``docttt.BatchPlan``; default: chunk on CUDA). For the docttt family the full-val time is not a tokens/s
+shapes, ``docttt.BatchPlan``; default: chunk on CUDA), and ``+attn=BACKEND`` (``model.attention``). For the docttt family the full-val time is not a tokens/s
 extrapolation (a short prefix holds few documents, so its length-sorted batches mix lengths and its time is
 dominated by few-row tail chunks): the chunk step is timed as a function of context length at full and at one
 row, the full val is modelled as documents resampled from the prefix's lengths, sorted into batches and dealt
-over the ranks as the protocol does, and the same model predicts the measured prefix run as a check.
+over the ranks as the protocol does, and the same model predicts the measured prefix run as a check. The
+calibration and its projection print before the protocol run, so a run stopped by a time limit still leaves them.
 """
 from __future__ import annotations
 
@@ -121,13 +124,11 @@ def project_docttt(lengths: np.ndarray, model: StepModel, chunk: int, window: in
             "targets": int(n.sum())}
 
 
-def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autocast: bool, reps: int = 2,
-              attn: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(t, fwd s, upd s, overhead s per batch) of one batch of ``rows`` documents of ``window + chunk``
-    targets each (every forward length from chunk to window), the last of ``reps`` runs (earlier: warm-up)."""
+def _calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, attn: str):
+    """A closure running one batch of ``rows`` random documents of ``window + chunk`` targets each (every forward
+    length from chunk to window): the calibration batch."""
     from metattt.eval import docttt
     from metattt.eval.ledger import Ledger
-    from metattt.eval.scoring import _sync
 
     n = spec.window + spec.chunk
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -136,26 +137,78 @@ def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autoca
     adapter = docttt.make_doc_adapter(spec)
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     shp = ("chunk" if device.type == "cuda" else "exact") if shapes == "auto" else shapes
+
+    def once():
+        init = None
+        if adapter is not None:
+            init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
+        return docttt.run_batch(model, tokens, a, a + n, spec, adapter, None, Ledger(), init, autocast,
+                                attn=attn, shapes=shp, inplace=True)
+
+    return once, adapter is not None
+
+
+def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autocast: bool, reps: int = 2,
+              attn: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(t, fwd s, upd s, overhead s per batch) of the calibration batch of ``rows`` documents, the last of
+    ``reps`` runs (earlier: warm-up)."""
+    from metattt.eval import docttt
+    from metattt.eval.scoring import _sync
+
+    once, train = _calib_batch(model, spec, device, rows, shapes, autocast, attn)
     with docttt.compiled_core(model, compile):
         for _ in range(reps):
             _sync(device)
             t0 = time.perf_counter()
-            init = None
-            if adapter is not None:
-                init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
-            out = docttt.run_batch(model, tokens, a, a + n, spec, adapter, None, Ledger(), init, autocast,
-                                   attn=attn, shapes=shp, inplace=True)
+            out = once()
             _sync(device)
             wall = time.perf_counter() - t0
-    ct = out.chunk_times[:-1] if adapter is not None else out.chunk_times  # the last chunk trains nobody
+    ct = out.chunk_times[:-1] if train else out.chunk_times  # the last chunk trains nobody
     t = np.array([c[0] for c in ct], dtype=np.float64)
     fwd = np.array([c[2] for c in ct])
-    upd = np.array([c[3] for c in ct]) if adapter is not None else np.zeros(len(ct))
+    upd = np.array([c[3] for c in ct]) if train else np.zeros(len(ct))
     t_u = np.unique(t)  # lengths repeat once the window is full: average them
     fwd_u = np.array([fwd[t == x].mean() for x in t_u])
     upd_u = np.array([upd[t == x].mean() for x in t_u])
     overhead = max(0.0, wall - sum(c[2] + c[3] for c in out.chunk_times))
     return t_u, fwd_u, upd_u, overhead
+
+
+def profile_batch(model, spec, variant: str, device, autocast: bool, top: int) -> list[str]:
+    """One (warm) calibration batch of ``spec.docs`` documents under torch.profiler: wall time against the
+    device's kernel time (a busy fraction well below 1 means the loop is host-bound: op dispatch, not the GPU)
+    and the ``top`` operators by device time (CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from metattt.eval import docttt
+    from metattt.eval.scoring import _sync
+
+    v = parse_variant(variant)
+    once, _ = _calib_batch(model, spec, device, spec.docs, v["shapes"], autocast, v["attn"])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with docttt.compiled_core(model, v["compile"]):
+        once()  # warm
+        _sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            out = once()
+            _sync(device)
+            wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+
+    ka = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda:  # kernel events (one stream: they do not overlap)
+        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    else:  # top-level operators' CPU time
+        busy = sum(e.cpu_time_total for e in prof.events() if e.cpu_parent is None) / 1e6
+    lines = [f"profile, {spec.name} [{variant}]: one batch of {spec.docs} documents, {out.plan.n_chunks} chunk "
+             f"steps, wall {wall:.3f} s ({1e3 * wall / out.plan.n_chunks:.1f} ms per step), "
+             f"{'kernel' if cuda else 'CPU op'} time {busy:.3f} s (busy {100 * busy / wall:.0f}%), "
+             f"{sum(e.count for e in ka if e.key.startswith('aten::')):,} aten calls",
+             ka.table(sort_by=key, row_limit=top, max_name_column_width=70)]
+    return lines
 
 
 def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[dict, list[str]]:
@@ -261,6 +314,8 @@ def main() -> None:
     ap.add_argument("--variants", default="eager", help="comma list of eager, compile (+shapes=... for docttt)")
     ap.add_argument("--no-autocast", action="store_true")
     ap.add_argument("--progress", action="store_true", help="per-chunk / per-batch progress on stderr")
+    ap.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="docttt: also profile one calibration batch and print the TOP operators")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -306,6 +361,8 @@ def main() -> None:
                 warm_s = time.perf_counter() - t0
                 if family:
                     est, lines = _docttt_calibration(spec, variant, model, data, device, cfg.autocast)
+                    if args.profile:
+                        lines += profile_batch(model, spec, variant, device, cfg.autocast, args.profile)
                     print("\n".join(lines), flush=True)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)

@@ -91,7 +91,8 @@ def test_eval_benchmark_docttt_runs_on_cpu(tmp_path):
     opts = "chunk=16/docs=4/window=48"
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_throughput.py"), str(art), "--tokens", "2500",
                           "--context", "48", "--chunk-tokens", "256", "--protocols",
-                          f"doc-chunk@{opts},docttt:doclora@{opts}/rank=4", "--variants", "eager,eager+shapes=batch"],
+                          f"doc-chunk@{opts},docttt:doclora@{opts}/rank=4", "--variants", "eager,eager+shapes=batch",
+                          "--profile", "3"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
@@ -100,6 +101,7 @@ def test_eval_benchmark_docttt_runs_on_cpu(tmp_path):
     assert head.count("PROJECTED") == 4 and "measured / modelled" not in head, out
     assert tail.count("PROJECTED") == 4 and tail.count("measured / modelled") == 4, out
     assert "shapes exact" in out and "shapes batch" in out
+    assert out.count("\nprofile, ") == 4 and "aten calls" in out and "busy" in out  # one profile per calibration
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_throughput.py"), "--variants", "eager+fast"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "unknown variant token" in bad.stderr

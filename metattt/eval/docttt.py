@@ -474,8 +474,8 @@ def _run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast,
 
 # ------------------------------------------------------------------------------------------------ phases
 def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
-              base: dict[str, torch.Tensor], ledger: Ledger, autocast: bool = True, ctx: DistCtx = DistCtx()
-              ) -> tuple[dict, dict]:
+              base: dict[str, torch.Tensor], ledger: Ledger, autocast: bool = True, ctx: DistCtx = DistCtx(),
+              attn: str = "auto") -> tuple[dict, dict]:
     """Full-model SGD (momentum, cosine lr, global-norm clip) on documents ``[a, e)``, ``phase_epochs`` epochs of
     steps of ~``phase_tokens`` tokens; rows are document pieces of <= ``window`` tokens (attention never leaves
     a document). Under torch.distributed each step's rows are split over the ranks and the token-summed
@@ -507,7 +507,8 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             with torch.inference_mode(False), torch.enable_grad():
                 leaves = {k: cur[k].detach().requires_grad_(True) for k in names}
                 with _autocast(device, autocast):
-                    loss_sum = model(x, y, params={**cur, **leaves}, reduction="sum")
+                    loss_sum = model(x, y, params={**cur, **leaves}, reduction="sum",
+                                     attn=resolve_attn(attn, device, autocast))
                 grads = list(torch.autograd.grad(loss_sum, [leaves[k] for k in names]))
         else:
             grads = [torch.zeros_like(cur[k]) for k in names]
@@ -648,7 +649,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     # phase shapes vary: eager, no recompiles
                     with model.eager_core() if compile else contextlib.nullcontext():
                         base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
-                                             autocast, ctx)
+                                             autocast, ctx, attn)
                     stats.append({"phase": bi, **st})
                     tr = None
                     seg += 1

@@ -142,7 +142,7 @@ def _calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, at
         init = None
         if adapter is not None:
             init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
-        return docttt.run_batch(model, tokens, a, a + n, spec, adapter, None, Ledger(), init, autocast,
+        return docttt.run_batch(model, tokens, a, a + n, spec, adapter, frozen, Ledger(), init, autocast,
                                 attn=attn, shapes=shp, inplace=True)
 
     return once, adapter is not None
@@ -226,9 +226,12 @@ def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[d
     t, f_full, u_full, over = calibrate(model, spec, device, D, v["shapes"], v["compile"], autocast,
                                         attn=v["attn"])
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    _, f1, u1, _ = calibrate(model, spec, device, 1, v["shapes"], v["compile"], autocast, attn=v["attn"])
-    sm = StepModel(t, f1, f_full, u1, u_full, D, over)
     shapes = v["shapes"] if v["shapes"] != "auto" else ("chunk" if device.type == "cuda" else "exact")
+    if shapes == "batch":  # every step runs all D rows: a 1-row batch never occurs (and would be one more graph)
+        f1, u1 = f_full, u_full
+    else:
+        _, f1, u1, _ = calibrate(model, spec, device, 1, v["shapes"], v["compile"], autocast, attn=v["attn"])
+    sm = StepModel(t, f1, f_full, u1, u_full, D, over)
     lengths = np.array([e - a for a, e in doc_segments(data.tokens_np, data.bos_id)], dtype=np.int64)
     check = project_docttt(lengths, sm, spec.chunk, spec.window, D, 1, shapes, train)
     full = project_docttt(resample_lengths(lengths, FULL_VAL_TOKENS), sm, spec.chunk, spec.window, D, 8, shapes,
@@ -238,7 +241,8 @@ def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[d
     lines = [f"docttt projection, {spec.name} [{variant}, shapes {shapes}, attention {att}]:",
              f"  measured ({time.perf_counter() - t0:.1f} s, before the protocol run): the chunk step "
              f"(forward{' | backward + AdamW' if train else ''}) of one batch of {D} and of 1 document(s) of "
-             f"{spec.window + spec.chunk} targets, per forward length t (CUDA events on GPU, 2nd of 2 runs):",
+             f"{spec.window + spec.chunk} targets, per forward length t (CUDA events on GPU, 2nd of 2 runs"
+             + ("; batch shapes: every step runs all rows, so the 1-row columns repeat the full ones" if shapes == "batch" else "") + "):",
              f"  {'t':>6}{'fwd ms @' + str(D):>13}{'upd ms @' + str(D):>13}{'fwd ms @1':>11}{'upd ms @1':>11}"]
     for x in show:
         i = int(np.flatnonzero(t == x)[0])

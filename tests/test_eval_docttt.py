@@ -559,35 +559,3 @@ def test_compiled_core_traces_the_whole_run_into_a_few_graphs(world, monkeypatch
     np.testing.assert_array_equal(comp.token_nll, eager.token_nll)
     dynamo.reset()
 
-
-def test_chunk_loop_and_phases_run_without_the_autotuned_qkv_kernel(world):
-    """The Triton Q/K/V kernel re-autotunes at every new row count, and the chunk loop's shapes change at almost
-    every step: every forward of the loop and of its phases sees ``qkv_kernel=False``; the model's own runtime is
-    restored afterwards (also when the loop raises)."""
-    m = BankedGPT(tiny_config())
-    m.load_state_dict(world["model"].state_dict())
-    m.eval()
-    assert m.runtime.qkv_kernel
-    seen: list[bool] = []
-    core = m._core
-
-    def spy(cfg, p, tokens, targets, reduction, attn, rope, rt, *rest):
-        seen.append(rt.qkv_kernel)
-        return core(cfg, p, tokens, targets, reduction, attn, rope, rt, *rest)
-
-    m._core = spy
-    data = world["data"]
-    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}")
-    res = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, Ledger(spec.name))
-    assert any(s.get("phase") == 0 for s in res.adapt_stats)  # the phase ran
-    assert seen and not any(seen)
-    assert m.runtime.qkv_kernel
-    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
-    idx = queue.batches[0]
-    seen.clear()
-    with pytest.raises(ValueError):  # unsorted documents: refused inside the loop, the runtime comes back
-        docttt.run_batch(m, data.tokens, queue.a[idx][::-1], queue.e[idx][::-1], spec, None, None, Ledger())
-    assert m.runtime.qkv_kernel
-    docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], docttt.parse_docttt(f"doc-chunk@{OPTS}"), None,
-                     None, Ledger())
-    assert seen and not any(seen) and m.runtime.qkv_kernel

@@ -199,6 +199,19 @@ def test_triton_kernel_on_gpu():
 
 
 @pytest.mark.gpu
+def test_kernel_has_one_tile_for_every_row_count():
+    """One fixed tile (a one-config ``autotune`` benchmarks nothing): a new row count, which the doc-batched loop
+    makes at almost every step, launches directly (autotuning per M cost ~0.8 s per new shape), and the result is
+    right for row counts below, at and above the tile height."""
+    if not torch.cuda.is_available() or K.triton is None:
+        pytest.skip("needs CUDA and triton")
+    for kern in (K.metattt_qkv_fwd, K.metattt_qkv_bwd):
+        assert len(kern.configs) == 1
+    for b, t in ((1, 31), (1, 64), (2, 97), (3, 130)):
+        _check(K.qkv_prep, "cuda", torch.bfloat16, 2e-2, 2e-2, b=b, t=t, heads=8, kv_heads=4, d=64, rope_dims=16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("flag", ["qkv_kernel"])
 def test_compiled_model_with_kernel_as_accurate_as_without(flag):
     """Against the fp32 eager model, the compiled bf16 model with the kernel is as close as the one without

@@ -344,23 +344,6 @@ class BatchOut:
         return [(int(p), vals[p - 1: p - 1 + k]) for p, k in zip(lo[act], cnt[act])]
 
 
-@contextlib.contextmanager
-def varying_shape_runtime(model: torch.nn.Module):
-    """Inside the block the model runs without its Triton Q/K/V kernel (``Runtime.qkv_kernel``): that kernel is
-    autotuned per row count (B·T), i.e. five configurations benchmarked again for every new forward shape, and the
-    chunk loop's shape changes at almost every step (≈ 0.8 s per new shape on the H200, docs/benchmarks.md
-    session 7). The plain-torch path computes the same function."""
-    rt = getattr(model, "runtime", None)
-    if rt is None or not rt.qkv_kernel:
-        yield model
-        return
-    model.runtime = replace(rt, qkv_kernel=False)
-    try:
-        yield model
-    finally:
-        model.runtime = rt
-
-
 def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
               adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
               init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
@@ -371,15 +354,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     ``base``: parameter overrides for the base model (after phases). Documents must be sorted by length, longest
     first. ``shapes``: see :class:`BatchPlan`. Nats go to ``sink`` (a fresh one when None). The loop never waits
     for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
-    positions, nats are scattered on the device, losses and timings are read once at the end. The model runs
-    under :func:`varying_shape_runtime`."""
-    with varying_shape_runtime(model):
-        return _run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, shapes, sink,
-                          inplace)
-
-
-def _run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, shapes, sink,
-               inplace) -> BatchOut:
+    positions, nats are scattered on the device, losses and timings are read once at the end."""
     device, n_tok = tokens.device, tokens.numel()
     attn = resolve_attn(attn, device, autocast)
     C = spec.chunk
@@ -624,7 +599,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     t_start = time.perf_counter()
     seg, bi = 0, 0
     try:
-        with compiled_core(model, compile), varying_shape_runtime(model):  # phases included
+        with compiled_core(model, compile):
             bar = progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)
             for b, idx in enumerate(bar):
                 if b % ctx.world == ctx.rank:

@@ -501,7 +501,7 @@ def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
         nll[b] = dict(out.nll)
     (first, n_first, k_first), (last, n_last, k_last) = syncs[0], syncs[len(queue.batches) - 1]
     assert n_first > n_last and k_last > 0, syncs  # more chunks in the first batch, both train
-    assert first <= 4 and first == last, syncs
+    assert first <= 4 and last <= 4, syncs  # bounded per batch: 25 chunks cost no more waits than 4
     idx = queue.batches[0]
     init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
     exact = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,

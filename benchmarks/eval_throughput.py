@@ -114,12 +114,15 @@ def batch_seconds(n: np.ndarray, model: StepModel, chunk: int, window: int, shap
 
 def project_docttt(lengths: np.ndarray, model: StepModel, chunk: int, window: int, docs: int, world: int,
                    shapes: str = "chunk", train: bool = True) -> dict:
-    """Modelled protocol time: documents sorted longest first into batches of ``docs``, batch i on rank
-    i % world (docttt's schedule); the run takes as long as its slowest rank."""
+    """Modelled protocol time: documents sorted longest first into batches of ``docs``, dealt over ranks by
+    docttt's own schedule (``docttt.batch_schedule``, no phases); the run takes as long as its slowest rank."""
+    from metattt.eval.docttt import batch_costs, batch_schedule
+
     n = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
-    per = np.array([batch_seconds(n[i:i + docs], model, chunk, window, shapes, train)
-                    for i in range(0, n.size, docs)])
-    ranks = np.array([per[r::world].sum() for r in range(world)])
+    batches = [np.arange(i, min(i + docs, n.size)) for i in range(0, n.size, docs)]
+    per = np.array([batch_seconds(n[b], model, chunk, window, shapes, train) for b in batches])
+    owner = batch_schedule(batch_costs(n, batches, chunk, window), world)
+    ranks = np.array([per[owner == r].sum() for r in range(world)])
     return {"wall_s": float(ranks.max()), "rank_s": ranks, "batches": int(per.size), "docs": int(n.size),
             "targets": int(n.sum())}
 
@@ -257,7 +260,7 @@ def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[d
               f"  this data ({check['docs']:,} documents, {check['targets']:,} targets, {check['batches']} batches, "
               f"1 process): modelled {check['wall_s']:.2f} s",
               f"  full val: {full['docs']:,} document lengths resampled (seed 0) from those {check['docs']:,} to "
-              f"{full['targets']:,} targets, {full['batches']} batches dealt round-robin over 8 ranks: "
+              f"{full['targets']:,} targets, {full['batches']} batches dealt over 8 ranks by docttt's schedule: "
               f"PROJECTED {full['wall_s']:.1f} s (slowest rank; mean rank {full['rank_s'].mean():.1f} s)"]
     if spec.phases:
         lines.append("  (phase SGD is not in the model: add its measured time)")

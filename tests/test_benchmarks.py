@@ -56,7 +56,7 @@ import eval_throughput as et  # noqa: E402
 
 def test_docttt_projection_arithmetic():
     """The docttt time model: per chunk fwd(t_c, rows_c) (+ upd except on a batch's last chunk), batches sorted
-    longest first, dealt round-robin over ranks, the slowest rank's sum (hand-computed cases)."""
+    longest first, dealt over ranks by docttt's schedule, the slowest rank's sum (hand-computed cases)."""
     sm = et.StepModel(t=np.array([16.0, 24.0]), fwd1=np.ones(2), fwd_full=np.full(2, 2.0), upd1=np.full(2, 10.0),
                       upd_full=np.full(2, 20.0), rows=2, overhead=0.5)  # fwd = rows, upd = 10 x rows
     lengths = np.array([10, 70, 37])  # batches of 2: [70, 37] (5 and 3 chunks of 16), [10]

@@ -393,6 +393,24 @@ def test_cheating_batched_adapter_is_refused(world):
         ledger.verify()
 
 
+def test_batch_costs_and_the_longest_first_schedule():
+    """Batch cost = window lengths over every document's chunks + a host floor per step (hand-computed); the
+    schedule gives each batch, in queue order, to the least-loaded rank of its segment (phases cut segments), so
+    a heavy first batch's rank does not also get the next heavy ones as round-robin would."""
+    f = docttt.STEP_FLOOR_TOKENS
+    n = np.array([70, 37, 10])  # chunk 16, window 24: windows 16, 24, 24, ... -> 16 + 4*24, 16 + 2*24, 0 + 16
+    got = docttt.batch_costs(n, [np.array([0, 1]), np.array([2])], 16, 24)
+    assert got.tolist() == [112 + 64 + 5 * f, 16 + 1 * f]
+    costs = np.array([10.0, 9, 8, 1, 1, 1])
+    owner = docttt.batch_schedule(costs, 2)
+    assert owner.tolist() == [0, 1, 1, 0, 0, 0]
+    assert max(costs[owner == r].sum() for r in (0, 1)) == 17 < max(costs[0::2].sum(), costs[1::2].sum())  # RR: 19
+    # a phase after batch 1: the second segment starts from empty loads
+    assert docttt.batch_schedule(costs, 2, [(1, 5)]).tolist() == [0, 1, 0, 1, 1, 1]
+    assert docttt.batch_schedule(costs, 1, [(1, 5)]).tolist() == [0] * 6
+    assert np.array_equal(docttt.batch_schedule(costs, 3), docttt.batch_schedule(costs.copy(), 3))
+
+
 def test_phases_train_only_on_fully_scored_documents(world, monkeypatch):
     m, data = world["model"], world["data"]
     spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=2/phase_docs=6/{LORA}")

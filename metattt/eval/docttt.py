@@ -12,8 +12,9 @@ then LoRAs are rebuilt on the updated base.
 Targets are exactly those of the other protocols (document d's span also predicts the next document's BOS, as
 ``doc-flat`` does), so per-target nats pair with them. The ledger gets every scored chunk and every update's
 positions (a document's own positions; its opening BOS is the delimiter the windows are built from, as in
-``doc-flat``); under torch.distributed batches are dealt round-robin (no lock files), phase steps are split over
-the ranks, nats are summed and the ledgers merged, so every rank verifies the whole run.
+``doc-flat``); under torch.distributed batches are dealt by a deterministic longest-first schedule
+(``batch_schedule``, no lock files), phase steps are split over the ranks, nats are summed and the ledgers
+merged, so every rank verifies the whole run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -187,6 +188,38 @@ def phase_boundaries(queue: DocQueue, phases: int, phase_docs: int) -> list[tupl
 def phase_documents(queue: DocQueue, n_docs: int) -> np.ndarray:
     """Queue indices a phase trains on: the first ``n_docs`` documents (all scored by then)."""
     return np.arange(n_docs)
+
+
+#: host floor of one chunk step, in token-forwards: on the H200 a step of <= 512 tokens costs 50-60 ms whatever
+#: its rows, the 64 x 2048 step 1.6 us per token (docs/benchmarks.md, session 8)
+STEP_FLOOR_TOKENS = 32768
+
+
+def batch_costs(n_targets: np.ndarray, batches: list[np.ndarray], chunk: int, window: int) -> np.ndarray:
+    """Modelled cost of each batch (token-forwards): over its documents and chunks, the window length
+    min((c+1)*chunk, window) (the ``chunk`` shapes), plus ``STEP_FLOOR_TOKENS`` per chunk step. Only for the
+    schedule: it ranks batches, it does not time them."""
+    nc = -(-np.asarray(n_targets, dtype=np.int64) // chunk)
+    k = window // chunk  # chunks whose window is still growing
+    grow = np.minimum(nc, k)
+    tok = chunk * grow * (grow + 1) // 2 + np.maximum(nc - k, 0) * window
+    return np.array([float(tok[b].sum() + STEP_FLOOR_TOKENS * nc[b].max()) for b in batches])
+
+
+def batch_schedule(costs: np.ndarray, world: int, bounds: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """The rank that runs each batch: within each segment between phases (a phase waits for every batch before
+    it), batches in queue order go to the least-loaded rank of the segment so far (ties: the lower rank), i.e.
+    longest-processing-time first, since the queue is longest first. Round-robin would give the heaviest batches'
+    ranks the heaviest later ones too. A function of the costs only: every rank computes the same schedule."""
+    owner = np.zeros(len(costs), dtype=np.int64)
+    cuts = sorted({b + 1 for b, _ in bounds if b + 1 < len(costs)})
+    for lo, hi in zip([0] + cuts, cuts + [len(costs)]):
+        load = np.zeros(world)
+        for b in range(lo, hi):
+            r = int(np.argmin(load))
+            owner[b] = r
+            load[r] += costs[b]
+    return owner
 
 
 def chunk_plan(tokens: np.ndarray, bos_id: int, chunk: int, window: int) -> WindowPlan:
@@ -565,7 +598,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                shapes: str | None = None, progress: bool = False) -> StreamResult:
     """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
 
-    Batches are dealt round-robin over ranks (batch i on rank i % world); a phase's SGD steps are split over all
+    Batches are dealt over ranks by ``batch_schedule`` (the same on every rank); a phase's SGD steps are split over all
     ranks (gradients all-reduced), so every rank holds the same base and results equal one process's.
     ``shapes`` (see :class:`BatchPlan`): default ``chunk`` on CUDA (forward lengths depend only on the chunk
     index), ``exact`` elsewhere (bit for bit ``run_stream`` on CPU; ``chunk`` pads, which changes float sums).
@@ -586,6 +619,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         raise ValueError(f"{spec.name}: keep_a carries A from batch to batch, so results depend on which batches "
                          "a rank ran; it is single-process only")
     bounds = phase_boundaries(queue, spec.phases, spec.phase_docs) if adapter is not None else []
+    owner = batch_schedule(batch_costs(queue.n_targets, queue.batches, spec.chunk, spec.window), ctx.world, bounds)
     sink = Nats(n, device)
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     base: dict[str, torch.Tensor] = frozen
@@ -602,7 +636,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         with compiled_core(model, compile):
             bar = progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)
             for b, idx in enumerate(bar):
-                if b % ctx.world == ctx.rank:
+                if owner[b] == ctx.rank:
                     a, e = queue.a[idx], queue.e[idx]
                     init = None
                     if adapter is not None:

@@ -7,7 +7,7 @@ the full FineWeb val on 8 GPUs.
     python benchmarks/eval_throughput.py --batch-tokens 32768,65536,131072 --variants eager,compile
     python benchmarks/eval_throughput.py --protocols doc-chunk,docttt:doclora   # doc-batched LoRA TTT: rank 96,
                                           # chunk 32, 64 documents per batch, window 2048 (docttt.py defaults)
-    python benchmarks/eval_throughput.py A.ptz --protocols docttt:doclora --variants compile+shapes=batch \
+    python benchmarks/eval_throughput.py A.ptz --protocols docttt:doclora --variants compile \
         --profile 15 --progress                 # + a torch.profiler table of one batch, progress on stderr
 
 Tokens are the first --tokens of the val data when given (or of the artifact's stored val pattern), else
@@ -63,9 +63,10 @@ def parse_variant(text: str) -> dict:
 # ------------------------------------------------------------------------------------------------ docttt model
 @dataclass(frozen=True)
 class StepModel:
-    """Measured chunk-step times (seconds) at forward lengths ``t`` with 1 and ``rows`` rows: ``fwd`` (the
-    scoring forward), ``upd`` (backward + optimiser step); linear in t between measured lengths and in the
-    number of rows between 1 and ``rows``; ``overhead`` per batch (adapter init, plan, the one sync)."""
+    """Measured chunk-step times (seconds) at forward lengths ``t`` with ``rows_lo`` (the fewest the loop runs:
+    ``docttt.forward_rows``) and ``rows`` rows: ``fwd`` (the scoring forward), ``upd`` (backward + optimiser
+    step); linear in t between measured lengths and in the number of rows between ``rows_lo`` and ``rows``;
+    ``overhead`` per batch (adapter init, plan, the one sync)."""
 
     t: np.ndarray
     fwd1: np.ndarray
@@ -74,10 +75,11 @@ class StepModel:
     upd_full: np.ndarray
     rows: int
     overhead: float = 0.0
+    rows_lo: int = 1
 
     def _at(self, lo: np.ndarray, hi: np.ndarray, t: np.ndarray, r: np.ndarray) -> np.ndarray:
         a, b = np.interp(t, self.t, lo), np.interp(t, self.t, hi)
-        w = (np.asarray(r, dtype=np.float64) - 1) / max(self.rows - 1, 1)
+        w = (np.asarray(r, dtype=np.float64) - self.rows_lo) / max(self.rows - self.rows_lo, 1)
         return a + (b - a) * w
 
     def fwd(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -100,12 +102,14 @@ def resample_lengths(lengths: np.ndarray, total: int, seed: int = 0) -> np.ndarr
 def batch_seconds(n: np.ndarray, model: StepModel, chunk: int, window: int, shapes: str, train: bool) -> float:
     """Modelled time of one batch of documents with ``n`` targets: every chunk c costs fwd(t_c, rows_c), and
     upd(t_c, rows_c) while some document still trains (not on the batch's last chunk); t_c =
-    min((c+1)*chunk, window) (``exact`` shapes: the same, the longest window), rows_c = active documents
-    (``batch`` shapes: all)."""
+    min((c+1)*chunk, window) (``exact`` shapes: the same, the longest window), rows_c = the forward's rows
+    (``docttt.forward_rows``: active documents; ``chunk`` shapes at least 2, ``batch`` shapes all)."""
+    from metattt.eval.docttt import forward_rows
+
     nc = -(-np.asarray(n, dtype=np.int64) // chunk)
     c = np.arange(int(nc.max()))
     t = np.minimum((c + 1) * chunk, window)
-    rows = np.full(c.size, nc.size) if shapes == "batch" else (nc[None, :] > c[:, None]).sum(1)
+    rows = forward_rows((nc[None, :] > c[:, None]).sum(1), nc.size, shapes)
     s = model.fwd(t, rows).sum() + model.overhead
     if train:
         s += model.upd(t[:-1], rows[:-1]).sum()
@@ -217,7 +221,7 @@ def profile_batch(model, spec, variant: str, device, autocast: bool, top: int) -
 def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[dict, list[str]]:
     """The chunk-step model of one docttt protocol and its full-val projection, measured *before* the protocol
     run (it also warms that run's kernels and graphs up), so a run cut short still leaves these lines."""
-    from metattt.eval.docttt import resolve_attn
+    from metattt.eval.docttt import forward_rows, resolve_attn
     from metattt.eval.windows import doc_segments
 
     v = parse_variant(variant)
@@ -230,11 +234,12 @@ def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[d
                                         attn=v["attn"])
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     shapes = v["shapes"] if v["shapes"] != "auto" else ("chunk" if device.type == "cuda" else "exact")
-    if shapes == "batch":  # every step runs all D rows: a 1-row batch never occurs (and would be one more graph)
+    lo = int(forward_rows(np.ones(1, dtype=np.int64), D, shapes)[0])  # the fewest rows a step runs
+    if lo >= D:  # batch shapes: every step runs all D rows
         f1, u1 = f_full, u_full
-    else:
-        _, f1, u1, _ = calibrate(model, spec, device, 1, v["shapes"], v["compile"], autocast, attn=v["attn"])
-    sm = StepModel(t, f1, f_full, u1, u_full, D, over)
+    else:  # a batch of lo documents (a 1-row batch would be one more graph under chunk shapes)
+        _, f1, u1, _ = calibrate(model, spec, device, lo, v["shapes"], v["compile"], autocast, attn=v["attn"])
+    sm = StepModel(t, f1, f_full, u1, u_full, D, over, rows_lo=lo)
     lengths = np.array([e - a for a, e in doc_segments(data.tokens_np, data.bos_id)], dtype=np.int64)
     check = project_docttt(lengths, sm, spec.chunk, spec.window, D, 1, shapes, train)
     full = project_docttt(resample_lengths(lengths, FULL_VAL_TOKENS), sm, spec.chunk, spec.window, D, 8, shapes,
@@ -243,10 +248,11 @@ def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[d
     att = resolve_attn(v["attn"], device, autocast)
     lines = [f"docttt projection, {spec.name} [{variant}, shapes {shapes}, attention {att}]:",
              f"  measured ({time.perf_counter() - t0:.1f} s, before the protocol run): the chunk step "
-             f"(forward{' | backward + AdamW' if train else ''}) of one batch of {D} and of 1 document(s) of "
+             f"(forward{' | backward + AdamW' if train else ''}) of one batch of {D} and of {lo} document(s) of "
              f"{spec.window + spec.chunk} targets, per forward length t (CUDA events on GPU, 2nd of 2 runs"
-             + ("; batch shapes: every step runs all rows, so the 1-row columns repeat the full ones" if shapes == "batch" else "") + "):",
-             f"  {'t':>6}{'fwd ms @' + str(D):>13}{'upd ms @' + str(D):>13}{'fwd ms @1':>11}{'upd ms @1':>11}"]
+             + ("; batch shapes: every step runs all rows, so the few-row columns repeat the full ones" if shapes == "batch" else "") + "):",
+             f"  {'t':>6}{'fwd ms @' + str(D):>13}{'upd ms @' + str(D):>13}{'fwd ms @' + str(lo):>11}"
+             f"{'upd ms @' + str(lo):>11}"]
     for x in show:
         i = int(np.flatnonzero(t == x)[0])
         lines.append(f"  {x:>6}{1e3 * f_full[i]:>13.2f}{1e3 * u_full[i]:>13.2f}{1e3 * f1[i]:>11.2f}"
@@ -256,7 +262,7 @@ def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[d
               + (" + upd(t_c, rows_c) (not on its last chunk)" if train else "")
               + f", t_c = min((c+1)*{spec.chunk}, {spec.window}), rows_c = documents still active"
               + (" (batch shapes: every document of the batch)" if shapes == "batch" else "")
-              + f"; linear between measured t and between 1 and {D} rows; + overhead",
+              + f"; linear between measured t and between {lo} and {D} rows; + overhead",
               f"  this data ({check['docs']:,} documents, {check['targets']:,} targets, {check['batches']} batches, "
               f"1 process): modelled {check['wall_s']:.2f} s",
               f"  full val: {full['docs']:,} document lengths resampled (seed 0) from those {check['docs']:,} to "

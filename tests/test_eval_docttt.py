@@ -298,8 +298,11 @@ def test_batch_plan_shapes_and_positions():
         assert p.train[act, b].tolist() == [True] * (act.sum() - 1) + [False]
     assert p.length[:, 0].tolist() == [16, 24, 24, 24, 24] and p.start[4, 0] == 170 - 24  # cut to the window
     assert all(q.t.tolist() == [16, 24, 24, 24, 24] for q in plans.values())
-    assert p.rows.tolist() == plans["chunk"].rows.tolist() == [3, 2, 2, 1, 1]
+    assert p.rows.tolist() == [3, 2, 2, 1, 1]
+    assert plans["chunk"].rows.tolist() == [3, 2, 2, 2, 2]  # at least MIN_ROWS: a finished document pads
+    assert plans["chunk"].active.tolist() == [3, 2, 2, 1, 1] and plans["chunk"].count[3:, 1].tolist() == [0, 0]
     assert plans["batch"].rows.tolist() == [3] * 5
+    assert docttt.batch_plan(a[:1], e[:1], 16, 24, "chunk").rows.tolist() == [1] * 5  # one document: one row
     e2 = a + np.array([37, 20, 10])  # the longest document's last chunk is shorter than the window
     t = {s: docttt.batch_plan(a, e2, 16, 48, s).t.tolist() for s in docttt.SHAPES}
     assert t == {"exact": [16, 32, 37], "chunk": [16, 32, 48], "batch": [16, 32, 48]}
@@ -477,12 +480,23 @@ def test_docttt_on_cuda_bf16(world):
     np.testing.assert_allclose(ev.results[f"docttt:doclora@{OPTS}/rank=4/lr=0"].stream.token_nll,
                                ev.results[f"doc-chunk@{OPTS}"].stream.token_nll, rtol=1e-3, atol=1e-3)
     assert rep["docttt_decomposition"][name]["steps"][1]["value"] > 0
-    # the compiled core (fixed shapes) scores as the eager one does
+    # the compiled core (inductor, dynamic rows and lengths) scores as the eager one does, in few graphs: traced,
+    # one per protocol kind (doc-chunk without LoRA, docttt with) and one more each for a 1-document batch (the
+    # CPU test counts these exactly); inductor may add one (H200, torch 2.11: 5 in all, the 5th not identified)
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    counters.clear()
     comp = evaluate(m, data, parse_protocols(name), {}, EvalConfig(**{**EVAL.to_dict(), "n_boot": 0,
                                                                        "docttt_compile": True}))
     got, want = comp.results[name].stream.token_nll, ev.results[name].stream.token_nll
     assert abs(float(got.mean()) - float(want.mean())) < 2e-3  # bf16: same function, other kernels
     assert comp.results[name].ledger["legal"]
+    singles = any(len(b) == 1 for b in docttt.doc_queue(data.tokens_np, data.bos_id, 4).batches)
+    print("docttt compiled graphs", dict(counters["stats"]), "1-document batch:", singles)
+    assert counters["stats"]["unique_graphs"] <= 2 * (1 + singles) + 1, dict(counters["stats"])
+    dynamo.reset()
 
 
 @pytest.mark.gpu
@@ -546,10 +560,11 @@ def test_attention_backend_of_the_chunk_loop():
         build_parser().parse_args(["a.ptz", "--attn", "cudnn-please"])
 
 
-def test_compiled_core_traces_the_whole_run_into_a_few_graphs(world, monkeypatch):
+def test_compiled_core_traces_the_whole_run_into_one_graph(world, monkeypatch):
     """``docttt_compile``: Dynamo (``aot_eager`` backend here: the same tracing, guards and recompiles as the
-    GPU's inductor, eager kernels) turns a run whose forward shape changes at every chunk into a bounded number of
-    graphs (static first shape, dynamic, the last batch's rows), and scores exactly as the eager loop does."""
+    GPU's inductor, eager kernels) traces a run whose forward shape changes at every chunk into one graph with
+    dynamic rows and lengths, plus one for the 1-document batch (Dynamo specialises size 1); a second run (RoPE
+    tables already built, the 1-row graph cached) compiles nothing. Both score exactly as the eager loop does."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
@@ -557,23 +572,24 @@ def test_compiled_core_traces_the_whole_run_into_a_few_graphs(world, monkeypatch
     m.load_state_dict(world["model"].state_dict())
     m.eval()
     rng = np.random.default_rng(0)
-    docs = [np.concatenate(([1], rng.integers(4, 64, size=int(n) - 1))) for n in rng.integers(20, 300, size=10)]
+    docs = [np.concatenate(([1], rng.integers(4, 64, size=int(n) - 1))) for n in rng.integers(20, 300, size=9)]
     toks = np.concatenate(docs + [np.array([1])]).astype(np.int64)
     spec = docttt.parse_docttt("docttt:doclora@chunk=16/docs=4/window=128/rank=4/lr=0.01")
     queue = docttt.doc_queue(toks, 1, spec.docs)
+    assert [len(b) for b in queue.batches] == [4, 4, 1]
     shapes = set()
     for idx in queue.batches:
-        plan = docttt.batch_plan(queue.a[idx], queue.e[idx], spec.chunk, spec.window, "batch")
+        plan = docttt.batch_plan(queue.a[idx], queue.e[idx], spec.chunk, spec.window, "chunk")
         shapes |= set(zip(plan.rows.tolist(), plan.t.tolist()))
-    eager = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), shapes="batch")
+    eager = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), shapes="chunk")
     compile_core = m.compile_core
     monkeypatch.setattr(m, "compile_core", lambda **kw: compile_core(backend="aot_eager", **kw))
     dynamo.reset()
     counters.clear()
-    comp = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), compile=True,
-                             shapes="batch")
-    assert len(shapes) >= 10  # many forward shapes ...
-    assert counters["stats"]["unique_graphs"] <= 4, (len(shapes), dict(counters["stats"]))  # ... few graphs
-    np.testing.assert_array_equal(comp.token_nll, eager.token_nll)
+    for run in range(2):
+        comp = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), compile=True,
+                                 shapes="chunk")
+        assert len(shapes) >= 12  # many forward shapes ...
+        assert counters["stats"]["unique_graphs"] == 2, (run, len(shapes), dict(counters["stats"]))  # ... 2 graphs
+        np.testing.assert_array_equal(comp.token_nll, eager.token_nll)
     dynamo.reset()
-

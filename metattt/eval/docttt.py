@@ -253,8 +253,8 @@ class BatchPlan:
     (j < ``count``) scores target ``start + col0 + j + 1``. Finished documents have ``count`` 0 (a dummy row when
     the forward has more rows than active documents). Forward shapes, by ``shapes``: ``exact`` (rows = active
     documents, length = the longest active window: what ``run_stream`` computes, bit for bit on CPU), ``chunk``
-    (rows = active documents, length ``min((c+1)*chunk, window)``, the records' context size, which also fixes
-    the dynamic-NTK RoPE base), ``batch`` (``chunk`` lengths and one row per document of the batch: shapes depend
+    (rows = active documents but at least ``MIN_ROWS``, length ``min((c+1)*chunk, window)``, the records' context
+    size, which also fixes the dynamic-NTK RoPE base), ``batch`` (``chunk`` lengths and one row per document of the batch: shapes depend
     only on c, the records' layout)."""
 
     start: np.ndarray
@@ -305,8 +305,22 @@ def batch_plan(a: np.ndarray, e: np.ndarray, chunk: int, window: int, shapes: st
     t_chunk = np.minimum((c[:, 0] + 1) * chunk, window)
     t = np.where(act, length, 0).max(1) if shapes == "exact" else t_chunk
     active = act.sum(1)
-    rows = np.full_like(active, a.size) if shapes == "batch" else active
-    return BatchPlan(start, col0, count, length, tr, t, rows, active)
+    return BatchPlan(start, col0, count, length, tr, t, forward_rows(active, a.size, shapes), active)
+
+
+#: fewest forward rows under ``chunk`` shapes: Dynamo specialises a dimension of size 1, so a 1-row step would
+#: cost a compiled core one more graph; a finished document's row (nothing scored, no step) pads it
+MIN_ROWS = 2
+
+
+def forward_rows(active: np.ndarray, n_docs: int, shapes: str) -> np.ndarray:
+    """Rows of each chunk's forward with ``active`` documents still scoring, of ``n_docs`` (see :class:`BatchPlan`)."""
+    active = np.asarray(active)
+    if shapes == "batch":
+        return np.full_like(active, n_docs)
+    if shapes == "chunk":
+        return np.maximum(active, min(MIN_ROWS, n_docs))
+    return active
 
 
 class Nats:
@@ -572,24 +586,57 @@ def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
     return out
 
 
+def _dynamic_core(compiled: Callable) -> Callable:
+    """``compiled`` (the core compiled with automatic dynamic shapes) called with the chunk loop's changing
+    dimensions marked dynamic: rows (tokens, targets, positions, every LoRA factor) and length (tokens, RoPE
+    tables). The first trace is then already the dynamic graph: without marks Dynamo compiles a static graph for
+    the first shape and a second, dynamic one at the first change. Size-1 dimensions are not marked (Dynamo
+    specialises them; ``MIN_ROWS`` keeps the loop off them). ``maybe_mark_dynamic``: a dimension the model's code
+    specialises gets a static graph and the next change a dynamic one, as without marks, instead of an error."""
+    import torch._dynamo as dynamo
+
+    def run(cfg, p, tokens, targets, reduction, attn, rope, rt, lora=None, positions=None):
+        marks = [(tokens, 0), (tokens, 1)] + [(r, 1) for r in rope]
+        marks += [(x, 0) for x in (targets, positions) if x is not None]
+        marks += [(f, 0) for pair in (lora or {}).values() for f in pair]
+        for x, dim in marks:
+            if x.size(dim) > 1:
+                dynamo.maybe_mark_dynamic(x, dim)
+        return compiled(cfg, p, tokens, targets, reduction, attn, rope, rt, lora, positions)
+
+    return run
+
+
 @contextlib.contextmanager
 def compiled_core(model: torch.nn.Module, enabled: bool = True):
-    """Inside the block the model's functional core is the docttt compiled one (automatic dynamic shapes, kept
-    on the model, so later runs reuse its graphs); the previous core is restored after."""
+    """Inside the block the model's functional core is the docttt compiled one (dynamic rows and lengths, see
+    ``_dynamic_core``; its graphs are kept on the model, so later runs reuse them); the previous core and
+    Dynamo's shape options are restored after. Duck shaping (one symbol for dimensions equal at trace time) is off
+    inside: a first batch of exactly as many documents as the first forward length would tie the two."""
     if not enabled:
         yield model
         return
     import torch._dynamo as dynamo
+    import torch.fx.experimental._config as fx_cfg
 
     cfg = dynamo.config  # every graph variant (lengths, rows, grad mode, lora or not) counts towards one limit
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), 64))
-    core = model._core
-    model.compile_core(dynamic=None)
+    from ..model.gpt import inductor_options
+
+    core, duck = model._core, getattr(fx_cfg, "use_duck_shape", None)
+    # no matmul padding: its heuristics compare the symbolic length with small constants and, on the H200 with the
+    # test model, pinned it to the first one (16); the loop's lengths are multiples of the chunk anyway
+    model.compile_core(dynamic=None, options={**inductor_options(), "shape_padding": False})
+    model._core = _dynamic_core(model._core)
+    if duck is not None:
+        fx_cfg.use_duck_shape = False
     try:
         yield model
     finally:
         model._core = core
+        if duck is not None:
+            fx_cfg.use_duck_shape = duck
 
 
 def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
@@ -602,11 +649,11 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     ranks (gradients all-reduced), so every rank holds the same base and results equal one process's.
     ``shapes`` (see :class:`BatchPlan`): default ``chunk`` on CUDA (forward lengths depend only on the chunk
     index), ``exact`` elsewhere (bit for bit ``run_stream`` on CPU; ``chunk`` pads, which changes float sums).
-    ``compile``: the model's functional core is compiled with automatic dynamic shapes (a static graph for the
-    first shape, then one with the changing lengths and row counts symbolic, plus the variants Dynamo
-    specialises, e.g. one row; ``dynamic=True`` would make the model's own dimensions symbolic too, which breaks
-    the graph at attention) and kept on the model for later runs; the base parameters are passed detached, so no
-    graph computes gradients for them outside the phases (eager)."""
+    ``compile``: the model's functional core is compiled with the changing rows and lengths marked dynamic
+    (``compiled_core``: one graph for the chunk loop, one more for a 1-document batch; ``dynamic=True`` would make
+    the model's own dimensions symbolic too, which breaks the graph at attention) and kept on the model for later
+    runs; the base parameters are passed detached, so no graph computes gradients for them outside the phases
+    (eager)."""
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
     shapes = ("chunk" if device.type == "cuda" else "exact") if shapes is None else shapes
@@ -625,6 +672,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     base: dict[str, torch.Tensor] = frozen
     was_training = model.training
     model.eval()
+    model.prepare_rope(spec.window, device)  # the tables for the longest forward, built once
     stats: list[dict[str, Any]] = []
     score_s = adapt_s = 0.0
     n_fwd = 0

@@ -132,7 +132,7 @@ class EvalConfig:
     progress: bool = False
     fixed_shapes: bool = False  # one forward shape (set with --compile)
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
-    docttt_compile: bool = False  # docttt: compiled core, automatic dynamic shapes (opt-in until measured)
+    docttt_compile: bool = False  # docttt: compiled core, dynamic rows and lengths (the CLI's --compile)
     docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
     attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
 

@@ -377,7 +377,9 @@ class BankedGPT(nn.Module):
             with torch.inference_mode(False):
                 self._rope_cache[key] = rope_tables(self.cfg, t, device, base)
         cos, sin = self._rope_cache[key]
-        return cos[:, :t], sin[:, :t]
+        # contiguous: a prefix of a longer table would carry the table's stride, and a compiled graph with dynamic
+        # lengths guards on it (one more graph per table length); a full-length table is returned as it is
+        return cos[:, :t].contiguous(), sin[:, :t].contiguous()
 
     def param_dict(self) -> dict[str, Tensor]:
         return dict(self.named_parameters())

@@ -481,8 +481,8 @@ def test_docttt_on_cuda_bf16(world):
                                ev.results[f"doc-chunk@{OPTS}"].stream.token_nll, rtol=1e-3, atol=1e-3)
     assert rep["docttt_decomposition"][name]["steps"][1]["value"] > 0
     # the compiled core (inductor, dynamic rows and lengths) scores as the eager one does, in few graphs: traced,
-    # one per protocol kind (doc-chunk without LoRA, docttt with) and one more each for a 1-document batch (the
-    # CPU test counts these exactly); inductor may add one (H200, torch 2.11: 5 in all, the 5th not identified)
+    # one per protocol kind (doc-chunk without LoRA, docttt with) and one more each for a 1-document batch (as the
+    # CPU test counts them; on the H200 in session 10 a 5th came from the Q/K/V kernel's backward buffer of size 1)
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
@@ -495,7 +495,7 @@ def test_docttt_on_cuda_bf16(world):
     assert comp.results[name].ledger["legal"]
     singles = any(len(b) == 1 for b in docttt.doc_queue(data.tokens_np, data.bos_id, 4).batches)
     print("docttt compiled graphs", dict(counters["stats"]), "1-document batch:", singles)
-    assert counters["stats"]["unique_graphs"] <= 2 * (1 + singles) + 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 2 * (1 + singles), dict(counters["stats"])
     dynamo.reset()
 
 

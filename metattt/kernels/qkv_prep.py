@@ -173,8 +173,9 @@ if triton is not None:
         b, t, width = qkv.shape
         d = width // (heads + 2 * kv_heads)
         dqkv = torch.empty_like(qkv)
-        # one partial gain-gradient row per MIN_M rows (the tile is a multiple of MIN_M)
-        part = torch.empty(triton.cdiv(b * t, _MIN_BLOCK_M), heads, device=qkv.device, dtype=torch.float32)
+        # one partial gain-gradient row per MIN_M rows (the tile is a multiple of MIN_M), and one zero row more: a
+        # size that can be 1 makes Dynamo specialise it (a step of <= MIN_M positions got its own graph, session 10)
+        part = torch.zeros(triton.cdiv(b * t, _MIN_BLOCK_M) + 1, heads, device=qkv.device, dtype=torch.float32)
         strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]  # (B,T,H,D), any strides but unit along D
 
         def grid(meta):

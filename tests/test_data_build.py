@@ -147,3 +147,90 @@ def test_build_reproduces_official_val_shard(tmp_path: Path) -> None:
     assert summary["val_docs"] == n and ours.size > 50_000
     assert np.array_equal(ours, official[: ours.size])
     assert official[ours.size] == 1  # the next official document starts right where ours end
+
+
+GREEK = "αβγδεζηθικ"  # each letter's second UTF-8 byte is its own (byte-fallback pieces mark a book's tokens)
+
+
+def _fake_books(n: int, seed: int = 5) -> list[str]:
+    rng = random.Random(seed)
+    books = []
+    for k in range(n):
+        paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + " " + GREEK[k] * 3 + "."
+                 for _ in range(rng.randint(30, 60))]
+        books.append("\n".join(paras))
+    return books
+
+
+def _docs_of(path_glob: list[Path]) -> list[tuple[int, ...]]:
+    tok = np.concatenate([read_shard(f) for f in path_glob]).astype(np.int64)
+    return [tuple(p[1:].tolist()) for p in np.split(tok, np.flatnonzero(tok == 1)[1:])]
+
+
+def test_indist_split_holds_out_whole_books_and_a_document_fraction(tmp_path: Path, tiny_tokenizer) -> None:
+    docs, books = _fake_docs(50, seed=7), _fake_books(len(GREEK))
+    text = _write_jsonl(tmp_path / "docs.jsonl", docs)
+    btext = _write_jsonl(tmp_path / "books.jsonl.xz", books)
+    sp = load_tokenizer(tiny_tokenizer)
+    mark = {k: sp.piece_to_id(f"<0x{L.encode()[1]:02X}>") for k, L in enumerate(GREEK)}
+    assert all(mark[k] in sp.encode(L) for k, L in enumerate(GREEK))  # byte fallback: the mark is in the ids
+
+    def build(out: Path, seed: int = 3) -> dict:
+        return build_dataset(BuildConfig([text], tiny_tokenizer, out, pseudo_doc_text=[btext], seed=seed,
+                                         indist_val_frac=0.2, indist_val_books=3, indist_val_min_tokens=500,
+                                         shard_tokens=4000, progress=False))
+
+    summary = build(tmp_path / "o")
+    split = summary["indist_val_split"]
+    assert not summary["val_files"] and summary["indist_val_files"][0] == "indist_val_000000.bin"
+    assert json.loads((tmp_path / "o" / "build_meta.json").read_text())["indist_val_split"] == split
+    held = sorted(int(r.rsplit("#", 1)[1]) for r in split["text_refs"])
+    out_books = sorted(int(b["ref"].rsplit("#", 1)[1]) for b in split["held_out_books"])
+    assert len(held) == split["text_docs"] == 10 and len(out_books) == split["books"] == 3
+    train = _docs_of(sorted((tmp_path / "o").glob("fineweb_train_*.bin")))
+    val = _docs_of(sorted((tmp_path / "o").glob("indist_val_*.bin")))
+    assert len(val) == summary["indist_val_docs"] == split["docs"] == 13
+    assert sum(len(d) + 1 for d in val) == summary["indist_val_tokens"] == split["tokens"]
+    enc = [tuple(sp.encode(d)) for d in docs]
+    # the held-out documents are exactly the unmarked val documents, and none of them trains
+    assert sorted(d for d in val if not any(m in d for m in mark.values())) == sorted(enc[i] for i in held)
+    assert sorted(d for d in train if not any(m in d for m in mark.values())) == \
+        sorted(enc[i] for i in range(len(docs)) if i not in held)
+    for k in range(len(GREEK)):
+        n_train = sum(mark[k] in d for d in train)
+        n_val = sum(mark[k] in d for d in val)
+        if k in out_books:  # no token of a held-out book trains; exactly one piece of it validates
+            assert (n_train, n_val) == (0, 1), k
+        else:
+            assert n_train > 1 and n_val == 0, k
+    assert all(b["pieces"] > 1 and b["book_tokens"] > b["val_tokens"] for b in split["held_out_books"])
+    # deterministic by seed; another seed holds out other documents
+    build(tmp_path / "again")
+    for f in summary["train_files"] + summary["indist_val_files"]:
+        assert (tmp_path / "again" / f).read_bytes() == (tmp_path / "o" / f).read_bytes()
+    assert build(tmp_path / "other", seed=4)["indist_val_split"]["text_refs"] != split["text_refs"]
+
+
+def test_indist_split_errors_lose_nothing(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    text = _write_jsonl(tmp_path / "docs.jsonl", _fake_docs(20, seed=8))
+    btext = _write_jsonl(tmp_path / "books.jsonl", _fake_books(2))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "fineweb_train_000000.bin").write_bytes(b"kept")
+    base = ["build", "--text", str(text), "--tokenizer", str(tiny_tokenizer), "--out", str(out), "--no-progress"]
+    assert main([*base, "--indist-val-frac", "0.2"]) == 2  # default minimum 500,000 tokens
+    assert "fewer than --indist-val-min-tokens 500,000" in capsys.readouterr().err
+    assert main([*base, "--pseudo-doc-text", str(btext), "--indist-val-books", "3", "--indist-val-min-tokens", "0"]) == 2
+    assert "--indist-val-books 3 exceeds the 2 texts" in capsys.readouterr().err
+    assert main([*base, "--indist-val-books", "1"]) == 2
+    assert "none given" in capsys.readouterr().err
+    assert main([*base, "--indist-val-frac", "1.0"]) == 2
+    assert "must be in [0, 1)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["fineweb_train_000000.bin"]
+    assert (out / "fineweb_train_000000.bin").read_bytes() == b"kept"
+    # with an official val source beside it, and the CLI's summary line
+    assert main([*base, "--val-docs", "2", "--indist-val-frac", "0.25", "--indist-val-min-tokens", "10"]) == 0
+    line = capsys.readouterr().out
+    assert "in-distribution val (indist_val_*.bin): 4 docs" in line and "4 of 18 --text documents" in line
+    assert sorted(p.name for p in out.glob("*.bin")) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                                                        "indist_val_000000.bin"]

@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", required=True, type=Path,
                    help="SentencePiece .model (written there with --train-tokenizer)")
     b.add_argument("--out", required=True, type=Path)
-    val = b.add_mutually_exclusive_group(required=True)
+    val = b.add_mutually_exclusive_group()
     val.add_argument("--val-docs", type=int, help="the first N documents of --text become validation")
     val.add_argument("--val-text", nargs="+", default=[], help="separate validation inputs")
     b.add_argument("--train-tokenizer", action="store_true", help="train a BPE tokenizer on the train documents")
@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--pseudo-doc-lengths-from", nargs="+", default=[], metavar="PATH",
                    help="documents whose token lengths the pseudo-documents follow (default: --text train docs)")
     b.add_argument("--seed", type=int, default=0, help="seed of the pseudo-document lengths and train order")
+    b.add_argument("--indist-val-frac", type=float, default=0.0, metavar="F",
+                   help="in-distribution validation split: hold out this seeded fraction of the --text train "
+                        "documents into indist_val_*.bin (with it, --val-docs/--val-text are optional)")
+    b.add_argument("--indist-val-books", type=int, default=0, metavar="N",
+                   help="hold out N whole --pseudo-doc-text texts (books): no token of them trains, one seeded "
+                        "pseudo-document of each joins indist_val_*.bin")
+    b.add_argument("--indist-val-min-tokens", type=int, default=500_000, metavar="T",
+                   help="refuse (before writing) an in-distribution split of fewer tokens (default 500000)")
 
     s = sub.add_parser("synthetic", help="write the embedded synthetic document-language corpus")
     s.add_argument("--out", required=True, type=Path)
@@ -56,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 val_text=args.val_text, train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
                 shard_tokens=args.shard_tokens, progress=not args.no_progress, pseudo_doc_text=args.pseudo_doc_text,
                 pseudo_doc_lengths=args.pseudo_doc_lengths_from, seed=args.seed,
+                indist_val_frac=args.indist_val_frac, indist_val_books=args.indist_val_books,
+                indist_val_min_tokens=args.indist_val_min_tokens,
             )
             print(summary_line(build_dataset(cfg), args.out))
         except (FileNotFoundError, ValueError) as e:

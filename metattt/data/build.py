@@ -8,6 +8,14 @@ Corpus option (``--pseudo-doc-text BOOKS``): long texts are cut into BOS-delimit
 lengths follow the length distribution of reference documents (``--pseudo-doc-lengths-from``, default the
 train documents of ``--text``), and the train split is the pseudo-documents and the ``--text`` train documents
 in one seeded random order (``metattt/data/pseudodocs.py``). Validation is unchanged.
+
+In-distribution validation split (``--indist-val-frac F``, ``--indist-val-books N``): a seeded fraction of the
+``--text`` train documents and N whole ``--pseudo-doc-text`` texts (books) are held out of training; each held-out
+book gives at most one pseudo-document (one seeded piece; the rest of the book is dropped, so no held-out book
+contributes a training token, and no validation stream holds two pieces of one book, which would hand adaptation
+a signal FineWeb does not have). They are shuffled into ``indist_val_NNNNNN.bin``; the ``fineweb_val`` shards
+(``--val-docs`` / ``--val-text``, optional with the split) stay the other validation set. The split (which
+documents and books, token counts) is recorded in ``build_meta.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ class BuildConfig:
     pseudo_doc_text: list[Path] = field(default_factory=list)  # long texts cut into pseudo-documents (train)
     pseudo_doc_lengths: list[Path] = field(default_factory=list)  # length reference (default: --text train docs)
     seed: int = 0  # pseudo-document lengths and the train document order
+    indist_val_frac: float = 0.0  # fraction of the --text train documents held out into indist_val_*.bin
+    indist_val_books: int = 0  # whole --pseudo-doc-text texts held out, one pseudo-document each into the val split
+    indist_val_min_tokens: int = 500_000  # the split must hold at least this many tokens (checked before writing)
 
     def __post_init__(self) -> None:
         self.text = [Path(p) for p in self.text]
@@ -59,12 +70,25 @@ class BuildConfig:
         self.tokenizer, self.out = Path(self.tokenizer), Path(self.out)
         if not self.text:
             raise ValueError("no --text inputs given")
-        if (self.val_docs is None) == (not self.val_text):
+        if self.val_docs is not None and self.val_text:
             raise ValueError("choose exactly one validation source: --val-docs N or --val-text FILES")
+        if self.val_docs is None and not self.val_text and not self.indist_split:
+            raise ValueError("choose exactly one validation source: --val-docs N or --val-text FILES "
+                             "(or an in-distribution split: --indist-val-frac / --indist-val-books)")
+        if not 0.0 <= self.indist_val_frac < 1.0:
+            raise ValueError(f"--indist-val-frac must be in [0, 1), got {self.indist_val_frac}")
+        if self.indist_val_books < 0 or self.indist_val_min_tokens < 0:
+            raise ValueError("--indist-val-books and --indist-val-min-tokens must be >= 0")
+        if self.indist_val_books and not self.pseudo_doc_text:
+            raise ValueError("--indist-val-books holds out --pseudo-doc-text texts; none given")
         if self.val_docs is not None and self.val_docs < 0:
             raise ValueError(f"--val-docs must be >= 0, got {self.val_docs}")
         if self.shard_tokens < 1:
             raise ValueError(f"--shard-tokens must be positive, got {self.shard_tokens}")
+
+    @property
+    def indist_split(self) -> bool:
+        return self.indist_val_frac > 0 or self.indist_val_books > 0
 
 
 def _kind(path: Path) -> str | None:
@@ -110,31 +134,40 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 def iter_documents(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
     """Documents (non-empty texts) of all inputs, in order."""
+    for _, text in iter_records(paths):
+        yield text
+
+
+def iter_records(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str]]:
+    """``(ref, text)`` of every document of all inputs, in order; ``ref`` names it for ``build_meta.json``
+    (``folder/file:line``, plus ``#id`` when the JSON line has an ``id``)."""
     for path in expand_inputs(paths):
+        where = f"{path.parent.name}/{path.name}"
         if _kind(path) == "txt":
             text = path.read_text(encoding="utf-8")
             if text.strip():
-                yield text
+                yield where, text
             continue
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line)["text"]
+                    obj = json.loads(line)
+                    text = obj["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from e
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: 'text' is {type(text).__name__}, expected a string")
                 if text.strip():
-                    yield text
+                    yield f"{where}:{lineno}" + (f"#{obj['id']}" if obj.get("id") is not None else ""), text
 
 
 class _ShardWriter:
-    """Accumulates a token stream and cuts it into fixed-size shards."""
+    """Accumulates a token stream and cuts it into fixed-size shards named ``{prefix}_NNNNNN.bin``."""
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int):
-        self.out, self.split, self.shard_tokens, self.vocab_size = out, split, shard_tokens, vocab_size
+    def __init__(self, out: Path, prefix: str, shard_tokens: int, vocab_size: int):
+        self.out, self.prefix, self.shard_tokens, self.vocab_size = out, prefix, shard_tokens, vocab_size
         self.buf = np.empty(shard_tokens, dtype=np.uint16)
         self.fill = 0
         self.files: list[str] = []
@@ -155,7 +188,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if self.fill == 0:
             return
-        name = f"fineweb_{self.split}_{len(self.files):06d}.bin"
+        name = f"{self.prefix}_{len(self.files):06d}.bin"
         write_shard(self.out / name, self.buf[: self.fill], self.vocab_size)
         self.files.append(name)
         self.fill = 0
@@ -184,11 +217,8 @@ def _encode(sp, docs: Iterable[str], bos: int, batch_docs: int, bar=None) -> Ite
             bar.update(len(batch))
 
 
-def _mixed_train(cfg: BuildConfig, sp, bos: int, train_docs: Iterable[str], bar) -> tuple[list[np.ndarray], dict]:
-    """The train documents plus the pseudo-documents cut from ``cfg.pseudo_doc_text``, in one seeded order."""
-    from metattt.data.pseudodocs import length_summary, pseudo_documents
-
-    docs = [a.astype(np.uint16) for a in _encode(sp, train_docs, bos, cfg.batch_docs, bar)]
+def _reference_lengths(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray]) -> np.ndarray:
+    """Token lengths the pseudo-documents follow: ``--pseudo-doc-lengths-from``, else the train documents."""
     if cfg.pseudo_doc_lengths:
         ref = np.array([a.size - 1 for a in _encode(sp, iter_documents(cfg.pseudo_doc_lengths), bos,
                                                     cfg.batch_docs)], dtype=np.int64)
@@ -198,9 +228,18 @@ def _mixed_train(cfg: BuildConfig, sp, bos: int, train_docs: Iterable[str], bar)
     if ref.size == 0:
         raise ValueError("no reference documents for the pseudo-document lengths (empty --text train split and "
                          "no --pseudo-doc-lengths-from)")
+    return ref
+
+
+def _mixed_train(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray], books: Iterable[str],
+                 bar) -> tuple[list[np.ndarray], dict]:
+    """The (encoded) train documents plus the pseudo-documents cut from ``books``, in one seeded order."""
+    from metattt.data.pseudodocs import length_summary, pseudo_documents
+
+    ref = _reference_lengths(cfg, sp, bos, docs)
     rng = np.random.default_rng(cfg.seed)
-    pseudo = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(iter_documents(cfg.pseudo_doc_text), sp,
-                                                                         ref, rng), bos, cfg.batch_docs, bar)]
+    pseudo = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(iter(books), sp, ref, rng), bos,
+                                                   cfg.batch_docs, bar)]
     if not pseudo:
         raise ValueError(f"--pseudo-doc-text {', '.join(map(str, cfg.pseudo_doc_text))} holds no text")
     n_real = len(docs)
@@ -215,36 +254,81 @@ def _mixed_train(cfg: BuildConfig, sp, bos: int, train_docs: Iterable[str], bar)
     return [allr[i] for i in order], info
 
 
+def _indist_split(cfg: BuildConfig, sp, bos: int, train_records: Iterable[tuple[str, str]],
+                  bar) -> tuple[list[np.ndarray], list[np.ndarray], dict | None, dict]:
+    """Hold out the in-distribution validation split (module docstring): returns the train arrays, the
+    validation arrays (one seeded order), the pseudo-document mix summary (or None) and the split's record."""
+    from metattt.data.pseudodocs import pseudo_documents
+
+    records = list(train_records)
+    docs = [a.astype(np.uint16) for a in _encode(sp, (t for _, t in records), bos, cfg.batch_docs, bar)]
+    pick = np.random.default_rng([cfg.seed, 29])  # the split's own stream: the cuts and the train order keep theirs
+    held = sorted(pick.permutation(len(docs))[: int(round(cfg.indist_val_frac * len(docs)))].tolist())
+    held_set = set(held)
+    train_docs = [a for i, a in enumerate(docs) if i not in held_set]
+    val = [docs[i] for i in held]
+    info: dict[str, Any] = {
+        "seed": cfg.seed, "text_frac": cfg.indist_val_frac, "text_docs_total": len(docs),
+        "text_docs": len(held), "text_tokens": int(sum(docs[i].size for i in held)),
+        "text_refs": [records[i][0] for i in held]}
+    mix = None
+    if cfg.pseudo_doc_text:
+        books = list(iter_records(cfg.pseudo_doc_text))
+        if cfg.indist_val_books > len(books):
+            raise ValueError(f"--indist-val-books {cfg.indist_val_books} exceeds the {len(books)} texts of "
+                             "--pseudo-doc-text")
+        out = sorted(pick.permutation(len(books))[: cfg.indist_val_books].tolist())
+        ref = _reference_lengths(cfg, sp, bos, train_docs)
+        held_books = []
+        for i in out:  # one seeded piece of each held-out book; the rest of the book is dropped
+            pieces = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(iter([books[i][1]]), sp, ref, pick),
+                                                           bos, cfg.batch_docs)]
+            j = int(pick.integers(len(pieces)))
+            val.append(pieces[j])
+            held_books.append({"ref": books[i][0], "book_tokens": int(sum(a.size for a in pieces)),
+                               "pieces": len(pieces), "piece": j, "val_tokens": int(pieces[j].size)})
+        out_set = set(out)
+        train, mix = _mixed_train(cfg, sp, bos, train_docs,
+                                  (t for k, (_, t) in enumerate(books) if k not in out_set), bar)
+        info.update({"books_total": len(books), "books": len(held_books),
+                     "book_tokens": sum(b["val_tokens"] for b in held_books),
+                     "book_tokens_dropped": sum(b["book_tokens"] - b["val_tokens"] for b in held_books),
+                     "held_out_books": held_books})
+    else:
+        train = train_docs
+    val = [val[i] for i in pick.permutation(len(val))]
+    info["docs"], info["tokens"] = len(val), int(sum(a.size for a in val))
+    info["min_tokens"] = cfg.indist_val_min_tokens
+    if info["tokens"] < cfg.indist_val_min_tokens:
+        raise ValueError(f"the in-distribution validation split holds {info['tokens']:,} tokens, fewer than "
+                         f"--indist-val-min-tokens {cfg.indist_val_min_tokens:,} (raise --indist-val-frac or "
+                         "--indist-val-books)")
+    return train, val, mix, info
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     """Tokenize the inputs into train/val shards in ``cfg.out``; returns (and writes) a summary."""
+    import itertools
+
     from tqdm import tqdm
 
-    def split_docs() -> tuple[Iterator[str], Iterator[str]]:
+    def split_records() -> tuple[Iterator[tuple[str, str]], Iterator[tuple[str, str]]]:
         if cfg.val_text:
-            return iter_documents(cfg.val_text), iter_documents(cfg.text)
+            return iter_records(cfg.val_text), iter_records(cfg.text)
         n_val = cfg.val_docs or 0
+        return itertools.islice(iter_records(cfg.text), n_val), itertools.islice(iter_records(cfg.text), n_val, None)
 
-        def val() -> Iterator[str]:
-            for i, d in enumerate(iter_documents(cfg.text)):
-                if i >= n_val:
-                    return
-                yield d
-
-        def train() -> Iterator[str]:
-            for i, d in enumerate(iter_documents(cfg.text)):
-                if i >= n_val:
-                    yield d
-
-        return val(), train()
+    def texts(records: Iterable[tuple[str, str]]) -> Iterator[str]:
+        return (t for _, t in records)
 
     expand_inputs(cfg.text + cfg.val_text + cfg.pseudo_doc_text + cfg.pseudo_doc_lengths)  # fail fast on bad paths before any long work
     if cfg.train_tokenizer:
-        _, train_iter = split_docs()  # never train the tokenizer on val documents
-        train_tokenizer(train_iter, cfg.tokenizer, cfg.vocab_size)
+        _, train_iter = split_records()  # never train the tokenizer on val documents
+        train_tokenizer(texts(train_iter), cfg.tokenizer, cfg.vocab_size)
     sp = load_tokenizer(cfg.tokenizer)
     vocab = int(sp.vocab_size())
     if vocab > 65536:
@@ -253,27 +337,37 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     if bos < 0:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no BOS piece; shards need BOS at each document start")
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(cfg.out.glob("fineweb_train_*.bin")) + sorted(cfg.out.glob("fineweb_val_*.bin"))
-    for p in stale:  # old shards would silently join the new ones through the loaders' glob
-        p.unlink()
-    writers = {s: _ShardWriter(cfg.out, s, cfg.shard_tokens, vocab) for s in ("val", "train")}
-    val_iter, train_iter = split_docs()
+    val_iter, train_iter = split_records()
     bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
     mix: dict[str, Any] | None = None
-    for split, docs in (("val", val_iter), ("train", train_iter)):
-        w = writers[split]
-        if split == "train" and cfg.pseudo_doc_text:
-            arrays, mix = _mixed_train(cfg, sp, bos, docs, bar)
-        else:
-            arrays = _encode(sp, docs, bos, cfg.batch_docs, bar)
+    split: dict[str, Any] | None = None
+    indist: list[np.ndarray] = []
+    train: Iterable[np.ndarray]
+    if cfg.indist_split:  # in memory, so a too-small split fails before any shard is touched
+        train, indist, mix, split = _indist_split(cfg, sp, bos, train_iter, bar)
+    elif cfg.pseudo_doc_text:
+        docs = [a.astype(np.uint16) for a in _encode(sp, texts(train_iter), bos, cfg.batch_docs, bar)]
+        train, mix = _mixed_train(cfg, sp, bos, docs, iter_documents(cfg.pseudo_doc_text), bar)
+    else:
+        train = _encode(sp, texts(train_iter), bos, cfg.batch_docs, bar)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    stale = [p for pat in ("fineweb_train_*.bin", "fineweb_val_*.bin", "indist_val_*.bin")
+             for p in sorted(cfg.out.glob(pat))]
+    for p in stale:  # old shards would silently join the new ones through the loaders' glob
+        p.unlink()
+    writers = {s: _ShardWriter(cfg.out, prefix, cfg.shard_tokens, vocab)
+               for s, prefix in (("val", "fineweb_val"), ("train", "fineweb_train"), ("indist_val", "indist_val"))}
+    for name, arrays in (("val", _encode(sp, texts(val_iter), bos, cfg.batch_docs, bar)), ("train", train),
+                         ("indist_val", indist)):
+        w = writers[name]
         for arr in arrays:
             w.add(arr)
         w.flush()
     bar.close()
     if writers["train"].docs == 0:
         raise ValueError("no training documents left after the validation split (lower --val-docs?)")
-    if writers["val"].docs == 0:
+    if writers["val"].docs == 0 and (cfg.val_docs is not None or cfg.val_text):
         raise ValueError("no validation documents (raise --val-docs or check --val-text)")
     summary = {
         "tokenizer": str(cfg.tokenizer),
@@ -285,6 +379,9 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
         **{f"{s}_{k}": getattr(writers[s], k) for s in ("train", "val") for k in ("docs", "tokens", "files")},
         **({"pseudo_docs": mix} if mix is not None else {}),
     }
+    if split is not None:
+        summary.update({f"indist_val_{k}": getattr(writers["indist_val"], k) for k in ("docs", "tokens", "files")})
+        summary["indist_val_split"] = split
     (cfg.out / "build_meta.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -296,7 +393,15 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
     return (
         f"built {out}: {docs:,} docs ({summary['val_docs']:,} val), {tokens:,} tokens "
         f"({summary['val_tokens']:,} val), {shards} shards, vocab {summary['vocab_size']}"
-    ) + (_mix_line(summary["pseudo_docs"]) if summary.get("pseudo_docs") else "")
+    ) + (_mix_line(summary["pseudo_docs"]) if summary.get("pseudo_docs") else "") + (
+        _split_line(summary["indist_val_split"]) if summary.get("indist_val_split") else "")
+
+
+def _split_line(m: dict[str, Any]) -> str:
+    books = (f" + {m['books']} held-out books ({m['book_tokens']:,} tokens, one piece each; "
+             f"{m['book_tokens_dropped']:,} more tokens of them dropped)") if "books" in m else ""
+    return (f"\nin-distribution val (indist_val_*.bin): {m['docs']:,} docs, {m['tokens']:,} tokens = "
+            f"{m['text_docs']:,} of {m['text_docs_total']:,} --text documents ({m['text_tokens']:,} tokens){books}")
 
 
 def _mix_line(m: dict[str, Any]) -> str:

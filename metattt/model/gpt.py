@@ -418,3 +418,9 @@ class BankedGPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def num_non_embedding_params(self) -> int:
+        """Parameters outside the vocabulary tables (``*_emb``, an untied ``lm_head``): the N of scaling laws,
+        which at small sizes the tables would swamp."""
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if not (name.endswith("_emb") or name == "lm_head"))

@@ -18,7 +18,8 @@ def path_for(run_path: Path, rank: int) -> Path:
 
 
 def save(run_path: Path, rank: int, *, step: int, elapsed: float, model, opts, ema, loader, adapter,
-         meta_opt) -> Path:
+         meta_opt, path: Path | None = None) -> Path:
+    """Write the checkpoint (to ``path``, default this rank's resume checkpoint of the run)."""
     state = {
         "step": step, "elapsed": elapsed,
         "model": model.state_dict(), "opts": opts.state_dict(),
@@ -29,7 +30,7 @@ def save(run_path: Path, rank: int, *, step: int, elapsed: float, model, opts, e
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    path = path_for(run_path, rank)
+    path = path or path_for(run_path, rank)
     with atomic_path(path) as tmp:  # a crash mid-save keeps the previous checkpoint
         torch.save(state, tmp)
     return path

@@ -74,7 +74,12 @@ def build_parser(description: str = "Train a banked GPT (optionally with meta-TT
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = vars(ns)
-    cfg = preset(values.get("preset", "tiny-synthetic"))
+    if values.get("branch_from"):  # a decay branch continues its parent: the parent's config is the base
+        from .budgets import branch_base_config
+
+        cfg = branch_base_config(values["branch_from"])
+    else:
+        cfg = preset(values.get("preset", "tiny-synthetic"))
     nested: dict[str, dict[str, Any]] = {s: {} for s in _NESTED}
     for key, val in values.items():
         if key == "preset":

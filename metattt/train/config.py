@@ -36,6 +36,19 @@ class TrainConfig:
     max_wallclock_s: float = 0.0  # 0 = no cap; training stops (and warms down) by the clock
     warmdown_iters: int = 100  # linear lr decay over the last N steps (estimated from step time under a cap)
     warmdown_frac: float = 0.0  # alternative: warm down over the last fraction of the wallclock budget
+    # lr schedule: warmdown (the above) | wsd (constant after the warmup, no end decay: decay branches do that)
+    schedule: str = "warmdown"
+    lr_warmup_steps: int = 0  # linear lr ramp over the first N steps (either schedule); 0 = none, as the record
+    # token-budget checkpoints (metattt/train/budgets.py): full-precision saves under <run>/budgets/ at these
+    # token counts and D/N multiples; with any, the run ends at the last one (--iterations is not used)
+    save_at_tokens: tuple[int, ...] = ()
+    save_at_dn: tuple[float, ...] = ()
+    dn_params: str = "non_embedding"  # the N of D/N: non_embedding | total parameters
+    max_passes: float = 0.0  # cap on training tokens in passes over the training shards; 0 = none
+    # a decay branch: start from this checkpoint (its run's config, weights, optimiser/EMA state, data position
+    # and step) and decay the lr linearly to 0 over decay_frac of the checkpoint's steps, as a run of its own
+    branch_from: str = ""
+    decay_frac: float = 0.15
     ema_decay: float = 0.0  # 0 = off; weights saved are the EMA when on
     ema_start_step: int = 0
     val_every: int = 100
@@ -66,6 +79,25 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     runtime: Runtime = field(default_factory=Runtime)  # how the forward runs (not saved in artifacts)
+
+    def __post_init__(self) -> None:
+        self.save_at_tokens = tuple(int(t) for t in self.save_at_tokens)  # lists, once read from config.json
+        self.save_at_dn = tuple(float(d) for d in self.save_at_dn)
+
+    def check_budgets(self) -> None:
+        """Bad schedule or budget settings, as one-line errors before anything is written."""
+        from .schedule import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule!r}: choose from {SCHEDULES}")
+        if self.dn_params not in ("non_embedding", "total"):
+            raise ValueError(f"--dn-params {self.dn_params!r}: choose non_embedding or total")
+        if self.lr_warmup_steps < 0 or self.max_passes < 0:
+            raise ValueError("--lr-warmup-steps and --max-passes must be >= 0")
+        if (self.save_at_tokens or self.save_at_dn) and self.max_wallclock_s > 0:
+            raise ValueError("--save-at-tokens/--save-at-dn place checkpoints by tokens: give --max-wallclock-s 0")
+        if not 0 < self.decay_frac <= 1:
+            raise ValueError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -25,6 +25,7 @@ from ..track.progress import progress
 from ..track.rundir import RunDir
 from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
+from . import budgets as bud
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data_setup import resolve_data
@@ -111,13 +112,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     resume_from = None
+    cfg.check_budgets()
     _check_run_name(cfg)  # before any data or run file is written
+    branch: dict[str, Any] | None = None
     if cfg.resume:
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
         cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
+    elif cfg.branch_from:
+        cfg, branch = _branch(cfg, info)
     init = None
-    if cfg.init_from and resume_from is None:
+    if cfg.init_from and resume_from is None and branch is None:
         cfg, init = _init_from(cfg, info)
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
@@ -127,6 +132,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         dist.barrier()
     if src is None:
         src = resolve_data(cfg, False)
+    cfg, budgets, plan = _plan_budgets(cfg, src.train_pattern)  # sets iterations: the last budget or the pass cap
     name = _run_name(cfg, info)
     try:
         run = RunDir.create(cfg.run_root, name, cfg.to_dict(), rank=info.rank, exist_ok=resume_from is not None)
@@ -135,6 +141,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                            "another --run-name") from e
     run_path = Path(cfg.run_root) / name
     on_gpu = info.device.type == "cuda"
+    if budgets and info.is_main:
+        bud.write_plan(run_path, budgets, plan)
+    due: dict[int, list[bud.Budget]] = {}
+    for b in budgets:
+        due.setdefault(b.step, []).append(b)
 
     model = BankedGPT(cfg.model, cfg.runtime)
     if init is not None:
@@ -162,12 +173,18 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         val = val[: cfg.val_tokens + 1]
     fwd = model.compile_core() if cfg.compile else model
     step, elapsed = 0, 0.0
-    if cfg.compile and cfg.compile_warmup_steps and resume_from is None:
+    if cfg.compile and cfg.compile_warmup_steps and resume_from is None and branch is None:
         _compile_warmup(cfg, fwd, model, opts, loader, batching, info)
     if resume_from is not None:
         step, elapsed = ckpt.restore(resume_from, model=model, opts=opts, ema=ema, loader=loader, adapter=adapter,
                                      meta_opt=meta_opt, device=info.device)
         _print(info, f"resumed {run_path} at step {step} ({elapsed:.1f}s trained)")
+    elif branch is not None:
+        step, elapsed = ckpt.restore(Path(branch["checkpoint"]), model=model, opts=opts, ema=ema, loader=loader,
+                                     adapter=adapter, meta_opt=meta_opt, device=info.device)
+        branch["parent_elapsed_s"] = elapsed
+        _print(info, f"branch {run_path} from {branch['checkpoint']} at step {step}: lr decays linearly to 0 over "
+                     f"{branch['decay_steps']} steps")
     wandb = WandbLogger(cfg.wandb or None, project=cfg.wandb_project, group=cfg.group or None,
                         tags=[t for t in ("train", cfg.meta.adapter.split(":")[0] if cfg.meta.adapter else "") if t],
                         config=cfg.to_dict(), run_dir=run.path) if info.is_main else None
@@ -216,7 +233,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             validate(step)
         t0 = time.perf_counter()
         scale = lr_scale(step, elapsed, iterations=cfg.iterations, warmdown_iters=cfg.warmdown_iters,
-                         max_wallclock_s=cfg.max_wallclock_s, warmdown_frac=cfg.warmdown_frac)
+                         max_wallclock_s=cfg.max_wallclock_s, warmdown_frac=cfg.warmdown_frac,
+                         schedule=cfg.schedule, warmup_steps=cfg.lr_warmup_steps)
         opts.set_lr_scale(scale)
         opts.set_muon_momentum(cfg.optim.muon_momentum_at(step))
         do_meta = adapter is not None and meta_step_due(cfg.meta.every, cfg.meta.start_frac, step,
@@ -265,6 +283,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
                       adapter=adapter, meta_opt=meta_opt)
+        for b in due.get(step, []):  # full precision: weights, optimiser and EMA state, data position, step
+            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                      adapter=adapter, meta_opt=meta_opt, path=bud.checkpoint_path(run_path, b.label, info.rank))
     bar.close()
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
     if cfg.checkpoint_every:
@@ -276,11 +297,59 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         final = validate(step)
     else:
         final = raw
-    summary = _finish(cfg, info, run, run_path, model, adapter, src, val, final, raw, step, elapsed, peak_mem)
+    extra: dict[str, Any] = {
+        "schedule": cfg.schedule, "non_embedding_params": model.num_non_embedding_params(),
+        "train_stream_tokens": loader.n_tokens, "train_passes": step * cfg.train_batch_tokens / loader.n_tokens}
+    if plan:
+        extra["budget_plan"] = {**plan, "budgets": [
+            {**b.to_dict(), "saved": bud.checkpoint_path(run_path, b.label, info.rank).is_file()} for b in budgets]}
+    if branch is not None:
+        extra["branch"] = branch
+    summary = _finish(cfg, info, run, run_path, model, adapter, src, val, final, raw, step, elapsed, peak_mem,
+                      extra)
     if wandb is not None:
         wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         wandb.finish()
     return summary
+
+
+def _branch(cfg: TrainConfig, info: DistInfo) -> tuple[TrainConfig, dict[str, Any]]:
+    """A decay branch's schedule: from the checkpoint's step S, ``K = decay_frac * S`` steps with the lr falling
+    linearly to 0 -- the warmdown schedule over ``S + K`` steps, so the branch is the run a warmdown from the start
+    would have been (the parent's schedule up to S being constant)."""
+    import dataclasses
+
+    parent, ck = bud.branch_paths(cfg.branch_from, info.rank)
+    s = bud.checkpoint_step(ck)
+    k = bud.decay_steps(cfg.decay_frac, s)
+    cfg = dataclasses.replace(cfg, iterations=s + k, warmdown_iters=k, warmdown_frac=0.0, max_wallclock_s=0.0,
+                              schedule="warmdown", save_at_tokens=(), save_at_dn=(), max_passes=0.0)
+    return cfg, {"checkpoint": str(ck), "parent_run": str(parent), "from_step": s, "decay_steps": k,
+                 "decay_frac": cfg.decay_frac, "from_tokens": s * cfg.train_batch_tokens,
+                 "tokens": (s + k) * cfg.train_batch_tokens, "budget": bud.parent_budget(parent, ck)}
+
+
+def _plan_budgets(cfg: TrainConfig, train_pattern: str) -> tuple[TrainConfig, list[bud.Budget], dict[str, Any]]:
+    """Budget checkpoints and the pass cap: the run ends at the last budget (or at the cap, if sooner)."""
+    import dataclasses
+
+    from ..data.loaders import find_shards
+    from ..data.shards import read_shard_header
+
+    if not (cfg.save_at_tokens or cfg.save_at_dn or cfg.max_passes):
+        return cfg, [], {}
+    stream = sum(read_shard_header(p) for p in find_shards(train_pattern))
+    total, non_emb = bud.param_counts(cfg.model)
+    n = total if cfg.dn_params == "total" else non_emb
+    budgets = bud.plan_budgets(save_at_tokens=cfg.save_at_tokens, save_at_dn=cfg.save_at_dn, n_params=n,
+                               batch_tokens=cfg.train_batch_tokens, stream_tokens=stream, max_passes=cfg.max_passes)
+    cap = bud.cap_steps(cfg.max_passes, stream, cfg.train_batch_tokens)
+    end = budgets[-1].step if budgets else cfg.iterations
+    end = min(end, cap) if cap is not None else end
+    plan = {"n_params": n, "dn_params": cfg.dn_params, "total_params": total, "non_embedding_params": non_emb,
+            "stream_tokens": stream, "batch_tokens": cfg.train_batch_tokens, "max_passes": cfg.max_passes,
+            "cap_step": cap, "end_step": end}
+    return dataclasses.replace(cfg, iterations=end), budgets, plan
 
 
 def _compile_warmup(cfg: TrainConfig, fwd, model: BankedGPT, opts, loader: TrainLoader, batching: _Batching,
@@ -317,7 +386,7 @@ def _average_grads(opt: torch.optim.Optimizer, info: DistInfo) -> None:
 
 def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model: BankedGPT, adapter, src, val,
             final: dict[str, float], raw: dict[str, float], step: int, elapsed: float,
-            peak_mem: float) -> dict[str, Any]:
+            peak_mem: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize to the artifact, score the round-tripped model, write and print the summary."""
     art_path = run_path / ARTIFACT_NAME
     extras = adapter.artifact_extras() if adapter is not None else {}
@@ -346,6 +415,7 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model
         "meta_adapter": cfg.meta.adapter or None,
         "data_fingerprint": {k: src.meta[k] for k in ("val_fingerprint", "val_n_tokens", "synthetic_fingerprint")
                              if k in src.meta},
+        **(extra or {}),
     }
     run.write_summary(summary)
     if info.is_main:

@@ -2,15 +2,28 @@
 from __future__ import annotations
 
 
+SCHEDULES = ("warmdown", "wsd")
+
+
 def lr_scale(step: int, elapsed_s: float, *, iterations: int, warmdown_iters: int, max_wallclock_s: float,
-             warmdown_frac: float = 0.0) -> float:
+             warmdown_frac: float = 0.0, schedule: str = "warmdown", warmup_steps: int = 0) -> float:
     """Multiplier on every base lr for the step about to be taken.
+
+    ``schedule="wsd"`` (warmup-stable-decay, without its decay): constant after the warmup; the decay is a branch
+    of its own (``--branch-from``, metattt/train/budgets.py). ``warmup_steps`` ramps linearly from
+    ``1 / warmup_steps`` to 1 in either schedule.
 
     Under a wallclock cap the warmdown is placed by time: the last ``warmdown_iters`` steps are estimated from
     the mean step time so far (the record's "warmdown 3500 steps by wallclock"), or the last ``warmdown_frac``
     of the budget when that is set. Without a cap it is the last ``warmdown_iters`` of ``iterations``.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose from {SCHEDULES}")
     scales = [1.0]
+    if warmup_steps > 0 and step < warmup_steps:
+        scales.append((step + 1) / warmup_steps)
+    if schedule == "wsd":
+        return min(scales)
     if max_wallclock_s > 0:
         remaining = max(max_wallclock_s - elapsed_s, 0.0)
         if warmdown_frac > 0:

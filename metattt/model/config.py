@@ -133,3 +133,22 @@ def tiny_synthetic(vocab_size: int = 256) -> ModelConfig:
         vocab_size=vocab_size, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=3.0,
         rope_dims=16, xsa_layers=(3,), ve_layers=(3,), ve_dim=32, bigram_vocab=512, bigram_dim=32,
     )
+
+
+# The scaling ladder of the ceiling study (issue 29): the record's block design at smaller depth and width.
+# name -> (num_layers, model_dim); non-embedding parameters (tests/test_ladder_presets.py holds them exact):
+# 616,866 / 1,186,442 / 2,032,946 / 4,186,170 / 8,369,035 (the record: 26,076,251).
+LADDER_SHAPES: dict[str, tuple[int, int]] = {
+    "0.6m": (4, 128), "1.2m": (5, 160), "2m": (6, 192), "4m": (7, 256), "8m": (9, 320),
+}
+
+
+def ladder(num_layers: int, model_dim: int) -> ModelConfig:
+    """``pg_2026_03_23`` scaled: width and depth grow together (d/L ≈ 32-36, the record's 46 at the top), the
+    record's 8 query / 4 KV heads (head_dim = d/8 >= 16 holds the 16 RoPE dims), MLP ×3, the same bigram and
+    value-embedding tables, XSA on the last 4/11 and value embeddings on the last 2/11 of the layers (rounded,
+    at least one)."""
+    n = num_layers
+    return ModelConfig(num_layers=n, model_dim=model_dim,
+                       xsa_layers=tuple(range(n - max(1, round(4 * n / 11)), n)),
+                       ve_layers=tuple(range(n - max(1, round(2 * n / 11)), n)))

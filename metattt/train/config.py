@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model.config import ModelConfig, pg_2026_03_23, tiny_synthetic
+from ..model.config import LADDER_SHAPES, ModelConfig, ladder, pg_2026_03_23, tiny_synthetic
 from ..model.gpt import Runtime
 from ..optim.builder import OptimConfig
 from ..ttt.meta import MetaConfig
@@ -145,7 +145,26 @@ def _pg_2026_03_23() -> TrainConfig:
     )
 
 
-PRESETS = {"tiny-synthetic": _tiny_synthetic, "pg-2026-03-23": _pg_2026_03_23}
+# global tokens per step of each ladder size: >= ~230 steps at its smallest budget (D/N = 25)
+LADDER_BATCH_TOKENS = {"0.6m": 65_536, "1.2m": 98_304, "2m": 131_072, "4m": 196_608, "8m": 262_144}
+
+
+def _ladder(size: str) -> TrainConfig:
+    """A ladder size (issue 29) trained as budget runs: the record's recipe and lrs at seq 2048 (the evaluators'
+    window; FineWeb documents are ≈ 2,000 tokens), with ``--schedule wsd`` (decay branches do the decay), no EMA
+    (an EMA with the record's 0.997 averages over ≈ 300 steps, longer than most decay branches), no wallclock
+    cap (``--save-at-dn`` places the checkpoints), Muon momentum warm-up over 100 steps (the record's 1,500 are
+    more than a small rung's whole run), one micro-batch per step (no accumulation at these sizes)."""
+    cfg = _pg_2026_03_23()
+    batch = LADDER_BATCH_TOKENS[size]
+    return dataclasses.replace(
+        cfg, preset=f"ladder-{size}", model=ladder(*LADDER_SHAPES[size]), train_batch_tokens=batch,
+        micro_batch_tokens=batch, max_wallclock_s=0.0, schedule="wsd", ema_decay=0.0, val_every=0,
+        optim=dataclasses.replace(cfg.optim, muon_momentum_warmup_steps=100))
+
+
+PRESETS = {"tiny-synthetic": _tiny_synthetic, "pg-2026-03-23": _pg_2026_03_23,
+           **{f"ladder-{k}": (lambda k=k: _ladder(k)) for k in LADDER_SHAPES}}
 
 
 def preset(name: str) -> TrainConfig:

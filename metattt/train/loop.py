@@ -119,6 +119,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
         cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
+        if cfg.branch_from:  # a resumed branch: the same schedule (saved), and its record for the summary
+            _, branch = _branch(cfg, info)
     elif cfg.branch_from:
         cfg, branch = _branch(cfg, info)
     init = None

@@ -32,6 +32,10 @@ Config file (see experiments/ceiling_cpu.toml)::
 
 Strings may use ``{study}`` (the study root) and environment variables (``$METATTT_DATA``); keys hash the
 strings as written, so the same config on another machine finds the same cells.
+
+A model's ``train`` flags may name another model's run directory as ``{model:NAME}`` (NAME defined above it),
+e.g. ``["--branch-from", "{model:small}/budgets/dn25_r0.pt"]`` for a decay branch from a budget checkpoint: it
+becomes ``{study}/models/NAME-KEY`` (so the key changes when NAME's does), and NAME is trained first.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+_MODEL_REF = re.compile(r"\{model:([^}]*)\}")
 
 
 class StudyConfigError(ValueError):
@@ -88,6 +93,7 @@ class ModelSpec:
     train: tuple[str, ...] | None = None
     artifact: str | None = None
     note: str = ""
+    depends: tuple[str, ...] = ()  # models its train flags name as {model:NAME}: trained before it
 
     def __post_init__(self) -> None:
         if (self.train is None) == (self.artifact is None):
@@ -194,6 +200,24 @@ def _expand_sweep(base: dict[str, Any], sweep: Any, where: str) -> list[tuple[st
     return out
 
 
+def _resolve_refs(m: ModelSpec, defined: dict[str, ModelSpec], where: str) -> ModelSpec:
+    """``{model:NAME}`` in the train flags -> ``{study}/models/NAME-KEY`` (NAME defined above)."""
+    if m.train is None:
+        return m
+    deps: list[str] = []
+
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        ref = defined.get(name)
+        if ref is None or ref.train is None:
+            raise StudyConfigError(f"{where}: {{model:{name}}} must name a trained model defined above it")
+        deps.append(name)
+        return f"{{study}}/models/{name}-{ref.key}"
+
+    train = tuple(_MODEL_REF.sub(sub, f) for f in m.train)
+    return ModelSpec(m.name, train, m.artifact, m.note, tuple(dict.fromkeys(deps)))
+
+
 def _section_id(value: Any, where: str) -> str:
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise StudyConfigError(f"{where}: section must be a string or integer, got {value!r}")
@@ -230,8 +254,9 @@ def parse_study(data: dict[str, Any], source: Path | None = None, root_override:
         art = m.get("artifact")
         if art is not None and not isinstance(art, str):
             raise StudyConfigError(f"{where}: artifact must be a path string")
-        models.append(ModelSpec(_name(m.get("name"), where), _flags(m["train"], where) if "train" in m else None,
-                                art, str(m.get("note", ""))))
+        spec = ModelSpec(_name(m.get("name"), where), _flags(m["train"], where) if "train" in m else None,
+                         art, str(m.get("note", "")))
+        models.append(_resolve_refs(spec, {x.name: x for x in models}, where))
     if len({m.name for m in models}) != len(models):
         raise StudyConfigError(f"{src}: model names must be unique")
 

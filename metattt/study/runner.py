@@ -203,7 +203,15 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
     outcomes: list[Outcome] = []
     cells = [c for c in study.cells()
              if only is None or c.model.name in only or c.ev.name in only or c.ev.section in only]
-    needed = {c.model.name: c.model for c in cells}
+    needed: dict[str, ModelSpec] = {}
+
+    def need(m: ModelSpec) -> None:  # a model's dependencies (decay branches' parents) train before it
+        for dep in m.depends:
+            need(study.model(dep))
+        needed.setdefault(m.name, m)
+
+    for c in cells:
+        need(c.model)
     texts = [t for m in needed.values() for t in (m.train or (m.artifact,))] + [f for c in cells for f in c.ev.flags]
     unset = sorted({v for t in texts for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", study.expand(t))})
     if unset:
@@ -213,6 +221,10 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
         what = f"model {m.name}"
         if model_done(study, m):
             outcomes.append(Outcome(what, "skipped (done)"))
+            continue
+        if any(dep in failed_models for dep in m.depends):
+            failed_models.add(m.name)
+            outcomes.append(Outcome(what, "blocked (model it starts from missing)"))
             continue
         if m.artifact is not None:
             failed_models.add(m.name)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import Cell, StudyConfig
+from .ladder import ladder_tables
 from .runner import RECORD, cell_done, model_done, requested_protocols
 
 BOUNDS_FILE = "bounds.json"
@@ -374,6 +375,7 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
         lines += ["**Still missing** (configured, no complete run directory yet): "
                   + ", ".join(f"`{r.cell.ev.name}` on `{r.cell.model.name}`" for r in missing) + ".", ""]
     lines += summary_table(done)
+    lines += ladder_tables(done)
     for r in done:
         lines += cell_table(r)
     lines += cross_model_table(done) + cross_setting_table(done)

@@ -340,3 +340,24 @@ def test_reference_record_model_scores_like_the_record_on_gpu(tmp_path: Path, na
     got = {p: rep[p]["compat"]["bpb"] for p in printed}
     bad = {p: (got[p], want, got[p] - want) for p, want in printed.items() if abs(got[p] - want) > GPU_BOUNDS[p]}
     assert not bad, f"{name}: (ours, record, difference) beyond {GPU_BOUNDS}: {bad}"
+
+
+def test_reference_finder_and_printed_numbers(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "refs" / "pg549-x"
+    folder.mkdir(parents=True)
+    (folder / "final_model.int6.ptz").write_bytes(b"")
+    monkeypatch.setenv("METATTT_REFERENCE", str(tmp_path / "refs"))
+    assert reference.reference_model("pg549-x") == folder / "final_model.int6.ptz"
+    assert reference.reference_model("pg549-absent") is None
+    with pytest.raises(ValueError, match="neither a README"):
+        reference.printed_numbers(folder)
+    (folder / "train.txt").write_text("final_int6_roundtrip val_loss:1.9 val_bpb:1.1452\n"
+                                      "final_int6_roundtrip_exact val_loss:1.93358885 val_bpb:1.14518023\n"
+                                      "final_int6_sliding_window_exact val_loss:1.89 val_bpb:1.12165091\n"
+                                      "legal_ttt_exact val_loss:1.88976776 val_bpb:1.11922988\n")
+    assert reference.printed_numbers(folder) == {"flat": 1.14518023, "sliding": 1.12165091, "ttt:sgd": 1.11922988}
+    (folder / "README.md").write_text("| line | val bpb |\n|---|---:|\n"
+                                      "| `final_int6_roundtrip_exact` (flat) | 5.19963323 |\n"
+                                      "| `final_int6_sliding_window_exact` (stride 64) | 5.19544863 |\n")
+    with pytest.raises(ValueError, match="legal_ttt_exact"):
+        reference.printed_numbers(folder)  # the README wins over the log, and must be complete

@@ -8,9 +8,11 @@ numerics (docs/interop.md):
   (31 windows, 1,984 extra scorings at L = 2048, stride 64) -- counted here as a separate ``compat`` bpb;
 * every forward is padded to L tokens (their ``x_batch`` is always ``seq_len`` long), which matters with the
   dynamic NTK RoPE base (``ModelConfig.rope_ntk_len``);
-* under bf16 autocast, ``tok_emb``, ``bigram.embed`` and ``ve_shared.embed`` are bf16 tensors, the residual
-  stream is bf16 and the soft cap runs in bf16; their TTT updates those tables in bf16. With ``--no-autocast``
-  the record's function is evaluated in float32, tables included.
+* their late-QAT flag stays on through TTT, so TTT training forwards see the CastedLinear weights on the int6
+  grid (``fake_int6``);
+* under bf16 autocast their numerics differ from ours in several places (``RecordNumerics``: attention kernel,
+  split Q/K/V, unfolded gains, bf16 tables and embedding sum, eager TTT scoring, bf16 table gradients and momentum).
+  With ``--no-autocast`` the record's function is evaluated in float32, tables included.
 """
 from __future__ import annotations
 

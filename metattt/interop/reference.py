@@ -58,13 +58,24 @@ def val_and_tokenizer() -> tuple[Path, Path] | None:
 
 
 def printed_numbers(folder: Path) -> dict[str, float]:
-    """Our protocol name -> the val bpb the record printed, read from the folder README's table rows
-    ``| `final_int6_roundtrip_exact` (...) | 5.19963323 |``. Raises ValueError when a line is missing."""
-    text = (Path(folder) / "README.md").read_text(encoding="utf-8")
+    """Our protocol name -> the val bpb the record printed for the model in ``folder``: from its README's table rows
+    (``| `final_int6_roundtrip_exact` (...) | 5.19963323 |``), else from the record script's own log (``*.txt`` /
+    ``*.log``: ``final_int6_roundtrip_exact val_loss:... val_bpb:5.19963323``). ValueError when a line is missing."""
+    folder = Path(folder)
+    readme = folder / "README.md"
+    if readme.is_file():
+        text, pattern = readme.read_text(encoding="utf-8"), r"^\|\s*`{line}`[^|]*\|\s*([0-9]+\.[0-9]+)\s*\|"
+        where = readme
+    else:
+        logs = sorted(folder.glob("*.txt")) + sorted(folder.glob("*.log"))
+        if not logs:
+            raise ValueError(f"{folder}: neither a README.md nor a record log (*.txt, *.log)")
+        text, pattern = "\n".join(p.read_text(encoding="utf-8") for p in logs), r"^{line} .*val_bpb:([0-9]+\.[0-9]+)"
+        where = logs[0]
     out = {}
     for proto, line in RECORD_LINES.items():
-        m = re.search(r"^\|\s*`" + re.escape(line) + r"`[^|]*\|\s*([0-9]+\.[0-9]+)\s*\|", text, re.M)
+        m = re.search(pattern.format(line=re.escape(line)), text, re.M)
         if m is None:
-            raise ValueError(f"{folder}/README.md: no table row for `{line}`")
+            raise ValueError(f"{where}: no `{line}` number")
         out[proto] = float(m.group(1))
     return out

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "family then uses SDPA's FLASH kernel, whose cost does not depend on new shapes)")
     ap.add_argument("--compat", default="none", choices=("none", "pg-record"),
                     help="pg-record: also report the record scripts' numbers (truncated val, tail re-scoring, every "
-                         "forward padded to the context, bf16 tables/residual/soft cap under autocast; "
-                         "docs/interop.md). Default: every target exactly once")
+                         "forward padded to the context, late-QAT TTT forwards, the record's bf16 numerics under "
+                         "autocast; docs/interop.md). Default: every target exactly once")
     ap.add_argument("--compat-knobs", default="", metavar="K=V,...",
                     help="pg-record: turn single sources of the record's numerics off, e.g. 'qat=0,attn=auto' "
                          "(metattt.eval.compat.RecordNumerics; for benchmarks/compat_residual.py)")

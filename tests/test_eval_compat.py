@@ -69,6 +69,8 @@ def test_compat_numbers_equal_the_record_loops(tmp_path: Path, capsys) -> None:
                         allow_over_budget=True)
     argv = [str(art), "--protocols", "flat,sliding", "--stride", str(STRIDE), "--bootstrap", "0", "--quiet",
             "--wandb", "off", "--compat", "pg-record"]
+    assert main(argv[:-2] + ["--compat-knobs", "qat=0"]) == 2  # knobs without --compat: a clear error
+    assert main(argv + ["--compat-knobs", "qat=3"]) == 2
     assert main(argv) == 0
     rep = json.loads((tmp_path / "run" / "eval.json").read_text())
     from metattt.artifact.model_io import load_model_artifact
@@ -104,3 +106,91 @@ def test_storage_dtypes_round_every_update_of_the_named_tensors() -> None:
     t = rounded.params()["tok_emb"]
     assert torch.equal(t, t.bfloat16().float()) and not torch.equal(t, plain.params()["tok_emb"])
     assert not torch.equal(plain.params()["tok_emb"], plain.params()["tok_emb"].bfloat16().float())
+
+
+def test_storage_state_rounds_gradients_and_momentum_of_the_named_tensors() -> None:
+    from metattt.ttt.registry import adapter_from_spec
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, xsa_layers=(), ve_layers=(), bigram_vocab=0, smear_gate=False, unet_skips=False)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    runs = {}
+    for state in (False, True):
+        ad = adapter_from_spec("sgd:lr=0.05,epochs=2,batch_seqs=2").bind(model)
+        ad.storage_dtypes, ad.storage_state = {"tok_emb": torch.bfloat16}, state
+        ad.adapt(model, x, y, 0.0)
+        runs[state] = ad
+    mom = runs[True]._state["mom.tok_emb"]
+    assert mom.dtype == torch.float32 and torch.equal(mom, mom.bfloat16().float())
+    assert not torch.equal(runs[False]._state["mom.tok_emb"], runs[False]._state["mom.tok_emb"].bfloat16().float())
+    other = runs[True]._state["mom.qo_bank"]  # tensors without a storage dtype stay float32 values
+    assert not torch.equal(other, other.bfloat16().float())
+    assert not torch.equal(runs[True].params()["tok_emb"], runs[False].params()["tok_emb"])
+
+
+def _int6_grid(w: torch.Tensor) -> torch.Tensor:
+    """The record's late-QAT weight, as read from its CastedLinear: rows on a grid of max|row|/31 (at least 1/31),
+    integers clamped to [-32, 31]."""
+    s = torch.clamp(w.abs().max(dim=1).values / 31, min=1 / 31)
+    return (w / s[:, None]).round().clamp(-32, 31) * s[:, None]
+
+
+def test_fake_int6_is_the_records_late_qat_forward_and_identity_backward() -> None:
+    from metattt.eval.compat import fake_int6
+
+    torch.manual_seed(0)
+    w = (torch.randn(6, 5) * torch.tensor([0.01, 0.5, 2.0, 3.0, 0.2, 40.0])[:, None]).requires_grad_(True)
+    out = fake_int6(w)
+    assert torch.equal(out.detach(), _int6_grid(w.detach()))
+    (out * torch.arange(30.0).view(6, 5)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(30.0).view(6, 5))
+
+
+def test_record_ttt_factory_trains_through_quantized_projections() -> None:
+    from metattt.eval.compat import parse_knobs, record_ttt_factory
+    from metattt.ttt.registry import adapter_from_spec
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32, bigram_dim=8)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    make = lambda _key: adapter_from_spec("sgd:lr=0.05,epochs=1,batch_seqs=2").bind(model)  # noqa: E731
+    ad = record_ttt_factory(make, parse_knobs(""), bf16=False)("sgd")
+    assert not ad.storage_dtypes  # the bf16 parts need autocast on CUDA
+    p = model.param_dict()
+    want = model(x, y, params={"bigram_proj": _int6_grid(p["bigram_proj"].detach()),
+                               "ve_proj": _int6_grid(p["ve_proj"].detach())})
+    got = ad.loss(model, x, y, ad.params())
+    assert torch.allclose(got, want, rtol=0, atol=1e-6) and not torch.allclose(got, model(x, y), atol=1e-6)
+    off = record_ttt_factory(make, parse_knobs("qat=0"), bf16=False)("sgd")
+    assert torch.equal(off.loss(model, x, y, off.params()), model(x, y))
+
+
+@pytest.mark.parametrize("bad", ["qat=2", "nope=1", "attn=fast", "qat"])
+def test_bad_compat_knobs_are_a_clear_error(bad: str) -> None:
+    from metattt.eval.compat import parse_knobs
+
+    with pytest.raises(ValueError, match="--compat-knobs"):
+        parse_knobs(bad)
+
+
+def test_record_casts_change_nothing_in_float32() -> None:
+    from metattt.model.gpt import Runtime
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32, bigram_dim=8)
+    torch.manual_seed(0)
+    a = BankedGPT(cfg)
+    b = BankedGPT(cfg, Runtime(record_casts=True, attn="math"))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="runtime attn"):
+        Runtime(attn="fast")

@@ -28,6 +28,9 @@ import torch
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): scales never round to 0
+# an entry's optional "round_to": its dequantized values are rounded to this dtype (a model that stores the
+# tensor in it, e.g. the record's bf16 embedding tables, computes with exactly those values)
+ROUND_TO = ("bfloat16", "float16")
 
 SCHEMES = ("int6_row", "int8_row", "fp32", "fp16", "raw")
 
@@ -261,6 +264,11 @@ def dequantize_state_dict(qs: QuantizedState, dtype: torch.dtype | None = torch.
             continue
         else:
             raise ValueError(f"dequantize_state_dict: unknown scheme {scheme!r} for {name!r}")
+        if e.get("round_to"):  # values held in a lower precision by the model's source (imported record tables)
+            if e["round_to"] not in ROUND_TO:
+                raise ValueError(f"dequantize_state_dict: {name!r} rounds to {e['round_to']!r}, "
+                                 f"expected one of {ROUND_TO}")
+            t = t.to(getattr(torch, e["round_to"])).float()
         target = getattr(torch, e["dtype"]) if restore_dtype else dtype
         out[name] = t.to(target) if target is not None else t.clone()
     return out

@@ -8,14 +8,16 @@ numerics (docs/interop.md):
   (31 windows, 1,984 extra scorings at L = 2048, stride 64) -- counted here as a separate ``compat`` bpb;
 * every forward is padded to L tokens (their ``x_batch`` is always ``seq_len`` long), which matters with the
   dynamic NTK RoPE base (``ModelConfig.rope_ntk_len``);
-* under bf16 autocast, ``tok_emb``, ``bigram.embed`` and ``ve_shared.embed`` are bf16 tensors, the residual
-  stream is bf16 and the soft cap runs in bf16; their TTT updates those tables in bf16. With ``--no-autocast``
-  the record's function is evaluated in float32, tables included.
+* their late-QAT flag stays on through TTT, so TTT training forwards see the CastedLinear weights on the int6
+  grid (``fake_int6``);
+* under bf16 autocast their numerics differ from ours in several places (``RecordNumerics``: attention kernel,
+  split Q/K/V, unfolded gains, bf16 tables and embedding sum, eager TTT scoring, bf16 table gradients and momentum).
+  With ``--no-autocast`` the record's function is evaluated in float32, tables included.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -51,19 +53,98 @@ def round_tables(model: torch.nn.Module) -> list[str]:
     return done
 
 
-def record_numerics(model: torch.nn.Module) -> None:
-    """bf16 residual stream and bf16 soft cap (active only under autocast) plus bf16-valued tables."""
-    model.runtime = replace(model.runtime, residual_dtype="bfloat16", lowp_softcap=True)
-    round_tables(model)
+@dataclass(frozen=True)
+class RecordNumerics:
+    """What ``--compat pg-record`` reproduces of the record's numerics, one switch per source of difference
+    (docs/interop.md measures each; ``--compat-knobs qat=0,attn=auto`` turns some off, for
+    ``benchmarks/compat_residual.py``). All but ``qat`` act under bf16 autocast on CUDA only."""
+
+    tables: bool = True  # tok_emb, bigram_emb, ve_emb rounded to bf16 (imported artifacts already are)
+    residual: bool = True  # bf16 residual stream
+    softcap: bool = True  # soft cap in bf16
+    casts: bool = True  # bf16 embedding sum, smear gate cast to bf16 before its sigmoid (Runtime.record_casts)
+    split_qkv: bool = True  # separate Q, K, V GEMMs; norm, RoPE and q gain in plain torch (no fused GEMM/kernel)
+    unfold_gains: bool = True  # attn/mlp scales multiply the branch output, not the weights' rows
+    attn: str = "sdpa-flash"  # the record's SDPA call with only the flash kernel enabled
+    eager_ttt: bool = True  # TTT scores through the uncompiled model, as the record's TTT loop does
+    ttt_tables: bool = True  # TTT rounds every table update to bf16 (the record's tables are bf16 parameters)
+    ttt_state: bool = True  # ... and their gradients and SGD momentum buffers (bf16 in the record too)
+    qat: bool = True  # TTT training forwards see bigram/VE projections fake-quantized to int6 (late QAT stays on)
 
 
-def bf16_tables_factory(factory: Any) -> Any:
-    """Adapters whose every update of the record's tables is rounded to bf16 (its TTT updates them in bf16;
-    its SGD momentum buffers are bf16 too, which this does not reproduce)."""
+def parse_knobs(text: str | None) -> RecordNumerics:
+    """``"qat=0,attn=auto"`` -> RecordNumerics; ValueError naming a bad item."""
+    kw: dict[str, Any] = {}
+    known = {f.name: f.type for f in fields(RecordNumerics)}
+    for item in (t.strip() for t in (text or "").split(",") if t.strip()):
+        k, eq, v = item.partition("=")
+        if not eq or k not in known:
+            raise ValueError(f"--compat-knobs: {item!r} is not KEY=VALUE with KEY one of {', '.join(known)}")
+        if k == "attn":
+            from ..model.attention import ATTN_BACKENDS
+
+            if v not in ATTN_BACKENDS:
+                raise ValueError(f"--compat-knobs: attn must be one of {ATTN_BACKENDS}, got {v!r}")
+            kw[k] = v
+        elif v in ("0", "1"):
+            kw[k] = v == "1"
+        else:
+            raise ValueError(f"--compat-knobs: {k} takes 0 or 1, got {v!r}")
+    return RecordNumerics(**kw)
+
+
+def record_numerics(model: torch.nn.Module, knobs: RecordNumerics = RecordNumerics()) -> None:
+    """The record's forward numerics under bf16 autocast (see ``RecordNumerics``), set on the model's runtime."""
+    model.runtime = replace(model.runtime, residual_dtype="bfloat16" if knobs.residual else "float32",
+                            lowp_softcap=knobs.softcap, record_casts=knobs.casts,
+                            fused_qkv=not knobs.split_qkv and model.runtime.fused_qkv,
+                            qkv_kernel=not knobs.split_qkv and model.runtime.qkv_kernel,
+                            fold_gains=not knobs.unfold_gains and model.runtime.fold_gains, attn=knobs.attn)
+    if knobs.tables:
+        round_tables(model)
+
+
+QAT_LINEARS = ("bigram_proj", "ve_proj", "lm_head")  # the record's CastedLinear weights
+
+
+def fake_int6(w: torch.Tensor) -> torch.Tensor:
+    """The record's late-QAT forward of a CastedLinear weight: per-row int6 grid (scale max|w|/31, at least 1/31,
+    values in [-32, 31]) in the forward, the identity in the backward. Under autocast it is formed in the autocast
+    dtype, as the record forms it from the bf16 copy of the weight."""
+    with torch.no_grad():
+        w32 = w.detach().float()
+        scale = (w32.abs().amax(dim=1) / 31.0).clamp_min(1.0 / 31.0)
+        wq = torch.clamp(torch.round(w32 / scale[:, None]), -32, 31) * scale[:, None]
+    dev = w.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        w, wq = w.to(dt), wq.to(dt)
+    return w + (wq.to(w.dtype) - w).detach()
+
+
+def record_ttt_factory(factory: Any, knobs: RecordNumerics = RecordNumerics(), bf16: bool = True) -> Any:
+    """Adapters that train as the record's TTT does: late QAT on the CastedLinear weights during their training
+    forwards (``knobs.qat``); with ``bf16`` (autocast on CUDA) the tables' updates, gradients and momentum
+    buffers in bf16 (``knobs.ttt_tables`` / ``ttt_state``)."""
     def get(key: str) -> Any:
         ad = factory(key)
-        if hasattr(ad, "storage_dtypes"):
+        if bf16 and knobs.ttt_tables and hasattr(ad, "storage_dtypes"):
             ad.storage_dtypes = {n: torch.bfloat16 for n in BF16_TABLES}
+            ad.storage_state = knobs.ttt_state
+        if knobs.qat and hasattr(ad, "loss") and not getattr(ad, "_record_qat", False):
+            plain = ad.loss
+
+            def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, overrides: Any,
+                     attn: str | None = None) -> torch.Tensor:
+                ov = dict(overrides)
+                named = dict(model.named_parameters())
+                for n in QAT_LINEARS:
+                    if n in ov or n in named:
+                        ov[n] = fake_int6(ov[n] if n in ov else named[n])
+                return plain(model, x, y, ov, attn)
+
+            ad.loss = loss
+            ad._record_qat = True
         return ad
     return get
 

@@ -132,6 +132,7 @@ class EvalConfig:
     progress: bool = False
     fixed_shapes: bool = False  # one forward shape (set with --compile)
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
+    eager_adapted: bool = False  # score adapted weights with the uncompiled model (the record's TTT loop does)
     docttt_compile: bool = False  # docttt: compiled core, dynamic rows and lengths (the CLI's --compile)
     docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
     attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
@@ -282,6 +283,8 @@ def run_protocol(
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)
+    if cfg.eager_adapted and spec.mode != "score":
+        scorer = None
     if spec.mode == "score":
         order = "score_only"
         adapter = None
@@ -391,7 +394,8 @@ def evaluate(
         bound[spec.name] = adapter
     out = EvalResult(data, cfg)
     if scorer is not None:
-        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if spec.mode != docttt.FAMILY]
+        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if spec.mode != docttt.FAMILY
+                and not (cfg.eager_adapted and spec.mode != "score")]
         out.scorer_compile_s = warm_up_scorer(scorer, data, jobs, cfg)
         if log is not None and out.scorer_compile_s:
             log(f"compiled scorer warmed up in {out.scorer_compile_s:.1f}s (not counted in protocol times)")

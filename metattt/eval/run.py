@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "family then uses SDPA's FLASH kernel, whose cost does not depend on new shapes)")
     ap.add_argument("--compat", default="none", choices=("none", "pg-record"),
                     help="pg-record: also report the record scripts' numbers (truncated val, tail re-scoring, every "
-                         "forward padded to the context, bf16 tables/residual/soft cap under autocast; "
-                         "docs/interop.md). Default: every target exactly once")
+                         "forward padded to the context, late-QAT TTT forwards, the record's bf16 numerics under "
+                         "autocast; docs/interop.md). Default: every target exactly once")
+    ap.add_argument("--compat-knobs", default="", metavar="K=V,...",
+                    help="pg-record: turn single sources of the record's numerics off, e.g. 'qat=0,attn=auto' "
+                         "(metattt.eval.compat.RecordNumerics; for benchmarks/compat_residual.py)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the scoring forward (adapters train eager); every forward is then padded to "
                     "one shape, so it compiles once; docttt protocols compile the model's core with dynamic rows and "
@@ -353,12 +356,16 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     if args.compat == "pg-record":
-        from .compat import truncate
+        from .compat import parse_knobs, truncate
 
         try:
             tokens = truncate(tokens, int(args.seq_len or meta.get("seq_len") or 2048))
+            knobs = parse_knobs(args.compat_knobs)
         except ValueError as e:
             raise EvalInputError(str(e)) from e
+    elif args.compat_knobs:
+        raise EvalInputError("--compat-knobs needs --compat pg-record")
+    record_bf16 = args.compat == "pg-record" and not args.no_autocast and device.type == "cuda"
     if args.compile is None:
         args.compile = device.type == "cuda"
     trained_len = int(meta.get("seq_len") or 2048)
@@ -368,7 +375,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      train_seq_len=args.train_seq_len, autocast=not args.no_autocast, n_boot=args.bootstrap,
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
                      progress=not args.quiet, fixed_shapes=args.compile, docttt_compile=args.compile,
-                     compat=args.compat,
+                     compat=args.compat, eager_adapted=record_bf16 and knobs.eager_ttt,
                      attn=args.attn)
     _check_windows(cfg, specs)
     try:
@@ -376,10 +383,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         cfg.score_config()
     except ValueError as e:
         raise EvalInputError(str(e)) from e
-    if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
+    if record_bf16:
         from .compat import record_numerics
 
-        record_numerics(model)  # before any adapter snapshots the weights
+        record_numerics(model, knobs)  # before any adapter snapshots the weights
     try:
         registry = Registry.build(args.adapter_module or ())
     except PluginError as e:
@@ -388,10 +395,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         factory = make_adapter_factory(model, adapter_specs, dict(loaded.extras or {}), registry)
     else:
         factory = adapter_factory(model, adapter_specs, dict(loaded.extras or {}))
-    if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
-        from .compat import bf16_tables_factory
+    if args.compat == "pg-record":
+        from .compat import record_ttt_factory
 
-        factory = bf16_tables_factory(factory)
+        factory = record_ttt_factory(factory, knobs, bf16=record_bf16)
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
         + (f"; {world} ranks" if world > 1 else ""))

@@ -10,7 +10,9 @@ tensor is used exactly once and every target tensor is filled with the right sha
 functions equal: the record rotates RoPE the other way (negating dims [rope_dims/2, rope_dims) of every head's
 rows of W_q and W_k gives identical attention scores: an exact sign fold), and our one ``ve_scales`` vector is the
 record's ``ve_shared.scale * ve_layer_scales[j]``. Imported configs set ``rope_ntk_len=1024`` (the record's
-``Rotary(train_seq_len=1024)``). docs/interop.md has the table and the facts.
+``Rotary(train_seq_len=1024)``). The record dequantizes each tensor back to the dtype its model holds it in, bf16
+for the embedding tables (``RECORD_BF16``); import marks those entries ``round_to="bfloat16"`` so the imported
+weights are the record's, value for value. docs/interop.md has the table and the facts.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ BANKED = {  # record per-layer matrix -> (our bank, offset in units of L)
 }
 RECORD_BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 ROPE_FOLDED = ("attn.c_q", "attn.c_k")
+# the record's nn.Embedding weights: its eval model is ``GPT(...).bfloat16()`` with banks, CastedLinear weights,
+# vectors and control tensors put back to float32, so these three stay bf16, and its dequantization casts every
+# int8 row (and any fp16 passthrough) of them to bf16: import rounds them the same way ("round_to")
+RECORD_BF16 = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
 RECORD_XSA_LAST_N = 4  # the record's defaults for what a state dict cannot tell
 RECORD_ROPE_DIMS = 16
 RECORD_NTK_LEN = 1024
@@ -357,6 +363,10 @@ def map_record(rec: RecordModel, cfg: ModelConfig) -> Imported:
             _data_entry(qs, target, p.data, shape)  # the record's fp16 passthrough, bit-exact
         else:
             floats[target] = p.data.float().reshape(shape)
+            continue
+        if rec.kind == "int6.ptz" and keys[0] in RECORD_BF16:
+            qs.entries[target]["round_to"] = "bfloat16"
+            rows[-1] = (rows[-1][0], target, how + " (rounded to bf16, as the record dequantizes it)")
     unknown = sorted(set(src) - set(used))
     if unknown:
         problems.append(f"unknown keys (no metattt tensor takes them): {unknown}")

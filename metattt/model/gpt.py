@@ -55,7 +55,10 @@ class Runtime:
     ``qkv_kernel`` runs per-head norm, partial RoPE and q gain as one Triton kernel each way (CUDA, half
     precision, fused QKV only; ``metattt.kernels.qkv_prep``). The kernel has no double backward and does not
     run under torch.func transforms, so ``attn="math"`` (the twice-differentiable path second-order meta-learning
-    uses) and ``torch.func.grad`` run plain torch throughout.
+    uses) and ``torch.func.grad`` run plain torch throughout. ``record_casts`` rounds where the record scripts' bf16 modules do (their
+    embedding tables are bf16 tensors, so the token and bigram embeddings and their sum are bf16; the smear gate is
+    cast to bf16 before its sigmoid); ``attn`` is the backend of a forward called with ``attn="auto"``
+    (``--compat pg-record`` pins the record's SDPA kernel).
     """
 
     residual_dtype: str = "float32"
@@ -63,10 +66,16 @@ class Runtime:
     fused_qkv: bool = True
     fold_gains: bool = True
     qkv_kernel: bool = True
+    record_casts: bool = False  # the record scripts' bf16 embedding sum and smear-gate cast (compat scoring)
+    attn: str = "auto"
 
     def __post_init__(self) -> None:
+        from .attention import ATTN_BACKENDS
+
         if self.residual_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"residual_dtype must be 'float32' or 'bfloat16', got {self.residual_dtype!r}")
+        if self.attn not in ATTN_BACKENDS:
+            raise ValueError(f"runtime attn must be one of {ATTN_BACKENDS}, got {self.attn!r}")
 
 
 def bank_slice_index(cfg: ModelConfig, kind: str, layer: int) -> tuple[str, int]:
@@ -216,9 +225,13 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     cap run on P instead of T positions: chunked scoring needs a few positions of a long window)."""
     if rope is None:
         rope = rope_tables(cfg, tokens.size(1), tokens.device)
+    if attn == "auto":
+        attn = rt.attn
     dev = tokens.device.type
     lowp = torch.get_autocast_dtype(dev) if rt.residual_dtype != "float32" and torch.is_autocast_enabled(dev) else None
     x = F.embedding(tokens, p["tok_emb"])
+    if rt.record_casts and torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
     if cfg.bigram_vocab:
         big = F.linear(F.embedding(bigram_hash(tokens, cfg.bigram_vocab), p["bigram_emb"]), p["bigram_proj"])
         x = x + p["bigram_scale"].to(x.dtype) * big
@@ -226,7 +239,7 @@ def gpt_forward(cfg: ModelConfig, p: Mapping[str, Tensor], tokens: Tensor, attn:
     if lowp is not None:
         x = x.to(lowp)
     if cfg.smear_gate:
-        g = torch.sigmoid(p["smear_gate"]).to(x.dtype)
+        g = torch.sigmoid(p["smear_gate"].to(x.dtype)) if rt.record_casts else torch.sigmoid(p["smear_gate"]).to(x.dtype)
         x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
     x0 = x
     schedule = cfg.layer_schedule()

@@ -168,6 +168,13 @@ def register_nested(root: nn.Module, dotted: str, value: Tensor, *, buffer: bool
         mod.register_parameter(leaf, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
 
 
+def _stored(d: Mapping[str, Any], dtypes: Mapping[str, torch.dtype],
+            key: Callable[[str], str] = lambda k: k) -> dict[str, Any]:
+    """``d`` with the tensors whose ``key(name)`` has a storage dtype rounded to it (their own dtype kept)."""
+    return {k: (v.to(dtypes[key(k)]).to(v.dtype) if isinstance(v, Tensor) and key(k) in dtypes else v)
+            for k, v in d.items()}
+
+
 class Adapter(nn.Module):
     """Base class; subclasses set ``name``/``Config`` and override the functional core (module docstring)."""
 
@@ -190,8 +197,11 @@ class Adapter(nn.Module):
         self._cur: Tensors = {}
         self._state: dict[str, Any] = {}
         # trainables kept at a lower precision between steps (name -> dtype): every update is rounded to it, as
-        # a framework holding those tensors in that dtype would (the record's bf16 tables: --compat pg-record)
+        # a framework holding those tensors in that dtype would (the record's bf16 tables: --compat pg-record);
+        # with storage_state, their gradients and optimiser state (keys "<kind>.<name>") are rounded too, as such
+        # a framework's gradients and torch.optim buffers have the parameter's dtype
         self.storage_dtypes: dict[str, torch.dtype] = {}
+        self.storage_state: bool = False
 
     # ------------------------------------------------------------------ functional core (override these)
     def setup(self, model: nn.Module) -> None:
@@ -354,10 +364,13 @@ class Adapter(nn.Module):
                                         over_ranks=over_ranks)
                 loss, grads = self.direction(trainables, grad_at)
                 with torch.no_grad() if no_grad_step else contextlib.nullcontext():
+                    if self.storage_dtypes and self.storage_state:
+                        grads = _stored(grads, self.storage_dtypes)
                     trainables, state = self.step(trainables, state, grads, progress)
                     if self.storage_dtypes:
-                        trainables = {n: (t.to(self.storage_dtypes[n]).to(t.dtype) if n in self.storage_dtypes
-                                          else t) for n, t in trainables.items()}
+                        trainables = _stored(trainables, self.storage_dtypes)
+                        if self.storage_state:
+                            state = _stored(state, self.storage_dtypes, key=lambda k: k.partition(".")[2])
                 epoch.append(loss)
             losses.append(epoch)
         return trainables, state, losses

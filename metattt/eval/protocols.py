@@ -135,6 +135,11 @@ class EvalConfig:
     docttt_compile: bool = False  # docttt: compiled core, dynamic rows and lengths (the CLI's --compile)
     docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
     attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
+    position_edges: tuple[int, ...] = (0, 128, 1024, 2048)  # per-position Δ: offsets from the document's BOS
+    equivalence_margin: float = 0.001  # TOST margin (bpb) of the report's equivalence table
+    orders: int = 1  # document orders (metattt.eval.orders); 1: the intervals are conditional on one order
+    adapt_seeds: int = 1  # adapter seeds per order
+    docttt_model: bool = False  # docttt: calibrate the batch-cost model first (warm-up; the full-val projection)
 
     def score_config(self) -> ScoreConfig:
         record = self.compat == "pg-record"  # its forwards are always context long
@@ -157,6 +162,8 @@ class ProtocolResult:
     adapter_info: dict[str, Any] | None = None
     world: int = 1
     compat: dict[str, Any] | None = None  # --compat pg-record: the record's extra tail scorings
+    warmup_s: float = 0.0  # untimed warm-up of this protocol (docttt: the cost model's calibration, which compiles)
+    projection: dict[str, Any] | None = None  # docttt: the batch-cost model's full-val projection (docttt_model)
 
     @property
     def name(self) -> str:

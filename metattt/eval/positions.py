@@ -159,20 +159,22 @@ def per_position(data: Any, results: Mapping[str, Any], pairs: Mapping[str, tupl
                     "share = Δ(bucket) x bytes(bucket) / all bytes, so a cut's shares sum to the total Δ"}
 
 
-def format_per_position(pp: Mapping[str, Any], max_rows: int = 6) -> list[str]:
-    """A compact table: one line per named Δ, Δ per bucket of each cut (bits per byte, positive = better)."""
+def format_per_position(pp: Mapping[str, Any], keys: Sequence[str] | None = None, max_rows: int = 8) -> list[str]:
+    """A compact table: Δ per bucket of each cut for the named Δ ``keys`` (default all; bits per byte within
+    the bucket, positive = better; the shares are in eval.json)."""
     lines: list[str] = []
-    for cut, title in (("doc_position", "position in document"), ("stream_decile", "stream decile")):
+    for cut, title in (("doc_position", "position in document (offset from BOS)"), ("stream_decile",
+                                                                                   "stream decile")):
         c = pp.get(cut) or {}
-        if not c.get("delta"):
+        rows = [(k, d) for k, d in (c.get("delta") or {}).items() if keys is None or k in keys][:max_rows]
+        if not rows:
             continue
         labels = c["labels"]
-        w = max(11, *(len(x) + 1 for x in labels))
-        lines.append(f"Δ by {title} (bits/byte; share of the total in the last line of each):")
-        lines.append(f"  {'delta':<24}" + "".join(f"{x:>{w}}" for x in labels))
-        for k, d in list(c["delta"].items())[:max_rows]:
-            lines.append(f"  {k[:23]:<24}" + "".join(f"{_f(v):>{w}}" for v in d["value"]))
-            lines.append(f"  {'  share':<24}" + "".join(f"{_f(v):>{w}}" for v in d["share"]))
+        w = max(10, *(len(x) + 1 for x in labels))
+        lines.append(f"Δ by {title}, bits/byte within each bucket:")
+        lines.append(f"  {'delta':<26}" + "".join(f"{x:>{w}}" for x in labels))
+        for k, d in rows:
+            lines.append(f"  {k[:25]:<26}" + "".join(f"{_f(v):>{w}}" for v in d["value"]))
     for c in pp.get("carried") or []:
         lines.append(f"carried across documents: bpb({c['within_doc']}) - bpb({c['never']}) = {_f(c['carried'])} "
                      f"[{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] ({c['within_doc_updates']} within-document updates)")

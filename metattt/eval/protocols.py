@@ -317,6 +317,14 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
                 extras: Mapping[str, torch.Tensor] | None = None) -> ProtocolResult:
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
+    proj, warm = None, 0.0
+    if cfg.docttt_model:  # calibrating is the run's warm-up (it compiles): the timed run then holds no compilation
+        from .docttt_model import projection
+
+        proj = projection(model, spec, data.tokens_np, data.bos_id, data.tokens.device,
+                          shapes=cfg.docttt_shapes, compile=cfg.docttt_compile, autocast=cfg.autocast, attn=cfg.attn,
+                          full_tokens=cfg.projection_tokens, gpus=cfg.projection_gpus, world=ctx.world)
+        warm = proj["calibration_s"]
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
                             make_adapter=lambda s: docttt.make_doc_adapter(s, model, extras),
                             autocast=cfg.autocast, attn=cfg.attn, compile=cfg.docttt_compile, progress=cfg.progress,
@@ -331,7 +339,9 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
         info = {"adapter": ad.name, "config": ad.cfg.to_dict(),
                 "adapted_scalars_per_doc": ad.adapted_count(model.cfg), "docs_per_batch": spec.docs,
                 "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
-    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world)
+    if proj is not None:
+        proj["measured_over_modelled"] = res.seconds / proj["check_s"] if proj["check_s"] > 0 else None
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, warmup_s=warm, projection=proj)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from ..ttt.registry import PluginError, Registry, add_module_flag
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
+from .orders import evaluate_runs, seeded_adapter_spec
+from .positions import parse_edges
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
@@ -50,9 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="SentencePiece model for the byte LUT (default: LUT stored in the artifact)")
     ap.add_argument("--protocols", default=DEFAULT_PROTOCOLS,
                     help="comma list of flat, sliding, doc (=doc-sliding), doc-flat, ttt:<adapter>[@windows], "
-                         f"oracle:<adapter>[@windows], doc-chunk[@opts], docttt:doclora[@k=v/...] (default "
-                         f"{DEFAULT_PROTOCOLS}); flat and each ttt's base windows (docttt: its decomposition chain) "
-                         "are added when needed for the deltas")
+                         f"oracle:<adapter>[@windows], and the doc-batched family doc-chunk[@opts] / "
+                         f"docttt:doclora[@k=v/...] (default {DEFAULT_PROTOCOLS}); flat and each ttt's base windows "
+                         "(docttt: its decomposition chain doc-flat -> doc-chunk -> docttt -> + phases) are added "
+                         "when needed for the deltas. docttt options, '/'-separated: chunk (32), docs (64), window "
+                         "(2048), phases (0), phase_docs (2000), phase_lr (0.001), phase_momentum (0.9), "
+                         "phase_tokens (32768), phase_epochs (1), phase_clip (1.0); any other key is a DocLoRA "
+                         "option: rank (96), alpha, lr (1e-4), beta1, beta2, eps, weight_decay, targets, keep_a, "
+                         "seed, init (meta: the artifact's learned A0). Example: "
+                         "docttt:doclora@phases=3/chunk=64/rank=64")
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",
                     help="adapter hyper-parameters, e.g. 'sgd:lr=0.002,epochs=3,select=all' (repeatable; "
                          "'KEY=name:...' defines a protocol key, e.g. ttt:fast with 'fast=sgd:lr=0.01')")
@@ -71,7 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--projection-tokens", type=int, default=62_000_000,
                     help="tokens assumed for the full FineWeb val in the time projection (default 62M)")
-    ap.add_argument("--projection-gpus", type=int, default=8, help="GPUs assumed in the time projection (>= 1)")
+    ap.add_argument("--projection-gpus", type=int, default=8,
+                    help="GPUs assumed in the time projection (>= 1). The projection uses the timed part only "
+                         "(compilation is warm-up, shown in its own column); docttt protocols on CUDA use the "
+                         "batch-cost model of metattt.eval.docttt_model, calibrated in their warm-up")
+    ap.add_argument("--orders", type=int, default=1, metavar="K",
+                    help="evaluate every protocol on K document orders (fixed seeds; one permutation per order, the "
+                         "same for every protocol, so pairing survives); K > 1 adds hierarchical intervals "
+                         "(runs -> documents) in eval.json 'runs'. Default 1: intervals are conditional on one order")
+    ap.add_argument("--adapt-seeds", type=int, default=1, metavar="S",
+                    help="adapter seeds per order (the seed option of adapters that have one, e.g. lora, "
+                         "docttt:doclora; others are deterministic and repeat), for the hierarchical intervals")
+    ap.add_argument("--position-buckets", default="0,128,1024,2048", metavar="EDGES",
+                    help="per-position Δ: bucket edges of the target's offset from its document's BOS (default "
+                         "0,128,1024,2048: [0,128) [128,1024) [1024,2048) [2048,inf)); stream deciles always")
+    ap.add_argument("--equivalence-margin", type=float, default=0.001, metavar="BPB",
+                    help="TOST margin in bpb for the equivalence table of the adapters' Δ (Holm-corrected; "
+                         "default 0.001)")
     ap.add_argument("--allow-other-data", action="store_true",
                     help="evaluate even when the validation data's fingerprint differs from the one stored in the "
                          "artifact (the stored and the new bpb then refer to different data)")
@@ -234,6 +258,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvalInputError(f"{flag} must be at least 1, got {v}")
     if args.bootstrap < 0:
         raise EvalInputError(f"--bootstrap must be >= 0 (0: no CIs), got {args.bootstrap}")
+    if args.orders < 1 or args.adapt_seeds < 1:
+        raise EvalInputError(f"--orders and --adapt-seeds must be at least 1, got {args.orders} and "
+                             f"{args.adapt_seeds}")
+    if not args.equivalence_margin > 0:
+        raise EvalInputError(f"--equivalence-margin must be > 0 bpb, got {args.equivalence_margin}")
+    try:
+        parse_edges(args.position_buckets)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
     if args.max_tokens is not None and args.max_tokens < 2:
         raise EvalInputError(f"--max-tokens must be at least 2, got {args.max_tokens}")
 
@@ -369,7 +402,9 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
                      progress=not args.quiet, fixed_shapes=args.compile, docttt_compile=args.compile,
                      compat=args.compat,
-                     attn=args.attn)
+                     attn=args.attn, position_edges=parse_edges(args.position_buckets),
+                     equivalence_margin=args.equivalence_margin, orders=args.orders, adapt_seeds=args.adapt_seeds,
+                     docttt_model=device.type == "cuda" and args.projection_gpus >= 1)
     _check_windows(cfg, specs)
     try:
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)
@@ -411,6 +446,25 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
             except ValueError as e:
                 raise EvalInputError(f"{spec.name}: {e}") from e
     ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer, extras=extras)
+    runs = None
+    if args.orders > 1 or args.adapt_seeds > 1:
+        def factory_for_seed(s: int) -> Callable[[str], Any]:
+            if s == 0:
+                return factory
+            seeded = dict(adapter_specs)
+            for key in {sp.adapter for sp in specs if sp.adapter is not None and sp.mode != "docttt"}:
+                if hasattr(getattr(factory(key), "cfg", None), "seed"):
+                    seeded[key] = seeded_adapter_spec(adapter_specs.get(key, key), s)
+            f = (make_adapter_factory(model, seeded, extras, registry) if adapter_factory is None
+                 else adapter_factory(model, seeded, extras))
+            if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
+                from .compat import bf16_tables_factory
+
+                f = bf16_tables_factory(f)
+            return f
+
+        runs = evaluate_runs(model, data.tokens_np, lut, device, specs, factory_for_seed, cfg, args.orders,
+                             args.adapt_seeds, log=say, scorer=scorer, extras=extras)
     rep_meta = {"artifact": str(args.artifact), "val": val, "val_fingerprint": val_fp, "data_check": data_check,
                 "lut": lut_src, "device": str(device),
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
@@ -422,7 +476,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail
     run_dir = _open_run_dir(target, existing_run, {"evaluator": vars(args)})
-    report = write_results(run_dir, ev, rep_meta, warn)
+    report = write_results(run_dir, ev, rep_meta, warn, runs)
     path = report["_paths"]["eval_json"]
     png = None
     try:

@@ -310,7 +310,7 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"equivalence (TOST, margin ±{eq['margin_bpb']} bpb, Holm over {len(eq['rows'])} adapter Δ, "
                      f"alpha {eq['alpha']}):")
         for k, r in eq["rows"].items():
-            lines.append(f"  {k:<40} Δ {r["estimate"]:+.5f}  p {r['p']:.3g}  p_holm {r['p_holm']:.3g}  "
+            lines.append(f"  {k:<40} Δ {r['estimate']:+.5f}  p {r['p']:.3g}  p_holm {r['p_holm']:.3g}  "
                          + ("equivalent to no effect" if r["equivalent"] else "not shown equivalent"))
     for n, p in rep["protocols"].items():
         a = p.get("adapter_params")

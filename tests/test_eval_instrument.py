@@ -42,12 +42,15 @@ def _stream(n=2400, seed=0, doc_len=(40, 400)):
 
 @pytest.fixture(scope="module")
 def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only contend
     torch.manual_seed(0)
     model = BankedGPT(tiny_config()).eval()
     with torch.no_grad():  # output-side matrices start at zero: give them weight so nats vary per token
         model.qo_bank[2:].normal_(std=0.05)
         model.mlp_down_bank.normal_(std=0.05)
-    return model
+    yield model
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ precision
@@ -64,7 +67,7 @@ def test_adapt_receives_and_uses_the_evaluators_precision(tiny, monkeypatch):
         return real(device, enabled)
 
     monkeypatch.setattr(adapter_mod, "autocast_for", spy)
-    data = prepare_stream(_stream(1200), ByteLUT.uniform(64), "cpu", 256)
+    data = prepare_stream(_stream(600), ByteLUT.uniform(64), "cpu", 256)
     for autocast in (False, True):
         seen.clear()
         cfg = EvalConfig(**{**CFG.to_dict(), "autocast": autocast, "n_boot": 0})
@@ -104,7 +107,7 @@ def test_per_position_buckets_sum_to_the_totals(tiny):
         assert sum(c["delta"]["ab"]["share"]) == pytest.approx(total_delta, abs=1e-12)
     assert all(t > 0 for t in pp["doc_position"]["targets"])  # all four default buckets are populated here
     # a real evaluation: the report's per_position agrees with the protocol totals
-    ev = evaluate(tiny, data, parse_protocols("sliding,doc"), {}, CFG)
+    ev = evaluate(tiny, data, parse_protocols("flat,doc-flat"), {}, CFG)
     rep = build_report(ev)
     for name, r in ev.results.items():
         for cut in ("doc_position", "stream_decile"):
@@ -139,19 +142,19 @@ def test_a_late_gain_lands_in_the_late_deciles():
 def test_reset_doc_without_a_step_is_flagged_and_carried_is_reported(tiny):
     """reset=doc with chunks longer than every document takes no step: flagged as zero by construction; with
     short chunks it steps, and the carried comparison beside reset=never is reported."""
-    data = prepare_stream(_stream(1500, seed=2, doc_len=(60, 200)), ByteLUT.uniform(64), "cpu", 1024)
-    ads = {"d": make_adapter("sgd", lr=0.01, reset="doc").bind(tiny),
-           "n": make_adapter("sgd", lr=0.01, reset="never").bind(tiny)}
+    data = prepare_stream(_stream(700, seed=2, doc_len=(60, 200)), ByteLUT.uniform(64), "cpu", 1024)
+    ads = {"d": make_adapter("sgd", lr=0.01, reset="doc", select="gains").bind(tiny),
+           "n": make_adapter("sgd", lr=0.01, reset="never", select="gains").bind(tiny)}
     long_cfg = EvalConfig(**{**CFG.to_dict(), "chunk_tokens": 1024})
-    ev = evaluate(tiny, data, parse_protocols("ttt:d,ttt:n"), ads, long_cfg)
+    ev = evaluate(tiny, data, parse_protocols("ttt:d@flat,ttt:n@flat"), ads, long_cfg)
     pp = build_report(ev)["per_position"]
-    assert "ttt:d" in pp["zero_by_construction"] and "no document spans" in pp["zero_by_construction"]["ttt:d"]
-    assert pp["carried"][0]["within_doc"] == "ttt:d" and pp["carried"][0]["within_doc_updates"] == 0
-    short = EvalConfig(**{**CFG.to_dict(), "chunk_tokens": 32})
-    data = prepare_stream(data.tokens_np, ByteLUT.uniform(64), "cpu", 32)
-    ev = evaluate(tiny, data, parse_protocols("ttt:d,ttt:n"), ads, short)
+    assert "ttt:d@flat" in pp["zero_by_construction"] and "no document spans" in pp["zero_by_construction"]["ttt:d@flat"]
+    assert pp["carried"][0]["within_doc"] == "ttt:d@flat" and pp["carried"][0]["within_doc_updates"] == 0
+    short = EvalConfig(**{**CFG.to_dict(), "chunk_tokens": 64})
+    data = prepare_stream(data.tokens_np, ByteLUT.uniform(64), "cpu", 64)
+    ev = evaluate(tiny, data, parse_protocols("ttt:d@flat,ttt:n@flat"), ads, short)
     pp = build_report(ev)["per_position"]
-    assert "ttt:d" not in pp["zero_by_construction"] and pp["carried"][0]["within_doc_updates"] > 0
+    assert "ttt:d@flat" not in pp["zero_by_construction"] and pp["carried"][0]["within_doc_updates"] > 0
     assert "carried across documents" in format_report(build_report(ev))
 
 
@@ -230,7 +233,7 @@ def test_tost_rejects_and_accepts_on_constructed_cases():
 
 
 # ------------------------------------------------------------------------------------------------ CLI, schema
-def test_cli_orders_eval_json_schema_2_and_readers(tmp_path):
+def test_cli_orders_eval_json_schema_2_and_readers(tmp_path, tiny):
     """--orders 2 end to end: schema 2, the runs section with hierarchical intervals, per_position, the
     equivalence table and the interval labels; the compare and study readers accept it, and refuse an unknown
     schema with a clear message."""
@@ -245,7 +248,7 @@ def test_cli_orders_eval_json_schema_2_and_readers(tmp_path):
                         allow_over_budget=True)
     write_shard(tmp_path / "val_000.bin", _stream(1500, seed=6).astype(np.uint16))
     rc = main([str(art), "--val", str(tmp_path / "val_*.bin"), "--protocols", "doc,ttt:sgd", "--context", "64",
-               "--stride", "16", "--chunk-tokens", "256", "--bootstrap", "50", "--orders", "2", "--quiet",
+               "--stride", "32", "--chunk-tokens", "256", "--bootstrap", "50", "--orders", "2", "--quiet",
                "--allow-other-data", "--adapter-spec", "sgd:lr=0.01", "--position-buckets", "0,64,256"])
     assert rc == 0
     rep = json.loads((art.parent / "eval.json").read_text())

@@ -265,3 +265,23 @@ def test_cli_orders_eval_json_schema_2_and_readers(tmp_path, tiny):
         check_schema({"schema": "metattt.eval/9"})
     assert main([str(art), "--orders", "0"]) == 2
     assert main([str(art), "--position-buckets", "5,3"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ cost
+def test_counted_work_and_the_pareto_front():
+    """Hand-computed cases of the FLOPs count and the front."""
+    from metattt.eval.cost import Work, docttt_work, flops, window_work
+    from metattt.study.plots import pareto_front
+
+    # one document of 70 targets, chunk 16, window 24: chunks 0..4 see 16, 24, 24, 24, 24 positions
+    w = docttt_work(np.array([70]), 16, 24, adapt=False)
+    assert w.fwd == 112 and w.fwd_attn == 16 ** 2 + 4 * 24 ** 2 and w.bwd == 0
+    wa = docttt_work(np.array([70]), 16, 24, adapt=True, phase_targets=70, phase_epochs=2)
+    assert wa.bwd == 112 - 24 and wa.train == 140  # the last chunk is not trained; phases: targets x epochs
+    assert window_work(np.array([3, 5])) == Work(fwd=8, fwd_attn=34)
+    m = BankedGPT(tiny_config())
+    banks = sum(getattr(m, b).numel() for b in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"))
+    n = banks + 64 * 32  # 2 physical = 2 virtual layers, tied head
+    assert flops(Work(fwd=10, fwd_attn=100), m) == 2 * n * 10 + 4 * 2 * 32 * 100
+    assert flops(Work(train=1), m) == 3 * flops(Work(fwd=1), m)  # forward + backward = 3 forwards
+    assert pareto_front([(1, 3.0), (2, 2.0), (3, 2.5), (1, 3.0), (4, 1.0)]) == [True, True, False, True, True]

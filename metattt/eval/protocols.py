@@ -164,6 +164,7 @@ class ProtocolResult:
     compat: dict[str, Any] | None = None  # --compat pg-record: the record's extra tail scorings
     warmup_s: float = 0.0  # untimed warm-up of this protocol (docttt: the cost model's calibration, which compiles)
     projection: dict[str, Any] | None = None  # docttt: the batch-cost model's full-val projection (docttt_model)
+    flops: float | None = None  # model FLOPs counted for the whole protocol (metattt.eval.cost)
 
     @property
     def name(self) -> str:
@@ -310,7 +311,14 @@ def run_protocol(
         compat = {"tail_windows": 0, "tail_targets": 0, "tail_nats": 0.0, "tail_bytes": 0.0}
         if spec.windows == "sliding":  # flat has no tail in the record either
             compat = tail_scores(model, data, cfg, adapter.params() if adapter is not None else None, scorer)
-    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat)
+    from . import cost
+
+    work = cost.window_work(plan.length)
+    if adapter is not None:
+        work = work + cost.training_work(summary, int(getattr(adapter.cfg, "epochs", 1)),
+                                         cfg.score_config().train_seq_len or plan.max_length)
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat,
+                          flops=cost.flops(work, model))
 
 
 def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx,
@@ -341,7 +349,15 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
                 "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
     if proj is not None:
         proj["measured_over_modelled"] = res.seconds / proj["check_s"] if proj["check_s"] > 0 else None
-    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, warmup_s=warm, projection=proj)
+    from . import cost
+
+    queue = docttt.doc_queue(data.tokens_np, data.bos_id, spec.docs)
+    phase_t = sum(float(queue.n_targets[:n].sum()) for _, n in
+                  docttt.phase_boundaries(queue, spec.phases, spec.phase_docs)) if spec.adapter is not None else 0.0
+    work = cost.docttt_work(queue.n_targets, spec.chunk, spec.window, spec.adapter is not None, phase_t,
+                            spec.phase_epochs)
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, warmup_s=warm, projection=proj,
+                          flops=cost.flops(work, model))
 
 
 @dataclass

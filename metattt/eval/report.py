@@ -133,6 +133,9 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None,
             "projection_model": r.projection,
             "warmup_s": r.warmup_s,
             "cost": {"device_s_per_token": s.seconds * max(r.world, 1) / max(s.n_scored, 1),
+                     "flops_per_token": r.flops / max(s.n_scored, 1) if r.flops is not None else None,
+                     "flops": "counted model FLOPs (metattt.eval.cost: forwards 2N + attention, backward 2x, "
+                              "epochs, docttt phases)",
                      "unit": ("GPU" if measured_on == "cuda" else "CPU") + "-seconds per scored token (timed part; "
                              "warm-up excluded, in warmup_s)"},
             "ci95_kind": ONE_ORDER,

@@ -221,6 +221,22 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
                       f"{_f(c['carried'], True)} {_ci(*c['ci95'])} ({c['within_doc_updates']} within-document updates)."]
     for n, note in (pp.get("zero_by_construction") or {}).items():
         lines += ["", f"`{n}`: {note}."]
+    costs = [(n, p["cost"], p["bpb"]) for n, p in ev["protocols"].items()
+             if p.get("cost") and p.get("legal") and p.get("valid", True)]
+    if costs:
+        from .plots import pareto_front
+
+        front = pareto_front([(c["device_s_per_token"], b) for _, c, b in costs])
+        ffront = pareto_front([(c.get("flops_per_token") or float("inf"), b) for _, c, b in costs])
+        unit = costs[0][1]["unit"].split(" ", 1)[0]
+        lines += ["", f"Cost per scored token (timed part; warm-up excluded) and counted model FLOPs per scored token; "
+                      "* = on the Pareto front of bpb against that cost:", "",
+                  f"| protocol | bpb | {unit} per token | GFLOPs per token | warm-up s |", "|---|---|---|---|---|"]
+        for (n, c, b), f, g in zip(costs, front, ffront):
+            fl = c.get("flops_per_token")
+            lines.append(f"| {n} | {_f(b)} | {c['device_s_per_token']:.3g}{' *' if f else ''} | "
+                         f"{'n/a' if fl is None else f'{fl / 1e9:.3g}'}{' *' if g and fl is not None else ''} | "
+                         f"{ev['protocols'][n].get('warmup_s', 0.0):.1f} |")
     eq = ev.get("equivalence")
     if eq and eq.get("rows"):
         lines += ["", f"Equivalence to no effect (TOST, margin ±{eq['margin_bpb']} bpb, Holm over the "

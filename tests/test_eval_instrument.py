@@ -263,6 +263,17 @@ def test_cli_orders_eval_json_schema_2_and_readers(tmp_path, tiny):
     check_schema(rep)
     with pytest.raises(ValueError, match="schema 'metattt.eval/9'"):
         check_schema({"schema": "metattt.eval/9"})
+    from metattt.track.compare import load_run
+    from metattt.track.rundir import MalformedRunDir
+
+    assert load_run(art.parent).eval["schema"] == SCHEMA
+    for schema, ok in (("metattt.eval/1", True), ("metattt.eval/9", False)):  # old files read, unknown refused
+        (art.parent / "eval.json").write_text(json.dumps({**rep, "schema": schema}))
+        if ok:
+            assert load_run(art.parent).eval["schema"] == schema
+        else:
+            with pytest.raises(MalformedRunDir, match="schema 'metattt.eval/9' is not one this version reads"):
+                load_run(art.parent)
     assert main([str(art), "--orders", "0"]) == 2
     assert main([str(art), "--position-buckets", "5,3"]) == 2
 

@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from metattt.track.rundir import EVAL_SCHEMA, READABLE_EVAL_SCHEMAS
+
 from .equivalence import equivalence_table
 from .positions import format_per_position, per_position
 from .protocols import ORACLE_LABEL, EvalResult
 from .stats import bootstrap, hierarchical_bootstrap
 
-SCHEMA = "metattt.eval/2"
-#: eval.json schemas the readers (compare, the study report) accept: /2 adds per_position, runs (orders / adapter
-#: seeds, hierarchical intervals), equivalence, cost and warm-up fields, and keeps every /1 field
-READABLE_SCHEMAS = ("metattt.eval/1", SCHEMA)
+SCHEMA = EVAL_SCHEMA
+READABLE_SCHEMAS = READABLE_EVAL_SCHEMAS  # what the readers (compare, the study) accept; see metattt.track.rundir
 ONE_ORDER = "conditional on one order: paired document bootstrap over one pass"
 HIERARCHICAL = "hierarchical bootstrap over {r} runs ({k} document orders x {s} adapter seeds), then documents"
 SIGN_CONVENTION = ("delta(A -> B) = bpb(A) - bpb(B) in bits per byte; positive = the second protocol B is better "

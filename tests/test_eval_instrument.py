@@ -296,3 +296,38 @@ def test_counted_work_and_the_pareto_front():
     assert flops(Work(fwd=10, fwd_attn=100), m) == 2 * n * 10 + 4 * 2 * 32 * 100
     assert flops(Work(train=1), m) == 3 * flops(Work(fwd=1), m)  # forward + backward = 3 forwards
     assert pareto_front([(1, 3.0), (2, 2.0), (3, 2.5), (1, 3.0), (4, 1.0)]) == [True, True, False, True, True]
+
+
+def test_tune_on_one_slice_report_on_a_disjoint_one(tmp_path, tiny):
+    """--tune-grid picks the lowest-bpb candidate on --tune-slice, the report runs on --report-slice only with
+    the chosen spec, and eval.json records both; overlapping slices and a grid without slices exit 2."""
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.data.shards import write_shard
+    from metattt.eval.run import main
+    from metattt.eval.tuning import parse_grid, with_options
+
+    assert parse_grid(["sgd:lr=1|2,epochs=1|3"])["sgd"] == [
+        {"lr": "1", "epochs": "1"}, {"lr": "1", "epochs": "3"}, {"lr": "2", "epochs": "1"}, {"lr": "2", "epochs": "3"}]
+    assert with_options("sgd:lr=1,select=gains", {"lr": "2"}) == "sgd:select=gains,lr=2"
+    art = tmp_path / "run" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, tiny, meta={"lut": ByteLUT.uniform(64).to_dict()}, allow_over_budget=True)
+    toks = _stream(1500, seed=7, doc_len=(100, 200))
+    write_shard(tmp_path / "val_000.bin", toks.astype(np.uint16))
+    base = [str(art), "--val", str(tmp_path / "val_*.bin"), "--protocols", "ttt:sgd@flat", "--context", "64",
+            "--chunk-tokens", "128", "--bootstrap", "0", "--quiet", "--allow-other-data",
+            "--adapter-spec", "sgd:select=gains"]
+    rc = main(base + ["--tune-slice", "0:4", "--report-slice", "4:", "--tune-grid", "sgd:lr=0.0|0.05"])
+    assert rc == 0
+    rep = json.loads((art.parent / "eval.json").read_text())
+    t = rep["meta"]["tuning"]
+    assert t["tune_docs"] == [0, 4] and t["report_docs"][0] == 4
+    cands = t["candidates"]["sgd"]
+    best = min(cands, key=lambda c: c["bpb"])
+    assert len(cands) == 2 and t["chosen"]["sgd"] == best["spec"]
+    assert rep["meta"]["adapter_specs"]["sgd"] == best["spec"]
+    starts = np.flatnonzero(toks == 1)
+    assert rep["data"]["n_tokens"] == toks.size - starts[4]  # documents 4.. only
+    assert main(base + ["--tune-slice", "0:5", "--report-slice", "4:", "--tune-grid", "sgd:lr=0.0|0.05"]) == 2
+    assert main(base + ["--tune-grid", "sgd:lr=0.0|0.05"]) == 2
+    assert main(base + ["--tune-slice", "0:4"]) == 2

@@ -12,12 +12,14 @@ table and wandb come after it, and a failure there is a warning, never a lost ev
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..model.attention import ATTN_BACKENDS
@@ -27,6 +29,7 @@ from metattt.data.fingerprint import tokens_fingerprint
 
 from .orders import evaluate_runs, seeded_adapter_spec
 from .positions import parse_edges
+from .tuning import check_disjoint, parse_grid, parse_slice, slice_tokens, tune
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
@@ -93,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--position-buckets", default="0,128,1024,2048", metavar="EDGES",
                     help="per-position Δ: bucket edges of the target's offset from its document's BOS (default "
                          "0,128,1024,2048: [0,128) [128,1024) [1024,2048) [2048,inf)); stream deciles always")
+    ap.add_argument("--tune-slice", default=None, metavar="A:B",
+                    help="documents A..B-1 of the val stream (after --max-tokens) on which --tune-grid chooses the "
+                         "adapters' hyper-parameters; needs a disjoint --report-slice")
+    ap.add_argument("--report-slice", default=None, metavar="C:D",
+                    help="evaluate and report only documents C..D-1 (slice syntax: '200:' = from 200 on)")
+    ap.add_argument("--tune-grid", action="append", default=[], metavar="KEY:opt=v1|v2,...",
+                    help="a small grid for the adapter of protocol ttt:KEY (repeatable), e.g. 'sgd:lr=0.001|0.003|"
+                         "0.01,epochs=1|2': every combination is scored on --tune-slice, the lowest bpb is reported "
+                         "on --report-slice; eval.json 'meta.tuning' records every candidate and the choice")
     ap.add_argument("--equivalence-margin", type=float, default=0.001, metavar="BPB",
                     help="TOST margin in bpb for the equivalence table of the adapters' Δ (Holm-corrected; "
                          "default 0.001)")
@@ -248,6 +260,49 @@ def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: 
     return get
 
 
+def _slices(args: argparse.Namespace, tokens: Any, bos: int) -> tuple[Any, dict[str, Any]]:
+    """(tuning tokens or None, {"report_tokens", "tune_docs", "report_docs"}) for --tune-slice/--report-slice."""
+    if not args.report_slice:
+        return None, {}
+    arr = np.asarray(tokens)
+    try:
+        rep, rep_docs = slice_tokens(arr, bos, parse_slice(args.report_slice, "--report-slice"))
+        out: dict[str, Any] = {"report_tokens": rep, "report_docs": list(rep_docs)}
+        tune = None
+        if args.tune_slice:
+            tune, tune_docs = slice_tokens(arr, bos, parse_slice(args.tune_slice, "--tune-slice"))
+            check_disjoint(tune_docs, rep_docs)
+            out["tune_docs"] = list(tune_docs)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+    return tune, out
+
+
+def _tune(args, model, tune_tokens, lut, device, specs, grid, adapter_specs, extras, registry, adapter_factory,
+          cfg, say) -> dict[str, Any]:
+    """Score every grid candidate as its ttt: protocol (and that protocol's base) on the tuning documents."""
+    from dataclasses import replace
+
+    from .protocols import ProtocolSpec
+
+    data = prepare_stream(tune_tokens, lut, device, cfg.chunk_tokens, vocab_size=int(model.cfg.vocab_size))
+    quiet = replace(cfg, progress=False, docttt_model=False)
+
+    def score(key: str, spec: str) -> tuple[float, bool]:
+        sp = next(s for s in specs if s.mode == "ttt" and s.adapter == key)
+        f = (make_adapter_factory(model, {**adapter_specs, key: spec}, extras, registry) if adapter_factory is None
+             else adapter_factory(model, {**adapter_specs, key: spec}, extras))
+        r = evaluate(model, data, [ProtocolSpec(sp.windows), sp], f, quiet).results[sp.name]
+        bpb = r.nats / math.log(2) / float(data.target_bytes.sum())
+        say(f"tune {key}: {spec} -> bpb {bpb:.5f} on {data.n_docs} tuning documents")
+        return bpb, r.stream.invalid is None
+
+    try:
+        return tune(grid, adapter_specs, score)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Ranges of the numeric options, before anything is loaded (the ones needing the artifact come later)."""
     positive = {"--context": args.context, "--seq-len": args.seq_len, "--train-seq-len": args.train_seq_len,
@@ -265,8 +320,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvalInputError(f"--equivalence-margin must be > 0 bpb, got {args.equivalence_margin}")
     try:
         parse_edges(args.position_buckets)
+        grid = parse_grid(args.tune_grid)
+        if args.tune_slice:
+            parse_slice(args.tune_slice, "--tune-slice")
+        if args.report_slice:
+            parse_slice(args.report_slice, "--report-slice")
     except ValueError as e:
         raise EvalInputError(str(e)) from e
+    if grid and not args.tune_slice:
+        raise EvalInputError("--tune-grid needs --tune-slice (documents to tune on) and a disjoint --report-slice")
+    if args.tune_slice and not args.report_slice:
+        raise EvalInputError("--tune-slice needs --report-slice: the reported documents must be disjoint from the "
+                             "tuning ones")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise EvalInputError(f"--max-tokens must be at least 2, got {args.max_tokens}")
 
@@ -392,6 +457,9 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
             tokens = truncate(tokens, int(args.seq_len or meta.get("seq_len") or 2048))
         except ValueError as e:
             raise EvalInputError(str(e)) from e
+    tune_tokens, slices = _slices(args, tokens, int(lut.bos_id))
+    if slices:
+        tokens = torch.as_tensor(slices.pop("report_tokens"))
     if args.compile is None:
         args.compile = device.type == "cuda"
     trained_len = int(meta.get("seq_len") or 2048)
@@ -419,6 +487,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         registry = Registry.build(args.adapter_module or ())
     except PluginError as e:
         raise EvalInputError(str(e)) from e
+    extras_all = dict(loaded.extras or {})
     if adapter_factory is None:
         factory = make_adapter_factory(model, adapter_specs, dict(loaded.extras or {}), registry)
     else:
@@ -427,6 +496,18 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         from .compat import bf16_tables_factory
 
         factory = bf16_tables_factory(factory)
+    tuning = None
+    grid = parse_grid(args.tune_grid)
+    if grid:
+        unknown = sorted(set(grid) - {sp.adapter for sp in specs if sp.mode == "ttt"})
+        if unknown:
+            raise EvalInputError(f"--tune-grid {', '.join(unknown)}: no ttt: protocol uses that adapter key")
+        tuning = _tune(args, model, tune_tokens, lut, device, specs, grid, adapter_specs, extras_all, registry,
+                       adapter_factory, cfg, say)
+        adapter_specs = {**adapter_specs, **tuning["chosen"]}
+        factory = (make_adapter_factory(model, adapter_specs, extras_all, registry) if adapter_factory is None
+                   else adapter_factory(model, adapter_specs, extras_all))
+        tuning.update(slices)
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
         + (f"; {world} ranks" if world > 1 else ""))
@@ -471,6 +552,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
                 "compiled_scorer": bool(args.compile), "compat": args.compat, "scorer_compile_s": ev.scorer_compile_s,
+                **({"slices": slices} if slices else {}), **({"tuning": tuning} if tuning else {}),
                 "eval_id": new_eval_id()}
     if rank != 0:  # every rank holds the same results: the same exit code everywhere
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}

@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE",
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
+    ap.add_argument("--no-autocast", action="store_true",
+                    help="float32 on GPU too: the scoring forwards and the adapters' test-time updates (ttt:, "
+                         "oracle:, docttt:)")
     ap.add_argument("--attn", default="auto", choices=ATTN_BACKENDS,
                     help="attention backend (default auto: flash-attn if installed, else SDPA's choice; the docttt "
                          "family then uses SDPA's FLASH kernel, whose cost does not depend on new shapes)")

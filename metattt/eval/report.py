@@ -325,6 +325,10 @@ def format_report(rep: dict[str, Any]) -> str:
                 lines.extend("    " + ln for ln in a["report"].splitlines())
     lines.append("")
     lines.append(rep["projection"]["note"])
+    warm = (rep.get("meta") or {}).get("scorer_compile_s") or 0.0
+    if warm:
+        lines.append(f"warm-up of the compiled scorer: {_fmt_time(warm)}, untimed and shared by the windowed protocols "
+                     "(their tokens/s and projections exclude it)")
     if any(p.get("projection_model") for p in rep["protocols"].values()):
         lines.append("* docttt: the batch-cost model (metattt.eval.docttt_model: chunk step calibrated per forward length "
                      "in the warm-up, full val resampled from these document lengths), not a tokens/s extrapolation; "

@@ -331,3 +331,27 @@ def test_tune_on_one_slice_report_on_a_disjoint_one(tmp_path, tiny):
     assert main(base + ["--tune-slice", "0:5", "--report-slice", "4:", "--tune-grid", "sgd:lr=0.0|0.05"]) == 2
     assert main(base + ["--tune-grid", "sgd:lr=0.0|0.05"]) == 2
     assert main(base + ["--tune-slice", "0:4"]) == 2
+
+
+def test_docttt_projection_comes_from_the_batch_cost_model(tiny, monkeypatch):
+    """With EvalConfig.docttt_model (on by default on CUDA) a docttt protocol is calibrated first (its untimed
+    warm-up) and its full-val projection is the batch-cost model's, not tokens/s x GPUs; other protocols keep
+    the timed tokens/s. (On CPU the report shows no projection; here projection_applies is forced.)"""
+    import metattt.eval.report as report_mod
+
+    data = prepare_stream(_stream(1200, seed=8), ByteLUT.uniform(64), "cpu", 256)
+    cfg = EvalConfig(**{**CFG.to_dict(), "n_boot": 0, "docttt_model": True, "projection_tokens": 50_000})
+    ev = evaluate(tiny, data, parse_protocols("docttt:doclora@chunk=16/window=64/docs=4/rank=4"), {}, cfg)
+    name = "docttt:doclora@chunk=16/docs=4/window=64/rank=4"
+    r = ev.results[name]
+    assert r.warmup_s > 0 and r.projection["check_s"] > 0 and r.projection["full_s"] > 0
+    assert r.projection["full_targets"] >= 50_000
+    monkeypatch.setattr(report_mod, "projection_applies", lambda *_: True)
+    rep = build_report(ev)
+    p = rep["protocols"][name]
+    assert p["projected_full_val_s"] == r.projection["full_s"] and "docttt_model" in p["projection_basis"]
+    flat = rep["protocols"]["doc-flat"]
+    assert flat["projected_full_val_s"] == pytest.approx(50_000 / (flat["tokens_per_s"] * 8))
+    assert p["cost"]["flops_per_token"] > rep["protocols"]["doc-chunk@chunk=16/docs=4/window=64"]["cost"][
+        "flops_per_token"]  # the LoRA's backwards are counted
+    assert "batch-cost model" in format_report(rep)

@@ -91,14 +91,14 @@ def project_docttt(lengths: np.ndarray, model: StepModel, chunk: int, window: in
             "targets": int(n.sum())}
 
 
-def calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, attn: str):
+def calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, attn: str, extras=None):
     """A closure running one batch of ``rows`` random documents of ``window + chunk`` targets each (every forward
     length from chunk to window): the calibration batch."""
     n = spec.window + spec.chunk
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(4, model.cfg.vocab_size, (rows * (n + 1) + 1,), generator=gen).to(device)
     a = np.arange(rows, dtype=np.int64) * (n + 1)
-    adapter = docttt.make_doc_adapter(spec)
+    adapter = docttt.make_doc_adapter(spec, model, extras)  # init=meta: the artifact's learned A0
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     shp = ("chunk" if device.type == "cuda" else "exact") if shapes == "auto" else shapes
 
@@ -113,10 +113,10 @@ def calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, att
 
 
 def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autocast: bool, reps: int = 2,
-              attn: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+              attn: str = "auto", extras=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(t, fwd s, upd s, overhead s per batch) of the calibration batch of ``rows`` documents, the last of
     ``reps`` runs (earlier: warm-up)."""
-    once, train = calib_batch(model, spec, device, rows, shapes, autocast, attn)
+    once, train = calib_batch(model, spec, device, rows, shapes, autocast, attn, extras)
     with docttt.compiled_core(model, compile):
         for _ in range(reps):
             _sync(device)
@@ -135,18 +135,18 @@ def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autoca
     return t_u, fwd_u, upd_u, overhead
 
 
-def step_model(model, spec, device, shapes: str, compile: bool, autocast: bool, attn: str = "auto"
-               ) -> tuple[StepModel, str, int]:
+def step_model(model, spec, device, shapes: str, compile: bool, autocast: bool, attn: str = "auto",
+               extras=None) -> tuple[StepModel, str, int]:
     """Calibrate ``spec``'s chunk step at ``spec.docs`` rows and at the fewest rows the loop runs: (the model,
     the resolved shapes, that fewest row count)."""
     D = spec.docs
-    t, f_full, u_full, over = calibrate(model, spec, device, D, shapes, compile, autocast, attn=attn)
+    t, f_full, u_full, over = calibrate(model, spec, device, D, shapes, compile, autocast, attn=attn, extras=extras)
     shp = shapes if shapes != "auto" else ("chunk" if device.type == "cuda" else "exact")
     lo = int(forward_rows(np.ones(1, dtype=np.int64), D, shp)[0])  # the fewest rows a step runs
     if lo >= D:  # batch shapes: every step runs all D rows
         f1, u1 = f_full, u_full
     else:  # a batch of lo documents (a 1-row batch would be one more graph under chunk shapes)
-        _, f1, u1, _ = calibrate(model, spec, device, lo, shapes, compile, autocast, attn=attn)
+        _, f1, u1, _ = calibrate(model, spec, device, lo, shapes, compile, autocast, attn=attn, extras=extras)
     return StepModel(t, f1, f_full, u1, u_full, D, over, rows_lo=lo), shp, lo
 
 
@@ -155,11 +155,11 @@ def doc_lengths(tokens_np: np.ndarray, bos_id: int) -> np.ndarray:
 
 
 def projection(model, spec, tokens_np: np.ndarray, bos_id: int, device, *, shapes: str, compile: bool,
-               autocast: bool, attn: str, full_tokens: int, gpus: int, world: int = 1) -> dict[str, Any]:
+               autocast: bool, attn: str, full_tokens: int, gpus: int, world: int = 1, extras=None) -> dict[str, Any]:
     """Calibrate (the untimed warm-up of a protocol run) and model: ``check_s`` (this data on ``world`` ranks,
     to hold against the measured run) and ``full_s`` (``full_tokens`` of resampled documents on ``gpus``)."""
     t0 = time.perf_counter()
-    sm, shp, _ = step_model(model, spec, device, shapes, compile, autocast, attn)
+    sm, shp, _ = step_model(model, spec, device, shapes, compile, autocast, attn, extras)
     calib_s = time.perf_counter() - t0
     train = spec.adapter is not None
     lengths = doc_lengths(tokens_np, bos_id)

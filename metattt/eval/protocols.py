@@ -331,7 +331,8 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
 
         proj = projection(model, spec, data.tokens_np, data.bos_id, data.tokens.device,
                           shapes=cfg.docttt_shapes, compile=cfg.docttt_compile, autocast=cfg.autocast, attn=cfg.attn,
-                          full_tokens=cfg.projection_tokens, gpus=cfg.projection_gpus, world=ctx.world)
+                          full_tokens=cfg.projection_tokens, gpus=cfg.projection_gpus, world=ctx.world,
+                          extras=extras)
         warm = proj["calibration_s"]
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
                             make_adapter=lambda s: docttt.make_doc_adapter(s, model, extras),

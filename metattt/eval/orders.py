@@ -98,6 +98,7 @@ def evaluate_runs(model: Any, tokens_np: np.ndarray, lut: Any, device: Any, spec
 
     out = []
     bos = int(lut.bos_id)
+    cfg = replace(cfg, docttt_model=False)  # the time model was calibrated on the primary run
     for o, s in run_labels(orders, seeds)[1:]:
         perm = order_permutation(tokens_np, bos, o)
         data = prepare_stream(permute_documents(tokens_np, bos, perm), lut, device, cfg.chunk_tokens)

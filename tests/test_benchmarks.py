@@ -57,30 +57,33 @@ import eval_throughput as et  # noqa: E402
 
 def test_docttt_projection_arithmetic():
     """The docttt time model: per chunk fwd(t_c, rows_c) (+ upd except on a batch's last chunk), batches sorted
-    longest first, dealt over ranks by docttt's schedule, the slowest rank's sum (hand-computed cases)."""
-    sm = et.StepModel(t=np.array([16.0, 24.0]), fwd1=np.ones(2), fwd_full=np.full(2, 2.0), upd1=np.full(2, 10.0),
+    longest first, dealt over ranks by docttt's schedule, the slowest rank's sum (hand-computed cases); it lives in
+    metattt.eval.docttt_model, shared by the benchmark and the evaluator's projection."""
+    from metattt.eval import docttt_model as dm
+
+    sm = dm.StepModel(t=np.array([16.0, 24.0]), fwd1=np.ones(2), fwd_full=np.full(2, 2.0), upd1=np.full(2, 10.0),
                       upd_full=np.full(2, 20.0), rows=2, overhead=0.5)  # fwd = rows, upd = 10 x rows
     lengths = np.array([10, 70, 37])  # batches of 2: [70, 37] (5 and 3 chunks of 16), [10]
-    one = et.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="exact")
+    one = dm.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="exact")
     assert one["batches"] == 2 and one["docs"] == 3 and one["targets"] == 117
     assert one["wall_s"] == pytest.approx((2 + 2 + 2 + 1 + 1) + 10 * (2 + 2 + 2 + 1) + 0.5 + 1 + 0.5)
-    two = et.project_docttt(lengths, sm, 16, 24, 2, 2, shapes="exact")
+    two = dm.project_docttt(lengths, sm, 16, 24, 2, 2, shapes="exact")
     assert two["rank_s"].tolist() == pytest.approx([78.5, 1.5]) and two["wall_s"] == pytest.approx(78.5)
-    assert et.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="batch")["wall_s"] == pytest.approx(
+    assert dm.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="batch")["wall_s"] == pytest.approx(
         10 + 80 + 0.5 + 1.5)  # every forward has both rows
     # chunk shapes: at least docttt.MIN_ROWS = 2 rows, so here as batch shapes (the 1-document batch stays 1 row)
-    assert et.project_docttt(lengths, sm, 16, 24, 2, 1)["wall_s"] == pytest.approx(10 + 80 + 0.5 + 1.5)
-    assert et.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="exact", train=False)["wall_s"] == pytest.approx(
+    assert dm.project_docttt(lengths, sm, 16, 24, 2, 1)["wall_s"] == pytest.approx(10 + 80 + 0.5 + 1.5)
+    assert dm.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="exact", train=False)["wall_s"] == pytest.approx(
         8.5 + 1.5)
-    lin = et.StepModel(t=np.array([16.0, 32.0]), fwd1=np.array([1.0, 3.0]), fwd_full=np.array([5.0, 7.0]),
+    lin = dm.StepModel(t=np.array([16.0, 32.0]), fwd1=np.array([1.0, 3.0]), fwd_full=np.array([5.0, 7.0]),
                        upd1=np.zeros(2), upd_full=np.zeros(2), rows=3)
     assert lin.fwd(np.array([24.0]), np.array([1]))[0] == pytest.approx(2.0)
     assert lin.fwd(np.array([24.0]), np.array([2]))[0] == pytest.approx(4.0)  # halfway between 1 and 3 rows
     lin2 = replace(lin, rows_lo=2)  # the low column measured at 2 rows
     assert lin2.fwd(np.array([24.0, 24.0]), np.array([2, 3])).tolist() == pytest.approx([2.0, 6.0])
-    got = et.resample_lengths(np.array([3, 5, 100]), 10_000, seed=1)
+    got = dm.resample_lengths(np.array([3, 5, 100]), 10_000, seed=1)
     assert got.sum() >= 10_000 and got[:-1].sum() < 10_000 and set(got.tolist()) <= {3, 5, 100}
-    assert np.array_equal(got, et.resample_lengths(np.array([3, 5, 100]), 10_000, seed=1))
+    assert np.array_equal(got, dm.resample_lengths(np.array([3, 5, 100]), 10_000, seed=1))
 
 
 def test_eval_benchmark_docttt_runs_on_cpu(tmp_path):

@@ -41,3 +41,26 @@ def test_gpu_bf16_scoring_matches_cpu_and_ttt_none_is_bitwise():
     cpu = evaluate(mc, dc, parse_protocols("sliding"), {}, cfg).results["sliding"]
     assert r["sliding"].nats == pytest.approx(cpu.nats, rel=2e-2)  # bf16 autocast vs fp32
     assert r["ttt:sgd"].nats < r["sliding"].nats
+
+
+def test_gpu_no_autocast_means_float32_test_time_updates():
+    """``--no-autocast`` (EvalConfig.autocast=False) must train in float32 too, not only score: the adapter's loss
+    runs outside bf16 autocast; with autocast on it runs inside (both checked, so the probe itself is live)."""
+    from metattt.ttt.sgd import SGDAdapter
+
+    class Probe(SGDAdapter):
+        name = "probe"
+        seen: list
+
+        def loss(self, model, x, y, overrides, attn=None):
+            self.seen.append(torch.is_autocast_enabled("cuda"))
+            return super().loss(model, x, y, overrides, attn)
+
+    m, data = _setup("cuda")
+    for autocast in (False, True):
+        cfg = EvalConfig(seq_len=128, context=128, stride=16, chunk_tokens=512, batch_tokens=4096, n_boot=0,
+                         autocast=autocast)
+        probe = Probe(SGDAdapter.Config(lr=0.05)).bind(m)
+        probe.seen = []
+        evaluate(m, data, parse_protocols("ttt:probe"), {"probe": probe}, cfg)
+        assert probe.seen and set(probe.seen) == {autocast}, (autocast, probe.seen[:4])

@@ -150,7 +150,7 @@ class SwapAdapter:
     def params(self):
         return dict(self.better) if self.on else {}
 
-    def adapt(self, model, x, y, progress):
+    def adapt(self, model, x, y, progress, autocast=True):
         self.on = True
         return {"steps": 1}
 

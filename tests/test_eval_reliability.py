@@ -221,7 +221,7 @@ class NaNAfter:
     def params(self):
         return {"tok_emb": torch.full_like(self.emb, float("nan"))} if self.bad and self.via == "params" else {}
 
-    def adapt(self, model, x, y, progress):
+    def adapt(self, model, x, y, progress, autocast=True):
         self.n += 1
         if self.n == self.k:
             self.bad = True

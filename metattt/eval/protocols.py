@@ -136,6 +136,11 @@ class EvalConfig:
     docttt_compile: bool = False  # docttt: compiled core, dynamic rows and lengths (the CLI's --compile)
     docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
     attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
+    position_edges: tuple[int, ...] = (0, 128, 1024, 2048)  # per-position Δ: offsets from the document's BOS
+    equivalence_margin: float = 0.001  # TOST margin (bpb) of the report's equivalence table
+    orders: int = 1  # document orders (metattt.eval.orders); 1: the intervals are conditional on one order
+    adapt_seeds: int = 1  # adapter seeds per order
+    docttt_model: bool = False  # docttt: calibrate the batch-cost model first (warm-up; the full-val projection)
 
     def score_config(self) -> ScoreConfig:
         record = self.compat == "pg-record"  # its forwards are always context long
@@ -158,6 +163,9 @@ class ProtocolResult:
     adapter_info: dict[str, Any] | None = None
     world: int = 1
     compat: dict[str, Any] | None = None  # --compat pg-record: the record's extra tail scorings
+    warmup_s: float = 0.0  # untimed warm-up of this protocol (docttt: the cost model's calibration, which compiles)
+    projection: dict[str, Any] | None = None  # docttt: the batch-cost model's full-val projection (docttt_model)
+    flops: float | None = None  # model FLOPs counted for the whole protocol (metattt.eval.cost)
 
     @property
     def name(self) -> str:
@@ -306,13 +314,29 @@ def run_protocol(
         compat = {"tail_windows": 0, "tail_targets": 0, "tail_nats": 0.0, "tail_bytes": 0.0}
         if spec.windows == "sliding":  # flat has no tail in the record either
             compat = tail_scores(model, data, cfg, adapter.params() if adapter is not None else None, scorer)
-    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat)
+    from . import cost
+
+    work = cost.window_work(plan.length)
+    if adapter is not None:
+        work = work + cost.training_work(summary, int(getattr(adapter.cfg, "epochs", 1)),
+                                         cfg.score_config().train_seq_len or plan.max_length)
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat,
+                          flops=cost.flops(work, model))
 
 
 def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx,
                 extras: Mapping[str, torch.Tensor] | None = None) -> ProtocolResult:
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
+    proj, warm = None, 0.0
+    if cfg.docttt_model:  # calibrating is the run's warm-up (it compiles): the timed run then holds no compilation
+        from .docttt_model import projection
+
+        proj = projection(model, spec, data.tokens_np, data.bos_id, data.tokens.device,
+                          shapes=cfg.docttt_shapes, compile=cfg.docttt_compile, autocast=cfg.autocast, attn=cfg.attn,
+                          full_tokens=cfg.projection_tokens, gpus=cfg.projection_gpus, world=ctx.world,
+                          extras=extras)
+        warm = proj["calibration_s"]
     res = docttt.run_docttt(spec, model, data.tokens, data.tokens_np, data.bos_id, ledger, ctx,
                             make_adapter=lambda s: docttt.make_doc_adapter(s, model, extras),
                             autocast=cfg.autocast, attn=cfg.attn, compile=cfg.docttt_compile, progress=cfg.progress,
@@ -327,7 +351,17 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
         info = {"adapter": ad.name, "config": ad.cfg.to_dict(),
                 "adapted_scalars_per_doc": ad.adapted_count(model.cfg), "docs_per_batch": spec.docs,
                 "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
-    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world)
+    if proj is not None:
+        proj["measured_over_modelled"] = res.seconds / proj["check_s"] if proj["check_s"] > 0 else None
+    from . import cost
+
+    queue = docttt.doc_queue(data.tokens_np, data.bos_id, spec.docs)
+    phase_t = sum(float(queue.n_targets[:n].sum()) for _, n in
+                  docttt.phase_boundaries(queue, spec.phases, spec.phase_docs)) if spec.adapter is not None else 0.0
+    work = cost.docttt_work(queue.n_targets, spec.chunk, spec.window, spec.adapter is not None, phase_t,
+                            spec.phase_epochs)
+    return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, warmup_s=warm, projection=proj,
+                          flops=cost.flops(work, model))
 
 
 @dataclass

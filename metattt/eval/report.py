@@ -11,10 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from .protocols import ORACLE_LABEL, EvalResult
-from .stats import bootstrap
+from metattt.track.rundir import EVAL_SCHEMA, READABLE_EVAL_SCHEMAS
 
-SCHEMA = "metattt.eval/1"
+from .equivalence import equivalence_table
+from .positions import format_per_position, per_position
+from .protocols import ORACLE_LABEL, EvalResult
+from .stats import bootstrap, hierarchical_bootstrap
+
+SCHEMA = EVAL_SCHEMA
+READABLE_SCHEMAS = READABLE_EVAL_SCHEMAS  # what the readers (compare, the study) accept; see metattt.track.rundir
+ONE_ORDER = "conditional on one order: paired document bootstrap over one pass"
+HIERARCHICAL = "hierarchical bootstrap over {r} runs ({k} document orders x {s} adapter seeds), then documents"
 SIGN_CONVENTION = ("delta(A -> B) = bpb(A) - bpb(B) in bits per byte; positive = the second protocol B is better "
                    "(lower bpb). context = flat -> sliding; ttt:X = sliding -> ttt:X (TTT gain beyond context).")
 LN2 = math.log(2.0)
@@ -66,8 +73,18 @@ def running_delta(a_block_nats: np.ndarray, b_block_nats: np.ndarray, block_byte
     return [float(v) if np.isfinite(v) else None for v in out]
 
 
-def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything that goes into ``eval.json`` (JSON-ready)."""
+def check_schema(ev: dict[str, Any], where: str = "eval.json") -> None:
+    """Refuse an eval.json no reader here understands, with a one-line reason (ValueError)."""
+    got = ev.get("schema")
+    if got not in READABLE_SCHEMAS:
+        raise ValueError(f"{where}: schema {got!r} is not one this version reads ({', '.join(READABLE_SCHEMAS)}); "
+                         "re-run the evaluator or use the metattt version that wrote it")
+
+
+def build_report(ev: EvalResult, meta: dict[str, Any] | None = None,
+                 runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything that goes into ``eval.json`` (JSON-ready); ``runs``: the extra document orders / adapter seeds
+    (``orders.evaluate_runs``), for the hierarchical intervals."""
     data, cfg = ev.data, ev.cfg
     names = list(ev.results)
     specs = {n: r.spec for n, r in ev.results.items()}
@@ -85,6 +102,9 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         rate = s.n_scored / max(s.seconds, 1e-12)
         per_gpu = rate / max(r.world, 1)
         proj = cfg.projection_tokens / (per_gpu * cfg.projection_gpus) if projects and per_gpu > 0 else None
+        basis = "timed tokens/s (warm-up excluded)"
+        if r.projection is not None:  # docttt: the batch-cost model, not a short prefix's tokens/s
+            proj, basis = (r.projection["full_s"] if projects else None), r.projection["model"]
         protocols[n] = {
             "bpb": per[n].point,
             "ci95": [per[n].lo, per[n].hi],
@@ -109,6 +129,16 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
             "tokens_per_s_per_process": per_gpu,
             "world_size": r.world,
             "projected_full_val_s": proj,
+            "projection_basis": basis,
+            "projection_model": r.projection,
+            "warmup_s": r.warmup_s,
+            "cost": {"device_s_per_token": s.seconds * max(r.world, 1) / max(s.n_scored, 1),
+                     "flops_per_token": r.flops / max(s.n_scored, 1) if r.flops is not None else None,
+                     "flops": "counted model FLOPs (metattt.eval.cost: forwards 2N + attention, backward 2x, "
+                              "epochs, docttt phases)",
+                     "unit": ("GPU" if measured_on == "cuda" else "CPU") + "-seconds per scored token (timed part; "
+                             "warm-up excluded, in warmup_s)"},
+            "ci95_kind": ONE_ORDER,
             "ledger": r.ledger,
             "adapter_params": r.adapter_info,
             "adapt_stats_last": _jsonable_stats(s.adapt_stats[-1]) if s.adapt_stats else None,
@@ -119,7 +149,8 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         deltas[key] = {"from": a, "to": b, "value": d.point, "ci95": [d.lo, d.hi],
                        "legal": specs[a].legal and specs[b].legal,
                        "valid": ev.results[a].stream.invalid is None and ev.results[b].stream.invalid is None,
-                       "label": "legal" if specs[a].legal and specs[b].legal else ORACLE_LABEL}
+                       "label": "legal" if specs[a].legal and specs[b].legal else ORACLE_LABEL,
+                       "ci95_kind": ONE_ORDER}
     decomposition = docttt_decomposition(names, specs, deltas)
     running = {}
     for key, (a, b) in pairs.items():
@@ -128,6 +159,13 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         running[key] = {"from": a, "to": b, "block_tokens": data.block_tokens,
                         "chunk": list(range(block_bytes.size)),
                         "delta_bpb": running_delta(ev.results[a].block_nats, ev.results[b].block_nats, block_bytes)}
+    adapt_pairs = {k: v for k, v in pairs.items() if getattr(specs[v[1]], "adapter", None) is not None
+                   and specs[v[1]].legal and not k.startswith("total:")}
+    doc_nats = {n: r.doc_nats for n, r in ev.results.items()}
+    if runs:  # TOST on the per-document terms averaged over every run
+        doc_nats = {n: np.stack([v] + [run["doc_nats"][n] for run in runs]) for n, v in doc_nats.items()}
+    equivalence = (equivalence_table(doc_nats, doc_bytes, adapt_pairs, cfg.equivalence_margin)
+                   if adapt_pairs and data.n_docs >= 2 else None)
     return {
         "schema": SCHEMA,
         "sign_convention": SIGN_CONVENTION,
@@ -149,11 +187,39 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None) -> dict[str
         "deltas": deltas,
         **({"docttt_decomposition": decomposition} if decomposition else {}),
         "running_delta": running,
+        "per_position": per_position(data, ev.results, pairs, cfg.position_edges, cfg.chunk_tokens, cfg.n_boot,
+                                     cfg.seed, cfg.level),
+        "runs": _runs_section(ev, runs or [], pairs),
+        **({"equivalence": equivalence} if equivalence else {}),
         "per_document": {
             "bytes": doc_bytes.tolist(),
             "nats": {n: r.doc_nats.tolist() for n, r in ev.results.items()},
         } if data.n_docs <= 100_000 else None,
     }
+
+
+def _runs_section(ev: EvalResult, runs: list[dict[str, Any]], pairs: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """The runs beyond the first and the hierarchical intervals (runs -> documents) of every bpb and Δ."""
+    cfg = ev.cfg
+    k, sd = max(cfg.orders, 1), max(cfg.adapt_seeds, 1)
+    out: dict[str, Any] = {"orders": k, "adapt_seeds": sd, "n_runs": 1 + len(runs),
+                           "interval": ONE_ORDER if not runs else HIERARCHICAL.format(r=1 + len(runs), k=k, s=sd)}
+    if not runs:
+        return out
+    names = list(ev.results)
+    mats = {n: np.stack([ev.results[n].doc_nats] + [r["doc_nats"][n] for r in runs]) for n in names}
+    per, diffs = hierarchical_bootstrap(mats, ev.data.doc_bytes, list(pairs.values()), n_boot=cfg.n_boot,
+                                        seed=cfg.seed, level=cfg.level)
+    nb = float(ev.data.target_bytes.sum())
+    out["runs"] = [{"order": 0, "seed": 0}] + [{"order": r["order"], "seed": r["seed"], "seconds": r["seconds"],
+                                                "invalid": r["invalid"]} for r in runs]
+    out["protocols"] = {n: {"bpb_mean": per[n].point, "ci95": [per[n].lo, per[n].hi],
+                            "bpb_per_run": (mats[n].sum(1) / LN2 / nb).tolist()} for n in names}
+    out["deltas"] = {key: {"from": a, "to": b, "value": diffs[(a, b)].point,
+                           "ci95": [diffs[(a, b)].lo, diffs[(a, b)].hi],
+                           "value_per_run": ((mats[a] - mats[b]).sum(1) / LN2 / nb).tolist()}
+                     for key, (a, b) in pairs.items()}
+    return out
 
 
 def projection_applies(device_type: str, gpus: int) -> bool:
@@ -193,9 +259,9 @@ def format_report(rep: dict[str, Any]) -> str:
     d = rep["data"]
     lines.append(f"scored {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents); "
                  f"95% CIs: paired bootstrap over documents, n={rep['bootstrap']['n']}, "
-                 f"seed={rep['bootstrap']['seed']}")
+                 f"seed={rep['bootstrap']['seed']}, {ONE_ORDER.split(':')[0]}")
     proj_col = f"proj. {rep['projection']['gpus']} GPU"
-    hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{proj_col:>13}  note"
+    hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{proj_col:>13}{'warm-up':>9}  note"
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for n, p in rep["protocols"].items():
@@ -203,7 +269,8 @@ def format_report(rep: dict[str, Any]) -> str:
         if p.get("invalid"):
             note += f" ** INVALID: non-finite {p['invalid']['what']} at chunk {p['invalid']['chunk']} **"
         lines.append(f"{n:<26}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
-                     f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>13}  {note}")
+                     f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>12}"
+                     f"{'*' if p.get('projection_model') else ' '}{_fmt_time(p.get('warmup_s')):>9}  {note}")
     compat = {n: p["compat"] for n, p in rep["protocols"].items() if p.get("compat")}
     if compat:
         lines.append("")
@@ -227,6 +294,27 @@ def format_report(rep: dict[str, Any]) -> str:
         for st in [*dec["steps"], {"step": "total", **dec["total"]}]:
             lines.append(f"  {st['step']:<12}{st['from'] + ' -> ' + st['to']:<60}{st['value']:>+10.5f}  "
                          f"{_fmt_ci(st['ci95'], 5)}")
+    pp = rep.get("per_position")
+    if pp:
+        lines.append("")
+        shown = [k for k, v in rep["deltas"].items() if k == "context" or (rep["protocols"][v["to"]].get("adapter")
+                                                                             and not k.startswith("total:"))]
+        lines.extend(format_per_position(pp, shown))
+    runs = rep.get("runs") or {}
+    if runs.get("protocols"):
+        lines.append("")
+        lines.append(f"intervals over runs: {runs['interval']}")
+        for key, d in runs["deltas"].items():
+            lines.append(f"  {key:<24}{d['from'] + ' -> ' + d['to']:<34}{d['value']:>+10.5f}  {_fmt_ci(d['ci95'], 5):<24}"
+                         f"per run: " + ", ".join(f"{v:+.5f}" for v in d["value_per_run"]))
+    eq = rep.get("equivalence")
+    if eq:
+        lines.append("")
+        lines.append(f"equivalence (TOST, margin ±{eq['margin_bpb']} bpb, Holm over {len(eq['rows'])} adapter Δ, "
+                     f"alpha {eq['alpha']}):")
+        for k, r in eq["rows"].items():
+            lines.append(f"  {k:<40} Δ {r['estimate']:+.5f}  p {r['p']:.3g}  p_holm {r['p_holm']:.3g}  "
+                         + ("equivalent to no effect" if r["equivalent"] else "not shown equivalent"))
     for n, p in rep["protocols"].items():
         a = p.get("adapter_params")
         if a and "adapted_scalars" in a:
@@ -237,4 +325,18 @@ def format_report(rep: dict[str, Any]) -> str:
                 lines.extend("    " + ln for ln in a["report"].splitlines())
     lines.append("")
     lines.append(rep["projection"]["note"])
+    warm = (rep.get("meta") or {}).get("scorer_compile_s") or 0.0
+    if warm:
+        lines.append(f"warm-up of the compiled scorer: {_fmt_time(warm)}, untimed and shared by the windowed protocols "
+                     "(their tokens/s and projections exclude it)")
+    if any(p.get("projection_model") for p in rep["protocols"].values()):
+        lines.append("* docttt: the batch-cost model (metattt.eval.docttt_model: chunk step calibrated per forward length "
+                     "in the warm-up, full val resampled from these document lengths), not a tokens/s extrapolation; "
+                     "phase SGD is not in it")
+        for n, p in rep["protocols"].items():
+            m = p.get("projection_model")
+            if m:
+                r = m.get("measured_over_modelled")
+                lines.append(f"  {n}: modelled {m['check_s']:.2f}s on this data, measured {p['wallclock_s']:.2f}s"
+                             + (f" (measured / modelled {r:.2f})" if r else ""))
     return "\n".join(lines)

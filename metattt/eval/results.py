@@ -70,11 +70,13 @@ def raw_results(ev: EvalResult, meta: dict[str, Any]) -> dict[str, Any]:
                               "invalid": r.stream.invalid} for n, r in ev.results.items()}}
 
 
-def write_results(run_dir: Any, ev: EvalResult, meta: dict[str, Any], warn: Callable[[str], None]) -> dict[str, Any]:
-    """Build the report and write it as ``run_dir/eval.json`` (earlier evaluations kept, see module doc)."""
+def write_results(run_dir: Any, ev: EvalResult, meta: dict[str, Any], warn: Callable[[str], None],
+                  runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Build the report and write it as ``run_dir/eval.json`` (earlier evaluations kept, see module doc);
+    ``runs``: further document orders / adapter seeds (``orders.evaluate_runs``)."""
     run_path = Path(run_dir.path)
     try:
-        report = build_report(ev, meta)
+        report = build_report(ev, meta, runs)
     except Exception:
         raw = run_path / f"eval-{meta.get('eval_id', new_eval_id())}.raw.json"
         run_dir.write_json(raw.name, raw_results(ev, meta))

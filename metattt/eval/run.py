@@ -12,12 +12,14 @@ table and wandb come after it, and a failure there is a warning, never a lost ev
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..model.attention import ATTN_BACKENDS
@@ -25,6 +27,9 @@ from ..ttt.registry import PluginError, Registry, add_module_flag
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
+from .orders import evaluate_runs, seeded_adapter_spec
+from .positions import parse_edges
+from .tuning import check_disjoint, parse_grid, parse_slice, slice_tokens, tune
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
@@ -50,9 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="SentencePiece model for the byte LUT (default: LUT stored in the artifact)")
     ap.add_argument("--protocols", default=DEFAULT_PROTOCOLS,
                     help="comma list of flat, sliding, doc (=doc-sliding), doc-flat, ttt:<adapter>[@windows], "
-                         f"oracle:<adapter>[@windows], doc-chunk[@opts], docttt:doclora[@k=v/...] (default "
-                         f"{DEFAULT_PROTOCOLS}); flat and each ttt's base windows (docttt: its decomposition chain) "
-                         "are added when needed for the deltas")
+                         f"oracle:<adapter>[@windows], and the doc-batched family doc-chunk[@opts] / "
+                         f"docttt:doclora[@k=v/...] (default {DEFAULT_PROTOCOLS}); flat and each ttt's base windows "
+                         "(docttt: its decomposition chain doc-flat -> doc-chunk -> docttt -> + phases) are added "
+                         "when needed for the deltas. docttt options, '/'-separated: chunk (32), docs (64), window "
+                         "(2048), phases (0), phase_docs (2000), phase_lr (0.001), phase_momentum (0.9), "
+                         "phase_tokens (32768), phase_epochs (1), phase_clip (1.0); any other key is a DocLoRA "
+                         "option: rank (96), alpha, lr (1e-4), beta1, beta2, eps, weight_decay, targets, keep_a, "
+                         "seed, init (meta: the artifact's learned A0). Example: "
+                         "docttt:doclora@phases=3/chunk=64/rank=64")
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",
                     help="adapter hyper-parameters, e.g. 'sgd:lr=0.002,epochs=3,select=all' (repeatable; "
                          "'KEY=name:...' defines a protocol key, e.g. ttt:fast with 'fast=sgd:lr=0.01')")
@@ -71,14 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--projection-tokens", type=int, default=62_000_000,
                     help="tokens assumed for the full FineWeb val in the time projection (default 62M)")
-    ap.add_argument("--projection-gpus", type=int, default=8, help="GPUs assumed in the time projection (>= 1)")
+    ap.add_argument("--projection-gpus", type=int, default=8,
+                    help="GPUs assumed in the time projection (>= 1). The projection uses the timed part only "
+                         "(compilation is warm-up, shown in its own column); docttt protocols on CUDA use the "
+                         "batch-cost model of metattt.eval.docttt_model, calibrated in their warm-up")
+    ap.add_argument("--orders", type=int, default=1, metavar="K",
+                    help="evaluate every protocol on K document orders (fixed seeds; one permutation per order, the "
+                         "same for every protocol, so pairing survives); K > 1 adds hierarchical intervals "
+                         "(runs -> documents) in eval.json 'runs'. Default 1: intervals are conditional on one order")
+    ap.add_argument("--adapt-seeds", type=int, default=1, metavar="S",
+                    help="adapter seeds per order (the seed option of adapters that have one, e.g. lora, "
+                         "docttt:doclora; others are deterministic and repeat), for the hierarchical intervals")
+    ap.add_argument("--position-buckets", default="0,128,1024,2048", metavar="EDGES",
+                    help="per-position Δ: bucket edges of the target's offset from its document's BOS (default "
+                         "0,128,1024,2048: [0,128) [128,1024) [1024,2048) [2048,inf)); stream deciles always")
+    ap.add_argument("--tune-slice", default=None, metavar="A:B",
+                    help="documents A..B-1 of the val stream (after --max-tokens) on which --tune-grid chooses the "
+                         "adapters' hyper-parameters; needs a disjoint --report-slice")
+    ap.add_argument("--report-slice", default=None, metavar="C:D",
+                    help="evaluate and report only documents C..D-1 (slice syntax: '200:' = from 200 on)")
+    ap.add_argument("--tune-grid", action="append", default=[], metavar="KEY:opt=v1|v2,...",
+                    help="a small grid for the adapter of protocol ttt:KEY (repeatable), e.g. 'sgd:lr=0.001|0.003|"
+                         "0.01,epochs=1|2': every combination is scored on --tune-slice, the lowest bpb is reported "
+                         "on --report-slice; eval.json 'meta.tuning' records every candidate and the choice")
+    ap.add_argument("--equivalence-margin", type=float, default=0.001, metavar="BPB",
+                    help="TOST margin in bpb for the equivalence table of the adapters' Δ (Holm-corrected; "
+                         "default 0.001)")
     ap.add_argument("--allow-other-data", action="store_true",
                     help="evaluate even when the validation data's fingerprint differs from the one stored in the "
                          "artifact (the stored and the new bpb then refer to different data)")
     ap.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE",
                     help="require a model-config value in the artifact (e.g. vocab_size=1024)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-autocast", action="store_true", help="score in float32 on GPU too")
+    ap.add_argument("--no-autocast", action="store_true",
+                    help="float32 on GPU too: the scoring forwards and the adapters' test-time updates (ttt:, "
+                         "oracle:, docttt:)")
     ap.add_argument("--attn", default="auto", choices=ATTN_BACKENDS,
                     help="attention backend (default auto: flash-attn if installed, else SDPA's choice; the docttt "
                          "family then uses SDPA's FLASH kernel, whose cost does not depend on new shapes)")
@@ -227,6 +265,49 @@ def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: 
     return get
 
 
+def _slices(args: argparse.Namespace, tokens: Any, bos: int) -> tuple[Any, dict[str, Any]]:
+    """(tuning tokens or None, {"report_tokens", "tune_docs", "report_docs"}) for --tune-slice/--report-slice."""
+    if not args.report_slice:
+        return None, {}
+    arr = np.asarray(tokens)
+    try:
+        rep, rep_docs = slice_tokens(arr, bos, parse_slice(args.report_slice, "--report-slice"))
+        out: dict[str, Any] = {"report_tokens": rep, "report_docs": list(rep_docs)}
+        tune = None
+        if args.tune_slice:
+            tune, tune_docs = slice_tokens(arr, bos, parse_slice(args.tune_slice, "--tune-slice"))
+            check_disjoint(tune_docs, rep_docs)
+            out["tune_docs"] = list(tune_docs)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+    return tune, out
+
+
+def _tune(args, model, tune_tokens, lut, device, specs, grid, adapter_specs, extras, registry, adapter_factory,
+          cfg, say) -> dict[str, Any]:
+    """Score every grid candidate as its ttt: protocol (and that protocol's base) on the tuning documents."""
+    from dataclasses import replace
+
+    from .protocols import ProtocolSpec
+
+    data = prepare_stream(tune_tokens, lut, device, cfg.chunk_tokens, vocab_size=int(model.cfg.vocab_size))
+    quiet = replace(cfg, progress=False, docttt_model=False)
+
+    def score(key: str, spec: str) -> tuple[float, bool]:
+        sp = next(s for s in specs if s.mode == "ttt" and s.adapter == key)
+        f = (make_adapter_factory(model, {**adapter_specs, key: spec}, extras, registry) if adapter_factory is None
+             else adapter_factory(model, {**adapter_specs, key: spec}, extras))
+        r = evaluate(model, data, [ProtocolSpec(sp.windows), sp], f, quiet).results[sp.name]
+        bpb = r.nats / math.log(2) / float(data.target_bytes.sum())
+        say(f"tune {key}: {spec} -> bpb {bpb:.5f} on {data.n_docs} tuning documents")
+        return bpb, r.stream.invalid is None
+
+    try:
+        return tune(grid, adapter_specs, score)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Ranges of the numeric options, before anything is loaded (the ones needing the artifact come later)."""
     positive = {"--context": args.context, "--seq-len": args.seq_len, "--train-seq-len": args.train_seq_len,
@@ -237,6 +318,25 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvalInputError(f"{flag} must be at least 1, got {v}")
     if args.bootstrap < 0:
         raise EvalInputError(f"--bootstrap must be >= 0 (0: no CIs), got {args.bootstrap}")
+    if args.orders < 1 or args.adapt_seeds < 1:
+        raise EvalInputError(f"--orders and --adapt-seeds must be at least 1, got {args.orders} and "
+                             f"{args.adapt_seeds}")
+    if not args.equivalence_margin > 0:
+        raise EvalInputError(f"--equivalence-margin must be > 0 bpb, got {args.equivalence_margin}")
+    try:
+        parse_edges(args.position_buckets)
+        grid = parse_grid(args.tune_grid)
+        if args.tune_slice:
+            parse_slice(args.tune_slice, "--tune-slice")
+        if args.report_slice:
+            parse_slice(args.report_slice, "--report-slice")
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
+    if grid and not args.tune_slice:
+        raise EvalInputError("--tune-grid needs --tune-slice (documents to tune on) and a disjoint --report-slice")
+    if args.tune_slice and not args.report_slice:
+        raise EvalInputError("--tune-slice needs --report-slice: the reported documents must be disjoint from the "
+                             "tuning ones")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise EvalInputError(f"--max-tokens must be at least 2, got {args.max_tokens}")
 
@@ -366,6 +466,9 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     elif args.compat_knobs:
         raise EvalInputError("--compat-knobs needs --compat pg-record")
     record_bf16 = args.compat == "pg-record" and not args.no_autocast and device.type == "cuda"
+    tune_tokens, slices = _slices(args, tokens, int(lut.bos_id))
+    if slices:
+        tokens = torch.as_tensor(slices.pop("report_tokens"))
     if args.compile is None:
         args.compile = device.type == "cuda"
     trained_len = int(meta.get("seq_len") or 2048)
@@ -376,7 +479,9 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
                      progress=not args.quiet, fixed_shapes=args.compile, docttt_compile=args.compile,
                      compat=args.compat, eager_adapted=record_bf16 and knobs.eager_ttt,
-                     attn=args.attn)
+                     attn=args.attn, position_edges=parse_edges(args.position_buckets),
+                     equivalence_margin=args.equivalence_margin, orders=args.orders, adapt_seeds=args.adapt_seeds,
+                     docttt_model=device.type == "cuda" and args.projection_gpus >= 1)
     _check_windows(cfg, specs)
     try:
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)
@@ -391,10 +496,23 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         registry = Registry.build(args.adapter_module or ())
     except PluginError as e:
         raise EvalInputError(str(e)) from e
+    extras_all = dict(loaded.extras or {})
     if adapter_factory is None:
         factory = make_adapter_factory(model, adapter_specs, dict(loaded.extras or {}), registry)
     else:
         factory = adapter_factory(model, adapter_specs, dict(loaded.extras or {}))
+    tuning = None
+    grid = parse_grid(args.tune_grid)
+    if grid:
+        unknown = sorted(set(grid) - {sp.adapter for sp in specs if sp.mode == "ttt"})
+        if unknown:
+            raise EvalInputError(f"--tune-grid {', '.join(unknown)}: no ttt: protocol uses that adapter key")
+        tuning = _tune(args, model, tune_tokens, lut, device, specs, grid, adapter_specs, extras_all, registry,
+                       adapter_factory, cfg, say)
+        adapter_specs = {**adapter_specs, **tuning["chosen"]}
+        factory = (make_adapter_factory(model, adapter_specs, extras_all, registry) if adapter_factory is None
+                   else adapter_factory(model, adapter_specs, extras_all))
+        tuning.update(slices)
     if args.compat == "pg-record":
         from .compat import record_ttt_factory
 
@@ -418,18 +536,38 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
             except ValueError as e:
                 raise EvalInputError(f"{spec.name}: {e}") from e
     ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer, extras=extras)
+    runs = None
+    if args.orders > 1 or args.adapt_seeds > 1:
+        def factory_for_seed(s: int) -> Callable[[str], Any]:
+            if s == 0:
+                return factory
+            seeded = dict(adapter_specs)
+            for key in {sp.adapter for sp in specs if sp.adapter is not None and sp.mode != "docttt"}:
+                if hasattr(getattr(factory(key), "cfg", None), "seed"):
+                    seeded[key] = seeded_adapter_spec(adapter_specs.get(key, key), s)
+            f = (make_adapter_factory(model, seeded, extras, registry) if adapter_factory is None
+                 else adapter_factory(model, seeded, extras))
+            if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
+                from .compat import bf16_tables_factory
+
+                f = bf16_tables_factory(f)
+            return f
+
+        runs = evaluate_runs(model, data.tokens_np, lut, device, specs, factory_for_seed, cfg, args.orders,
+                             args.adapt_seeds, log=say, scorer=scorer, extras=extras)
     rep_meta = {"artifact": str(args.artifact), "val": val, "val_fingerprint": val_fp, "data_check": data_check,
                 "lut": lut_src, "device": str(device),
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
                 "compiled_scorer": bool(args.compile), "compat": args.compat, "scorer_compile_s": ev.scorer_compile_s,
+                **({"slices": slices} if slices else {}), **({"tuning": tuning} if tuning else {}),
                 "eval_id": new_eval_id()}
     if rank != 0:  # every rank holds the same results: the same exit code everywhere
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail
     run_dir = _open_run_dir(target, existing_run, {"evaluator": vars(args)})
-    report = write_results(run_dir, ev, rep_meta, warn)
+    report = write_results(run_dir, ev, rep_meta, warn, runs)
     path = report["_paths"]["eval_json"]
     png = None
     try:

@@ -47,7 +47,8 @@ class AdapterLike(Protocol):
 
     def params(self) -> dict[str, torch.Tensor]: ...
 
-    def adapt(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> Any: ...
+    def adapt(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float, *,
+              autocast: bool = True) -> Any: ...
 
     def training_positions(self, chunk_index: int) -> int: ...
 
@@ -194,7 +195,7 @@ def _resolve_training_range(adapter: AdapterLike, chunk: Chunk, chunks: list[Chu
 
 
 def _adapt_on(model: torch.nn.Module, tokens: torch.Tensor, adapter: AdapterLike, lo: int, hi: int, seq_len: int,
-              progress: float, ledger: Ledger, step: int, label: str) -> Any:
+              progress: float, ledger: Ledger, step: int, label: str, autocast: bool = True) -> Any:
     first, n_seq, length = training_sequences(lo, hi, seq_len)
     device = tokens.device
     # every rank passes the whole chunk; the adapter splits each of its mini-batches over the ranks
@@ -203,7 +204,8 @@ def _adapt_on(model: torch.nn.Module, tokens: torch.Tensor, adapter: AdapterLike
     buf = tokens[idx]
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
     ledger.record_update([(first, first + n_seq * length + 1)], step, label)
-    return adapter.adapt(model, x, y, progress)  # the adapter owns grad mode, autocast and the rank average
+    # the adapter owns grad mode and the rank average; the precision is the evaluator's (--no-autocast: float32)
+    return adapter.adapt(model, x, y, progress, autocast=autocast)
 
 
 def _number(v: Any) -> float | None:
@@ -302,7 +304,7 @@ def run_stream(
                     adapter.reset()
                 step = ledger.next_step()
                 stats.append(_adapt_on(model, tokens, adapter, chunk.lo, chunk.hi, seq_len, progress, ledger, step,
-                                       f"oracle chunk {chunk.index}"))
+                                       f"oracle chunk {chunk.index}", cfg.autocast))
                 invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
                 _sync(device)
                 adapt_s += time.perf_counter() - t0
@@ -342,7 +344,7 @@ def run_stream(
                 lo, hi = _resolve_training_range(adapter, chunk, chunks)
                 step = ledger.next_step()
                 stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ledger, step,
-                                       f"after chunk {chunk.index}"))
+                                       f"after chunk {chunk.index}", cfg.autocast))
                 invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
                 _sync(device)
                 adapt_s += time.perf_counter() - t0

@@ -5,6 +5,9 @@
 * ``running``: cumulative Δ_TTT along the validation stream; rising = still learning from the stream.
 * ``fraction`` (synthetic corpus): the fraction of the exact adaptation room each adapter (and the oracle)
   captures.
+* ``cost``: bpb of every legal protocol against its cost per scored token, measured device-seconds (timed part)
+  and counted model FLOPs, with the Pareto front of each marked: "A beats sliding at equal budget" is a
+  statement about the front, not about one row (eval.json schema 2).
 """
 
 from __future__ import annotations
@@ -134,10 +137,55 @@ def fraction_plot(results: list, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Which (cost, bpb) points no other point beats in both (lower cost and lower bpb, one strictly)."""
+    return [not any(c2 <= c and b2 <= b and (c2 < c or b2 < b) for c2, b2 in points) for c, b in points]
+
+
+def cost_points(results: list) -> list[tuple[str, float | None, float | None, float]]:
+    """(label, device-seconds per token, FLOPs per token, bpb) of every legal, valid protocol with a cost."""
+    out = []
+    for r in results:
+        for name, p in r.eval["protocols"].items():
+            c = p.get("cost")
+            if c and p.get("legal") and p.get("valid", True):
+                out.append((f"{r.cell.model.name}/{name}", c.get("device_s_per_token"), c.get("flops_per_token"),
+                            p["bpb"]))
+    return out
+
+
+def cost_plot(results: list, path: Path) -> Path | None:
+    pts = cost_points(results)
+    if len(pts) < 2:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(SIZE[0] * 1.6, SIZE[1]))
+    for ax, col, xlabel in ((axes[0], 1, "device-seconds per scored token (timed)"),
+                            (axes[1], 2, "model FLOPs per scored token (counted)")):
+        mine = [(p[0], p[col], p[3]) for p in pts if p[col]]
+        if not mine:
+            ax.set_visible(False)
+            continue
+        front = pareto_front([(x, y) for _, x, y in mine])
+        ax.scatter([x for _, x, _ in mine], [y for _, _, y in mine], s=12)
+        fr = sorted((x, y) for (_, x, y), f in zip(mine, front) if f)
+        ax.plot([x for x, _ in fr], [y for _, y in fr], "r.-", label="Pareto front")
+        for (lab, x, y), f in zip(mine, front):
+            if f:
+                ax.annotate(lab.split("/", 1)[1][:24], (x, y), fontsize=5)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_ylabel("bpb")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def section_plots(study: StudyConfig, section: str, results: list) -> list[Path]:
     """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed."""
     out = []
-    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot)):
+    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot),
+                     ("cost", cost_plot)):
         path = study.plots / f"{study.name}-s{section}-{kind}.png"
         got = fn(results, path) if results else None
         if got is not None:

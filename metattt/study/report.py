@@ -174,6 +174,7 @@ def cell_table(cr: CellResult) -> list[str]:
             f"| {name} | {_f(p['bpb'])} | {_ci(*p['ci95'])} | {_f(dl['value'], True) if dl else ''} | "
             f"{_ci(*dl['ci95']) if dl else ''} | {_f(fm[0], True) if fm else ''} | {_ci(fm[1], fm[2]) if fm else ''} "
             f"| {scal} | {p['tokens_per_s']:,.0f} | {'yes' if p['legal'] else 'no (oracle)'} |")
+    lines += instrument_lines(ev)
     bounds = synthetic_bounds_for(cr)
     if bounds:
         lines += [""] + bounds_table(ev, bounds)
@@ -182,6 +183,69 @@ def cell_table(cr: CellResult) -> list[str]:
         lines += ["", "Adapter specs: " + "; ".join(f"`{k}` = `{v}`" for k, v in specs.items())]
     cmd = (cr.record or {}).get("command") or " ".join(shlex.quote(a) for a in meta.get("argv", []))
     lines += ["", "```", cmd, "```", ""]
+    return lines
+
+
+def instrument_lines(ev: dict[str, Any]) -> list[str]:
+    """eval.json schema 2's additions (issue 26), each when present (a schema-1 cell has none of them): which
+    interval the CIs above carry, the hierarchical intervals over document orders / adapter seeds, Δ per
+    position in document and per stream decile, what is carried across documents (and zeros that hold by
+    construction), the equivalence table."""
+    from metattt.eval.report import ONE_ORDER
+
+    runs = ev.get("runs")
+    if runs is None:
+        return []
+    lines = ["", f"Interval of the table above: {ONE_ORDER}."]
+    if runs.get("deltas"):
+        lines += ["", f"Δ over {runs['n_runs']} runs ({runs['interval']}):", "",
+                  "| Δ | from → to | mean over runs | 95% CI (runs → documents) | per run |", "|---|---|---|---|---|"]
+        for k, d in runs["deltas"].items():
+            lines.append(f"| {k} | {d['from']} → {d['to']} | {_f(d['value'], True)} | {_ci(*d['ci95'])} | "
+                         + ", ".join(_f(v, True) for v in d["value_per_run"]) + " |")
+    pp = ev.get("per_position") or {}
+    keys = [k for k, v in ev["deltas"].items() if (ev["protocols"].get(v["to"]) or {}).get("adapter")
+            and not k.startswith("total:")]
+    for cut, title in (("doc_position", "position in document (target offset from its BOS)"),
+                       ("stream_decile", "stream decile")):
+        c = pp.get(cut) or {}
+        rows = [(k, c["delta"][k]) for k in keys if k in (c.get("delta") or {})]
+        if not rows:
+            continue
+        lines += ["", f"Δ by {title}, bits per byte within each bucket (share of the total Δ in brackets):", "",
+                  "| Δ | " + " | ".join(c["labels"]) + " |", "|---|" + "---|" * len(c["labels"])]
+        for k, d in rows:
+            lines.append(f"| {k} | " + " | ".join(f"{_f(v, True)} ({_f(sh, True)})"
+                                                 for v, sh in zip(d["value"], d["share"])) + " |")
+    for c in pp.get("carried") or []:
+        lines += ["", f"Carried across documents: bpb({c['within_doc']}) − bpb({c['never']}) = "
+                      f"{_f(c['carried'], True)} {_ci(*c['ci95'])} ({c['within_doc_updates']} within-document updates)."]
+    for n, note in (pp.get("zero_by_construction") or {}).items():
+        lines += ["", f"`{n}`: {note}."]
+    costs = [(n, p["cost"], p["bpb"]) for n, p in ev["protocols"].items()
+             if p.get("cost") and p.get("legal") and p.get("valid", True)]
+    if costs:
+        from .plots import pareto_front
+
+        front = pareto_front([(c["device_s_per_token"], b) for _, c, b in costs])
+        ffront = pareto_front([(c.get("flops_per_token") or float("inf"), b) for _, c, b in costs])
+        unit = costs[0][1]["unit"].split(" ", 1)[0]
+        lines += ["", f"Cost per scored token (timed part; warm-up excluded) and counted model FLOPs per scored token; "
+                      "* = on the Pareto front of bpb against that cost:", "",
+                  f"| protocol | bpb | {unit} per token | GFLOPs per token | warm-up s |", "|---|---|---|---|---|"]
+        for (n, c, b), f, g in zip(costs, front, ffront):
+            fl = c.get("flops_per_token")
+            lines.append(f"| {n} | {_f(b)} | {c['device_s_per_token']:.3g}{' *' if f else ''} | "
+                         f"{'n/a' if fl is None else f'{fl / 1e9:.3g}'}{' *' if g and fl is not None else ''} | "
+                         f"{ev['protocols'][n].get('warmup_s', 0.0):.1f} |")
+    eq = ev.get("equivalence")
+    if eq and eq.get("rows"):
+        lines += ["", f"Equivalence to no effect (TOST, margin ±{eq['margin_bpb']} bpb, Holm over the "
+                      f"{len(eq['rows'])} adapters of this table, α = {eq['alpha']}):", "",
+                  "| Δ | estimate | p (TOST) | p (Holm) | verdict |", "|---|---|---|---|---|"]
+        for k, r in eq["rows"].items():
+            lines.append(f"| {k} | {_f(r['estimate'], True)} | {r['p']:.3g} | {r['p_holm']:.3g} | "
+                         f"{'equivalent' if r['equivalent'] else 'not shown equivalent'} |")
     return lines
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from metattt.track.rundir import READABLE_EVAL_SCHEMAS
+
 from .config import Cell, ModelSpec, StudyConfig, StudyConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +121,7 @@ def cell_done(study: StudyConfig, c: Cell, recorded: bool = False) -> bool:
     if rec.get("artifact_sha256") != digest:
         return False
     ev = _read_json(d / "eval.json")
-    if not ev or ev.get("schema") != "metattt.eval/1":
+    if not ev or ev.get("schema") not in READABLE_EVAL_SCHEMAS:  # /1 cells stay done: /2 only adds sections
         return False
     return all(p in (ev.get("protocols") or {}) for p in requested_protocols(c))
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
+from metattt.track.rundir import MARKER_FILES, READABLE_EVAL_SCHEMAS, MalformedRunDir, RunDir
 from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
 
 #: Aliases tried (in order) after the exact ``--metric`` name; METRIC_HELP documents the names users type.
@@ -36,6 +36,7 @@ METRIC_HELP = """metric names (--metric):
   ttt_delta:ADAPTER   deltas["ttt:ADAPTER"].value (when eval.json holds several TTT protocols)
   bpb:PROTOCOL        protocols[PROTOCOL].bpb in eval.json (bpb:sliding, bpb:flat, bpb:ttt:sgd)
   context_delta       deltas.context.value (flat -> sliding)
+  runs.deltas.KEY.value  the mean over document orders / adapter seeds (eval.json schema 2, --orders/--adapt-seeds)
   bpb                 summary.json val_bpb_quant (after the artifact round trip), else val_bpb
   any dotted path     into eval.json, then summary.json, then the last metrics.jsonl record holding it
 
@@ -84,6 +85,10 @@ def load_run(path: Path | str) -> RunRecord:
     """Read one run directory completely (MalformedRunDir on any unreadable part)."""
     rd = RunDir.open(path)
     assert rd.path is not None
+    schema = (rd.eval or {}).get("schema")
+    if schema is not None and schema not in READABLE_EVAL_SCHEMAS:  # /2 adds sections; every /1 field stays
+        raise MalformedRunDir(rd.path, f"eval.json schema {schema!r} is not one this version reads "
+                                       f"({', '.join(READABLE_EVAL_SCHEMAS)}); use the metattt version that wrote it")
     return RunRecord(
         name=rd.path.name or str(rd.path),
         path=rd.path,

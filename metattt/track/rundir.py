@@ -27,6 +27,11 @@ ENV = "env.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 EVAL = "eval.json"
+#: eval.json schemas (metattt.eval.report writes the last one): /2 adds per_position, runs (document orders and
+#: adapter seeds, hierarchical intervals), equivalence, cost and warm-up fields and keeps every /1 field, so the
+#: readers (compare, the study) accept both; anything else is refused with its schema named
+EVAL_SCHEMA = "metattt.eval/2"
+READABLE_EVAL_SCHEMAS = ("metattt.eval/1", EVAL_SCHEMA)
 #: Files whose presence marks a directory as a run directory (any one suffices).
 MARKER_FILES = (CONFIG, SUMMARY, EVAL, METRICS)
 

@@ -32,8 +32,8 @@ dimension); nothing below mutates a tensor in place, so the same code is differe
 Drivers (this class; subclasses do not override them): ``adapt(model, x, y, progress)`` is the evaluator's legal
 update on scored rows x, y (B, T): ``epochs`` passes of mini-batches of ``batch_seqs`` rows, each mini-batch
 split over the ranks with token-weighted gradient averaging (so all ranks stay bit-identical and equal the
-single-process update up to reduction order), under bf16 autocast on CUDA, whatever the caller's grad or
-inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the meta-trainer's: the same
+single-process update up to reduction order), under bf16 autocast on CUDA when ``autocast`` (the evaluator passes
+its own setting, so ``--no-autocast`` means float32 updates too), whatever the caller's grad or inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the meta-trainer's: the same
 passes and mini-batches, the same ``step``, on this rank's rows; with ``create_graph=False`` the inner gradients
 are constants (first order: the result depends on ``base`` through the identity and on meta-parameters through
 ``step``), with ``True`` the exact second-order graph (use ``attn="math"``: fused attention kernels have no
@@ -375,15 +375,17 @@ class Adapter(nn.Module):
             losses.append(epoch)
         return trainables, state, losses
 
-    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0) -> dict[str, float]:
-        """The evaluator's legal update on already-scored rows (see the module docstring)."""
+    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0, *,
+              autocast: bool = True) -> dict[str, float]:
+        """The evaluator's legal update on already-scored rows (see the module docstring); ``autocast``: bf16
+        autocast on CUDA (False: float32, as the scoring forwards under ``--no-autocast``)."""
         self._require_bound()
         if x.shape != y.shape or x.ndim != 2:
             raise ValueError(f"adapt expects x, y of equal shape (B,T); got {tuple(x.shape)} and {tuple(y.shape)}")
         if not self.trains_in_eval or not self._cur:
             return {"steps": 0}
         lr_at(0.0, "constant", progress)  # validates progress before any work
-        with grad_context(), autocast_for(x.device):
+        with grad_context(), autocast_for(x.device, autocast):
             self._cur, self._state, losses = self._run(model, self._trained, self._cur, self._state, x, y,
                                                        passes=self.cfg.epochs, progress=progress, second=False,
                                                        no_grad_step=True, over_ranks=True)

@@ -59,7 +59,8 @@ class DynEvalAdapter(Adapter):
             dt = torch.promote_types(self._trained[n].dtype, torch.float32)
             register_nested(self, f"rms.{n}", v.detach().to(device=self._trained[n].device, dtype=dt), buffer=True)
 
-    def collect_stats(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensors:
+    def collect_stats(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
+                      autocast: bool = True) -> Tensors:
         """RMS of mini-batch gradients at the trained weights, over ``batches`` of (x, y)."""
         self._require_bound()
         acc: Tensors = {}
@@ -70,7 +71,7 @@ class DynEvalAdapter(Adapter):
                 rows = ctx.share(x.size(0))
                 grad_at = self._grad_at(model, self._trained, x[rows], y[rows], second=False, attn=None,
                                         backend="autograd", over_ranks=True)
-                with autocast_for(x.device):
+                with autocast_for(x.device, autocast):
                     _, g = grad_at(self._trained)
                 for k, v in g.items():
                     sq = v.to(torch.promote_types(v.dtype, torch.float32)).square()
@@ -94,13 +95,14 @@ class DynEvalAdapter(Adapter):
         self._set_stats({k[4:]: v for k, v in sd.items() if k in want})
         return None
 
-    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0) -> dict[str, float]:
+    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0, *,
+              autocast: bool = True) -> dict[str, float]:
         if not self.has_stats and self._cur:
             if not self.cfg.auto_stats:
                 raise RuntimeError("dyneval has no gradient statistics: call collect_stats(model, batches), load "
                                    "them from the artifact extras, or set auto_stats=true")
-            self.collect_stats(model, [(x, y)])
-        return super().adapt(model, x, y, progress)
+            self.collect_stats(model, [(x, y)], autocast=autocast)
+        return super().adapt(model, x, y, progress, autocast=autocast)
 
     def init(self, trainables: Tensors) -> dict[str, Any]:
         return {f"anchor.{n}": t.clone() for n, t in trainables.items()}

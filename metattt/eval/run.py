@@ -1,8 +1,9 @@
 """``python evaluators/legal_ttt.py ARTIFACT ...``: load an artifact, run the protocols, verify legality, report.
 
 Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, arguments, run directory),
-checked before anything is scored or written; 3 an illegal adaptation was detected (the ledger refused; nothing
-is reported); 4 a reported ``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its
+checked before anything is scored or written; 3 an illegal adaptation was detected (nothing is reported): the
+ledger refused an update, a plug-in's ``training_positions`` named no chunk of the stream, or the black-box audit
+(``metattt.eval.audit``, ``--audit``) saw a score change when later tokens changed; 4 a reported ``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its
 adaptation was stopped, eval.json holds every protocol with the invalid one marked).
 
 Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
@@ -22,6 +23,7 @@ import torch
 
 from ..model.attention import ATTN_BACKENDS
 from ..ttt.registry import PluginError, Registry, add_module_flag
+from .audit import CUDA_TOL, AuditConfig, run_audit
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
@@ -91,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "one shape, so it compiles once; docttt protocols compile the model's core with dynamic rows and "
                     "lengths (one graph, forward and backward). Default: on for CUDA (1.9x sliding throughput on an "
                     "H100; docttt 6.8K -> 11.7K tokens/s on an H200), off on CPU (compiling costs more than it saves there)")
+    ap.add_argument("--audit", action=argparse.BooleanOptionalAction, default=True,
+                    help="black-box legality audit (default on; docs/adapters.md 'Trust model'): every protocol is "
+                         "re-run on a prefix of the stream with the tokens from seeded points q on replaced (and a "
+                         "BOS moved to q); any target scored before q whose nats change is a violation (exit 3). "
+                         "oracle: is expected to fail and is only reported")
+    ap.add_argument("--audit-points", type=int, default=None, metavar="N",
+                    help="token perturbations per protocol (default 2; 4 with --adapter-module plug-ins), plus one "
+                         "moved BOS")
+    ap.add_argument("--audit-tokens", type=int, default=None, metavar="N",
+                    help="audit prefix length (default: 4 chunks; docttt: its first 2 batches of documents)")
+    ap.add_argument("--audit-tol", type=float, default=None, metavar="NATS",
+                    help=f"allowed |change| of a target's nats (default 0 on CPU, {CUDA_TOL:g} on CUDA, whose "
+                         "re-runs are not bit-exact)")
     ap.add_argument("--wandb", default=None, metavar="MODE", help="online | offline | off (default: env/auto)")
     ap.add_argument("--wandb-project", default="metattt")
     ap.add_argument("--quiet", action="store_true")
@@ -236,6 +251,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvalInputError(f"--bootstrap must be >= 0 (0: no CIs), got {args.bootstrap}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise EvalInputError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.audit:
+        try:
+            audit_config(args)
+        except ValueError as e:
+            raise EvalInputError(f"--audit-*: {e}") from e
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    """The audit's settings: a cheap default for built-in adapters, more points for ``--adapter-module`` code."""
+    points = args.audit_points if args.audit_points is not None else (4 if args.adapter_module else 2)
+    return AuditConfig(points=points, prefix_tokens=args.audit_tokens, seed=args.seed, tol=args.audit_tol)
 
 
 def _check_artifact_path(path: str) -> None:
@@ -411,13 +437,19 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
             except ValueError as e:
                 raise EvalInputError(f"{spec.name}: {e}") from e
     ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer, extras=extras)
+    if args.audit:  # raises AuditError (exit 3, nothing written) when a legal protocol read the future
+        audit = run_audit(model, data, specs, factory, cfg, audit_config(args), scorer=scorer, extras=extras, log=say)
+        say(f"audit: {len(specs)} protocols in {audit['seconds']:.1f}s (wall)")
+    else:
+        audit = {"ran": False, "why": "--no-audit"}
+        warn("note: --no-audit: only the ledger checked legality (it trusts the adapter's declared positions)")
     rep_meta = {"artifact": str(args.artifact), "val": val, "val_fingerprint": val_fp, "data_check": data_check,
                 "lut": lut_src, "device": str(device),
                 "world_size": world, "model_config": model.cfg.to_dict(), "adapter_specs": adapter_specs,
                 "artifact_meta": {k: v for k, v in meta.items() if k != "lut"},
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
                 "compiled_scorer": bool(args.compile), "compat": args.compat, "scorer_compile_s": ev.scorer_compile_s,
-                "eval_id": new_eval_id()}
+                "eval_id": new_eval_id(), "audit": audit}
     if rank != 0:  # every rank holds the same results: the same exit code everywhere
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail

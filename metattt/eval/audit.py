@@ -19,9 +19,10 @@ Two perturbations, each at seeded points ``q`` inside one document of the prefix
   of the document: beyond it, document-isolated sliding windows (``doc-sliding``, and ``docttt``'s chunk windows)
   place a document's *last* window by its end (shifted back to end at the BOS, so its targets get more context):
   a dependence on the document's end that these protocols have by design (up to 5e-3 nats on the tiny test
-  model), which this check would otherwise report. Not run for ``docttt`` with phases: the length-sorted queue
-  decides which documents a phase has trained on before a document is scored, so its scores depend on its
-  length by design too.
+  model), which this check would otherwise report. Run for ``doc-chunk`` but not for ``docttt:`` adapters: their
+  queue is sorted by length, so where a document ends decides its batch, hence its LoRA's random init (drawn
+  per batch) and, with phases, what the base was trained on before it is scored -- by the protocol's design too
+  (the ``tokens`` perturbation, which keeps every document's length, covers them).
 
 On CPU the ``tokens`` comparison is exact (tolerance 0; ``boundary``: ``BOUNDARY_TOL``); on CUDA, floating-point non-determinism (atomics in backward
 kernels, bf16) moves re-run scores a little, so a tolerance applies (``AuditConfig.tol``; an unperturbed repeat
@@ -92,10 +93,10 @@ def sub_stream(data: Any, tokens_np: np.ndarray) -> Any:
 
 def default_prefix(spec: Any, data: Any, cfg: Any) -> tuple[int, str]:
     """(prefix tokens, why): 4 chunks for ``run_stream`` protocols; for the document-batched family the tokens
-    of the first ``2 * docs`` documents (two batches, so a phase can run)."""
+    of the first ``2 * docs`` documents (two batches, so a phase can run; at least 8)."""
     n = data.n_tokens
     if spec.mode == docttt.FAMILY:
-        k = 2 * spec.docs
+        k = max(2 * spec.docs, 8)
         m = int(data.starts[k]) + 1 if data.starts.size > k else n  # + the next BOS: its target ends the last doc
         return min(m, n), f"the first {min(k, data.n_docs)} documents"
     m = min(n, 4 * cfg.chunk_tokens)
@@ -192,12 +193,13 @@ def audit_protocol(spec: Any, run: Callable[[Any, Any], Any], data: Any, cfg: An
         again = run(spec_a, base_data).stream.token_nll.astype(np.float64)
         rec["rerun_max_diff"] = float(np.abs(again - ref_nll).max()) if again.size else 0.0
     points = [("tokens", p) for p in pick_points(toks, data.bos_id, acfg.points, rng)]
-    if spec.mode != docttt.FAMILY or not spec.phases:
+    if spec.mode != docttt.FAMILY or spec.adapter is None:
         window = spec.window if spec.mode == docttt.FAMILY else cfg.window_len(spec.windows)
         points += [("boundary", p) for p in pick_points(toks, data.bos_id, acfg.boundary_points, rng, window)]
     else:
-        rec["boundary_skipped"] = ("docttt with phases: the length-sorted queue decides what a document's base "
-                                   "was trained on, so moving a document's end legitimately moves its scores")
+        rec["boundary_skipped"] = ("docttt adapters: the length-sorted queue decides a document's batch, hence its "
+                                   "LoRA init and what phases trained the base on, so moving a document's end "
+                                   "moves its scores by design")
     failures = []
     for kind, (q, a, e) in points:
         pert = perturb(toks, q, e, kind, data.bos_id, vocab, rng)

@@ -17,7 +17,7 @@ from metattt.artifact.model_io import save_model_artifact
 from metattt.data.loaders import load_val_tokens
 from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
 from metattt.eval import docttt
-from metattt.eval.audit import AuditConfig, AuditError, before_mask, perturb, pick_points, run_audit
+from metattt.eval.audit import AuditConfig, AuditError, before_mask, perturb, pick_points, run_audit, sub_stream
 from metattt.eval.ledger import Ledger
 from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from metattt.eval.run import EXIT_ILLEGAL, main
@@ -34,7 +34,7 @@ DOC = "chunk=16/docs=4/window=48"
 LORA = "rank=4/lr=0.01"
 EVAL = EvalConfig(seq_len=48, context=48, stride=16, chunk_tokens=256, batch_tokens=4096, n_boot=0)
 SGD = dict(lr=0.03, epochs=1, momentum=0.0, schedule="constant")
-CLI = ["--context", "48", "--stride", "16", "--chunk-tokens", "256", "--batch-tokens", "4096", "--bootstrap", "0",
+CLI = ["--max-tokens", "1500", "--context", "48", "--stride", "16", "--chunk-tokens", "256", "--batch-tokens", "4096", "--bootstrap", "0",
        "--wandb", "off", "--quiet"]
 
 
@@ -124,7 +124,7 @@ def test_cli_records_the_audit_and_the_example_plugin_passes(world, tmp_path, ca
 # ------------------------------------------------------------------------------------------------ cheats
 @pytest.mark.parametrize("cls", [ChunkPeekDocLoRA, SelfTrainDocLoRA, NextDocDocLoRA])
 def test_doc_batched_cheats_pass_the_ledger_but_not_the_audit(world, cls):
-    m, data = world["model"], world["data"]
+    m, data = world["model"], sub_stream(world["data"], world["data"].tokens_np[:1500])
     spec = docttt.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")
     ledger = Ledger(spec.name)
     res = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
@@ -175,8 +175,8 @@ DOC_PLUGIN = """
     """
 
 
-@pytest.mark.parametrize("cls", ["ChunkPeekDocLoRA", "SelfTrainDocLoRA", "NextDocDocLoRA"])
-def test_cli_refuses_a_plugin_that_replaces_the_doc_batched_adapter(world, tmp_path, capsys, monkeypatch, cls):
+def test_cli_refuses_a_plugin_that_replaces_the_doc_batched_adapter(world, tmp_path, capsys, monkeypatch,
+                                                                    cls="NextDocDocLoRA"):
     monkeypatch.setattr(docttt, "make_doc_adapter", docttt.make_doc_adapter)  # undone after the test
     plug = _write(tmp_path, "docplug.py", DOC_PLUGIN.format(cls=cls, tag=cls.lower()))
     rc = _cli(world, tmp_path, "--protocols", f"docttt:doclora@{DOC}/{LORA}", "--adapter-module", plug)

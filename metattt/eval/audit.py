@@ -58,7 +58,7 @@ class AuditError(LegalityError):
 @dataclass(frozen=True)
 class AuditConfig:
     """How much to audit: ``points`` token perturbations and ``boundary_points`` BOS moves per protocol, on a
-    prefix of ``prefix_tokens`` tokens (None: 4 chunks for the ``ttt:``-style protocols; for the document-batched
+    prefix of ``prefix_tokens`` tokens (None: 4 chunks, or 2 on a short stream, for the ``ttt:``-style protocols; for the document-batched
     family enough documents for two batches), seeded; ``tol``: allowed |Δ nats| per target (None: 0 on CPU,
     ``CUDA_TOL`` on CUDA)."""
 
@@ -92,14 +92,15 @@ def sub_stream(data: Any, tokens_np: np.ndarray) -> Any:
 
 
 def default_prefix(spec: Any, data: Any, cfg: Any) -> tuple[int, str]:
-    """(prefix tokens, why): 4 chunks for ``run_stream`` protocols; for the document-batched family the tokens
+    """(prefix tokens, why): 4 chunks for ``run_stream`` protocols (2 when that would exceed 1/16 of the
+    stream: a short evaluation's audit stays a fraction of it); for the document-batched family the tokens
     of the first ``2 * docs`` documents (two batches, so a phase can run; at least 8)."""
     n = data.n_tokens
     if spec.mode == docttt.FAMILY:
         k = max(2 * spec.docs, 8)
         m = int(data.starts[k]) + 1 if data.starts.size > k else n  # + the next BOS: its target ends the last doc
         return min(m, n), f"the first {min(k, data.n_docs)} documents"
-    m = min(n, 4 * cfg.chunk_tokens)
+    m = min(n, max(2 * cfg.chunk_tokens, min(4 * cfg.chunk_tokens, n // 16)))  # a short stream: 2 chunks
     return m, f"the first {-(-m // cfg.chunk_tokens)} chunks"
 
 

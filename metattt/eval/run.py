@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token perturbations per protocol (default 2; 4 with --adapter-module plug-ins), plus one "
                          "moved BOS")
     ap.add_argument("--audit-tokens", type=int, default=None, metavar="N",
-                    help="audit prefix length (default: 4 chunks; docttt: its first 2 batches of documents)")
+                    help="audit prefix length (default: 4 chunks, 2 on a short stream; docttt: its first 2 batches of documents)")
     ap.add_argument("--audit-tol", type=float, default=None, metavar="NATS",
                     help=f"allowed |change| of a target's nats (default 0 on CPU, {CUDA_TOL:g} on CUDA, whose "
                          "re-runs are not bit-exact)")

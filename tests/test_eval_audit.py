@@ -34,8 +34,8 @@ DOC = "chunk=16/docs=4/window=48"
 LORA = "rank=4/lr=0.01"
 EVAL = EvalConfig(seq_len=48, context=48, stride=16, chunk_tokens=256, batch_tokens=4096, n_boot=0)
 SGD = dict(lr=0.03, epochs=1, momentum=0.0, schedule="constant")
-CLI = ["--max-tokens", "1500", "--context", "48", "--stride", "16", "--chunk-tokens", "256", "--batch-tokens", "4096", "--bootstrap", "0",
-       "--wandb", "off", "--quiet"]
+CLI = ["--max-tokens", "1500", "--context", "48", "--stride", "16", "--chunk-tokens", "256", "--batch-tokens", "4096",
+       "--bootstrap", "0", "--wandb", "off", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ Two perturbations, each at seeded points ``q`` inside one document of the prefix
   per batch) and, with phases, what the base was trained on before it is scored -- by the protocol's design too
   (the ``tokens`` perturbation, which keeps every document's length, covers them).
 
-On CPU the ``tokens`` comparison is exact (tolerance 0; ``boundary``: ``BOUNDARY_TOL``); on CUDA, floating-point non-determinism (atomics in backward
-kernels, bf16) moves re-run scores a little, so a tolerance applies (``AuditConfig.tol``; an unperturbed repeat
+On CPU the ``tokens`` comparison is exact (tolerance 0; ``boundary``: ``BOUNDARY_TOL``); on CUDA,
+floating-point non-determinism (atomics in backward kernels, bf16) moves re-run scores a little, so a tolerance
+applies (``AuditConfig.tol``; an unperturbed repeat
 is run to show the noise). ``oracle:`` adapts before scoring by design: it is expected to fail, which is reported,
 not refused. The audit runs on a bounded prefix (``prefix_tokens``), so it costs a few prefix re-runs per
 protocol (docs/benchmarks.md); what it cannot catch is in docs/adapters.md "Trust model".
@@ -58,9 +59,8 @@ class AuditError(LegalityError):
 @dataclass(frozen=True)
 class AuditConfig:
     """How much to audit: ``points`` token perturbations and ``boundary_points`` BOS moves per protocol, on a
-    prefix of ``prefix_tokens`` tokens (None: 4 chunks, or 2 on a short stream, for the ``ttt:``-style protocols; for the document-batched
-    family enough documents for two batches), seeded; ``tol``: allowed |Δ nats| per target (None: 0 on CPU,
-    ``CUDA_TOL`` on CUDA)."""
+    prefix of ``prefix_tokens`` tokens (None: ``default_prefix``), seeded; ``tol``: allowed |Δ nats| per target
+    (None: 0 on CPU, ``CUDA_TOL`` on CUDA)."""
 
     points: int = 2
     boundary_points: int = 1

@@ -295,8 +295,8 @@ def run_protocol(
         order = "adapt_first"
     else:  # the adapter picks what it trains on (training_positions); the enforcing ledger refuses cheats
         order = "score_first"
-    res = run_stream(model, data.tokens, plan, cfg.score_config(spec.windows), adapter=adapter, order=order, ledger=ledger,
-                     ctx=ctx, starts=data.starts, scorer=scorer)
+    res = run_stream(model, data.tokens, plan, cfg.score_config(spec.windows), adapter=adapter, order=order,
+                     ledger=ledger, ctx=ctx, starts=data.starts, scorer=scorer)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)

@@ -3,8 +3,8 @@
 Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, arguments, run directory),
 checked before anything is scored or written; 3 an illegal adaptation was detected (nothing is reported): the
 ledger refused an update, a plug-in's ``training_positions`` named no chunk of the stream, or the black-box audit
-(``metattt.eval.audit``, ``--audit``) saw a score change when later tokens changed; 4 a reported ``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its
-adaptation was stopped, eval.json holds every protocol with the invalid one marked).
+(``metattt.eval.audit``, ``--audit``) saw a score change when later tokens changed; 4 a reported
+``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its adaptation was stopped, eval.json holds every protocol with the invalid one marked).
 
 Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
 table and wandb come after it, and a failure there is a warning, never a lost evaluation.
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token perturbations per protocol (default 2; 4 with --adapter-module plug-ins), plus one "
                          "moved BOS")
     ap.add_argument("--audit-tokens", type=int, default=None, metavar="N",
-                    help="audit prefix length (default: 4 chunks, 2 on a short stream; docttt: its first 2 batches of documents)")
+                    help="audit prefix length (default: 4 chunks, 2 on a short stream; docttt: its first 2 batches "
+                         "of documents)")
     ap.add_argument("--audit-tol", type=float, default=None, metavar="NATS",
                     help=f"allowed |change| of a target's nats (default 0 on CPU, {CUDA_TOL:g} on CUDA, whose "
                          "re-runs are not bit-exact)")

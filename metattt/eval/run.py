@@ -4,7 +4,8 @@ Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, 
 checked before anything is scored or written; 3 an illegal adaptation was detected (nothing is reported): the
 ledger refused an update, a plug-in's ``training_positions`` named no chunk of the stream, or the black-box audit
 (``metattt.eval.audit``, ``--audit``) saw a score change when later tokens changed; 4 a reported
-``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its adaptation was stopped, eval.json holds every protocol with the invalid one marked).
+``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its adaptation was stopped,
+eval.json holds every protocol with the invalid one marked).
 
 Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
 table and wandb come after it, and a failure there is a warning, never a lost evaluation.

@@ -4,7 +4,8 @@
 Reports bpb of flat / sliding / doc / ttt:<adapter> / oracle:<adapter> protocols and the document-batched family
 doc-chunk / docttt:doclora[@phases=.../chunk=.../rank=...], Δ_context = flat - sliding,
 Δ_TTT = sliding - ttt:<adapter> with paired document-bootstrap CIs, and refuses (exit 3) when an adapter
-update saw a token before it was scored, or 4 when a ttt:/oracle: adapter diverged (non-finite loss or weights;
+update saw a token before it was scored (the ledger) or a score moved when later tokens changed (the audit,
+``--audit``), or 4 when a ttt:/oracle: adapter diverged (non-finite loss or weights;
 that protocol is marked invalid). Bad input exits 2 before anything is scored. See ``metattt/eval/run.py``,
 README "Exit codes" and ``--help``.
 """

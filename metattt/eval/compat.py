@@ -170,7 +170,7 @@ def tail_scores(model: torch.nn.Module, data: Any, cfg: Any, params: dict[str, t
     plan = tail_plan(data.n_tokens, cfg.context, cfg.stride)
     if plan.n_windows == 0:
         return {"tail_windows": 0, "tail_targets": 0, "tail_nats": 0.0, "tail_bytes": 0.0}
-    sc = cfg.score_config()
+    sc = cfg.score_config("sliding")
     with torch.inference_mode():
         nll, _ = score_windows(scorer if scorer is not None else model, data.tokens, plan, 0, plan.n_windows, sc,
                                params)

@@ -254,8 +254,9 @@ class BatchPlan:
     the forward has more rows than active documents). Forward shapes, by ``shapes``: ``exact`` (rows = active
     documents, length = the longest active window: what ``run_stream`` computes, bit for bit on CPU), ``chunk``
     (rows = active documents but at least ``MIN_ROWS``, length ``min((c+1)*chunk, window)``, the records' context
-    size, which also fixes the dynamic-NTK RoPE base), ``batch`` (``chunk`` lengths and one row per document of the batch: shapes depend
-    only on c, the records' layout)."""
+    size), ``batch`` (``chunk`` lengths and one row per document of the batch: shapes depend only on c, the
+    records' layout). Under every shape the dynamic-NTK RoPE base is that of ``min((c+1)*chunk, window)`` tokens:
+    the ``exact`` length of a document's last chunk depends on where the document ends (a BOS not yet scored)."""
 
     start: np.ndarray
     col0: np.ndarray
@@ -426,6 +427,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     losses: list[torch.Tensor] = []
     for c in range(plan.n_chunks):
         act, R, t = int(plan.active[c]), int(plan.rows[c]), int(plan.t[c])
+        rope_len = min((c + 1) * C, spec.window)  # the ``chunk`` shapes' length: a function of c only
         train = plan.train[c, :R].copy()
         st_row = S[c, :R]
         buf = tokens[(st_row[:, None] + ar_t[: t + 1]).clamp_(max=n_tok - 1)]
@@ -445,8 +447,8 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 kw["params"] = base
             if attn != "auto":
                 kw["attn"] = attn
-            with _autocast(device, autocast):
-                nll = model(x, tgt, positions=cols, reduction="none", **kw)
+            with _autocast(device, autocast):  # RoPE base of the chunk's window, never of where a document ends
+                nll = model(x, tgt, positions=cols, reduction="none", rope_len=rope_len, **kw)
             return nll, leaves
 
         def update(nll: torch.Tensor, leaves: dict[str, torch.Tensor], train: np.ndarray, step: int) -> None:

@@ -142,12 +142,18 @@ class EvalConfig:
     adapt_seeds: int = 1  # adapter seeds per order
     docttt_model: bool = False  # docttt: calibrate the batch-cost model first (warm-up; the full-val projection)
 
-    def score_config(self) -> ScoreConfig:
+    def score_config(self, windows: str | None = None) -> ScoreConfig:
+        """``windows``: the protocol's windowing, whose window length fixes the RoPE base of its forwards."""
         record = self.compat == "pg-record"  # its forwards are always context long
         return ScoreConfig(batch_tokens=self.batch_tokens, chunk_tokens=self.chunk_tokens,
                            train_seq_len=self.train_seq_len or self.context, autocast=self.autocast, attn=self.attn,
                            progress=self.progress, fixed_shapes=self.fixed_shapes or record,
-                           pad_to=self.context if record else None)
+                           pad_to=self.context if record else None,
+                           rope_len=None if windows is None else self.window_len(windows))
+
+    def window_len(self, windows: str) -> int:
+        """The window length a windowing chose: ``seq_len`` for flat windows, ``context`` for sliding ones."""
+        return self.seq_len if windows in ("flat", "doc-flat") else self.context
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,8 +306,8 @@ def run_protocol(
         order = "adapt_first"
     else:  # the adapter picks what it trains on (training_positions); the enforcing ledger refuses cheats
         order = "score_first"
-    res = run_stream(model, data.tokens, plan, cfg.score_config(), adapter=adapter, order=order, ledger=ledger,
-                     ctx=ctx, starts=data.starts, scorer=scorer)
+    res = run_stream(model, data.tokens, plan, cfg.score_config(spec.windows), adapter=adapter, order=order,
+                     ledger=ledger, ctx=ctx, starts=data.starts, scorer=scorer)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
@@ -378,12 +384,12 @@ def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, jobs: list[tuple[W
     pairs), so compilation is not billed to the first protocol that needs a graph (its tokens/s and full-val
     projection would be off by the compile time). ``ttt:``/``oracle:`` protocols score through the adapter's
     ``params=`` overrides: a graph of its own, warmed up with the adapter's reset state. Seconds spent."""
-    sc = cfg.score_config()
-    if not sc.fixed_shapes:
+    if not cfg.score_config().fixed_shapes:
         return 0.0
     t0 = time.perf_counter()
     seen: set[tuple[int, int, int]] = set()
     for plan, adapter in jobs:
+        sc = cfg.score_config(plan.name)  # plans are named by their windowing
         shape = fixed_batch_shape(plan, sc)
         key = (*shape, id(adapter))
         if plan.n_windows and key not in seen:

@@ -1,9 +1,11 @@
 """``python evaluators/legal_ttt.py ARTIFACT ...``: load an artifact, run the protocols, verify legality, report.
 
 Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, arguments, run directory),
-checked before anything is scored or written; 3 an illegal adaptation was detected (the ledger refused; nothing
-is reported); 4 a reported ``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its
-adaptation was stopped, eval.json holds every protocol with the invalid one marked).
+checked before anything is scored or written; 3 an illegal adaptation was detected (nothing is reported): the
+ledger refused an update, a plug-in's ``training_positions`` named no chunk of the stream, or the black-box audit
+(``metattt.eval.audit``, ``--audit``) saw a score change when later tokens changed; 4 a reported
+``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its adaptation was stopped,
+eval.json holds every protocol with the invalid one marked).
 
 Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
 table and wandb come after it, and a failure there is a warning, never a lost evaluation.
@@ -24,6 +26,7 @@ import torch
 
 from ..model.attention import ATTN_BACKENDS
 from ..ttt.registry import PluginError, Registry, add_module_flag
+from .audit import CUDA_TOL, AuditConfig, run_audit
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
@@ -132,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "one shape, so it compiles once; docttt protocols compile the model's core with dynamic rows and "
                     "lengths (one graph, forward and backward). Default: on for CUDA (1.9x sliding throughput on an "
                     "H100; docttt 6.8K -> 11.7K tokens/s on an H200), off on CPU (compiling costs more than it saves there)")
+    ap.add_argument("--audit", action=argparse.BooleanOptionalAction, default=True,
+                    help="black-box legality audit (default on; docs/adapters.md 'Trust model'): every protocol is "
+                         "re-run on a prefix of the stream with the tokens from seeded points q on replaced (and a "
+                         "BOS moved to q); any target scored before q whose nats change is a violation (exit 3). "
+                         "oracle: is expected to fail and is only reported")
+    ap.add_argument("--audit-points", type=int, default=None, metavar="N",
+                    help="token perturbations per protocol (default 2; 4 with --adapter-module plug-ins), plus one "
+                         "moved BOS")
+    ap.add_argument("--audit-tokens", type=int, default=None, metavar="N",
+                    help="audit prefix length (default: 4 chunks, 2 on a short stream; docttt: its first 2 batches "
+                         "of documents)")
+    ap.add_argument("--audit-tol", type=float, default=None, metavar="NATS",
+                    help=f"allowed |change| of a target's nats (default 0 on CPU, {CUDA_TOL:g} on CUDA, whose "
+                         "re-runs are not bit-exact)")
     ap.add_argument("--wandb", default=None, metavar="MODE", help="online | offline | off (default: env/auto)")
     ap.add_argument("--wandb-project", default="metattt")
     ap.add_argument("--quiet", action="store_true")
@@ -339,6 +356,17 @@ def _check_args(args: argparse.Namespace) -> None:
                              "tuning ones")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise EvalInputError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.audit:
+        try:
+            audit_config(args)
+        except ValueError as e:
+            raise EvalInputError(f"--audit-*: {e}") from e
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    """The audit's settings: a cheap default for built-in adapters, more points for ``--adapter-module`` code."""
+    points = args.audit_points if args.audit_points is not None else (4 if args.adapter_module else 2)
+    return AuditConfig(points=points, prefix_tokens=args.audit_tokens, seed=args.seed, tol=args.audit_tol)
 
 
 def _check_artifact_path(path: str) -> None:
@@ -536,6 +564,12 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
             except ValueError as e:
                 raise EvalInputError(f"{spec.name}: {e}") from e
     ev = evaluate(model, data, specs, factory, cfg, log=say, scorer=scorer, extras=extras)
+    if args.audit:  # raises AuditError (exit 3, nothing written) when a legal protocol read the future
+        audit = run_audit(model, data, specs, factory, cfg, audit_config(args), scorer=scorer, extras=extras, log=say)
+        say(f"audit: {len(specs)} protocols in {audit['seconds']:.1f}s (wall)")
+    else:
+        audit = {"ran": False, "why": "--no-audit"}
+        warn("note: --no-audit: only the ledger checked legality (it trusts the adapter's declared positions)")
     runs = None
     if args.orders > 1 or args.adapt_seeds > 1:
         def factory_for_seed(s: int) -> Callable[[str], Any]:
@@ -547,10 +581,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                     seeded[key] = seeded_adapter_spec(adapter_specs.get(key, key), s)
             f = (make_adapter_factory(model, seeded, extras, registry) if adapter_factory is None
                  else adapter_factory(model, seeded, extras))
-            if args.compat == "pg-record" and cfg.autocast and device.type == "cuda":
-                from .compat import bf16_tables_factory
+            if args.compat == "pg-record":
+                from .compat import record_ttt_factory
 
-                f = bf16_tables_factory(f)
+                f = record_ttt_factory(f, knobs, bf16=record_bf16)
             return f
 
         runs = evaluate_runs(model, data.tokens_np, lut, device, specs, factory_for_seed, cfg, args.orders,
@@ -562,7 +596,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                 "total_eval_s": time.perf_counter() - t0, "argv": list(sys.argv),
                 "compiled_scorer": bool(args.compile), "compat": args.compat, "scorer_compile_s": ev.scorer_compile_s,
                 **({"slices": slices} if slices else {}), **({"tuning": tuning} if tuning else {}),
-                "eval_id": new_eval_id()}
+                "eval_id": new_eval_id(), "audit": audit}
     if rank != 0:  # every rank holds the same results: the same exit code everywhere
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail

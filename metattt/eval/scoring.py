@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..devices import DistCtx, autocast_for, row_share
 from ..track.progress import progress as progress_bar
-from .ledger import Ledger
+from .ledger import Ledger, LegalityError
 from .windows import Chunk, WindowPlan, batch_windows, make_chunks
 
 ORDERS = ("score_only", "score_first", "adapt_first")
@@ -68,6 +68,9 @@ class ScoreConfig:
     # again for each chunk's smaller last batch and for short windows (padding is never scored)
     fixed_shapes: bool = False
     pad_to: int | None = None  # with fixed_shapes: pad every forward to at least this length (the record's x_batch)
+    # the RoPE base of every forward is that of this many tokens at least (the protocol's window length): a
+    # batch's own length can depend on where documents end, i.e. on tokens not yet scored (dynamic NTK RoPE)
+    rope_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.chunk_tokens < 1:
@@ -139,8 +142,11 @@ def score_windows(
         cols = np.concatenate([np.arange(f, l) for f, l in zip(sf, ln)]) if len(ln) > 1 else np.arange(sf[0], ln[0])
         rows_t = torch.from_numpy(rows).to(device)
         cols_t = torch.from_numpy(cols).to(device)
+        kw: dict[str, Any] = {} if cfg.attn == "auto" else {"attn": cfg.attn}
+        if cfg.rope_len is not None:
+            kw["rope_len"] = cfg.rope_len
         with autocast_for(device, cfg.autocast):
-            logits = model(x, params=params, attn=cfg.attn) if cfg.attn != "auto" else model(x, params=params)
+            logits = model(x, params=params, **kw)
         sel = logits[rows_t, cols_t].float()
         tgt = buf[rows_t, cols_t + 1]
         outs.append(F.cross_entropy(sel, tgt, reduction="none"))
@@ -185,11 +191,14 @@ def training_sequences(lo: int, hi: int, seq_len: int) -> tuple[int, int, int]:
 
 def _resolve_training_range(adapter: AdapterLike, chunk: Chunk, chunks: list[Chunk]) -> tuple[int, int]:
     """Target range of the chunk the adapter asks to train on after scoring ``chunk`` (the ledger judges it)."""
+    # what the ledger cannot judge is refused like what it judges illegal (exit 3, not a crash)
     want = adapter.training_positions(chunk.index)
     if not isinstance(want, (int, np.integer)) or isinstance(want, bool):
-        raise TypeError(f"adapter.training_positions must return a chunk index (int), got {want!r}")
+        raise LegalityError(f"adapter.training_positions({chunk.index}) must return a chunk index (int), got "
+                            f"{want!r}: refused (the ledger can only judge a chunk of this stream)")
     if not 0 <= int(want) < len(chunks):
-        raise IndexError(f"adapter asked to train on chunk {int(want)} of {len(chunks)}")
+        raise LegalityError(f"adapter.training_positions({chunk.index}) asked to train on chunk {int(want)}, "
+                            f"not one of the stream's {len(chunks)} chunks (0..{len(chunks) - 1}): refused")
     c = chunks[int(want)]
     return c.lo, c.hi
 

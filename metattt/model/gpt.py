@@ -374,10 +374,12 @@ class BankedGPT(nn.Module):
         recompile, and the tables stay ordinary tensors)."""
         self._rope(t, device)
 
-    def _rope(self, t: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rope(self, t: int, device: torch.device, rope_len: int | None = None) -> tuple[Tensor, Tensor]:
         # one table per (device, base): prefixes of a longer table are exact only while the base is the same
-        # (dynamic NTK changes it with T, see ModelConfig.rope_ntk_len)
-        base = self.cfg.rope_base_at(t)
+        # (dynamic NTK changes it with T, see ModelConfig.rope_ntk_len). ``rope_len``: the base is that of a
+        # forward over max(t, rope_len) tokens (the window the protocol chose), so a forward's own length --
+        # which can depend on where a document ends, a token not yet scored -- never sets it
+        base = self.cfg.rope_base_at(max(t, rope_len or 0))
         key = str(device) if base == self.cfg.rope_base else f"{device}|base={base!r}"
         cached = self._rope_cache.get(key)
         # tables made while scoring must stay usable for autograd (TTT trains right after scoring). Eager code
@@ -399,7 +401,7 @@ class BankedGPT(nn.Module):
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, *, params: Mapping[str, Tensor] | None = None,
                 banks: Mapping[str, Tensor] | None = None, reduction: str = "mean", attn: str = "auto",
-                lora: LoRA | None = None, positions: Tensor | None = None) -> Tensor:
+                lora: LoRA | None = None, positions: Tensor | None = None, rope_len: int | None = None) -> Tensor:
         p = self.param_dict()
         for override in (banks, params):
             if override:
@@ -407,7 +409,7 @@ class BankedGPT(nn.Module):
                 if unknown:
                     raise KeyError(f"overrides name unknown parameters: {sorted(unknown)}")
                 p.update(override)
-        rope = self._rope(tokens.size(1), tokens.device)
+        rope = self._rope(tokens.size(1), tokens.device, rope_len)
         if lora is None and positions is None:  # the call every existing graph was compiled for
             return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime)
         return self._core(self.cfg, p, tokens, targets, reduction, attn, rope, self.runtime, lora, positions)

@@ -201,7 +201,7 @@ def format_report(rep: dict[str, Any]) -> str:
     for n, p in rep["protocols"].items():
         note = "" if p["legal"] else f"** {p['label']} **"
         if p.get("invalid"):
-            note += f" ** INVALID: non-finite {p['invalid']['what']} at chunk {p['invalid']['chunk']} **"
+            note += f" ** INVALID: non-finite {p['invalid']['what']} {where_invalid(p['invalid'])} **"
         lines.append(f"{n:<26}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
                      f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>13}  {note}")
     compat = {n: p["compat"] for n, p in rep["protocols"].items() if p.get("compat")}
@@ -238,3 +238,12 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append("")
     lines.append(rep["projection"]["note"])
     return "\n".join(lines)
+
+
+def where_invalid(inv: dict[str, Any]) -> str:
+    """Where a protocol's adaptation diverged, in words (chunk of ``ttt:``, batch/chunk/phase of ``docttt:``)."""
+    if inv.get("phase") is not None:
+        return f"in phase {inv['phase']} (after batch {inv['batch']})"
+    if "batch" in inv:
+        return f"in batch {inv['batch']}" + (f", chunk {inv['chunk']}" if inv.get("chunk") is not None else "")
+    return f"at chunk {inv['chunk']}"

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from metattt.track import jsonio
 
 from .protocols import EvalResult
-from .report import build_report
+from .report import build_report, where_invalid
 
 EVAL_JSON = "eval.json"
 PLOT_NAME = "eval_running_delta.png"
@@ -95,6 +95,11 @@ def invalid_protocols(report: dict[str, Any]) -> dict[str, str]:
     for name, p in (report.get("protocols") or {}).items():
         inv = p.get("invalid")
         if inv:
-            out[name] = (f"non-finite {inv['what']} at chunk {inv['chunk']}; adaptation stopped there and the "
-                         "rest was scored with the trained weights (result not comparable)")
+            if "batch" in inv:  # the doc-batched family (metattt.eval.docttt)
+                out[name] = (f"non-finite {inv['what']} {where_invalid(inv)}; adaptation stopped there and later "
+                             "batches were scored without it (result not comparable)")
+            else:
+                out[name] = (f"non-finite {inv['what']} at chunk {inv['chunk']}; adaptation stopped there and the "
+                             "rest was scored with the trained weights (result not comparable)")
     return out
+

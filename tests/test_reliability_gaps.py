@@ -61,6 +61,7 @@ def _one_line(err: str) -> str:
     "docttt:doclora@lr=nan/rank=2/docs=4",
     "docttt:doclora@lr=1e6/rank=8/docs=4",
     "docttt:doclora@rank=2/docs=2/phases=2/phase_lr=1e30/phase_clip=0",  # 1e6 stays finite here
+    "docttt:doclora@rank=2/docs=2/phases=2/phase_lr=nan",  # the phase itself: undone, named
 ])
 def test_diverging_docttt_is_invalid_exit_4(world, tmp_path, capsys, proto):
     """Used to report NaN bpb with ``valid: true`` and exit 0."""

@@ -116,11 +116,15 @@ def _parse_adapter_specs(items: list[str]) -> dict[str, str]:
     """Protocol key -> adapter spec; a spec's key is its adapter name unless given as ``KEY=spec``."""
     out: dict[str, str] = {}
     for raw in items:
+        if not raw.strip(" ;"):
+            raise EvalInputError(f"--adapter-spec {raw!r} is empty: give NAME:key=value,... or KEY=NAME:...")
         for it in (s for s in raw.split(";") if s.strip()):
             it = it.strip()
             head = it.split(":", 1)[0]
             if "=" in head:
                 key, _, spec = it.partition("=")
+                if not key.strip() or not spec.strip():
+                    raise EvalInputError(f"--adapter-spec {it!r}: KEY=SPEC needs both a key and an adapter spec")
             else:
                 key, spec = head, it
             if key in out:

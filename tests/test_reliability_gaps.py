@@ -94,7 +94,7 @@ def test_context_beyond_the_trained_length_is_refused(world, tmp_path, capsys, a
     extra = args if "--protocols" in args else ["--protocols", "sliding", *args]
     rc = _cli(world["art"], run_dir, *extra, context="--context" not in args)
     line = _one_line(capsys.readouterr().err)
-    assert rc == EXIT_BAD_INPUT and f"trained at {CTX}" in line and "--allow-longer-context" in line
+    assert rc == EXIT_BAD_INPUT and f"trained at ({CTX} tokens)" in line and "--allow-longer-context" in line
     assert not run_dir.exists()
     rc = _cli(world["art"], run_dir, *extra, "--allow-longer-context", "--max-tokens", "800",
               context="--context" not in args)

@@ -4,7 +4,9 @@
 never replaces an earlier one silently: before the new ``eval.json`` is written, the previous one and its plot
 are renamed to ``eval-<id>.json`` / ``eval_running_delta-<id>.png`` (``<id>`` = that evaluation's
 ``meta.eval_id``), so a plot always sits beside the evaluation it belongs to. Should building the report fail,
-the raw per-protocol numbers are written to ``eval-<id>.raw.json`` before the error propagates.
+the raw per-protocol numbers are written to ``eval-<id>.raw.json`` before the error propagates. The evaluator
+archives, writes and plots under the run directory's lock (``rundir.locked``), so evaluations that finish together
+on one directory are all kept, each with its own plot.
 """
 
 from __future__ import annotations

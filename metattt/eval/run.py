@@ -2,8 +2,9 @@
 
 Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, arguments, run directory),
 checked before anything is scored or written; 3 an illegal adaptation was detected (the ledger refused; nothing
-is reported); 4 a reported ``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its
-adaptation was stopped, eval.json holds every protocol with the invalid one marked).
+is reported); 4 a reported ``ttt:``/``oracle:``/``docttt:`` protocol is invalid (non-finite adapter loss,
+parameters or nats; its adaptation was stopped, eval.json holds every protocol with the invalid one marked);
+130 / 143 interrupted by SIGINT / SIGTERM (one line: whether the results were already written).
 
 Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
 table and wandb come after it, and a failure there is a warning, never a lost evaluation.
@@ -12,8 +13,11 @@ table and wandb come after it, and a failure there is a warning, never a lost ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +32,7 @@ from metattt.data.fingerprint import tokens_fingerprint
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
+from metattt.track.rundir import locked
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -72,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--projection-tokens", type=int, default=62_000_000,
                     help="tokens assumed for the full FineWeb val in the time projection (default 62M)")
     ap.add_argument("--projection-gpus", type=int, default=8, help="GPUs assumed in the time projection (>= 1)")
+    ap.add_argument("--allow-longer-context", action="store_true",
+                    help="allow --context, --seq-len, --train-seq-len or a docttt window= longer than the sequence "
+                         "length the artifact was trained at (refused by default: the model never saw such "
+                         "positions and scores worse there)")
     ap.add_argument("--allow-other-data", action="store_true",
                     help="evaluate even when the validation data's fingerprint differs from the one stored in the "
                          "artifact (the stored and the new bpb then refer to different data)")
@@ -272,10 +281,13 @@ def _run_dir_target(args: argparse.Namespace) -> Path:
 
 def _check_run_dir(target: Path) -> bool:
     """Validate the run directory before scoring; True when it is an existing run directory to add to."""
-    from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
+    from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir, unwritable
 
     if target.exists() and not target.is_dir():
         raise EvalInputError(f"run directory {target} is not a directory (--run-dir)")
+    why = unwritable(target)  # before scoring: results that cannot be written would be lost
+    if why:
+        raise EvalInputError(f"run directory {target} is not writable: {why}; choose another --run-dir")
     if target.is_dir() and any((target / f).is_file() for f in MARKER_FILES):
         try:
             RunDir.open(target)
@@ -292,6 +304,28 @@ def _open_run_dir(target: Path, existing: bool, config: dict[str, Any]):
     if existing:
         return RunDir.open(target)
     return RunDir.create(target.parent, target.name, config, exist_ok=True)
+
+
+def _check_lengths(args: argparse.Namespace, meta: dict[str, Any], specs: list[Any],
+                   warn: Callable[[str], None]) -> None:
+    """Windows longer than the artifact's training length are refused unless ``--allow-longer-context``: the
+    model never saw those positions (a sliding window of 4096 on a 256-token model scored worse than flat).
+    Defaults are the trained length; a docttt ``window=`` is checked when given (its default is the records')."""
+    trained = meta.get("seq_len")
+    if not trained:
+        return  # an artifact that does not say: nothing to compare with
+    trained = int(trained)
+    asked = [(flag, v) for flag, v in (("--context", args.context), ("--seq-len", args.seq_len),
+                                       ("--train-seq-len", args.train_seq_len)) if v is not None and v > trained]
+    asked += [("docttt window=", w) for w in sorted({s.window for s in specs if getattr(s, "mode", None) == "docttt"
+                                                    and s.window != type(s).window and s.window > trained})]
+    if not asked:
+        return
+    what = ", ".join(f"{flag} {v}" if flag.startswith("--") else f"{flag}{v}" for flag, v in asked)
+    msg = f"{what}: longer than the model was trained at ({trained} tokens)"
+    if not args.allow_longer_context:
+        raise EvalInputError(msg + "; pass --allow-longer-context to evaluate it anyway")
+    warn(f"warning: {msg} (--allow-longer-context)")
 
 
 def _check_data(args: argparse.Namespace, meta: dict[str, Any], val: str, fp: str, warn: Callable[[str], None]
@@ -354,6 +388,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         raise EvalInputError(f"bad validation shard: {e}") from e
     val_fp = tokens_fingerprint(tokens)  # of the whole stream, as the trainer stored it
     data_check = _check_data(args, meta, val, val_fp, warn)
+    _check_lengths(args, meta, specs, warn)
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     if args.compat == "pg-record":
@@ -426,16 +461,30 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail
     run_dir = _open_run_dir(target, existing_run, {"evaluator": vars(args)})
-    report = write_results(run_dir, ev, rep_meta, warn)
-    path = report["_paths"]["eval_json"]
-    png = None
-    try:
-        from .plot import plot_running_delta
+    with locked(run_dir.path):  # evaluations finishing together on one directory take turns: all are kept
+        report = write_results(run_dir, ev, rep_meta, warn)
+        path = report["_paths"]["eval_json"]
+        png = None
+        try:
+            from .plot import plot_running_delta
 
-        png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME)
-    except Exception as e:  # noqa: BLE001 - a plot must never cost the evaluation
-        warn(f"warning: the running-delta plot failed ({type(e).__name__}: {e}); results are in {path}")
+            png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME)
+        except KeyboardInterrupt as e:
+            e.written = path  # type: ignore[attr-defined]  # main says where the results are
+            raise
+        except Exception as e:  # noqa: BLE001 - a plot must never cost the evaluation
+            warn(f"warning: the running-delta plot failed ({type(e).__name__}: {e}); results are in {path}")
     report["_paths"]["plot"] = str(png) if png else None
+    try:
+        _report_steps(args, report, run_dir, path, png, say, warn)
+    except KeyboardInterrupt as e:
+        e.written = path  # type: ignore[attr-defined]
+        raise
+    return report
+
+
+def _report_steps(args: argparse.Namespace, report: dict[str, Any], run_dir, path: str, png, say, warn) -> None:
+    """The table, the closing line and wandb: after eval.json, each failure a warning."""
     try:
         say(format_report(report))
     except Exception as e:  # noqa: BLE001
@@ -445,7 +494,6 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         _wandb(args, report, run_dir)
     except Exception as e:  # noqa: BLE001
         warn(f"warning: wandb logging failed ({type(e).__name__}: {e}); results are in {path}")
-    return report
 
 
 def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
@@ -464,10 +512,34 @@ def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
     logger.finish()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the evaluation is, so it ends as SIGINT does: one line, no traceback."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`Terminated` while the CLI runs (main thread only; the old handler comes back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[[str], Any]] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = run(args, adapter_factory)
+        with _sigterm_raises():
+            report = run(args, adapter_factory)
         bad = invalid_protocols(report)
         for name, why in bad.items():
             print(f"INVALID: {name}: {why}", file=sys.stderr)
@@ -478,6 +550,13 @@ def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[
     except EvalInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: one line, the conventional 128 + signal number
+        signum = int(getattr(e, "signum", signal.SIGINT))
+        written = getattr(e, "written", None)
+        print(f"interrupted ({signal.Signals(signum).name}): "
+              + (f"the results were already written to {written}" if written else "nothing was written"),
+              file=sys.stderr)
+        return 128 + signum
     finally:
         import torch.distributed as dist
 

@@ -13,11 +13,8 @@ table and wandb come after it, and a failure there is a warning, never a lost ev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +29,7 @@ from metattt.data.fingerprint import tokens_fingerprint
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
+from metattt.interrupts import signal_name, signum_of, sigterm_raises
 from metattt.track.rundir import locked
 
 EXIT_OK = 0
@@ -512,33 +510,10 @@ def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
     logger.finish()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the evaluation is, so it ends as SIGINT does: one line, no traceback."""
-
-    signum = signal.SIGTERM
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """SIGTERM raises :class:`Terminated` while the CLI runs (main thread only; the old handler comes back)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[[str], Any]] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             report = run(args, adapter_factory)
         bad = invalid_protocols(report)
         for name, why in bad.items():
@@ -551,12 +526,11 @@ def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:  # SIGINT / SIGTERM: one line, the conventional 128 + signal number
-        signum = int(getattr(e, "signum", signal.SIGINT))
         written = getattr(e, "written", None)
-        print(f"interrupted ({signal.Signals(signum).name}): "
+        print(f"interrupted ({signal_name(signum_of(e))}): "
               + (f"the results were already written to {written}" if written else "nothing was written"),
               file=sys.stderr)
-        return 128 + signum
+        return 128 + signum_of(e)
     finally:
         import torch.distributed as dist
 

@@ -5,8 +5,9 @@ back after it):
 
 - :func:`sigterm_raises`: SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) where the program is, as
   SIGINT already does, so an entry point handles both in one ``except KeyboardInterrupt``.
-- :class:`SignalFlag`: SIGINT and SIGTERM only record the signal; the training loop reads it at a step boundary and
-  checkpoints before it leaves (a signal mid-step must not lose the run, nor leave a half-updated state).
+- :class:`SignalFlag`: the same, except while armed: then SIGINT and SIGTERM only record the signal; the training
+  loop arms it, reads it at each step boundary and checkpoints before it leaves (a signal mid-step must neither lose
+  the run nor leave a half-updated state).
 """
 from __future__ import annotations
 
@@ -53,18 +54,22 @@ def sigterm_raises() -> Iterator[None]:
 
 
 class SignalFlag:
-    """Inside ``with``: SIGINT / SIGTERM set ``signum`` (the first one received) instead of interrupting."""
+    """Inside ``with``: SIGINT / SIGTERM raise as :func:`sigterm_raises` makes them, except while ``armed``: then
+    they only set ``signum`` (the first one received), for a loop that checks it at safe points."""
 
     def __init__(self) -> None:
         self.signum = 0
+        self.armed = False
         self._old: dict[int, object] = {}
 
-    def _record(self, signum, frame) -> None:
+    def _handle(self, signum, frame) -> None:
+        if not self.armed:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         self.signum = self.signum or int(signum)
 
     def __enter__(self) -> "SignalFlag":
         if _main_thread():
-            self._old = {s: signal.signal(s, self._record) for s in SIGNALS}
+            self._old = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,13 +22,14 @@ from ..devices import autocast_for
 from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
 from ..track.progress import progress
-from ..track.rundir import RunDir
+from ..interrupts import SignalFlag, signal_name
+from ..track.rundir import RunDir, unwritable
 from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data_setup import resolve_data
-from .dist import DistInfo, all_reduce_mean, broadcast_flag, setup, teardown
+from .dist import DistInfo, agree, all_reduce_mean, setup, teardown
 from .ema import EMA
 from .schedule import lr_scale, meta_step_due
 from .validate import flat_val_bpb
@@ -101,21 +102,27 @@ def _init_from(cfg: TrainConfig, info: DistInfo) -> tuple[TrainConfig, Any]:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training as configured; returns the summary (also written to ``summary.json``)."""
+    """Run training as configured; returns the summary (also written to ``summary.json``), or, after a SIGINT /
+    SIGTERM during the steps, ``{"interrupted": name, "signum": n, "halted_at_step": ..., "run_dir": ...}`` once the
+    checkpoint is written (outside the steps the signal raises ``KeyboardInterrupt``)."""
     info = setup(cfg.device)
     try:
-        return _train(cfg, info)
+        with SignalFlag() as signals:
+            return _train(cfg, info, signals)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, Any]:
     resume_from = None
     _check_run_name(cfg)  # before any data or run file is written
-    if cfg.resume:
+    if cfg.resume:  # cfg is already the run's own config with this command's flags on top (cli.config_from_args)
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
-        cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
+    if info.is_main:
+        why = unwritable(Path(cfg.run_root))
+        if why:  # before the data and the training, not when the results are written
+            raise ValueError(f"run directory root {cfg.run_root} is not writable: {why}; choose another --run-root")
     init = None
     if cfg.init_from and resume_from is None:
         cfg, init = _init_from(cfg, info)
@@ -199,19 +206,32 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     first_step = step
     meta_sums: dict[str, torch.Tensor] = {}  # meta statistics of this rank's meta micro-batches since the last log
     meta_count = 0
+    last_save = time.perf_counter()
+    signals.armed = True  # from here a SIGINT / SIGTERM is a checkpoint at the next step boundary, then exit 130 / 143
     while True:
         stop = step >= cfg.iterations or (cfg.max_wallclock_s > 0 and elapsed >= cfg.max_wallclock_s)
-        stop = broadcast_flag(stop, info)
-        if stop:
-            break
-        if cfg.halt_after and step - first_step >= cfg.halt_after:
+        due = cfg.checkpoint_every_s > 0 and time.perf_counter() - last_save >= cfg.checkpoint_every_s
+        stop, due, signum = agree(stop, due, signals.signum, info)  # rank 0's clock, any rank's signal
+        halt = bool(cfg.halt_after and step - first_step >= cfg.halt_after)
+        if signum or (halt and not stop):
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
                       adapter=adapter, meta_opt=meta_opt)
+            signals.armed = False
             bar.close()
             if wandb is not None:
                 wandb.finish()
+            if signum:
+                return {"interrupted": signal_name(signum), "signum": signum, "halted_at_step": step,
+                        "run_dir": str(run_path)}
             _print(info, f"halted after {cfg.halt_after} steps at step {step}; continue with --resume {run_path}")
             return {"halted_at_step": step, "run_dir": str(run_path)}
+        if stop:
+            break
+        if due or (cfg.checkpoint_every and step > first_step and step % cfg.checkpoint_every == 0):
+            # at the top of the step, outside the training clock (elapsed counts step time only)
+            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                      adapter=adapter, meta_opt=meta_opt)
+            last_save = time.perf_counter()
         if cfg.val_every and step > 0 and step % cfg.val_every == 0:
             validate(step)
         t0 = time.perf_counter()
@@ -262,9 +282,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
             loss_sum.zero_()
             loss_count, window_start, window_steps = 0, elapsed, 0
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt)
+    signals.armed = False
     bar.close()
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
     if cfg.checkpoint_every:

@@ -400,14 +400,16 @@ class BatchOut:
 def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
               adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
               init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
-              shapes: str = "exact", sink: Nats | None = None, inplace: bool = False) -> BatchOut:
+              shapes: str = "exact", sink: Nats | None = None, inplace: bool = False,
+              on_chunk: Callable[[], None] | None = None) -> BatchOut:
     """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
 
     ``init``: the adapter's (trainables, state) for these documents (rows in order; copied unless ``inplace``);
     ``base``: parameter overrides for the base model (after phases). Documents must be sorted by length, longest
     first. ``shapes``: see :class:`BatchPlan`. Nats go to ``sink`` (a fresh one when None). The loop never waits
     for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
-    positions, nats are scattered on the device, losses and timings are read once at the end."""
+    positions, nats are scattered on the device, losses and timings are read once at the end. ``on_chunk`` is
+    called after each chunk step (progress within a batch: a CPU batch can take many minutes)."""
     device, n_tok = tokens.device, tokens.numel()
     attn = resolve_attn(attn, device, autocast)
     C = spec.chunk
@@ -493,6 +495,8 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 update(nll, leaves, train, ledger.next_step())
             m3 = clock.mark()
         marks.append((t, R, m0, m1, m2, m3))
+        if on_chunk is not None:
+            on_chunk()
     clock.wait()
     for t, R, m0, m1, m2, m3 in marks:
         fwd, upd = clock.seconds(m1, m2), clock.seconds(m2, m3) + clock.seconds(m0, m1)
@@ -697,8 +701,11 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     invalid: dict[str, Any] | None = None  # where adaptation went non-finite (then it stops: see _diverged_note)
     try:
         with compiled_core(model, compile):
-            bar = progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)
-            for b, idx in enumerate(bar):
+            # counted in chunk steps of this rank's batches, so a long batch shows progress too
+            n_steps = -(-queue.n_targets // spec.chunk)
+            mine = sum(int(n_steps[idx].max()) for b, idx in enumerate(queue.batches) if owner[b] == ctx.rank)
+            bar = progress_bar(mine, desc=f"{spec.name} [chunk steps]", enabled=progress and ctx.rank == 0)
+            for b, idx in enumerate(queue.batches):
                 if owner[b] == ctx.rank:
                     a, e = queue.a[idx], queue.e[idx]
                     init = None
@@ -707,7 +714,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                         gen = torch.Generator(device=device).manual_seed(ad.cfg.seed * 1_000_003 + b)
                         init = ad.init(base, len(idx), model.cfg, gen, carry=tr)
                     res = run_batch(model, tokens, a, e, spec, ad, base, ledger, init, autocast, attn, shapes,
-                                    sink, inplace=True)
+                                    sink, inplace=True, on_chunk=bar.update)
                     if ad is not None and res.nonfinite_chunk is not None:
                         invalid = {"batch": b, "chunk": res.nonfinite_chunk,
                                    "what": "nats scored with the adapted LoRA"
@@ -743,6 +750,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     bi += 1
                     _sync(device)
                     adapt_s += time.perf_counter() - t0
+            bar.close()
     finally:
         model.train(was_training)
     both = torch.stack([sink.nats[:-1], sink.count[:-1].float()])

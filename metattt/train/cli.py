@@ -152,5 +152,5 @@ def _run(argv: Sequence[str] | None) -> int:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"final eval skipped under torchrun: python evaluators/legal_ttt.py {summary['artifact']}")
         else:
-            run_final_eval(cfg, summary["artifact"])
+            run_final_eval(cfg, summary["artifact"], trainer=summary)
     return EXIT_OK

@@ -206,6 +206,23 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     first_step = step
     meta_sums: dict[str, torch.Tensor] = {}  # meta statistics of this rank's meta micro-batches since the last log
     meta_count = 0
+
+    def log_train(scale: float, do_meta: bool) -> None:
+        """One train record (metrics, wandb, the bar's postfix) for the steps since the last one."""
+        nonlocal loss_count, window_start, window_steps, meta_sums, meta_count
+        train_loss = all_reduce_mean(loss_sum.item() / max(loss_count, 1), info)
+        dt = max(elapsed - window_start, 1e-9)
+        rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
+               "ms_per_step": 1000 * dt / window_steps,
+               "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
+        if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
+            rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
+            meta_sums, meta_count = {}, 0
+        log(rec)
+        bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
+        loss_sum.zero_()
+        loss_count, window_start, window_steps = 0, elapsed, 0
+
     last_save = time.perf_counter()
     signals.armed = True  # from here a SIGINT / SIGTERM is a checkpoint at the next step boundary, then exit 130 / 143
     while True:
@@ -270,19 +287,10 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         bar.update(now - shown)
         shown = now
         if step % log_every == 0 or step == cfg.iterations:
-            train_loss = all_reduce_mean(loss_sum.item() / max(loss_count, 1), info)
-            dt = max(elapsed - window_start, 1e-9)
-            rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
-                   "ms_per_step": 1000 * dt / window_steps,
-                   "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
-            if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
-                rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
-                meta_sums, meta_count = {}, 0
-            log(rec)
-            bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
-            loss_sum.zero_()
-            loss_count, window_start, window_steps = 0, elapsed, 0
+            log_train(scale, do_meta)
     signals.armed = False
+    if window_steps:  # a wallclock stop between log steps: the last step is logged and shown too
+        log_train(scale, do_meta)
     bar.close()
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
     if cfg.checkpoint_every:
@@ -372,7 +380,8 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model
 
 
 def _print_report(s: dict[str, Any], report) -> None:
-    rows = [("model (EMA/final weights)", s["val_bpb"]), ("model after int6/int8 + zstd roundtrip", s["val_bpb_quant"])]
+    rows = [(f"model (EMA/final weights), all {int(s['val_tokens']):,} val targets", s["val_bpb"]),
+            ("model after int6/int8 + zstd roundtrip, the same targets", s["val_bpb_quant"])]
     b = s.get("bounds") or {}
     named = [("unigram bound", "unigram_bpb"), ("global-chain bound (bigram)", "bigram_bpb"),
              ("Bayes bound, document statistics unknown", "bayes_unknown_bpb"),

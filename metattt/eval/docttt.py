@@ -15,6 +15,11 @@ positions (a document's own positions; its opening BOS is the delimiter the wind
 ``doc-flat``); under torch.distributed batches are dealt by a deterministic longest-first schedule
 (``batch_schedule``, no lock files), phase steps are split over the ranks, nats are summed and the ledgers
 merged, so every rank verifies the whole run.
+
+Divergence (exit 4, as ``ttt:``): when a batch scores a non-finite nat with its adapted LoRAs, or a phase's loss or
+parameters go non-finite (the phase is then undone), adaptation stops for the rest of the protocol (later batches are
+scored by the base model as it was, no later phase runs) and the result is marked invalid with the batch, chunk or
+phase (``StreamResult.invalid``); the diverged batch's own nats stay as scored.
 """
 from __future__ import annotations
 
@@ -382,6 +387,7 @@ class BatchOut:
     loss_first: float | None = None
     loss_last: float | None = None
     trainables: dict[str, torch.Tensor] | None = None
+    nonfinite_chunk: int | None = None  # with an adapter: the first chunk that scored a non-finite nat
     chunk_times: list[tuple[int, int, float, float]] = field(default_factory=list)  # (t, rows, fwd s, update s)
 
     @property
@@ -395,14 +401,16 @@ class BatchOut:
 def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
               adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
               init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
-              shapes: str = "exact", sink: Nats | None = None, inplace: bool = False) -> BatchOut:
+              shapes: str = "exact", sink: Nats | None = None, inplace: bool = False,
+              on_chunk: Callable[[], None] | None = None) -> BatchOut:
     """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
 
     ``init``: the adapter's (trainables, state) for these documents (rows in order; copied unless ``inplace``);
     ``base``: parameter overrides for the base model (after phases). Documents must be sorted by length, longest
     first. ``shapes``: see :class:`BatchPlan`. Nats go to ``sink`` (a fresh one when None). The loop never waits
     for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
-    positions, nats are scattered on the device, losses and timings are read once at the end."""
+    positions, nats are scattered on the device, losses and timings are read once at the end. ``on_chunk`` is
+    called after each chunk step (progress within a batch: a CPU batch can take many minutes)."""
     device, n_tok = tokens.device, tokens.numel()
     attn = resolve_attn(attn, device, autocast)
     C = spec.chunk
@@ -425,6 +433,9 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     clock = _Clock(device)
     marks: list[tuple[int, ...]] = []
     losses: list[torch.Tensor] = []
+    # the first chunk whose scored nats are non-finite (a diverged LoRA), kept on the device: read once per batch
+    never = plan.n_chunks
+    first_bad = torch.full((), never, device=device, dtype=torch.int64) if adapter is not None else None
     for c in range(plan.n_chunks):
         act, R, t = int(plan.active[c]), int(plan.rows[c]), int(plan.t[c])
         rope_len = min((c + 1) * C, spec.window)  # the ``chunk`` shapes' length: a function of c only
@@ -476,6 +487,9 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             nll, leaves = forward(grad)
             step = ledger.next_step()
             sink.put(dest, nll)
+            if first_bad is not None:
+                ok = torch.isfinite(torch.where(valid, nll.detach().float(), 0.0)).all()
+                first_bad = torch.minimum(first_bad, torch.where(ok, never, c))
             out.forwards += 1
             _record_scores(ledger, plan.lo[c, :act], plan.hi[c, :act], step)
             m2 = clock.mark()
@@ -483,6 +497,8 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 update(nll, leaves, train, ledger.next_step())
             m3 = clock.mark()
         marks.append((t, R, m0, m1, m2, m3))
+        if on_chunk is not None:
+            on_chunk()
     clock.wait()
     for t, R, m0, m1, m2, m3 in marks:
         fwd, upd = clock.seconds(m1, m2), clock.seconds(m2, m3) + clock.seconds(m0, m1)
@@ -492,6 +508,8 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     if losses:
         vals = torch.stack([losses[0], losses[-1]]).tolist()
         out.loss_first, out.loss_last = vals
+    if first_bad is not None and int(first_bad) < never:
+        out.nonfinite_chunk = int(first_bad)
     out.trainables = tr
     return out
 
@@ -682,18 +700,27 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     _sync(device)
     t_start = time.perf_counter()
     seg, bi = 0, 0
+    invalid: dict[str, Any] | None = None  # where adaptation went non-finite (then it stops: see _diverged_note)
     try:
         with compiled_core(model, compile):
-            bar = progress_bar(queue.batches, desc=spec.name, enabled=progress and ctx.rank == 0)
-            for b, idx in enumerate(bar):
+            # counted in chunk steps of this rank's batches, so a long batch shows progress too
+            n_steps = -(-queue.n_targets // spec.chunk)
+            mine = sum(int(n_steps[idx].max()) for b, idx in enumerate(queue.batches) if owner[b] == ctx.rank)
+            bar = progress_bar(mine, desc=f"{spec.name} [chunk steps]", enabled=progress and ctx.rank == 0)
+            for b, idx in enumerate(queue.batches):
                 if owner[b] == ctx.rank:
                     a, e = queue.a[idx], queue.e[idx]
                     init = None
-                    if adapter is not None:
-                        gen = torch.Generator(device=device).manual_seed(adapter.cfg.seed * 1_000_003 + b)
-                        init = adapter.init(base, len(idx), model.cfg, gen, carry=tr)
-                    res = run_batch(model, tokens, a, e, spec, adapter, base, ledger, init, autocast, attn, shapes,
-                                    sink, inplace=True)
+                    ad = adapter if invalid is None else None  # diverged: the rest is scored without adapting
+                    if ad is not None:
+                        gen = torch.Generator(device=device).manual_seed(ad.cfg.seed * 1_000_003 + b)
+                        init = ad.init(base, len(idx), model.cfg, gen, carry=tr)
+                    res = run_batch(model, tokens, a, e, spec, ad, base, ledger, init, autocast, attn, shapes,
+                                    sink, inplace=True, on_chunk=bar.update)
+                    if ad is not None and res.nonfinite_chunk is not None:
+                        invalid = {"batch": b, "chunk": res.nonfinite_chunk,
+                                   "what": "nats scored with the adapted LoRA"
+                                   + (f" on the base phase {bi - 1} left" if bi else "")}
                     tr = res.trainables
                     score_s += res.score_s
                     adapt_s += res.adapt_s
@@ -705,17 +732,27 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     seg += 1
                     ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
                     docs = phase_documents(queue, bounds[bi][1])
-                    # phase shapes vary: eager, no recompiles
-                    with model.eager_core() if compile else contextlib.nullcontext():
-                        base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
-                                             autocast, ctx, attn)
-                    stats.append({"phase": bi, **st})
+                    if _any_rank(invalid is not None, ctx, device):  # a phase is collective: every rank skips it
+                        invalid = invalid or {"batch": b, "chunk": None, "what": "adaptation on another rank"}
+                        stats.append({"phase": bi, "skipped": "adaptation diverged"})
+                    else:
+                        # phase shapes vary: eager, no recompiles
+                        with model.eager_core() if compile else contextlib.nullcontext():
+                            new_base, st = phase_sgd(model, tokens, queue.a[docs], queue.e[docs], spec, base, ledger,
+                                                     autocast, ctx, attn)
+                        stats.append({"phase": bi, **st})
+                        what = _phase_nonfinite(st, new_base)  # the same on every rank (gradients all-reduced)
+                        if what is None:
+                            base = new_base
+                        else:  # keep the base the phase started from; no LoRA or phase adapts after this
+                            invalid = {"batch": b, "chunk": None, "phase": bi, "what": what}
                     tr = None
                     seg += 1
                     ledger._step = max(ledger._step, seg * _SEG)
                     bi += 1
                     _sync(device)
                     adapt_s += time.perf_counter() - t0
+            bar.close()
     finally:
         model.train(was_training)
     both = torch.stack([sink.nats[:-1], sink.count[:-1].float()])
@@ -732,8 +769,32 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     if np.any(done != 1):
         bad = int(np.flatnonzero(done != 1)[0]) + 1
         raise AssertionError(f"{spec.name}: target {bad} scored {int(done[bad - 1])} times (expected once)")
+    if ctx.world > 1:  # the earliest divergence of any rank, the same record everywhere
+        every: list[Any] = [None] * ctx.world
+        dist.all_gather_object(every, invalid)
+        invalid = min((x for x in every if x is not None), key=lambda x: x["batch"], default=None)
     return StreamResult(spec.name, nll, [], seconds, score_s, adapt_s, int(queue.n_targets.size), n_fwd, ledger,
-                        stats)
+                        stats, invalid)
+
+
+def _any_rank(flag: bool, ctx: DistCtx, device: torch.device) -> bool:
+    if ctx.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _phase_nonfinite(stats: dict[str, Any], new_base: dict[str, torch.Tensor]) -> str | None:
+    """What of a phase went non-finite (its loss, else a base parameter), or None."""
+    for k in ("phase_loss_first", "phase_loss_last"):
+        v = stats.get(k)
+        if v is not None and not math.isfinite(v):
+            return f"{k} ({v})"
+    for k, v in new_base.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"phase parameter {k}"
+    return None
 
 
 def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module | None = None,

@@ -116,6 +116,9 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None,
             "invalid": s.invalid,
             "mode": r.spec.mode,
             "windows": r.spec.windows,
+            # docttt with phases: how many ran (none when the stream has too few batches for one)
+            **({"phases_run": sum(1 for st in s.adapt_stats if isinstance(st, dict) and "phase" in st
+                                  and "skipped" not in st)} if getattr(r.spec, "phases", 0) else {}),
             **(_compat_entry(r, total_bytes) if r.compat is not None else {}),
             "adapter": r.spec.adapter,
             "n_windows": s.n_windows,
@@ -261,14 +264,15 @@ def format_report(rep: dict[str, Any]) -> str:
                  f"95% CIs: paired bootstrap over documents, n={rep['bootstrap']['n']}, "
                  f"seed={rep['bootstrap']['seed']}, {ONE_ORDER.split(':')[0]}")
     proj_col = f"proj. {rep['projection']['gpus']} GPU"
-    hdr = f"{'protocol':<26}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{proj_col:>13}{'warm-up':>9}  note"
+    wp = max([26] + [len(n) + 2 for n in rep["protocols"]])  # long protocol names widen the column
+    hdr = f"{'protocol':<{wp}}{'bpb':>9}  {'95% CI':<20}{'wall':>9}{'tok/s':>12}{proj_col:>13}{'warm-up':>9}  note"
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for n, p in rep["protocols"].items():
         note = "" if p["legal"] else f"** {p['label']} **"
         if p.get("invalid"):
-            note += f" ** INVALID: non-finite {p['invalid']['what']} at chunk {p['invalid']['chunk']} **"
-        lines.append(f"{n:<26}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
+            note += f" ** INVALID: non-finite {p['invalid']['what']} {where_invalid(p['invalid'])} **"
+        lines.append(f"{n:<{wp}}{p['bpb']:>9.5f}  {_fmt_ci(p['ci95']):<20}{_fmt_time(p['wallclock_s']):>9}"
                      f"{p['tokens_per_s']:>12,.0f}{_fmt_time(p['projected_full_val_s']):>12}"
                      f"{'*' if p.get('projection_model') else ' '}{_fmt_time(p.get('warmup_s')):>9}  {note}")
     compat = {n: p["compat"] for n, p in rep["protocols"].items() if p.get("compat")}
@@ -282,18 +286,25 @@ def format_report(rep: dict[str, Any]) -> str:
     if rep["deltas"]:
         lines.append("")
         lines.append("deltas  (" + rep["sign_convention"] + ")")
+        wk = max([24] + [len(k) + 2 for k in rep["deltas"]])
+        wft = max([34] + [len(v["from"] + " -> " + v["to"]) + 2 for v in rep["deltas"].values()])
         for k, v in rep["deltas"].items():
             note = "" if v["legal"] else f"** {v['label']} **"
             if not v.get("valid", True):
                 note += " ** INVALID (diverged adapter) **"
-            lines.append(f"  {k:<24}{v['from'] + ' -> ' + v['to']:<34}{v['value']:>+10.5f}  "
-                         f"{_fmt_ci(v['ci95'], 5):<24}{note}")
+            lines.append(f"  {k:<{wk}}{v['from'] + ' -> ' + v['to']:<{wft}}{v['value']:>+10.5f}  "
+                         f"{_fmt_ci(v['ci95'], 5):<24}{note}".rstrip())
     for n, dec in rep.get("docttt_decomposition", {}).items():
         lines.append("")
         lines.append(f"decomposition of {n} (each step a paired Δ, positive = better):")
-        for st in [*dec["steps"], {"step": "total", **dec["total"]}]:
-            lines.append(f"  {st['step']:<12}{st['from'] + ' -> ' + st['to']:<60}{st['value']:>+10.5f}  "
-                         f"{_fmt_ci(st['ci95'], 5)}")
+        steps = [*dec["steps"], {"step": "total", **dec["total"]}]
+        wft = max([60] + [len(st["from"] + " -> " + st["to"]) + 2 for st in steps])
+        for st in steps:
+            note = ""
+            if st["step"] == "phases" and rep["protocols"].get(st["to"], {}).get("phases_run") == 0:
+                note = "  (no phase ran: a phase needs a batch after it, and this stream has too few documents)"
+            lines.append(f"  {st['step']:<12}{st['from'] + ' -> ' + st['to']:<{wft}}{st['value']:>+10.5f}  "
+                         f"{_fmt_ci(st['ci95'], 5)}{note}")
     pp = rep.get("per_position")
     if pp:
         lines.append("")
@@ -340,3 +351,12 @@ def format_report(rep: dict[str, Any]) -> str:
                 lines.append(f"  {n}: modelled {m['check_s']:.2f}s on this data, measured {p['wallclock_s']:.2f}s"
                              + (f" (measured / modelled {r:.2f})" if r else ""))
     return "\n".join(lines)
+
+
+def where_invalid(inv: dict[str, Any]) -> str:
+    """Where a protocol's adaptation diverged, in words (chunk of ``ttt:``, batch/chunk/phase of ``docttt:``)."""
+    if inv.get("phase") is not None:
+        return f"in phase {inv['phase']} (after batch {inv['batch']})"
+    if "batch" in inv:
+        return f"in batch {inv['batch']}" + (f", chunk {inv['chunk']}" if inv.get("chunk") is not None else "")
+    return f"at chunk {inv['chunk']}"

@@ -4,7 +4,9 @@
 never replaces an earlier one silently: before the new ``eval.json`` is written, the previous one and its plot
 are renamed to ``eval-<id>.json`` / ``eval_running_delta-<id>.png`` (``<id>`` = that evaluation's
 ``meta.eval_id``), so a plot always sits beside the evaluation it belongs to. Should building the report fail,
-the raw per-protocol numbers are written to ``eval-<id>.raw.json`` before the error propagates.
+the raw per-protocol numbers are written to ``eval-<id>.raw.json`` before the error propagates. The evaluator
+archives, writes and plots under the run directory's lock (``rundir.locked``), so evaluations that finish together
+on one directory are all kept, each with its own plot.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Callable
 from metattt.track import jsonio
 
 from .protocols import EvalResult
-from .report import build_report
+from .report import build_report, where_invalid
 
 EVAL_JSON = "eval.json"
 PLOT_NAME = "eval_running_delta.png"
@@ -97,6 +99,11 @@ def invalid_protocols(report: dict[str, Any]) -> dict[str, str]:
     for name, p in (report.get("protocols") or {}).items():
         inv = p.get("invalid")
         if inv:
-            out[name] = (f"non-finite {inv['what']} at chunk {inv['chunk']}; adaptation stopped there and the "
-                         "rest was scored with the trained weights (result not comparable)")
+            if "batch" in inv:  # the doc-batched family (metattt.eval.docttt)
+                out[name] = (f"non-finite {inv['what']} {where_invalid(inv)}; adaptation stopped there and later "
+                             "batches were scored without it (result not comparable)")
+            else:
+                out[name] = (f"non-finite {inv['what']} at chunk {inv['chunk']}; adaptation stopped there and the "
+                             "rest was scored with the trained weights (result not comparable)")
     return out
+

@@ -4,8 +4,9 @@ Exit codes (README "Exit codes"): 0 ok; 2 bad input (artifact, data, tokenizer, 
 checked before anything is scored or written; 3 an illegal adaptation was detected (nothing is reported): the
 ledger refused an update, a plug-in's ``training_positions`` named no chunk of the stream, or the black-box audit
 (``metattt.eval.audit``, ``--audit``) saw a score change when later tokens changed; 4 a reported
-``ttt:``/``oracle:`` protocol is invalid (non-finite adapter loss or parameters; its adaptation was stopped,
-eval.json holds every protocol with the invalid one marked).
+``ttt:``/``oracle:``/``docttt:`` protocol is invalid (non-finite adapter loss, parameters or nats; its adaptation
+was stopped, eval.json holds every protocol with the invalid one marked); 130 / 143 interrupted by SIGINT / SIGTERM
+(one line: whether the results were already written).
 
 Results first, report second: eval.json is written as soon as the protocols are scored; the plot, the printed
 table and wandb come after it, and a failure there is a warning, never a lost evaluation.
@@ -36,6 +37,8 @@ from .tuning import check_disjoint, parse_grid, parse_slice, slice_tokens, tune
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
+from metattt.interrupts import signal_name, signum_of, sigterm_raises
+from metattt.track.rundir import locked
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -111,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--equivalence-margin", type=float, default=0.001, metavar="BPB",
                     help="TOST margin in bpb for the equivalence table of the adapters' Δ (Holm-corrected; "
                          "default 0.001)")
+    ap.add_argument("--allow-longer-context", action="store_true",
+                    help="allow --context, --seq-len, --train-seq-len or a docttt window= longer than the sequence "
+                         "length the artifact was trained at (refused by default: the model never saw such "
+                         "positions and scores worse there)")
     ap.add_argument("--allow-other-data", action="store_true",
                     help="evaluate even when the validation data's fingerprint differs from the one stored in the "
                          "artifact (the stored and the new bpb then refer to different data)")
@@ -174,11 +181,15 @@ def _parse_adapter_specs(items: list[str]) -> dict[str, str]:
     """Protocol key -> adapter spec; a spec's key is its adapter name unless given as ``KEY=spec``."""
     out: dict[str, str] = {}
     for raw in items:
+        if not raw.strip(" ;"):
+            raise EvalInputError(f"--adapter-spec {raw!r} is empty: give NAME:key=value,... or KEY=NAME:...")
         for it in (s for s in raw.split(";") if s.strip()):
             it = it.strip()
             head = it.split(":", 1)[0]
             if "=" in head:
                 key, _, spec = it.partition("=")
+                if not key.strip() or not spec.strip():
+                    raise EvalInputError(f"--adapter-spec {it!r}: KEY=SPEC needs both a key and an adapter spec")
             else:
                 key, spec = head, it
             if key in out:
@@ -399,10 +410,13 @@ def _run_dir_target(args: argparse.Namespace) -> Path:
 
 def _check_run_dir(target: Path) -> bool:
     """Validate the run directory before scoring; True when it is an existing run directory to add to."""
-    from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir
+    from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir, unwritable
 
     if target.exists() and not target.is_dir():
         raise EvalInputError(f"run directory {target} is not a directory (--run-dir)")
+    why = unwritable(target)  # before scoring: results that cannot be written would be lost
+    if why:
+        raise EvalInputError(f"run directory {target} is not writable: {why}; choose another --run-dir")
     if target.is_dir() and any((target / f).is_file() for f in MARKER_FILES):
         try:
             RunDir.open(target)
@@ -419,6 +433,28 @@ def _open_run_dir(target: Path, existing: bool, config: dict[str, Any]):
     if existing:
         return RunDir.open(target)
     return RunDir.create(target.parent, target.name, config, exist_ok=True)
+
+
+def _check_lengths(args: argparse.Namespace, meta: dict[str, Any], specs: list[Any],
+                   warn: Callable[[str], None]) -> None:
+    """Windows longer than the artifact's training length are refused unless ``--allow-longer-context``: the
+    model never saw those positions (a sliding window of 4096 on a 256-token model scored worse than flat).
+    Defaults are the trained length; a docttt ``window=`` is checked when given (its default is the records')."""
+    trained = meta.get("seq_len")
+    if not trained:
+        return  # an artifact that does not say: nothing to compare with
+    trained = int(trained)
+    asked = [(flag, v) for flag, v in (("--context", args.context), ("--seq-len", args.seq_len),
+                                       ("--train-seq-len", args.train_seq_len)) if v is not None and v > trained]
+    asked += [("docttt window=", w) for w in sorted({s.window for s in specs if getattr(s, "mode", None) == "docttt"
+                                                    and s.window != type(s).window and s.window > trained})]
+    if not asked:
+        return
+    what = ", ".join(f"{flag} {v}" if flag.startswith("--") else f"{flag}{v}" for flag, v in asked)
+    msg = f"{what}: longer than the model was trained at ({trained} tokens)"
+    if not args.allow_longer_context:
+        raise EvalInputError(msg + "; pass --allow-longer-context to evaluate it anyway")
+    warn(f"warning: {msg} (--allow-longer-context)")
 
 
 def _check_data(args: argparse.Namespace, meta: dict[str, Any], val: str, fp: str, warn: Callable[[str], None]
@@ -481,6 +517,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         raise EvalInputError(f"bad validation shard: {e}") from e
     val_fp = tokens_fingerprint(tokens)  # of the whole stream, as the trainer stored it
     data_check = _check_data(args, meta, val, val_fp, warn)
+    _check_lengths(args, meta, specs, warn)
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     if args.compat == "pg-record":
@@ -601,16 +638,30 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         return {"protocols": {n: {"invalid": r.stream.invalid} for n, r in ev.results.items()}}
     # results first: eval.json is on disk before any plot, table or wandb step can fail
     run_dir = _open_run_dir(target, existing_run, {"evaluator": vars(args)})
-    report = write_results(run_dir, ev, rep_meta, warn, runs)
-    path = report["_paths"]["eval_json"]
-    png = None
-    try:
-        from .plot import plot_running_delta
+    with locked(run_dir.path):  # evaluations finishing together on one directory take turns: all are kept
+        report = write_results(run_dir, ev, rep_meta, warn, runs)
+        path = report["_paths"]["eval_json"]
+        png = None
+        try:
+            from .plot import plot_running_delta
 
-        png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME)
-    except Exception as e:  # noqa: BLE001 - a plot must never cost the evaluation
-        warn(f"warning: the running-delta plot failed ({type(e).__name__}: {e}); results are in {path}")
+            png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME)
+        except KeyboardInterrupt as e:
+            e.written = path  # type: ignore[attr-defined]  # main says where the results are
+            raise
+        except Exception as e:  # noqa: BLE001 - a plot must never cost the evaluation
+            warn(f"warning: the running-delta plot failed ({type(e).__name__}: {e}); results are in {path}")
     report["_paths"]["plot"] = str(png) if png else None
+    try:
+        _report_steps(args, report, run_dir, path, png, say, warn)
+    except KeyboardInterrupt as e:
+        e.written = path  # type: ignore[attr-defined]
+        raise
+    return report
+
+
+def _report_steps(args: argparse.Namespace, report: dict[str, Any], run_dir, path: str, png, say, warn) -> None:
+    """The table, the closing line and wandb: after eval.json, each failure a warning."""
     try:
         say(format_report(report))
     except Exception as e:  # noqa: BLE001
@@ -620,7 +671,6 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         _wandb(args, report, run_dir)
     except Exception as e:  # noqa: BLE001
         warn(f"warning: wandb logging failed ({type(e).__name__}: {e}); results are in {path}")
-    return report
 
 
 def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
@@ -642,7 +692,8 @@ def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
 def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[[str], Any]] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = run(args, adapter_factory)
+        with sigterm_raises():
+            report = run(args, adapter_factory)
         bad = invalid_protocols(report)
         for name, why in bad.items():
             print(f"INVALID: {name}: {why}", file=sys.stderr)
@@ -653,6 +704,12 @@ def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[
     except EvalInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:  # SIGINT / SIGTERM: one line, the conventional 128 + signal number
+        written = getattr(e, "written", None)
+        print(f"interrupted ({signal_name(signum_of(e))}): "
+              + (f"the results were already written to {written}" if written else "nothing was written"),
+              file=sys.stderr)
+        return 128 + signum_of(e)
     finally:
         import torch.distributed as dist
 

@@ -639,6 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.runs and not args.wandb_project:
         print("error: give run directories and/or --wandb-project", file=sys.stderr)
         return 2
+    missing = [str(r) for r in args.runs if not r.exists()]
+    if args.runs and len(missing) == len(args.runs) and not args.wandb_project:
+        print(f"error: {' '.join(missing)} matched no run directory (no such path: a shell glob that matches "
+              "nothing is passed on unexpanded)", file=sys.stderr)
+        return 2
     try:
         runs, skipped = load_runs(args.runs)
         if args.wandb_project:

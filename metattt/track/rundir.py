@@ -10,6 +10,7 @@ methods do nothing, so callers need no ``if rank == 0`` around every log line.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -17,8 +18,9 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from metattt.track import jsonio
 
@@ -120,6 +122,46 @@ def collect_env(repo: Path | None = None) -> dict[str, Any]:
     }
     env.update(_device_info())
     return env
+
+
+def unwritable(path: Path | str) -> str | None:
+    """Why files cannot be written in directory ``path`` (created if missing), or None when they can.
+
+    Probed by creating and removing a file in ``path`` or, when it does not exist yet, in its nearest existing
+    ancestor (nothing is left behind): permission bits do not tell (root ignores them, a read-only mount ignores
+    them the other way), and a run must learn this before hours of work, not when it writes its results."""
+    p = Path(path)
+    anc = p
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{anc} is not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot create files in {anc} ({e.strerror or e})"
+    return None
+
+
+@contextlib.contextmanager
+def locked(path: Path | str, name: str = ".lock") -> Iterator[None]:
+    """Hold an exclusive OS lock (``fcntl.flock`` on ``path/name``) for the block: writers of one run directory
+    take turns (two evaluations finishing together would otherwise both find no eval.json and one would replace the
+    other). The lock dies with its process, so a crash never leaves the directory locked. No-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (the project targets Linux)
+        yield
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with open(Path(path) / name, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class RunDir:

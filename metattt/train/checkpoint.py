@@ -42,14 +42,23 @@ def find(resume: str, rank: int) -> tuple[Path, Path]:
     run_path = p.parent if p.is_file() else p
     ck = path_for(run_path, rank)
     if not ck.is_file():
-        raise FileNotFoundError(f"cannot resume: no checkpoint {ck.name} in {run_path} (was the run started with "
-                                f"--checkpoint-every, and with the same number of ranks?)")
+        raise FileNotFoundError(f"cannot resume: no checkpoint {ck.name} in {run_path} (did the run reach a "
+                                f"checkpoint (--checkpoint-every-s, --checkpoint-every, a SIGINT/SIGTERM), and is it "
+                                f"resumed with the same number of ranks?)")
     return run_path, ck
+
+
+def run_path_of(resume: str) -> Path:
+    p = Path(resume)
+    return p.parent if p.is_file() else p
 
 
 def saved_config(run_path: Path, resume: str, halt_after: int = 0) -> TrainConfig:
     """The run's own config (a resumed run is the same run), with this process's resume/halt settings."""
     cfg_path = Path(run_path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {run_path} holds no config.json and no checkpoint (not a run "
+                                "directory)")
     try:
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:

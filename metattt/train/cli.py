@@ -55,13 +55,15 @@ def build_parser(description: str = "Train a banked GPT (optionally with meta-TT
                     help="load adapter plug-ins usable in --meta.adapter (repeatable; docs/adapters.md); the same "
                          "as --meta.adapter-modules A,B")
     base = TrainConfig()
+    presets = {n: preset(n) for n in sorted(PRESETS)}  # what each preset sets: the plain dataclass defaults are not
     for name, tp in _fields(TrainConfig):
         if name in _NESTED or name == "preset":
             continue
         conv = _converter(tp)
         if conv is not None:
+            shown = "; ".join(f"{n}: {getattr(c, name)!r}" for n, c in presets.items()).replace("%", "%%")
             ap.add_argument("--" + name.replace("_", "-"), dest=name, type=conv, metavar=tp.__name__.upper()
-                            if isinstance(tp, type) else "V", help=f"(default from preset; tiny: {getattr(base, name)!r})")
+                            if isinstance(tp, type) else "V", help=f"(default from --preset; {shown})")
     for section in _NESTED:
         group = ap.add_argument_group(section)
         for name, tp in _fields(type(getattr(base, section))):
@@ -73,8 +75,15 @@ def build_parser(description: str = "Train a banked GPT (optionally with meta-TT
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """The preset, then the flags given. With ``--resume RUN`` the run's own config.json replaces the preset (a
+    resumed run is the same run: its final evaluation, schedule, data...), and only the flags given now override
+    it; ``--halt-after`` applies to this process only."""
     values = vars(ns)
-    if values.get("branch_from"):  # a decay branch continues its parent: the parent's config is the base
+    if values.get("resume"):
+        from .checkpoint import run_path_of, saved_config
+
+        cfg = saved_config(run_path_of(values["resume"]), values["resume"])
+    elif values.get("branch_from"):  # a decay branch continues its parent: the parent's config is the base
         from .budgets import branch_base_config
 
         cfg = branch_base_config(values["branch_from"])
@@ -107,23 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     the final evaluation's ledger refused an update. Single-process runs end with the evaluator's decomposition
     (``--final-eval``); under torchrun the command for it is printed.
 
-    argparse itself exits 2 for unknown flags and malformed values.
+    argparse itself exits 2 for unknown flags and malformed values. SIGINT / SIGTERM exit 130 / 143 with one line
+    (during the steps after a checkpoint, so ``--resume RUN`` continues the run with its own configuration).
     """
     from ..data.shards import ShardFormatError
     from ..eval.ledger import LegalityError
-    from .final_eval import check_mode, run_final_eval
-    from .loop import train
+    from ..interrupts import signal_name, signum_of, sigterm_raises
 
     try:
-        cfg = parse_config(argv)
-        check_mode(cfg.final_eval)  # before training: a typo must not cost the run
-        summary = train(cfg)
-        if "artifact" in summary and cfg.final_eval != "off":
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                if int(os.environ.get("RANK", "0")) == 0:
-                    print(f"final eval skipped under torchrun: python evaluators/legal_ttt.py {summary['artifact']}")
-            else:
-                run_final_eval(cfg, summary["artifact"])
+        with sigterm_raises():
+            return _run(argv)
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({signal_name(signum_of(e))}) outside the training steps: no checkpoint was taken now",
+              file=sys.stderr)
+        return 128 + signum_of(e)
     except LegalityError as e:
         print(f"REFUSED: {e}", file=sys.stderr)
         return 3
@@ -132,4 +138,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e} (METATTT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    from .final_eval import check_mode, run_final_eval
+    from .loop import train
+
+    cfg = parse_config(argv)
+    check_mode(cfg.final_eval)  # before training: a typo must not cost the run
+    summary = train(cfg)
+    if "signum" in summary:  # checkpointed at a step boundary
+        print(f"interrupted ({summary['interrupted']}) at step {summary['halted_at_step']}: checkpoint saved; "
+              f"continue with --resume {summary['run_dir']}", file=sys.stderr)
+        return 128 + int(summary["signum"])
+    if "artifact" in summary and cfg.final_eval != "off":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"final eval skipped under torchrun: python evaluators/legal_ttt.py {summary['artifact']}")
+        else:
+            run_final_eval(cfg, summary["artifact"], trainer=summary)
     return EXIT_OK

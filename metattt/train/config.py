@@ -57,8 +57,11 @@ class TrainConfig:
     seed: int = 1337
     run_root: str = "runs"
     run_name: str = ""
-    checkpoint_every: int = 0  # 0 = only at the end
-    resume: str = ""  # run directory (or checkpoint file) to continue
+    checkpoint_every: int = 0  # every N steps (and at the end); 0 = off
+    # also every N seconds of wallclock (agreed by rank 0), so a killed run loses at most this much; 0 = off. A
+    # SIGINT / SIGTERM checkpoints at the next step boundary whatever these say
+    checkpoint_every_s: float = 300.0
+    resume: str = ""  # run directory (or checkpoint file) to continue: its config.json, then the flags given now
     # start from an artifact's weights (ours, or a record model from ``python -m metattt import-pg``); its model
     # config replaces the preset's, a fresh optimiser state and schedule start (docs/interop.md)
     init_from: str = ""

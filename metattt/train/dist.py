@@ -59,10 +59,13 @@ def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0 decides (e.g. the wallclock stop) so every rank leaves the loop at the same step."""
+def agree(stop: bool, due: bool, signum: int, info: DistInfo) -> tuple[bool, bool, int]:
+    """One collective per step: rank 0 decides the wallclock ``stop`` and a time-based checkpoint ``due`` (so every
+    rank leaves, or saves, at the same step); a signal received by any rank (``signum`` > 0) counts for all."""
     if not info.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=info.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
+        return stop, due, signum
+    own = info.rank == 0
+    t = torch.tensor([int(stop and own), int(due and own), int(signum)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    a, b, c = t.tolist()
+    return bool(a), bool(b), int(c)

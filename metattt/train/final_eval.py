@@ -79,7 +79,7 @@ def analytic_room(artifact_meta: dict[str, Any], n_tokens: int, context: int) ->
         spec = SyntheticSpec.from_dict(artifact_meta["synthetic_spec"])
         tokens = load_val_tokens(artifact_meta["val_pattern"], vocab_size=spec.vocab_size)[:n_tokens]
         bounds = synthetic_bounds(spec, tokens.numpy(), windows=(context,))
-        source = f"computed for the {n_tokens:,} scored tokens"
+        source = "computed for the scored prefix"
     room = bounds[key] - bounds["bayes_unknown_bpb"]
     return {"window": context, "bayes_window_bpb": bounds[key], "bayes_unknown_bpb": bounds["bayes_unknown_bpb"],
             "room_bpb": room, "source": source}
@@ -109,10 +109,13 @@ def _num(v: float | None, fmt: str) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name: str) -> str:
+def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name: str,
+                         trainer: dict[str, Any] | None = None) -> str:
+    """The decomposition table; ``trainer`` (its summary) labels how this flat differs from the trainer's."""
     d = report["data"]
-    lines = [f"\n== the decomposition: legal score-first evaluator, {plan_name} "
-             f"({d['n_targets']:,} targets, {d['n_docs']:,} documents; 95% CIs: paired document bootstrap) ==",
+    lines = [f"\n== the decomposition: legal score-first evaluator, {plan_name} (the first {d['n_tokens']:,} val "
+             f"tokens: {d['n_targets']:,} scored targets, {d['n_docs']:,} documents; 95% CIs: paired document "
+             "bootstrap) ==",
              ]
     w = max([10] + [len(r["protocol"]) + 2 for r in dec["rows"]])
     lines.append(f"  {'protocol':<{w}}{'bpb':>8}  {'95% CI':<18}  {'gain over previous':<30}  share of the room")
@@ -128,6 +131,11 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
             lo, hi = r["share_ci95"]
             share = f"{100 * r['share']:.1f}% [{_num(None if lo is None else 100 * lo, '.1f')}%, " \
                     f"{_num(None if hi is None else 100 * hi, '.1f')}%]"
+        if r["protocol"] == "flat" and not gain:  # not the trainer's flat number: say on which targets, on its line
+            gain = f"on these {d['n_targets']:,} targets only"
+            if trainer and "val_bpb_quant" in trainer and "val_tokens" in trainer:
+                gain += (f" (the trainer's flat {trainer['val_bpb_quant']:.4f} above: all "
+                         f"{int(trainer['val_tokens']):,} val targets)")
         label = r["protocol"] + ("" if r["legal"] else " (not legal)")
         lines.append(f"  {label:<{w}}{r['bpb']:>8.4f}  {ci:<18}  {gain:<30}  {share}".rstrip())
     room = dec["room"]
@@ -135,7 +143,7 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
         w = room["window"]
         lines.append(f"  analytic room beyond a {w}-token context: bayes_window{w} {room['bayes_window_bpb']:.4f} "
                      f"- bayes_unknown {room['bayes_unknown_bpb']:.4f} = {room['room_bpb']:.4f} bpb "
-                     f"({room['source']})")
+                     f"(on the same {d['n_targets']:,} targets; {room['source']})")
         lines.append("  share = TTT gain / room: the part of what adapting beyond the window can add (for a "
                      "Bayes reader) that the protocol captured")
         sliding = next((r["bpb"] for r in dec["rows"] if r["protocol"] == "sliding"), None)
@@ -152,8 +160,10 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
     return "\n".join(lines)
 
 
-def run_final_eval(cfg: TrainConfig, artifact: str, out: Callable[[str], None] = print) -> dict[str, Any] | None:
+def run_final_eval(cfg: TrainConfig, artifact: str, out: Callable[[str], None] = print,
+                   trainer: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Evaluate ``artifact`` as ``cfg.final_eval`` says and print the decomposition; returns it (None: off).
+    ``trainer``: the training summary (its flat bpb is named beside this one, which scores other targets).
 
     Raises the evaluator's errors (``EvalInputError``, ``LegalityError``) for the caller to map to exit codes."""
     plan = check_mode(cfg.final_eval)
@@ -166,5 +176,5 @@ def run_final_eval(cfg: TrainConfig, artifact: str, out: Callable[[str], None] =
     out(f"\nevaluating {artifact} ({args.protocols}) on {what} ...")
     report = run(args, out=out)
     dec = decomposition(report)
-    out(format_decomposition(dec, report, cfg.final_eval))
+    out(format_decomposition(dec, report, cfg.final_eval, trainer))
     return {"report": report, **dec}

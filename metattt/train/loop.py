@@ -22,14 +22,15 @@ from ..devices import autocast_for
 from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
 from ..track.progress import progress
-from ..track.rundir import RunDir
+from ..interrupts import SignalFlag, signal_name
+from ..track.rundir import RunDir, unwritable
 from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
 from . import budgets as bud
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data_setup import resolve_data
-from .dist import DistInfo, all_reduce_mean, broadcast_flag, setup, teardown
+from .dist import DistInfo, agree, all_reduce_mean, setup, teardown
 from .ema import EMA
 from .schedule import lr_scale, meta_step_due
 from .validate import flat_val_bpb
@@ -102,27 +103,33 @@ def _init_from(cfg: TrainConfig, info: DistInfo) -> tuple[TrainConfig, Any]:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training as configured; returns the summary (also written to ``summary.json``)."""
+    """Run training as configured; returns the summary (also written to ``summary.json``), or, after a SIGINT /
+    SIGTERM during the steps, ``{"interrupted": name, "signum": n, "halted_at_step": ..., "run_dir": ...}`` once the
+    checkpoint is written (outside the steps the signal raises ``KeyboardInterrupt``)."""
     info = setup(cfg.device)
     try:
-        return _train(cfg, info)
+        with SignalFlag() as signals:
+            return _train(cfg, info, signals)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, Any]:
     resume_from = None
     cfg.check_budgets()
     _check_run_name(cfg)  # before any data or run file is written
     branch: dict[str, Any] | None = None
-    if cfg.resume:
+    if cfg.resume:  # cfg is already the run's own config with this command's flags on top (cli.config_from_args)
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
-        cfg = ckpt.saved_config(run_path, resume=cfg.resume, halt_after=cfg.halt_after)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
         if cfg.branch_from:  # a resumed branch: the same schedule (saved), and its record for the summary
             _, branch = _branch(cfg, info)
     elif cfg.branch_from:
         cfg, branch = _branch(cfg, info)
+    if info.is_main:
+        why = unwritable(Path(cfg.run_root))
+        if why:  # before the data and the training, not when the results are written
+            raise ValueError(f"run directory root {cfg.run_root} is not writable: {why}; choose another --run-root")
     init = None
     if cfg.init_from and resume_from is None and branch is None:
         cfg, init = _init_from(cfg, info)
@@ -145,9 +152,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     on_gpu = info.device.type == "cuda"
     if budgets and info.is_main:
         bud.write_plan(run_path, budgets, plan)
-    due: dict[int, list[bud.Budget]] = {}
+    budget_due: dict[int, list[bud.Budget]] = {}
     for b in budgets:
-        due.setdefault(b.step, []).append(b)
+        budget_due.setdefault(b.step, []).append(b)
 
     model = BankedGPT(cfg.model, cfg.runtime)
     if init is not None:
@@ -218,19 +225,49 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     first_step = step
     meta_sums: dict[str, torch.Tensor] = {}  # meta statistics of this rank's meta micro-batches since the last log
     meta_count = 0
+
+    def log_train(scale: float, do_meta: bool) -> None:
+        """One train record (metrics, wandb, the bar's postfix) for the steps since the last one."""
+        nonlocal loss_count, window_start, window_steps, meta_sums, meta_count
+        train_loss = all_reduce_mean(loss_sum.item() / max(loss_count, 1), info)
+        dt = max(elapsed - window_start, 1e-9)
+        rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
+               "ms_per_step": 1000 * dt / window_steps,
+               "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
+        if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
+            rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
+            meta_sums, meta_count = {}, 0
+        log(rec)
+        bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
+        loss_sum.zero_()
+        loss_count, window_start, window_steps = 0, elapsed, 0
+
+    last_save = time.perf_counter()
+    signals.armed = True  # from here a SIGINT / SIGTERM is a checkpoint at the next step boundary, then exit 130 / 143
     while True:
         stop = step >= cfg.iterations or (cfg.max_wallclock_s > 0 and elapsed >= cfg.max_wallclock_s)
-        stop = broadcast_flag(stop, info)
-        if stop:
-            break
-        if cfg.halt_after and step - first_step >= cfg.halt_after:
+        due = cfg.checkpoint_every_s > 0 and time.perf_counter() - last_save >= cfg.checkpoint_every_s
+        stop, due, signum = agree(stop, due, signals.signum, info)  # rank 0's clock, any rank's signal
+        halt = bool(cfg.halt_after and step - first_step >= cfg.halt_after)
+        if signum or (halt and not stop):
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
                       adapter=adapter, meta_opt=meta_opt)
+            signals.armed = False
             bar.close()
             if wandb is not None:
                 wandb.finish()
+            if signum:
+                return {"interrupted": signal_name(signum), "signum": signum, "halted_at_step": step,
+                        "run_dir": str(run_path)}
             _print(info, f"halted after {cfg.halt_after} steps at step {step}; continue with --resume {run_path}")
             return {"halted_at_step": step, "run_dir": str(run_path)}
+        if stop:
+            break
+        if due or (cfg.checkpoint_every and step > first_step and step % cfg.checkpoint_every == 0):
+            # at the top of the step, outside the training clock (elapsed counts step time only)
+            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                      adapter=adapter, meta_opt=meta_opt)
+            last_save = time.perf_counter()
         if cfg.val_every and step > 0 and step % cfg.val_every == 0:
             validate(step)
         t0 = time.perf_counter()
@@ -270,24 +307,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         bar.update(now - shown)
         shown = now
         if step % log_every == 0 or step == cfg.iterations:
-            train_loss = all_reduce_mean(loss_sum.item() / max(loss_count, 1), info)
-            dt = max(elapsed - window_start, 1e-9)
-            rec = {"kind": "train", "step": step, "time_s": elapsed, "train_loss": train_loss, "lr_scale": scale,
-                   "ms_per_step": 1000 * dt / window_steps,
-                   "tokens_per_s": tokens_per_step * window_steps / dt, "meta": bool(do_meta)}
-            if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
-                rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
-                meta_sums, meta_count = {}, 0
-            log(rec)
-            bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
-            loss_sum.zero_()
-            loss_count, window_start, window_steps = 0, elapsed, 0
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt)
-        for b in due.get(step, []):  # full precision: weights, optimiser and EMA state, data position, step
+            log_train(scale, do_meta)
+        for b in budget_due.get(step, []):  # full precision: weights, optimiser and EMA state, data position, step
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
                       adapter=adapter, meta_opt=meta_opt, path=bud.checkpoint_path(run_path, b.label, info.rank))
+    signals.armed = False
+    if window_steps:  # a wallclock stop between log steps: the last step is logged and shown too
+        log_train(scale, do_meta)
     bar.close()
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
     if cfg.checkpoint_every:
@@ -426,7 +452,8 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model
 
 
 def _print_report(s: dict[str, Any], report) -> None:
-    rows = [("model (EMA/final weights)", s["val_bpb"]), ("model after int6/int8 + zstd roundtrip", s["val_bpb_quant"])]
+    rows = [(f"model (EMA/final weights), all {int(s['val_tokens']):,} val targets", s["val_bpb"]),
+            ("model after int6/int8 + zstd roundtrip, the same targets", s["val_bpb_quant"])]
     b = s.get("bounds") or {}
     named = [("unigram bound", "unigram_bpb"), ("global-chain bound (bigram)", "bigram_bpb"),
              ("Bayes bound, document statistics unknown", "bayes_unknown_bpb"),

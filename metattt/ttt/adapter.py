@@ -60,6 +60,8 @@ RESET_MODES = ("never", "chunk", "doc")
 SCHEDULES = ("constant", "cosine")
 BACKENDS = ("autograd", "torch.func")
 META_MODES = ("inner", "reptile")
+#: hyper-parameters no adapter may set below 0 (step sizes, momentum, clip norms, radii)
+NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon")
 
 Tensors = dict[str, Tensor]
 GradAt = Callable[[Mapping[str, Tensor]], "tuple[Tensor, Tensors]"]
@@ -90,6 +92,10 @@ class AdapterConfig:
             v = getattr(self, f.name)
             if f.name in ("epochs", "batch_seqs", "steps", "rank") and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+            # a negative step size or clip silently ascends / disables: refused as doclora refuses them (NaN is left
+            # to the evaluator's divergence check, as there)
+            if f.name in NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ class TrainConfig:
     # fineweb_train_*.bin / fineweb_val_*.bin shards (the challenge layout).
     data: str = "synthetic"
     data_dir: str = "data/synthetic"  # where the synthetic corpus is written
+    synthetic_spec: str = "document-language"  # the corpus design (metattt.data.synthetic.NAMED_SPECS)
     synthetic_train_tokens: int = 4_000_000
     synthetic_val_tokens: int = 200_000
     tokenizer: str = ""  # SentencePiece model for the byte LUT (real data)

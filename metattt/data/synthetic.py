@@ -292,6 +292,7 @@ def _target_nats(
     shared = np.empty(tgt.size)  # the nats every predictor shares: length hazard and function tokens
     shared[is_bos] = -np.log(hazard[is_bos])
     shared[~is_bos] = -np.log1p(-hazard[~is_bos])
+    length = shared.copy()
 
     c = chain.content_prob[prev]
     fc = spec.first_content
@@ -351,7 +352,12 @@ def _target_nats(
         if w < 1:
             raise ValueError(f"window must be >= 1, got {w}")
         window_nats[int(w)] = full(seen_from(pos - w))
+    posterior = np.zeros(tgt.size)  # content targets: -log of the document-prefix predictive within C
+    posterior[ci] = unknown_c - base_c
     out: dict[str, Any] = {
+        "length": length,
+        "posterior": posterior,
+        "is_content": is_c,
         "window": window_nats,
         "bigram": full(bigram_c),
         "known": full(known_c),
@@ -465,6 +471,17 @@ def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_l
         "doc_bytes": np.bincount(r["doc"], weights=nb, minlength=r["n_docs"]),
         "n_bytes": int(n_bytes),
     }
+
+
+def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> dict[str, np.ndarray]:
+    """Per target ``tokens[1:]``: what a Bayes reader of the document prefix knows beyond any chain, in nats --
+    ``length`` (-log of the document-length hazard's BOS / not-BOS probability) and ``posterior`` (content targets:
+    -log of the predictive ``(alpha + n_y) / (|C| alpha + N)`` within the content set, from the document's earlier
+    content tokens; 0 elsewhere) -- and ``is_content`` / ``is_bos`` masks. Only tokens before each target count."""
+    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    lengths, theta = document_params(spec, "val")
+    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta)
+    return {k: r[k] for k in ("length", "posterior", "is_content", "is_bos")}
 
 
 def _shard_names(prefix: str, n_tokens: int, shard_tokens: int) -> list[str]:

@@ -25,6 +25,7 @@ from ..ttt.registry import PluginError, Registry, add_module_flag
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
+from . import bayes_cache
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
@@ -339,6 +340,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     except ArtifactError as e:
         raise EvalInputError(f"cannot load artifact {args.artifact}: {type(e).__name__}: {e}") from e
     meta = dict(loaded.meta or {})
+    try:
+        specs = bayes_cache.bind(specs, meta)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
     vocab = int(model.cfg.vocab_size)
     lut, lut_src = _resolve_lut(args, meta, vocab)
     val = _resolve_val(args, meta)

@@ -33,6 +33,7 @@ FINAL_EVAL_PLANS: dict[str, FinalEvalPlan | None] = {
     "off": None,
 }
 META_KEY = "meta"  # protocol key of the meta-trained adapter (ttt:meta), so it never shadows a registry name
+DOC_KEY = "doc"  # protocol key of TrainConfig.final_eval_adapter (ttt:doc)
 
 
 def check_mode(mode: str) -> FinalEvalPlan | None:
@@ -53,6 +54,9 @@ def evaluator_argv(cfg: TrainConfig, artifact: str, plan: FinalEvalPlan) -> list
     elif cfg.meta.adapter:
         protocols += f",ttt:{META_KEY}"
         argv += ["--adapter-spec", f"{META_KEY}={cfg.meta.adapter}"]
+    if cfg.final_eval_adapter:
+        protocols += f",ttt:{DOC_KEY}"
+        argv += ["--adapter-spec", f"{DOC_KEY}={cfg.final_eval_adapter}"]
     argv += ["--protocols", protocols]
     if plan.max_tokens is not None:
         argv += ["--max-tokens", str(plan.max_tokens)]

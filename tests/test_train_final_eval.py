@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from metattt.data.synthetic import SyntheticSpec, load_synthetic_val, synthetic_bounds
+from metattt.data.synthetic import SyntheticSpec, load_synthetic_val, protocol_bounds, synthetic_bounds
+from metattt.eval.windows import context_starts, sliding_plan
 from metattt.train.final_eval import FINAL_EVAL_PLANS, analytic_room, check_mode, decomposition
 
 from test_train import _args
@@ -38,23 +39,23 @@ def test_main_job_prints_decomposition_with_room_and_shares(tmp_path, capsys):
     assert rc == 0, err
     run = tmp_path / "runs" / "r"
     report = json.loads((run / "eval.json").read_text())
-    assert list(report["protocols"]) == ["flat", "sliding", "ttt:sgd", "ttt:meta"]
-    assert report["meta"]["adapter_specs"] == {"meta": "fomaml:lr=0.01"}
+    assert list(report["protocols"]) == ["flat", "sliding", "ttt:sgd", "ttt:meta", "ttt:doc"]
+    assert report["meta"]["adapter_specs"] == {"meta": "fomaml:lr=0.01", "doc": "sgd:lr=0.05,reset=doc"}
     assert report["config"]["chunk_tokens"] == FINAL_EVAL_PLANS["short"].chunk_tokens
     # the room, recomputed independently on the scored stream (the whole 4,000-token val split here)
     syn = next(p.parent for p in (tmp_path / "syn").rglob("meta.json"))  # a directory per corpus spec
     meta = json.loads((syn / "meta.json").read_text())
     spec = SyntheticSpec.from_dict(meta["spec"])
-    w = report["config"]["context"]
-    b = synthetic_bounds(spec, load_synthetic_val(syn)[: report["data"]["n_tokens"]], windows=(w,))
-    room = b[f"bayes_window{w}_bpb"] - b["bayes_unknown_bpb"]
+    w, stride = report["config"]["context"], report["config"]["stride"]
+    val = load_synthetic_val(syn)[: report["data"]["n_tokens"]]
+    room = protocol_bounds(spec, val, context_starts(sliding_plan(val.size, w, stride)))["room_bpb"]
     assert room > 0
     dec = decomposition(report)
-    assert dec["room"]["room_bpb"] == pytest.approx(room, rel=1e-12)
+    assert dec["room"]["room_bpb"] == pytest.approx(room, rel=1e-9)
     rows = {r["protocol"]: r for r in dec["rows"]}
     assert "gain" not in rows["flat"] and "share" not in rows["sliding"]
     assert rows["sliding"]["gain"] == report["deltas"]["context"]["value"]
-    for name in ("ttt:sgd", "ttt:meta"):
+    for name in ("ttt:sgd", "ttt:meta", "ttt:doc"):
         assert rows[name]["share"] == pytest.approx(report["deltas"][name]["value"] / room, rel=1e-12)
         lo, hi = report["deltas"][name]["ci95"]
         assert rows[name]["share_ci95"] == [pytest.approx(lo / room), pytest.approx(hi / room)]

@@ -60,6 +60,9 @@ class SyntheticSpec:
     content_prob_max: float = 0.6
     shard_tokens: int = 1 << 20
     seed: int = 0
+    # the zero-room control: one content distribution shared by every document (a global parameter, like the
+    # chain), so a reader of the document learns nothing a reader of the corpus does not know
+    shared_theta: bool = False
 
     def __post_init__(self) -> None:
         if not 8 <= self.vocab_size <= 65536:
@@ -88,11 +91,35 @@ class SyntheticSpec:
         return FIRST_REGULAR + self.n_function
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; ``shared_theta`` only when set, so corpora written before it existed keep their spec
+        (and fingerprint)."""
+        d = asdict(self)
+        if not self.shared_theta:
+            del d["shared_theta"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SyntheticSpec:
         return cls(**d)
+
+
+# Named corpus designs: the fields a design chooses (vocabulary and token counts come from the caller, e.g. the
+# trainer's model vocab and --synthetic-train-tokens). The trainer's --synthetic-spec picks one; the main job's
+# design search is recorded in metattt/train/config.py (_tiny_synthetic).
+MAIN_JOB_DESIGN: dict[str, Any] = {"alpha": 2.0, "content_prob_min": 0.5, "content_prob_max": 0.8,
+                                    "min_doc_len": 2048, "max_doc_len": 8192}
+NAMED_SPECS: dict[str, dict[str, Any]] = {
+    "document-language": {},  # the generator's defaults (the main job's corpus before issue 30)
+    "main-job": MAIN_JOB_DESIGN,
+    "zero-room": {**MAIN_JOB_DESIGN, "shared_theta": True},  # the main job's design, one theta for all documents
+}
+
+
+def named_spec(name: str, **fields: Any) -> SyntheticSpec:
+    """The spec of design ``name`` (``NAMED_SPECS``) with ``fields`` (vocab_size, token counts, ...) set."""
+    if name not in NAMED_SPECS:
+        raise ValueError(f"unknown synthetic spec {name!r}; choose from {', '.join(NAMED_SPECS)}")
+    return SyntheticSpec(**{**NAMED_SPECS[name], **fields})
 
 
 @dataclass(frozen=True)
@@ -162,7 +189,10 @@ def _doc_params(spec: SyntheticSpec, rng: np.random.Generator, n_tokens: int) ->
     all_lengths = np.concatenate(lengths)
     n_docs = int(np.searchsorted(np.cumsum(all_lengths + 1), n_tokens) + 1)
     all_lengths = all_lengths[:n_docs]
-    theta = _dirichlet(rng, spec.alpha, (n_docs, spec.n_content))
+    if spec.shared_theta:
+        theta = np.repeat(_dirichlet(rng, spec.alpha, (1, spec.n_content)), n_docs, axis=0)
+    else:
+        theta = _dirichlet(rng, spec.alpha, (n_docs, spec.n_content))
     return all_lengths, theta
 
 
@@ -223,15 +253,22 @@ def _split_docs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return doc, starts
 
 
-def _per_target_nats(
+def _target_nats(
     spec: SyntheticSpec,
     tokens: np.ndarray,
     chain: Chain,
     lengths: np.ndarray,
     theta: np.ndarray,
     windows: Sequence[int] = (),
+    context_lo: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Summed nats of the chain predictors over the targets ``tokens[1:]``."""
+    """Per-target nats (float64, one per target ``tokens[1:]``) of the chain predictors.
+
+    ``window``: {W: nats of the reader whose posterior sees the last W tokens}; ``context`` (when
+    ``context_lo`` is given): nats of the reader whose posterior sees ``tokens[context_lo[i] : i + 1]`` for the
+    target ``tokens[i + 1]`` -- the context a protocol's window really gives it. Readers never look across
+    their document's start (earlier documents say nothing about this one).
+    """
     tok = np.asarray(tokens, dtype=np.int64)
     doc, starts = _split_docs(tok)
     complete = np.diff(starts) - 1  # lengths of the documents followed by another BOS
@@ -253,15 +290,16 @@ def _per_target_nats(
         raise ValueError("val tokens contain control/out-of-vocab ids other than BOS: not from this spec")
     if np.any(is_bos & (hazard <= 0)) or np.any(~is_bos & (hazard >= 1)):
         raise ValueError("val document lengths are outside [min_doc_len, max_doc_len]: not from this spec")
-    length_nats = np.empty(tgt.size)
-    length_nats[is_bos] = -np.log(hazard[is_bos])
-    length_nats[~is_bos] = -np.log1p(-hazard[~is_bos])
+    shared = np.empty(tgt.size)  # the nats every predictor shares: length hazard and function tokens
+    shared[is_bos] = -np.log(hazard[is_bos])
+    shared[~is_bos] = -np.log1p(-hazard[~is_bos])
+    length = shared.copy()
 
     c = chain.content_prob[prev]
     fc = spec.first_content
     is_f = (tgt >= FIRST_REGULAR) & (tgt < fc)
     is_c = tgt >= fc
-    f_nats = -np.log(1.0 - c[is_f]) - np.log(chain.trans_f[prev[is_f], tgt[is_f] - FIRST_REGULAR])
+    shared[is_f] += -np.log(1.0 - c[is_f]) - np.log(chain.trans_f[prev[is_f], tgt[is_f] - FIRST_REGULAR])
 
     # content: prior mean (bigram), known theta_d, posterior predictive from the document's own prefix
     doc_t = doc[1:]
@@ -271,8 +309,11 @@ def _per_target_nats(
     if dc.size and dc.max() >= theta.shape[0]:
         raise ValueError("val tokens have more documents than this spec generates")
     base_c = -np.log(c[ci])
-    bigram_c = base_c + math.log(spec.n_content)
     known_c = base_c - np.log(theta[dc, yc])
+    if spec.shared_theta:  # theta is global: the chain itself knows it, no reader of a document learns more
+        bigram_c = unknown_c = known_c
+    else:
+        bigram_c = base_c + math.log(spec.n_content)
     # counts before each content target: order content positions by (doc, token, position) and count
     # earlier occurrences within each (doc, token) group; N = content tokens earlier in the document.
     order = np.lexsort((ci, yc, dc))
@@ -284,36 +325,75 @@ def _per_target_nats(
     n_y[order] = np.arange(order.size) - grp_start
     doc_first = np.searchsorted(dc, dc, side="left")  # ci is sorted by position, so dc is nondecreasing
     n_all = np.arange(ci.size) - doc_first
-    unknown_c = base_c - np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
+    if not spec.shared_theta:
+        unknown_c = base_c - np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
 
-    def total(content_nats: np.ndarray) -> float:
-        return float(length_nats.sum() + f_nats.sum() + content_nats.sum())
+    def full(content_nats: np.ndarray) -> np.ndarray:
+        out = shared.copy()
+        out[ci] += content_nats
+        return out
 
-    # windowed reader: only the last W tokens (stream positions [t - W, t)) inform the posterior
-    window_totals: dict[int, float] = {}
+    # windowed reader: only stream positions [lo, t) inform the posterior
     pos = ci + 1  # stream position of each content target
     big = tok.size + 1
     keys_sorted = grp_key * big + pos[order]
     own_key = (dc * spec.n_content + yc) * big
     content_cum = np.concatenate([[0], np.cumsum(tok >= fc)])
+
+    def seen_from(lo_c: np.ndarray) -> np.ndarray:
+        if spec.shared_theta:
+            return known_c
+        lo = np.maximum(starts[dc] + 1, lo_c)
+        n_y_w = n_y - (np.searchsorted(keys_sorted, own_key + lo) - np.searchsorted(keys_sorted, own_key))
+        n_all_w = content_cum[pos] - content_cum[lo]
+        return base_c - np.log((spec.alpha + n_y_w) / (spec.n_content * spec.alpha + n_all_w))
+
+    window_nats: dict[int, np.ndarray] = {}
     for w in windows:
         if w < 1:
             raise ValueError(f"window must be >= 1, got {w}")
-        lo = np.maximum(starts[dc] + 1, pos - w)
-        n_y_w = n_y - (np.searchsorted(keys_sorted, own_key + lo) - np.searchsorted(keys_sorted, own_key))
-        n_all_w = content_cum[pos] - content_cum[lo]
-        window_totals[int(w)] = total(
-            base_c - np.log((spec.alpha + n_y_w) / (spec.n_content * spec.alpha + n_all_w))
-        )
-
-    return {
-        "window": window_totals,
-        "bigram": total(bigram_c),
-        "known": total(known_c),
-        "unknown": total(unknown_c),
-        "n_bytes": int((~is_bos).sum()),
+        window_nats[int(w)] = full(seen_from(pos - w))
+    posterior = np.zeros(tgt.size)  # content targets: -log of the document-prefix predictive within C
+    posterior[ci] = unknown_c - base_c
+    out: dict[str, Any] = {
+        "length": length,
+        "posterior": posterior,
+        "is_content": is_c,
+        "window": window_nats,
+        "bigram": full(bigram_c),
+        "known": full(known_c),
+        "unknown": full(unknown_c),
+        "is_bos": is_bos,
+        "doc": doc_t,
         "n_docs": int(starts.size),
         "content_fraction": float(ci.size / max(1, (~is_bos).sum())),
+    }
+    if context_lo is not None:
+        lo_all = np.asarray(context_lo, dtype=np.int64)
+        if lo_all.shape != tgt.shape or np.any(lo_all < 0) or np.any(lo_all > t - 1):
+            raise ValueError("context_lo needs one start per target, each in [0, target position - 1]")
+        out["context"] = full(seen_from(lo_all[ci]))
+    return out
+
+
+def _per_target_nats(
+    spec: SyntheticSpec,
+    tokens: np.ndarray,
+    chain: Chain,
+    lengths: np.ndarray,
+    theta: np.ndarray,
+    windows: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Summed nats of the chain predictors over the targets ``tokens[1:]``."""
+    r = _target_nats(spec, tokens, chain, lengths, theta, windows)
+    return {
+        "window": {w: float(v.sum()) for w, v in r["window"].items()},
+        "bigram": float(r["bigram"].sum()),
+        "known": float(r["known"].sum()),
+        "unknown": float(r["unknown"].sum()),
+        "n_bytes": int((~r["is_bos"]).sum()),
+        "n_docs": r["n_docs"],
+        "content_fraction": r["content_fraction"],
     }
 
 
@@ -356,6 +436,53 @@ def synthetic_bounds(
         "n_docs": res["n_docs"],
         "content_fraction": res["content_fraction"],
     }
+
+
+def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_lo: np.ndarray) -> dict[str, Any]:
+    """The exact Bayes bounds a protocol's scored tokens face, per target and per document.
+
+    ``context_lo[i]``: the first stream position the window scoring target ``tokens[i + 1]`` feeds (a sliding
+    plan at stride S gives each target between W - S + 1 and W tokens, its own input token included, fewer at a
+    document's start;
+    ``metattt.eval.windows.context_starts`` computes it from a plan). ``window_bpb``: the Bayes reader of exactly
+    that context (what a model of this context can reach without adapting); ``document_bpb``: the reader of the
+    whole document prefix (``bayes_unknown_bpb``); ``room_bpb`` their difference, what adapting beyond the window
+    can add on these very targets. ``doc_window_nats`` / ``doc_document_nats`` / ``doc_bytes`` (per document of
+    the stream) let a bootstrap resample documents together with their room.
+    """
+    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
+    lengths, theta = document_params(spec, "val")
+    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta, context_lo=context_lo)
+    nb = (~r["is_bos"]).astype(np.float64)
+    n_bytes = float(nb.sum())
+    if n_bytes == 0:
+        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
+    ln2 = math.log(2.0)
+    win, docb = r["context"], r["unknown"]
+    return {
+        "window_bpb": float(win.sum()) / ln2 / n_bytes,
+        "document_bpb": float(docb.sum()) / ln2 / n_bytes,
+        "room_bpb": float((win - docb).sum()) / ln2 / n_bytes,
+        "window_nats": win,
+        "document_nats": docb,
+        "doc_window_nats": np.bincount(r["doc"], weights=win, minlength=r["n_docs"]),
+        "doc_document_nats": np.bincount(r["doc"], weights=docb, minlength=r["n_docs"]),
+        "doc_bytes": np.bincount(r["doc"], weights=nb, minlength=r["n_docs"]),
+        "n_bytes": int(n_bytes),
+    }
+
+
+def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> dict[str, np.ndarray]:
+    """Per target ``tokens[1:]``: what a Bayes reader of the document prefix knows beyond any chain, in nats --
+    ``length`` (-log of the document-length hazard's BOS / not-BOS probability) and ``posterior`` (content targets:
+    -log of the predictive ``(alpha + n_y) / (|C| alpha + N)`` within the content set, from the document's earlier
+    content tokens; 0 elsewhere) -- and ``is_content`` / ``is_bos`` masks. Only tokens before each target count."""
+    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    lengths, theta = document_params(spec, "val")
+    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta)
+    return {k: r[k] for k in ("length", "posterior", "is_content", "is_bos")}
 
 
 def _shard_names(prefix: str, n_tokens: int, shard_tokens: int) -> list[str]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.bpb import bpb
-from . import docttt
+from . import bayes_cache, docttt
 from .ledger import Ledger
 from .scoring import DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
@@ -68,6 +68,8 @@ def parse_protocol(text: str) -> ProtocolSpec:
         raise ValueError("empty protocol name")
     if docttt.is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
         return docttt.parse_docttt(t)
+    if bayes_cache.is_bayes_cache(t):  # the synthetic corpus's exact Bayes cache (a reference, no gradients)
+        return bayes_cache.BayesCacheSpec()
     if ":" not in t:
         if t not in _WINDOW_ALIASES:
             raise ValueError(f"unknown protocol {t!r}; expected flat, sliding, doc, doc-flat, doc-sliding, "
@@ -101,7 +103,7 @@ def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
         elif s.mode != "score":
             needed.append(ProtocolSpec(s.windows))
     out: list[ProtocolSpec] = []
-    for mode in ("score", docttt.FAMILY, "ttt", "oracle"):
+    for mode in ("score", docttt.FAMILY, bayes_cache.FAMILY, "ttt", "oracle"):
         group = [s for s in needed if s.mode == mode]
         if mode == "score":
             group.sort(key=lambda s: WINDOWS.index(s.windows))
@@ -294,6 +296,8 @@ def run_protocol(
     ctx = DistCtx.current() if ctx is None else ctx
     if spec.mode == docttt.FAMILY:
         return _run_docttt(spec, model, data, cfg, ctx, extras)
+    if spec.mode == bayes_cache.FAMILY:
+        return bayes_cache.run_bayes_cache(spec, model, data, plan, cfg)
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)

@@ -31,6 +31,7 @@ from .audit import CUDA_TOL, AuditConfig, run_audit
 from .ledger import LegalityError
 from metattt.data.fingerprint import tokens_fingerprint
 
+from . import bayes_cache
 from .orders import evaluate_runs, seeded_adapter_spec
 from .positions import parse_edges
 from .tuning import check_disjoint, parse_grid, parse_slice, slice_tokens, tune
@@ -506,6 +507,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     except ArtifactError as e:
         raise EvalInputError(f"cannot load artifact {args.artifact}: {type(e).__name__}: {e}") from e
     meta = dict(loaded.meta or {})
+    try:
+        specs = bayes_cache.bind(specs, meta)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from e
     vocab = int(model.cfg.vocab_size)
     lut, lut_src = _resolve_lut(args, meta, vocab)
     val = _resolve_val(args, meta)

@@ -78,6 +78,12 @@ class WindowPlan:
             raise AssertionError(f"window plan {self.name!r} is invalid: " + "; ".join(problems))
 
 
+def context_starts(plan: WindowPlan) -> np.ndarray:
+    """Per target ``1..n_tokens-1`` (index ``p - 1``): the first stream position of the window that scores it, so
+    target ``p`` is predicted from ``tokens[context_starts[p - 1] : p]`` (the exact context the plan gives it)."""
+    return np.repeat(plan.start, plan.length - plan.score_from)
+
+
 def _segment(a: int, e: int, context: int, stride: int, align_end: bool) -> tuple[np.ndarray, ...]:
     """Windows for inputs ``tokens[a:e]`` scoring targets ``a+1..e``.
 

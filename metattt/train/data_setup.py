@@ -10,7 +10,8 @@ from typing import Any
 from ..data.bpb import ByteLUT
 from ..data.loaders import find_shards
 from ..data.fingerprint import short, spec_fingerprint
-from ..data.synthetic import GENERATOR_VERSION, SyntheticSpec, make_synthetic_dataset, synthetic_lut
+from ..data.synthetic import (GENERATOR_VERSION, SyntheticSpec, make_synthetic_dataset, named_spec,
+                              synthetic_lut)
 from .config import TrainConfig
 
 
@@ -45,8 +46,8 @@ def synthetic_dir(data_dir: str | Path, spec: SyntheticSpec) -> Path:
 
 def resolve_data(cfg: TrainConfig, is_main: bool = True) -> DataSource:
     if cfg.data == "synthetic":
-        spec = SyntheticSpec(vocab_size=cfg.model.vocab_size, n_train_tokens=cfg.synthetic_train_tokens,
-                             n_val_tokens=cfg.synthetic_val_tokens)
+        spec = named_spec(cfg.synthetic_spec, vocab_size=cfg.model.vocab_size,
+                          n_train_tokens=cfg.synthetic_train_tokens, n_val_tokens=cfg.synthetic_val_tokens)
         out = synthetic_dir(Path(cfg.data_dir).absolute(), spec)  # absolute: the artifact's val glob works anywhere
         meta = make_synthetic_dataset(out, spec) if is_main else None
         if meta is None:  # other ranks wait for rank 0 (the caller barriers), then read the same files

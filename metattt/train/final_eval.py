@@ -4,7 +4,8 @@ written, beside the analytic room TTT has on the synthetic corpus.
 Why here and in-process: a newcomer's one command should show what the project is for, not only a training bpb.
 ``short`` (the tiny preset's default) scores a prefix of the val stream in small chunks so that the whole main
 job stays within a few minutes on a 2-core CPU; ``full`` uses the evaluator's own defaults; ``off`` skips it.
-The room is ``bayes_window{W} − bayes_unknown`` (W = the evaluator's context) on exactly the scored tokens.
+The room is the window bound − bayes_unknown on exactly the scored tokens, the window bound exact for the contexts
+sliding windows (context W, stride S) give each target.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ FINAL_EVAL_PLANS: dict[str, FinalEvalPlan | None] = {
     "off": None,
 }
 META_KEY = "meta"  # protocol key of the meta-trained adapter (ttt:meta), so it never shadows a registry name
+DOC_KEY = "doc"  # protocol key of TrainConfig.final_eval_adapter (ttt:doc)
 
 
 def check_mode(mode: str) -> FinalEvalPlan | None:
@@ -52,6 +54,9 @@ def evaluator_argv(cfg: TrainConfig, artifact: str, plan: FinalEvalPlan) -> list
     elif cfg.meta.adapter:
         protocols += f",ttt:{META_KEY}"
         argv += ["--adapter-spec", f"{META_KEY}={cfg.meta.adapter}"]
+    if cfg.final_eval_adapter:
+        protocols += f",ttt:{DOC_KEY}"
+        argv += ["--adapter-spec", f"{DOC_KEY}={cfg.final_eval_adapter}"]
     argv += ["--protocols", protocols]
     if plan.max_tokens is not None:
         argv += ["--max-tokens", str(plan.max_tokens)]
@@ -62,33 +67,45 @@ def evaluator_argv(cfg: TrainConfig, artifact: str, plan: FinalEvalPlan) -> list
     return argv
 
 
-def analytic_room(artifact_meta: dict[str, Any], n_tokens: int, context: int) -> dict[str, Any] | None:
-    """``bayes_window{context} − bayes_unknown`` on the first ``n_tokens`` val tokens (synthetic data only).
+def analytic_room(artifact_meta: dict[str, Any], n_tokens: int, context: int,
+                  stride: int | None = None) -> dict[str, Any] | None:
+    """``bayes_window − bayes_unknown`` on the first ``n_tokens`` val tokens (synthetic data only).
 
-    The corpus's meta.json bounds (stored in the artifact) are used when they cover exactly the scored stream
-    and this window; otherwise the same function that wrote them computes them for the scored prefix."""
+    With ``stride`` the window bound is exact for the sliding protocol scored: each target's Bayes reader sees
+    exactly the tokens its window feeds (``context - stride + 1`` to ``context``, fewer at a document's start;
+    ``metattt.data.synthetic.protocol_bounds``). Without it, every target sees ``context`` tokens: the corpus's
+    meta.json bounds (stored in the artifact) are used when they cover exactly the scored stream and this window;
+    otherwise the same function that wrote them computes them for the scored prefix."""
     if artifact_meta.get("data") != "synthetic" or "synthetic_spec" not in artifact_meta:
         return None
     key = f"bayes_window{context}_bpb"
     bounds = artifact_meta.get("bounds") or {}
     source = "meta.json"
-    if bounds.get("n_tokens") != n_tokens or key not in bounds:
+    if stride is not None or bounds.get("n_tokens") != n_tokens or key not in bounds:
         from ..data.loaders import load_val_tokens
-        from ..data.synthetic import SyntheticSpec, synthetic_bounds
+        from ..data.synthetic import SyntheticSpec, protocol_bounds, synthetic_bounds
 
         spec = SyntheticSpec.from_dict(artifact_meta["synthetic_spec"])
-        tokens = load_val_tokens(artifact_meta["val_pattern"], vocab_size=spec.vocab_size)[:n_tokens]
-        bounds = synthetic_bounds(spec, tokens.numpy(), windows=(context,))
+        tokens = load_val_tokens(artifact_meta["val_pattern"], vocab_size=spec.vocab_size)[:n_tokens].numpy()
         source = "computed for the scored prefix"
+        if stride is not None:
+            from ..eval.windows import context_starts, sliding_plan
+
+            pb = protocol_bounds(spec, tokens, context_starts(sliding_plan(tokens.size, context, stride)))
+            bounds = {key: pb["window_bpb"], "bayes_unknown_bpb": pb["document_bpb"]}
+            source = (f"exact for sliding's {max(1, context - stride + 1)}..{context}-token contexts, " + source)
+        else:
+            bounds = synthetic_bounds(spec, tokens, windows=(context,))
     room = bounds[key] - bounds["bayes_unknown_bpb"]
-    return {"window": context, "bayes_window_bpb": bounds[key], "bayes_unknown_bpb": bounds["bayes_unknown_bpb"],
-            "room_bpb": room, "source": source}
+    return {"window": context, "stride": stride, "bayes_window_bpb": bounds[key],
+            "bayes_unknown_bpb": bounds["bayes_unknown_bpb"], "room_bpb": room, "source": source}
 
 
 def decomposition(report: dict[str, Any]) -> dict[str, Any]:
     """Per protocol: bpb, CI, the gain over the protocol it builds on, and (TTT) the share of the room."""
     am = report.get("meta", {}).get("artifact_meta", {})
-    room = analytic_room(am, report["data"]["n_tokens"], int(report["config"]["context"]))
+    room = analytic_room(am, report["data"]["n_tokens"], int(report["config"]["context"]),
+                         int(report["config"]["stride"]))
     rows = []
     for name, p in report["protocols"].items():
         adapts = p["mode"] != "score" and not name.startswith("doc-chunk")  # doc-chunk: windows, no adaptation

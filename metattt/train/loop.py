@@ -133,6 +133,8 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     init = None
     if cfg.init_from and resume_from is None and branch is None:
         cfg, init = _init_from(cfg, info)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
     adapter = cfg.meta.make_adapter() if cfg.meta.adapter else None  # a bad spec or plug-in fails before any I/O

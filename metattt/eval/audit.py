@@ -94,10 +94,11 @@ def sub_stream(data: Any, tokens_np: np.ndarray) -> Any:
 def default_prefix(spec: Any, data: Any, cfg: Any) -> tuple[int, str]:
     """(prefix tokens, why): 4 chunks for ``run_stream`` protocols (2 when that would exceed 1/16 of the
     stream: a short evaluation's audit stays a fraction of it); for the document-batched family the tokens
-    of the first ``2 * docs`` documents (two batches, so a phase can run; at least 8)."""
+    of the first ``2 * docs`` documents (two batches, so a phase can run), at most an eighth of the documents,
+    at least 8."""
     n = data.n_tokens
-    if spec.mode == docttt.FAMILY:
-        k = max(2 * spec.docs, 8)
+    if spec.mode == docttt.FAMILY:  # a short stream: an eighth of its documents (at least 8)
+        k = max(8, min(2 * spec.docs, data.n_docs // 8))
         m = int(data.starts[k]) + 1 if data.starts.size > k else n  # + the next BOS: its target ends the last doc
         return min(m, n), f"the first {min(k, data.n_docs)} documents"
     m = min(n, max(2 * cfg.chunk_tokens, min(4 * cfg.chunk_tokens, n // 16)))  # a short stream: 2 chunks
@@ -105,12 +106,16 @@ def default_prefix(spec: Any, data: Any, cfg: Any) -> tuple[int, str]:
 
 
 def audit_spec(spec: Any, prefix_docs: int) -> Any:
-    """The protocol as audited on a prefix: ``docttt`` phases train on at most one batch of documents, so every
-    phase falls before the prefix's last batch (on the full stream ``phase_docs`` is usually more than the
-    prefix holds)."""
-    if spec.mode == docttt.FAMILY and spec.phases and spec.phase_docs > min(spec.docs, prefix_docs):
-        return replace(spec, phase_docs=max(1, min(spec.docs, prefix_docs)))
-    return spec
+    """The protocol as audited on a prefix: the same code, with ``docs`` per batch at most half the prefix's
+    documents (two batches at least) and ``phase_docs`` at most one batch, so every phase falls before the
+    prefix's last batch (on the full stream ``phase_docs`` is usually more than the prefix holds)."""
+    if spec.mode != docttt.FAMILY:
+        return spec
+    docs = min(spec.docs, max(1, prefix_docs // 2))
+    out = replace(spec, docs=docs) if docs != spec.docs else spec
+    if spec.phases and spec.phase_docs > docs:
+        out = replace(out, phase_docs=docs)
+    return out
 
 
 def pick_points(tokens_np: np.ndarray, bos_id: int, k: int, rng: np.random.Generator,

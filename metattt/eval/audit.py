@@ -119,13 +119,18 @@ def audit_spec(spec: Any, prefix_docs: int) -> Any:
 
 
 def pick_points(tokens_np: np.ndarray, bos_id: int, k: int, rng: np.random.Generator,
-                within: int | None = None) -> list[tuple[int, int, int]]:
+                within: int | None = None, after: int = 0) -> list[tuple[int, int, int]]:
     """``k`` points (q, document start a, document end e) inside documents with at least 3 targets, documents
-    drawn with probability proportional to length (without replacement while possible), q uniform in
-    ``[a+2, e-1]`` (targets a+1..q-1 of the document come before q), and below ``a + within`` if given."""
+    drawn with probability proportional to their room (without replacement while possible), q uniform in
+    ``[a+2, e-1]`` (targets a+1..q-1 of the document come before q), below ``a + within`` if given and at or
+    after ``after`` (a stream protocol's second chunk: a peek at the next chunk shows only from there; when no
+    document has room there, anywhere)."""
     starts = doc_starts(tokens_np, bos_id)
     ends = np.concatenate((starts[1:], [tokens_np.size]))
-    room = (ends if within is None else np.minimum(ends, starts + within)) - starts - 2
+    first = np.maximum(starts + 2, after)
+    room = (ends if within is None else np.minimum(ends, starts + within)) - first
+    if after and not (room >= 1).any():
+        return pick_points(tokens_np, bos_id, k, rng, within)
     ok = np.flatnonzero(room >= 1)
     if ok.size == 0 or k == 0:
         return []
@@ -134,7 +139,7 @@ def pick_points(tokens_np: np.ndarray, bos_id: int, k: int, rng: np.random.Gener
     out = []
     for d in pick:
         a, e = int(starts[d]), int(ends[d])
-        out.append((int(rng.integers(a + 2, a + 2 + room[d])), a, e))
+        out.append((int(rng.integers(first[d], first[d] + room[d])), a, e))
     return out
 
 
@@ -198,10 +203,12 @@ def audit_protocol(spec: Any, run: Callable[[Any, Any], Any], data: Any, cfg: An
     if device.type == "cuda":  # the noise an unperturbed re-run shows (the tolerance must sit above it)
         again = run(spec_a, base_data).stream.token_nll.astype(np.float64)
         rec["rerun_max_diff"] = float(np.abs(again - ref_nll).max()) if again.size else 0.0
-    points = [("tokens", p) for p in pick_points(toks, data.bos_id, acfg.points, rng)]
+    after = 0 if spec.mode == docttt.FAMILY else min(cfg.chunk_tokens, m // 2)
+    points = [("tokens", p) for p in pick_points(toks, data.bos_id, acfg.points, rng, after=after)]
     if spec.mode != docttt.FAMILY or spec.adapter is None:
         window = spec.window if spec.mode == docttt.FAMILY else cfg.window_len(spec.windows)
-        points += [("boundary", p) for p in pick_points(toks, data.bos_id, acfg.boundary_points, rng, window)]
+        points += [("boundary", p) for p in pick_points(toks, data.bos_id, acfg.boundary_points, rng, window,
+                                                        after)]
     else:
         rec["boundary_skipped"] = ("docttt adapters: the length-sorted queue decides a document's batch, hence its "
                                    "LoRA init and what phases trained the base on, so moving a document's end "

@@ -241,7 +241,9 @@ def audit_protocol(spec: Any, run: Callable[[Any, Any], Any], data: Any, cfg: An
     msg = (f"audit of {spec.name!r}: {'a BOS written' if chk['kind'] == 'boundary' else 'tokens replaced'} at "
            f"q={chk['q']} (document [{chk['doc_start']}, {chk['doc_end']})) changed {chk['changed']} of the "
            f"{chk['compared']} targets scored before q (first: position {first}; max |diff| {chk['max_diff']:.3g} "
-           f"nats > tolerance {chk['tolerance']:g}); on {what} of the stream")
+           f"nats > tolerance {chk['tolerance']:g}); on {what} of the stream"
+           + (f"; an unperturbed re-run moved scores by up to {rec['rerun_max_diff']:.3g}" if "rerun_max_diff" in rec
+              else ""))
     if not spec.legal:
         rec["status"] = "fail (expected: oracle adapts before it scores; not a legal score)"
         rec["failure"] = msg

@@ -280,7 +280,8 @@ def run_audit(model: torch.nn.Module, data: Any, specs: list[Any], adapters: Map
         out["protocols"][spec.name] = rec
         if log is not None:
             log(f"audit {spec.name:<22} {rec['status']}: {len(rec['checks'])} points, {rec['targets_compared']:,} "
-                f"targets compared, max |diff| {rec['max_diff']:.3g} (tol {rec['tolerance']:g}), "
-                f"{rec['prefix']}, {rec['seconds']:.1f}s")
+                f"targets compared, max |diff| {rec['max_diff']:.3g} (tol {rec['tolerance']:g}"
+                + (f", re-run noise {rec['rerun_max_diff']:.3g}" if "rerun_max_diff" in rec else "")
+                + f"), {rec['prefix']}, {rec['seconds']:.1f}s")
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -130,8 +130,10 @@ def test_doc_batched_cheats_pass_the_ledger_but_not_the_audit(world, cls):
     res = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
                             make_adapter=lambda s: cls(s.lora_config()))
     assert ledger.verify()["legal"]  # the ledger sees only the loop's plan
-    honest = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, Ledger(spec.name))
-    assert res.token_nll.sum() != honest.token_nll.sum()  # the cheat did change the scores
+    if "honest_docttt" not in world:
+        world["honest_docttt"] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id,
+                                                   Ledger(spec.name)).token_nll
+    assert res.token_nll.sum() != world["honest_docttt"].sum()  # the cheat did change the scores
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: cls(s.lora_config()))
         with pytest.raises(AuditError, match=r"ILLEGAL evaluation 'docttt:doclora@.*q=\d+.*scored before q"):

@@ -130,8 +130,10 @@ def test_doc_batched_cheats_pass_the_ledger_but_not_the_audit(world, cls):
     res = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
                             make_adapter=lambda s: cls(s.lora_config()))
     assert ledger.verify()["legal"]  # the ledger sees only the loop's plan
-    honest = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, Ledger(spec.name))
-    assert res.token_nll.sum() != honest.token_nll.sum()  # the cheat did change the scores
+    if "honest_docttt" not in world:
+        world["honest_docttt"] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id,
+                                                   Ledger(spec.name)).token_nll
+    assert res.token_nll.sum() != world["honest_docttt"].sum()  # the cheat did change the scores
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: cls(s.lora_config()))
         with pytest.raises(AuditError, match=r"ILLEGAL evaluation 'docttt:doclora@.*q=\d+.*scored before q"):
@@ -234,3 +236,24 @@ def test_rope_base_from_a_forwards_own_length_is_caught(world, monkeypatch):
     monkeypatch.setattr(BankedGPT, "_rope", lambda self, t, device, rope_len=None: fixed_rope(self, t, device))
     with pytest.raises(AuditError, match=r"a BOS written at q=\d+"):
         run_audit(m, data, [spec], {}, EVAL, acfg)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+def test_audit_on_cuda_bf16(world):
+    """On CUDA (bf16 autocast; re-runs are not bit-exact): honest protocols stay within the stated tolerance, with
+    the re-run noise recorded; a cheat is still caught. Prints what it measured."""
+    m = BankedGPT(tiny_config()).cuda()
+    m.load_state_dict(world["model"].state_dict())
+    m.eval()
+    data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
+    specs = parse_protocols(f"flat,sliding,ttt:sgd,docttt:doclora@{DOC}/phases=2/{LORA}")
+    sgd = make_adapter("sgd", **SGD).bind(m)
+    out = run_audit(m, data, specs, {"sgd": sgd}, EVAL, AuditConfig(points=3))
+    for name, r in out["protocols"].items():
+        print("cuda audit", name, r["status"], "rerun noise", r["rerun_max_diff"], "max diff", r["max_diff"])
+        assert r["status"] == "pass" and r["tolerance"] > 0 and "rerun_max_diff" in r
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: ChunkPeekDocLoRA(s.lora_config()))
+        with pytest.raises(AuditError):
+            run_audit(m, data, [docttt.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")], {}, EVAL)

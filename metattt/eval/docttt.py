@@ -261,7 +261,9 @@ class BatchPlan:
     (rows = active documents but at least ``MIN_ROWS``, length ``min((c+1)*chunk, window)``, the records' context
     size), ``batch`` (``chunk`` lengths and one row per document of the batch: shapes depend only on c, the
     records' layout). Under every shape the dynamic-NTK RoPE base is that of ``min((c+1)*chunk, window)`` tokens:
-    the ``exact`` length of a document's last chunk depends on where the document ends (a BOS not yet scored)."""
+    the ``exact`` length of a document's last chunk depends on where the document ends (a BOS not yet scored).
+    (``run_stream`` gives every forward the base of its plan's window, so ``exact`` equals it bit for bit only
+    for models without dynamic NTK.)"""
 
     start: np.ndarray
     col0: np.ndarray

@@ -79,11 +79,11 @@ class NextChunkAdapt(SGDAdapter):
 
     name = "nextchunk"
 
-    def adapt(self, model, x, y, progress=0.0):
+    def adapt(self, model, x, y, progress=0.0, *, autocast=True):
         loc = caller_locals("run_stream")
         chunks, chunk, tokens = loc["chunks"], loc["chunk"], loc["tokens"]
         if chunk.index + 1 < len(chunks):
             nxt = chunks[chunk.index + 1]
             seq = tokens[nxt.lo - 1: nxt.hi]
-            super().adapt(model, seq[:-1][None], seq[1:][None], progress)
-        return super().adapt(model, x, y, progress)
+            super().adapt(model, seq[:-1][None], seq[1:][None], progress, autocast=autocast)
+        return super().adapt(model, x, y, progress, autocast=autocast)

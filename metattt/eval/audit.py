@@ -24,10 +24,10 @@ Two perturbations, each at seeded points ``q`` inside one document of the prefix
   per batch) and, with phases, what the base was trained on before it is scored -- by the protocol's design too
   (the ``tokens`` perturbation, which keeps every document's length, covers them).
 
-On CPU the ``tokens`` comparison is exact (tolerance 0; ``boundary``: ``BOUNDARY_TOL``); on CUDA,
-floating-point non-determinism (atomics in backward kernels, bf16) moves re-run scores a little, so a tolerance
-applies (``AuditConfig.tol``; an unperturbed repeat
-is run to show the noise). ``oracle:`` adapts before scoring by design: it is expected to fail, which is reported,
+On CPU the ``tokens`` comparison is exact (tolerance 0; ``boundary``: ``BOUNDARY_TOL``). On CUDA the re-runs
+are float32 whatever ``--no-autocast`` says (bf16 test-time updates are chaotic at the level of single targets:
+two honest bf16 runs differed by up to 0.25 nats on one target, float32 runs not at all), and a tolerance still
+applies for atomics in backward kernels (``AuditConfig.tol``; an unperturbed repeat is run to show the noise). ``oracle:`` adapts before scoring by design: it is expected to fail, which is reported,
 not refused. The audit runs on a bounded prefix (``prefix_tokens``), so it costs a few prefix re-runs per
 protocol (docs/benchmarks.md); what it cannot catch is in docs/adapters.md "Trust model".
 """
@@ -45,7 +45,7 @@ from .ledger import Ledger, LegalityError
 from .windows import doc_ids, doc_starts
 
 KINDS = ("tokens", "boundary")
-CUDA_TOL = 5e-3  # nats per target: bf16 re-run noise on the GPU is below this (docs/benchmarks.md)
+CUDA_TOL = 1e-3  # nats per target on CUDA, where the re-runs are float32 (0.0 measured on an H100, docs/benchmarks.md)
 #: a moved BOS regroups documents (the docttt queue is sorted by length) and shortens windows, so the compared
 #: targets are computed in forwards of other shapes, whose float32 sums round differently (3.6e-7 nats seen on
 #: the tiny test model); a leak such as a RoPE base taken from a forward's length is orders of magnitude larger
@@ -264,8 +264,16 @@ def run_audit(model: torch.nn.Module, data: Any, specs: list[Any], adapters: Map
 
     t0 = time.perf_counter()
     device = data.tokens.device
-    quiet = replace(cfg, progress=False)
-    out: dict[str, Any] = {"ran": True, "config": asdict(acfg), "protocols": {}}
+    # On CUDA the audit's re-runs are float32: under bf16 autocast a test-time update amplifies rounding into
+    # per-target differences of up to 0.25 nats between two honest runs (H100, ttt:sgd on a 0.6M-parameter
+    # model, docs/benchmarks.md), while float32 re-runs agree exactly. What the audit tests -- which tokens an
+    # update reads -- does not depend on the precision, so float32 costs time, not coverage.
+    fp32 = device.type == "cuda" and cfg.autocast
+    quiet = replace(cfg, progress=False, autocast=False) if fp32 else replace(cfg, progress=False)
+    if fp32:
+        scorer = None  # the compiled scorer was traced under autocast: the eager model serves the float32 re-runs
+    out: dict[str, Any] = {"ran": True, "config": asdict(acfg), "protocols": {},
+                           "precision": "float32" if fp32 or not cfg.autocast or device.type != "cuda" else "bf16"}
 
     for spec in specs:
         adapter = None

@@ -12,6 +12,7 @@ of both models first, then as many single-switch variants as fit.
 
 Finds the reference models and data like the tests (``$METATTT_REFERENCE`` / ``$METATTT_DATA``, ``.device/``,
 ``../shared/``). ``--max-tokens N`` scores a prefix only (a smoke test; its numbers are not the record's).
+A second call can run what the first left out: ``--groups score`` (or ``ttt``) skips the baselines.
 """
 from __future__ import annotations
 
@@ -33,11 +34,17 @@ SCORE_KNOBS = ("attn=auto", "split_qkv=0", "unfold_gains=0", "casts=0", "residua
 ALL = ("flat", "sliding", "ttt:sgd")
 
 
-def jobs(models: list[str], variants_on: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(model, knobs, protocols) in priority order: every baseline, then TTT switches, then scoring switches."""
-    out = [(m, "", ALL) for m in models]
-    out += [(variants_on, k, ("ttt:sgd",)) for k in TTT_KNOBS]
-    out += [(variants_on, k, ("flat", "sliding")) for k in SCORE_KNOBS]
+GROUPS = ("baseline", "ttt", "score")
+
+
+def jobs(models: list[str], variants_on: str, groups: tuple[str, ...] = GROUPS
+         ) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(model, knobs, protocols) in priority order: every baseline, then TTT switches, then scoring switches
+    (``groups`` picks which; the variants run on ``variants_on`` only)."""
+    out = [(m, "", ALL) for m in models] if "baseline" in groups else []
+    if variants_on in models:
+        out += [(variants_on, k, ("ttt:sgd",)) for k in TTT_KNOBS] if "ttt" in groups else []
+        out += [(variants_on, k, ("flat", "sliding")) for k in SCORE_KNOBS] if "score" in groups else []
     return out
 
 
@@ -76,13 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants-on", default="pg549-393steps", help="model the single-switch variants run on")
     ap.add_argument("--budget", type=float, default=420.0, help="start no job after this many seconds")
     ap.add_argument("--max-tokens", type=int, default=None, help="score a val prefix only (smoke test)")
-    ap.add_argument("--no-variants", action="store_true", help="baselines only")
+    ap.add_argument("--groups", default=",".join(GROUPS),
+                    help="which jobs: baseline (all switches on, every model), ttt (TTT switches off one at a time), "
+                         "score (scoring switches off one at a time); e.g. 'score' for a second device call")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
 
     from metattt.__main__ import main as cli
     from metattt.eval.run import main as evaluate
 
+    groups = tuple(g for g in args.groups.split(",") if g)
+    if not groups or set(groups) - set(GROUPS):
+        print(f"error: --groups takes a comma list of {', '.join(GROUPS)}, got {args.groups!r}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     facts = probe()
     print("probe: " + json.dumps(facts), flush=True)
@@ -97,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: reference models not found: {missing} ($METATTT_REFERENCE, .device/reference or "
               "../shared/reference; stage them with --reference all)", file=sys.stderr)
         return 2
-    todo = jobs(models, args.variants_on) if not args.no_variants else [(m, "", ALL) for m in models]
-    if args.variants_on not in models:
-        todo = [j for j in todo if j[1] == ""]
+    todo = jobs(models, args.variants_on, groups)
     rows: list[dict] = []
     skipped: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

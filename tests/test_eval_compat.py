@@ -194,3 +194,32 @@ def test_record_casts_change_nothing_in_float32() -> None:
         assert torch.allclose(a(x), b(x), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="runtime attn"):
         Runtime(attn="fast")
+
+
+def test_eager_adapted_scoring_keeps_the_records_batches_and_numbers() -> None:
+    """``eager_adapted`` scores TTT protocols without row padding (a chunk's last batch is smaller, as in the
+    record's loop) but still pads every forward to the context: with an adapter that never moves (lr 0) its
+    compat numbers equal the sliding protocol's, tail windows included."""
+    from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
+    from metattt.ttt.registry import adapter_from_spec
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, rope_ntk_len=16, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32,
+                      bigram_dim=8)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg).eval()
+    tokens = truncate(torch.randint(2, 64, (700,)), L)
+    data = prepare_stream(tokens, synthetic_lut(SPEC), "cpu", 128)
+    ecfg = EvalConfig(seq_len=L, context=L, stride=STRIDE, chunk_tokens=128, batch_tokens=4 * L, n_boot=0,
+                      compat="pg-record", eager_adapted=True)
+    ad = adapter_from_spec("sgd:lr=0.0,epochs=1,batch_seqs=2").bind(model)
+    shapes: list[tuple[int, ...]] = []  # scoring forwards (inference mode), not the adapter's training ones
+    hook = model.register_forward_pre_hook(
+        lambda _m, a: shapes.append(tuple(a[0].shape)) if torch.is_inference_mode_enabled() else None)
+    by = evaluate(model, data, parse_protocols("ttt:sgd"), {"sgd": ad}, ecfg).results
+    hook.remove()
+    assert {t for _, t in shapes} == {L} and min(b for b, _ in shapes) < 4  # padded to L, last batches not
+    by.update(evaluate(model, data, parse_protocols("sliding"), {}, ecfg).results)
+    assert by["ttt:sgd"].compat["tail_nats"] == pytest.approx(by["sliding"].compat["tail_nats"], rel=1e-5)
+    assert by["ttt:sgd"].nats == pytest.approx(by["sliding"].nats, rel=1e-5)
+    assert by["ttt:sgd"].compat["tail_windows"] == L // STRIDE - 1

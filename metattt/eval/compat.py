@@ -162,7 +162,7 @@ def tail_plan(n_tokens: int, context: int, stride: int) -> Any:
 
 
 def tail_scores(model: torch.nn.Module, data: Any, cfg: Any, params: dict[str, torch.Tensor] | None,
-                scorer: torch.nn.Module | None = None) -> dict[str, Any]:
+                scorer: torch.nn.Module | None = None, sc: Any = None) -> dict[str, Any]:
     """Nats and bytes of the tail re-scorings, with the weights the stream ended with (the record's last chunk
     is never trained on, so these are the weights that scored it)."""
     from .scoring import score_windows
@@ -170,7 +170,7 @@ def tail_scores(model: torch.nn.Module, data: Any, cfg: Any, params: dict[str, t
     plan = tail_plan(data.n_tokens, cfg.context, cfg.stride)
     if plan.n_windows == 0:
         return {"tail_windows": 0, "tail_targets": 0, "tail_nats": 0.0, "tail_bytes": 0.0}
-    sc = cfg.score_config("sliding")
+    sc = cfg.score_config("sliding") if sc is None else sc
     with torch.inference_mode():
         nll, _ = score_windows(scorer if scorer is not None else model, data.tokens, plan, 0, plan.n_windows, sc,
                                params)

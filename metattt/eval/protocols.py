@@ -8,7 +8,7 @@ differences are paired.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -301,8 +301,9 @@ def run_protocol(
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)
-    if cfg.eager_adapted and spec.mode != "score":
-        scorer = None
+    sc = cfg.score_config(spec.windows)
+    if cfg.eager_adapted and spec.mode != "score":  # uncompiled: batches as the record's (a chunk's last is smaller)
+        scorer, sc = None, replace(sc, fixed_shapes=False)
     if spec.mode == "score":
         order = "score_only"
         adapter = None
@@ -310,8 +311,8 @@ def run_protocol(
         order = "adapt_first"
     else:  # the adapter picks what it trains on (training_positions); the enforcing ledger refuses cheats
         order = "score_first"
-    res = run_stream(model, data.tokens, plan, cfg.score_config(spec.windows), adapter=adapter, order=order,
-                     ledger=ledger, ctx=ctx, starts=data.starts, scorer=scorer)
+    res = run_stream(model, data.tokens, plan, sc, adapter=adapter, order=order, ledger=ledger,
+                     ctx=ctx, starts=data.starts, scorer=scorer)
     summary = ledger.verify()
     nll = res.token_nll.astype(np.float64)
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
@@ -323,7 +324,7 @@ def run_protocol(
 
         compat = {"tail_windows": 0, "tail_targets": 0, "tail_nats": 0.0, "tail_bytes": 0.0}
         if spec.windows == "sliding":  # flat has no tail in the record either
-            compat = tail_scores(model, data, cfg, adapter.params() if adapter is not None else None, scorer)
+            compat = tail_scores(model, data, cfg, adapter.params() if adapter is not None else None, scorer, sc)
     from . import cost
 
     work = cost.window_work(plan.length)

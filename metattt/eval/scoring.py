@@ -67,7 +67,7 @@ class ScoreConfig:
     # pad every forward to one (windows, length) shape: a torch.compile'd scorer then compiles once instead of
     # again for each chunk's smaller last batch and for short windows (padding is never scored)
     fixed_shapes: bool = False
-    pad_to: int | None = None  # with fixed_shapes: pad every forward to at least this length (the record's x_batch)
+    pad_to: int | None = None  # pad every forward to at least this length (the record's x_batch)
     # the RoPE base of every forward is that of this many tokens at least (the protocol's window length): a
     # batch's own length can depend on where documents end, i.e. on tokens not yet scored (dynamic NTK RoPE)
     rope_len: int | None = None
@@ -128,7 +128,7 @@ def score_windows(
         starts = plan.start[w0 + a : w0 + b]
         ln = plan.length[w0 + a : w0 + b]
         sf = plan.score_from[w0 + a : w0 + b]
-        t = int(ln.max())
+        t = max(int(ln.max()), cfg.pad_to or 0)
         if cfg.fixed_shapes:  # extra rows repeat the first window; extra columns are right padding
             t = t_fix
             starts = np.concatenate([starts, np.full(per - starts.size, starts[0], dtype=starts.dtype)])

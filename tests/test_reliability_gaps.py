@@ -131,7 +131,7 @@ def test_read_only_run_dir_is_refused_before_scoring(world, tmp_path, capsys):
         ro.chmod(0o755)
 
 
-def test_two_evaluations_on_one_run_dir_both_kept(world, tmp_path, monkeypatch):
+def test_two_evaluations_on_one_run_dir_both_kept(world, tmp_path, monkeypatch, capsys):
     """Both evaluations reach the write step together: without a lock both saw no eval.json and one overwrote
     the other. The barrier lets them meet when nothing serialises them; under the lock the second waits for the
     first to finish writing (the barrier then times out for the first one, which carries on)."""
@@ -149,14 +149,20 @@ def test_two_evaluations_on_one_run_dir_both_kept(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(results, "archive_previous", meet_then_archive)
     run_dir = tmp_path / "ev"
-    rcs: list[int] = []
-    threads = [threading.Thread(target=lambda p=p: rcs.append(_cli(world["art"], run_dir, "--protocols", p)))
-               for p in ("flat", "sliding")]
+    rcs: list[object] = []
+
+    def evaluate(protocols: str) -> None:
+        try:
+            rcs.append(_cli(world["art"], run_dir, "--protocols", protocols))
+        except BaseException as e:  # noqa: BLE001 - reported below, not lost in the thread
+            rcs.append(e)
+
+    threads = [threading.Thread(target=evaluate, args=(p,)) for p in ("flat", "sliding")]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert rcs == [EXIT_OK, EXIT_OK]
+    assert rcs == [EXIT_OK, EXIT_OK], (rcs, capsys.readouterr().err)
     evals = [json.loads(p.read_text()) for p in run_dir.glob("eval*.json")]
     assert len(evals) == 2 and {frozenset(e["protocols"]) for e in evals} == {frozenset({"flat"}),
                                                                              frozenset({"flat", "sliding"})}

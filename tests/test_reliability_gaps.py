@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -39,7 +40,7 @@ def world(tmp_path_factory):
     art.parent.mkdir()
     save_model_artifact(art, model, meta={"lut": synthetic_lut(SPEC).to_dict(), "val_pattern": meta["val_pattern"],
                                           "seq_len": CTX, "val_fingerprint": fp}, allow_over_budget=True)
-    yield {"art": art}
+    yield {"art": art, "val": meta["val_pattern"]}
     torch.set_num_threads(threads)
 
 
@@ -204,3 +205,66 @@ def test_compare_on_a_glob_that_matched_nothing_exits_2(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 2 and out.out == ""
     assert "matched no run directory" in _one_line(out.err)
+
+
+# ------------------------------------------------------------------------------------------------ printing
+def test_docttt_report_fits_long_names_and_says_no_phase_ran(world, tmp_path, capsys):
+    rc = main([str(world["art"]), "--protocols", "docttt:doclora@rank=2/docs=4/phases=3", "--max-tokens", "1200",
+               "--bootstrap", "20", "--run-dir", str(tmp_path / "ev"), "--wandb", "off"])
+    out = capsys.readouterr().out
+    assert rc == EXIT_OK
+    phases = next(ln for ln in out.splitlines() if ln.strip().startswith("phases"))
+    assert "no phase ran" in phases
+    # in the deltas table and in each decomposition, the value column starts at the same place on every row,
+    # however long the protocol names (they used to push it out of line)
+    blocks = [b.splitlines()[1:] for b in out.split("\n\n") if b.startswith(("deltas", "decomposition of"))]
+    assert len(blocks) == 3
+    for rows in blocks:
+        at = {re.search(r" [+-]\d\.\d{5} ", ln).start() for ln in rows}
+        assert len(at) == 1, rows
+
+
+def test_docttt_progress_counts_chunk_steps_within_batches(world, monkeypatch):
+    """A doc-batched CPU run showed nothing for over ten minutes inside one batch: progress counts chunk steps."""
+    import metattt.eval.docttt as docttt
+    from metattt.eval.ledger import Ledger
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, total, desc="", enabled=True, **kw):
+            seen["total"], seen["n"], seen["desc"] = total, 0, desc
+
+        def update(self, n=1):
+            seen["n"] += n
+
+        def close(self):
+            seen["closed"] = True
+
+    monkeypatch.setattr(docttt, "progress_bar", Recorder)
+    tokens = load_val_tokens(world["val"])[:1200]
+    model = BankedGPT(tiny_config()).eval()
+    spec = docttt.parse_docttt("docttt:doclora@rank=2/docs=4/chunk=32")
+    q = docttt.doc_queue(tokens.numpy(), model.cfg.bos_id, spec.docs)
+    steps = sum(int(-(-q.n_targets[idx].max() // spec.chunk)) for idx in q.batches)
+    docttt.run_docttt(spec, model, tokens, tokens.numpy(), model.cfg.bos_id, Ledger(spec.name), progress=True)
+    assert seen["total"] == steps > len(q.batches) and seen["n"] == steps and seen["closed"]
+    assert "chunk steps" in seen["desc"]
+
+
+def test_final_eval_labels_its_targets_and_the_trainers(tmp_path):
+    from metattt.train.final_eval import format_decomposition
+
+    report = {"data": {"n_tokens": 65_536, "n_targets": 65_535, "n_docs": 31}, "_paths": {}}
+    rows = [{"protocol": "flat", "bpb": 6.69, "ci95": [6.6, 6.7], "legal": True, "adapts": False},
+            {"protocol": "sliding", "bpb": 6.66, "ci95": [6.5, 6.7], "legal": True, "adapts": False,
+             "gain": 0.03, "gain_ci95": [0.02, 0.04]}]
+    room = {"window": 256, "bayes_window_bpb": 5.05, "bayes_unknown_bpb": 4.98, "room_bpb": 0.07,
+            "source": "computed for the scored prefix"}
+    out = format_decomposition({"rows": rows, "room": room}, report, "short",
+                               trainer={"val_bpb_quant": 6.7066, "val_tokens": 199_999})
+    flat = next(ln for ln in out.splitlines() if ln.strip().startswith("flat"))
+    assert "65,535 targets only" in flat and "6.7066" in flat and "199,999" in flat
+    room_line = next(ln for ln in out.splitlines() if "analytic room" in ln)
+    assert "same 65,535 targets" in room_line
+    assert "65,536" not in out.replace("the first 65,536 val tokens", "")  # tokens named once, as tokens

@@ -187,6 +187,19 @@ def test_interrupted_evaluation_exits_with_one_line(world, tmp_path, capsys, mon
     assert signal.getsignal(signal.SIGTERM) == old  # the handler is the CLI's only while it runs
 
 
+def test_interrupt_after_the_results_are_written_says_where(world, tmp_path, capsys, monkeypatch):
+    import metattt.eval.run as run_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "format_report", interrupted)
+    rc = _cli(world["art"], tmp_path / "ev", "--protocols", "flat")
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 130 and "already written" in line and str(tmp_path / "ev" / "eval.json") in line
+    assert (tmp_path / "ev" / "eval.json").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ adapter specs
 @pytest.mark.parametrize("spec, what", [("", "empty"), ("sgd:lr=-1", "lr"), ("fast=sgd:grad_clip=-1", "grad_clip")])
 def test_bad_adapter_spec_exits_2(world, tmp_path, capsys, spec, what):

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 import torch

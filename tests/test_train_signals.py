@@ -103,3 +103,24 @@ def test_signal_outside_the_steps_is_one_line(tmp_path, capsys, monkeypatch):
     line = _one_line(capsys.readouterr().err)
     assert rc == 143 and "interrupted (SIGTERM)" in line
     assert signal.getsignal(signal.SIGTERM) == old
+
+
+def test_help_shows_each_presets_default_not_the_dataclass_default(monkeypatch):
+    from metattt.train.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside the help entries
+    text = " ".join(build_parser().format_help().split())
+    assert "tiny:" not in text  # used to show the plain dataclass default (iterations 400) as the tiny preset's
+    assert "pg-2026-03-23: 20000; tiny-synthetic: 3000)" in text
+
+
+def test_a_wallclock_stop_between_log_steps_still_logs_the_last_step(tmp_path):
+    """The progress line used to stop at the last multiple of the log interval (step 200 of 243)."""
+    from metattt.train.cli import parse_config
+    from metattt.train.loop import train
+
+    summary = train(parse_config(_args(tmp_path, "--iterations", "1000", "--max-wallclock-s", "0.3",
+                                       "--final-eval", "off", "--run-name", "w")))
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "w" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert 0 < summary["steps"] < 50 and train_rows[-1]["step"] == summary["steps"]

@@ -507,11 +507,14 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
         out.chunk_times.append((t, R, fwd, upd))
         out.score_s += fwd
         out.adapt_s += upd
-    if losses:
-        vals = torch.stack([losses[0], losses[-1]]).tolist()
-        out.loss_first, out.loss_last = vals
-    if first_bad is not None and int(first_bad) < never:
-        out.nonfinite_chunk = int(first_bad)
+    bad = never
+    if losses:  # one read of the device for the losses and the divergence check
+        vals = torch.stack([losses[0], losses[-1], first_bad.float()]).tolist()
+        out.loss_first, out.loss_last, bad = vals[0], vals[1], int(vals[2])
+    elif first_bad is not None:
+        bad = int(first_bad)
+    if bad < never:
+        out.nonfinite_chunk = bad
     out.trainables = tr
     return out
 

@@ -646,27 +646,15 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     with locked(run_dir.path):  # evaluations finishing together on one directory take turns: all are kept
         report = write_results(run_dir, ev, rep_meta, warn, runs)
         path = report["_paths"]["eval_json"]
+        args.written_eval_json = path  # an interrupt from here on is reported with it (main)
         png = None
         try:
             from .plot import plot_running_delta
 
             png = plot_running_delta(report, Path(run_dir.path) / PLOT_NAME)
-        except KeyboardInterrupt as e:
-            e.written = path  # type: ignore[attr-defined]  # main says where the results are
-            raise
         except Exception as e:  # noqa: BLE001 - a plot must never cost the evaluation
             warn(f"warning: the running-delta plot failed ({type(e).__name__}: {e}); results are in {path}")
     report["_paths"]["plot"] = str(png) if png else None
-    try:
-        _report_steps(args, report, run_dir, path, png, say, warn)
-    except KeyboardInterrupt as e:
-        e.written = path  # type: ignore[attr-defined]
-        raise
-    return report
-
-
-def _report_steps(args: argparse.Namespace, report: dict[str, Any], run_dir, path: str, png, say, warn) -> None:
-    """The table, the closing line and wandb: after eval.json, each failure a warning."""
     try:
         say(format_report(report))
     except Exception as e:  # noqa: BLE001
@@ -676,6 +664,7 @@ def _report_steps(args: argparse.Namespace, report: dict[str, Any], run_dir, pat
         _wandb(args, report, run_dir)
     except Exception as e:  # noqa: BLE001
         warn(f"warning: wandb logging failed ({type(e).__name__}: {e}); results are in {path}")
+    return report
 
 
 def _wandb(args: argparse.Namespace, report: dict[str, Any], run_dir) -> None:
@@ -710,7 +699,7 @@ def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:  # SIGINT / SIGTERM: one line, the conventional 128 + signal number
-        written = getattr(e, "written", None)
+        written = getattr(args, "written_eval_json", None)
         print(f"interrupted ({signal_name(signum_of(e))}): "
               + (f"the results were already written to {written}" if written else "nothing was written"),
               file=sys.stderr)

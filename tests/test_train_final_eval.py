@@ -33,8 +33,9 @@ def test_bad_mode_is_refused_before_training(tmp_path, capsys):
 
 
 def test_main_job_prints_decomposition_with_room_and_shares(tmp_path, capsys):
+    # the old corpus design: its shorter documents give the 4,000 scored tokens several documents to resample
     rc = _entry().main(_args(tmp_path, "--iterations", "4", "--run-name", "r", "--meta.adapter", "fomaml:lr=0.01",
-                             "--meta.every", "2"))
+                             "--meta.every", "2", "--synthetic-spec", "document-language"))
     out, err = capsys.readouterr()
     assert rc == 0, err
     run = tmp_path / "runs" / "r"
@@ -84,3 +85,18 @@ def test_room_from_meta_json_when_it_covers_the_stream(tmp_path):
     ref = synthetic_bounds(spec, load_synthetic_val(tmp_path / "syn")[:2000], windows=(64,))
     assert prefix["room_bpb"] == pytest.approx(ref["bayes_window64_bpb"] - ref["bayes_unknown_bpb"], rel=1e-12)
     assert analytic_room({"data": "shards"}, 2000, 64) is None  # real data has no analytic bounds
+
+
+def test_decomposition_of_a_single_document_prints_na_intervals():
+    """One scored document: the bootstrap has no interval and eval.json spells its bounds "NaN"."""
+    from metattt.train.final_eval import format_decomposition
+
+    report = {"meta": {"artifact_meta": {}}, "data": {"n_tokens": 100, "n_targets": 99, "n_docs": 1},
+              "config": {"context": 16, "stride": 8},
+              "protocols": {"sliding": {"bpb": 5.0, "ci95": ["NaN", "NaN"], "legal": True, "mode": "score"},
+                            "ttt:sgd": {"bpb": 4.9, "ci95": ["NaN", "NaN"], "legal": True, "mode": "ttt"}},
+              "deltas": {"ttt:sgd": {"value": 0.1, "ci95": ["NaN", "NaN"]}}}
+    dec = decomposition(report)
+    out = format_decomposition(dec, report, "short")
+    sliding = next(ln for ln in out.splitlines() if ln.strip().startswith("sliding"))
+    assert "TTT +0.1000 [n/a, n/a]" in out and "[n/a, n/a]" in sliding

@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     from metattt.data.synthetic import SyntheticSpec
 
     for f in fields(SyntheticSpec):
-        s.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):  # --shared-theta: the zero-room control (one theta for all documents)
+            s.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+        else:
+            s.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
 
     d = sub.add_parser("download", help="fetch challenge FineWeb sp1024 shards + tokenizer from the HF hub")
     d.add_argument("--train-shards", type=int, default=1)

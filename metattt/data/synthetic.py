@@ -106,7 +106,7 @@ class SyntheticSpec:
 # Named corpus designs: the fields a design chooses (vocabulary and token counts come from the caller, e.g. the
 # trainer's model vocab and --synthetic-train-tokens). The trainer's --synthetic-spec picks one; the main job's
 # design search is recorded in metattt/train/config.py (_tiny_synthetic).
-MAIN_JOB_DESIGN: dict[str, Any] = {"alpha": 2.0, "content_prob_min": 0.5, "content_prob_max": 0.8,
+MAIN_JOB_DESIGN: dict[str, Any] = {"alpha": 4.0, "content_prob_min": 0.5, "content_prob_max": 0.8,
                                     "min_doc_len": 2048, "max_doc_len": 8192}
 NAMED_SPECS: dict[str, dict[str, Any]] = {
     "document-language": {},  # the generator's defaults (the main job's corpus before issue 30)

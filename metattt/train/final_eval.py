@@ -101,6 +101,13 @@ def analytic_room(artifact_meta: dict[str, Any], n_tokens: int, context: int,
             "bayes_unknown_bpb": bounds["bayes_unknown_bpb"], "room_bpb": room, "source": source}
 
 
+def _ci(ci: list[Any]) -> list[float | None]:
+    """A report's interval as floats: eval.json spells a non-finite bound (one scored document) "NaN"."""
+    from ..track.jsonio import NONFINITE_TOKENS
+
+    return [NONFINITE_TOKENS.get(v, v) if isinstance(v, str) else v for v in ci]
+
+
 def decomposition(report: dict[str, Any]) -> dict[str, Any]:
     """Per protocol: bpb, CI, the gain over the protocol it builds on, and (TTT) the share of the room."""
     am = report.get("meta", {}).get("artifact_meta", {})
@@ -109,15 +116,15 @@ def decomposition(report: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for name, p in report["protocols"].items():
         adapts = p["mode"] != "score" and not name.startswith("doc-chunk")  # doc-chunk: windows, no adaptation
-        row: dict[str, Any] = {"protocol": name, "bpb": p["bpb"], "ci95": p["ci95"], "legal": p["legal"],
+        row: dict[str, Any] = {"protocol": name, "bpb": p["bpb"], "ci95": _ci(p["ci95"]), "legal": p["legal"],
                                "adapts": adapts}
         key = "context" if name == "sliding" else name
         d = report["deltas"].get(key)
         if d is not None:
-            row["gain"], row["gain_ci95"] = d["value"], d["ci95"]
+            row["gain"], row["gain_ci95"] = d["value"], _ci(d["ci95"])
             if adapts and room is not None and room["room_bpb"] > 0:
                 row["share"] = d["value"] / room["room_bpb"]
-                row["share_ci95"] = [None if v is None else v / room["room_bpb"] for v in d["ci95"]]
+                row["share_ci95"] = [None if v is None else v / room["room_bpb"] for v in row["gain_ci95"]]
         rows.append(row)
     return {"rows": rows, "room": room}
 

@@ -161,3 +161,28 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
     fits = [line for line in report.splitlines() if line.startswith(("| indist | 19,526 |", "| other | 19,526 |"))]
     assert len(fits) == 4 and all("| 3 |" in line for line in fits)
     assert not any(line.startswith(("| indist | 75,910 |", "| other | 75,910 |")) for line in report.splitlines())
+
+
+def _study(parent_flags: list[str], branch_ref: str = "p") -> dict:
+    return {"study": {"name": "t", "root": "r", "sections": {"L": "ladder"}},
+            "model": [{"name": "p", "train": parent_flags},
+                      {"name": "b", "train": ["--branch-from", f"{{model:{branch_ref}}}/budgets/dn1_r0.pt"]}],
+            "eval": [{"name": "e", "section": "L", "models": ["b"], "protocols": ["flat"]}]}
+
+
+def test_model_references_key_on_the_parent_and_train_it_first():
+    from metattt.study.config import StudyConfigError, parse_study
+    from metattt.study.runner import run_study
+
+    st = parse_study(_study(["--save-at-dn", "1"]))
+    p, b = st.model("p"), st.model("b")
+    assert b.depends == ("p",) and b.train == ("--branch-from", f"{{study}}/models/p-{p.key}/budgets/dn1_r0.pt")
+    assert str(st.model_dir(p)) in st.expand(b.train[1])
+    other = parse_study(_study(["--save-at-dn", "2"]))
+    assert other.model("b").key != b.key  # a retrained parent makes the branch a new model
+    with pytest.raises(StudyConfigError, match=r"\{model:q\} must name a trained model defined above it"):
+        parse_study(_study(["--x"], branch_ref="q"))
+    log: list[str] = []
+    out = run_study(st, dry_run=True, only={"b*"}, log=log.append)  # wildcards; the parent comes along, first
+    assert [o.what for o in out] == ["model p", "model b", "cell b/e"]
+    assert run_study(st, dry_run=True, only={"x*"}, log=log.append) == []

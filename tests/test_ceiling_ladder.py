@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from metattt.study.ladder import PREDICT_DN, fit_size, ladder_points, ladder_tables, power_floor
+from metattt.study.ladder import PREDICT_DN, fit_size, ladder_plot, ladder_points, ladder_tables, power_floor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def _fake_cell(model: str, setting: str, n: int, dn: float, gains: dict[str, np.
                            eval=ev, model_summary=summary)
 
 
-def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap():
+def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap(tmp_path):
     rng = np.random.default_rng(0)
     nbytes = rng.uniform(2000, 6000, size=120)
     truth = {"A": 0.08, "gamma": 0.6, "F": 0.004}
@@ -67,6 +67,8 @@ def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap():
     row = next(line for line in lines if line.startswith("| indist | 1,000,000 | ttt:sgd | 4 |"))
     assert f"{fit.params['F']:+.5f}" in row and "of 200 |" in row
     assert not any(line.startswith("| indist | 2,000,000 |") for line in lines)  # no fit for the one-point size
+    assert ladder_plot(cells, tmp_path / "ladder.png").stat().st_size > 1000
+    assert ladder_plot(cells[:0], tmp_path / "none.png") is None
 
 
 # ---------------------------------------------------------------- the CPU variant, end to end

@@ -5,6 +5,7 @@
 * ``running``: cumulative Δ_TTT along the validation stream; rising = still learning from the stream.
 * ``fraction`` (synthetic corpus): the fraction of the exact adaptation room each adapter (and the oracle)
   captures.
+* ``ladder`` (metattt/study/ladder.py): Δ against D/N per model size, with the fitted curves.
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def fraction_plot(results: list, path: Path) -> Path | None:
 def section_plots(study: StudyConfig, section: str, results: list) -> list[Path]:
     """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed."""
     out = []
-    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot)):
+    from .ladder import ladder_plot
+
+    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot),
+                     ("ladder", ladder_plot)):
         path = study.plots / f"{study.name}-s{section}-{kind}.png"
         got = fn(results, path) if results else None
         if got is not None:

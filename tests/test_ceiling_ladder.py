@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from metattt.study.ladder import PREDICT_DN, fit_size, ladder_points, ladder_tables, power_floor
+from metattt.study.ladder import PREDICT_DN, fit_size, ladder_plot, ladder_points, ladder_tables, power_floor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def _fake_cell(model: str, setting: str, n: int, dn: float, gains: dict[str, np.
                            eval=ev, model_summary=summary)
 
 
-def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap():
+def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap(tmp_path):
     rng = np.random.default_rng(0)
     nbytes = rng.uniform(2000, 6000, size=120)
     truth = {"A": 0.08, "gamma": 0.6, "F": 0.004}
@@ -67,3 +67,124 @@ def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap():
     row = next(line for line in lines if line.startswith("| indist | 1,000,000 | ttt:sgd | 4 |"))
     assert f"{fit.params['F']:+.5f}" in row and "of 200 |" in row
     assert not any(line.startswith("| indist | 2,000,000 |") for line in lines)  # no fit for the one-point size
+    assert ladder_plot(cells, tmp_path / "ladder.png").stat().st_size > 1000
+    assert ladder_plot(cells[:0], tmp_path / "none.png") is None
+
+
+# ---------------------------------------------------------------- the CPU variant, end to end
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "
+         "court law state river city music water light year people time day world house school").split()
+
+
+def _text(seed: int, n: int, sentences: tuple[int, int]) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                     for _ in range(rng.randint(*sentences))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def ladder_study(tmp_path_factory):
+    """experiments/ceiling_ladder_cpu.toml run once on a build of generated text, as its header says."""
+    from metattt.data.build import BuildConfig, build_dataset
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import ceiling
+
+    root = tmp_path_factory.mktemp("ladder")
+    docs = _text(11, 400, (3, 8))
+    books = ["\n".join(_text(100 + k, 45, (2, 4))) for k in range(12)]
+    for name, texts in (("docs", docs), ("books", books)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                                    for i, t in enumerate(texts)))
+    data = root / "data"
+    build_dataset(BuildConfig([root / "docs.jsonl"], data / "tok.model", data, val_docs=40,
+                              pseudo_doc_text=[root / "books.jsonl"], indist_val_frac=0.1, indist_val_books=3,
+                              indist_val_min_tokens=1000, train_tokenizer=True, vocab_size=320, progress=False))
+    text = (REPO / "experiments" / "ceiling_ladder_cpu.toml").read_text()
+    for key, value in (("root", root / "study"), ("report", root / "report.md"), ("plots", root / "plots")):
+        text = text.replace(f'{key} = "', f'{key} = "{value}" # was "', 1)
+    cfg = root / "study.toml"
+    cfg.write_text(text)
+    os.environ["LADDER_CPU_DATA"] = str(data)
+    try:
+        assert ceiling.main(["--config", str(cfg)]) == 0
+        report = (root / "report.md").read_text()
+        assert ceiling.main(["--config", str(cfg)]) == 0  # resumed: every model and cell is done
+        assert (root / "report.md").read_text() == report
+    finally:
+        del os.environ["LADDER_CPU_DATA"]
+    return root, report
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
+    from metattt.study.report import parse_summary, parse_tables
+
+    root, report = ladder_study
+    study = root / "study"
+    models = {p.name.rsplit("-", 1)[0]: p for p in (study / "models").iterdir() if p.is_dir()}
+    assert sorted(models) == ["s.dn1", "s.dn2", "s.wsd", "xs.dn0.5", "xs.dn1", "xs.dn2", "xs.wsd"]
+    rows = parse_summary(report)
+    tables = parse_tables(report)
+    assert sorted(rows) == sorted((m, s) for m in ("s.dn1", "s.dn2", "xs.dn0.5", "xs.dn1", "xs.dn2")
+                                  for s in ("indist", "other"))
+    for (model, setting), row in rows.items():
+        summ = _json(models[model] / "summary.json")
+        br = summ["branch"]
+        parent = Path(br["parent_run"])
+        plan = {b["label"]: b for b in _json(parent / "budgets.json")["budgets"]}
+        label = model.split(".", 1)[1]
+        assert br["from_step"] == plan[label]["step"] and br["budget"] == plan[label]
+        assert summ["steps"] == br["from_step"] + br["decay_steps"]
+        assert _json(models[model] / "config.json")["branch_from"].startswith(str(parent))
+        n = br["budget"]["n_params"]
+        assert row["N"] == f"{n:,}" and row["capped"] == ("yes" if br["budget"]["capped"] else "no")
+        assert row["D/N trained"] == f"{summ['train_tokens'] / n:.1f}"
+        (cell,) = (study / "cells" / model).glob(f"{setting}-*")
+        ev = _json(cell / "eval.json")
+        for proto in ("flat", "sliding"):
+            assert row[f"{proto} bpb"] == f"{ev['protocols'][proto]['bpb']:.5f}"
+        for key in ("context", "ttt:sgd"):
+            d = ev["deltas"][key]
+            assert row[f"Δ {key}"] == f"{d['value']:+.5f}"
+            assert row[f"Δ {key} 95% CI"] == f"[{d['ci95'][0]:.5f}, {d['ci95'][1]:.5f}]"
+        assert tables[str(cell)]["ttt:sgd"]["main:bpb"] == f"{ev['protocols']['ttt:sgd']['bpb']:.5f}"
+        if setting == "indist":  # the trainer scored the in-distribution split: the same data
+            assert ev["meta"]["data_check"] == "match"
+    assert rows[("s.dn2", "indist")]["capped"] == "yes" and rows[("xs.dn2", "indist")]["capped"] == "no"
+    # the val sets are the build's two: the in-distribution split and the official-style prefix
+    (cell,) = (study / "cells" / "xs.dn1").glob("other-*")
+    assert _json(cell / "eval.json")["meta"]["data_check"].startswith("other data allowed")
+    # one fit per validation set and Δ, over the smaller size's three budgets
+    fits = [line for line in report.splitlines() if line.startswith(("| indist | 19,526 |", "| other | 19,526 |"))]
+    assert len(fits) == 4 and all("| 3 |" in line for line in fits)
+    assert not any(line.startswith(("| indist | 75,910 |", "| other | 75,910 |")) for line in report.splitlines())
+
+
+def _study(parent_flags: list[str], branch_ref: str = "p") -> dict:
+    return {"study": {"name": "t", "root": "r", "sections": {"L": "ladder"}},
+            "model": [{"name": "p", "train": parent_flags},
+                      {"name": "b", "train": ["--branch-from", f"{{model:{branch_ref}}}/budgets/dn1_r0.pt"]}],
+            "eval": [{"name": "e", "section": "L", "models": ["b"], "protocols": ["flat"]}]}
+
+
+def test_model_references_key_on_the_parent_and_train_it_first():
+    from metattt.study.config import StudyConfigError, parse_study
+    from metattt.study.runner import run_study
+
+    st = parse_study(_study(["--save-at-dn", "1"]))
+    p, b = st.model("p"), st.model("b")
+    assert b.depends == ("p",) and b.train == ("--branch-from", f"{{study}}/models/p-{p.key}/budgets/dn1_r0.pt")
+    assert str(st.model_dir(p)) in st.expand(b.train[1])
+    other = parse_study(_study(["--save-at-dn", "2"]))
+    assert other.model("b").key != b.key  # a retrained parent makes the branch a new model
+    with pytest.raises(StudyConfigError, match=r"\{model:q\} must name a trained model defined above it"):
+        parse_study(_study(["--x"], branch_ref="q"))
+    log: list[str] = []
+    out = run_study(st, dry_run=True, only={"b*"}, log=log.append)  # wildcards; the parent comes along, first
+    assert [o.what for o in out] == ["model p", "model b", "cell b/e"]
+    assert run_study(st, dry_run=True, only={"x*"}, log=log.append) == []

@@ -40,6 +40,7 @@ def test_ladder_presets_keep_the_record_design():
         assert m.xsa_layers[-1] == m.ve_layers[-1] == m.num_layers - 1 and len(m.xsa_layers) >= len(m.ve_layers)
         assert (m.bigram_vocab, m.bigram_dim, m.ve_dim) == (pg.model.bigram_vocab, 128, 128)
         assert cfg.seq_len == 2048 and cfg.schedule == "wsd" and cfg.max_wallclock_s == 0 and cfg.ema_decay == 0
+        assert cfg.loader_mode == "random"
         assert cfg.train_batch_tokens % cfg.seq_len == 0 and cfg.micro_batch_tokens == cfg.train_batch_tokens
         assert cfg.optim.matrix_lr == pg.optim.matrix_lr and cfg.optim.muon_momentum_warmup_steps == 100
     assert parse_config(["--preset", "ladder-2m", "--save-at-dn", "25,50"]).save_at_dn == (25.0, 50.0)

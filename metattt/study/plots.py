@@ -8,6 +8,7 @@
 * ``cost``: bpb of every legal protocol against its cost per scored token, measured device-seconds (timed part)
   and counted model FLOPs, with the Pareto front of each marked: "A beats sliding at equal budget" is a
   statement about the front, not about one row (eval.json schema 2).
+* ``ladder`` (metattt/study/ladder.py): Δ against D/N per model size, with the fitted curves.
 """
 
 from __future__ import annotations
@@ -184,8 +185,10 @@ def cost_plot(results: list, path: Path) -> Path | None:
 def section_plots(study: StudyConfig, section: str, results: list) -> list[Path]:
     """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed."""
     out = []
+    from .ladder import ladder_plot
+
     for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot),
-                     ("cost", cost_plot)):
+                     ("cost", cost_plot), ("ladder", ladder_plot)):
         path = study.plots / f"{study.name}-s{section}-{kind}.png"
         got = fn(results, path) if results else None
         if got is not None:

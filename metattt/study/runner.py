@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Callable
 
@@ -204,7 +205,8 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
     nproc = nproc or study.nproc
     outcomes: list[Outcome] = []
     cells = [c for c in study.cells()
-             if only is None or c.model.name in only or c.ev.name in only or c.ev.section in only]
+             if only is None or any(fnmatchcase(x, pat) for pat in only
+                                    for x in (c.model.name, c.ev.name, c.ev.section))]
     needed: dict[str, ModelSpec] = {}
 
     def need(m: ModelSpec) -> None:  # a model's dependencies (decay branches' parents) train before it

@@ -203,12 +203,13 @@ def _ladder(size: str) -> TrainConfig:
     window; FineWeb documents are ≈ 2,000 tokens), with ``--schedule wsd`` (decay branches do the decay), no EMA
     (an EMA with the record's 0.997 averages over ≈ 300 steps, longer than most decay branches), no wallclock
     cap (``--save-at-dn`` places the checkpoints), Muon momentum warm-up over 100 steps (the record's 1,500 are
-    more than a small rung's whole run), one micro-batch per step (no accumulation at these sizes)."""
+    more than a small rung's whole run), one micro-batch per step (no accumulation at these sizes), and the
+    ``random`` loader (a fresh seeded block order and offset each pass: the large budgets take several passes)."""
     cfg = _pg_2026_03_23()
     batch = LADDER_BATCH_TOKENS[size]
     return dataclasses.replace(
         cfg, preset=f"ladder-{size}", model=ladder(*LADDER_SHAPES[size]), train_batch_tokens=batch,
-        micro_batch_tokens=batch, max_wallclock_s=0.0, schedule="wsd", ema_decay=0.0, val_every=0,
+        micro_batch_tokens=batch, max_wallclock_s=0.0, schedule="wsd", ema_decay=0.0, val_every=0, loader_mode="random",
         optim=dataclasses.replace(cfg.optim, muon_momentum_warmup_steps=100))
 
 

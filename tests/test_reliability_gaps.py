@@ -131,13 +131,18 @@ def test_read_only_run_dir_is_refused_before_scoring(world, tmp_path, capsys):
         ro.chmod(0o755)
 
 
-def test_two_evaluations_on_one_run_dir_both_kept(world, tmp_path, monkeypatch, capsys):
-    """Both evaluations reach the write step together: without a lock both saw no eval.json and one overwrote
-    the other. The barrier lets them meet when nothing serialises them; under the lock the second waits for the
-    first to finish writing (the barrier then times out for the first one, which carries on)."""
+def test_two_evaluations_on_one_run_dir_both_kept(world, tmp_path, monkeypatch):
+    """Two evaluator processes reach the write step together: without a lock both saw no eval.json and one
+    overwrote the other. The barrier lets them meet when nothing serialises them; under the lock the second waits
+    for the first to finish writing (the barrier then times out for the first one, which carries on). Processes,
+    as in use (forked, so they share the barrier and the patch; threads would also trip CPython 3.11's
+    non-thread-safe compiler)."""
+    import multiprocessing
+
     import metattt.eval.results as results
 
-    barrier = threading.Barrier(2, timeout=3)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2, timeout=3)
     real = results.archive_previous
 
     def meet_then_archive(path):
@@ -147,25 +152,22 @@ def test_two_evaluations_on_one_run_dir_both_kept(world, tmp_path, monkeypatch, 
             pass
         return real(path)
 
-    # one evaluation first, alone: the lazy imports it triggers compile modules, and CPython 3.11 can fail
-    # compiling in two threads at once ("AST constructor recursion depth mismatch"), unrelated to what is tested
-    assert _cli(world["art"], tmp_path / "warm", "--protocols", "sliding") == EXIT_OK
     monkeypatch.setattr(results, "archive_previous", meet_then_archive)
     run_dir = tmp_path / "ev"
-    rcs: list[object] = []
 
     def evaluate(protocols: str) -> None:
         try:
-            rcs.append(_cli(world["art"], run_dir, "--protocols", protocols))
-        except BaseException as e:  # noqa: BLE001 - reported below, not lost in the thread
-            rcs.append(e)
+            rc = _cli(world["art"], run_dir, "--protocols", protocols)
+        except BaseException:  # noqa: BLE001 - any failure is a non-zero exit code
+            rc = 99
+        os._exit(rc)
 
-    threads = [threading.Thread(target=evaluate, args=(p,)) for p in ("flat", "sliding")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert rcs == [EXIT_OK, EXIT_OK], (rcs, capsys.readouterr().err)
+    procs = [ctx.Process(target=evaluate, args=(p,)) for p in ("flat", "sliding")]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join(timeout=300)
+    assert [pr.exitcode for pr in procs] == [EXIT_OK, EXIT_OK]
     evals = [json.loads(p.read_text()) for p in run_dir.glob("eval*.json")]
     assert len(evals) == 2 and {frozenset(e["protocols"]) for e in evals} == {frozenset({"flat"}),
                                                                              frozenset({"flat", "sliding"})}

@@ -155,6 +155,19 @@ def fit_size(points: Sequence[LadderPoint], key: str, n_boot: int = 1000, seed: 
 
 # ---------------------------------------------------------------- markdown
 
+def _fit_note(p: dict[str, float]) -> str:
+    """Where the fit is degenerate, say so: near γ = 0 the curve is A − A·γ·ln(D/N) + F, A and F trade off without
+    bound and F is no floor; at γ's upper bound the data fix only the last budget's level."""
+    g = p.get("gamma")
+    if g is None:
+        return "no fit"
+    if g < 0.02:
+        return "γ ≈ 0: log-like, A and F not identified (F is no floor)"
+    if g > 3.98:
+        return "γ at its upper bound (4)"
+    return ""
+
+
 def _f(v: float | None, signed: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -204,14 +217,14 @@ def ladder_tables(done: Sequence[Any]) -> list[str]:
     if not fits:
         return lines + ["No size has three budgets yet.", ""]
     fh = ("| setting | N | Δ | points | A | A 95% CI | γ | γ 95% CI | F | F 95% CI | "
-          f"Δ at D/N {PREDICT_DN:g} | Δ at D/N {PREDICT_DN:g} 95% CI | failed refits |")
+          f"Δ at D/N {PREDICT_DN:g} | Δ at D/N {PREDICT_DN:g} 95% CI | failed refits | note |")
     lines += [fh, "|" + "---|" * fh.count(" |")]
     for f in fits:
         p = f.params or {}
         lines.append(f"| {f.setting} | {f.n_params:,} | {f.key} | {f.n_points} | {_f(p.get('A'), True)} | "
                      f"{_ci(f.ci.get('A'))} | {_f(p.get('gamma'))} | {_ci(f.ci.get('gamma'))} | "
                      f"{_f(p.get('F'), True)} | {_ci(f.ci.get('F'))} | {_f(p.get('pred'), True)} | "
-                     f"{_ci(f.ci.get('pred'))} | {f.n_failed} of {f.n_boot} |")
+                     f"{_ci(f.ci.get('pred'))} | {f.n_failed} of {f.n_boot} | {_fit_note(p)} |")
     return lines + [""]
 
 

@@ -122,7 +122,12 @@ def test_meta_inner_loop_is_the_doc_batched_evaluators_update_bit_for_bit(passes
         doclora_inner_loop(m, ad, x[:, :chunk], y[:, :chunk], chunk=chunk)
 
 
-def test_meta_config_needs_seq_half_and_first_order() -> None:
+def test_meta_config_needs_seq_half_and_first_order(tmp_path) -> None:
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        MetaConfig(adapter="doclora:rank=2,chunk=0", split="seq-half").make_adapter()
+    bad = parse_config(_args(tmp_path, "--meta.adapter", "doclora:chunk=40", "--meta.split", "seq-half"))
+    with pytest.raises(ValueError, match="no whole chunk of 40 tokens"):  # seq-len 64: a 32-token first half
+        bad.check_budgets()
     with pytest.raises(ValueError, match="seq-half"):
         MetaConfig(adapter="doclora", split="same-batch")
     with pytest.raises(ValueError, match="first-order"):

@@ -329,7 +329,8 @@ def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant
             assert torch.equal(m.get_parameter(n).grad, want), n
     else:
         with torch.no_grad():
-            assert torch.equal(stats["meta/L_post"], m(x, y, params=evaluated)), "outer loss not at the evaluated weights"
+            at_evaluated = m(x, y, params=evaluated)
+            assert torch.equal(stats["meta/L_post"], at_evaluated), "outer loss not at the evaluated weights"
 
 
 def test_inner_steps_overrides_the_adapters_epochs_and_is_recorded() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from metattt.model.gpt import BankedGPT
 from metattt.train.cli import parse_config
 from metattt.train.loop import train
 from metattt.ttt.doclora import EXTRA_PREFIX, DocLoRA, DocLoRAConfig
-from metattt.ttt.meta import MetaConfig, doclora_meta_loss
+from metattt.ttt.meta import DOCTTT_CHUNK, MetaConfig, doclora_inner_loop, doclora_meta_loss
 from test_train import _args
 from tiny import tiny_config
 
@@ -53,10 +54,10 @@ def test_meta_init_starts_every_document_at_a0_and_round_trips() -> None:
 
 
 def test_meta_gradient_is_the_outer_gradient_at_the_adapted_factors_summed_over_documents() -> None:
-    """First order: d L_outer / d A0 = sum over rows of d L_outer / d A_row at the adapted factors, computed here
-    by an independent replay of the inner steps; the base weights get the outer loss's plain gradient."""
+    """First order: d L_outer / d A0 = sum over rows of d L_outer / d A_row at the adapted factors (the inner
+    update itself is checked against the evaluator below); the base weights get the outer loss's plain gradient."""
     m = _model()
-    cfg = MetaConfig(adapter="doclora:rank=2,lr=0.01", split="seq-half", inner_steps=2)
+    cfg = MetaConfig(adapter="doclora:rank=2,lr=0.01,chunk=4", split="seq-half")
     ad = cfg.make_adapter()
     ad.bind(m)
     x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(3))
@@ -66,18 +67,12 @@ def test_meta_gradient_is_the_outer_gradient_at_the_adapted_factors_summed_over_
     assert set(stats) == {"meta/L_inner", "meta/L_post"}
     got = {t: p.grad.clone() for t, p in ad.A0.items()}
     base_grad = m.qo_bank.grad.clone()
-    # replay: the same inner steps, then the outer loss at leaves on the adapted factors
     ref = DocLoRA(DocLoRAConfig(rank=2, lr=0.01, init="meta")).bind(m)
     ref.load_artifact_extras(ad.artifact_extras())
-    base = {k: v.detach() for k, v in m.named_parameters()}
-    tr, st = ref.init(base, 3, m.cfg, torch.Generator())
-    for _ in range(2):
-        leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
-        nll = m(x[:, :8], y[:, :8], params=base, reduction="none", **ref.materialize(leaves, m.cfg.num_layers))
-        g = torch.autograd.grad(nll.mean(dim=1).sum(), list(leaves.values()))
-        tr, st = ref.step(tr, st, dict(zip(leaves, g)), 0.0)
+    tr, st, _ = doclora_inner_loop(m, ref, x, y, chunk=4)
+    assert int(st["t"][0]) == 2  # two 4-token chunks in the 8-token first half: two steps
     leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
-    out = m(x, y, params=base, reduction="none", **ref.materialize(leaves, m.cfg.num_layers))[:, 8:].mean()
+    out = m(x, y, reduction="none", **ref.materialize(leaves, m.cfg.num_layers))[:, 8:].mean()
     g = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
     for t in ad.A0:
         torch.testing.assert_close(got[t], g[f"A.{t}"].sum(0), rtol=1e-5, atol=1e-7)
@@ -85,7 +80,54 @@ def test_meta_gradient_is_the_outer_gradient_at_the_adapted_factors_summed_over_
     assert base_grad.abs().sum() > 0
 
 
-def test_meta_config_needs_seq_half_and_first_order() -> None:
+@pytest.mark.parametrize("passes", [1, 2])
+def test_meta_inner_loop_is_the_doc_batched_evaluators_update_bit_for_bit(passes: int) -> None:
+    """The default doclora meta step adapts each row's factors exactly as the doc-batched evaluator
+    (``docttt.run_batch``) adapts the same documents: one AdamW step per chunk, the same forwards and losses; so
+    the factors and optimiser state are equal bit for bit (CPU). ``inner_steps`` (here 2) is an explicit override:
+    more sweeps, no longer the evaluator's update."""
+    from metattt.eval.docttt import DocTTTSpec, run_batch
+    from metattt.eval.ledger import Ledger
+
+    assert DOCTTT_CHUNK == DocTTTSpec().chunk
+    m = _model()
+    chunk, n_chunks, docs = 3, 3, 3  # 3: 1/chunk is inexact, so the loss must be formed as the evaluator does
+    spec = "doclora:rank=2,lr=0.01,weight_decay=0.1,beta1=0.9" + f",chunk={chunk}"
+    cfg = MetaConfig(adapter=spec, split="seq-half", inner_steps=None if passes == 1 else passes)
+    ad = cfg.make_adapter().bind(m)
+    with torch.no_grad():
+        for p in ad.A0.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    assert cfg.inner_passes(ad) == passes and cfg.inner_summary(ad)["chunk"] == chunk
+    # documents of n_chunks * chunk + 1 targets: the evaluator trains their first n_chunks chunks (a document's last
+    # chunk, here its last target, is scored only); the meta rows are the same documents, 2 * n_chunks chunks long
+    span, row = n_chunks * chunk + 1, 2 * n_chunks * chunk
+    tokens = torch.randint(1, 64, (docs * (row + 1),), generator=torch.Generator().manual_seed(7))
+    a = np.arange(docs) * (row + 1)
+    x = torch.stack([tokens[s:s + row] for s in a])
+    y = torch.stack([tokens[s + 1:s + row + 1] for s in a])
+    tr, st, first = doclora_inner_loop(m, ad, x, y, chunk=chunk, passes=cfg.inner_passes(ad))
+    base = {k: v.detach() for k, v in m.named_parameters()}
+    init = ad.init(base, docs, m.cfg, torch.Generator())
+    proto = DocTTTSpec(adapter="doclora", chunk=chunk, adapter_opts=(("rank", "2"), ("lr", "0.01"),
+                                                                      ("weight_decay", "0.1"), ("beta1", "0.9")))
+    out = run_batch(m, tokens, a, a + span, proto, ad, None, Ledger(), init=init, autocast=False)
+    assert out.train_steps == n_chunks
+    same = all(torch.equal(tr[k], out.trainables[k]) for k in tr)
+    assert same == (passes == 1), "the default meta step must be (only) the evaluated update"
+    if passes == 1:
+        assert first.item() == out.loss_first
+        assert not any(torch.equal(tr[k], init[0][k]) for k in tr if k.startswith("B."))  # it moved
+    with pytest.raises(ValueError, match="whole chunks"):
+        doclora_inner_loop(m, ad, x[:, :chunk], y[:, :chunk], chunk=chunk)
+
+
+def test_meta_config_needs_seq_half_and_first_order(tmp_path) -> None:
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        MetaConfig(adapter="doclora:rank=2,chunk=0", split="seq-half").make_adapter()
+    bad = parse_config(_args(tmp_path, "--meta.adapter", "doclora:chunk=40", "--meta.split", "seq-half"))
+    with pytest.raises(ValueError, match="no whole chunk of 40 tokens"):  # seq-len 64: a 32-token first half
+        bad.check_budgets()
     with pytest.raises(ValueError, match="seq-half"):
         MetaConfig(adapter="doclora", split="same-batch")
     with pytest.raises(ValueError, match="first-order"):

@@ -3,13 +3,14 @@ formula, exact second order vs finite differences / torch.func / higher, MetaSGD
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from metattt.model.config import ModelConfig
 from metattt.model.gpt import BankedGPT
-from metattt.ttt import make_adapter
+from metattt.ttt import Registry, make_adapter
 from metattt.train.schedule import meta_step_due
 from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, split_batch
 
@@ -213,12 +214,14 @@ def test_metasgd_per_row_and_partial_slices() -> None:
     assert torch.equal(r[[0, 3, 4, 5]], torch.zeros(4, 32, 1)) and bool((r[[1, 2]] > 0).all())
 
 
-def test_reptile_uses_its_own_steps_and_epsilon() -> None:
-    """theta_k after ReptileConfig.steps plain steps; the surrogate's gradient is epsilon * (theta - theta_k), so
-    one SGD step of lr 1 on it is exactly the Reptile interpolation (and the trainer's meta step uses it)."""
+def test_reptile_runs_the_evaluated_passes_and_its_epsilon() -> None:
+    """theta_k after the adapter's ``epochs`` plain steps (the evaluated update; no second pass count); the
+    surrogate's gradient is epsilon * (theta - theta_k), so one SGD step of lr 1 on it is exactly the Reptile
+    interpolation (and the trainer's meta step uses it)."""
     m = tiny_model()
     x, y = batch()
-    a = make_adapter("reptile", "banks:layers>=1", lr=0.2, steps=2, epsilon=0.25).bind(m)
+    assert make_adapter("reptile").cfg.epochs == 3
+    a = make_adapter("reptile", "banks:layers>=1", lr=0.2, epochs=2, epsilon=0.25).bind(m)
     theta0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     sel = a.sel
     th = dict(theta0)
@@ -226,7 +229,7 @@ def test_reptile_uses_its_own_steps_and_epsilon() -> None:
         leaves = {n: th[n].clone().requires_grad_(True) for n in sel.names}
         gs = torch.autograd.grad(m(x, y, params={**th, **leaves}), list(leaves.values()))
         th.update({n: th[n] - 0.2 * gr * sel.masks[n] for n, gr in zip(sel.names, gs)})
-    loss, stats = meta_loss(m, a, x, y, MetaConfig(adapter="reptile", inner_steps=5, outer_weight=1.0))
+    loss, stats = meta_loss(m, a, x, y, MetaConfig(adapter="reptile", outer_weight=1.0))
     loss.backward()
     for n in sel.names:
         torch.testing.assert_close(m.get_parameter(n).grad, 0.25 * (theta0[n] - th[n]), rtol=1e-5, atol=1e-8)
@@ -264,51 +267,110 @@ def test_delta_weight_combines_pre_and_post() -> None:
 
 
 # ----------------------------------------------------------------------------------------- one update rule
-ONE_RULE = {  # hyper-parameters chosen so every part of each rule acts: momentum, clip, schedule, mini-batches
+#: every adapter the registry knows (built-ins) plus the worked plug-in example, read from the registry itself: an
+#: adapter added to either is covered without editing this file
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "signsgd_norms.py")
+REGISTRY = Registry.build([EXAMPLE], use_entry_points=False)
+#: extra hyper-parameters, per name, that make parts of a rule act which its defaults leave idle on a tiny batch
+#: (clip below the gradient norm, nesterov, per-row rates); each adapter is also tested with its plain defaults
+TUNED = {
+    "sgd": dict(lr=0.05, grad_clip=0.5, nesterov=True),
+    "metasgd": dict(lr_init=0.05, per_row=True, grad_clip=1.0, select="banks[q,v]+norms"),
+    "sam": dict(lr=0.05, rho=0.1, grad_clip=0.5),
+    "lora": dict(lr=0.01, rank=2, epochs=2, select="banks[q,v,up]:layers>=1"),
+    "dyneval": dict(lr=0.001, decay=0.1, epochs=2),
+    "signsgd": dict(momentum=0.9, epochs=2),
+}
+CASES = [(n, "defaults") for n in REGISTRY.names] + [(n, "tuned") for n in REGISTRY.names if n in TUNED]
+
+
+def _spec(name: str, variant: str) -> str:
+    kw = {"batch_seqs": 2, **(TUNED[name] if variant == "tuned" else {})}  # 2 rows a mini-batch: several steps
+    return name + ":" + ",".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("name, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
+def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant: str) -> None:
+    """The default meta step (MetaConfig with no inner_steps) runs the evaluator's update: its first-order inner
+    loop reaches bit for bit the weights the evaluator's ``adapt`` reaches on the same rows (CPU, progress 0, the
+    adapter's own epochs, momentum, clip, schedule and mini-batches), and its outer loss is the loss at exactly
+    those weights. Generated from the registry, plug-in included."""
+    assert {"sgd", "signsgd"} <= set(REGISTRY.names)
+    cfg = MetaConfig(adapter=_spec(name, variant), adapter_modules=(EXAMPLE,))
+    m = tiny_model()
+    x, y = batch(b=5, t=10, seed=4)
+    a = cfg.make_adapter(REGISTRY).bind(m)
+    with torch.no_grad():
+        for p in a.meta_parameters().values():  # non-uniform learned rates
+            p.add_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+    base = {n: p.detach().clone() for n, p in m.named_parameters()}
+    st = a.adapt(m, x, y, progress=0.0)
+    if not a.trains_in_eval:
+        assert st == {"steps": 0} and not a.params()
+        with pytest.raises(ValueError, match="nothing to meta-train"):
+            meta_loss(m, a, x, y, cfg)
+        return
+    passes = cfg.inner_passes(a)
+    assert passes == a.cfg.epochs and cfg.inner_summary(a)["source"] == "adapter epochs"
+    assert st["steps"] == passes * -(-5 // a.cfg.batch_seqs)  # epochs x mini-batches
+    evaluated = a.params()
+    assert evaluated and any(not torch.equal(evaluated[n], base[n]) for n in evaluated if n in base), \
+        "the update did nothing"
+    adapted, _ = a.inner_loop(m, dict(m.named_parameters()), x, y, passes=passes, create_graph=False)
+    assert set(evaluated) == set(adapted)
+    for n in evaluated:
+        assert torch.equal(evaluated[n], adapted[n]), n
+    assert any(t.requires_grad for t in adapted.values())  # and the meta result carries the outer graph
+    loss, stats = meta_loss(m, a, x, y, cfg)  # the trainer's call, same-batch split
+    loss.backward()
+    if a.meta_mode == "reptile":  # gradient epsilon * (theta - theta_k), theta_k the evaluated weights
+        for n in evaluated:
+            want = (base[n] - evaluated[n]) * (a.cfg.epsilon * cfg.outer_weight)
+            assert torch.equal(m.get_parameter(n).grad, want), n
+    else:
+        with torch.no_grad():
+            at_evaluated = m(x, y, params=evaluated)
+            assert torch.equal(stats["meta/L_post"], at_evaluated), "outer loss not at the evaluated weights"
+
+
+def test_inner_steps_overrides_the_adapters_epochs_and_is_recorded() -> None:
+    m = tiny_model()
+    x, y = batch()
+    a = make_adapter("sgd", "banks", lr=0.05).bind(m)
+    cfg = MetaConfig(adapter="sgd:lr=0.05", inner_steps=1)
+    assert a.cfg.epochs == 3 and cfg.inner_passes(a) == 1
+    assert cfg.inner_summary(a) == {"passes": 1, "source": "override inner_steps", "progress": 0.0}
+    assert MetaConfig(adapter="sgd").to_dict()["inner_steps"] is None  # config.json: None = the adapter's epochs
+    a.adapt(m, x, y)  # one evaluated epoch is not what the override-1 meta step computes with 3 epochs ...
+    one, _ = a.inner_loop(m, dict(m.named_parameters()), x, y, passes=1, create_graph=False)
+    assert any(not torch.equal(one[n], a.params()[n]) for n in one)
+    with pytest.raises(ValueError, match="inner_steps"):
+        MetaConfig(adapter="sgd", inner_steps=0)
+
+
+SECOND = {  # a rule that acts in every part: momentum, clip, mini-batches
     "sgd": ("banks:layers>=1+norms", dict(lr=0.05, momentum=0.9, grad_clip=0.5, batch_seqs=2, nesterov=True)),
-    "fomaml": ("banks:layers>=1+norms", dict(lr=0.1, batch_seqs=3)),
     "metasgd": ("banks[q,v]+norms", dict(lr_init=0.05, per_row=True, grad_clip=1.0, batch_seqs=2)),
     "sam": ("all", dict(lr=0.05, rho=0.1, momentum=0.9, batch_seqs=2)),
     "lora": ("banks[q,v,up]:layers>=1", dict(lr=0.01, rank=2, batch_seqs=2)),
     "dyneval": ("banks+norms", dict(lr=0.001, decay=0.1, batch_seqs=2)),
-    "reptile": ("banks:layers>=1", dict(lr=0.1, batch_seqs=3)),
 }
 
 
-def _eval_and_inner(name: str, k: int, create_graph: bool):  # noqa: ANN202
+@pytest.mark.parametrize("name", list(SECOND))
+def test_second_order_inner_loop_has_the_same_values(name: str) -> None:
     m = tiny_model()
     x, y = batch(b=5, t=10, seed=4)
-    sel, kw = ONE_RULE[name]
-    a = make_adapter(name, sel, epochs=k, **kw).bind(m)
+    sel, kw = SECOND[name]
+    a = make_adapter(name, sel, epochs=2, **kw).bind(m)
     if name == "dyneval":
         a.collect_stats(m, [(x, y)])
     with torch.no_grad():
-        for p in a.meta_parameters().values():  # non-uniform learned rates
+        for p in a.meta_parameters().values():
             p.add_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
-    st = a.adapt(m, x, y, progress=0.0)
+    a.adapt(m, x, y, progress=0.0)
     evaluated = a.params()
-    adapted, _ = a.inner_loop(m, dict(m.named_parameters()), x, y, passes=k, create_graph=create_graph,
-                              attn="math" if create_graph else None)
-    return m, a, st, evaluated, adapted
-
-
-@pytest.mark.parametrize("name", list(ONE_RULE))
-def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str) -> None:
-    """k inner passes of meta-training reach exactly the weights that the evaluator's update with epochs=k reaches
-    on the same rows (first order, CPU): the trainer meta-trains for the update the evaluator performs."""
-    m, a, st, evaluated, adapted = _eval_and_inner(name, 2, create_graph=False)
-    assert st["steps"] == 2 * -(-5 // a.cfg.batch_seqs)  # epochs x mini-batches
-    assert set(evaluated) == set(adapted) and evaluated
-    named = dict(m.named_parameters())
-    assert any(not torch.equal(evaluated[n], named[n]) for n in evaluated), "the update did nothing"
-    for n in evaluated:
-        assert torch.equal(evaluated[n], adapted[n]), n
-    assert any(t.requires_grad for t in adapted.values())  # and the meta result carries the outer graph
-
-
-@pytest.mark.parametrize("name", ["sgd", "metasgd", "sam", "lora", "dyneval"])
-def test_second_order_inner_loop_has_the_same_values(name: str) -> None:
-    _, _, _, evaluated, adapted = _eval_and_inner(name, 2, create_graph=True)
+    adapted, _ = a.inner_loop(m, dict(m.named_parameters()), x, y, passes=2, create_graph=True, attn="math")
     for n in evaluated:
         torch.testing.assert_close(adapted[n].detach(), evaluated[n], rtol=1e-5, atol=1e-6, msg=n)
 

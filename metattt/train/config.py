@@ -107,6 +107,10 @@ class TrainConfig:
             raise ValueError("--save-at-tokens/--save-at-dn place checkpoints by tokens: give --max-wallclock-s 0")
         if not 0 < self.decay_frac <= 1:
             raise ValueError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
+        if self.meta.is_doclora and self.seq_len // 2 < self.meta.doclora_chunk:  # its meta step trains whole chunks
+            raise ValueError(f"--meta.adapter doclora: the first half of a {self.seq_len}-token row holds no whole "
+                             f"chunk of {self.meta.doclora_chunk} tokens; give a longer --seq-len or chunk= in the "
+                             "spec")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -443,6 +443,7 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model
         "val_tokens": final["val_tokens"], "artifact": str(art_path),
         "artifact_report": loaded.report.to_dict(), "bounds": src.bounds, "data": src.kind,
         "meta_adapter": cfg.meta.adapter or None,
+        "meta_inner": cfg.meta.inner_summary(adapter) if adapter is not None else None,
         "data_fingerprint": {k: src.meta[k] for k in ("val_fingerprint", "val_n_tokens", "synthetic_fingerprint")
                              if k in src.meta},
         **(extra or {}),

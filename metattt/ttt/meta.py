@@ -2,8 +2,21 @@
 
 outer = (w_post + w_delta) * L_post - w_delta * L_pre, with L_post the outer-split loss at the weights that
 ``adapter.inner_loop`` reaches on the inner split -- the adapter's own ``step``, the one the evaluator runs, for
-``inner_steps`` passes over the inner split's mini-batches -- and L_pre the same loss at the current weights.
-``loss.backward()`` puts meta-gradients on the model's parameters and on the adapter's meta-parameters.
+the evaluator's own number of passes (the adapter's ``epochs``) over the inner split's mini-batches, unless
+``MetaConfig.inner_steps`` overrides it -- and L_pre the same loss at the current weights. ``loss.backward()``
+puts meta-gradients on the model's parameters and on the adapter's meta-parameters.
+
+Why the adapter's ``epochs`` by default: the question is whether meta-training raises the gain of the update the
+evaluator performs; an inner loop of another length (the old default was 1 pass while ``ttt:sgd`` evaluates 3)
+meta-trains for a different update. Momentum, clipping and per-slice rates come with ``step`` itself; the
+optimiser state starts fresh in every meta step, as it does in the evaluator before its first chunk.
+
+Schedule progress inside one meta step: 0. The evaluator's ``progress`` is the chunk's place in the stream (chunk
+index / (chunks - 1)), constant during one ``adapt`` call; a meta step starts from the current (trained) weights
+with fresh optimiser state, which is the evaluator's situation at its first chunk only, i.e. progress 0 (peak lr
+of a cosine schedule). Later chunks start from weights already adapted on earlier chunks with carried momentum,
+which no single meta step reproduces; sampling progress would change the lr without the matching start point.
+So the first-order inner loop equals ``adapt(..., progress=0)`` bit for bit (tests/test_ttt_meta.py).
 
 * order="first": inner gradients are constants, so the gradient at the adapted point reaches the base weights
   through the identity (FOMAML); no double backward.
@@ -11,9 +24,10 @@ outer = (w_post + w_delta) * L_post - w_delta * L_pre, with L_post the outer-spl
   ``math`` attention path (fused kernels have no double backward). Backends: "autograd", "torch.func", "higher"
   (optional, ``pip install higher``; plain constant-lr SGD adapters only, as an independent cross-check).
 * ``doclora`` (the batched per-document LoRA of the doc-batched evaluator): ``doclora_meta_loss`` learns the
-  shared A init; each row is a document, split "seq-half" (see that function).
+  shared A init with the evaluator's update, one step per ``chunk``-token chunk of the row's first half (see
+  that function).
 * ``adapter.meta_mode == "reptile"``: the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
-  gradient is the Reptile direction; theta_k after the adapter's own ``steps`` passes.
+  gradient is the Reptile direction; theta_k after the same passes as above (the adapter's ``epochs``).
 
 Statistics (detached tensors, no host sync): ``meta/L_post``, ``meta/L_inner`` (first inner pass, free) and,
 when known, ``meta/L_pre`` and ``meta/gain``. L_pre is free when the split is "same-batch" and the inner split is
@@ -35,6 +49,9 @@ from .doclora import DocLoRA, DocLoRAConfig
 from .registry import Registry
 from .sgd import SGDAdapter
 
+#: the doc-batched evaluator's default chunk (``DocTTTSpec.chunk``): doclora's meta step takes one update per chunk
+DOCTTT_CHUNK = 32
+
 SPLITS = ("same-batch", "cross-doc", "seq-half")
 ORDERS = ("first", "second")
 META_BACKENDS = ("autograd", "torch.func", "higher")
@@ -47,7 +64,10 @@ class MetaConfig:
     adapter: str | None = None  # adapter spec, e.g. "fomaml:lr=0.01,select=banks:layers>=2"; None = off
     adapter_modules: tuple[str, ...] = ()  # plug-in files / modules whose adapters the spec may name
     every: int = 4
-    inner_steps: int = 1  # passes over the inner split's mini-batches (reptile: its own ``steps``)
+    # passes over the inner split's mini-batches (doclora: over its chunks); None = the evaluated update's own
+    # (the adapter's ``epochs``; doclora: 1); an int is an explicit override, recorded in config.json and in the
+    # summary's ``meta_inner`` (``inner_passes``)
+    inner_steps: int | None = None
     split: str = "same-batch"
     outer_weight: float = 1.0
     delta_weight: float = 0.0
@@ -70,7 +90,7 @@ class MetaConfig:
             problems.append(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.backend not in META_BACKENDS:
             problems.append(f"backend must be one of {META_BACKENDS}, got {self.backend!r}")
-        if self.every < 1 or self.inner_steps < 1:
+        if self.every < 1 or (self.inner_steps is not None and self.inner_steps < 1):
             problems.append(f"every ({self.every}) and inner_steps ({self.inner_steps}) must be >= 1")
         if self.micro_batches < 0:
             problems.append(f"micro_batches must be >= 0, got {self.micro_batches}")
@@ -97,22 +117,53 @@ class MetaConfig:
     def is_doclora(self) -> bool:
         return bool(self.adapter) and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
 
+    def _doclora_options(self) -> dict[str, str]:
+        opts = {}
+        for item in (t for t in (self.adapter or "").partition(":")[2].split(",") if t.strip()):
+            k, eq, v = item.partition("=")
+            if not eq:
+                raise ValueError(f"adapter spec {self.adapter!r}: option {item!r} is not key=value")
+            opts[k.strip()] = v.strip()
+        return opts
+
+    @property
+    def doclora_chunk(self) -> int:
+        """Tokens per doclora update: the spec's ``chunk`` (a docttt protocol option, so the final evaluation
+        gets the same one), else the evaluator's default."""
+        v = self._doclora_options().get("chunk", str(DOCTTT_CHUNK))
+        if not v.isdigit() or int(v) < 1:
+            raise ValueError(f"adapter spec {self.adapter!r}: chunk must be a positive integer, got {v!r}")
+        return int(v)
+
     def make_adapter(self, registry: Registry | None = None) -> Adapter | DocLoRA:
         """The registry's adapter for the spec, or ``doclora[:k=v,...]`` (batched, not in the registry) with its
-        learned init switched on."""
+        learned init switched on (``chunk=`` is the protocol's, not the adapter's)."""
         if not self.adapter:
             raise ValueError("MetaConfig.adapter is not set")
         if self.is_doclora:
-            opts = {}
-            for item in (t for t in self.adapter.partition(":")[2].split(",") if t.strip()):
-                k, eq, v = item.partition("=")
-                if not eq:
-                    raise ValueError(f"adapter spec {self.adapter!r}: option {item!r} is not key=value")
-                opts[k.strip()] = v.strip()
+            opts = self._doclora_options()
+            opts.pop("chunk", None)
+            self.doclora_chunk  # noqa: B018  (validates it now)
             if opts.get("init", "meta") != "meta":
                 raise ValueError("meta-training doclora learns its init: init must be 'meta'")
             return DocLoRA(DocLoRAConfig.from_options({**opts, "init": "meta"}))
         return (registry or self.registry()).from_spec(self.adapter)
+
+    def inner_passes(self, adapter: Adapter | DocLoRA) -> int:
+        """Passes of the inner loop: the override ``inner_steps``, else the evaluated update's (``epochs``;
+        doclora: one pass over the chunks, as the doc-batched evaluator takes)."""
+        if self.inner_steps is not None:
+            return self.inner_steps
+        return 1 if isinstance(adapter, DocLoRA) else adapter.cfg.epochs
+
+    def inner_summary(self, adapter: Adapter | DocLoRA) -> dict[str, Any]:
+        """What the inner loop ran, for the run's summary: passes and whether they are the evaluated update's."""
+        out: dict[str, Any] = {"passes": self.inner_passes(adapter),
+                               "source": "adapter epochs" if self.inner_steps is None else "override inner_steps",
+                               "progress": 0.0}
+        if isinstance(adapter, DocLoRA):
+            out["chunk"] = self.doclora_chunk
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,8 +247,9 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
         raise ValueError(f"meta_loss with the {adapter.name!r} adapter has nothing to meta-train")
     if adapter.sel is None:
         adapter.bind(model)
+    passes = cfg.inner_passes(adapter)
     if adapter.meta_mode == "reptile":
-        return reptile_loss(model, adapter, x, y, weight=cfg.outer_weight)
+        return reptile_loss(model, adapter, x, y, steps=passes, weight=cfg.outer_weight)
     (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
     second = cfg.order == "second"
     attn = "math" if second else None
@@ -205,9 +257,9 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
     stats: dict[str, Tensor] = {}
     with grad_context():
         if cfg.backend == "higher":
-            adapted = higher_inner_loop(model, adapter, xi, yi, steps=cfg.inner_steps, create_graph=second, attn=attn)
+            adapted = higher_inner_loop(model, adapter, xi, yi, steps=passes, create_graph=second, attn=attn)
         else:
-            adapted, inner = adapter.inner_loop(model, base, xi, yi, passes=cfg.inner_steps, create_graph=second,
+            adapted, inner = adapter.inner_loop(model, base, xi, yi, passes=passes, create_graph=second,
                                                 attn=attn, backend=cfg.backend)
             stats["meta/L_inner"] = inner["loss_first"]
         l_post = _outer_loss(model, xo, yo, start, adapted)
@@ -231,8 +283,9 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
 def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, steps: int | None = None,
                  epsilon: float | None = None, weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Surrogate whose gradient w.r.t. each selected tensor is ``weight * epsilon * (theta - theta_k)``, theta_k
-    after ``steps`` (default: the adapter's ``steps``) first-order passes of the adapter's step on (x, y)."""
-    steps = steps if steps is not None else getattr(adapter.cfg, "steps", 1)
+    after ``steps`` (default: the adapter's ``epochs``, the evaluated update) first-order passes of the adapter's
+    step on (x, y)."""
+    steps = steps if steps is not None else adapter.cfg.epochs
     epsilon = epsilon if epsilon is not None else getattr(adapter.cfg, "epsilon", 1.0)
     named = dict(model.named_parameters())
     with grad_context():
@@ -244,28 +297,58 @@ def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, st
     return loss, {"meta/L_inner": inner["loss_first"], "reptile/dist": torch.as_tensor(dist2).sqrt()}
 
 
+def doclora_inner_loop(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor, *, chunk: int, passes: int = 1,
+                       inner_len: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """The doc-batched evaluator's update on rows (one document each) from (A0, B = 0): for every ``chunk``-token
+    chunk of the first ``inner_len`` targets (default: the whole chunks of the first half), in order, one forward
+    of the row's prefix up to the chunk's end scoring the chunk's targets (``positions=``, RoPE base of that
+    prefix), loss = mean over the chunk per row summed over rows, one AdamW ``step``; ``passes`` sweeps. The same
+    calls, in the same order, as ``metattt.eval.docttt.run_batch`` makes for documents whose rows these are (a
+    document's chunks all trained, window >= the row), so the factors are bit for bit the evaluator's (CPU,
+    tests/test_doclora_meta.py). Returns (trainables, optimiser state, mean per-row loss of the first chunk)."""
+    n_rows, length = x.shape
+    inner_len = (length // 2) // chunk * chunk if inner_len is None else inner_len
+    if inner_len < chunk or inner_len % chunk or inner_len > length:
+        raise ValueError(f"doclora meta step: the inner part ({inner_len} of {length} tokens per row) must be whole "
+                         f"chunks of {chunk} tokens, at least one (rows of >= {2 * chunk} tokens for seq-half, or "
+                         "a smaller chunk= in the spec)")
+    n_layers = model.cfg.num_layers
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    tr, st = adapter.init(base, n_rows, model.cfg, torch.Generator(device=x.device))
+    # the evaluator's per-row weight 1 / (targets in the chunk), as float32 division on the device
+    w = torch.ones(n_rows, device=x.device) / torch.full((n_rows,), float(chunk), device=x.device)
+    cols = torch.arange(chunk, device=x.device).expand(n_rows, chunk)
+    first: Tensor | None = None
+    with grad_context():
+        for _ in range(passes):
+            for c0 in range(0, inner_len, chunk):
+                end = c0 + chunk
+                leaves = {k: v.detach().requires_grad_(True) for k, v in tr.items()}
+                nll = model(x[:, :end], y[:, c0:end], positions=cols + c0, reduction="none", rope_len=end,
+                            **adapter.materialize(leaves, n_layers))
+                loss = (nll * w[:, None]).sum()
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+                tr, st = adapter.step(tr, st, dict(zip(leaves, grads)), 0.0)
+                if first is None:
+                    first = loss.detach() / n_rows
+    assert first is not None
+    return tr, st, first
+
+
 def doclora_meta_loss(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor,
                       cfg: MetaConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """First-order meta-objective of the doc-batched LoRA's shared init A0 (the evaluator's ``init=meta``).
 
-    Every row is one document: its factors start at (A0, B = 0), take ``inner_steps`` of the adapter's own AdamW
-    step on the row's first half (loss: mean per row, summed over rows, as in the evaluator), and the outer loss
-    is the rows' second half with the whole row as context. First order: the adapted A is A0 + sg(A - A0), so
-    the outer gradient reaches A0 summed over rows, and the base weights directly (no inner-step Jacobians)."""
-    (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
-    n_layers = model.cfg.num_layers
-    base = {k: v.detach() for k, v in model.named_parameters()}
-    tr, st = adapter.init(base, x.size(0), model.cfg, torch.Generator(device=x.device))
-    stats: dict[str, Tensor] = {}
+    Every row is one document: its factors start at (A0, B = 0) and take the evaluator's own update on the row's
+    first half (``doclora_inner_loop``: one AdamW step per ``cfg.doclora_chunk`` tokens, ``cfg.inner_passes``
+    sweeps, 1 unless overridden); the outer loss is the rows' second half with the whole row as context. First
+    order: the adapted A is A0 + sg(A - A0), so the outer gradient reaches A0 summed over rows, and the base
+    weights directly (no inner-step Jacobians)."""
+    _, (xo, yo), start = split_batch(x, y, cfg.split)
+    tr, _, first = doclora_inner_loop(model, adapter, x, y, chunk=cfg.doclora_chunk, passes=cfg.inner_passes(adapter),
+                                      inner_len=start // cfg.doclora_chunk * cfg.doclora_chunk)
+    stats: dict[str, Tensor] = {"meta/L_inner": first}
     with grad_context():
-        for k in range(cfg.inner_steps):
-            leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
-            nll = model(xi, yi, params=base, reduction="none", **adapter.materialize(leaves, n_layers))
-            loss_in = nll.float().mean(dim=1).sum()
-            grads = torch.autograd.grad(loss_in, list(leaves.values()))
-            tr, st = adapter.step(tr, st, dict(zip(leaves, grads)), 0.0)
-            if k == 0:
-                stats["meta/L_inner"] = (loss_in / x.size(0)).detach()
         fo = {}
         for n, v in tr.items():
             t = n[2:]
@@ -274,6 +357,6 @@ def doclora_meta_loss(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor,
                 fo[n] = a0 + (v - a0).detach()
             else:
                 fo[n] = v.detach()
-        l_post = model(xo, yo, reduction="none", **adapter.materialize(fo, n_layers))[:, start:].mean()
+        l_post = model(xo, yo, reduction="none", **adapter.materialize(fo, model.cfg.num_layers))[:, start:].mean()
     stats["meta/L_post"] = l_post.detach()
     return cfg.outer_weight * l_post, stats

@@ -1,9 +1,12 @@
 """``reptile``: the sgd rule (fomaml's plain-step preset) with Reptile as the trainer's meta-objective.
 
-Meta-training (``meta_mode = "reptile"``): theta_k = ``steps`` passes of the sgd step over the batch, then the
-surrogate loss whose gradient is ``epsilon * (theta - theta_k)`` (``metattt.ttt.meta.reptile_loss``); the
-trainer's optimiser applies it (plain SGD with lr 1 is exactly theta <- theta + epsilon * (theta_k - theta)).
-At evaluation it is the same sgd step, ``epochs`` passes per chunk: the adaptation Reptile meta-trains for.
+Meta-training (``meta_mode = "reptile"``): theta_k = ``epochs`` passes of the sgd step over the batch (the
+evaluated update; ``MetaConfig.inner_steps`` overrides it, as for every adapter), then the surrogate loss whose
+gradient is ``epsilon * (theta - theta_k)`` (``metattt.ttt.meta.reptile_loss``); the trainer's optimiser applies
+it (plain SGD with lr 1 is exactly theta <- theta + epsilon * (theta_k - theta)). At evaluation it is the same
+sgd step, ``epochs`` passes per chunk: the adaptation Reptile meta-trains for. ``epochs`` defaults to 3 (Reptile
+needs k > 1 steps: with one plain step theta - theta_1 is just lr times the batch gradient); it replaces the
+former ``steps`` knob, a second pass count that the evaluator never ran.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from .fomaml import FOMAMLAdapter, FOMAMLConfig
 
 @dataclass
 class ReptileConfig(FOMAMLConfig):
-    """fomaml's plain constant-lr steps plus Reptile's inner passes and interpolation epsilon."""
+    """fomaml's plain constant-lr steps, 3 passes, plus Reptile's interpolation epsilon."""
 
-    steps: int = 3
+    epochs: int = 3
     epsilon: float = 0.1
 
     def validate(self) -> None:

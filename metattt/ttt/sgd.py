@@ -2,7 +2,8 @@
 
 SGD lr 0.002, momentum 0.9, 3 epochs over each chunk's already-scored sequences in mini-batches, cosine lr over
 chunks (lr * 0.5 * (1 + cos(pi * progress))), global grad-norm clip 1.0, weights carried across chunks
-(reset="never"), on a parameter selection (default: all). Meta-training runs this same step (at progress 0).
+(reset="never"), on a parameter selection (default: all). Meta-training runs this same update by default: 3 epochs
+with momentum and clip, at progress 0 (metattt/ttt/meta.py says why).
 """
 from __future__ import annotations
 

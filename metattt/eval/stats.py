@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -74,16 +75,7 @@ def bootstrap(
         counts = _resample_counts(rng, d, m)
         samples[done:done + m] = (counts @ mat) / LN2 / (counts @ doc_bytes)[:, None]
         done += m
-    q = (1.0 - level) / 2.0
-    col = {n: i for i, n in enumerate(names)}
-
-    def interval(pt: float, s: np.ndarray) -> Interval:
-        lo, hi = np.quantile(s, [q, 1.0 - q])
-        return Interval(pt, float(lo), float(hi))
-
-    per = {n: interval(point[n], samples[:, col[n]]) for n in names}
-    diffs = {(a, b): interval(point[a] - point[b], samples[:, col[a]] - samples[:, col[b]]) for a, b in pairs}
-    return per, diffs
+    return _intervals(point, samples, names, pairs, level)
 
 
 def hierarchical_bootstrap(
@@ -131,6 +123,13 @@ def hierarchical_bootstrap(
         for j, n in enumerate(names):
             samples[done:done + m, j] = ((run_w @ mats[n]) * counts).sum(1) / LN2 / denom
         done += m
+    return _intervals(point, samples, names, pairs, level)
+
+
+def _intervals(point: dict[str, float], samples: np.ndarray, names: Sequence[str],
+               pairs: Sequence[tuple[str, str]], level: float):
+    """Percentile intervals of each protocol's bootstrap column and of each pair's difference (paired: the
+    same resample in both columns)."""
     q = (1.0 - level) / 2.0
     col = {n: i for i, n in enumerate(names)}
 

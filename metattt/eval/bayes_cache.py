@@ -96,7 +96,7 @@ def model_log_probs(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, bat
     outs = []
     n_tok = tokens.numel()
     with torch.inference_mode():
-        for a, b in batch_windows(plan.length, batch_tokens, None):
+        for a, b in batch_windows(plan.length, batch_tokens):
             starts, ln, sf = plan.start[a:b], plan.length[a:b], plan.score_from[a:b]
             t = int(ln.max())
             idx = torch.from_numpy(starts).to(tokens.device)[:, None] + torch.arange(t, device=tokens.device)

@@ -25,10 +25,8 @@ from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
 
 #: Aliases tried (in order) after the exact ``--metric`` name; METRIC_HELP documents the names users type.
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
-    "ttt_delta": ("delta_ttt", "ttt.delta"),
     "context_delta": ("deltas.context",),
-    "bpb": ("val_bpb_quant", "val_bpb", "final_bpb"),
-    "val_bpb": ("final_val_bpb",),
+    "bpb": ("val_bpb_quant", "val_bpb"),
     "quant_gap": ("quant_gap_bpb",),
 }
 METRIC_HELP = """metric names (--metric):

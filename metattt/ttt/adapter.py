@@ -272,9 +272,6 @@ class Adapter(nn.Module):
         with torch.no_grad():
             return self.materialize(self._trained, self._cur)
 
-    def trained_params(self) -> Tensors:
-        return dict(self._trained)
-
     def training_positions(self, chunk_index: int) -> int:
         return chunk_index
 

@@ -75,9 +75,6 @@ class MetaSGDAdapter(Adapter):
             return r.view(shape[0], *([1] * (len(shape) - 1)))
         return r
 
-    def rates_summary(self) -> dict[str, float]:
-        return {n: float(p.detach().exp().mean()) for n, p in self.named_parameters()}
-
     def selection_report(self) -> str:
         n_meta = sum(p.numel() for p in self.parameters())
         return super().selection_report() + f"\nmeta-parameters (log-rates): {n_meta:,}"

@@ -297,7 +297,7 @@ def run_protocol(
     if spec.mode == docttt.FAMILY:
         return _run_docttt(spec, model, data, cfg, ctx, extras)
     if spec.mode == bayes_cache.FAMILY:
-        return bayes_cache.run_bayes_cache(spec, model, data, plan, cfg)
+        return ProtocolResult(spec, *bayes_cache.run_bayes_cache(spec, model, data, plan, cfg))
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)

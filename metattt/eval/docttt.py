@@ -418,7 +418,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     C = spec.chunk
     plan = batch_plan(a, e, C, spec.window, shapes, train=adapter is not None)
     sink = Nats(n_tok, device) if sink is None else sink
-    cheat = bool(adapter is not None and getattr(adapter, "adapts_before_scoring", False))
+    cheat = adapter is not None and adapter.adapts_before_scoring
     tr, st = init if init is not None else (None, None)
     if tr is not None and not inplace:
         tr, st = ({k: v.clone() for k, v in x.items()} for x in (tr, st))

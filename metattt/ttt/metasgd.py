@@ -30,8 +30,7 @@ class MetaSGDConfig(AdapterConfig):
     grad_clip: float = 0.0
     reset: str = "never"
 
-    @property
-    def lr(self) -> float:  # reported as the eval update's lr: the rates are multiplied by it
+    def step_size(self, progress: float) -> float:  # reported as the eval update's lr: the rates are multiplied by it
         return self.lr_scale
 
     def validate(self) -> None:

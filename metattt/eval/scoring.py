@@ -39,8 +39,10 @@ class AdapterResetLike(Protocol):
 
 
 class AdapterLike(Protocol):
-    """Exactly what the evaluator calls on an adapter (``metattt.ttt.adapter.Adapter`` implements it)."""
+    """Exactly what the evaluator calls on an adapter (``metattt.ttt.adapter.Adapter`` implements it; the report
+    also reads an ``Adapter``'s selection and ``cfg.epochs``, which a bare seam adapter does not have)."""
 
+    name: str  # the report's adapter name
     cfg: AdapterResetLike
 
     def reset(self) -> None: ...

@@ -28,6 +28,9 @@ class SignSGDConfig(AdapterConfig):
     schedule: str = "cosine"  # over the evaluator's chunks (progress); meta-training steps at progress 0
     momentum: float = 0.0  # sign of a momentum buffer (signum) when > 0
 
+    def step_size(self, progress: float) -> float:
+        return lr_at(self.lr, self.schedule, progress)
+
 
 class SignSGDNorms(Adapter):
     name = "signsgd"

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "compare": ("metattt.track.compare", "compare run directories: mean ± CI over seeds, paired deltas, plots"),
+    "compare": ("metattt.track.compare_cli", "compare run directories: mean ± CI over seeds, paired deltas, plots"),
     "adapters": ("metattt.ttt.registry", "list the TTT adapters with their hyper-parameters and defaults"),
     "import-pg": ("metattt.interop.import_pg", "a Parameter Golf record model (final_model.pt / .int6.ptz) as an artifact"),
     "export-pg": ("metattt.interop.export_pg", "an artifact as the record script's final_model.pt"),

@@ -1,4 +1,5 @@
-"""Atomic file replacement, the one way this package writes files that others read.
+"""Atomic file replacement, the way this package writes the files that others read (a few small ones are still
+written in place: docs/architecture.md lists them).
 
 Why: a crash or an error mid-write must never leave a half-written shard, artifact, checkpoint or run file, and
 must never destroy the good file already at the target path. Writers fill a temporary file in the same

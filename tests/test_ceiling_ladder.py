@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from metattt.study.ladder import PREDICT_DN, fit_size, ladder_plot, ladder_points, ladder_tables, power_floor
+from metattt.study.ladder import PREDICT_DN, fit_size, ladder_points, ladder_tables, power_floor
+from metattt.study.plots import ladder_plot
 
 REPO = Path(__file__).resolve().parents[1]
 

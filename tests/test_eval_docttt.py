@@ -426,7 +426,7 @@ def test_phases_train_only_on_fully_scored_documents(world, monkeypatch):
     phase = [u for u in ledger.updates if u.label.startswith("phase")]
     assert phase and {a for u in phase for a, _ in u.ranges} >= {int(queue.a[0]) + 1}
     # a phase that also trains on the next (not yet scored) batch's documents is refused
-    monkeypatch.setattr(docttt, "phase_documents", lambda q, k: np.arange(min(k + 4, q.a.size)))
+    monkeypatch.setattr(docttt, "phase_documents", lambda k: np.arange(min(k + 4, queue.a.size)))
     bad = Ledger(spec.name)
     docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, bad)
     with pytest.raises(LegalityError, match="phase sgd"):

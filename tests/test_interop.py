@@ -13,9 +13,9 @@ import torch
 from metattt.__main__ import main as cli
 from metattt.artifact.format import load_artifact
 from metattt.artifact.model_io import load_model_artifact, save_model_artifact
+from metattt.artifact.quant import dequantize_state_dict
 from metattt.interop import reference
-from metattt.interop.pg_record import (RecordFormatError, export_state, import_record, read_record,
-                                       record_float_state, rope_fold_rows)
+from metattt.interop.pg_record import RecordFormatError, export_state, import_record, read_record, rope_fold_rows
 from metattt.model.config import ModelConfig, tiny_synthetic
 from metattt.model.gpt import BankedGPT, rope_tables
 
@@ -246,7 +246,7 @@ def test_import_equals_the_records_dequantization_tensor_by_tensor(tmp_path: Pat
     src = tmp_path / "final_model.int6.ptz"
     w = _record_int6_file(src, export_state(cfg, _trained_like(cfg, seed=5).state_dict()), cfg.num_layers)
     imp = import_record(src, {"rope_ntk_len": 8, "xsa_layers": [2], "rope_dims": 16})
-    ours = record_float_state(imp)
+    ours = dequantize_state_dict(imp.qstate)
     want = _in_our_names(_record_dequantized(src), cfg)
     assert set(ours) == set(want)
     for k, v in want.items():
@@ -283,7 +283,7 @@ def test_reference_model_float32_equals_the_records_dequantization() -> None:
     val, tok = reference.val_and_tokenizer()
     imp = import_record(path)
     cfg = imp.config
-    ours = record_float_state(imp)
+    ours = dequantize_state_dict(imp.qstate)
     rec = _in_our_names(_record_dequantized(path), cfg)
     for k, v in rec.items():
         assert torch.equal(ours[k], v.reshape(ours[k].shape)), k

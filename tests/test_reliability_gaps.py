@@ -216,7 +216,7 @@ def test_bad_adapter_spec_exits_2(world, tmp_path, capsys, spec, what):
 
 # ------------------------------------------------------------------------------------------------ compare
 def test_compare_on_a_glob_that_matched_nothing_exits_2(tmp_path, capsys):
-    from metattt.track.compare import main as compare_main
+    from metattt.track.compare_cli import main as compare_main
 
     rc = compare_main([str(tmp_path / "runs" / "*")])  # the shell passes an unmatched glob through as it is
     out = capsys.readouterr()

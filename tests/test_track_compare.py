@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from metattt.__main__ import main as metattt_main
-from metattt.track.compare import CompareError, compare_runs, load_runs, main as compare_main
+from metattt.track.compare import CompareError, compare_runs, load_runs
+from metattt.track.compare_cli import main as compare_main
 
 REPO = Path(__file__).resolve().parents[1]
 T975 = {1: 12.706204736174698, 2: 4.302652729749464}  # t_{0.975,df} (tables give 12.706, 4.303)

@@ -96,7 +96,7 @@ def model_log_probs(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, bat
     outs = []
     n_tok = tokens.numel()
     with torch.inference_mode():
-        for a, b in batch_windows(plan.length, batch_tokens, None):
+        for a, b in batch_windows(plan.length, batch_tokens):
             starts, ln, sf = plan.start[a:b], plan.length[a:b], plan.score_from[a:b]
             t = int(ln.max())
             idx = torch.from_numpy(starts).to(tokens.device)[:, None] + torch.arange(t, device=tokens.device)
@@ -107,10 +107,12 @@ def model_log_probs(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, bat
     return torch.cat(outs).numpy()
 
 
-def run_bayes_cache(spec: BayesCacheSpec, model: torch.nn.Module, data: Any, plan: Any, cfg: Any) -> Any:
-    """Run the protocol on ``data`` (a protocols.StreamData) with ``plan`` (its sliding windows)."""
+def run_bayes_cache(spec: BayesCacheSpec, model: torch.nn.Module, data: Any, plan: Any,
+                    cfg: Any) -> tuple[Any, np.ndarray, np.ndarray, dict[str, Any], dict[str, Any]]:
+    """Run the protocol on ``data`` (a protocols.StreamData) with ``plan`` (its sliding windows): the stream
+    result, per-document and per-block nats, the ledger's verdict and the adapter info, which protocols.py wraps
+    into its ProtocolResult (this module does not import protocols.py, which imports it)."""
     from .ledger import Ledger
-    from .protocols import ProtocolResult
     from .scoring import StreamResult
 
     if spec.synthetic is None:
@@ -134,4 +136,4 @@ def run_bayes_cache(spec: BayesCacheSpec, model: torch.nn.Module, data: Any, pla
     doc_nats = np.bincount(data.doc_of_target, weights=nll, minlength=data.n_docs)
     block_nats = np.bincount(data.block_of_target, weights=nll)
     info = {"adapter": FAMILY, "config": {"synthetic_spec": spec.synthetic}}
-    return ProtocolResult(spec, stream, doc_nats, block_nats, summary, info, 1)
+    return stream, doc_nats, block_nats, summary, info

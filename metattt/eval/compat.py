@@ -17,6 +17,7 @@ numerics (docs/interop.md):
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -126,12 +127,18 @@ def record_ttt_factory(factory: Any, knobs: RecordNumerics = RecordNumerics(), b
     """Adapters that train as the record's TTT does: late QAT on the CastedLinear weights during their training
     forwards (``knobs.qat``); with ``bf16`` (autocast on CUDA) the tables' updates, gradients and momentum
     buffers in bf16 (``knobs.ttt_tables`` / ``ttt_state``)."""
+    from ..ttt.adapter import Adapter
+
+    wrapped: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters whose loss already fake-quantizes
+
     def get(key: str) -> Any:
         ad = factory(key)
-        if bf16 and knobs.ttt_tables and hasattr(ad, "storage_dtypes"):
+        if not isinstance(ad, Adapter):  # an adapter written against the evaluator's seam alone: left as it is
+            return ad
+        if bf16 and knobs.ttt_tables:
             ad.storage_dtypes = {n: torch.bfloat16 for n in BF16_TABLES}
             ad.storage_state = knobs.ttt_state
-        if knobs.qat and hasattr(ad, "loss") and not getattr(ad, "_record_qat", False):
+        if knobs.qat and ad not in wrapped:
             plain = ad.loss
 
             def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, overrides: Any,
@@ -144,7 +151,7 @@ def record_ttt_factory(factory: Any, knobs: RecordNumerics = RecordNumerics(), b
                 return plain(model, x, y, ov, attn)
 
             ad.loss = loss
-            ad._record_qat = True
+            wrapped.add(ad)
         return ad
     return get
 

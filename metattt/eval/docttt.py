@@ -190,7 +190,7 @@ def phase_boundaries(queue: DocQueue, phases: int, phase_docs: int) -> list[tupl
     return out
 
 
-def phase_documents(queue: DocQueue, n_docs: int) -> np.ndarray:
+def phase_documents(n_docs: int) -> np.ndarray:
     """Queue indices a phase trains on: the first ``n_docs`` documents (all scored by then)."""
     return np.arange(n_docs)
 
@@ -418,7 +418,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     C = spec.chunk
     plan = batch_plan(a, e, C, spec.window, shapes, train=adapter is not None)
     sink = Nats(n_tok, device) if sink is None else sink
-    cheat = bool(adapter is not None and getattr(adapter, "adapts_before_scoring", False))
+    cheat = adapter is not None and adapter.adapts_before_scoring
     tr, st = init if init is not None else (None, None)
     if tr is not None and not inplace:
         tr, st = ({k: v.clone() for k, v in x.items()} for x in (tr, st))
@@ -736,7 +736,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     t0 = time.perf_counter()
                     seg += 1
                     ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
-                    docs = phase_documents(queue, bounds[bi][1])
+                    docs = phase_documents(bounds[bi][1])
                     if _any_rank(invalid is not None, ctx, device):  # a phase is collective: every rank skips it
                         invalid = invalid or {"batch": b, "chunk": None, "what": "adaptation on another rank"}
                         stats.append({"phase": bi, "skipped": "adaptation diverged"})

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from ..data.bpb import bpb
+from ..ttt.adapter import Adapter
 from . import bayes_cache, docttt
 from .ledger import Ledger
-from .scoring import DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
+from .scoring import AdapterLike, DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
 
 WINDOWS = ("flat", "sliding", "doc-flat", "doc-sliding")
@@ -249,23 +250,21 @@ def build_plan(windows: str, data: StreamData, cfg: EvalConfig) -> WindowPlan:
     raise ValueError(f"unknown windowing {windows!r}")
 
 
-def adapter_info(adapter: Any) -> dict[str, Any]:
-    """Exact adapted-parameter accounting of a bound adapter (from its selection)."""
-    sel = getattr(adapter, "sel", None)
-    info: dict[str, Any] = {"adapter": getattr(adapter, "name", type(adapter).__name__),
-                            "config": _cfg_dict(getattr(adapter, "cfg", None))}
-    if sel is not None:
+def adapter_info(adapter: AdapterLike) -> dict[str, Any]:
+    """Exact adapted-parameter accounting of a bound adapter (from its selection); an adapter written against the
+    evaluator's seam alone (``AdapterLike``, not an ``Adapter``) has no selection to account."""
+    info: dict[str, Any] = {"adapter": adapter.name, "config": _cfg_dict(adapter.cfg)}
+    if isinstance(adapter, Adapter) and adapter.sel is not None:
+        sel = adapter.sel
         tensors = {}
         for n in sel.names:
             idx = sel.slices.get(n)
             tensors[n] = {"slices": "all" if idx is None else [sel.labels.get((n, i), str(i)) for i in idx],
                           "scalars": int(sel.scalars(n))}
-        info.update({"selection": sel.spec, "adapted_scalars": int(getattr(adapter, "adapted_count", sel.count)),
+        info.update({"selection": sel.spec, "adapted_scalars": int(adapter.adapted_count),
                      "selected_scalars": int(sel.count), "model_scalars": int(sel.model_total),
                      "tensors": tensors})
-    report = getattr(adapter, "selection_report", None)
-    if callable(report) and sel is not None:
-        info["report"] = report()
+        info["report"] = adapter.selection_report()
     return info
 
 
@@ -297,7 +296,7 @@ def run_protocol(
     if spec.mode == docttt.FAMILY:
         return _run_docttt(spec, model, data, cfg, ctx, extras)
     if spec.mode == bayes_cache.FAMILY:
-        return bayes_cache.run_bayes_cache(spec, model, data, plan, cfg)
+        return ProtocolResult(spec, *bayes_cache.run_bayes_cache(spec, model, data, plan, cfg))
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
     ledger = Ledger(spec.name, enforce=spec.legal)
@@ -329,7 +328,8 @@ def run_protocol(
 
     work = cost.window_work(plan.length)
     if adapter is not None:
-        work = work + cost.training_work(summary, int(getattr(adapter.cfg, "epochs", 1)),
+        epochs = adapter.cfg.epochs if isinstance(adapter, Adapter) else 1  # a bare seam adapter: one pass
+        work = work + cost.training_work(summary, epochs,
                                          cfg.score_config().train_seq_len or plan.max_length)
     return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, compat,
                           flops=cost.flops(work, model))

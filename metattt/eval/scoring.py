@@ -39,8 +39,10 @@ class AdapterResetLike(Protocol):
 
 
 class AdapterLike(Protocol):
-    """Exactly what the evaluator calls on an adapter (``metattt.ttt.adapter.Adapter`` implements it)."""
+    """Exactly what the evaluator calls on an adapter (``metattt.ttt.adapter.Adapter`` implements it; the report
+    also reads an ``Adapter``'s selection and ``cfg.epochs``, which a bare seam adapter does not have)."""
 
+    name: str  # the report's adapter name
     cfg: AdapterResetLike
 
     def reset(self) -> None: ...
@@ -58,7 +60,6 @@ class ScoreConfig:
     """How forwards are batched and chunks formed (none of it changes what is scored)."""
 
     batch_tokens: int = 32 * 2048  # padded tokens per forward (32 windows of 2048)
-    max_batch_windows: int | None = None
     chunk_tokens: int = 32768
     train_seq_len: int | None = None  # length of the adapter's training sequences (None: the window context)
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -122,7 +123,7 @@ def score_windows(
         t_fix, per = fixed_batch_shape(plan, cfg)
         batches = [(i, min(i + per, lengths.size)) for i in range(0, lengths.size, per)]
     else:
-        batches = batch_windows(lengths, cfg.batch_tokens, cfg.max_batch_windows)
+        batches = batch_windows(lengths, cfg.batch_tokens)
     n_tok = tokens.numel()
     for a, b in batches:
         starts = plan.start[w0 + a : w0 + b]
@@ -158,7 +159,7 @@ def fixed_batch_shape(plan: WindowPlan, cfg: ScoreConfig) -> tuple[int, int]:
     """(window length, windows per forward) of every forward under ``fixed_shapes``, within ``batch_tokens``."""
     t = max(plan.max_length, cfg.pad_to or 0)
     per = max(1, cfg.batch_tokens // t)
-    return t, min(per, cfg.max_batch_windows) if cfg.max_batch_windows else per
+    return t, per
 
 
 def _gather_chunk(local: torch.Tensor, sizes: list[int], ctx: DistCtx, device: torch.device) -> torch.Tensor:

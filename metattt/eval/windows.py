@@ -237,7 +237,7 @@ def make_chunks(plan: WindowPlan, chunk_tokens: int, starts: np.ndarray | None =
             for i, (a, b) in enumerate(zip(w0s, w1s))]
 
 
-def batch_windows(lengths: np.ndarray, batch_tokens: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+def batch_windows(lengths: np.ndarray, batch_tokens: int) -> list[tuple[int, int]]:
     """Split consecutive windows into batches ``[i, j)`` whose padded size ``count * max_len`` fits ``batch_tokens``.
 
     Deterministic in the lengths alone, so the same windows always form the same batches.
@@ -245,8 +245,6 @@ def batch_windows(lengths: np.ndarray, batch_tokens: int, max_windows: int | Non
     n = int(lengths.size)
     if n and int(lengths.min()) == int(lengths.max()):  # fast path: uniform windows (flat/sliding)
         per = max(1, batch_tokens // int(lengths[0]))
-        if max_windows:
-            per = min(per, max_windows)
         return [(i, min(i + per, n)) for i in range(0, n, per)]
     out: list[tuple[int, int]] = []
     i = 0
@@ -254,7 +252,7 @@ def batch_windows(lengths: np.ndarray, batch_tokens: int, max_windows: int | Non
         j, longest = i, 0
         while j < n:
             cand = max(longest, int(lengths[j]))
-            if j > i and (cand * (j - i + 1) > batch_tokens or (max_windows and j - i >= max_windows)):
+            if j > i and cand * (j - i + 1) > batch_tokens:
                 break
             longest, j = cand, j + 1
         out.append((i, j))

@@ -69,11 +69,6 @@ class Source:
             return self.data.float()
         return self.q.float() * self.scale.float().reshape(-1, *([1] * (self.q.dim() - 1)))
 
-    def describe(self) -> str:
-        if self.data is not None:
-            return f"{str(self.data.dtype).replace('torch.', '')}{list(self.data.shape)}"
-        return f"int{6 if self.qmax == 31 else 8}{list(self.q.shape)}+fp16 scale"
-
 
 @dataclass
 class RecordModel:
@@ -386,13 +381,6 @@ def map_record(rec: RecordModel, cfg: ModelConfig) -> Imported:
 def import_record(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Imported:
     rec = read_record(path)
     return map_record(rec, infer_config(rec.sources, overrides))
-
-
-def record_float_state(imp: Imported) -> dict[str, torch.Tensor]:
-    """The imported model's float32 weights (dequantized), in our names."""
-    from ..artifact.quant import dequantize_state_dict
-
-    return dequantize_state_dict(imp.qstate)
 
 
 # --------------------------------------------------------------------------------------------------- export

@@ -244,38 +244,3 @@ def ladder_tables(done: Sequence[Any]) -> list[str]:
                      f"{_f(p.get('F'), True)} | {_ci(f.ci.get('F'))} | {_f(p.get('pred'), True)} | "
                      f"{_ci(f.ci.get('pred'))} | {f.n_failed} of {f.n_boot} | {_fit_note(p)} |")
     return lines + [""]
-
-
-def ladder_plot(results: Sequence[Any], path) -> Any:
-    """Δ against D/N trained (log x), one panel per Δ (context first, at most four), one series per size with
-    the cells' 95% CIs and, where a size has three budgets, its fitted curve (point fit). None without points."""
-    from .plots import SIZE, _plt, _save
-
-    points = ladder_points(results)
-    if not points:
-        return None
-    keys = delta_keys(points)[:4]
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(SIZE[0] * 0.7 * len(keys), SIZE[1]), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for (setting, n) in dict.fromkeys((p.setting, p.n_params) for p in points):
-            pts = [p for p in points if (p.setting, p.n_params) == (setting, n) and p.delta(key)]
-            if not pts:
-                continue
-            x = np.array([p.dn_trained for p in pts])
-            y = np.array([p.delta(key)["value"] for p in pts])
-            err = np.array([[max(0.0, v - p.delta(key)["ci95"][0]), max(0.0, p.delta(key)["ci95"][1] - v)]
-                            for p, v in zip(pts, y)]).T
-            line = ax.errorbar(x, y, yerr=err, fmt="o", markersize=3, capsize=2, label=f"N={n:,} {setting}")
-            fit = fit_power_floor(x, y)
-            if fit is not None:
-                xs = np.geomspace(x.min(), max(x.max(), PREDICT_DN), 50)
-                ax.plot(xs, power_floor(xs, *fit[0]), linewidth=0.8, color=line[0].get_color())
-        ax.set_xscale("log")
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(f"Δ {key}", fontsize=8)
-        ax.set_xlabel("D/N (tokens trained / non-embedding parameters)")
-        ax.set_ylabel("Δ (bpb)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=5)
-    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""Small PNGs for the ceiling report, drawn from the cells' eval.json only.
+"""Small PNGs for the ceiling report, drawn from the cells' eval.json (and, for ``fraction``, the synthetic bounds
+the report computes and hands in: drawing reads no data files of its own).
 
 * ``capacity``: Δ_TTT (with its 95% CI) against the number of adapted scalars, log x; a flat line would mean
   the adaptation gain does not grow with what may adapt.
@@ -8,15 +9,18 @@
 * ``cost``: bpb of every legal protocol against its cost per scored token, measured device-seconds (timed part)
   and counted model FLOPs, with the Pareto front of each marked: "A beats sliding at equal budget" is a
   statement about the front, not about one row (eval.json schema 2).
-* ``ladder`` (metattt/study/ladder.py): Δ against D/N per model size, with the fitted curves.
+* ``ladder``: Δ against D/N per model size, with the fitted curves (points and fits: metattt/study/ladder.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from .config import StudyConfig
+from .ladder import PREDICT_DN, delta_keys, fit_power_floor, ladder_points, power_floor
 
 DPI = 80
 SIZE = (6.0, 3.4)
@@ -107,12 +111,10 @@ def running_plot(results: list, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def fraction_plot(results: list, path: Path) -> Path | None:
-    from .report import synthetic_bounds_for
-
+def fraction_plot(results: list, bounds: list, path: Path) -> Path | None:
+    """``bounds[i]``: the synthetic bounds of ``results[i]`` (None: not a synthetic cell)."""
     bars = []
-    for r in results:
-        bd = synthetic_bounds_for(r)
+    for r, bd in zip(results, bounds):
         if not bd:
             continue
         room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
@@ -182,12 +184,48 @@ def cost_plot(results: list, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def section_plots(study: StudyConfig, section: str, results: list) -> list[Path]:
-    """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed."""
-    out = []
-    from .ladder import ladder_plot
+def ladder_plot(results: Sequence[Any], path) -> Any:
+    """Δ against D/N trained (log x), one panel per Δ (context first, at most four), one series per size with
+    the cells' 95% CIs and, where a size has three budgets, its fitted curve (point fit). None without points."""
+    points = ladder_points(results)
+    if not points:
+        return None
+    keys = delta_keys(points)[:4]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(SIZE[0] * 0.7 * len(keys), SIZE[1]), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for (setting, n) in dict.fromkeys((p.setting, p.n_params) for p in points):
+            pts = [p for p in points if (p.setting, p.n_params) == (setting, n) and p.delta(key)]
+            if not pts:
+                continue
+            x = np.array([p.dn_trained for p in pts])
+            y = np.array([p.delta(key)["value"] for p in pts])
+            err = np.array([[max(0.0, v - p.delta(key)["ci95"][0]), max(0.0, p.delta(key)["ci95"][1] - v)]
+                            for p, v in zip(pts, y)]).T
+            line = ax.errorbar(x, y, yerr=err, fmt="o", markersize=3, capsize=2, label=f"N={n:,} {setting}")
+            fit = fit_power_floor(x, y)
+            if fit is not None:
+                xs = np.geomspace(x.min(), max(x.max(), PREDICT_DN), 50)
+                ax.plot(xs, power_floor(xs, *fit[0]), linewidth=0.8, color=line[0].get_color())
+        ax.set_xscale("log")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(f"Δ {key}", fontsize=8)
+        ax.set_xlabel("D/N (tokens trained / non-embedding parameters)")
+        ax.set_ylabel("Δ (bpb)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=5)
+    return _save(fig, path)
 
-    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction_plot),
+
+def section_plots(study: StudyConfig, section: str, results: list, bounds: list) -> list[Path]:
+    """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed. ``bounds[i]``:
+    the synthetic bounds of ``results[i]`` or None (the report computes them)."""
+    out = []
+
+    def fraction(res: list, path: Path) -> Path | None:
+        return fraction_plot(res, bounds, path)
+
+    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction),
                      ("cost", cost_plot), ("ladder", ladder_plot)):
         path = study.plots / f"{study.name}-s{section}-{kind}.png"
         got = fn(results, path) if results else None

@@ -283,10 +283,6 @@ class RunDir:
             raise MalformedRunDir(self._require_path(), f"{fname} holds a {type(data).__name__}, not an object")
         return data
 
-    def read_json(self, name: str) -> dict[str, Any] | None:
-        """Any JSON object file of the run, or None when absent (MalformedRunDir when unreadable)."""
-        return self._read_object(_check_name(name))
-
     @property
     def config(self) -> dict[str, Any] | None:
         return self._read_object(CONFIG)

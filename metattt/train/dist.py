@@ -53,12 +53,6 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     return float(t.item()) / info.world_size
 
 
-def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        dist.all_reduce(t)
-    return t
-
-
 def agree(stop: bool, due: bool, signum: int, info: DistInfo) -> tuple[bool, bool, int]:
     """One collective per step: rank 0 decides the wallclock ``stop`` and a time-based checkpoint ``due`` (so every
     rank leaves, or saves, at the same step); a signal received by any rank (``signum`` > 0) counts for all."""

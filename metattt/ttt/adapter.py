@@ -100,6 +100,12 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def step_size(self, progress: float) -> float | None:
+        """The update's step size at ``progress``, reported in ``adapt``'s stats as ``lr``; None (this default):
+        the adapter has no single step size to report. A config with ``lr`` and ``schedule`` returns
+        ``lr_at(self.lr, self.schedule, progress)``."""
+        return None
+
 
 def grad_context() -> contextlib.ExitStack:
     """Gradients on, inference mode off: the evaluator scores under inference_mode."""
@@ -272,9 +278,6 @@ class Adapter(nn.Module):
         with torch.no_grad():
             return self.materialize(self._trained, self._cur)
 
-    def trained_params(self) -> Tensors:
-        return dict(self._trained)
-
     def training_positions(self, chunk_index: int) -> int:
         return chunk_index
 
@@ -398,8 +401,9 @@ class Adapter(nn.Module):
         first = torch.stack(losses[0]).float().mean().item() if losses and losses[0] else float("nan")
         last = torch.stack(losses[-1]).float().mean().item() if losses and losses[-1] else float("nan")
         st = {"loss_first": first, "loss_last": last, "steps": sum(len(e) for e in losses)}
-        if hasattr(self.cfg, "lr"):
-            st["lr"] = lr_at(self.cfg.lr, getattr(self.cfg, "schedule", "constant"), progress)
+        lr = self.cfg.step_size(progress)
+        if lr is not None:
+            st["lr"] = lr
         return st
 
     def inner_loop(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, passes: int,

@@ -106,6 +106,9 @@ class DocLoRA(nn.Module):
 
     name = "doclora"
     Config = DocLoRAConfig
+    #: True: the chunk loop trains on each chunk before scoring it (illegal: its ledger must refuse the run; the
+    #: cheating test sets it, no adapter does)
+    adapts_before_scoring: bool = False
 
     def __init__(self, cfg: DocLoRAConfig | None = None, **kw: Any) -> None:
         super().__init__()

@@ -33,6 +33,9 @@ class LoRAConfig(AdapterConfig):
     seed: int = 0
     reset: str = "doc"
 
+    def step_size(self, progress: float) -> float:
+        return lr_at(self.lr, self.schedule, progress)
+
     def validate(self) -> None:
         super().validate()
         if self.optimizer not in ("adam", "sgd"):

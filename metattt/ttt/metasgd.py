@@ -30,8 +30,7 @@ class MetaSGDConfig(AdapterConfig):
     grad_clip: float = 0.0
     reset: str = "never"
 
-    @property
-    def lr(self) -> float:  # reported as the eval update's lr: the rates are multiplied by it
+    def step_size(self, progress: float) -> float:  # reported as the eval update's lr: the rates are multiplied by it
         return self.lr_scale
 
     def validate(self) -> None:
@@ -74,9 +73,6 @@ class MetaSGDAdapter(Adapter):
         if r.ndim == 1:
             return r.view(shape[0], *([1] * (len(shape) - 1)))
         return r
-
-    def rates_summary(self) -> dict[str, float]:
-        return {n: float(p.detach().exp().mean()) for n, p in self.named_parameters()}
 
     def selection_report(self) -> str:
         n_meta = sum(p.numel() for p in self.parameters())

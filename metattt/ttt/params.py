@@ -115,10 +115,6 @@ class ParamSelection:
             return cls(s, ())
         return cls(s, tuple(_parse_term(t, s) for t in s.split("+")))
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.terms
-
     def resolve(self, model: nn.Module) -> "SelectedParams":
         params = dict(model.named_parameters())
         slices_of = getattr(model, "named_bank_slices", None)

@@ -26,6 +26,9 @@ class SGDConfig(AdapterConfig):
     nesterov: bool = False
     reset: str = "never"
 
+    def step_size(self, progress: float) -> float:
+        return lr_at(self.lr, self.schedule, progress)
+
 
 def sgd_step(params: Tensors, mom: Tensors | None, grads: Tensors, lr: float, momentum: float,
              nesterov: bool) -> tuple[Tensors, Tensors | None]:

@@ -54,7 +54,13 @@ def matmul_weights(model: Any) -> float:
     return n
 
 
-def flops(work: Work, model: Any) -> float:
+def flops(work: Work, model: Any) -> float | None:
+    """Counted FLOPs of ``work`` on a banked GPT; None for any other scoring model (a test's stand-in such as the
+    synthetic corpus's true chain has no banks to count)."""
+    from ..model.gpt import BankedGPT
+
+    if not isinstance(model, BankedGPT):
+        return None
     cfg = model.cfg
     n = matmul_weights(model)
     attn = 4.0 * len(cfg.layer_schedule()) * cfg.model_dim

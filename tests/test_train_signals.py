@@ -111,7 +111,7 @@ def test_help_shows_each_presets_default_not_the_dataclass_default(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside the help entries
     text = " ".join(build_parser().format_help().split())
     assert "tiny:" not in text  # used to show the plain dataclass default (iterations 400) as the tiny preset's
-    assert "pg-2026-03-23: 20000; tiny-synthetic: 3000)" in text
+    assert "pg-2026-03-23: 20000; tiny-synthetic: 500)" in text
 
 
 def test_a_wallclock_stop_between_log_steps_still_logs_the_last_step(tmp_path):

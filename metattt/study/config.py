@@ -149,9 +149,11 @@ class StudyConfig:
     source: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the subprocesses
 
-    def expand(self, text: str) -> str:
-        """``{study}`` -> the study root, then environment variables."""
-        return os.path.expandvars(text.replace("{study}", str(self.root)))
+    def expand(self, text: str, env: bool = True) -> str:
+        """``{study}`` -> the study root, then environment variables (``env=False`` keeps ``$VAR`` as written: the
+        command a report shows must run on the reader's machine, not name this one's paths)."""
+        text = text.replace("{study}", str(self.root))
+        return os.path.expandvars(text) if env else text
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:

@@ -38,23 +38,24 @@ def _launcher(nproc: int) -> list[str]:
     return ["python"]
 
 
-def train_command(study: StudyConfig, m: ModelSpec, nproc: int) -> list[str]:
-    """The trainer command (as recorded and shown: ``python`` / ``torchrun`` and repo-relative scripts)."""
+def train_command(study: StudyConfig, m: ModelSpec, nproc: int, env: bool = True) -> list[str]:
+    """The trainer command (``python`` / ``torchrun`` and repo-relative scripts); ``env=False``: as recorded and
+    shown, environment variables unexpanded."""
     assert m.train is not None
     d = study.model_dir(m)
-    flags = [study.expand(f) for f in m.train]
+    flags = [study.expand(f, env) for f in m.train]
     extra = ["--run-root", str(d.parent), "--run-name", d.name]
     if "--wandb" not in flags:
         extra += ["--wandb", "off"]
     return [*_launcher(nproc), TRAINER, *flags, *extra]
 
 
-def eval_command(study: StudyConfig, c: Cell, nproc: int) -> list[str]:
+def eval_command(study: StudyConfig, c: Cell, nproc: int, env: bool = True) -> list[str]:
     cmd = [*_launcher(nproc), EVALUATOR, str(study.artifact_path(c.model)),
            "--protocols", ",".join(c.ev.protocols)]
     for s in c.ev.adapter_specs:
         cmd += ["--adapter-spec", s]
-    flags = [study.expand(f) for f in c.ev.flags]
+    flags = [study.expand(f, env) for f in c.ev.flags]
     cmd += flags + ["--run-dir", str(study.cell_dir(c))]
     if "--wandb" not in flags:
         cmd += ["--wandb", "off"]
@@ -247,7 +248,7 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
         dt = time.perf_counter() - t0
         if rc == 0 and (d / "artifact.ptz").is_file():
             _sidecar(d / "artifact.ptz").write_text(artifact_digest(d / "artifact.ptz") + "\n")
-            _write_record(d, m.key, {"train": list(m.train or ())}, cmd, dt)
+            _write_record(d, m.key, {"train": list(m.train or ())}, train_command(study, m, nproc, env=False), dt)
             outcomes.append(Outcome(what, "done", dt))
             log(f"{what}: done in {dt:.0f}s")
         else:
@@ -275,7 +276,8 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
         rc = _run(cmd, Path.cwd(), d / LOG, {**study.env})
         dt = time.perf_counter() - t0
         if rc == 0:
-            _write_record(d, c.key, {"model": c.model.name, "model_key": c.model.key, **c.ev.settings()}, cmd, dt,
+            _write_record(d, c.key, {"model": c.model.name, "model_key": c.model.key, **c.ev.settings()},
+                          eval_command(study, c, nproc, env=False), dt,
                           artifact_sha256=digest)
         if rc == 0 and cell_done(study, c):
             outcomes.append(Outcome(what, "done", dt))

@@ -167,6 +167,30 @@ def test_ledger_merges_contiguous_scores():
     assert led.verify()["n_score_intervals"] == 1
 
 
+def test_ledger_ranks_merge_and_advance_keep_one_order():
+    """Two ranks' ledgers (``advance_to`` a common point, ``record_scores`` many rows, ``merge``): the union is
+    verified as one run, and an update one rank made before another rank's score is still caught."""
+    r0, r1 = Ledger("r"), Ledger("r")
+    r0.record_scores(np.array([1, 50]), np.array([50, 100]), r0.next_step())
+    r1.record_scores(np.array([100]), np.array([150]), r1.next_step())
+    for r in (r0, r1):
+        r.advance_to(1000)
+    r1.record_update([(0, 150)], r1.next_step(), "after the common point")
+    whole = Ledger("r")
+    whole.merge([r0, r1])
+    info = whole.verify()
+    assert info["legal"] and info["n_score_intervals"] == 3 and info["n_updates"] == 1
+    assert whole.scores() == [(1, 50, 1), (50, 100, 1), (100, 150, 1)] and whole.updates[0].step == 1001
+    r1.record_update([(140, 160)], r1.next_step(), "peeks")
+    r1.record_score(150, 200, r1.next_step())
+    bad = Ledger("r")
+    bad.merge([r0, r1])
+    with pytest.raises(LegalityError, match="peeks"):
+        bad.verify()
+    with pytest.raises(ValueError, match="lo <= hi"):
+        bad.record_scores(np.array([5]), np.array([4]), 1)
+
+
 # ----------------------------------------------------------------------------------------------- stats
 def test_bootstrap_point_values_and_sign():
     rng = np.random.default_rng(0)

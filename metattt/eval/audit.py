@@ -164,7 +164,7 @@ def perturb(tokens_np: np.ndarray, q: int, e: int, kind: str, bos_id: int, vocab
 def score_steps(ledger: Ledger, n_tokens: int) -> np.ndarray:
     """Ledger step at which each target 1..n-1 was scored (index p-1); -1 where none was recorded."""
     steps = np.full(n_tokens - 1, -1, dtype=np.int64)
-    for lo, hi, st in zip(ledger._score_lo, ledger._score_hi, ledger._score_step):
+    for lo, hi, st in ledger.scores():
         steps[lo - 1: hi - 1] = st
     return steps
 

@@ -371,13 +371,6 @@ class _Clock:
             self.marks[-1].synchronize()
 
 
-def _record_scores(ledger: Ledger, lo: np.ndarray, hi: np.ndarray, step: int) -> None:
-    """``Ledger.record_score`` for many ranges of one step at once (its interval lists, extended)."""
-    ledger._score_lo.extend(lo.tolist())
-    ledger._score_hi.extend(hi.tolist())
-    ledger._score_step.extend([int(step)] * int(lo.size))
-
-
 @dataclass
 class BatchOut:
     plan: BatchPlan
@@ -493,7 +486,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 ok = torch.isfinite(torch.where(valid, nll.detach().float(), 0.0)).all()
                 first_bad = torch.minimum(first_bad, torch.where(ok, never, c))
             out.forwards += 1
-            _record_scores(ledger, plan.lo[c, :act], plan.hi[c, :act], step)
+            ledger.record_scores(plan.lo[c, :act], plan.hi[c, :act], step)
             m2 = clock.mark()
             if train.any():
                 update(nll, leaves, train, ledger.next_step())
@@ -593,22 +586,6 @@ def resolve_attn(attn: str, device: torch.device, autocast: bool = True) -> str:
     if attn == "auto" and autocast and device.type == "cuda" and not flash_available():
         return "sdpa-flash"
     return attn
-
-
-def _merge_ledgers(ledger: Ledger, ctx: DistCtx) -> Ledger:
-    """Every rank's score and update records in one ledger (steps are globally ordered by construction)."""
-    if ctx.world == 1:
-        return ledger
-    mine = (ledger._score_lo, ledger._score_hi, ledger._score_step, ledger.updates)
-    parts: list[Any] = [None] * ctx.world
-    dist.all_gather_object(parts, mine)
-    out = Ledger(ledger.name, enforce=ledger.enforce)
-    for lo, hi, stp, ups in parts:
-        out._score_lo.extend(lo)
-        out._score_hi.extend(hi)
-        out._score_step.extend(stp)
-        out.updates.extend(ups)
-    return out
 
 
 def _dynamic_core(compiled: Callable) -> Callable:
@@ -735,7 +712,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                 while bi < len(bounds) and b == bounds[bi][0]:
                     t0 = time.perf_counter()
                     seg += 1
-                    ledger._step = max(ledger._step, seg * _SEG)  # every rank: after all earlier scores
+                    ledger.advance_to(seg * _SEG)  # every rank: after all earlier scores
                     docs = phase_documents(bounds[bi][1])
                     if _any_rank(invalid is not None, ctx, device):  # a phase is collective: every rank skips it
                         invalid = invalid or {"batch": b, "chunk": None, "what": "adaptation on another rank"}
@@ -753,7 +730,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                             invalid = {"batch": b, "chunk": None, "phase": bi, "what": what}
                     tr = None
                     seg += 1
-                    ledger._step = max(ledger._step, seg * _SEG)
+                    ledger.advance_to(seg * _SEG)
                     bi += 1
                     _sync(device)
                     adapt_s += time.perf_counter() - t0
@@ -763,10 +740,9 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     both = torch.stack([sink.nats[:-1], sink.count[:-1].float()])
     if ctx.world > 1:
         dist.all_reduce(both)  # every target is written on one rank (zeros elsewhere)
-        merged = _merge_ledgers(ledger, ctx)
-        ledger._score_lo[:], ledger._score_hi[:], ledger._score_step[:] = (merged._score_lo, merged._score_hi,
-                                                                           merged._score_step)
-        ledger.updates[:] = merged.updates
+        parts: list[Any] = [None] * ctx.world
+        dist.all_gather_object(parts, ledger)  # steps are globally ordered by construction
+        ledger.merge(parts)
     both = both.cpu().numpy()
     nll, done = np.ascontiguousarray(both[0]), both[1].astype(np.int32)
     _sync(device)

@@ -15,7 +15,7 @@ random ids cut into documents of ~1,000 tokens: throughput does not depend on th
 configuration is run first as warm-up (CUDA init, autotuning, compilation) and not timed.
 
 Variants: ``eager`` or ``compile``, for the docttt family optionally ``+shapes=exact|chunk|batch`` (forward
-shapes, ``docttt.BatchPlan``; default: chunk on CUDA), and ``+attn=BACKEND`` (``model.attention``). For the docttt family the full-val time is not a tokens/s
+shapes, ``docttt_batch.BatchPlan``; default: chunk on CUDA), and ``+attn=BACKEND`` (``model.attention``). For the docttt family the full-val time is not a tokens/s
 extrapolation (a short prefix holds few documents, so its length-sorted batches mix lengths and its time is
 dominated by few-row tail chunks): the chunk step is timed as a function of context length at full and at one
 row, the full val is modelled as documents resampled from the prefix's lengths, sorted into batches and dealt
@@ -45,7 +45,7 @@ FULL_VAL_TOKENS = 62_000_000
 
 def parse_variant(text: str) -> dict:
     """``eager`` | ``compile``, then ``+shapes=exact|chunk|batch`` (docttt only) and ``+attn=BACKEND``."""
-    from metattt.eval.docttt import SHAPES
+    from metattt.eval.docttt_batch import SHAPES
     from metattt.model.attention import ATTN_BACKENDS
 
     head, *rest = text.strip().split("+")
@@ -72,14 +72,14 @@ def profile_batch(model, spec, variant: str, device, autocast: bool, top: int) -
     and the ``top`` operators by device time (CPU time on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from metattt.eval import docttt
+    from metattt.eval import docttt_compile
     from metattt.eval.scoring import _sync
 
     v = parse_variant(variant)
     once, _ = calib_batch(model, spec, device, spec.docs, v["shapes"], autocast, v["attn"])
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with docttt.compiled_core(model, v["compile"]):
+    with docttt_compile.compiled_core(model, v["compile"]):
         once()  # warm
         _sync(device)
         with profile(activities=acts) as prof:
@@ -106,7 +106,7 @@ def profile_batch(model, spec, variant: str, device, autocast: bool, top: int) -
 def _docttt_calibration(spec, variant, model, data, device, autocast) -> tuple[dict, list[str]]:
     """The chunk-step model of one docttt protocol and its full-val projection, measured *before* the protocol
     run (it also warms that run's kernels and graphs up), so a run cut short still leaves these lines."""
-    from metattt.eval.docttt import resolve_attn
+    from metattt.eval.docttt_batch import resolve_attn
     from metattt.eval.windows import doc_segments
 
     v = parse_variant(variant)

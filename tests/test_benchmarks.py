@@ -71,7 +71,7 @@ def test_docttt_projection_arithmetic():
     assert two["rank_s"].tolist() == pytest.approx([78.5, 1.5]) and two["wall_s"] == pytest.approx(78.5)
     assert dm.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="batch")["wall_s"] == pytest.approx(
         10 + 80 + 0.5 + 1.5)  # every forward has both rows
-    # chunk shapes: at least docttt.MIN_ROWS = 2 rows, so here as batch shapes (the 1-document batch stays 1 row)
+    # chunk shapes: at least docttt_batch.MIN_ROWS = 2 rows, so here as batch shapes (the 1-document batch stays 1 row)
     assert dm.project_docttt(lengths, sm, 16, 24, 2, 1)["wall_s"] == pytest.approx(10 + 80 + 0.5 + 1.5)
     assert dm.project_docttt(lengths, sm, 16, 24, 2, 1, shapes="exact", train=False)["wall_s"] == pytest.approx(
         8.5 + 1.5)

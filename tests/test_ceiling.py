@@ -251,8 +251,8 @@ def test_sweep_expands_into_cells_with_their_own_flags(tmp_path) -> None:
 
 
 def test_shipped_configs_parse_and_their_adapter_specs_exist() -> None:
-    from metattt.eval.docttt import is_docttt, parse_docttt
-    from metattt.eval.run import _parse_adapter_specs
+    from metattt.eval.docttt_spec import is_docttt, parse_docttt
+    from metattt.eval.cli import parse_adapter_specs
     from metattt.ttt.registry import adapter_from_spec, builtin_registry
 
     builtin = builtin_registry().names
@@ -263,7 +263,7 @@ def test_shipped_configs_parse_and_their_adapter_specs_exist() -> None:
         st = load_study(REPO / "experiments" / name)
         assert st.cells() and all(c.ev.section in st.sections for c in st.cells())
         for e in st.evals:
-            specs = _parse_adapter_specs(list(e.adapter_specs))
+            specs = parse_adapter_specs(list(e.adapter_specs))
             for p in e.protocols:
                 if is_docttt(p):  # the doc-batched family parses its own options (not registry adapters)
                     parse_docttt(p)

@@ -83,10 +83,11 @@ def test_meta_gradient_is_the_outer_gradient_at_the_adapted_factors_summed_over_
 @pytest.mark.parametrize("passes", [1, 2])
 def test_meta_inner_loop_is_the_doc_batched_evaluators_update_bit_for_bit(passes: int) -> None:
     """The default doclora meta step adapts each row's factors exactly as the doc-batched evaluator
-    (``docttt.run_batch``) adapts the same documents: one AdamW step per chunk, the same forwards and losses; so
+    (``docttt_batch.run_batch``) adapts the same documents: one AdamW step per chunk, the same forwards and losses; so
     the factors and optimiser state are equal bit for bit (CPU). ``inner_steps`` (here 2) is an explicit override:
     more sweeps, no longer the evaluator's update."""
-    from metattt.eval.docttt import DocTTTSpec, run_batch
+    from metattt.eval.docttt_batch import run_batch
+    from metattt.eval.docttt_spec import DocTTTSpec
     from metattt.eval.ledger import Ledger
 
     assert DOCTTT_CHUNK == DocTTTSpec().chunk

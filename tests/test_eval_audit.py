@@ -16,7 +16,7 @@ from audit_cheats import ChunkPeekDocLoRA, NextChunkAdapt, NextDocDocLoRA, SelfT
 from metattt.artifact.model_io import save_model_artifact
 from metattt.data.loaders import load_val_tokens
 from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
-from metattt.eval import docttt
+from metattt.eval import docttt, docttt_spec
 from metattt.eval.audit import AuditConfig, AuditError, before_mask, perturb, pick_points, run_audit, sub_stream
 from metattt.eval.ledger import Ledger
 from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
@@ -125,7 +125,7 @@ def test_cli_records_the_audit_and_the_example_plugin_passes(world, tmp_path, ca
 @pytest.mark.parametrize("cls", [ChunkPeekDocLoRA, SelfTrainDocLoRA, NextDocDocLoRA])
 def test_doc_batched_cheats_pass_the_ledger_but_not_the_audit(world, cls):
     m, data = world["model"], sub_stream(world["data"], world["data"].tokens_np[:1500])
-    spec = docttt.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")
+    spec = docttt_spec.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")
     ledger = Ledger(spec.name)
     res = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
                             make_adapter=lambda s: cls(s.lora_config()))
@@ -228,7 +228,7 @@ def test_rope_base_from_a_forwards_own_length_is_caught(world, monkeypatch):
     m.load_state_dict(m0.state_dict())
     m.eval()
     data = world["data"]
-    spec = docttt.parse_docttt("doc-chunk@chunk=16/docs=1/window=48")
+    spec = docttt_spec.parse_docttt("doc-chunk@chunk=16/docs=1/window=48")
     acfg = AuditConfig(points=0, boundary_points=6, prefix_tokens=1500)
     out = run_audit(m, data, [spec], {}, EVAL, acfg)["protocols"][spec.name]
     assert out["status"] == "pass" and out["max_diff"] <= 1e-5
@@ -256,4 +256,4 @@ def test_audit_on_cuda_bf16(world):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: ChunkPeekDocLoRA(s.lora_config()))
         with pytest.raises(AuditError):
-            run_audit(m, data, [docttt.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")], {}, EVAL)
+            run_audit(m, data, [docttt_spec.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")], {}, EVAL)

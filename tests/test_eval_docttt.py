@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from metattt.data.loaders import load_val_tokens
 from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, synthetic_lut
-from metattt.eval import docttt
+from metattt.eval import docttt, docttt_batch, docttt_model, docttt_spec
 from metattt.eval.ledger import Ledger, LegalityError
 from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from metattt.eval.report import build_report, format_report
@@ -223,25 +223,25 @@ def test_batched_equals_one_document_at_a_time(world):
     """The same factors and optimiser run on 4 documents in one batch or on each document alone give the same
     nats and the same final factors (float tolerance: padding changes the GEMM shapes)."""
     m, data = world["model"], world["data"]
-    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
-    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
+    spec = docttt_spec.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    queue = docttt_model.doc_queue(data.tokens_np, data.bos_id, 4)
     idx = queue.batches[1]
     a, e = queue.a[idx], queue.e[idx]
     assert len(set((e - a).tolist())) > 1  # documents of different lengths: different numbers of chunks
     ad = docttt.make_doc_adapter(spec)
     init = ad.init(dict(m.named_parameters()), len(idx), m.cfg, torch.Generator().manual_seed(0))
-    batched = docttt.run_batch(m, data.tokens, a, e, spec, ad, None, Ledger(), init)
+    batched = docttt_batch.run_batch(m, data.tokens, a, e, spec, ad, None, Ledger(), init)
     got = dict(batched.nll)
     assert batched.train_steps > 0
     for b in range(len(idx)):
-        one = docttt.run_batch(m, data.tokens, a[b:b + 1], e[b:b + 1], spec, ad, None, Ledger(),
+        one = docttt_batch.run_batch(m, data.tokens, a[b:b + 1], e[b:b + 1], spec, ad, None, Ledger(),
                                tuple(DocLoRA.rows(t, slice(b, b + 1)) for t in init))
         for lo, v in one.nll:
             np.testing.assert_allclose(got[lo], v, rtol=1e-4, atol=1e-5)
         for k, t in one.trainables.items():
             torch.testing.assert_close(batched.trainables[k][b:b + 1], t, rtol=1e-4, atol=1e-6)
     # and adaptation did something: later chunks differ from the unadapted model's
-    base = docttt.run_batch(m, data.tokens, a, e, docttt.parse_docttt(f"doc-chunk@{OPTS}"), None, None, Ledger())
+    base = docttt_batch.run_batch(m, data.tokens, a, e, docttt_spec.parse_docttt(f"doc-chunk@{OPTS}"), None, None, Ledger())
     assert not np.array_equal(np.concatenate([v for _, v in base.nll]), np.concatenate([v for _, v in batched.nll]))
 
 
@@ -252,7 +252,7 @@ def test_lr0_equals_chunked_doc_window_scoring_bitwise(world):
     ev = evaluate(m, data, parse_protocols(f"docttt:doclora@{OPTS}/rank=4/lr=0"), {},
                   EvalConfig(**{**EVAL.to_dict(), "n_boot": 0}))
     base, lr0 = ev.results[f"doc-chunk@{OPTS}"], ev.results[f"docttt:doclora@{OPTS}/rank=4/lr=0"]
-    plan = docttt.chunk_plan(data.tokens_np, data.bos_id, 16, 48)
+    plan = docttt_batch.chunk_plan(data.tokens_np, data.bos_id, 16, 48)
     ref = run_stream(m, data.tokens, plan, ScoreConfig(batch_tokens=4096, chunk_tokens=256))
     assert lr0.ledger["n_updates"] > 0  # it did take (zero-size) steps
     assert np.array_equal(base.stream.token_nll, ref.token_nll)
@@ -269,9 +269,9 @@ def test_fixed_shapes_score_the_same(world):
     finished ones dummies) change only padding: the same nats as ``exact`` to float tolerance, and the same
     ledger."""
     m, data = world["model"], world["data"]
-    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}")
+    spec = docttt_spec.parse_docttt(f"docttt:doclora@{OPTS}/phases=1/phase_docs=6/{LORA}")
     out, ledgers = {}, {}
-    for shapes in docttt.SHAPES:
+    for shapes in docttt_batch.SHAPES:
         ledgers[shapes] = ledger = Ledger(spec.name)
         out[shapes] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger, shapes=shapes)
         assert ledger.verify()["legal"]
@@ -279,14 +279,14 @@ def test_fixed_shapes_score_the_same(world):
         np.testing.assert_allclose(out[shapes].token_nll, out["exact"].token_nll, rtol=1e-4, atol=1e-5)
         assert ledgers[shapes].verify() == ledgers["exact"].verify()
     assert not np.array_equal(out["exact"].token_nll, docttt.run_docttt(
-        docttt.parse_docttt(f"doc-chunk@{OPTS}"), m, data.tokens, data.tokens_np, data.bos_id, Ledger()).token_nll)
+        docttt_spec.parse_docttt(f"doc-chunk@{OPTS}"), m, data.tokens, data.tokens_np, data.bos_id, Ledger()).token_nll)
 
 
 def test_batch_plan_shapes_and_positions():
     """The plan's index arithmetic: chunk c of a document scores targets a+1+c*chunk.., once each; windows are
     the document's last <= window tokens; forward lengths by ``shapes``; the last chunk is never trained."""
     a, e = np.array([100, 0, 40]), np.array([170, 37, 50])  # 70, 37, 10 targets; chunk 16, window 24
-    plans = {s: docttt.batch_plan(a, e, 16, 24, s) for s in docttt.SHAPES}
+    plans = {s: docttt_batch.batch_plan(a, e, 16, 24, s) for s in docttt_batch.SHAPES}
     p = plans["exact"]
     assert p.n_chunks == 5 and p.active.tolist() == [3, 2, 2, 1, 1]
     for b in range(3):
@@ -302,15 +302,15 @@ def test_batch_plan_shapes_and_positions():
     assert plans["chunk"].rows.tolist() == [3, 2, 2, 2, 2]  # at least MIN_ROWS: a finished document pads
     assert plans["chunk"].active.tolist() == [3, 2, 2, 1, 1] and plans["chunk"].count[3:, 1].tolist() == [0, 0]
     assert plans["batch"].rows.tolist() == [3] * 5
-    assert docttt.batch_plan(a[:1], e[:1], 16, 24, "chunk").rows.tolist() == [1] * 5  # one document: one row
+    assert docttt_batch.batch_plan(a[:1], e[:1], 16, 24, "chunk").rows.tolist() == [1] * 5  # one document: one row
     e2 = a + np.array([37, 20, 10])  # the longest document's last chunk is shorter than the window
-    t = {s: docttt.batch_plan(a, e2, 16, 48, s).t.tolist() for s in docttt.SHAPES}
+    t = {s: docttt_batch.batch_plan(a, e2, 16, 48, s).t.tolist() for s in docttt_batch.SHAPES}
     assert t == {"exact": [16, 32, 37], "chunk": [16, 32, 48], "batch": [16, 32, 48]}
-    assert not docttt.batch_plan(a, e, 16, 24, train=False).train.any()
+    assert not docttt_batch.batch_plan(a, e, 16, 24, train=False).train.any()
     with pytest.raises(ValueError, match="sorted by length"):
-        docttt.batch_plan(a[::-1], e[::-1], 16, 24)
+        docttt_batch.batch_plan(a[::-1], e[::-1], 16, 24)
     with pytest.raises(ValueError, match="shapes must be one of"):
-        docttt.batch_plan(a, e, 16, 24, "fixed")
+        docttt_batch.batch_plan(a, e, 16, 24, "fixed")
 
 
 def test_adaptation_helps_and_report_decomposes(world):
@@ -388,7 +388,7 @@ class CheatingDocLoRA(DocLoRA):
 
 def test_cheating_batched_adapter_is_refused(world):
     m, data = world["model"], world["data"]
-    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    spec = docttt_spec.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
     with pytest.raises(LegalityError, match="only scored later"):
         ledger = Ledger(spec.name)
         docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
@@ -400,26 +400,26 @@ def test_batch_costs_and_the_longest_first_schedule():
     """Batch cost = window lengths over every document's chunks + a host floor per step (hand-computed); the
     schedule gives each batch, in queue order, to the least-loaded rank of its segment (phases cut segments), so
     a heavy first batch's rank does not also get the next heavy ones as round-robin would."""
-    f = docttt.STEP_FLOOR_TOKENS
+    f = docttt_model.STEP_FLOOR_TOKENS
     n = np.array([70, 37, 10])  # chunk 16, window 24: windows 16, 24, 24, ... -> 16 + 4*24, 16 + 2*24, 0 + 16
-    got = docttt.batch_costs(n, [np.array([0, 1]), np.array([2])], 16, 24)
+    got = docttt_model.batch_costs(n, [np.array([0, 1]), np.array([2])], 16, 24)
     assert got.tolist() == [112 + 64 + 5 * f, 16 + 1 * f]
     costs = np.array([10.0, 9, 8, 1, 1, 1])
-    owner = docttt.batch_schedule(costs, 2)
+    owner = docttt_model.batch_schedule(costs, 2)
     assert owner.tolist() == [0, 1, 1, 0, 0, 0]
     assert max(costs[owner == r].sum() for r in (0, 1)) == 17 < max(costs[0::2].sum(), costs[1::2].sum())  # RR: 19
     # a phase after batch 1: the second segment starts from empty loads
-    assert docttt.batch_schedule(costs, 2, [(1, 5)]).tolist() == [0, 1, 0, 1, 1, 1]
-    assert docttt.batch_schedule(costs, 1, [(1, 5)]).tolist() == [0] * 6
-    assert np.array_equal(docttt.batch_schedule(costs, 3), docttt.batch_schedule(costs.copy(), 3))
+    assert docttt_model.batch_schedule(costs, 2, [(1, 5)]).tolist() == [0, 1, 0, 1, 1, 1]
+    assert docttt_model.batch_schedule(costs, 1, [(1, 5)]).tolist() == [0] * 6
+    assert np.array_equal(docttt_model.batch_schedule(costs, 3), docttt_model.batch_schedule(costs.copy(), 3))
 
 
 def test_phases_train_only_on_fully_scored_documents(world, monkeypatch):
     m, data = world["model"], world["data"]
-    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/phases=2/phase_docs=6/{LORA}")
-    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
-    assert docttt.phase_boundaries(queue, 2, 6) == [(0, 3), (1, 6)]
-    assert docttt.phase_boundaries(queue, 1, 10_000) == []  # it would end after the last batch
+    spec = docttt_spec.parse_docttt(f"docttt:doclora@{OPTS}/phases=2/phase_docs=6/{LORA}")
+    queue = docttt_model.doc_queue(data.tokens_np, data.bos_id, 4)
+    assert docttt_model.phase_boundaries(queue, 2, 6) == [(0, 3), (1, 6)]
+    assert docttt_model.phase_boundaries(queue, 1, 10_000) == []  # it would end after the last batch
     ledger = Ledger(spec.name)
     docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger)
     assert ledger.verify()["legal"]
@@ -493,7 +493,7 @@ def test_docttt_on_cuda_bf16(world):
     got, want = comp.results[name].stream.token_nll, ev.results[name].stream.token_nll
     assert abs(float(got.mean()) - float(want.mean())) < 2e-3  # bf16: same function, other kernels
     assert comp.results[name].ledger["legal"]
-    singles = any(len(b) == 1 for b in docttt.doc_queue(data.tokens_np, data.bos_id, 4).batches)
+    singles = any(len(b) == 1 for b in docttt_model.doc_queue(data.tokens_np, data.bos_id, 4).batches)
     print("docttt compiled graphs", dict(counters["stats"]), "1-document batch:", singles)
     assert counters["stats"]["unique_graphs"] == 2 * (1 + singles), dict(counters["stats"])
     dynamo.reset()
@@ -510,22 +510,22 @@ def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
     m.load_state_dict(world["model"].state_dict())
     m.eval()
     data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
-    queue = docttt.doc_queue(data.tokens_np, data.bos_id, 4)
-    spec = docttt.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
+    queue = docttt_model.doc_queue(data.tokens_np, data.bos_id, 4)
+    spec = docttt_spec.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
     ad = docttt.make_doc_adapter(spec)
     params = {k: v.detach() for k, v in m.named_parameters()}
     syncs, nll = {}, {}
     for b in (0, len(queue.batches) - 1):  # the longest and the shortest batch: many and few chunks
         idx = queue.batches[b]
         init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
-        docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+        docttt_batch.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
                          shapes="chunk")  # warm-up
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                out = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+                out = docttt_batch.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
                                        shapes="chunk")
             finally:
                 torch.cuda.set_sync_debug_mode("default")
@@ -536,7 +536,7 @@ def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
     assert first <= 4 and last <= 4, syncs  # bounded per batch: 25 chunks cost no more waits than 4
     idx = queue.batches[0]
     init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
-    exact = docttt.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
+    exact = docttt_batch.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
                              shapes="exact")
     for lo, v in exact.nll:
         np.testing.assert_allclose(nll[0][lo], v, rtol=2e-2, atol=2e-2)  # bf16: other shapes, other sums
@@ -548,12 +548,12 @@ def test_attention_backend_of_the_chunk_loop():
     from metattt.model.attention import flash_available
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert docttt.resolve_attn("auto", cuda, True) == ("auto" if flash_available() else "sdpa-flash")
-    assert docttt.resolve_attn("auto", cuda, False) == "auto"
-    assert docttt.resolve_attn("auto", cpu, True) == "auto"
-    assert docttt.resolve_attn("sdpa", cuda, True) == "sdpa"
+    assert docttt_batch.resolve_attn("auto", cuda, True) == ("auto" if flash_available() else "sdpa-flash")
+    assert docttt_batch.resolve_attn("auto", cuda, False) == "auto"
+    assert docttt_batch.resolve_attn("auto", cpu, True) == "auto"
+    assert docttt_batch.resolve_attn("sdpa", cuda, True) == "sdpa"
     assert EvalConfig(attn="math").score_config().attn == "math"
-    from metattt.eval.run import build_parser
+    from metattt.eval.cli import build_parser
 
     assert build_parser().parse_args(["a.ptz", "--attn", "sdpa-flash"]).attn == "sdpa-flash"
     with pytest.raises(SystemExit):
@@ -574,12 +574,12 @@ def test_compiled_core_traces_the_whole_run_into_one_graph(world, monkeypatch):
     rng = np.random.default_rng(0)
     docs = [np.concatenate(([1], rng.integers(4, 64, size=int(n) - 1))) for n in rng.integers(20, 300, size=9)]
     toks = np.concatenate(docs + [np.array([1])]).astype(np.int64)
-    spec = docttt.parse_docttt("docttt:doclora@chunk=16/docs=4/window=128/rank=4/lr=0.01")
-    queue = docttt.doc_queue(toks, 1, spec.docs)
+    spec = docttt_spec.parse_docttt("docttt:doclora@chunk=16/docs=4/window=128/rank=4/lr=0.01")
+    queue = docttt_model.doc_queue(toks, 1, spec.docs)
     assert [len(b) for b in queue.batches] == [4, 4, 1]
     shapes = set()
     for idx in queue.batches:
-        plan = docttt.batch_plan(queue.a[idx], queue.e[idx], spec.chunk, spec.window, "chunk")
+        plan = docttt_batch.batch_plan(queue.a[idx], queue.e[idx], spec.chunk, spec.window, "chunk")
         shapes |= set(zip(plan.rows.tolist(), plan.t.tolist()))
     eager = docttt.run_docttt(spec, m, torch.from_numpy(toks), toks, 1, Ledger(spec.name), shapes="chunk")
     compile_core = m.compile_core

@@ -243,7 +243,7 @@ def test_docttt_report_fits_long_names_and_says_no_phase_ran(world, tmp_path, ca
 
 def test_docttt_progress_counts_chunk_steps_within_batches(world, monkeypatch):
     """A doc-batched CPU run showed nothing for over ten minutes inside one batch: progress counts chunk steps."""
-    import metattt.eval.docttt as docttt
+    from metattt.eval import docttt, docttt_model, docttt_spec
     from metattt.eval.ledger import Ledger
 
     seen = {}
@@ -261,8 +261,8 @@ def test_docttt_progress_counts_chunk_steps_within_batches(world, monkeypatch):
     monkeypatch.setattr(docttt, "progress_bar", Recorder)
     tokens = load_val_tokens(world["val"])[:1200]
     model = BankedGPT(tiny_config()).eval()
-    spec = docttt.parse_docttt("docttt:doclora@rank=2/docs=4/chunk=32")
-    q = docttt.doc_queue(tokens.numpy(), model.cfg.bos_id, spec.docs)
+    spec = docttt_spec.parse_docttt("docttt:doclora@rank=2/docs=4/chunk=32")
+    q = docttt_model.doc_queue(tokens.numpy(), model.cfg.bos_id, spec.docs)
     steps = sum(int(-(-q.n_targets[idx].max() // spec.chunk)) for idx in q.batches)
     docttt.run_docttt(spec, model, tokens, tokens.numpy(), model.cfg.bos_id, Ledger(spec.name), progress=True)
     assert seen["total"] == steps > len(q.batches) and seen["n"] == steps and seen["closed"]

@@ -13,22 +13,102 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import docttt
-from .docttt import batch_costs, batch_schedule, forward_rows
+from .docttt_batch import forward_rows, run_batch
+from .docttt_compile import compiled_core
+from .docttt_spec import make_doc_adapter
 from .ledger import Ledger
 from .scoring import _sync
 from .windows import doc_segments
 
 
+# ------------------------------------------------------------------------------------------------ schedule
+@dataclass(frozen=True)
+class DocQueue:
+    """Documents (input spans ``[a, e)``, targets ``a+1..e``) in queue order, cut into batches."""
+
+    a: np.ndarray  # int64 (n_docs,), queue order
+    e: np.ndarray
+    batches: list[np.ndarray]  # indices into a / e
+
+    @property
+    def n_targets(self) -> np.ndarray:
+        return self.e - self.a
+
+
+def doc_queue(tokens: np.ndarray, bos_id: int, docs_per_batch: int) -> DocQueue:
+    """Documents sorted by length, longest first (ties: stream order), in batches of ``docs_per_batch``."""
+    segs = doc_segments(np.asarray(tokens), bos_id)
+    a = np.array([s for s, _ in segs], dtype=np.int64)
+    e = np.array([t for _, t in segs], dtype=np.int64)
+    order = np.argsort(-(e - a), kind="stable")
+    a, e = a[order], e[order]
+    return DocQueue(a, e, [np.arange(i, min(i + docs_per_batch, a.size)) for i in range(0, a.size, docs_per_batch)])
+
+
+def phase_boundaries(queue: DocQueue, phases: int, phase_docs: int) -> list[tuple[int, int]]:
+    """(last batch index, number of queue documents to train on) of each phase: phase p trains on the first
+    ``phase_docs * (p+1) // phases`` documents, after the batch that completes them (none after the last batch:
+    no document would be scored with it)."""
+    if phases == 0:
+        return []
+    limit = min(phase_docs, int(queue.a.size))
+    ends = np.cumsum([b.size for b in queue.batches])
+    out = []
+    for p in range(phases):
+        k = limit * (p + 1) // phases
+        b = int(np.searchsorted(ends, k, side="left"))
+        if k > 0 and b < len(queue.batches) - 1:  # a phase after the last batch could only be wasted
+            out.append((b, k))
+    return out
+
+
+def phase_documents(n_docs: int) -> np.ndarray:
+    """Queue indices a phase trains on: the first ``n_docs`` documents (all scored by then)."""
+    return np.arange(n_docs)
+
+
+#: host floor of one chunk step, in token-forwards: on the H200 a step of <= 512 tokens costs 50-60 ms whatever
+#: its rows, the 64 x 2048 step 1.6 us per token (docs/benchmarks.md, session 8)
+STEP_FLOOR_TOKENS = 32768
+
+
+def batch_costs(n_targets: np.ndarray, batches: list[np.ndarray], chunk: int, window: int) -> np.ndarray:
+    """Modelled cost of each batch (token-forwards): over its documents and chunks, the window length
+    min((c+1)*chunk, window) (the ``chunk`` shapes), plus ``STEP_FLOOR_TOKENS`` per chunk step. Only for the
+    schedule: it ranks batches, it does not time them."""
+    nc = -(-np.asarray(n_targets, dtype=np.int64) // chunk)
+    k = window // chunk  # chunks whose window is still growing
+    grow = np.minimum(nc, k)
+    tok = chunk * grow * (grow + 1) // 2 + np.maximum(nc - k, 0) * window
+    return np.array([float(tok[b].sum() + STEP_FLOOR_TOKENS * nc[b].max()) for b in batches])
+
+
+def batch_schedule(costs: np.ndarray, world: int, bounds: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """The rank that runs each batch: within each segment between phases (a phase waits for every batch before
+    it), batches in queue order go to the least-loaded rank of the segment so far (ties: the lower rank), i.e.
+    longest-processing-time first, since the queue is longest first. Round-robin would give the heaviest batches'
+    ranks the heaviest later ones too. A function of the costs only: every rank computes the same schedule."""
+    owner = np.zeros(len(costs), dtype=np.int64)
+    cuts = sorted({b + 1 for b, _ in bounds if b + 1 < len(costs)})
+    for lo, hi in zip([0] + cuts, cuts + [len(costs)]):
+        load = np.zeros(world)
+        for b in range(lo, hi):
+            r = int(np.argmin(load))
+            owner[b] = r
+            load[r] += costs[b]
+    return owner
+
+
+# ------------------------------------------------------------------------------------------------ time model
 @dataclass(frozen=True)
 class StepModel:
     """Measured chunk-step times (seconds) at forward lengths ``t`` with ``rows_lo`` (the fewest the loop runs:
-    ``docttt.forward_rows``) and ``rows`` rows: ``fwd`` (the scoring forward), ``upd`` (backward + optimiser
+    ``docttt_batch.forward_rows``) and ``rows`` rows: ``fwd`` (the scoring forward), ``upd`` (backward + optimiser
     step); linear in t between measured lengths and in the number of rows between ``rows_lo`` and ``rows``;
     ``overhead`` per batch (adapter init, plan, the one sync)."""
 
@@ -67,7 +147,7 @@ def batch_seconds(n: np.ndarray, model: StepModel, chunk: int, window: int, shap
     """Modelled time of one batch of documents with ``n`` targets: every chunk c costs fwd(t_c, rows_c), and
     upd(t_c, rows_c) while some document still trains (not on the batch's last chunk); t_c =
     min((c+1)*chunk, window) (``exact`` shapes: the same, the longest window), rows_c = the forward's rows
-    (``docttt.forward_rows``: active documents; ``chunk`` shapes at least 2, ``batch`` shapes all)."""
+    (``docttt_batch.forward_rows``: active documents; ``chunk`` shapes at least 2, ``batch`` shapes all)."""
     nc = -(-np.asarray(n, dtype=np.int64) // chunk)
     c = np.arange(int(nc.max()))
     t = np.minimum((c + 1) * chunk, window)
@@ -81,7 +161,7 @@ def batch_seconds(n: np.ndarray, model: StepModel, chunk: int, window: int, shap
 def project_docttt(lengths: np.ndarray, model: StepModel, chunk: int, window: int, docs: int, world: int,
                    shapes: str = "chunk", train: bool = True) -> dict:
     """Modelled protocol time: documents sorted longest first into batches of ``docs``, dealt over ranks by
-    docttt's own schedule (``docttt.batch_schedule``, no phases); the run takes as long as its slowest rank."""
+    docttt's own schedule (``batch_schedule``, no phases); the run takes as long as its slowest rank."""
     n = np.sort(np.asarray(lengths, dtype=np.int64))[::-1]
     batches = [np.arange(i, min(i + docs, n.size)) for i in range(0, n.size, docs)]
     per = np.array([batch_seconds(n[b], model, chunk, window, shapes, train) for b in batches])
@@ -98,7 +178,7 @@ def calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, att
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(4, model.cfg.vocab_size, (rows * (n + 1) + 1,), generator=gen).to(device)
     a = np.arange(rows, dtype=np.int64) * (n + 1)
-    adapter = docttt.make_doc_adapter(spec, model, extras)  # init=meta: the artifact's learned A0
+    adapter = make_doc_adapter(spec, model, extras)  # init=meta: the artifact's learned A0
     frozen = {k: v.detach() for k, v in model.named_parameters()}
     shp = ("chunk" if device.type == "cuda" else "exact") if shapes == "auto" else shapes
 
@@ -106,8 +186,8 @@ def calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, att
         init = None
         if adapter is not None:
             init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
-        return docttt.run_batch(model, tokens, a, a + n, spec, adapter, frozen, Ledger(), init, autocast,
-                                attn=attn, shapes=shp, inplace=True)
+        return run_batch(model, tokens, a, a + n, spec, adapter, frozen, Ledger(), init, autocast, attn=attn,
+                         shapes=shp, inplace=True)
 
     return once, adapter is not None
 
@@ -117,7 +197,7 @@ def calibrate(model, spec, device, rows: int, shapes: str, compile: bool, autoca
     """(t, fwd s, upd s, overhead s per batch) of the calibration batch of ``rows`` documents, the last of
     ``reps`` runs (earlier: warm-up)."""
     once, train = calib_batch(model, spec, device, rows, shapes, autocast, attn, extras)
-    with docttt.compiled_core(model, compile):
+    with compiled_core(model, compile):
         for _ in range(reps):
             _sync(device)
             t0 = time.perf_counter()

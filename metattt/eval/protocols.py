@@ -16,7 +16,8 @@ import torch
 
 from ..data.bpb import bpb
 from ..ttt.adapter import Adapter
-from . import bayes_cache, docttt
+from ..ttt.doclora import DocLoRA
+from . import bayes_cache, docttt, docttt_model, docttt_spec
 from .ledger import Ledger
 from .scoring import AdapterLike, DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
@@ -67,8 +68,8 @@ def parse_protocol(text: str) -> ProtocolSpec:
     t = text.strip()
     if not t:
         raise ValueError("empty protocol name")
-    if docttt.is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
-        return docttt.parse_docttt(t)
+    if docttt_spec.is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
+        return docttt_spec.parse_docttt(t)
     if bayes_cache.is_bayes_cache(t):  # the synthetic corpus's exact Bayes cache (a reference, no gradients)
         return bayes_cache.BayesCacheSpec()
     if ":" not in t:
@@ -99,16 +100,16 @@ def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
     if any(s.mode != "score" or s.windows == "sliding" for s in specs):
         needed.append(ProtocolSpec("flat"))
     for s in specs:
-        if s.mode == docttt.FAMILY:
+        if s.mode == docttt_spec.FAMILY:
             needed += [ProtocolSpec("doc-flat"), *s.requires()]
         elif s.mode != "score":
             needed.append(ProtocolSpec(s.windows))
     out: list[ProtocolSpec] = []
-    for mode in ("score", docttt.FAMILY, bayes_cache.FAMILY, "ttt", "oracle"):
+    for mode in ("score", docttt_spec.FAMILY, bayes_cache.FAMILY, "ttt", "oracle"):
         group = [s for s in needed if s.mode == mode]
         if mode == "score":
             group.sort(key=lambda s: WINDOWS.index(s.windows))
-        elif mode == docttt.FAMILY:  # the decomposition's order: doc-chunk, docttt, docttt + phases
+        elif mode == docttt_spec.FAMILY:  # the decomposition's order: doc-chunk, docttt, docttt + phases
             group.sort(key=lambda s: (s.adapter is not None, s.phases > 0))
         for s in group:
             if s not in out:
@@ -137,7 +138,7 @@ class EvalConfig:
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
     eager_adapted: bool = False  # score adapted weights with the uncompiled model (the record's TTT loop does)
     docttt_compile: bool = False  # docttt: compiled core, dynamic rows and lengths (the CLI's --compile)
-    docttt_shapes: str = "auto"  # docttt forward shapes (docttt.SHAPES); auto: chunk on CUDA, exact elsewhere
+    docttt_shapes: str = "auto"  # docttt forward shapes (docttt_batch.SHAPES); auto: chunk on CUDA, exact elsewhere
     attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
     position_edges: tuple[int, ...] = (0, 128, 1024, 2048)  # per-position Δ: offsets from the document's BOS
     equivalence_margin: float = 0.001  # TOST margin (bpb) of the report's equivalence table
@@ -293,7 +294,7 @@ def run_protocol(
     """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol).
     ``extras``: the artifact's extras (a batched adapter's learned init, ``docttt:doclora@init=meta``)."""
     ctx = DistCtx.current() if ctx is None else ctx
-    if spec.mode == docttt.FAMILY:
+    if spec.mode == docttt_spec.FAMILY:
         return _run_docttt(spec, model, data, cfg, ctx, extras)
     if spec.mode == bayes_cache.FAMILY:
         return ProtocolResult(spec, *bayes_cache.run_bayes_cache(spec, model, data, plan, cfg))
@@ -358,7 +359,7 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
     block_nats = np.bincount(data.block_of_target, weights=nll)
     info = None
     if spec.adapter is not None:
-        ad = docttt.DocLoRA(spec.lora_config())
+        ad = DocLoRA(spec.lora_config())
         info = {"adapter": ad.name, "config": ad.cfg.to_dict(),
                 "adapted_scalars_per_doc": ad.adapted_count(model.cfg), "docs_per_batch": spec.docs,
                 "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
@@ -366,9 +367,9 @@ def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalCo
         proj["measured_over_modelled"] = res.seconds / proj["check_s"] if proj["check_s"] > 0 else None
     from . import cost
 
-    queue = docttt.doc_queue(data.tokens_np, data.bos_id, spec.docs)
+    queue = docttt_model.doc_queue(data.tokens_np, data.bos_id, spec.docs)
     phase_t = sum(float(queue.n_targets[:n].sum()) for _, n in
-                  docttt.phase_boundaries(queue, spec.phases, spec.phase_docs)) if spec.adapter is not None else 0.0
+                  docttt_model.phase_boundaries(queue, spec.phases, spec.phase_docs)) if spec.adapter is not None else 0.0
     work = cost.docttt_work(queue.n_targets, spec.chunk, spec.window, spec.adapter is not None, phase_t,
                             spec.phase_epochs)
     return ProtocolResult(spec, res, doc_nats, block_nats, summary, info, ctx.world, warmup_s=warm, projection=proj,
@@ -425,7 +426,7 @@ def evaluate(
     plans: dict[str, WindowPlan] = {}
     bound: dict[str, Any] = {}  # adapters resolved (built and bound, once per key) before anything runs
     for spec in specs:
-        if spec.mode == docttt.FAMILY:  # builds its own document queue; its adapter comes from the spec
+        if spec.mode == docttt_spec.FAMILY:  # builds its own document queue; its adapter comes from the spec
             bound[spec.name] = None
             continue
         if spec.windows not in plans:
@@ -439,7 +440,7 @@ def evaluate(
         bound[spec.name] = adapter
     out = EvalResult(data, cfg)
     if scorer is not None:
-        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if spec.mode != docttt.FAMILY
+        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if spec.mode != docttt_spec.FAMILY
                 and not (cfg.eager_adapted and spec.mode != "score")]
         out.scorer_compile_s = warm_up_scorer(scorer, data, jobs, cfg)
         if log is not None and out.scorer_compile_s:

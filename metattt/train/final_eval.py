@@ -194,7 +194,8 @@ def run_final_eval(cfg: TrainConfig, artifact: str, out: Callable[[str], None] =
     plan = check_mode(cfg.final_eval)
     if plan is None:
         return None
-    from ..eval.run import build_parser, run
+    from ..eval.cli import build_parser
+    from ..eval.run import run
 
     args = build_parser().parse_args(evaluator_argv(cfg, artifact, plan))
     what = "the first {:,} val tokens".format(plan.max_tokens) if plan.max_tokens else "the whole val stream"

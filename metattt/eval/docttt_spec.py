@@ -1,0 +1,132 @@
+"""The document-batched family's protocol specs: ``doc-chunk[@...]`` (no adaptation, the baseline) and
+``docttt:ADAPTER[@...]``, their options, their decomposition (``base``, ``requires``) and the batched adapter a
+spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+import torch
+
+from ..ttt.doclora import DocLoRA, DocLoRAConfig
+
+BASELINE = "doc-chunk"
+FAMILY = "docttt"
+
+
+@dataclass(frozen=True)
+class DocTTTSpec:
+    """One protocol of the family; ``adapter=None`` is the ``doc-chunk`` baseline (adaptation off)."""
+
+    adapter: str | None = None
+    chunk: int = 32
+    docs: int = 64
+    window: int = 2048
+    phases: int = 0
+    phase_docs: int = 2000
+    phase_lr: float = 0.001
+    phase_momentum: float = 0.9
+    phase_tokens: int = 32768
+    phase_epochs: int = 1
+    phase_clip: float = 1.0
+    adapter_opts: tuple[tuple[str, str], ...] = ()
+    mode: str = field(default=FAMILY, init=False)
+    windows: str = field(default=BASELINE, init=False)
+
+    def __post_init__(self) -> None:
+        for n in ("chunk", "docs", "window", "phase_docs", "phase_tokens", "phase_epochs"):
+            if getattr(self, n) < 1:
+                raise ValueError(f"{self.name}: {n} must be >= 1, got {getattr(self, n)}")
+        if self.phases < 0:
+            raise ValueError(f"{self.name}: phases must be >= 0, got {self.phases}")
+        if self.adapter is None and (self.phases or self.adapter_opts):
+            raise ValueError(f"{BASELINE} takes no adapter options or phases (use docttt:ADAPTER@...)")
+        if self.adapter is not None and self.adapter != DocLoRA.name:
+            raise ValueError(f"docttt adapter {self.adapter!r} is unknown; batched adapters: {DocLoRA.name}")
+        if self.adapter is not None:
+            self.lora_config()  # validates the options now (exit 2 before anything runs)
+
+    @property
+    def legal(self) -> bool:
+        return True
+
+    @property
+    def name(self) -> str:
+        opts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                if f.init and f.name not in ("adapter", "adapter_opts") and getattr(self, f.name) != f.default]
+        opts += [f"{k}={v}" for k, v in self.adapter_opts]
+        head = BASELINE if self.adapter is None else f"{FAMILY}:{self.adapter}"
+        return head + ("@" + "/".join(opts) if opts else "")
+
+    @property
+    def base(self) -> str:
+        """The protocol this one's Δ is taken from: doc-flat → doc-chunk → docttt → docttt + phases."""
+        if self.adapter is None:
+            return "doc-flat"
+        if self.phases:
+            return self.without_phases().name
+        return self.baseline().name
+
+    def baseline(self) -> "DocTTTSpec":
+        return DocTTTSpec(None, self.chunk, self.docs, self.window)
+
+    def without_phases(self) -> "DocTTTSpec":
+        return replace(self, phases=0, phase_docs=2000, phase_lr=0.001, phase_momentum=0.9, phase_tokens=32768,
+                       phase_epochs=1, phase_clip=1.0)
+
+    def requires(self) -> list["DocTTTSpec"]:
+        """The family members its decomposition needs (doc-flat is added by the caller)."""
+        out = [self.baseline()] if self.adapter is not None else []
+        if self.phases:
+            out.append(self.without_phases())
+        return out
+
+    def lora_config(self) -> DocLoRAConfig:
+        return DocLoRAConfig.from_options(dict(self.adapter_opts))
+
+
+def is_docttt(text: str) -> bool:
+    t = text.strip()
+    return t.startswith(FAMILY + ":") or t == BASELINE or t.startswith(BASELINE + "@")
+
+
+def parse_docttt(text: str) -> DocTTTSpec:
+    """``doc-chunk[@chunk=32/window=2048/docs=64]`` or ``docttt:doclora[@opt=value/...]``: protocol options
+    (chunk, docs, window, phases, phase_docs, phase_lr, phase_momentum, phase_tokens, phase_epochs, phase_clip)
+    and doclora options (rank, alpha, lr, beta1, beta2, eps, weight_decay, targets, keep_a, seed)."""
+    t = text.strip()
+    head, _, rest = t.partition("@")
+    adapter = None if head == BASELINE else head.partition(":")[2]
+    if adapter == "":
+        raise ValueError(f"protocol {t!r} names no adapter (docttt:{DocLoRA.name})")
+    proto = {f.name: f for f in fields(DocTTTSpec) if f.init and f.name not in ("adapter", "adapter_opts")}
+    kw: dict[str, Any] = {}
+    lora: list[tuple[str, str]] = []
+    for item in (s for s in rest.split("/") if s.strip()):
+        k, eq, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        if not eq or not k:
+            raise ValueError(f"protocol {t!r}: option {item!r} is not key=value")
+        if k in proto:
+            typ = type(proto[k].default)
+            try:
+                kw[k] = typ(v)
+            except ValueError as e:
+                raise ValueError(f"protocol {t!r}: {k}={v!r} is not a {typ.__name__}") from e
+        else:
+            lora.append((k, v))
+    return DocTTTSpec(adapter, adapter_opts=tuple(lora), **kw)
+
+
+def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module | None = None,
+                     extras: Mapping[str, torch.Tensor] | None = None) -> DocLoRA | None:
+    """The factory of batched adapters (``doclora`` only, until the registry carries batched adapters).
+    ``init=meta`` binds the adapter to ``model`` and loads the learned A0 from the artifact's ``extras``."""
+    if spec.adapter is None:
+        return None
+    ad = DocLoRA(spec.lora_config())
+    if ad.cfg.init == "meta":
+        if model is None:
+            raise ValueError(f"{spec.name}: init=meta needs the model and the artifact's extras")
+        ad.bind(model).load_artifact_extras(extras or {})
+    return ad

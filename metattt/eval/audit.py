@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import docttt_spec
+from .docttt_spec import DocTTTSpec
 from .ledger import Ledger, LegalityError
 from .windows import doc_ids, doc_starts
 
@@ -97,7 +97,7 @@ def default_prefix(spec: Any, data: Any, cfg: Any) -> tuple[int, str]:
     of the first ``2 * docs`` documents (two batches, so a phase can run), at most an eighth of the documents,
     at least 8."""
     n = data.n_tokens
-    if spec.mode == docttt_spec.FAMILY:  # a short stream: an eighth of its documents (at least 8)
+    if isinstance(spec, DocTTTSpec):  # a short stream: an eighth of its documents (at least 8)
         k = max(8, min(2 * spec.docs, data.n_docs // 8))
         m = int(data.starts[k]) + 1 if data.starts.size > k else n  # + the next BOS: its target ends the last doc
         return min(m, n), f"the first {min(k, data.n_docs)} documents"
@@ -109,7 +109,7 @@ def audit_spec(spec: Any, prefix_docs: int) -> Any:
     """The protocol as audited on a prefix: the same code, with ``docs`` per batch at most half the prefix's
     documents (two batches at least) and ``phase_docs`` at most one batch, so every phase falls before the
     prefix's last batch (on the full stream ``phase_docs`` is usually more than the prefix holds)."""
-    if spec.mode != docttt_spec.FAMILY:
+    if not isinstance(spec, DocTTTSpec):
         return spec
     docs = min(spec.docs, max(1, prefix_docs // 2))
     out = replace(spec, docs=docs) if docs != spec.docs else spec
@@ -203,10 +203,10 @@ def audit_protocol(spec: Any, run: Callable[[Any, Any], Any], data: Any, cfg: An
     if device.type == "cuda":  # the noise an unperturbed re-run shows (the tolerance must sit above it)
         again = run(spec_a, base_data).stream.token_nll.astype(np.float64)
         rec["rerun_max_diff"] = float(np.abs(again - ref_nll).max()) if again.size else 0.0
-    after = 0 if spec.mode == docttt_spec.FAMILY else min(cfg.chunk_tokens, m // 2)
+    after = 0 if isinstance(spec, DocTTTSpec) else min(cfg.chunk_tokens, m // 2)
     points = [("tokens", p) for p in pick_points(toks, data.bos_id, acfg.points, rng, after=after)]
-    if spec.mode != docttt_spec.FAMILY or spec.adapter is None:
-        window = spec.window if spec.mode == docttt_spec.FAMILY else cfg.window_len(spec.windows)
+    if not isinstance(spec, DocTTTSpec) or spec.adapter is None:
+        window = spec.window if isinstance(spec, DocTTTSpec) else cfg.window_len(spec.windows)
         points += [("boundary", p) for p in pick_points(toks, data.bos_id, acfg.boundary_points, rng, window,
                                                         after)]
     else:
@@ -277,11 +277,11 @@ def run_audit(model: torch.nn.Module, data: Any, specs: list[Any], adapters: Map
 
     for spec in specs:
         adapter = None
-        if spec.adapter is not None and spec.mode != docttt_spec.FAMILY:
+        if spec.adapter is not None and not isinstance(spec, DocTTTSpec):
             adapter = adapters(spec.adapter) if callable(adapters) else adapters[spec.adapter]
 
         def run(s: Any, d: Any, adapter: Any = adapter) -> Any:
-            plan = None if s.mode == docttt_spec.FAMILY else build_plan(s.windows, d, quiet)
+            plan = None if isinstance(s, DocTTTSpec) else build_plan(s.windows, d, quiet)
             return run_protocol(s, model, d, plan, quiet, adapter, ctx, scorer, extras)
 
         rec = audit_protocol(spec, run, data, quiet, device, acfg, vocab=int(model.cfg.vocab_size))

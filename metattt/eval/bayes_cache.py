@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .spec import ProtocolSpec, Spec
+
 FAMILY = "bayes-cache"
 
 
 @dataclass(frozen=True)
-class BayesCacheSpec:
+class BayesCacheSpec(Spec):
     """The protocol; ``synthetic`` (the corpus spec, from the artifact's metadata) is bound before it runs."""
 
     synthetic: dict[str, Any] | None = field(default=None, compare=False, hash=False)
@@ -40,12 +42,15 @@ class BayesCacheSpec:
         return FAMILY
 
     @property
-    def legal(self) -> bool:
-        return True
-
-    @property
     def base(self) -> str:
         return self.windows
+
+    @property
+    def order(self) -> tuple:
+        return (2,)
+
+    def requires(self) -> list[Spec]:
+        return [ProtocolSpec("flat"), ProtocolSpec(self.windows)]
 
 
 def is_bayes_cache(text: str) -> bool:

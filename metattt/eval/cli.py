@@ -11,6 +11,7 @@ from typing import Any, Callable
 from ..model.attention import ATTN_BACKENDS
 from ..ttt.registry import add_module_flag
 from .audit import CUDA_TOL, AuditConfig
+from .docttt_spec import DocTTTSpec
 from .positions import parse_edges
 from .protocols import EvalConfig
 from .tuning import parse_grid, parse_slice
@@ -322,7 +323,7 @@ def check_lengths(args: argparse.Namespace, meta: dict[str, Any], specs: list[An
     trained = int(trained)
     asked = [(flag, v) for flag, v in (("--context", args.context), ("--seq-len", args.seq_len),
                                        ("--train-seq-len", args.train_seq_len)) if v is not None and v > trained]
-    asked += [("docttt window=", w) for w in sorted({s.window for s in specs if getattr(s, "mode", None) == "docttt"
+    asked += [("docttt window=", w) for w in sorted({s.window for s in specs if isinstance(s, DocTTTSpec)
                                                     and s.window != type(s).window and s.window > trained})]
     if not asked:
         return

@@ -9,13 +9,14 @@ from typing import Any, Mapping
 import torch
 
 from ..ttt.doclora import DocLoRA, DocLoRAConfig
+from .spec import ProtocolSpec, Spec
 
 BASELINE = "doc-chunk"
 FAMILY = "docttt"
 
 
 @dataclass(frozen=True)
-class DocTTTSpec:
+class DocTTTSpec(Spec):
     """One protocol of the family; ``adapter=None`` is the ``doc-chunk`` baseline (adaptation off)."""
 
     adapter: str | None = None
@@ -47,8 +48,8 @@ class DocTTTSpec:
             self.lora_config()  # validates the options now (exit 2 before anything runs)
 
     @property
-    def legal(self) -> bool:
-        return True
+    def adapts(self) -> bool:
+        return self.adapter is not None
 
     @property
     def name(self) -> str:
@@ -74,12 +75,23 @@ class DocTTTSpec:
         return replace(self, phases=0, phase_docs=2000, phase_lr=0.001, phase_momentum=0.9, phase_tokens=32768,
                        phase_epochs=1, phase_clip=1.0)
 
-    def requires(self) -> list["DocTTTSpec"]:
-        """The family members its decomposition needs (doc-flat is added by the caller)."""
-        out = [self.baseline()] if self.adapter is not None else []
-        if self.phases:
-            out.append(self.without_phases())
-        return out
+    @property
+    def total_base(self) -> str | None:
+        return "doc-flat" if self.adapter is not None else None
+
+    @property
+    def step(self) -> str:
+        return "context" if self.adapter is None else ("phases" if self.phases else "adaptation")
+
+    @property
+    def order(self) -> tuple:
+        return (1, self.adapter is not None, self.phases > 0)  # the decomposition's order
+
+    def requires(self) -> list[Spec]:
+        """flat, doc-flat and the family members of its decomposition."""
+        out: list[Spec] = [ProtocolSpec("flat"), ProtocolSpec("doc-flat")]
+        out += [self.baseline()] if self.adapter is not None else []
+        return out + ([self.without_phases()] if self.phases else [])
 
     def lora_config(self) -> DocLoRAConfig:
         return DocLoRAConfig.from_options(dict(self.adapter_opts))

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .docttt_spec import DocTTTSpec
 from .windows import doc_starts
 
 ORDER_SEED = 20_260_501  # the fixed base seed of document orders: order k uses (ORDER_SEED, k)
@@ -58,7 +59,7 @@ def to_original(doc_nats: np.ndarray, perm: np.ndarray) -> np.ndarray:
 
 def seeded_spec(spec: Any, seed: int) -> Any:
     """A ``docttt:`` spec with the adapter's seed offset by ``seed`` (0: unchanged); other specs unchanged."""
-    if seed == 0 or getattr(spec, "mode", None) != "docttt" or spec.adapter is None:
+    if seed == 0 or not isinstance(spec, DocTTTSpec) or spec.adapter is None:
         return spec
     old = dict(spec.adapter_opts)
     new = str(int(old.get("seed", 0)) + seed)

@@ -111,7 +111,7 @@ def no_step_notes(results: Mapping[str, Any], chunk_tokens: int, longest_doc: in
     """Adapting protocols that took no update: their Δ is zero by construction."""
     out = {}
     for n, r in results.items():
-        if r.spec.mode == "score" or getattr(r.spec, "adapter", None) is None:
+        if r.spec.adapter is None:
             continue
         if r.spec.mode == "ttt" and len(r.stream.adapt_stats) == 0:
             reset = ((r.adapter_info or {}).get("config") or {}).get("reset")

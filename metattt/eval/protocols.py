@@ -15,61 +15,28 @@ import numpy as np
 import torch
 
 from ..data.bpb import bpb
-from ..ttt.adapter import Adapter
+from ..ttt.adapter import Adapter, AdapterConfig
 from ..ttt.doclora import DocLoRA
-from . import bayes_cache, docttt, docttt_model, docttt_spec
+from . import bayes_cache, docttt, docttt_model
+from .docttt_spec import DocTTTSpec, is_docttt, parse_docttt
 from .ledger import Ledger
+from .spec import ProtocolSpec, Spec
 from .scoring import AdapterLike, DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
 
-WINDOWS = ("flat", "sliding", "doc-flat", "doc-sliding")
 _WINDOW_ALIASES = {"doc": "doc-sliding", "flat": "flat", "sliding": "sliding", "doc-flat": "doc-flat",
                    "doc-sliding": "doc-sliding"}
-MODES = ("score", "ttt", "oracle")
 ORACLE_LABEL = "not a legal score: upper bound"
 
 
-@dataclass(frozen=True)
-class ProtocolSpec:
-    """One protocol: a windowing, a mode and (for ttt / oracle) the key of an adapter."""
-
-    windows: str
-    mode: str = "score"
-    adapter: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.windows not in WINDOWS:
-            raise ValueError(f"unknown windowing {self.windows!r}; choose from {', '.join(WINDOWS)} (or 'doc')")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown protocol mode {self.mode!r}")
-        if (self.mode == "score") != (self.adapter is None):
-            raise ValueError(f"protocol mode {self.mode!r} {'needs' if self.mode != 'score' else 'takes no'} adapter")
-
-    @property
-    def name(self) -> str:
-        if self.mode == "score":
-            return self.windows
-        suffix = "" if self.windows == "sliding" else f"@{self.windows}"
-        return f"{self.mode}:{self.adapter}{suffix}"
-
-    @property
-    def legal(self) -> bool:
-        return self.mode != "oracle"
-
-    @property
-    def base(self) -> str:
-        """The score-only protocol this one is compared with (its own windows without adaptation)."""
-        return self.windows
-
-
-def parse_protocol(text: str) -> ProtocolSpec:
+def parse_protocol(text: str) -> Spec:
     """``flat`` | ``sliding`` | ``doc`` (= ``doc-sliding``) | ``doc-flat`` | ``ttt:<adapter>[@<windows>]`` |
     ``oracle:<adapter>[@<windows>]`` (windows default ``sliding``)."""
     t = text.strip()
     if not t:
         raise ValueError("empty protocol name")
-    if docttt_spec.is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
-        return docttt_spec.parse_docttt(t)
+    if is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
+        return parse_docttt(t)
     if bayes_cache.is_bayes_cache(t):  # the synthetic corpus's exact Bayes cache (a reference, no gradients)
         return bayes_cache.BayesCacheSpec()
     if ":" not in t:
@@ -89,31 +56,18 @@ def parse_protocol(text: str) -> ProtocolSpec:
     return ProtocolSpec(_WINDOW_ALIASES[win], mode, adapter)
 
 
-def parse_protocols(text: str | list[str]) -> list[ProtocolSpec]:
-    """Comma-separated protocols, plus the base protocols their deltas need (``flat`` and each ttt's windows),
-    deduplicated, in the order: score-only (flat, sliding, doc-flat, doc-sliding), then ttt, then oracle."""
+def parse_protocols(text: str | list[str]) -> list[Spec]:
+    """Comma-separated protocols, plus the protocols their deltas need (``Spec.requires``), deduplicated, in the
+    run order (``Spec.order``): windows only (flat, sliding, doc-flat, doc-sliding), doc-batched, bayes-cache, ttt,
+    oracle."""
     items = text.split(",") if isinstance(text, str) else list(text)
     specs = [parse_protocol(s) for s in items if s.strip()]
     if not specs:
         raise ValueError("no protocols given")
-    needed = list(specs)
-    if any(s.mode != "score" or s.windows == "sliding" for s in specs):
-        needed.append(ProtocolSpec("flat"))
-    for s in specs:
-        if s.mode == docttt_spec.FAMILY:
-            needed += [ProtocolSpec("doc-flat"), *s.requires()]
-        elif s.mode != "score":
-            needed.append(ProtocolSpec(s.windows))
-    out: list[ProtocolSpec] = []
-    for mode in ("score", docttt_spec.FAMILY, bayes_cache.FAMILY, "ttt", "oracle"):
-        group = [s for s in needed if s.mode == mode]
-        if mode == "score":
-            group.sort(key=lambda s: WINDOWS.index(s.windows))
-        elif mode == docttt_spec.FAMILY:  # the decomposition's order: doc-chunk, docttt, docttt + phases
-            group.sort(key=lambda s: (s.adapter is not None, s.phases > 0))
-        for s in group:
-            if s not in out:
-                out.append(s)
+    out: list[Spec] = []
+    for s in sorted(specs + [r for s in specs for r in s.requires()], key=lambda s: s.order):
+        if s not in out:
+            out.append(s)
     return out
 
 
@@ -165,7 +119,7 @@ class EvalConfig:
 
 @dataclass
 class ProtocolResult:
-    spec: ProtocolSpec
+    spec: Spec
     stream: StreamResult
     doc_nats: np.ndarray  # float64 (n_docs,)
     block_nats: np.ndarray  # float64 (n_blocks,)
@@ -272,16 +226,16 @@ def adapter_info(adapter: AdapterLike) -> dict[str, Any]:
 def _cfg_dict(cfg: Any) -> dict[str, Any] | None:
     if cfg is None:
         return None
-    if hasattr(cfg, "to_dict"):
+    if isinstance(cfg, AdapterConfig):
         return cfg.to_dict()
-    try:
+    try:  # a bare seam adapter's config: a dataclass, else its repr
         return asdict(cfg)
     except TypeError:
         return {"repr": repr(cfg)}
 
 
 def run_protocol(
-    spec: ProtocolSpec,
+    spec: Spec,
     model: torch.nn.Module,
     data: StreamData,
     plan: WindowPlan,
@@ -294,9 +248,9 @@ def run_protocol(
     """Run one protocol and check its ledger (raises :class:`LegalityError` for an illegal legal protocol).
     ``extras``: the artifact's extras (a batched adapter's learned init, ``docttt:doclora@init=meta``)."""
     ctx = DistCtx.current() if ctx is None else ctx
-    if spec.mode == docttt_spec.FAMILY:
+    if isinstance(spec, DocTTTSpec):
         return _run_docttt(spec, model, data, cfg, ctx, extras)
-    if spec.mode == bayes_cache.FAMILY:
+    if isinstance(spec, bayes_cache.BayesCacheSpec):
         return ProtocolResult(spec, *bayes_cache.run_bayes_cache(spec, model, data, plan, cfg))
     if spec.mode != "score" and adapter is None:
         raise ValueError(f"protocol {spec.name} needs adapter {spec.adapter!r}")
@@ -336,7 +290,7 @@ def run_protocol(
                           flops=cost.flops(work, model))
 
 
-def _run_docttt(spec: Any, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx,
+def _run_docttt(spec: DocTTTSpec, model: torch.nn.Module, data: StreamData, cfg: EvalConfig, ctx: DistCtx,
                 extras: Mapping[str, torch.Tensor] | None = None) -> ProtocolResult:
     """A ``doc-chunk`` / ``docttt:`` protocol (metattt.eval.docttt), accounted like the others."""
     ledger = Ledger(spec.name, enforce=True)
@@ -413,7 +367,7 @@ def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, jobs: list[tuple[W
 def evaluate(
     model: torch.nn.Module,
     data: StreamData,
-    specs: list[ProtocolSpec],
+    specs: list[Spec],
     adapters: dict[str, Any] | Callable[[str], Any],
     cfg: EvalConfig,
     ctx: DistCtx | None = None,
@@ -426,7 +380,7 @@ def evaluate(
     plans: dict[str, WindowPlan] = {}
     bound: dict[str, Any] = {}  # adapters resolved (built and bound, once per key) before anything runs
     for spec in specs:
-        if spec.mode == docttt_spec.FAMILY:  # builds its own document queue; its adapter comes from the spec
+        if isinstance(spec, DocTTTSpec):  # builds its own document queue; its adapter comes from the spec
             bound[spec.name] = None
             continue
         if spec.windows not in plans:
@@ -440,7 +394,7 @@ def evaluate(
         bound[spec.name] = adapter
     out = EvalResult(data, cfg)
     if scorer is not None:
-        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if spec.mode != docttt_spec.FAMILY
+        jobs = [(plans[spec.windows], bound[spec.name]) for spec in specs if not isinstance(spec, DocTTTSpec)
                 and not (cfg.eager_adapted and spec.mode != "score")]
         out.scorer_compile_s = warm_up_scorer(scorer, data, jobs, cfg)
         if log is not None and out.scorer_compile_s:

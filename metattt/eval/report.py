@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from metattt.track.rundir import EVAL_SCHEMA, READABLE_EVAL_SCHEMAS
+from metattt.track.rundir import EVAL_SCHEMA
 
+from .docttt_spec import DocTTTSpec
 from .equivalence import equivalence_table
 from .positions import format_per_position, per_position
 from .protocols import ORACLE_LABEL, EvalResult
 from .stats import bootstrap, hierarchical_bootstrap
 
 SCHEMA = EVAL_SCHEMA
-READABLE_SCHEMAS = READABLE_EVAL_SCHEMAS  # what the readers (compare, the study) accept; see metattt.track.rundir
 ONE_ORDER = "conditional on one order: paired document bootstrap over one pass"
 HIERARCHICAL = "hierarchical bootstrap over {r} runs ({k} document orders x {s} adapter seeds), then documents"
 SIGN_CONVENTION = ("delta(A -> B) = bpb(A) - bpb(B) in bits per byte; positive = the second protocol B is better "
@@ -38,10 +38,10 @@ def delta_pairs(names: list[str], specs: dict[str, Any]) -> dict[str, tuple[str,
         out["doc_isolation"] = ("sliding", "doc-sliding")
     for n in names:
         s = specs[n]
-        if s.mode != "score" and s.base in names:
+        if s.base is not None and s.base in names:
             out[n] = (s.base, n)
-        if s.mode == "docttt" and s.adapter is not None and "doc-flat" in names:
-            out["total:" + n] = ("doc-flat", n)
+        if s.total_base is not None and s.total_base in names:
+            out["total:" + n] = (s.total_base, n)
     return out
 
 
@@ -51,14 +51,12 @@ def docttt_decomposition(names: list[str], specs: dict[str, Any], deltas: dict[s
     out: dict[str, Any] = {}
     for n in names:
         s = specs[n]
-        if s.mode != "docttt" or s.adapter is None or "total:" + n not in deltas:
+        if s.total_base is None or "total:" + n not in deltas:
             continue
         steps = []
         cur = n
-        while cur in deltas and specs[cur].mode == "docttt":
-            sc = specs[cur]
-            what = "context" if sc.adapter is None else ("phases" if sc.phases else "adaptation")
-            steps.append({"step": what, **deltas[cur]})
+        while cur in deltas and specs[cur].step is not None:
+            steps.append({"step": specs[cur].step, **deltas[cur]})
             cur = deltas[cur]["from"]
         out[n] = {"steps": steps[::-1], "total": deltas["total:" + n]}
     return out
@@ -71,14 +69,6 @@ def running_delta(a_block_nats: np.ndarray, b_block_nats: np.ndarray, block_byte
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(cb > 0, diff / np.where(cb > 0, cb, 1), np.nan)
     return [float(v) if np.isfinite(v) else None for v in out]
-
-
-def check_schema(ev: dict[str, Any], where: str = "eval.json") -> None:
-    """Refuse an eval.json no reader here understands, with a one-line reason (ValueError)."""
-    got = ev.get("schema")
-    if got not in READABLE_SCHEMAS:
-        raise ValueError(f"{where}: schema {got!r} is not one this version reads ({', '.join(READABLE_SCHEMAS)}); "
-                         "re-run the evaluator or use the metattt version that wrote it")
 
 
 def build_report(ev: EvalResult, meta: dict[str, Any] | None = None,
@@ -118,7 +108,8 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None,
             "windows": r.spec.windows,
             # docttt with phases: how many ran (none when the stream has too few batches for one)
             **({"phases_run": sum(1 for st in s.adapt_stats if isinstance(st, dict) and "phase" in st
-                                  and "skipped" not in st)} if getattr(r.spec, "phases", 0) else {}),
+                                  and "skipped" not in st)} if isinstance(r.spec, DocTTTSpec) and r.spec.phases
+               else {}),
             **(_compat_entry(r, total_bytes) if r.compat is not None else {}),
             "adapter": r.spec.adapter,
             "n_windows": s.n_windows,
@@ -157,12 +148,12 @@ def build_report(ev: EvalResult, meta: dict[str, Any] | None = None,
     decomposition = docttt_decomposition(names, specs, deltas)
     running = {}
     for key, (a, b) in pairs.items():
-        if specs[b].mode == "score":
+        if specs[b].base is None:  # windows only: no running Δ of its own
             continue
         running[key] = {"from": a, "to": b, "block_tokens": data.block_tokens,
                         "chunk": list(range(block_bytes.size)),
                         "delta_bpb": running_delta(ev.results[a].block_nats, ev.results[b].block_nats, block_bytes)}
-    adapt_pairs = {k: v for k, v in pairs.items() if getattr(specs[v[1]], "adapter", None) is not None
+    adapt_pairs = {k: v for k, v in pairs.items() if specs[v[1]].adapter is not None
                    and specs[v[1]].legal and not k.startswith("total:")}
     doc_nats = {n: r.doc_nats for n, r in ev.results.items()}
     if runs:  # TOST on the per-document terms averaged over every run

@@ -19,14 +19,17 @@ import math
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ..ttt.adapter import Adapter
 from ..ttt.registry import PluginError, Registry
 from .audit import run_audit
+from .docttt_spec import DocTTTSpec, make_doc_adapter
 from .cli import (EvalInputError, audit_config, build_parser, check_adapter_specs, check_args, check_artifact_path,
                   check_data, check_lengths, check_run_dir, check_windows, open_run_dir, parse_adapter_specs,
                   parse_expect, resolve_lut, resolve_val, run_dir_target)
@@ -266,9 +269,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     scorer = torch.compile(model, dynamic=False) if args.compile else None
     extras = dict(loaded.extras or {})
     for spec in specs:  # a learned batched init must be in the artifact: exit 2 before anything runs
-        if spec.mode == "docttt":
-            from .docttt import make_doc_adapter
-
+        if isinstance(spec, DocTTTSpec):
             try:
                 make_doc_adapter(spec, model, extras)
             except ValueError as e:
@@ -286,8 +287,9 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
             if s == 0:
                 return factory
             seeded = dict(adapter_specs)
-            for key in {sp.adapter for sp in specs if sp.adapter is not None and sp.mode != "docttt"}:
-                if hasattr(getattr(factory(key), "cfg", None), "seed"):
+            for key in {sp.adapter for sp in specs if sp.adapter is not None and not isinstance(sp, DocTTTSpec)}:
+                ad = factory(key)  # seeded where its config has a seed (a bare seam adapter has none to offset)
+                if isinstance(ad, Adapter) and any(f.name == "seed" for f in fields(ad.cfg)):
                     seeded[key] = seeded_adapter_spec(adapter_specs.get(key, key), s)
             f = (make_adapter_factory(model, seeded, extras, registry) if adapter_factory is None
                  else adapter_factory(model, seeded, extras))

@@ -110,13 +110,15 @@ def _ci(ci: list[Any]) -> list[float | None]:
 
 def decomposition(report: dict[str, Any]) -> dict[str, Any]:
     """Per protocol: bpb, CI, the gain over the protocol it builds on, and (TTT) the share of the room."""
+    from ..eval.protocols import parse_protocol
+
     am = report.get("meta", {}).get("artifact_meta", {})
     stride = report["config"].get("stride")  # absent: every target is taken to see the whole context
     room = analytic_room(am, report["data"]["n_tokens"], int(report["config"]["context"]),
                          None if stride is None else int(stride))
     rows = []
     for name, p in report["protocols"].items():
-        adapts = p["mode"] != "score" and not name.startswith("doc-chunk")  # doc-chunk: windows, no adaptation
+        adapts = parse_protocol(name).adapts
         row: dict[str, Any] = {"protocol": name, "bpb": p["bpb"], "ci95": _ci(p["ci95"]), "legal": p["legal"],
                                "adapts": adapts}
         key = "context" if name == "sliding" else name

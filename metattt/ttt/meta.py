@@ -26,7 +26,7 @@ So the first-order inner loop equals ``adapt(..., progress=0)`` bit for bit (tes
 * ``doclora`` (the batched per-document LoRA of the doc-batched evaluator): ``doclora_meta_loss`` learns the
   shared A init with the evaluator's update, one step per ``chunk``-token chunk of the row's first half (see
   that function).
-* ``adapter.meta_mode == "reptile"``: the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
+* an adapter with a :class:`ReptileConfig` (``reptile``, or a plug-in's subclass of it): the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
   gradient is the Reptile direction; theta_k after the same passes as above (the adapter's ``epochs``).
 
 Statistics (detached tensors, no host sync): ``meta/L_post``, ``meta/L_inner`` (first inner pass, free) and,
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .adapter import Adapter, grad_context
 from .doclora import DocLoRA, DocLoRAConfig
 from .registry import Registry
-from .sgd import SGDAdapter
+from .reptile import ReptileConfig
 
 #: the doc-batched evaluator's default chunk (``DocTTTSpec.chunk``): doclora's meta step takes one update per chunk
 DOCTTT_CHUNK = 32
@@ -208,16 +208,17 @@ def higher_inner_loop(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, 
     """Plain constant-lr full-batch SGD via ``higher``'s differentiable optimiser: an independent implementation
     that cross-checks the autograd / torch.func backends. Returns adapted selected tensors."""
     higher = _import_higher()
-    c = adapter.cfg
-    plain = (isinstance(adapter, SGDAdapter) and type(adapter).direction is Adapter.direction and not c.momentum
-             and not c.grad_clip)
+    c, lr = adapter.cfg, adapter.rule().sgd_lr
+    own = type(adapter)  # the rule's own step on the selected tensors themselves, one gradient per step
+    plain = lr is not None and (own.direction, own.step, own.trainables, own.materialize, own.loss) == (
+        Adapter.direction, Adapter.step, Adapter.trainables, Adapter.materialize, Adapter.loss)
     if not plain or x.size(0) > c.batch_seqs:
         raise ValueError(f"backend 'higher' supports plain constant-lr SGD adapters (sgd rule with momentum=0, "
                          f"grad_clip=0, one mini-batch), not {adapter.name!r} with {c}")
     sel = adapter._require_bound()
     names = [n for n, _ in model.named_parameters()]
     selected = set(sel.names)
-    opt = torch.optim.SGD(model.parameters(), lr=c.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
 
     def mask(grads):  # noqa: ANN001, ANN202
         out = []
@@ -248,8 +249,8 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
     if adapter.sel is None:
         adapter.bind(model)
     passes = cfg.inner_passes(adapter)
-    if adapter.meta_mode == "reptile":
-        return reptile_loss(model, adapter, x, y, steps=passes, weight=cfg.outer_weight)
+    if isinstance(adapter.cfg, ReptileConfig):
+        return reptile_loss(model, adapter, x, y, epsilon=adapter.cfg.epsilon, steps=passes, weight=cfg.outer_weight)
     (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
     second = cfg.order == "second"
     attn = "math" if second else None
@@ -280,13 +281,12 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
     return loss, stats
 
 
-def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, steps: int | None = None,
-                 epsilon: float | None = None, weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, epsilon: float,
+                 steps: int | None = None, weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Surrogate whose gradient w.r.t. each selected tensor is ``weight * epsilon * (theta - theta_k)``, theta_k
     after ``steps`` (default: the adapter's ``epochs``, the evaluated update) first-order passes of the adapter's
     step on (x, y)."""
     steps = steps if steps is not None else adapter.cfg.epochs
-    epsilon = epsilon if epsilon is not None else getattr(adapter.cfg, "epsilon", 1.0)
     named = dict(model.named_parameters())
     with grad_context():
         adapted, inner = adapter.inner_loop(model, named, x, y, passes=steps, create_graph=False)

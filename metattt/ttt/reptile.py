@@ -1,6 +1,7 @@
 """``reptile``: the sgd rule (fomaml's plain-step preset) with Reptile as the trainer's meta-objective.
 
-Meta-training (``meta_mode = "reptile"``): theta_k = ``epochs`` passes of the sgd step over the batch (the
+Meta-training (the trainer picks Reptile's objective for a :class:`ReptileConfig`, whose ``epsilon`` it
+needs): theta_k = ``epochs`` passes of the sgd step over the batch (the
 evaluated update; ``MetaConfig.inner_steps`` overrides it, as for every adapter), then the surrogate loss whose
 gradient is ``epsilon * (theta - theta_k)`` (``metattt.ttt.meta.reptile_loss``); the trainer's optimiser applies
 it (plain SGD with lr 1 is exactly theta <- theta + epsilon * (theta_k - theta)). At evaluation it is the same
@@ -31,4 +32,3 @@ class ReptileConfig(FOMAMLConfig):
 class ReptileAdapter(FOMAMLAdapter):
     name = "reptile"
     Config = ReptileConfig
-    meta_mode = "reptile"

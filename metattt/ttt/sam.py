@@ -12,7 +12,8 @@ from typing import Mapping
 
 from torch import Tensor
 
-from .adapter import GradAt, Tensors, global_norm
+from .adapter import GradAt, Tensors
+from .rules import global_norm
 from .sgd import SGDAdapter, SGDConfig
 
 

@@ -29,7 +29,7 @@ class SignSGDConfig(AdapterConfig):
 
 
 #: a stateless transform of its own: the sign of the incoming updates
-SIGN = rules.Transform(lambda params: {}, lambda u, state, params: ({n: torch.sign(g) for n, g in u.items()}, {}))
+SIGN = rules.Transform(lambda u, state, params: ({n: torch.sign(g) for n, g in u.items()}, {}))
 
 
 class SignSGDNorms(Adapter):

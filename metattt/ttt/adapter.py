@@ -30,6 +30,7 @@ dimension); nothing below mutates a tensor in place, so the same code is differe
 * ``step(trainables, state, grads) -> (trainables, state)``: one update; default ``trainables - updates`` with
   the rule's updates. ``state["progress"]`` in [0, 1] drives schedules (the driver writes it: chunk index over
   chunks in evaluation; 0 in meta-training).
+* ``prepare(model, x, y, autocast)``: called by ``adapt`` before its update (dyneval gathers statistics there).
 
 Drivers (this class; subclasses do not override them): ``adapt(model, x, y, progress)`` is the evaluator's legal
 update on scored rows x, y (B, T): ``epochs`` passes of mini-batches of ``batch_seqs`` rows, each mini-batch
@@ -211,6 +212,9 @@ class Adapter(nn.Module):
             return model(x, y, params=dict(overrides))
         return model(x, y, params=dict(overrides), attn=attn)
 
+    def prepare(self, model: nn.Module, x: Tensor, y: Tensor, autocast: bool) -> None:
+        """Called by ``adapt`` before it updates on the scored rows (dyneval gathers its statistics there)."""
+
     def mask(self, grads: Tensors) -> Tensors:
         """Zero the gradient rows of unselected bank slices (frozen slices stay bit-identical)."""
         return self._require_bound().mask_grads(grads)
@@ -363,6 +367,7 @@ class Adapter(nn.Module):
         if not self.trains_in_eval or not self._cur:
             return {"steps": 0}
         check_progress(progress)  # before any work
+        self.prepare(model, x, y, autocast)
         with grad_context(), autocast_for(x.device, autocast):
             self._cur, self._state, losses = self._run(model, self._trained, self._cur, self._state, x, y,
                                                        passes=self.cfg.epochs, progress=progress, second=False,

@@ -96,14 +96,12 @@ class DynEvalAdapter(Adapter):
         self._set_stats({k[4:]: v for k, v in sd.items() if k in want})
         return None
 
-    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0, *,
-              autocast: bool = True) -> dict[str, float]:
-        if not self.has_stats and self._cur:
+    def prepare(self, model: nn.Module, x: Tensor, y: Tensor, autocast: bool) -> None:
+        if not self.has_stats:
             if not self.cfg.auto_stats:
                 raise RuntimeError("dyneval has no gradient statistics: call collect_stats(model, batches), load "
                                    "them from the artifact extras, or set auto_stats=true")
             self.collect_stats(model, [(x, y)], autocast=autocast)
-        return super().adapt(model, x, y, progress, autocast=autocast)
 
     def rule(self) -> rules.Transform:
         c = self.cfg

@@ -49,22 +49,18 @@ class Schedule:
         return self.lr
 
 
-def _stateless(params: Mapping[str, Tensor]) -> State:
-    return {}
-
-
 @dataclass(frozen=True)
 class Transform:
-    """``init(params) -> state entries``; ``update(updates, state, params) -> (updates, changed state entries)``.
+    """``update(updates, state, params) -> (updates, changed state entries)``; ``init(params) -> state entries``.
     ``sgd_lr``: the step size when the transform is exactly plain constant-lr SGD (``params - lr * grads``), else
     None: what an independent SGD implementation (the ``higher`` meta backend) can replay."""
 
-    init: Callable[[Mapping[str, Tensor]], State]
     update: Callable[[Tensors, State, Mapping[str, Tensor]], "tuple[Tensors, State]"]
+    init: Callable[[Mapping[str, Tensor]], State] = lambda params: {}
     sgd_lr: float | None = None
 
 
-IDENTITY = Transform(_stateless, lambda u, state, params: (u, {}))
+IDENTITY = Transform(lambda u, state, params: (u, {}))
 
 
 def chain(*transforms: Transform) -> Transform:
@@ -84,7 +80,7 @@ def chain(*transforms: Transform) -> Transform:
             state.update(changed)
         return u, state
 
-    return Transform(init, update, ts[0].sgd_lr if len(ts) == 1 else None)
+    return Transform(update, init, ts[0].sgd_lr if len(ts) == 1 else None)
 
 
 def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
@@ -109,7 +105,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         coef = (max_norm / (global_norm(u) + 1e-6)).clamp(max=1.0)
         return {n: g * coef.to(g.dtype) for n, g in u.items()}, {}
 
-    return Transform(_stateless, update)
+    return Transform(update)
 
 
 def trace(decay: float, nesterov: bool = False) -> Transform:
@@ -127,7 +123,7 @@ def trace(decay: float, nesterov: bool = False) -> Transform:
         out = {n: v + decay * mom[n] for n, v in g.items()} if nesterov else mom
         return out, {f"mom.{n}": m for n, m in mom.items()}
 
-    return Transform(init, update)
+    return Transform(update, init)
 
 
 def scale_by_schedule(lr: Schedule) -> Transform:
@@ -137,7 +133,7 @@ def scale_by_schedule(lr: Schedule) -> Transform:
         step = lr(state["progress"])
         return {n: step * v.to(params[n].dtype) for n, v in u.items()}, {"lr": step}
 
-    return Transform(_stateless, update, lr.lr if lr.kind == "constant" else None)
+    return Transform(update, sgd_lr=lr.lr if lr.kind == "constant" else None)
 
 
 def scale_by_adam(lr: Schedule, b1: float, b2: float, eps: float = 1e-8) -> Transform:
@@ -163,7 +159,7 @@ def scale_by_adam(lr: Schedule, b1: float, b2: float, eps: float = 1e-8) -> Tran
             out[n] = step * mhat / (vhat.clamp_min(1e-30).sqrt() + eps)
         return out, changed
 
-    return Transform(init, update)
+    return Transform(update, init)
 
 
 def scale_by_rates(rate: Callable[[str], Tensor], scale: float = 1.0) -> Transform:
@@ -173,7 +169,7 @@ def scale_by_rates(rate: Callable[[str], Tensor], scale: float = 1.0) -> Transfo
     def update(u: Tensors, state: State, params: Mapping[str, Tensor]) -> tuple[Tensors, State]:
         return {n: (scale * rate(n)).to(params[n].dtype) * v.to(params[n].dtype) for n, v in u.items()}, {}
 
-    return Transform(_stateless, update)
+    return Transform(update)
 
 
 def scale_by_rms(rms: Callable[[str], Tensor], eps: float, max_update: float) -> Transform:
@@ -187,7 +183,7 @@ def scale_by_rms(rms: Callable[[str], Tensor], eps: float, max_update: float) ->
             out[n] = (v.to(r.dtype) / (r + eps)).clamp(-max_update, max_update).to(params[n].dtype)
         return out, {}
 
-    return Transform(_stateless, update)
+    return Transform(update)
 
 
 def sgd(lr: Schedule, momentum: float = 0.0, nesterov: bool = False, grad_clip: float = 0.0) -> Transform:

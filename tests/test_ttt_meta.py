@@ -13,7 +13,7 @@ from metattt.model.gpt import BankedGPT
 from metattt.ttt import Registry, make_adapter
 from metattt.train.schedule import meta_step_due
 from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, split_batch
-from metattt.ttt.reptile import ReptileConfig
+from metattt.ttt.sgd import ReptileConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,11 +21,13 @@ evaluator's ``docttt:doclora@init=meta`` uses it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .registry import typed_options
 
 TARGETS = ("q", "k", "v", "out", "mlp", "head")
 INITS = ("random", "meta")
@@ -75,24 +77,9 @@ class DocLoRAConfig:
         return asdict(self)
 
     @classmethod
-    def from_options(cls, opts: Mapping[str, str]) -> "DocLoRAConfig":
-        """Build from string options (protocol text), converting each to its field's type."""
-        known = {f.name: f for f in fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in opts.items():
-            if k not in known:
-                raise ValueError(f"doclora has no option {k!r} (options: {', '.join(known)})")
-            default = getattr(cls(), k)
-            try:
-                if isinstance(default, bool):
-                    if v.lower() not in ("1", "0", "true", "false"):
-                        raise ValueError(v)
-                    kw[k] = v.lower() in ("1", "true")
-                else:
-                    kw[k] = type(default)(v)
-            except ValueError as e:
-                raise ValueError(f"doclora option {k}={v!r} is not a {type(default).__name__}") from e
-        cfg = cls(**kw)
+    def from_options(cls, opts: Mapping[str, Any]) -> "DocLoRAConfig":
+        """Build from options (protocol text), typed as the fields by the adapters' one option grammar."""
+        cfg = cls(**typed_options(cls, opts, "doclora"))
         cfg.validate()
         return cfg
 

@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 from .adapter import Adapter, grad_context
 from .doclora import DocLoRA, DocLoRAConfig
-from .registry import Registry
-from .reptile import ReptileConfig
+from .registry import Registry, parse_options
+from .sgd import ReptileConfig
 
 #: the doc-batched evaluator's default chunk (``DocTTTSpec.chunk``): doclora's meta step takes one update per chunk
 DOCTTT_CHUNK = 32
@@ -117,23 +117,17 @@ class MetaConfig:
     def is_doclora(self) -> bool:
         return bool(self.adapter) and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
 
-    def _doclora_options(self) -> dict[str, str]:
-        opts = {}
-        for item in (t for t in (self.adapter or "").partition(":")[2].split(",") if t.strip()):
-            k, eq, v = item.partition("=")
-            if not eq:
-                raise ValueError(f"adapter spec {self.adapter!r}: option {item!r} is not key=value")
-            opts[k.strip()] = v.strip()
-        return opts
+    def _doclora_options(self) -> dict[str, Any]:
+        return parse_options((self.adapter or "").partition(":")[2], self.adapter or "")
 
     @property
     def doclora_chunk(self) -> int:
         """Tokens per doclora update: the spec's ``chunk`` (a docttt protocol option, so the final evaluation
         gets the same one), else the evaluator's default."""
-        v = self._doclora_options().get("chunk", str(DOCTTT_CHUNK))
-        if not v.isdigit() or int(v) < 1:
+        v = self._doclora_options().get("chunk", DOCTTT_CHUNK)
+        if type(v) is not int or v < 1:
             raise ValueError(f"adapter spec {self.adapter!r}: chunk must be a positive integer, got {v!r}")
-        return int(v)
+        return v
 
     def make_adapter(self, registry: Registry | None = None) -> Adapter | DocLoRA:
         """The registry's adapter for the spec, or ``doclora[:k=v,...]`` (batched, not in the registry) with its

@@ -201,8 +201,8 @@ class Adapter(nn.Module):
         return grad_at(trainables)
 
     def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors) -> tuple[Tensors, dict[str, Any]]:
-        updates, state = self.rule().update(grads, state, trainables)
-        return {n: p - updates[n] for n, p in trainables.items()}, state
+        updates, changed = self.rule().update(grads, state, trainables)
+        return {n: p - updates[n] for n, p in trainables.items()}, {**state, **changed}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, overrides: Mapping[str, Tensor],
              attn: str | None = None) -> Tensor:

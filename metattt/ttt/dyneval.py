@@ -115,5 +115,6 @@ class DynEvalAdapter(Adapter):
         """The rule's update from the weights decayed toward the anchor: ``lerp(theta, theta_0, decay) - u``."""
         if not self.has_stats:
             raise RuntimeError("dyneval needs gradient statistics (collect_stats, artifact extras or auto_stats)")
-        u, state = self.rule().update(grads, state, trainables)
-        return {n: torch.lerp(p, state[f"anchor.{n}"], self.cfg.decay) - u[n] for n, p in trainables.items()}, state
+        u, changed = self.rule().update(grads, state, trainables)
+        new = {n: torch.lerp(p, state[f"anchor.{n}"], self.cfg.decay) - u[n] for n, p in trainables.items()}
+        return new, {**state, **changed}

@@ -74,11 +74,12 @@ def chain(*transforms: Transform) -> Transform:
         return state
 
     def update(u: Tensors, state: State, params: Mapping[str, Tensor]) -> tuple[Tensors, State]:
-        state = dict(state)
+        state, changed = dict(state), {}
         for t in ts:
-            u, changed = t.update(u, state, params)
-            state.update(changed)
-        return u, state
+            u, c = t.update(u, state, params)
+            state.update(c)
+            changed.update(c)
+        return u, changed
 
     return Transform(update, init, ts[0].sgd_lr if len(ts) == 1 else None)
 

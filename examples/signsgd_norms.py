@@ -28,8 +28,8 @@ class SignSGDConfig(AdapterConfig):
     momentum: float = 0.0  # sign of a momentum buffer (signum) when > 0
 
 
-#: a stateless transform of its own: the sign of the incoming updates
-SIGN = rules.Transform(lambda u, state, params: ({n: torch.sign(g) for n, g in u.items()}, {}))
+#: a transform of its own: the sign of each incoming update
+SIGN = rules.per_tensor(lambda name, update, param: torch.sign(update))
 
 
 class SignSGDNorms(Adapter):

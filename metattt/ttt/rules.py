@@ -163,28 +163,26 @@ def scale_by_adam(lr: Schedule, b1: float, b2: float, eps: float = 1e-8) -> Tran
     return Transform(update, init)
 
 
+def per_tensor(fn: Callable[[str, Tensor, Tensor], Tensor]) -> Transform:
+    """A stateless transform of each tensor's update: ``fn(name, update, param) -> update``."""
+    return Transform(lambda u, state, params: ({n: fn(n, v, params[n]) for n, v in u.items()}, {}))
+
+
 def scale_by_rates(rate: Callable[[str], Tensor], scale: float = 1.0) -> Transform:
     """Per-slice (or per-row) step sizes: ``(scale * rate(name)) * g``; ``rate(name)`` broadcasts against the
     tensor (MetaSGD's learned rates: differentiable, so the outer loss trains them)."""
-
-    def update(u: Tensors, state: State, params: Mapping[str, Tensor]) -> tuple[Tensors, State]:
-        return {n: (scale * rate(n)).to(params[n].dtype) * v.to(params[n].dtype) for n, v in u.items()}, {}
-
-    return Transform(update)
+    return per_tensor(lambda n, v, p: (scale * rate(n)).to(p.dtype) * v.to(p.dtype))
 
 
 def scale_by_rms(rms: Callable[[str], Tensor], eps: float, max_update: float) -> Transform:
     """RMS-normalised, clamped updates ``clamp(g / (rms(name) + eps), +-max_update)`` in the statistics' dtype,
     then in the tensor's (dynamic evaluation)."""
 
-    def update(u: Tensors, state: State, params: Mapping[str, Tensor]) -> tuple[Tensors, State]:
-        out = {}
-        for n, v in u.items():
-            r = rms(n)
-            out[n] = (v.to(r.dtype) / (r + eps)).clamp(-max_update, max_update).to(params[n].dtype)
-        return out, {}
+    def scaled(n: str, v: Tensor, p: Tensor) -> Tensor:
+        r = rms(n)
+        return (v.to(r.dtype) / (r + eps)).clamp(-max_update, max_update).to(p.dtype)
 
-    return Transform(update)
+    return per_tensor(scaled)
 
 
 def sgd(lr: Schedule, momentum: float = 0.0, nesterov: bool = False, grad_clip: float = 0.0) -> Transform:

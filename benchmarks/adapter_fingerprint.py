@@ -126,6 +126,22 @@ def fingerprint(root: Path) -> dict:
         rec["eval.params"] = {n: t.clone() for n, t in a.params().items()}
         out[f"{key}/{variant}"] = rec
         print(f"{key}/{variant}: bpb {rec['eval.bpb']!r}", flush=True)
+    # the doc-batched LoRA (not in the registry): its evaluator protocol and its meta inner loop
+    from metattt.ttt.meta import doclora_inner_loop
+
+    for opts in ("rank=2/lr=0.01", "rank=2/lr=0.01/weight_decay=0.1/beta1=0.9/alpha=4/targets=q+v+head/keep_a=1"):
+        proto = f"docttt:doclora@chunk=16/docs=4/window=64/{opts}"
+        ev = evaluate(model(), data, parse_protocols(proto), {}, ecfg)
+        rec = {"eval.bpb": build_report(ev)["protocols"][proto]["bpb"]}
+        m = model()
+        cfg = MetaConfig(adapter="doclora:" + opts.replace("/", ",").replace("keep_a=1,", ""), split="seq-half")
+        a = cfg.make_adapter().bind(m)
+        x, y = rows(40)
+        tr, st, first = doclora_inner_loop(m, a, x, y, chunk=2, passes=2)
+        rec["inner"] = {**{k: v.clone() for k, v in tr.items()}, **{f"state.{k}": v.clone() for k, v in st.items()},
+                        "first": first}
+        out[f"doclora/{opts}"] = rec
+        print(f"doclora/{opts}: bpb {rec['eval.bpb']!r}", flush=True)
     return out
 
 

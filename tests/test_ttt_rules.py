@@ -11,7 +11,8 @@ from metattt.ttt import rules
 def _run(rule: rules.Transform, opt_cls, steps: int = 4, progress: float = 0.0, **opt_kw):  # noqa: ANN001
     """(the rule's params, torch.optim's params) after ``steps`` steps on the same float64 gradient sequence."""
     g = torch.Generator().manual_seed(0)
-    p0 = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    p0 = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64),
+          "b": torch.randn(5, generator=g, dtype=torch.float64)}
     grads = [{n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in p0.items()} for _ in range(steps)]
     params, state = dict(p0), {**rule.init(p0), "progress": progress}
     ref = {n: t.clone().requires_grad_(True) for n, t in p0.items()}

@@ -48,7 +48,7 @@ train on after scoring ``chunk_index`` (honest adapters: that chunk; the evaluat
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
@@ -87,16 +87,15 @@ class AdapterConfig:
     def validate(self) -> None:
         if self.reset not in RESET_MODES:
             raise ValueError(f"reset must be one of {RESET_MODES}, got {self.reset!r}")
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "schedule" and v not in SCHEDULES:
+        for name, v in self.to_dict().items():
+            if name == "schedule" and v not in SCHEDULES:
                 raise ValueError(f"schedule must be one of {SCHEDULES}, got {v!r}")
-            if f.name in ("epochs", "batch_seqs", "steps", "rank") and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+            if name in ("epochs", "batch_seqs", "steps", "rank") and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
             # a negative step size or clip silently ascends / disables: refused as doclora refuses them (NaN is left
             # to the evaluator's divergence check, as there)
-            if f.name in NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
-                raise ValueError(f"{f.name} must be >= 0, got {v!r}")
+            if name in NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,12 +53,11 @@ class DocLoRAConfig:
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"doclora rank must be a positive integer, got {self.rank!r}")
-        for name in ("lr", "eps", "weight_decay", "alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"doclora {name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"doclora {name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name, v in self.to_dict().items():
+            if name in ("lr", "eps", "weight_decay", "alpha") and v < 0:
+                raise ValueError(f"doclora {name} must be >= 0, got {v!r}")
+            if name in ("beta1", "beta2") and not 0 <= v < 1:
+                raise ValueError(f"doclora {name} must be in [0, 1), got {v!r}")
         if self.init not in INITS:
             raise ValueError(f"doclora init must be one of {', '.join(INITS)}, got {self.init!r}")
         bad = [t for t in self.target_list if t not in TARGETS]

@@ -26,8 +26,9 @@ So the first-order inner loop equals ``adapt(..., progress=0)`` bit for bit (tes
 * ``doclora`` (the batched per-document LoRA of the doc-batched evaluator): ``doclora_meta_loss`` learns the
   shared A init with the evaluator's update, one step per ``chunk``-token chunk of the row's first half (see
   that function).
-* an adapter with a :class:`ReptileConfig` (``reptile``, or a plug-in's subclass of it): the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
-  gradient is the Reptile direction; theta_k after the same passes as above (the adapter's ``epochs``).
+* an adapter with a :class:`ReptileConfig` (``reptile``, or a plug-in's subclass of it): the surrogate
+  sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose gradient is the Reptile direction; theta_k after the
+  same passes as above (the adapter's ``epochs``).
 
 Statistics (detached tensors, no host sync): ``meta/L_post``, ``meta/L_inner`` (first inner pass, free) and,
 when known, ``meta/L_pre`` and ``meta/gain``. L_pre is free when the split is "same-batch" and the inner split is

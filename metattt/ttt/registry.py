@@ -157,7 +157,7 @@ class Registry:
         sources: dict[str, str] = {}
 
         def add(c: type[Adapter], source: str) -> None:
-            name = getattr(c, "name", None)
+            name = c.name
             if not isinstance(name, str) or not name or name == Adapter.name:
                 raise PluginError(f"adapter class {c.__qualname__} from {source} sets no name (class attribute "
                                   "name = '...')")
@@ -228,7 +228,7 @@ class Registry:
         lines = []
         for name, cls in self.classes.items():
             cfg = cls.Config()
-            hp = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg))
+            hp = ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items())
             src = self.sources[name]
             where = "" if src.endswith("(built-in)") else f" [{src}]"
             lines.append(f"{name}: {hp} (select default {cls.default_selection!r}){where}")

@@ -58,8 +58,8 @@ def test_clip_by_global_norm_is_torchs_clip() -> None:
 
 def test_chain_bookkeeping() -> None:
     assert rules.clip_by_global_norm(0) is rules.IDENTITY and rules.trace(0.0, nesterov=True) is rules.IDENTITY
-    assert rules.sgd(rules.Schedule(0.3)).sgd_lr == 0.3  # plain constant-lr SGD says so (the `higher` backend)
-    assert rules.sgd(rules.Schedule(0.3, "cosine")).sgd_lr is None
+    assert rules.sgd(rules.Schedule(0.3)).sgd_lr == 0.3  # plain SGD says so (the `higher` backend replays it)
+    assert rules.sgd(rules.Schedule(0.3, "cosine")).sgd_lr == 0.3  # its step size at progress 0 (a meta step's)
     assert rules.sgd(rules.Schedule(0.3), momentum=0.9).sgd_lr is None
     assert rules.chain().init({}) == {"progress": 0.0}
     with pytest.raises(ValueError, match="schedule must be one of"):

@@ -61,7 +61,6 @@ from .rules import SCHEDULES, Transform, check_progress
 
 RESET_MODES = ("never", "chunk", "doc")
 BACKENDS = ("autograd", "torch.func")
-META_MODES = ("inner", "reptile")
 #: hyper-parameters no adapter may set below 0 (step sizes, momentum, clip norms, radii)
 NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon")
 

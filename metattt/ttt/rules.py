@@ -52,8 +52,9 @@ class Schedule:
 @dataclass(frozen=True)
 class Transform:
     """``update(updates, state, params) -> (updates, changed state entries)``; ``init(params) -> state entries``.
-    ``sgd_lr``: the step size when the transform is exactly plain constant-lr SGD (``params - lr * grads``), else
-    None: what an independent SGD implementation (the ``higher`` meta backend) can replay."""
+    ``sgd_lr``: when the transform is exactly plain SGD (``params - lr(progress) * grads``), its step size at
+    progress 0 (a meta step's), else None: what an independent SGD implementation (the ``higher`` meta backend)
+    can replay."""
 
     update: Callable[[Tensors, State, Mapping[str, Tensor]], "tuple[Tensors, State]"]
     init: Callable[[Mapping[str, Tensor]], State] = lambda params: {}
@@ -134,7 +135,7 @@ def scale_by_schedule(lr: Schedule) -> Transform:
         step = lr(state["progress"])
         return {n: step * v.to(params[n].dtype) for n, v in u.items()}, {"lr": step}
 
-    return Transform(update, sgd_lr=lr.lr if lr.kind == "constant" else None)
+    return Transform(update, sgd_lr=lr(0.0))
 
 
 def scale_by_adam(lr: Schedule, b1: float, b2: float, eps: float = 1e-8) -> Transform:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,8 @@ class DocLoRAConfig:
     keep_a: bool = False  # keep (trained) A across batches; only B and the optimiser state are reset
     seed: int = 0
     init: str = "random"  # "random": A ~ uniform(+-1/sqrt(in)) per document; "meta": the learned shared A0
+    #: passes of the update over a document's chunks: one, as the doc-batched evaluator takes (not an option)
+    epochs: ClassVar[int] = 1
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:

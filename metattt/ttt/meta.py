@@ -146,17 +146,15 @@ class MetaConfig:
 
     def inner_passes(self, adapter: Adapter | DocLoRA) -> int:
         """Passes of the inner loop: the override ``inner_steps``, else the evaluated update's (``epochs``;
-        doclora: one pass over the chunks, as the doc-batched evaluator takes)."""
-        if self.inner_steps is not None:
-            return self.inner_steps
-        return 1 if isinstance(adapter, DocLoRA) else adapter.cfg.epochs
+        doclora: 1, one pass over the chunks, as the doc-batched evaluator takes)."""
+        return self.inner_steps if self.inner_steps is not None else adapter.cfg.epochs
 
     def inner_summary(self, adapter: Adapter | DocLoRA) -> dict[str, Any]:
         """What the inner loop ran, for the run's summary: passes and whether they are the evaluated update's."""
         out: dict[str, Any] = {"passes": self.inner_passes(adapter),
                                "source": "adapter epochs" if self.inner_steps is None else "override inner_steps",
                                "progress": 0.0}
-        if isinstance(adapter, DocLoRA):
+        if self.is_doclora:
             out["chunk"] = self.doclora_chunk
         return out
 

@@ -13,11 +13,10 @@ useful second derivative, so order="second" adds nothing here.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from metattt.ttt import Adapter, AdapterConfig, lr_at
+from metattt.ttt import Adapter, AdapterConfig, rules
 
 
 @dataclass
@@ -28,8 +27,9 @@ class SignSGDConfig(AdapterConfig):
     schedule: str = "cosine"  # over the evaluator's chunks (progress); meta-training steps at progress 0
     momentum: float = 0.0  # sign of a momentum buffer (signum) when > 0
 
-    def step_size(self, progress: float) -> float:
-        return lr_at(self.lr, self.schedule, progress)
+
+#: a transform of its own: the sign of each incoming update
+SIGN = rules.per_tensor(lambda name, update, param: torch.sign(update))
 
 
 class SignSGDNorms(Adapter):
@@ -37,12 +37,6 @@ class SignSGDNorms(Adapter):
     Config = SignSGDConfig
     default_selection = "norms"
 
-    def init(self, trainables: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {n: torch.zeros_like(t) for n, t in trainables.items()} if self.cfg.momentum else {}
-
-    def step(self, trainables, state, grads, progress):  # noqa: ANN001, ANN201
-        lr = lr_at(self.cfg.lr, self.cfg.schedule, progress)
-        if self.cfg.momentum:
-            state = {n: self.cfg.momentum * state[n] + grads[n] for n in trainables}
-            grads = state
-        return {n: p - lr * torch.sign(grads[n]).to(p.dtype) for n, p in trainables.items()}, state
+    def rule(self) -> rules.Transform:
+        c = self.cfg
+        return rules.chain(rules.trace(c.momentum), SIGN, rules.scale_by_schedule(rules.Schedule(c.lr, c.schedule)))

@@ -13,6 +13,7 @@ from metattt.model.gpt import BankedGPT
 from metattt.ttt import Registry, make_adapter
 from metattt.train.schedule import meta_step_due
 from metattt.ttt.meta import MetaConfig, meta_loss, reptile_loss, split_batch
+from metattt.ttt.sgd import ReptileConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -323,7 +324,7 @@ def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant
     assert any(t.requires_grad for t in adapted.values())  # and the meta result carries the outer graph
     loss, stats = meta_loss(m, a, x, y, cfg)  # the trainer's call, same-batch split
     loss.backward()
-    if a.meta_mode == "reptile":  # gradient epsilon * (theta - theta_k), theta_k the evaluated weights
+    if isinstance(a.cfg, ReptileConfig):  # gradient epsilon * (theta - theta_k), theta_k the evaluated weights
         for n in evaluated:
             want = (base[n] - evaluated[n]) * (a.cfg.epsilon * cfg.outer_weight)
             assert torch.equal(m.get_parameter(n).grad, want), n

@@ -110,7 +110,7 @@ def test_registry_spec_parsing_and_errors() -> None:
         parse_adapter_spec("adam:lr=1")
     with pytest.raises(ValueError, match=r"unknown hyper-parameters \['lrr'\].*momentum"):
         adapter_from_spec("sgd:lrr=0.1")
-    with pytest.raises(ValueError, match="must be int"):
+    with pytest.raises(ValueError, match="is not a int"):
         make_adapter("sgd", epochs=1.5)
     with pytest.raises(ValueError, match="reset must be one of"):
         make_adapter("sgd", reset="sometimes")

@@ -15,6 +15,10 @@ from torch import Tensor
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-repeat", "math")
 # SDPA with one fused kernel forced (the default lets PyTorch choose; on H100 it picks cuDNN)
 _SDPA_FORCED = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+# backends whose kernels take only half-precision inputs: a float32 forward uses SDPA's own choice instead (why:
+# the audit re-runs every evaluation in float32, record-numerics ones included, which force SDPA flash; forcing
+# it there stopped an H100 run with "No available kernel")
+HALF_ONLY = ("flash", "sdpa-flash", "sdpa-cudnn")
 
 
 def _load_flash():
@@ -34,9 +38,12 @@ def flash_available() -> bool:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
-    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D), causal, grouped-query."""
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D), causal, grouped-query. A half-only backend (``HALF_ONLY``)
+    given float32 inputs runs as ``sdpa``."""
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTN_BACKENDS}")
+    if backend in HALF_ONLY and q.dtype == torch.float32:
+        backend = "sdpa"
     if backend == "flash" and _FLASH is None:
         raise RuntimeError("attention backend 'flash' requested but flash-attn is not importable")
     use_flash = _FLASH is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)

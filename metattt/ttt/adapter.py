@@ -8,7 +8,7 @@ graph of the inner gradients). Contract (binding; docs/adapters.md has a worked 
 Class attributes: ``name`` (registry key, unique per run), ``Config`` (a dataclass subclass of
 :class:`AdapterConfig`; ``reset`` in {"never", "chunk", "doc"}, ``epochs`` and ``batch_seqs`` drive the
 driver), ``default_selection`` (a :class:`ParamSelection` spec), ``requires_meta_params`` (loading without them
-raises :class:`MissingMetaParamsError`), ``meta_mode`` ("inner", or "reptile": the trainer's meta-objective).
+raises :class:`MissingMetaParamsError`).
 
 State is plain dicts ``name -> Tensor`` of any shape (a batched adapter may carry a leading document
 dimension); nothing below mutates a tensor in place, so the same code is differentiable:
@@ -22,12 +22,15 @@ dimension); nothing below mutates a tensor in place, so the same code is differe
 * ``materialize(base, trainables) -> dict``: the model's ``params=`` overrides. Default: the trainables.
   ``loss(model, x, y, overrides, attn)`` is how they reach the model (default ``model(x, y, params=...)``; a
   batched per-document adapter can route its overrides through another model argument there).
-* ``init(trainables) -> state``: optimiser state (momentum, moments, step count, anchors). Default ``{}``.
+* ``rule() -> Transform``: the update rule, a :func:`metattt.ttt.rules.chain` of transforms built from ``cfg``
+  (clipping, momentum, Adam moments, learning-rate schedules, per-slice rates).
+* ``init(trainables) -> state``: the rule's state (momentum, moments, step count; dyneval adds anchors).
 * ``direction(trainables, grad_at) -> (loss, grads)``: the gradient the rule steps with; ``grad_at(t)`` returns
   (mean loss, masked gradients) at ``t``. Default one call; SAM calls it twice.
-* ``step(trainables, state, grads, progress) -> (trainables, state)``: one update. ``progress`` in [0, 1]
-  drives schedules (chunk index over chunks in evaluation; 0 in meta-training). Clipping, momentum,
-  learning-rate schedules and per-slice rates all live here.
+* ``step(trainables, state, grads) -> (trainables, state)``: one update; default ``trainables - updates`` with
+  the rule's updates. ``state["progress"]`` in [0, 1] drives schedules (the driver writes it: chunk index over
+  chunks in evaluation; 0 in meta-training).
+* ``prepare(model, x, y, autocast)``: called by ``adapt`` before its update (dyneval gathers statistics there).
 
 Drivers (this class; subclasses do not override them): ``adapt(model, x, y, progress)`` is the evaluator's legal
 update on scored rows x, y (B, T): ``epochs`` passes of mini-batches of ``batch_seqs`` rows, each mini-batch
@@ -45,8 +48,7 @@ train on after scoring ``chunk_index`` (honest adapters: that chunk; the evaluat
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
@@ -55,11 +57,10 @@ from torch import Tensor, nn
 
 from ..devices import DistCtx, autocast_for
 from .params import ParamSelection, SelectedParams
+from .rules import SCHEDULES, Transform, check_progress
 
 RESET_MODES = ("never", "chunk", "doc")
-SCHEDULES = ("constant", "cosine")
 BACKENDS = ("autograd", "torch.func")
-META_MODES = ("inner", "reptile")
 #: hyper-parameters no adapter may set below 0 (step sizes, momentum, clip norms, radii)
 NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon")
 
@@ -85,26 +86,18 @@ class AdapterConfig:
     def validate(self) -> None:
         if self.reset not in RESET_MODES:
             raise ValueError(f"reset must be one of {RESET_MODES}, got {self.reset!r}")
-        sched = getattr(self, "schedule", None)
-        if sched is not None and sched not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {sched!r}")
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in ("epochs", "batch_seqs", "steps", "rank") and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+        for name, v in self.to_dict().items():
+            if name == "schedule" and v not in SCHEDULES:
+                raise ValueError(f"schedule must be one of {SCHEDULES}, got {v!r}")
+            if name in ("epochs", "batch_seqs", "steps", "rank") and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
             # a negative step size or clip silently ascends / disables: refused as doclora refuses them (NaN is left
             # to the evaluator's divergence check, as there)
-            if f.name in NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
-                raise ValueError(f"{f.name} must be >= 0, got {v!r}")
+            if name in NON_NEGATIVE and isinstance(v, (int, float)) and v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def step_size(self, progress: float) -> float | None:
-        """The update's step size at ``progress``, reported in ``adapt``'s stats as ``lr``; None (this default):
-        the adapter has no single step size to report. A config with ``lr`` and ``schedule`` returns
-        ``lr_at(self.lr, self.schedule, progress)``."""
-        return None
 
 
 def grad_context() -> contextlib.ExitStack:
@@ -137,34 +130,6 @@ def reduce_grads(grads: Tensors, weight: float) -> Tensors:
     return out
 
 
-def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
-    """L2 norm over all tensors, in at least float32 (float64 stays float64: exact tests)."""
-    gs = list(grads.values())
-    dt = torch.promote_types(gs[0].dtype, torch.float32)
-    if all(g.dtype == gs[0].dtype and g.device == gs[0].device for g in gs):
-        norms = torch._foreach_norm([g.to(dt) for g in gs] if gs[0].dtype != dt else gs)
-    else:
-        norms = [g.to(dt).norm() for g in gs]
-    return torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
-
-
-def clip_grads(grads: Tensors, max_norm: float) -> Tensors:
-    """Global-norm clip, out of place and without a host sync (the coefficient stays a tensor)."""
-    if not max_norm or max_norm <= 0 or not grads:
-        return grads
-    coef = (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
-    return {n: g * coef.to(g.dtype) for n, g in grads.items()}
-
-
-def lr_at(lr: float, schedule: str, progress: float) -> float:
-    """``lr`` under ``schedule`` at ``progress`` in [0, 1] (cosine: lr * 0.5 * (1 + cos(pi * progress)))."""
-    if not 0.0 <= progress <= 1.0 + 1e-9:
-        raise ValueError(f"progress must be in [0, 1], got {progress}")
-    if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return lr
-
-
 def register_nested(root: nn.Module, dotted: str, value: Tensor, *, buffer: bool = False) -> None:
     """Register ``value`` under a dotted name (``log_lr.blocks.0.attn_scale``) through empty container modules,
     so torch's ``state_dict`` keys are the dotted names themselves."""
@@ -195,7 +160,6 @@ class Adapter(nn.Module):
     requires_meta_params: ClassVar[bool] = False
     default_selection: ClassVar[str] = "all"
     trains_in_eval: ClassVar[bool] = True
-    meta_mode: ClassVar[str] = "inner"
 
     def __init__(self, cfg: AdapterConfig | None = None, selection: "str | ParamSelection | None" = None) -> None:
         super().__init__()
@@ -225,15 +189,18 @@ class Adapter(nn.Module):
     def materialize(self, base: Mapping[str, Tensor], trainables: Mapping[str, Tensor]) -> Tensors:
         return dict(trainables)
 
+    def rule(self) -> Transform:
+        raise NotImplementedError(f"adapter {self.name!r} defines no update rule")
+
     def init(self, trainables: Mapping[str, Tensor]) -> dict[str, Any]:
-        return {}
+        return self.rule().init(trainables)
 
     def direction(self, trainables: Mapping[str, Tensor], grad_at: GradAt) -> tuple[Tensor, Tensors]:
         return grad_at(trainables)
 
-    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
-             progress: float) -> tuple[Tensors, dict[str, Any]]:
-        raise NotImplementedError(f"adapter {self.name!r} defines no update step")
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors) -> tuple[Tensors, dict[str, Any]]:
+        updates, changed = self.rule().update(grads, state, trainables)
+        return {n: p - updates[n] for n, p in trainables.items()}, {**state, **changed}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, overrides: Mapping[str, Tensor],
              attn: str | None = None) -> Tensor:
@@ -242,6 +209,9 @@ class Adapter(nn.Module):
         if attn is None:
             return model(x, y, params=dict(overrides))
         return model(x, y, params=dict(overrides), attn=attn)
+
+    def prepare(self, model: nn.Module, x: Tensor, y: Tensor, autocast: bool) -> None:
+        """Called by ``adapt`` before it updates on the scored rows (dyneval gathers its statistics there)."""
 
     def mask(self, grads: Tensors) -> Tensors:
         """Zero the gradient rows of unselected bank slices (frozen slices stay bit-identical)."""
@@ -366,6 +336,7 @@ class Adapter(nn.Module):
         batches = [(xb[ctx.share(xb.size(0))], yb[ctx.share(yb.size(0))])
                    for xb, yb in minibatches(x, y, self.cfg.batch_seqs)]
         losses: list[list[Tensor]] = []
+        state = {**state, "progress": progress}
         for _ in range(passes):
             epoch = []
             for xb, yb in batches:
@@ -375,7 +346,7 @@ class Adapter(nn.Module):
                 with torch.no_grad() if no_grad_step else contextlib.nullcontext():
                     if self.storage_dtypes and self.storage_state:
                         grads = _stored(grads, self.storage_dtypes)
-                    trainables, state = self.step(trainables, state, grads, progress)
+                    trainables, state = self.step(trainables, state, grads)
                     if self.storage_dtypes:
                         trainables = _stored(trainables, self.storage_dtypes)
                         if self.storage_state:
@@ -393,7 +364,8 @@ class Adapter(nn.Module):
             raise ValueError(f"adapt expects x, y of equal shape (B,T); got {tuple(x.shape)} and {tuple(y.shape)}")
         if not self.trains_in_eval or not self._cur:
             return {"steps": 0}
-        lr_at(0.0, "constant", progress)  # validates progress before any work
+        check_progress(progress)  # before any work
+        self.prepare(model, x, y, autocast)
         with grad_context(), autocast_for(x.device, autocast):
             self._cur, self._state, losses = self._run(model, self._trained, self._cur, self._state, x, y,
                                                        passes=self.cfg.epochs, progress=progress, second=False,
@@ -401,9 +373,8 @@ class Adapter(nn.Module):
         first = torch.stack(losses[0]).float().mean().item() if losses and losses[0] else float("nan")
         last = torch.stack(losses[-1]).float().mean().item() if losses and losses[-1] else float("nan")
         st = {"loss_first": first, "loss_last": last, "steps": sum(len(e) for e in losses)}
-        lr = self.cfg.step_size(progress)
-        if lr is not None:
-            st["lr"] = lr
+        if "lr" in self._state:  # the step size the rule used (a schedule's value at this progress)
+            st["lr"] = self._state["lr"]
         return st
 
     def inner_loop(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, passes: int,

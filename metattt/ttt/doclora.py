@@ -21,11 +21,13 @@ evaluator's ``docttt:doclora@init=meta`` uses it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .registry import typed_options
 
 TARGETS = ("q", "k", "v", "out", "mlp", "head")
 INITS = ("random", "meta")
@@ -47,16 +49,17 @@ class DocLoRAConfig:
     keep_a: bool = False  # keep (trained) A across batches; only B and the optimiser state are reset
     seed: int = 0
     init: str = "random"  # "random": A ~ uniform(+-1/sqrt(in)) per document; "meta": the learned shared A0
+    #: passes of the update over a document's chunks: one, as the doc-batched evaluator takes (not an option)
+    epochs: ClassVar[int] = 1
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"doclora rank must be a positive integer, got {self.rank!r}")
-        for name in ("lr", "eps", "weight_decay", "alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"doclora {name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"doclora {name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name, v in self.to_dict().items():
+            if name in ("lr", "eps", "weight_decay", "alpha") and v < 0:
+                raise ValueError(f"doclora {name} must be >= 0, got {v!r}")
+            if name in ("beta1", "beta2") and not 0 <= v < 1:
+                raise ValueError(f"doclora {name} must be in [0, 1), got {v!r}")
         if self.init not in INITS:
             raise ValueError(f"doclora init must be one of {', '.join(INITS)}, got {self.init!r}")
         bad = [t for t in self.target_list if t not in TARGETS]
@@ -75,24 +78,9 @@ class DocLoRAConfig:
         return asdict(self)
 
     @classmethod
-    def from_options(cls, opts: Mapping[str, str]) -> "DocLoRAConfig":
-        """Build from string options (protocol text), converting each to its field's type."""
-        known = {f.name: f for f in fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in opts.items():
-            if k not in known:
-                raise ValueError(f"doclora has no option {k!r} (options: {', '.join(known)})")
-            default = getattr(cls(), k)
-            try:
-                if isinstance(default, bool):
-                    if v.lower() not in ("1", "0", "true", "false"):
-                        raise ValueError(v)
-                    kw[k] = v.lower() in ("1", "true")
-                else:
-                    kw[k] = type(default)(v)
-            except ValueError as e:
-                raise ValueError(f"doclora option {k}={v!r} is not a {type(default).__name__}") from e
-        cfg = cls(**kw)
+    def from_options(cls, opts: Mapping[str, Any]) -> "DocLoRAConfig":
+        """Build from options (protocol text), typed as the fields by the adapters' one option grammar."""
+        cfg = cls(**typed_options(cls, opts, "doclora"))
         cfg.validate()
         return cfg
 

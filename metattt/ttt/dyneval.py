@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..devices import DistCtx, autocast_for
-from .adapter import Adapter, AdapterConfig, Tensors, grad_context, lr_at, register_nested
+from . import rules
+from .adapter import Adapter, AdapterConfig, Tensors, grad_context, register_nested
 
 
 @dataclass
@@ -95,27 +96,25 @@ class DynEvalAdapter(Adapter):
         self._set_stats({k[4:]: v for k, v in sd.items() if k in want})
         return None
 
-    def adapt(self, model: nn.Module, x: Tensor, y: Tensor, progress: float = 0.0, *,
-              autocast: bool = True) -> dict[str, float]:
-        if not self.has_stats and self._cur:
+    def prepare(self, model: nn.Module, x: Tensor, y: Tensor, autocast: bool) -> None:
+        if not self.has_stats:
             if not self.cfg.auto_stats:
                 raise RuntimeError("dyneval has no gradient statistics: call collect_stats(model, batches), load "
                                    "them from the artifact extras, or set auto_stats=true")
             self.collect_stats(model, [(x, y)], autocast=autocast)
-        return super().adapt(model, x, y, progress, autocast=autocast)
+
+    def rule(self) -> rules.Transform:
+        c = self.cfg
+        return rules.chain(rules.scale_by_rms(lambda n: self.get_buffer(f"rms.{n}"), c.eps, c.max_update),
+                           rules.scale_by_schedule(rules.Schedule(c.lr, c.schedule)))
 
     def init(self, trainables: Tensors) -> dict[str, Any]:
-        return {f"anchor.{n}": t.clone() for n, t in trainables.items()}
+        return {**self.rule().init(trainables), **{f"anchor.{n}": t.clone() for n, t in trainables.items()}}
 
-    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
-             progress: float) -> tuple[Tensors, dict[str, Any]]:
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors) -> tuple[Tensors, dict[str, Any]]:
+        """The rule's update from the weights decayed toward the anchor: ``lerp(theta, theta_0, decay) - u``."""
         if not self.has_stats:
             raise RuntimeError("dyneval needs gradient statistics (collect_stats, artifact extras or auto_stats)")
-        c = self.cfg
-        lr = lr_at(c.lr, c.schedule, progress)
-        out = {}
-        for n, p in trainables.items():
-            rms = self.get_buffer(f"rms.{n}")
-            u = (grads[n].to(rms.dtype) / (rms + c.eps)).clamp(-c.max_update, c.max_update)
-            out[n] = torch.lerp(p, state[f"anchor.{n}"], c.decay) - lr * u.to(p.dtype)
-        return out, state
+        u, changed = self.rule().update(grads, state, trainables)
+        new = {n: torch.lerp(p, state[f"anchor.{n}"], self.cfg.decay) - u[n] for n, p in trainables.items()}
+        return new, {**state, **changed}

@@ -9,12 +9,13 @@ default (``optimizer="sgd"``: plain steps); ``reset`` defaults to "doc" (the eva
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter, AdapterConfig, Tensors, clip_grads, lr_at
+from . import rules
+from .adapter import Adapter, AdapterConfig, Tensors
 
 
 @dataclass
@@ -32,9 +33,6 @@ class LoRAConfig(AdapterConfig):
     init_std: float = 0.0
     seed: int = 0
     reset: str = "doc"
-
-    def step_size(self, progress: float) -> float:
-        return lr_at(self.lr, self.schedule, progress)
 
     def validate(self) -> None:
         super().validate()
@@ -84,32 +82,11 @@ class LoRAAdapter(Adapter):
     def mask(self, grads: Tensors) -> Tensors:
         return grads  # the factors exist only on selected slices
 
-    def init(self, trainables: Tensors) -> dict[str, Any]:
-        if self.cfg.optimizer == "sgd":
-            return {}
-        zeros = {n: torch.zeros_like(t) for n, t in trainables.items()}
-        return {"t": 0, **{f"m.{n}": z for n, z in zeros.items()}, **{f"v.{n}": z.clone() for n, z in zeros.items()}}
-
-    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
-             progress: float) -> tuple[Tensors, dict[str, Any]]:
+    def rule(self) -> rules.Transform:
         c = self.cfg
-        lr = lr_at(c.lr, c.schedule, progress)
-        grads = {n: g.to(trainables[n].dtype) for n, g in clip_grads(grads, c.grad_clip).items()}
-        if c.optimizer == "sgd":
-            return {n: p - lr * grads[n] for n, p in trainables.items()}, state
-        t = state["t"] + 1
-        new_state: dict[str, Any] = {"t": t}
-        new = {}
-        for n, p in trainables.items():
-            g = grads[n]
-            m = c.beta1 * state[f"m.{n}"] + (1 - c.beta1) * g
-            v = c.beta2 * state[f"v.{n}"] + (1 - c.beta2) * g * g
-            new_state[f"m.{n}"], new_state[f"v.{n}"] = m, v
-            mhat, vhat = m / (1 - c.beta1 ** t), v / (1 - c.beta2 ** t)
-            # clamp: sqrt has an infinite derivative at 0 (B starts at 0, so A's first gradient is 0); the
-            # clamp changes no value that survives the + 1e-8 and keeps the second-order graph finite
-            new[n] = p - lr * mhat / (vhat.clamp_min(1e-30).sqrt() + 1e-8)
-        return new, new_state
+        lr = rules.Schedule(c.lr, c.schedule)
+        last = rules.scale_by_schedule(lr) if c.optimizer == "sgd" else rules.scale_by_adam(lr, c.beta1, c.beta2)
+        return rules.chain(rules.clip_by_global_norm(c.grad_clip), last)
 
     @property
     def adapted_count(self) -> int:

@@ -26,8 +26,9 @@ So the first-order inner loop equals ``adapt(..., progress=0)`` bit for bit (tes
 * ``doclora`` (the batched per-document LoRA of the doc-batched evaluator): ``doclora_meta_loss`` learns the
   shared A init with the evaluator's update, one step per ``chunk``-token chunk of the row's first half (see
   that function).
-* ``adapter.meta_mode == "reptile"``: the surrogate sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose
-  gradient is the Reptile direction; theta_k after the same passes as above (the adapter's ``epochs``).
+* an adapter with a :class:`ReptileConfig` (``reptile``, or a plug-in's subclass of it): the surrogate
+  sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose gradient is the Reptile direction; theta_k after the
+  same passes as above (the adapter's ``epochs``).
 
 Statistics (detached tensors, no host sync): ``meta/L_post``, ``meta/L_inner`` (first inner pass, free) and,
 when known, ``meta/L_pre`` and ``meta/gain``. L_pre is free when the split is "same-batch" and the inner split is
@@ -46,8 +47,8 @@ from torch import Tensor, nn
 
 from .adapter import Adapter, grad_context
 from .doclora import DocLoRA, DocLoRAConfig
-from .registry import Registry
-from .sgd import SGDAdapter
+from .registry import Registry, parse_options
+from .sgd import ReptileConfig
 
 #: the doc-batched evaluator's default chunk (``DocTTTSpec.chunk``): doclora's meta step takes one update per chunk
 DOCTTT_CHUNK = 32
@@ -117,23 +118,17 @@ class MetaConfig:
     def is_doclora(self) -> bool:
         return bool(self.adapter) and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
 
-    def _doclora_options(self) -> dict[str, str]:
-        opts = {}
-        for item in (t for t in (self.adapter or "").partition(":")[2].split(",") if t.strip()):
-            k, eq, v = item.partition("=")
-            if not eq:
-                raise ValueError(f"adapter spec {self.adapter!r}: option {item!r} is not key=value")
-            opts[k.strip()] = v.strip()
-        return opts
+    def _doclora_options(self) -> dict[str, Any]:
+        return parse_options((self.adapter or "").partition(":")[2], self.adapter or "")
 
     @property
     def doclora_chunk(self) -> int:
         """Tokens per doclora update: the spec's ``chunk`` (a docttt protocol option, so the final evaluation
         gets the same one), else the evaluator's default."""
-        v = self._doclora_options().get("chunk", str(DOCTTT_CHUNK))
-        if not v.isdigit() or int(v) < 1:
+        v = self._doclora_options().get("chunk", DOCTTT_CHUNK)
+        if type(v) is not int or v < 1:
             raise ValueError(f"adapter spec {self.adapter!r}: chunk must be a positive integer, got {v!r}")
-        return int(v)
+        return v
 
     def make_adapter(self, registry: Registry | None = None) -> Adapter | DocLoRA:
         """The registry's adapter for the spec, or ``doclora[:k=v,...]`` (batched, not in the registry) with its
@@ -151,17 +146,15 @@ class MetaConfig:
 
     def inner_passes(self, adapter: Adapter | DocLoRA) -> int:
         """Passes of the inner loop: the override ``inner_steps``, else the evaluated update's (``epochs``;
-        doclora: one pass over the chunks, as the doc-batched evaluator takes)."""
-        if self.inner_steps is not None:
-            return self.inner_steps
-        return 1 if isinstance(adapter, DocLoRA) else adapter.cfg.epochs
+        doclora: 1, one pass over the chunks, as the doc-batched evaluator takes)."""
+        return self.inner_steps if self.inner_steps is not None else adapter.cfg.epochs
 
     def inner_summary(self, adapter: Adapter | DocLoRA) -> dict[str, Any]:
         """What the inner loop ran, for the run's summary: passes and whether they are the evaluated update's."""
         out: dict[str, Any] = {"passes": self.inner_passes(adapter),
                                "source": "adapter epochs" if self.inner_steps is None else "override inner_steps",
                                "progress": 0.0}
-        if isinstance(adapter, DocLoRA):
+        if self.is_doclora:
             out["chunk"] = self.doclora_chunk
         return out
 
@@ -208,16 +201,17 @@ def higher_inner_loop(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, 
     """Plain constant-lr full-batch SGD via ``higher``'s differentiable optimiser: an independent implementation
     that cross-checks the autograd / torch.func backends. Returns adapted selected tensors."""
     higher = _import_higher()
-    c = adapter.cfg
-    plain = (isinstance(adapter, SGDAdapter) and type(adapter).direction is Adapter.direction and not c.momentum
-             and not c.grad_clip)
+    c, lr = adapter.cfg, adapter.rule().sgd_lr
+    own = type(adapter)  # the rule's own step on the selected tensors themselves, one gradient per step
+    plain = lr is not None and (own.direction, own.step, own.trainables, own.materialize, own.loss) == (
+        Adapter.direction, Adapter.step, Adapter.trainables, Adapter.materialize, Adapter.loss)
     if not plain or x.size(0) > c.batch_seqs:
         raise ValueError(f"backend 'higher' supports plain constant-lr SGD adapters (sgd rule with momentum=0, "
                          f"grad_clip=0, one mini-batch), not {adapter.name!r} with {c}")
     sel = adapter._require_bound()
     names = [n for n, _ in model.named_parameters()]
     selected = set(sel.names)
-    opt = torch.optim.SGD(model.parameters(), lr=c.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
 
     def mask(grads):  # noqa: ANN001, ANN202
         out = []
@@ -248,8 +242,8 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
     if adapter.sel is None:
         adapter.bind(model)
     passes = cfg.inner_passes(adapter)
-    if adapter.meta_mode == "reptile":
-        return reptile_loss(model, adapter, x, y, steps=passes, weight=cfg.outer_weight)
+    if isinstance(adapter.cfg, ReptileConfig):
+        return reptile_loss(model, adapter, x, y, epsilon=adapter.cfg.epsilon, steps=passes, weight=cfg.outer_weight)
     (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
     second = cfg.order == "second"
     attn = "math" if second else None
@@ -280,13 +274,12 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
     return loss, stats
 
 
-def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, steps: int | None = None,
-                 epsilon: float | None = None, weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, epsilon: float,
+                 steps: int | None = None, weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Surrogate whose gradient w.r.t. each selected tensor is ``weight * epsilon * (theta - theta_k)``, theta_k
     after ``steps`` (default: the adapter's ``epochs``, the evaluated update) first-order passes of the adapter's
     step on (x, y)."""
     steps = steps if steps is not None else adapter.cfg.epochs
-    epsilon = epsilon if epsilon is not None else getattr(adapter.cfg, "epsilon", 1.0)
     named = dict(model.named_parameters())
     with grad_context():
         adapted, inner = adapter.inner_loop(model, named, x, y, passes=steps, create_graph=False)

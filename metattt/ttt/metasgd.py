@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter, AdapterConfig, Tensors, clip_grads, register_nested
+from . import rules
+from .adapter import Adapter, AdapterConfig, register_nested
 
 
 @dataclass
@@ -29,9 +29,6 @@ class MetaSGDConfig(AdapterConfig):
     batch_seqs: int = 32
     grad_clip: float = 0.0
     reset: str = "never"
-
-    def step_size(self, progress: float) -> float:  # reported as the eval update's lr: the rates are multiplied by it
-        return self.lr_scale
 
     def validate(self) -> None:
         super().validate()
@@ -78,8 +75,6 @@ class MetaSGDAdapter(Adapter):
         n_meta = sum(p.numel() for p in self.parameters())
         return super().selection_report() + f"\nmeta-parameters (log-rates): {n_meta:,}"
 
-    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
-             progress: float) -> tuple[Tensors, dict[str, Any]]:
-        grads = clip_grads(grads, self.cfg.grad_clip)
-        s = self.cfg.lr_scale
-        return {n: p - (s * self.rate(n)).to(p.dtype) * grads[n].to(p.dtype) for n, p in trainables.items()}, state
+    def rule(self) -> rules.Transform:
+        c = self.cfg
+        return rules.chain(rules.clip_by_global_norm(c.grad_clip), rules.scale_by_rates(self.rate, c.lr_scale))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import rules
 from .adapter import Adapter, AdapterConfig
 
 
@@ -18,3 +19,6 @@ class NoneAdapter(Adapter):
     Config = NoneConfig
     default_selection = "none"
     trains_in_eval = False
+
+    def rule(self) -> rules.Transform:
+        return rules.chain()  # no transform: never run (nothing is selected)

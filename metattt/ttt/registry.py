@@ -23,13 +23,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .adapter import Adapter
 from .dyneval import DynEvalAdapter
-from .fomaml import FOMAMLAdapter
 from .lora import LoRAAdapter
 from .metasgd import MetaSGDAdapter
 from .none import NoneAdapter
-from .reptile import ReptileAdapter
-from .sam import SAMAdapter
-from .sgd import SGDAdapter
+from .sgd import FOMAMLAdapter, ReptileAdapter, SAMAdapter, SGDAdapter
 
 BUILTINS: tuple[type[Adapter], ...] = (NoneAdapter, SGDAdapter, FOMAMLAdapter, MetaSGDAdapter, SAMAdapter,
                                        LoRAAdapter, DynEvalAdapter, ReptileAdapter)
@@ -71,7 +68,7 @@ def _literal(v: str) -> Any:
     return v
 
 
-def _coerce(cls_name: str, key: str, typ: str, value: Any) -> Any:
+def _coerce(who: str, key: str, typ: str, value: Any) -> Any:
     t = str(typ)
     if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -83,8 +80,32 @@ def _coerce(cls_name: str, key: str, typ: str, value: Any) -> Any:
         return bool(value)
     ok = {"float": float, "int": int, "bool": bool, "str": str}.get(t)
     if ok is not None and (not isinstance(value, ok) or (ok is int and isinstance(value, bool))):
-        raise ValueError(f"{cls_name}.{key} must be {t}, got {value!r}")
+        raise ValueError(f"{who} option {key}={value!r} is not a {t}")
     return value
+
+
+def parse_options(text: str, spec: str) -> dict[str, Any]:
+    """``"lr=0.002,select=banks[q,v]:layers>=2"`` -> {"lr": 0.002, "select": "banks[q,v]:layers>=2"}: values typed
+    literally (selections kept as text); ``spec`` names the whole spec in errors."""
+    out: dict[str, Any] = {}
+    for item in _split_top(text):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"adapter spec {spec!r}: option {item!r} is not key=value")
+        key = key.strip()
+        out[key] = val.strip() if key in _SELECT_KEYS else _literal(val.strip())
+    return out
+
+
+def typed_options(config: type, options: Mapping[str, Any], who: str, also: str = "") -> dict[str, Any]:
+    """``options`` (text or values) typed as the fields of the dataclass ``config``; an unknown key or a value of
+    the wrong type is an error naming it and the valid keys."""
+    types = {f.name: f.type for f in fields(config)}
+    unknown = sorted(set(options) - set(types))
+    if unknown:
+        raise ValueError(f"{who} has no option {unknown[0]!r} (unknown hyper-parameters {unknown}; valid: "
+                         f"{', '.join(sorted(types))}{also})")
+    return {k: _coerce(who, k, types[k], _literal(v) if isinstance(v, str) else v) for k, v in options.items()}
 
 
 def load_module(ref: str) -> ModuleType:
@@ -136,7 +157,7 @@ class Registry:
         sources: dict[str, str] = {}
 
         def add(c: type[Adapter], source: str) -> None:
-            name = getattr(c, "name", None)
+            name = c.name
             if not isinstance(name, str) or not name or name == Adapter.name:
                 raise PluginError(f"adapter class {c.__qualname__} from {source} sets no name (class attribute "
                                   "name = '...')")
@@ -183,16 +204,8 @@ class Registry:
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"adapter spec must be a non-empty string, got {spec!r}")
         name, _, rest = spec.strip().partition(":")
-        name = name.strip()
-        self.get(name)
-        kwargs: dict[str, Any] = {}
-        for item in _split_top(rest):
-            key, eq, val = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"adapter spec {spec!r}: expected key=value, got {item!r}")
-            key = key.strip()
-            kwargs[key] = val.strip() if key in _SELECT_KEYS else _literal(val.strip())
-        return name, kwargs
+        self.get(name.strip())
+        return name.strip(), parse_options(rest, spec)
 
     def make(self, name: str, selection: str | None = None, **hparams: Any) -> Adapter:
         """An (unbound) adapter. ``selection`` None -> the adapter's default; ``select=`` / ``selection=`` inside
@@ -204,13 +217,7 @@ class Registry:
                 if selection is not None and v != selection:
                     raise ValueError(f"adapter {name!r}: selection given twice ({selection!r} and {v!r})")
                 selection = v
-        types = {f.name: f.type for f in fields(cls.Config)}
-        unknown = sorted(set(hparams) - set(types))
-        if unknown:
-            raise ValueError(f"adapter {name!r}: unknown hyper-parameters {unknown}; valid: "
-                             f"{', '.join(sorted(types))}, select")
-        kw = {k: _coerce(cls.Config.__name__, k, types[k], v) for k, v in hparams.items()}
-        return cls(cls.Config(**kw), selection)
+        return cls(cls.Config(**typed_options(cls.Config, hparams, f"adapter {name!r}", ", select")), selection)
 
     def from_spec(self, spec: str) -> Adapter:
         name, kwargs = self.parse_spec(spec)
@@ -221,7 +228,7 @@ class Registry:
         lines = []
         for name, cls in self.classes.items():
             cfg = cls.Config()
-            hp = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg))
+            hp = ", ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items())
             src = self.sources[name]
             where = "" if src.endswith("(built-in)") else f" [{src}]"
             lines.append(f"{name}: {hp} (select default {cls.default_selection!r}){where}")

@@ -1,0 +1,57 @@
+"""benchmarks/record_model.py: the two changes to the record script apply exactly once or the script is refused,
+and the record's printed numbers are read back from its log."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import record_model as rm  # noqa: E402
+
+FAKE = f"""import os
+import torch.nn.functional as F
+{rm.IMPORT_LINE}
+def main():
+    {rm.EMA_LINE}
+    return ema_decay
+"""
+
+
+def test_patch_replaces_fa3_and_reads_ema_decay(monkeypatch):
+    out = rm.patch(FAKE)
+    assert "flash_attn_interface" not in out and "def flash_attn_3_func" in out
+    ns: dict = {}
+    exec(compile(out, "patched", "exec"), ns)
+    monkeypatch.setenv("EMA_DECAY", "0.99")
+    assert ns["main"]() == 0.99
+    monkeypatch.delenv("EMA_DECAY")
+    assert ns["main"]() == 0.997
+
+
+@pytest.mark.parametrize("bad", [FAKE.replace(rm.IMPORT_LINE, ""), FAKE + "    " + rm.EMA_LINE + "\n"])
+def test_patch_refuses_another_script(bad):
+    with pytest.raises(rm.PatchError, match="expected"):
+        rm.patch(bad)
+
+
+def test_printed_numbers_last_wins():
+    log = ("step:1 val_bpb:3.0\nfinal_int6_roundtrip_exact val_loss:3.1 val_bpb:1.84221119\n"
+           "final_int6_sliding_window_exact val_loss:3.0 val_bpb:1.83105171\nlegal_ttt_exact val_loss:2.9 val_bpb:1.9\n"
+           "legal_ttt_exact val_loss:2.9 val_bpb:1.81695287\n")
+    assert rm.printed_numbers(log) == {"final_int6_roundtrip_exact": 1.84221119,
+                                       "final_int6_sliding_window_exact": 1.83105171, "legal_ttt_exact": 1.81695287}
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    script = tmp_path / "train_gpt.py"
+    script.write_text(FAKE)
+    base = ["--script", str(script), "--val", str(tmp_path / "v_*.bin"), "--tokenizer", "t", "--out", str(tmp_path / "o")]
+    assert rm.main([*base, "--train", str(tmp_path / "none_*.bin")]) == 2
+    assert "matched no file" in capsys.readouterr().err
+    assert rm.main([*base, "--train", "x", "--env", "SEED"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    script.write_text("print(1)\n")
+    assert rm.main([*base, "--train", "x"]) == 2
+    assert "expected" in capsys.readouterr().err

@@ -64,9 +64,7 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     losses = []
     for k_step, all_rows in enumerate(steps):
         lr = spec.phase_lr * 0.5 * (1 + math.cos(math.pi * k_step / max(1, len(steps))))
-        base_n, extra = divmod(len(all_rows), ctx.world)
-        r0 = ctx.rank * base_n + min(ctx.rank, extra)
-        rows = all_rows[r0: r0 + base_n + (1 if ctx.rank < extra else 0)]
+        rows = all_rows[ctx.share(len(all_rows))]
         n_tgt = torch.tensor([float(sum(q - p for p, q in rows))], device=device, dtype=torch.float64)
         loss_sum = torch.zeros((), device=device)
         if rows:

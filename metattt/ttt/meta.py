@@ -296,7 +296,7 @@ def doclora_inner_loop(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor,
     chunk of the first ``inner_len`` targets (default: the whole chunks of the first half), in order, one forward
     of the row's prefix up to the chunk's end scoring the chunk's targets (``positions=``, RoPE base of that
     prefix), loss = mean over the chunk per row summed over rows, one AdamW ``step``; ``passes`` sweeps. The same
-    calls, in the same order, as ``metattt.eval.docttt.run_batch`` makes for documents whose rows these are (a
+    calls, in the same order, as ``metattt.eval.docttt_batch.run_batch`` makes for documents whose rows these are (a
     document's chunks all trained, window >= the row), so the factors are bit for bit the evaluator's (CPU,
     tests/test_doclora_meta.py). Returns (trainables, optimiser state, mean per-row loss of the first chunk)."""
     n_rows, length = x.shape

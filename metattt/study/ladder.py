@@ -1,14 +1,19 @@
-"""The ladder sections of the ceiling report (issue 29): Δ_context and Δ_TTT against D/N per model size, and fits
-Δ = A·(D/N)^(−γ) + F with intervals, generated from the run directories only.
+"""The ladder sections of the ceiling report (issue 29): Δ_context and Δ_TTT against D/N per model size, where the
+gain sits, fits Δ = A·(D/N)^(−γ) + F with intervals, the continued-training account of Δ_TTT and the reading at
+the records' D/N, generated from the run directories only.
 
 A ladder cell is an evaluated decay branch (``--branch-from``): its model's ``summary.json`` says which budget
 checkpoint it starts from (``branch.budget``: the requested D/N, the N, whether the pass cap moved it) and how
 many tokens it trained in all. Points are grouped by size (N) and validation set (the evaluator setting).
 
-Intervals: every cell of one setting scores the same documents, so one bootstrap resample of documents is applied
-to every point of a size at once (the points' errors are correlated through the shared documents; resampling them
-independently would treat them as independent), the Δs are recomputed from the per-document nats with the
-evaluator's estimator (Σ nats / ln 2 / Σ bytes), and the curve is refitted. The percentile intervals of A, γ, F
+A point's numbers are the means over the cell's runs (``--orders K``) where it ran several, with the evaluator's
+hierarchical interval (runs → documents), else order 0's with its document interval; the table says which.
+
+Intervals of the fits: every cell of one setting scores the same documents in the same K orders, so one bootstrap
+resample of documents (and one of runs) is applied to every point of a size at once (the points' errors are
+correlated through the shared documents; resampling them independently would treat them as independent), the Δs
+are recomputed from order 0's per-document nats with the evaluator's estimator (Σ nats / ln 2 / Σ bytes) and moved
+by the resampled runs' mean deviation from order 0 (``_Series``), and the curve is refitted. The percentile intervals of A, γ, F
 and of the fitted Δ at D/N = 200 (the records' tokens per parameter) come from those refits; resamples whose fit
 fails are counted, not hidden. With three budgets the three-parameter curve interpolates them exactly, so its
 interval is the data's, not a check of the functional form.

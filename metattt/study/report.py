@@ -157,7 +157,7 @@ def cell_table(cr: CellResult) -> list[str]:
              f"run dir: `{cr.dir}`", "",
              f"Model: {_model_line(cr)}.", "",
              f"Evaluated {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents) on "
-             f"`{_shown_path(meta.get('val', '?'))}`, device {meta.get('device', '?')}, "
+             f"`{_configured_val(c) or _shown_path(meta.get('val', '?'))}`, device {meta.get('device', '?')}, "
              f"{_numerics(cfg, meta)}; context {cfg['context']}, "
              f"stride {cfg['stride']}, flat windows {cfg['seq_len']}, TTT chunks {cfg['chunk_tokens']:,} tokens. "
              f"95% CIs: paired bootstrap over documents, n={b['n']}, seed {b['seed']}. "
@@ -459,6 +459,18 @@ def missing_list(missing: list[CellResult], cfg: str) -> list[str]:
     lines += [f"- `{m}`: {', '.join(f'`{e}`' for e in evs)} — "
               f"`python experiments/ceiling.py --config {cfg} --only {m}`" for m, evs in by.items()]
     return lines + [""]
+
+
+def _configured_val(c: Cell) -> str | None:
+    """The setting's ``--val`` as the config writes it ($METATTT_DATA unexpanded): eval.json records the expanded
+    path, which names the machine the cell ran on."""
+    flags = list(c.ev.flags)
+    for i, f in enumerate(flags):
+        if f == "--val" and i + 1 < len(flags):
+            return flags[i + 1]
+        if f.startswith("--val="):
+            return f.split("=", 1)[1]
+    return None
 
 
 def _shown_path(path: str) -> str:

@@ -300,9 +300,25 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
     (cell,) = (study / "cells" / "xs.dn1").glob("other-*")
     assert _json(cell / "eval.json")["meta"]["data_check"].startswith("other data allowed")
     # one fit per validation set and Δ, over the smaller size's three budgets
-    fits = [line for line in report.splitlines() if line.startswith(("| indist | 19,526 |", "| other | 19,526 |"))]
+    lines = report.splitlines()
+    by_size = [line for line in lines if line.startswith(("| indist | 19,526 |", "| other | 19,526 |"))]
+    fits = [line for line in by_size if line.count("|") == 15]
     assert len(fits) == 4 and all("| 3 |" in line for line in fits)
-    assert not any(line.startswith(("| indist | 75,910 |", "| other | 75,910 |")) for line in report.splitlines())
+    assert not any(line.startswith(("| indist | 75,910 |", "| other | 75,910 |")) for line in lines)
+    # the reading at the records' D/N: one row per fit, and the report says it is one size
+    assert len([line for line in by_size if line.count("|") == 10]) == 4 and "One size only" in report
+    # the continued-training account: the smaller size's branches, S from each cell's ledger, Δ_TTT its own
+    accounts = [line for line in lines if line.startswith(("| indist | xs.", "| other | xs."))
+                and line.count("|") == 13]
+    assert len(accounts) == 6
+    for line in accounts:
+        setting, model, _dn, s_tok, epochs, dtt = [c.strip() for c in line.strip("|").split("|")][:6]
+        (cell,) = (study / "cells" / model).glob(f"{setting}-*")
+        ev = _json(cell / "eval.json")
+        sgd = ev["protocols"]["ttt:sgd"]
+        assert s_tok == f"{sgd['ledger']['n_update_positions']:,}"
+        assert epochs == str(sgd["adapter_params"]["config"]["epochs"])
+        assert dtt == f"{ev['deltas']['ttt:sgd']['value']:+.5f}"
 
 
 def _study(parent_flags: list[str], branch_ref: str = "p") -> dict:

@@ -344,3 +344,6 @@ def test_model_references_key_on_the_parent_and_train_it_first():
     out = run_study(st, dry_run=True, only={"b*"}, log=log.append)  # wildcards; the parent comes along, first
     assert [o.what for o in out] == ["model p", "model b", "cell b/e"]
     assert run_study(st, dry_run=True, only={"x*"}, log=log.append) == []
+    assert [o.what for o in run_study(st, dry_run=True, only={"b/e"}, log=log.append)] == ["model p", "model b",
+                                                                                         "cell b/e"]
+    assert run_study(st, dry_run=True, only={"b/other"}, log=log.append) == []

@@ -159,7 +159,9 @@ def cell_table(cr: CellResult) -> list[str]:
              f"Evaluated {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents) on "
              f"`{_configured_val(c) or _shown_path(meta.get('val', '?'))}`, device {meta.get('device', '?')}, "
              f"{_numerics(cfg, meta)}; context {cfg['context']}, "
-             f"stride {cfg['stride']}, flat windows {cfg['seq_len']}, TTT chunks {cfg['chunk_tokens']:,} tokens. "
+             f"stride {cfg['stride']}, flat windows {cfg['seq_len']}, TTT chunks {cfg['chunk_tokens']:,} tokens"
+             + (f", schedules indexed to a {cfg['schedule_horizon']:,}-token stream (--schedule-horizon)"
+                if cfg.get("schedule_horizon") else "") + ". "
              f"95% CIs: paired bootstrap over documents, n={b['n']}, seed {b['seed']}. "
              "Δ vs base: flat → sliding is Δ_context, sliding → ttt:X is Δ_TTT (positive = second better); "
              "flat − protocol is the seed's own delta (context + adaptation).", "",

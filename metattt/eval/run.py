@@ -38,6 +38,7 @@ from .tuning import check_disjoint, parse_grid, parse_slice, slice_tokens, tune
 from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
+from .scoring import FULL_VAL_TOKENS, parse_horizon
 from metattt.interrupts import signal_name, signum_of, sigterm_raises
 from metattt.track.rundir import locked
 
@@ -46,6 +47,13 @@ EXIT_BAD_INPUT = 2
 EXIT_ILLEGAL = 3
 EXIT_INVALID = 4
 DEFAULT_PROTOCOLS = "flat,sliding,ttt:sgd"
+
+
+def _horizon(text: str) -> int | None:
+    try:
+        return parse_horizon(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class EvalInputError(ValueError):
@@ -80,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, default=64, help="sliding stride = scored tokens per window (default 64)")
     ap.add_argument("--seq-len", type=int, default=None, help="flat window length (default: artifact's seq_len)")
     ap.add_argument("--chunk-tokens", type=int, default=32768, help="TTT chunk size in scored tokens (default 32768)")
+    ap.add_argument("--schedule-horizon", type=_horizon, default=None, metavar="TOKENS|full",
+                    help="index the adapters' schedules (e.g. sgd's cosine lr) to a stream of this many tokens, "
+                         f"'full' = the official FineWeb val ({FULL_VAL_TOKENS:,} tokens, the records' horizon), "
+                         "progress clipped to 1; default: the scored stream, so a prefix runs the whole schedule")
     ap.add_argument("--train-seq-len", type=int, default=None,
                     help="adapter training sequence length (default: context)")
     ap.add_argument("--batch-tokens", type=int, default=32 * 2048, help="padded tokens per scoring forward")
@@ -551,7 +563,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      compat=args.compat, eager_adapted=record_bf16 and knobs.eager_ttt,
                      attn=args.attn, position_edges=parse_edges(args.position_buckets),
                      equivalence_margin=args.equivalence_margin, orders=args.orders, adapt_seeds=args.adapt_seeds,
-                     docttt_model=device.type == "cuda" and args.projection_gpus >= 1)
+                     docttt_model=device.type == "cuda" and args.projection_gpus >= 1,
+                     schedule_horizon=args.schedule_horizon)
     _check_windows(cfg, specs)
     try:
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)

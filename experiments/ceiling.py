@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=None, help="override [study].root (where run directories go)")
     ap.add_argument("--nproc", type=int, default=None, help="processes per trainer/evaluator (torchrun when > 1)")
     ap.add_argument("--only", action="append", default=None, metavar="NAME",
-                    help="run only cells of this model, evaluator setting or report section (repeatable; shell-style "
-                         "wildcards, e.g. 'ladder-2m.*')")
+                    help="run only cells of this model, evaluator setting or report section, or one cell as "
+                         "MODEL/SETTING (repeatable; shell-style wildcards, e.g. 'ladder-2m.*' or "
+                         "'ladder-0.6m.dn*/*-horizon')")
     ap.add_argument("--dry-run", action="store_true", help="print what would run; write nothing")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the report from the run dirs")
     ap.add_argument("--no-report", action="store_true", help="run cells but leave the report alone")

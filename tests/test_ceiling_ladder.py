@@ -13,7 +13,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from metattt.study.ladder import PREDICT_DN, fit_size, ladder_points, ladder_tables, power_floor
+from metattt.study.ladder import (
+    PREDICT_DN,
+    RECORD_N,
+    continued_training,
+    curve_drop,
+    fit_size,
+    ladder_points,
+    ladder_tables,
+    point_delta,
+    position_split,
+    power_floor,
+    prediction_table,
+    size_extrapolation,
+)
 from metattt.study.plots import ladder_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +83,131 @@ def test_power_floor_fit_recovers_the_curve_with_a_joint_document_bootstrap(tmp_
     assert not any(line.startswith("| indist | 2,000,000 |") for line in lines)  # no fit for the one-point size
     assert ladder_plot(cells, tmp_path / "ladder.png").stat().st_size > 1000
     assert ladder_plot(cells[:0], tmp_path / "none.png") is None
+
+
+def _level_cell(model: str, n: int, dn: float, level: float, gain: float, nbytes: np.ndarray, *, s_tokens: int,
+                epochs: int, runs: list[float] | None = None, parent: str | None = None):
+    """A ladder cell whose sliding bpb is ``level`` and Δ_TTT ``gain`` on every document (so any document
+    resample gives exactly them), with the adapter's ledger and, optionally, 3 runs of Δ_TTT."""
+    ln2 = math.log(2)
+    flat = (level + 0.01) * ln2 * nbytes
+    sliding = level * ln2 * nbytes
+    ttt = (level - gain) * ln2 * nbytes
+    nats = {"flat": flat, "sliding": sliding, "ttt:sgd": ttt}
+    ev = {"deltas": {"context": {"from": "flat", "to": "sliding", "value": 0.01, "ci95": [0.009, 0.011]},
+                     "ttt:sgd": {"from": "sliding", "to": "ttt:sgd", "value": gain,
+                                 "ci95": [gain - 1e-4, gain + 1e-4]}},
+          "per_document": {"bytes": nbytes.tolist(), "nats": {k: v.tolist() for k, v in nats.items()}},
+          "bootstrap": {"n": 100, "seed": 0, "level": 0.95},
+          "data": {"n_targets": int(nbytes.sum() / 2.4), "n_bytes": float(nbytes.sum())},
+          "protocols": {"flat": {"bpb": level + 0.01}, "sliding": {"bpb": level},
+                        "ttt:sgd": {"bpb": level - gain, "ledger": {"n_update_positions": s_tokens},
+                                    "adapter_params": {"config": {"epochs": epochs}}}}}
+    if runs is not None:
+        ev["runs"] = {"n_runs": len(runs), "deltas": {"ttt:sgd": {"value": float(np.mean(runs)), "ci95": [0.0, 1.0],
+                                                                 "value_per_run": [gain, *runs[1:]]}},
+                      "protocols": {"ttt:sgd": {"bpb_mean": level - float(np.mean(runs))}}}
+    tokens = int(dn * n)
+    summary = {"train_tokens": tokens, "branch": {"budget": {"dn": dn, "n_params": n, "tokens": tokens,
+                                                             "capped": False}, "parent_run": parent}}
+    return SimpleNamespace(cell=SimpleNamespace(model=SimpleNamespace(name=model), ev=SimpleNamespace(name="indist")),
+                           eval=ev, model_summary=summary)
+
+
+def test_continued_training_account_on_constructed_curves(tmp_path):
+    n, s_tok, epochs = 1_000_000, 500_000, 3
+    curve = (0.9, 0.5, 1.2)  # sliding bpb = 0.9·(D/N)^(−0.5) + 1.2
+    nbytes = np.random.default_rng(1).uniform(1000, 3000, size=50)
+    gains = {25: 0.004, 50: 0.002, 100: 0.0012, 200: 0.0009}
+    # the parent's training loss (nats per token) on the same kind of curve, over its steps
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    steps = np.arange(50, 3001, 50)
+    per_step = 65_536
+    (parent / "summary.json").write_text(json.dumps({"train_tokens": int(steps[-1] * per_step),
+                                                     "steps": int(steps[-1])}))
+    loss = lambda t: 2.0 * (t / 1e6) ** -0.4 + 2.5  # noqa: E731
+    (parent / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": int(k),
+                                                              "train_loss": float(loss(k * per_step))}) + "\n"
+                                                  for k in steps))
+    cells = [_level_cell(f"m.dn{dn}", n, dn, float(power_floor(np.array([dn]), *curve)[0]), g, nbytes,
+                         s_tokens=s_tok, epochs=epochs, parent=str(parent)) for dn, g in gains.items()]
+    accounts = continued_training(ladder_points(cells), n_boot=50)
+    assert [a.point.model for a in accounts] == [f"m.dn{dn}" for dn in gains]
+    for a, (dn, g) in zip(accounts, gains.items()):
+        want = float(power_floor(np.array([dn]), *curve)[0] - power_floor(np.array([dn + s_tok * epochs / n]),
+                                                                            *curve)[0])
+        once = float(power_floor(np.array([dn]), *curve)[0] - power_floor(np.array([dn + s_tok / n]), *curve)[0])
+        assert a.tokens == s_tok and a.epochs == epochs and a.delta == pytest.approx(g)
+        assert a.drop == pytest.approx(want, rel=1e-3) and a.drop_unique == pytest.approx(once, rel=1e-3)
+        assert a.remaining == pytest.approx(g - want, rel=1e-3, abs=1e-7)
+        assert a.drop_ci[0] <= a.drop <= a.drop_ci[1] and a.drop_ci[1] - a.drop_ci[0] < 1e-6  # no noise at all
+        # the parent curve: the drop of its loss over κ·S·epochs tokens at the checkpoint, in bits per byte
+        t = dn * n
+        tpb = cells[0].eval["data"]["n_targets"] / cells[0].eval["data"]["n_bytes"]
+        assert a.drop_parent == pytest.approx((loss(t) - loss(t + s_tok * epochs)) * tpb / math.log(2), rel=1e-3)
+    # a larger adapter budget is worth more training; fewer than 3 budgets: no account
+    more = continued_training(ladder_points(cells), n_boot=10, kappa=2.0)
+    assert all(b.drop > a.drop for a, b in zip(accounts, more))
+    assert continued_training(ladder_points(cells[:2]), n_boot=10) == []
+    assert curve_drop(np.array([1.0, 2.0]), np.array([3.0, 2.0]), 1.5, 0.1) is None
+    text = "\n".join(ladder_tables(cells))
+    assert "Continued-training account" in text and f"| indist | m.dn200 | 200.0 | {s_tok:,} | 3 |" in text
+
+
+def test_points_use_the_hierarchical_interval_and_split_by_position():
+    nbytes = np.full(20, 1000.0)
+    c = _level_cell("m.dn25", 1000, 25, 2.0, 0.003, nbytes, s_tokens=10, epochs=1, runs=[0.003, 0.004, 0.005])
+    (p,) = ladder_points([c])
+    v, ci, kind = point_delta(p, "ttt:sgd")
+    assert v == pytest.approx(0.004) and ci == [0.0, 1.0] and kind == "runs → documents (3 runs)"
+    assert point_delta(p, "context")[2] == "documents, one order"
+    assert position_split(p, "ttt:sgd") is None  # no per_position recorded
+    ln2 = math.log(2)
+    p.eval["per_position"] = {
+        "doc_position": {"edges": [0, 128, 1024], "bytes": [100.0, 200.0, 300.0],
+                         "nats": {"sliding": [10.0, 20.0, 30.0],
+                                  "ttt:sgd": [10.0 - 0.1 * ln2, 20.0, 30.0 - 0.5 * ln2]}},
+        "stream_decile": {"bytes": [1.0, 1.0, 2.0, 2.0], "nats": {"sliding": [1, 1, 1, 1], "ttt:sgd": [1, 1, 1, 1]}}}
+    sp = position_split(p, "ttt:sgd")
+    assert sp["early"] == pytest.approx(0.1 / 100) and sp["late"] == pytest.approx(0.5 / 500)
+    assert sp["first_half"] == 0.0 and sp["second_half"] == 0.0
+    lines = ladder_tables([c])
+    row = next(line for line in lines if line.startswith("| m.dn25 |"))
+    assert ("| +0.00400 | [0.00000, 1.00000] | context: documents, one order; ttt:sgd: runs → documents (3 runs) |"
+            in row)
+
+
+def test_prediction_says_one_size_and_extrapolates_three():
+    from metattt.study.ladder import PowerFit
+
+    def fit(n, pred, draws):
+        return PowerFit("indist", n, "ttt:sgd", 3, {"A": 1.0, "gamma": 0.5, "F": pred, "pred": pred},
+                        {"pred": (pred - 0.001, pred + 0.001), "F": (pred - 0.001, pred + 0.001)}, 3, 0,
+                        pred_draws=np.array(draws))
+    one = "\n".join(prediction_table([fit(600_000, 0.0005, [0.0004, 0.0005, 0.0006])]))
+    assert "One size only" in one and "records above" in one and "extrapolated" not in one.split("\n\n", 1)[1]
+    # Δ at D/N 200 linear in ln N: the extrapolation to the records' N is exact, its draws too
+    sizes = [600_000, 2_000_000, 8_000_000]
+    line = lambda n, a=0.0001, b=0.0002: a + b * math.log(n / 600_000)  # noqa: E731
+    fits = [fit(n, line(n), [line(n, b=0.0001), line(n), line(n, b=0.0003)]) for n in sizes]
+    ((setting, key, k, est, ci),) = size_extrapolation(fits)
+    assert (setting, key, k) == ("indist", "ttt:sgd", 3) and est == pytest.approx(line(RECORD_N))
+    assert ci[0] == pytest.approx(line(RECORD_N, b=0.0001), rel=0.05) and ci[1] > est
+    text = "\n".join(prediction_table(fits))
+    assert "One size only" not in text and "(extrapolated from 3 sizes" in text
+
+
+def test_missing_cells_are_listed_with_their_commands():
+    from metattt.study.report import missing_list
+
+    def cell(m, e):
+        return SimpleNamespace(cell=SimpleNamespace(model=SimpleNamespace(name=m), ev=SimpleNamespace(name=e)))
+    lines = missing_list([cell("a.dn25", "indist"), cell("a.dn25", "fineweb"), cell("b", "indist")], "C.toml")
+    assert lines[0].startswith("**Still missing** (3 configured cells")
+    assert lines[2] == ("- `a.dn25`: `indist`, `fineweb` — "
+                        "`python experiments/ceiling.py --config C.toml --only a.dn25`")
+    assert lines[3].endswith("--only b`")
 
 
 # ---------------------------------------------------------------- the CPU variant, end to end
@@ -147,12 +285,13 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
         assert row["D/N trained"] == f"{summ['train_tokens'] / n:.1f}"
         (cell,) = (study / "cells" / model).glob(f"{setting}-*")
         ev = _json(cell / "eval.json")
-        for proto in ("flat", "sliding"):
+        for proto in ("flat", "sliding", "ttt:sgd"):
             assert row[f"{proto} bpb"] == f"{ev['protocols'][proto]['bpb']:.5f}"
         for key in ("context", "ttt:sgd"):
             d = ev["deltas"][key]
             assert row[f"Δ {key}"] == f"{d['value']:+.5f}"
             assert row[f"Δ {key} 95% CI"] == f"[{d['ci95'][0]:.5f}, {d['ci95'][1]:.5f}]"
+        assert row["interval"] == "documents, one order"  # one order per cell in this variant
         assert tables[str(cell)]["ttt:sgd"]["main:bpb"] == f"{ev['protocols']['ttt:sgd']['bpb']:.5f}"
         if setting == "indist":  # the trainer scored the in-distribution split: the same data
             assert ev["meta"]["data_check"] == "match"
@@ -161,9 +300,25 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
     (cell,) = (study / "cells" / "xs.dn1").glob("other-*")
     assert _json(cell / "eval.json")["meta"]["data_check"].startswith("other data allowed")
     # one fit per validation set and Δ, over the smaller size's three budgets
-    fits = [line for line in report.splitlines() if line.startswith(("| indist | 19,526 |", "| other | 19,526 |"))]
+    lines = report.splitlines()
+    by_size = [line for line in lines if line.startswith(("| indist | 19,526 |", "| other | 19,526 |"))]
+    fits = [line for line in by_size if line.count("|") == 15]
     assert len(fits) == 4 and all("| 3 |" in line for line in fits)
-    assert not any(line.startswith(("| indist | 75,910 |", "| other | 75,910 |")) for line in report.splitlines())
+    assert not any(line.startswith(("| indist | 75,910 |", "| other | 75,910 |")) for line in lines)
+    # the reading at the records' D/N: one row per fit, and the report says it is one size
+    assert len([line for line in by_size if line.count("|") == 10]) == 4 and "One size only" in report
+    # the continued-training account: the smaller size's branches, S from each cell's ledger, Δ_TTT its own
+    accounts = [line for line in lines if line.startswith(("| indist | xs.", "| other | xs."))
+                and line.count("|") == 13]
+    assert len(accounts) == 6
+    for line in accounts:
+        setting, model, _dn, s_tok, epochs, dtt = [c.strip() for c in line.strip("|").split("|")][:6]
+        (cell,) = (study / "cells" / model).glob(f"{setting}-*")
+        ev = _json(cell / "eval.json")
+        sgd = ev["protocols"]["ttt:sgd"]
+        assert s_tok == f"{sgd['ledger']['n_update_positions']:,}"
+        assert epochs == str(sgd["adapter_params"]["config"]["epochs"])
+        assert dtt == f"{ev['deltas']['ttt:sgd']['value']:+.5f}"
 
 
 def _study(parent_flags: list[str], branch_ref: str = "p") -> dict:
@@ -189,3 +344,6 @@ def test_model_references_key_on_the_parent_and_train_it_first():
     out = run_study(st, dry_run=True, only={"b*"}, log=log.append)  # wildcards; the parent comes along, first
     assert [o.what for o in out] == ["model p", "model b", "cell b/e"]
     assert run_study(st, dry_run=True, only={"x*"}, log=log.append) == []
+    assert [o.what for o in run_study(st, dry_run=True, only={"b/e"}, log=log.append)] == ["model p", "model b",
+                                                                                         "cell b/e"]
+    assert run_study(st, dry_run=True, only={"b/other"}, log=log.append) == []

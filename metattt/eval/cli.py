@@ -14,9 +14,17 @@ from .audit import CUDA_TOL, AuditConfig
 from .docttt_spec import DocTTTSpec
 from .positions import parse_edges
 from .protocols import EvalConfig
+from .scoring import FULL_VAL_TOKENS, parse_horizon
 from .tuning import parse_grid, parse_slice
 
 DEFAULT_PROTOCOLS = "flat,sliding,ttt:sgd"
+
+
+def _horizon(text: str) -> int | None:
+    try:
+        return parse_horizon(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class EvalInputError(ValueError):
@@ -51,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, default=64, help="sliding stride = scored tokens per window (default 64)")
     ap.add_argument("--seq-len", type=int, default=None, help="flat window length (default: artifact's seq_len)")
     ap.add_argument("--chunk-tokens", type=int, default=32768, help="TTT chunk size in scored tokens (default 32768)")
+    ap.add_argument("--schedule-horizon", type=_horizon, default=None, metavar="TOKENS|full",
+                    help="index the adapters' schedules (e.g. sgd's cosine lr) to a stream of this many tokens, "
+                         f"'full' = the official FineWeb val ({FULL_VAL_TOKENS:,} tokens, the records' horizon), "
+                         "progress clipped to 1; default: the scored stream, so a prefix runs the whole schedule")
     ap.add_argument("--train-seq-len", type=int, default=None,
                     help="adapter training sequence length (default: context)")
     ap.add_argument("--batch-tokens", type=int, default=32 * 2048, help="padded tokens per scoring forward")

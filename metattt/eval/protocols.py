@@ -99,6 +99,7 @@ class EvalConfig:
     orders: int = 1  # document orders (metattt.eval.orders); 1: the intervals are conditional on one order
     adapt_seeds: int = 1  # adapter seeds per order
     docttt_model: bool = False  # docttt: calibrate the batch-cost model first (warm-up; the full-val projection)
+    schedule_horizon: int | None = None  # ttt:/oracle: schedules run over this many tokens (None: the scored stream)
 
     def score_config(self, windows: str | None = None) -> ScoreConfig:
         """``windows``: the protocol's windowing, whose window length fixes the RoPE base of its forwards."""
@@ -107,7 +108,8 @@ class EvalConfig:
                            train_seq_len=self.train_seq_len or self.context, autocast=self.autocast, attn=self.attn,
                            progress=self.progress, fixed_shapes=self.fixed_shapes or record,
                            pad_to=self.context if record else None,
-                           rope_len=None if windows is None else self.window_len(windows))
+                           rope_len=None if windows is None else self.window_len(windows),
+                           schedule_horizon=self.schedule_horizon)
 
     def window_len(self, windows: str) -> int:
         """The window length a windowing chose: ``seq_len`` for flat windows, ``context`` for sliding ones."""

@@ -222,7 +222,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
                      compat=args.compat, eager_adapted=record_bf16 and knobs.eager_ttt,
                      attn=args.attn, position_edges=parse_edges(args.position_buckets),
                      equivalence_margin=args.equivalence_margin, orders=args.orders, adapt_seeds=args.adapt_seeds,
-                     docttt_model=device.type == "cuda" and args.projection_gpus >= 1)
+                     docttt_model=device.type == "cuda" and args.projection_gpus >= 1,
+                     schedule_horizon=args.schedule_horizon)
     check_windows(cfg, specs)
     try:
         data = prepare_stream(tokens, lut, device, cfg.chunk_tokens, vocab_size=vocab)

@@ -32,6 +32,9 @@ from .ledger import Ledger, LegalityError
 from .windows import Chunk, WindowPlan, batch_windows, make_chunks
 
 ORDERS = ("score_only", "score_first", "adapt_first")
+# The official FineWeb val as the records score it: the Parameter Golf val loader reports "tokens:62021632" (the
+# shard trimmed to whole 2,048-token sequences); at 32,768-token chunks that is 1,893 chunks.
+FULL_VAL_TOKENS = 62_021_632
 
 
 class AdapterResetLike(Protocol):
@@ -72,10 +75,16 @@ class ScoreConfig:
     # the RoPE base of every forward is that of this many tokens at least (the protocol's window length): a
     # batch's own length can depend on where documents end, i.e. on tokens not yet scored (dynamic NTK RoPE)
     rope_len: int | None = None
+    # stateful schedules (e.g. sgd's cosine lr) index chunks against a stream of this many tokens instead of the
+    # one scored: a 1M-token prefix then decays the lr as the first 1M tokens of the full val would (None: the
+    # scored stream; schedule_progress)
+    schedule_horizon: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.chunk_tokens < 1:
             raise ValueError("batch_tokens and chunk_tokens must be positive")
+        if self.schedule_horizon is not None and self.schedule_horizon < 2:
+            raise ValueError(f"schedule_horizon must be >= 2 tokens, got {self.schedule_horizon}")
         if self.train_seq_len is not None and self.train_seq_len < 1:
             raise ValueError("train_seq_len must be positive")
 
@@ -99,6 +108,37 @@ class StreamResult:
     @property
     def n_scored(self) -> int:
         return int(self.token_nll.size)
+
+
+def schedule_progress(index: int, n_chunks: int, n_tokens: int, horizon: int | None = None) -> float:
+    """The ``progress`` in [0, 1] handed to the adapter with chunk ``index`` of ``n_chunks`` over ``n_tokens``.
+
+    Default (``horizon`` None): ``index / (n_chunks - 1)``, so the schedule runs its whole course on whatever
+    stream is scored; a 32-chunk prefix then decays the lr ~60x faster than the record's ~1,900 chunks of the
+    full val. With ``horizon`` tokens, the stream is taken as the start of a ``horizon``-token one of the same
+    chunk density (``n_chunks * horizon / n_tokens`` chunks) and progress is clipped to 1 (a horizon shorter than
+    the stream ends the schedule early). ``horizon == n_tokens`` gives the default bit for bit."""
+    if horizon is None:
+        return index / max(1, n_chunks - 1)
+    span = max(1.0, n_chunks * horizon / n_tokens - 1.0)
+    return min(1.0, index / span)
+
+
+def parse_horizon(text: str) -> int | None:
+    """The CLI's ``--schedule-horizon``: ``none`` (the scored stream), ``full`` (:data:`FULL_VAL_TOKENS`) or a
+    token count (``1040298``, ``62_021_632``)."""
+    t = text.strip().lower()
+    if t in ("none", ""):
+        return None
+    if t == "full":
+        return FULL_VAL_TOKENS
+    try:
+        n = int(t.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise ValueError(f"expected a token count, 'full' or 'none', got {text!r}") from None
+    if n < 2:
+        raise ValueError(f"a horizon of {n} tokens is no stream (>= 2)")
+    return n
 
 
 def _sync(device: torch.device) -> None:
@@ -305,7 +345,7 @@ def run_stream(
     try:
         for chunk in progress_bar(chunks, desc=plan.name, enabled=cfg.progress and ctx.rank == 0):
             last = chunk.index == len(chunks) - 1
-            progress = chunk.index / max(1, len(chunks) - 1)
+            progress = schedule_progress(chunk.index, len(chunks), plan.n_tokens, cfg.schedule_horizon)
             if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc and invalid is None:
                 adapter.reset()
             if order == "adapt_first" and invalid is None:

@@ -1,14 +1,19 @@
-"""The ladder sections of the ceiling report (issue 29): Δ_context and Δ_TTT against D/N per model size, and fits
-Δ = A·(D/N)^(−γ) + F with intervals, generated from the run directories only.
+"""The ladder sections of the ceiling report (issue 29): Δ_context and Δ_TTT against D/N per model size, where the
+gain sits, fits Δ = A·(D/N)^(−γ) + F with intervals, the continued-training account of Δ_TTT and the reading at
+the records' D/N, generated from the run directories only.
 
 A ladder cell is an evaluated decay branch (``--branch-from``): its model's ``summary.json`` says which budget
 checkpoint it starts from (``branch.budget``: the requested D/N, the N, whether the pass cap moved it) and how
 many tokens it trained in all. Points are grouped by size (N) and validation set (the evaluator setting).
 
-Intervals: every cell of one setting scores the same documents, so one bootstrap resample of documents is applied
-to every point of a size at once (the points' errors are correlated through the shared documents; resampling them
-independently would treat them as independent), the Δs are recomputed from the per-document nats with the
-evaluator's estimator (Σ nats / ln 2 / Σ bytes), and the curve is refitted. The percentile intervals of A, γ, F
+A point's numbers are the means over the cell's runs (``--orders K``) where it ran several, with the evaluator's
+hierarchical interval (runs → documents), else order 0's with its document interval; the table says which.
+
+Intervals of the fits: every cell of one setting scores the same documents in the same K orders, so one bootstrap
+resample of documents (and one of runs) is applied to every point of a size at once (the points' errors are
+correlated through the shared documents; resampling them independently would treat them as independent), the Δs
+are recomputed from order 0's per-document nats with the evaluator's estimator (Σ nats / ln 2 / Σ bytes) and moved
+by the resampled runs' mean deviation from order 0 (``_Series``), and the curve is refitted. The percentile intervals of A, γ, F
 and of the fitted Δ at D/N = 200 (the records' tokens per parameter) come from those refits; resamples whose fit
 fails are counted, not hidden. With three budgets the three-parameter curve interpolates them exactly, so its
 interval is the data's, not a check of the functional form.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,6 +43,7 @@ class LadderPoint:
     dn_trained: float  # tokens the branch trained in all (checkpoint + decay) / N
     capped: bool
     eval: dict[str, Any] = field(repr=False)
+    parent_run: str | None = None  # the constant-lr run the branch starts from (its metrics.jsonl: the curve)
 
     def delta(self, key: str) -> dict[str, Any] | None:
         return self.eval["deltas"].get(key)
@@ -47,12 +54,13 @@ def ladder_points(done: Sequence[Any]) -> list[LadderPoint]:
     out = []
     for r in done:
         s = r.model_summary or {}
-        b = (s.get("branch") or {}).get("budget")
+        br = s.get("branch") or {}
+        b = br.get("budget")
         if not b or not b.get("n_params") or r.eval is None:
             continue
         n = int(b["n_params"])
         out.append(LadderPoint(r.cell.model.name, r.cell.ev.name, n, b.get("dn"), b["tokens"] / n,
-                               s["train_tokens"] / n, bool(b.get("capped")), r.eval))
+                               s["train_tokens"] / n, bool(b.get("capped")), r.eval, br.get("parent_run")))
     return sorted(out, key=lambda p: (p.setting, p.n_params, p.dn_trained, p.model))
 
 
@@ -64,13 +72,144 @@ def delta_keys(points: Sequence[LadderPoint]) -> list[str]:
     return sorted(keys, key=lambda k: k != "context")
 
 
-def _gains(p: LadderPoint, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-document nats gain of Δ ``key`` (from − to) and the documents' bytes."""
-    d, per = p.delta(key), p.eval.get("per_document")
-    if d is None or not per or d["from"] not in per["nats"] or d["to"] not in per["nats"]:
+# ---------------------------------------------------------------- one point's numbers
+
+def _runs(p: LadderPoint) -> dict[str, Any] | None:
+    """eval.json ``runs`` when the cell ran several document orders / adapter seeds, else None."""
+    r = p.eval.get("runs")
+    return r if r and int(r.get("n_runs", 1)) > 1 else None
+
+
+def point_delta(p: LadderPoint, key: str) -> tuple[float, Sequence[float] | None, str] | None:
+    """(Δ, 95% CI, interval kind) of one point: with several runs the mean over runs and the hierarchical interval
+    (runs → documents: it holds the order variance of a stateful adapter), else order 0's value and its
+    document-bootstrap interval (conditional on that one order)."""
+    d = p.delta(key)
+    if d is None:
         return None
-    return (np.asarray(per["nats"][d["from"]], dtype=np.float64) - np.asarray(per["nats"][d["to"]], dtype=np.float64),
-            np.asarray(per["bytes"], dtype=np.float64))
+    r = _runs(p)
+    rd = (r or {}).get("deltas", {}).get(key)
+    if rd is not None:
+        return float(rd["value"]), rd.get("ci95"), f"runs → documents ({r['n_runs']} runs)"
+    return float(d["value"]), d.get("ci95"), "documents, one order"
+
+
+def point_bpb(p: LadderPoint, proto: str) -> float | None:
+    """bpb of one protocol: the mean over runs where there are several (as :func:`point_delta`), else order 0's."""
+    rp = (_runs(p) or {}).get("protocols", {}).get(proto)
+    if rp is not None:
+        return float(rp["bpb_mean"])
+    v = p.eval["protocols"].get(proto, {}).get("bpb")
+    return None if v is None else float(v)
+
+
+OFFSET_SPLIT = 128  # a gain at offsets below this cannot be adaptation to the document being read (issue 26)
+
+
+def position_split(p: LadderPoint, key: str) -> dict[str, float] | None:
+    """Δ ``key`` (bits per byte within each part, order 0's pass) at document offsets < 128 and ≥ 128, and in the
+    first and second half of the stream (deciles 1–5, 6–10); None without the evaluator's ``per_position``."""
+    pp, d = p.eval.get("per_position") or {}, p.delta(key)
+    dp, sd = pp.get("doc_position"), pp.get("stream_decile")
+    if d is None or not dp or OFFSET_SPLIT not in dp.get("edges", ()):
+        return None
+
+    def part(block: dict[str, Any], sl: slice) -> float | None:
+        nats = block["nats"]
+        if d["from"] not in nats or d["to"] not in nats:
+            return None
+        g = np.asarray(nats[d["from"]], dtype=np.float64)[sl] - np.asarray(nats[d["to"]], dtype=np.float64)[sl]
+        b = np.asarray(block["bytes"], dtype=np.float64)[sl].sum()
+        return float(g.sum() / LN2 / b) if b > 0 else None
+
+    i = list(dp["edges"]).index(OFFSET_SPLIT)
+    out = {"early": part(dp, slice(0, i)), "late": part(dp, slice(i, None))}
+    if sd and len(sd.get("bytes", ())) >= 2:
+        h = len(sd["bytes"]) // 2
+        out.update(first_half=part(sd, slice(0, h)), second_half=part(sd, slice(h, None)))
+    return None if out["early"] is None else out
+
+
+def adapter_tokens(p: LadderPoint, key: str) -> tuple[int, int] | None:
+    """(tokens the adapter of protocol ``key`` trained on, epochs over them): the ledger's update positions
+    (every training sequence's positions, once) and the adapter config's ``epochs``. None for a protocol that
+    took no update or records no ledger (e.g. the doc-batched family)."""
+    pr = p.eval["protocols"].get(key) or {}
+    n = (pr.get("ledger") or {}).get("n_update_positions")
+    if not n:
+        return None
+    cfg = ((pr.get("adapter_params") or {}).get("config") or {})
+    return int(n), int(cfg.get("epochs", 1) or 1)
+
+
+# ---------------------------------------------------------------- joint bootstrap over points
+
+@dataclass
+class _Series:
+    """One quantity of one point as the bootstrap resamples it: per-document nats (a protocol's, or a Δ's gain
+    from − to) over the documents' bytes, and the quantity's value in each run (order 0 first) when there are
+    several. Its estimate is order 0's document ratio moved by (mean over runs − order 0's value), i.e. the
+    mean over runs; a resample moves order 0's resampled ratio by (mean over resampled runs − order 0's)."""
+
+    num: np.ndarray
+    bytes: np.ndarray
+    per_run: np.ndarray | None
+
+    def value(self, idx: np.ndarray | None = None, u: np.ndarray | None = None) -> float:
+        if idx is None:
+            v = self.num.sum() / LN2 / self.bytes.sum()
+        else:
+            v = self.num[idx].sum() / LN2 / self.bytes[idx].sum()
+        if self.per_run is not None:
+            k = self.per_run.size
+            runs = self.per_run if u is None else self.per_run[np.minimum((u[:k] * k).astype(int), k - 1)]
+            v += runs.mean() - self.per_run[0]
+        return float(v)
+
+
+def _series(p: LadderPoint, kind: str, name: str) -> _Series | None:
+    """``kind`` "delta" (Δ ``name``) or "bpb" (protocol ``name``) of one point; None when its nats are absent."""
+    per = p.eval.get("per_document")
+    if not per:
+        return None
+    nats, runs = per["nats"], _runs(p) or {}
+    if kind == "delta":
+        d = p.delta(name)
+        if d is None or d["from"] not in nats or d["to"] not in nats:
+            return None
+        num = np.asarray(nats[d["from"]], dtype=np.float64) - np.asarray(nats[d["to"]], dtype=np.float64)
+        pr = runs.get("deltas", {}).get(name, {}).get("value_per_run")
+    else:
+        if name not in nats:
+            return None
+        num = np.asarray(nats[name], dtype=np.float64)
+        pr = runs.get("protocols", {}).get(name, {}).get("bpb_per_run")
+    return _Series(num, np.asarray(per["bytes"], dtype=np.float64), None if not pr else np.asarray(pr, float))
+
+
+def _joint(series: Sequence[_Series], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Estimates (m,) and ``n_boot`` joint resamples (n_boot, m) of the series: one draw of documents and one of
+    runs per resample, shared by every series (the points score the same documents in the same orders, so their
+    errors are correlated; resampling them independently would treat them as independent). None when the
+    series do not share their documents."""
+    b0 = series[0].bytes
+    if any(s.bytes.shape != b0.shape or not np.array_equal(s.bytes, b0) for s in series):
+        return None
+    est = np.array([s.value() for s in series])
+    rng = np.random.default_rng(seed)
+    k = max((s.per_run.size for s in series if s.per_run is not None), default=1)
+    boots = np.empty((n_boot, len(series)))
+    for i in range(n_boot):
+        idx, u = rng.integers(b0.size, size=b0.size), rng.random(k)
+        boots[i] = [s.value(idx, u) for s in series]
+    return est, boots
+
+
+def _interval(v: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    return float(np.quantile(v, (1 - level) / 2)), float(np.quantile(v, 1 - (1 - level) / 2))
 
 
 def power_floor(x: np.ndarray, a: float, gamma: float, floor: float) -> np.ndarray:
@@ -126,49 +265,199 @@ class PowerFit:
     ci: dict[str, tuple[float, float]]
     n_boot: int
     n_failed: int  # bootstrap refits that did not converge
+    interval: str = "documents"  # what the bootstrap resampled
+    pred_draws: np.ndarray | None = field(default=None, repr=False)  # the bootstrap refits' Δ at PREDICT_DN
+
+
+def _groups(points: Sequence[LadderPoint]) -> list[list[LadderPoint]]:
+    """The points by (setting, size), in order."""
+    out: dict[tuple[str, int], list[LadderPoint]] = {}
+    for p in points:
+        out.setdefault((p.setting, p.n_params), []).append(p)
+    return list(out.values())
 
 
 def fit_size(points: Sequence[LadderPoint], key: str, n_boot: int = 1000, seed: int = 0,
              level: float = 0.95) -> PowerFit | None:
-    """Fit Δ ``key`` against D/N (tokens trained) over the points of one size and setting, with a joint document
-    bootstrap (module docstring). None when fewer than 3 distinct budgets report this Δ."""
-    pts = [p for p in points if _gains(p, key) is not None]
-    if len({p.dn_trained for p in pts}) < 3:
+    """Fit Δ ``key`` against D/N (tokens trained) over the points of one size and setting, with the joint
+    bootstrap of :func:`_joint` (documents, and runs where the cells ran several orders). None when fewer than 3
+    distinct budgets report this Δ or the points do not share their documents."""
+    pairs = [(p, s) for p in points if (s := _series(p, "delta", key)) is not None]
+    if len({p.dn_trained for p, _ in pairs}) < 3:
         return None
-    gains = [_gains(p, key) for p in pts]
-    bytes_ = gains[0][1]
-    if any(g[1].shape != bytes_.shape or not np.array_equal(g[1], bytes_) for g in gains):
+    pts, ser = [p for p, _ in pairs], [s for _, s in pairs]
+    j = _joint(ser, n_boot, seed)
+    if j is None:
         return None  # not the same documents: no joint resampling
-    g = np.stack([x[0] for x in gains])  # (points, docs)
+    est, boots = j
     x = np.array([p.dn_trained for p in pts])
-
-    def deltas(idx: np.ndarray | None) -> np.ndarray:
-        if idx is None:
-            return g.sum(axis=1) / LN2 / bytes_.sum()
-        return g[:, idx].sum(axis=1) / LN2 / bytes_[idx].sum()
 
     def summary(p: np.ndarray) -> dict[str, float]:
         return {"A": float(p[0]), "gamma": float(p[1]), "F": float(p[2]),
                 "pred": float(power_floor(np.array([PREDICT_DN]), *p)[0])}
 
-    fit = fit_power_floor(x, deltas(None))
+    fit = fit_power_floor(x, est)
     base = summary(fit[0]) if fit is not None else None
-    rng = np.random.default_rng(seed)
-    n_docs = g.shape[1]
     draws, failed = [], 0
-    for _ in range(n_boot):
-        f = fit_power_floor(x, deltas(rng.integers(n_docs, size=n_docs)))
+    for row in boots:
+        f = fit_power_floor(x, row)
         if f is None:
             failed += 1
         else:
             draws.append(summary(f[0]))
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
     ci = {}
     if draws:
         for name in ("A", "gamma", "F", "pred"):
-            v = np.array([d[name] for d in draws])
-            ci[name] = (float(np.quantile(v, lo_q)), float(np.quantile(v, hi_q)))
-    return PowerFit(pts[0].setting, pts[0].n_params, key, len(pts), base, ci, n_boot, failed)
+            ci[name] = _interval(np.array([d[name] for d in draws]), level)
+    runs = max((s.per_run.size for s in ser if s.per_run is not None), default=1)
+    kind = f"runs ({runs} orders) and documents" if runs > 1 else "documents (one order)"
+    return PowerFit(pts[0].setting, pts[0].n_params, key, len(pts), base, ci, n_boot, failed, kind,
+                    np.array([d["pred"] for d in draws]) if len(draws) == n_boot else None)
+
+
+RECORD_N = 26_076_251  # non-embedding parameters of the records' block design (the pg-2026-03-23 preset)
+
+
+def size_extrapolation(fits: Sequence[PowerFit], level: float = 0.95
+                       ) -> list[tuple[str, str, int, float, tuple[float, float] | None]]:
+    """Per (setting, Δ) with fits at >= 3 sizes: (setting, key, sizes, Δ at D/N PREDICT_DN extrapolated to
+    :data:`RECORD_N` by least squares Δ = a + b·ln N, interval). The interval refits the line to each bootstrap
+    draw, paired by index across sizes (every size resamples the same documents with the same seed, so draw i is
+    one resample of all of them); None when some size has no complete set of draws."""
+    out = []
+    for setting, key in dict.fromkeys((f.setting, f.key) for f in fits):
+        fs = [f for f in fits if (f.setting, f.key) == (setting, key) and f.params]
+        if len({f.n_params for f in fs}) < 3:
+            continue
+        x = np.log([f.n_params for f in fs])
+
+        def at_record(y: np.ndarray) -> float:
+            b, a = np.polyfit(x, y, 1)
+            return float(a + b * math.log(RECORD_N))
+
+        est = at_record(np.array([f.params["pred"] for f in fs]))
+        ci = None
+        if all(f.pred_draws is not None for f in fs) and len({f.pred_draws.size for f in fs}) == 1:
+            draws = np.stack([f.pred_draws for f in fs], axis=1)
+            ci = _interval(np.array([at_record(row) for row in draws]), level)
+        out.append((setting, key, len(fs), est, ci))
+    return out
+
+
+# ---------------------------------------------------------------- the continued-training account
+
+KAPPA = 1.0  # training tokens one test-time training token is taken to be worth (see continued_training)
+
+
+def parent_curve(parent_run: str | Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(training tokens, training loss in nats per token) of a constant-lr parent run, from its metrics.jsonl
+    (the trainer's periodic ``train_loss``) and its summary's tokens per step; None where absent."""
+    import json
+
+    if not parent_run:
+        return None
+    d = Path(parent_run)
+    try:
+        summ = json.loads((d / "summary.json").read_text())
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    per_step = summ.get("train_tokens", 0) / max(1, summ.get("steps", 0) or 1)
+    pts = [(r["step"] * per_step, r["train_loss"]) for r in rows
+           if r.get("kind") == "train" and r.get("train_loss") is not None and not r.get("meta")]
+    if len(pts) < 3 or per_step <= 0:
+        return None
+    t, l = np.array(pts, dtype=np.float64).T
+    return t, l
+
+
+def curve_drop(tokens: np.ndarray, loss: np.ndarray, at: float, extra: float) -> float | None:
+    """L(at) − L(at + extra) of the curve ``loss(tokens)``, from a fit L = A·T^(−γ) + F to its points between at/2
+    and 2·at (local: the drop over ``extra`` ≪ ``at`` is the curve's slope there); None with < 3 such points."""
+    m = (tokens >= at / 2) & (tokens <= 2 * at)
+    if m.sum() < 3:
+        return None
+    scale = 1e6  # tokens in millions: x^(−γ) stays in range
+    f = fit_power_floor(tokens[m] / scale, loss[m])
+    if f is None:
+        return None
+    x = np.array([at, at + extra]) / scale
+    v = power_floor(x, *f[0])
+    return float(v[0] - v[1])
+
+
+@dataclass
+class Account:
+    """The continued-training account of one point's Δ_TTT (see :func:`continued_training`)."""
+
+    point: LadderPoint
+    key: str
+    tokens: int  # S: tokens the adapter trained on (once)
+    epochs: int
+    delta: float  # the measured Δ (mean over runs where several)
+    drop: float | None  # ΔL for κ·S·epochs more training tokens, from the branches' own curve
+    drop_ci: tuple[float, float] | None
+    drop_unique: float | None  # the same for κ·S (each test-time token counted once)
+    remaining: float | None  # Δ − drop: what continued training does not account for
+    remaining_ci: tuple[float, float] | None
+    drop_parent: float | None  # ΔL from the parent's training-loss curve, in bpb of this setting's text
+
+
+def continued_training(points: Sequence[LadderPoint], key: str = "ttt:sgd", level_proto: str = "sliding",
+                       kappa: float = KAPPA, n_boot: int = 1000, seed: int = 0) -> list[Account]:
+    """How much of Δ ``key`` more ordinary training would give (issue 29's continued-training account).
+
+    Test-time SGD at 32,768-token chunks is next-token training on the scored stream, so part of its gain is what
+    κ·S more training tokens would give the base model anyway (S = tokens the adapter trained on, times its
+    epochs). κ = 1 (:data:`KAPPA`) counts every test-time token-pass as one fresh training token: repeated tokens
+    are worth at most fresh ones, and a few passes nearly as much (data-constrained scaling), so κ = 1 is the
+    generous end and ``drop_unique`` (each token once) the sparing one. The curve is the branches' own: the
+    level protocol's bpb (sliding, the base of Δ_TTT) of the decay branches of one size on the same documents,
+    against D/N trained, fitted as L = A·(D/N)^(−γ) + F; ΔL = L(D/N) − L(D/N + κ·S·epochs/N), with the joint
+    bootstrap of the fits (level and Δ from the same resamples, so ``remaining`` = Δ − ΔL has its own interval).
+    The parent's training-loss curve (metrics.jsonl, constant lr, training text) gives a second estimate of the
+    slope at the branch's checkpoint, converted to this setting's bits per byte with its tokens per byte.
+    A size needs >= 3 budgets; on a set the model did not train on (the FineWeb prefix for the ladder) ΔL is
+    training-distribution learning only, and what remains includes domain adaptation."""
+    out: list[Account] = []
+    for grp in _groups(points):
+        rows = [(p, lv, g, st) for p in grp if (lv := _series(p, "bpb", level_proto)) is not None
+                and (g := _series(p, "delta", key)) is not None and (st := adapter_tokens(p, key)) is not None]
+        if len({p.dn_trained for p, *_ in rows}) < 3:
+            continue
+        j = _joint([lv for _, lv, _, _ in rows] + [g for _, _, g, _ in rows], n_boot, seed)
+        if j is None:
+            continue
+        est, boots = j
+        m = len(rows)
+        x = np.array([p.dn_trained for p, *_ in rows])
+        n = rows[0][0].n_params
+        extra = np.array([kappa * s * e / n for *_, (s, e) in rows])
+        extra1 = np.array([kappa * s / n for *_, (s, _e) in rows])
+
+        def drops(levels: np.ndarray, ext: np.ndarray) -> np.ndarray | None:
+            f = fit_power_floor(x, levels)
+            return None if f is None else power_floor(x, *f[0]) - power_floor(x + ext, *f[0])
+
+        d0, d1 = drops(est[:m], extra), drops(est[:m], extra1)
+        bd = [drops(b[:m], extra) for b in boots]
+        bd_ok = np.array([v for v in bd if v is not None])
+        brem = np.array([b[m:] - v for b, v in zip(boots, bd) if v is not None])
+        for i, (p, _lv, _g, (s, e)) in enumerate(rows):
+            gain = float(est[m + i])
+            curve = parent_curve(p.parent_run)
+            dp = None
+            if curve is not None:
+                dn = curve_drop(*curve, p.dn_checkpoint * n, kappa * s * e)
+                data = p.eval.get("data") or {}
+                tpb = data.get("n_targets", 0) / data["n_bytes"] if data.get("n_bytes") else None
+                dp = None if dn is None or tpb is None else dn * tpb / LN2
+            out.append(Account(p, key, s, e, gain, None if d0 is None else float(d0[i]),
+                               _interval(bd_ok[:, i]) if bd_ok.size else None,
+                               None if d1 is None else float(d1[i]),
+                               None if d0 is None else gain - float(d0[i]),
+                               _interval(brem[:, i]) if brem.size else None, dp))
+    return out
 
 
 # ---------------------------------------------------------------- markdown
@@ -197,41 +486,73 @@ def _ci(ci: Sequence[float] | None) -> str:
 
 
 LADDER_LEAD = ("Ladder points (one decay branch each; N = non-embedding parameters; D/N trained = the branch's "
-               "tokens, checkpoint + decay, over N; Δ with the evaluator's paired document-bootstrap 95% CI):")
+               "tokens, checkpoint + decay, over N). bpb and Δ are means over the cell's runs (document orders) where "
+               "it ran several, with the hierarchical 95% interval (runs → documents); else order 0's value with the "
+               "paired document-bootstrap interval, conditional on that order. The interval column says which. "
+               "capped: the budget hit the pass cap and was saved there.")
+POSITION_LEAD = ("Where the gain sits (order 0's pass, eval.json per_position; bits per byte within each part): Δ at "
+                 f"document offsets < {OFFSET_SPLIT} (the first tokens after BOS: a gain there cannot be adaptation to "
+                 "that document) against ≥ {OFFSET_SPLIT}, and in the first against the second half of the stream (a "
+                 "gain that grows along the stream is learning carried across documents):").replace(
+                     "{OFFSET_SPLIT}", str(OFFSET_SPLIT))
 FIT_LEAD = "Fits Δ = A·(D/N)^(−γ) + F over D/N trained, per size and validation set"
+RECORDS = {"context": ("0.0235 ± 0.0002", 0.0233, 0.0237), "ttt:sgd": ("0.0017–0.0028", 0.0017, 0.0028)}
 
 
-def ladder_tables(done: Sequence[Any]) -> list[str]:
-    """The ladder table and the fit table of one report section (empty when it holds no ladder points); the fits
-    resample as many times as the cells' own bootstrap did."""
-    points = ladder_points(done)
-    if not points:
-        return []
-    n_boot = min(int(p.eval["bootstrap"]["n"]) for p in points)
-    keys = delta_keys(points)
-    head = ("| model | setting | N | D/N requested | D/N trained | capped | flat bpb | sliding bpb | "
-            + " | ".join(f"Δ {k} | Δ {k} 95% CI" for k in keys) + " | Δ_TTT / Δ_context (ttt:sgd) |")
+def _fmt_opt(v: float | None, signed: bool = True) -> str:
+    return "n/a" if v is None else _f(v, signed)
+
+
+def points_table(points: Sequence[LadderPoint], keys: Sequence[str]) -> list[str]:
+    """One row per point: bpb of flat, sliding and the first adapter, each Δ with its interval and kind."""
+    adapters = [k for k in keys if k != "context"]
+    protos = ["flat", "sliding"] + adapters[:1]
+    head = ("| model | setting | N | D/N requested | D/N trained | capped | "
+            + " | ".join(f"{p} bpb" for p in protos) + " | "
+            + " | ".join(f"Δ {k} | Δ {k} 95% CI" for k in keys)
+            + " | interval | Δ_TTT / Δ_context (ttt:sgd) |")
     lines = [LADDER_LEAD, "", head, "|" + "---|" * head.count(" |")]
     for p in points:
-        cells = []
+        cells, kinds = [], []
         for k in keys:
-            d = p.delta(k)
-            cells += [_f(d["value"], True), _ci(d["ci95"])] if d else ["", ""]
-        ctx, sgd = p.delta("context"), p.delta("ttt:sgd")
-        ratio = (f"{sgd['value'] / ctx['value']:.3f}" if ctx and sgd and ctx["value"] else "n/a")
-        prot = p.eval["protocols"]
+            d = point_delta(p, k)
+            if d is None:
+                cells += ["", ""]
+                continue
+            cells += [_f(d[0], True), _ci(d[1])]
+            kinds.append((k, d[2]))
+        ctx, sgd = point_delta(p, "context"), point_delta(p, "ttt:sgd")
+        ratio = f"{sgd[0] / ctx[0]:.3f}" if ctx and sgd and ctx[0] else "n/a"
+        same = len({kd for _, kd in kinds}) == 1
+        kind = kinds[0][1] if same else "; ".join(f"{k}: {kd}" for k, kd in kinds) if kinds else "n/a"
         lines.append(f"| {p.model} | {p.setting} | {p.n_params:,} | "
                      f"{'' if p.dn_requested is None else f'{p.dn_requested:g}'} | {p.dn_trained:.1f} | "
-                     f"{'yes' if p.capped else 'no'} | {_f(prot.get('flat', {}).get('bpb'))} | "
-                     f"{_f(prot.get('sliding', {}).get('bpb'))} | " + " | ".join(cells) + f" | {ratio} |")
-    lines.append("")
-    fits = [f for f in (fit_size([p for p in points if (p.setting, p.n_params) == grp], k, n_boot=n_boot)
-                        for grp in dict.fromkeys((p.setting, p.n_params) for p in points) for k in keys)
-            if f is not None]
-    groups = len(dict.fromkeys((p.setting, p.n_params) for p in points))
-    lines += [f"{FIT_LEAD} ({len(fits)} fits; a size needs >= 3 distinct budgets, {groups} setting × size groups "
-              f"here; intervals: 95% percentile of refits under a joint document bootstrap, n={n_boot}; "
-              f"Δ at D/N {PREDICT_DN:g} is the fitted curve there):", ""]
+                     f"{'yes' if p.capped else 'no'} | " + " | ".join(_f(point_bpb(p, q)) for q in protos) + " | "
+                     + " | ".join(cells) + f" | {kind} | {ratio} |")
+    return lines + [""]
+
+
+def position_table(points: Sequence[LadderPoint], keys: Sequence[str]) -> list[str]:
+    rows = []
+    for p in points:
+        for k in keys:
+            sp = position_split(p, k)
+            if sp is None:
+                continue
+            rows.append(f"| {p.setting} | {p.model} | {k} | {_fmt_opt(sp['early'])} | {_fmt_opt(sp['late'])} | "
+                        f"{_fmt_opt(sp.get('first_half'))} | {_fmt_opt(sp.get('second_half'))} |")
+    if not rows:
+        return []
+    head = (f"| setting | model | Δ | offset < {OFFSET_SPLIT} | offset ≥ {OFFSET_SPLIT} | stream first half | "
+            "stream second half |")
+    return [POSITION_LEAD, "", head, "|" + "---|" * head.count(" |"), *rows, ""]
+
+
+def fit_table(fits: Sequence[PowerFit], groups: int, n_boot: int) -> list[str]:
+    kinds = ", ".join(dict.fromkeys(f.interval for f in fits)) or "documents"
+    lines = [f"{FIT_LEAD} ({len(fits)} fits; a size needs >= 3 distinct budgets, {groups} setting × size groups "
+             f"here; intervals: 95% percentile of refits under a joint bootstrap of {kinds}, one draw shared by "
+             f"every point of a size, n={n_boot}; Δ at D/N {PREDICT_DN:g} is the fitted curve there):", ""]
     if not fits:
         return lines + ["No size has three budgets yet.", ""]
     fh = ("| setting | N | Δ | points | A | A 95% CI | γ | γ 95% CI | F | F 95% CI | "
@@ -244,3 +565,85 @@ def ladder_tables(done: Sequence[Any]) -> list[str]:
                      f"{_f(p.get('F'), True)} | {_ci(f.ci.get('F'))} | {_f(p.get('pred'), True)} | "
                      f"{_ci(f.ci.get('pred'))} | {f.n_failed} of {f.n_boot} | {_fit_note(p)} |")
     return lines + [""]
+
+
+ACCOUNT_LEAD = ("Continued-training account (issue 29): how much of Δ_TTT (`ttt:sgd`) ordinary training would "
+                "give anyway. S = tokens the adapter trained on (the ledger's update positions), × its epochs; "
+                "κ = {kappa:g}: one test-time token-pass counted as one fresh training token (repeated tokens are "
+                "worth at most fresh ones, so this is the generous end; the 'κ·S once' column counts each token "
+                "once). ΔL(κ·S) = L(D/N) − L(D/N + κ·S/N) from the size's own curve: sliding bpb of its decay "
+                "branches on these documents, fitted as A·(D/N)^(−γ) + F (the same joint bootstrap as the fits, "
+                "so Δ_TTT − ΔL has its interval). 'parent curve': the same drop from the constant-lr parent's "
+                "training-loss curve (metrics.jsonl, training text) at the checkpoint, in this set's bits per "
+                "byte. What remains is adaptation to the scored text (on a set the model did not train on it "
+                "includes domain adaptation). A size needs >= 3 budgets.")
+
+
+def account_table(accounts: Sequence[Account], kappa: float = KAPPA) -> list[str]:
+    if not accounts:
+        return []
+    head = ("| setting | model | D/N trained | S (tokens) | epochs | Δ_TTT | ΔL(κ·S·epochs) | ΔL 95% CI | "
+            "ΔL(κ·S once) | ΔL parent curve | Δ_TTT − ΔL | Δ_TTT − ΔL 95% CI |")
+    lines = [ACCOUNT_LEAD.format(kappa=kappa), "", head, "|" + "---|" * head.count(" |")]
+    for a in accounts:
+        lines.append(f"| {a.point.setting} | {a.point.model} | {a.point.dn_trained:.1f} | {a.tokens:,} | "
+                     f"{a.epochs} | {_f(a.delta, True)} | {_fmt_opt(a.drop)} | {_ci(a.drop_ci)} | "
+                     f"{_fmt_opt(a.drop_unique)} | {_fmt_opt(a.drop_parent)} | {_fmt_opt(a.remaining)} | "
+                     f"{_ci(a.remaining_ci)} |")
+    return lines + [""]
+
+
+def prediction_table(fits: Sequence[PowerFit]) -> list[str]:
+    """The records' regime on the D/N axis: each size's fitted Δ at D/N 200 (the records' ≈ 5.5B tokens over
+    ≈ 27M parameters) and its floor F, beside the records' logged Δs."""
+    rows = [f for f in fits if f.key in RECORDS and f.params]
+    sizes = sorted({f.n_params for f in fits})
+    lines = [f"Prediction for the records' regime. Axis: D/N at fixed size — the records sit at D/N ≈ 200 "
+             f"(≈ 5.5B tokens / ≈ 27M parameters), so each size's fit is read at D/N {PREDICT_DN:g}, with its "
+             "floor F (D/N → ∞), beside the records' logged Δ. With fits at >= 3 sizes, a last row per Δ "
+             f"extrapolates the value at D/N {PREDICT_DN:g} to the records' N = {RECORD_N:,} (least squares in "
+             "ln N, interval from the same bootstrap draws; a factor of "
+             f"{RECORD_N / max(sizes or [1]):.0f} in N beyond the largest size fitted). "
+             f"Sizes with a fit here: {len(sizes)}"
+             + (f" (N = {', '.join(f'{n:,}' for n in sizes)})" if sizes else "") + "."
+             + (" **One size only: this is a statement about that size at the records' D/N, not a prediction for "
+                "the records' 27M-parameter model.**" if len(sizes) == 1 else ""), ""]
+    if not rows:
+        return lines + ["No fit of Δ_context or Δ_TTT (ttt:sgd) yet.", ""]
+    ext = [e for e in size_extrapolation(fits) if e[1] in RECORDS]
+    head = (f"| setting | N | Δ | fitted Δ at D/N {PREDICT_DN:g} | 95% CI | floor F | F 95% CI | records | "
+            "records vs interval |")
+    lines += [head, "|" + "---|" * head.count(" |")]
+    for f in rows:
+        text, lo, hi = RECORDS[f.key]
+        ci = f.ci.get("pred")
+        where = ("n/a" if not ci else "records above" if lo > ci[1] else "records below" if hi < ci[0]
+                 else "overlap")
+        free = f.params["gamma"] < 0.02  # log-like: A and F trade off, F is no floor (_fit_note)
+        floor = "not identified (γ ≈ 0) | n/a" if free else f"{_f(f.params['F'], True)} | {_ci(f.ci.get('F'))}"
+        lines.append(f"| {f.setting} | {f.n_params:,} | {f.key} | {_f(f.params['pred'], True)} | {_ci(ci)} | "
+                     f"{floor} | {text} | {where} |")
+    for setting, key, k, est, ci in ext:
+        text, lo, hi = RECORDS[key]
+        where = ("n/a" if not ci else "records above" if lo > ci[1] else "records below" if hi < ci[0]
+                 else "overlap")
+        lines.append(f"| {setting} | {RECORD_N:,} (extrapolated from {k} sizes, linear in ln N) | {key} | "
+                     f"{_f(est, True)} | {_ci(ci)} | n/a | n/a | {text} | {where} |")
+    return lines + [""]
+
+
+def ladder_tables(done: Sequence[Any]) -> list[str]:
+    """The ladder tables of one report section (empty when it holds no ladder points): points, where the gain sits,
+    fits, the continued-training account and the prediction; the bootstraps resample as many times as the cells'
+    own did."""
+    points = ladder_points(done)
+    if not points:
+        return []
+    n_boot = min(int(p.eval["bootstrap"]["n"]) for p in points)
+    keys = delta_keys(points)
+    groups = _groups(points)
+    fits = [f for f in (fit_size(g, k, n_boot=n_boot) for g in groups for k in keys) if f is not None]
+    lines = points_table(points, keys) + position_table(points, keys)
+    lines += fit_table(fits, len(groups), n_boot)
+    lines += account_table(continued_training(points, n_boot=n_boot))
+    return lines + prediction_table(fits)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import StudyConfig
-from .ladder import PREDICT_DN, delta_keys, fit_power_floor, ladder_points, power_floor
+from .ladder import PREDICT_DN, delta_keys, fit_power_floor, ladder_points, point_delta, power_floor
 
 DPI = 80
 SIZE = (6.0, 3.4)
@@ -186,7 +186,8 @@ def cost_plot(results: list, path: Path) -> Path | None:
 
 def ladder_plot(results: Sequence[Any], path) -> Any:
     """Δ against D/N trained (log x), one panel per Δ (context first, at most four), one series per size with
-    the cells' 95% CIs and, where a size has three budgets, its fitted curve (point fit). None without points."""
+    the cells' 95% CIs (hierarchical where the cell ran several orders) and, where a size has three budgets, its
+    fitted curve (point fit). None without points."""
     points = ladder_points(results)
     if not points:
         return None
@@ -195,13 +196,14 @@ def ladder_plot(results: Sequence[Any], path) -> Any:
     fig, axes = plt.subplots(1, len(keys), figsize=(SIZE[0] * 0.7 * len(keys), SIZE[1]), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for (setting, n) in dict.fromkeys((p.setting, p.n_params) for p in points):
-            pts = [p for p in points if (p.setting, p.n_params) == (setting, n) and p.delta(key)]
+            pts = [(p, d) for p in points if (p.setting, p.n_params) == (setting, n)
+                   and (d := point_delta(p, key)) is not None]
             if not pts:
                 continue
-            x = np.array([p.dn_trained for p in pts])
-            y = np.array([p.delta(key)["value"] for p in pts])
-            err = np.array([[max(0.0, v - p.delta(key)["ci95"][0]), max(0.0, p.delta(key)["ci95"][1] - v)]
-                            for p, v in zip(pts, y)]).T
+            x = np.array([p.dn_trained for p, _ in pts])
+            y = np.array([d[0] for _, d in pts])
+            err = np.array([[max(0.0, v - d[1][0]), max(0.0, d[1][1] - v)] if d[1] else [0.0, 0.0]
+                            for (_, d), v in zip(pts, y)]).T
             line = ax.errorbar(x, y, yerr=err, fmt="o", markersize=3, capsize=2, label=f"N={n:,} {setting}")
             fit = fit_power_floor(x, y)
             if fit is not None:

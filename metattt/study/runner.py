@@ -207,7 +207,7 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
     outcomes: list[Outcome] = []
     cells = [c for c in study.cells()
              if only is None or any(fnmatchcase(x, pat) for pat in only
-                                    for x in (c.model.name, c.ev.name, c.ev.section))]
+                                    for x in (c.model.name, c.ev.name, c.ev.section, f"{c.model.name}/{c.ev.name}"))]
     needed: dict[str, ModelSpec] = {}
 
     def need(m: ModelSpec) -> None:  # a model's dependencies (decay branches' parents) train before it

@@ -408,3 +408,30 @@ def test_projection_from_gpu_throughput(world, tmp_path, capsys):
     p = rep["protocols"]["flat"]
     assert rep["projection"]["applies"] and "PROJECTION" in rep["projection"]["note"]
     assert p["projected_full_val_s"] == pytest.approx(62_000_000 / (p["tokens_per_s_per_process"] * 8), rel=1e-9)
+
+
+def test_every_protocol_spec_answers_the_one_spec_type():
+    """Parsing, running and the report ask a protocol's ``Spec`` (never its family's name): what each family
+    answers, and the run order and requirements ``parse_protocols`` derives from the answers alone."""
+    from metattt.eval.spec import Spec
+
+    specs = parse_protocols("oracle:sgd,ttt:sgd@doc,docttt:doclora@phases=2/docs=4,bayes-cache")
+    assert all(isinstance(s, Spec) for s in specs)
+    by = {s.name: s for s in specs}
+    assert list(by) == ["flat", "sliding", "doc-flat", "doc-sliding", "doc-chunk@docs=4", "docttt:doclora@docs=4",
+                        "docttt:doclora@docs=4/phases=2", "bayes-cache", "ttt:sgd@doc-sliding", "oracle:sgd"]
+    assert [n for n, s in by.items() if s.adapts] == ["docttt:doclora@docs=4", "docttt:doclora@docs=4/phases=2",
+                                                      "bayes-cache", "ttt:sgd@doc-sliding", "oracle:sgd"]
+    assert [n for n, s in by.items() if not s.legal] == ["oracle:sgd"]
+    assert {n: s.base for n, s in by.items()} == {
+        "flat": None, "sliding": None, "doc-flat": None, "doc-sliding": None, "doc-chunk@docs=4": "doc-flat",
+        "docttt:doclora@docs=4": "doc-chunk@docs=4", "docttt:doclora@docs=4/phases=2": "docttt:doclora@docs=4",
+        "bayes-cache": "sliding", "ttt:sgd@doc-sliding": "doc-sliding", "oracle:sgd": "sliding"}
+    assert [s.step for s in specs if s.step] == ["context", "adaptation", "phases"]
+    assert [n for n, s in by.items() if s.total_base] == ["docttt:doclora@docs=4", "docttt:doclora@docs=4/phases=2"]
+    from metattt.train.final_eval import decomposition
+
+    rows = decomposition({"meta": {}, "config": {"context": 64}, "data": {"n_tokens": 100}, "deltas": {},
+                          "protocols": {n: {"bpb": 1.0, "ci95": [1.0, 1.0], "legal": s.legal} for n, s in by.items()}
+                          })["rows"]
+    assert {r["protocol"]: r["adapts"] for r in rows} == {n: s.adapts for n, s in by.items()}

@@ -149,9 +149,16 @@ class ByteLUT:
         )
 
 
-def bpb(nats_sum: float, bytes_sum: float) -> float:
-    """Bits per byte from summed cross-entropy (nats) and summed target bytes."""
-    nats_sum, bytes_sum = float(nats_sum), float(bytes_sum)
-    if not bytes_sum > 0:
-        raise ValueError(f"bpb needs a positive byte count, got {bytes_sum}")
-    return nats_sum / math.log(2.0) / bytes_sum
+LN2 = math.log(2.0)
+
+
+def bpb(nats: Any, nbytes: Any) -> Any:
+    """Bits per byte, ``nats / ln2 / bytes``: the one formula every score, interval and table uses.
+
+    Scalars (python, numpy or 0-d) give a float and need a positive byte count; arrays (bootstrap resamples,
+    per-bucket tables) divide elementwise and leave zero-byte cells to the caller's mask."""
+    if np.ndim(nats) == 0 and np.ndim(nbytes) == 0:
+        nats, nbytes = float(nats), float(nbytes)
+        if not nbytes > 0:
+            raise ValueError(f"bpb needs a positive byte count, got {nbytes}")
+    return nats / LN2 / nbytes

@@ -16,13 +16,14 @@ numerics (docs/interop.md):
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..data.bpb import bpb
 
 COMPAT_MODES = ("none", "pg-record")
 BF16_TABLES = ("tok_emb", "bigram_emb", "ve_emb")
@@ -188,4 +189,4 @@ def tail_scores(model: torch.nn.Module, data: Any, cfg: Any, params: dict[str, t
 
 
 def compat_bpb(nats: float, total_bytes: float, tail: dict[str, Any]) -> float:
-    return (nats + tail["tail_nats"]) / math.log(2.0) / (total_bytes + tail["tail_bytes"])
+    return bpb(nats + tail["tail_nats"], total_bytes + tail["tail_bytes"])

@@ -10,13 +10,13 @@ step-down procedure controls the family-wise error over the adapters of one tabl
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
-LN2 = math.log(2.0)
+from ..data.bpb import bpb
+
 DEFAULT_MARGIN = 0.001  # bits per byte
 
 
@@ -26,7 +26,7 @@ def doc_terms(nats_a: np.ndarray, nats_b: np.ndarray, doc_bytes: np.ndarray) -> 
     if diff.ndim == 2:
         diff = diff.mean(0)
     b = np.asarray(doc_bytes, dtype=np.float64)
-    return diff.size * diff / LN2 / b.sum()
+    return bpb(diff.size * diff, b.sum())
 
 
 def tost(z: np.ndarray, margin: float) -> dict[str, float]:

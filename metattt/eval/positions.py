@@ -24,9 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..data.bpb import bpb
 from .stats import bootstrap
 
-LN2 = math.log(2.0)
 DEFAULT_DOC_EDGES: tuple[int, ...] = (0, 128, 1024, 2048)
 N_STREAM_BUCKETS = 10
 
@@ -73,14 +73,14 @@ def _cut(bucket: np.ndarray, n: int, nbytes: np.ndarray, token_nll: Mapping[str,
     b = np.bincount(bucket, weights=nbytes, minlength=n)
     nats = {p: np.bincount(bucket, weights=v.astype(np.float64), minlength=n) for p, v in token_nll.items()}
     with np.errstate(invalid="ignore", divide="ignore"):
-        bpb = {p: np.where(b > 0, v / LN2 / np.where(b > 0, b, 1), np.nan) for p, v in nats.items()}
+        bpbs = {p: np.where(b > 0, bpb(v, np.where(b > 0, b, 1)), np.nan) for p, v in nats.items()}
     deltas = {}
     for key, (a, c) in pairs.items():
-        d = bpb[a] - bpb[c]
-        share = (nats[a] - nats[c]) / LN2 / total_bytes
+        d = bpbs[a] - bpbs[c]
+        share = bpb(nats[a] - nats[c], total_bytes)
         deltas[key] = {"from": a, "to": c, "value": _list(d), "share": _list(share)}
     return {"targets": targets.tolist(), "bytes": b.tolist(), "nats": {p: v.tolist() for p, v in nats.items()},
-            "bpb": {p: _list(v) for p, v in bpb.items()}, "delta": deltas}
+            "bpb": {p: _list(v) for p, v in bpbs.items()}, "delta": deltas}
 
 
 def _list(x: np.ndarray) -> list[float | None]:

@@ -13,6 +13,8 @@ import numpy as np
 
 from metattt.track.rundir import EVAL_SCHEMA
 
+from ..data.bpb import bpb
+
 from .docttt_spec import DocTTTSpec
 from .equivalence import equivalence_table
 from .positions import format_per_position, per_position
@@ -24,7 +26,6 @@ ONE_ORDER = "conditional on one order: paired document bootstrap over one pass"
 HIERARCHICAL = "hierarchical bootstrap over {r} runs ({k} document orders x {s} adapter seeds), then documents"
 SIGN_CONVENTION = ("delta(A -> B) = bpb(A) - bpb(B) in bits per byte; positive = the second protocol B is better "
                    "(lower bpb). context = flat -> sliding; ttt:X = sliding -> ttt:X (TTT gain beyond context).")
-LN2 = math.log(2.0)
 
 
 def delta_pairs(names: list[str], specs: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -65,9 +66,8 @@ def docttt_decomposition(names: list[str], specs: dict[str, Any], deltas: dict[s
 def running_delta(a_block_nats: np.ndarray, b_block_nats: np.ndarray, block_bytes: np.ndarray) -> list[float]:
     """Cumulative bpb(A) - bpb(B) after each block (same blocks and bytes for both)."""
     cb = np.cumsum(block_bytes)
-    diff = np.cumsum(a_block_nats - b_block_nats) / LN2
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(cb > 0, diff / np.where(cb > 0, cb, 1), np.nan)
+        out = np.where(cb > 0, bpb(np.cumsum(a_block_nats - b_block_nats), np.where(cb > 0, cb, 1)), np.nan)
     return [float(v) if np.isfinite(v) else None for v in out]
 
 
@@ -212,10 +212,10 @@ def _runs_section(ev: EvalResult, runs: list[dict[str, Any]], pairs: dict[str, t
     out["runs"] = [{"order": 0, "seed": 0}] + [{"order": r["order"], "seed": r["seed"], "seconds": r["seconds"],
                                                 "invalid": r["invalid"]} for r in runs]
     out["protocols"] = {n: {"bpb_mean": per[n].point, "ci95": [per[n].lo, per[n].hi],
-                            "bpb_per_run": (mats[n].sum(1) / LN2 / nb).tolist()} for n in names}
+                            "bpb_per_run": bpb(mats[n].sum(1), nb).tolist()} for n in names}
     out["deltas"] = {key: {"from": a, "to": b, "value": diffs[(a, b)].point,
                            "ci95": [diffs[(a, b)].lo, diffs[(a, b)].hi],
-                           "value_per_run": ((mats[a] - mats[b]).sum(1) / LN2 / nb).tolist()}
+                           "value_per_run": bpb((mats[a] - mats[b]).sum(1), nb).tolist()}
                      for key, (a, b) in pairs.items()}
     return out
 

@@ -12,7 +12,6 @@ on one directory are all kept, each with its own plot.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import re
 import secrets
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from metattt.track import jsonio
+
+from ..data.bpb import bpb
 
 from .protocols import EvalResult
 from .report import build_report, where_invalid
@@ -68,7 +69,7 @@ def raw_results(ev: EvalResult, meta: dict[str, Any]) -> dict[str, Any]:
     total_bytes = float(ev.data.target_bytes.sum())
     return {"schema": "metattt.eval-raw/1", "meta": meta, "config": ev.cfg.to_dict(), "n_bytes": total_bytes,
             "doc_bytes": ev.data.doc_bytes.tolist(),
-            "protocols": {n: {"bpb": r.nats / math.log(2) / total_bytes, "doc_nats": r.doc_nats.tolist(),
+            "protocols": {n: {"bpb": bpb(r.nats, total_bytes), "doc_nats": r.doc_nats.tolist(),
                               "invalid": r.stream.invalid} for n, r in ev.results.items()}}
 
 

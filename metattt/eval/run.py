@@ -15,7 +15,6 @@ table and wandb come after it, and a failure there is a warning, never a lost ev
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..data.bpb import bpb as bits_per_byte
 from ..ttt.adapter import Adapter
 from ..ttt.registry import PluginError, Registry
 from .audit import run_audit
@@ -137,7 +137,7 @@ def _tune(args, model, tune_tokens, lut, device, specs, grid, adapter_specs, ext
         f = (make_adapter_factory(model, {**adapter_specs, key: spec}, extras, registry) if adapter_factory is None
              else adapter_factory(model, {**adapter_specs, key: spec}, extras))
         r = evaluate(model, data, [ProtocolSpec(sp.windows), sp], f, quiet).results[sp.name]
-        bpb = r.nats / math.log(2) / float(data.target_bytes.sum())
+        bpb = bits_per_byte(r.nats, data.target_bytes.sum())
         say(f"tune {key}: {spec} -> bpb {bpb:.5f} on {data.n_docs} tuning documents")
         return bpb, r.stream.invalid is None
 

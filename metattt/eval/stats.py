@@ -9,15 +9,12 @@ CIs of its two terms.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..data.bpb import bpb
-
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def bootstrap(
     while done < n_boot:
         m = min(block, n_boot - done)
         counts = _resample_counts(rng, d, m)
-        samples[done:done + m] = (counts @ mat) / LN2 / (counts @ doc_bytes)[:, None]
+        samples[done:done + m] = bpb(counts @ mat, (counts @ doc_bytes)[:, None])
         done += m
     return _intervals(point, samples, names, pairs, level)
 
@@ -107,7 +104,7 @@ def hierarchical_bootstrap(
     for a, b in pairs:
         if a not in mats or b not in mats:
             raise KeyError(f"pair ({a!r}, {b!r}) names a protocol without per-document nats")
-    point = {n: float(np.mean(m.sum(1))) / LN2 / float(doc_bytes.sum()) for n, m in mats.items()}
+    point = {n: bpb(np.mean(m.sum(1)), doc_bytes.sum()) for n, m in mats.items()}
     if n_boot <= 0 or d < 2:
         nan = float("nan")
         return ({n: Interval(point[n], nan, nan) for n in names},
@@ -121,7 +118,7 @@ def hierarchical_bootstrap(
         counts = _resample_counts(rng, d, m)  # (m, D)
         denom = counts @ doc_bytes
         for j, n in enumerate(names):
-            samples[done:done + m, j] = ((run_w @ mats[n]) * counts).sum(1) / LN2 / denom
+            samples[done:done + m, j] = bpb(((run_w @ mats[n]) * counts).sum(1), denom)
         done += m
     return _intervals(point, samples, names, pairs, level)
 

@@ -7,6 +7,7 @@ CPU nothing (exact tests).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,25 @@ class DistCtx:
         """This rank's rows of ``n`` (see :func:`row_share`)."""
         a, b = row_share(n, self.world, self.rank)
         return slice(a, b)
+
+    def reduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor summed over the ranks, as float32, in one collective: the one gradient all-reduce (the
+        adapters' token-weighted mean, the docttt phases' full-model step, the meta-trainer's average).
+        Integer counts carried along stay exact below 2**24. One rank: float32 copies, no collective."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        if self.active:
+            dist.all_reduce(flat)
+        return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any (a collective: every rank must call it)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
 
 def row_share(n: int, world: int, rank: int) -> tuple[int, int]:

@@ -83,12 +83,8 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
         else:
             grads = [torch.zeros_like(cur[k]) for k in names]
         if ctx.world > 1:
-            flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss_sum.detach().float().reshape(1)])
-            dist.all_reduce(flat)
-            dist.all_reduce(n_tgt)
-            parts = torch.split(flat[:-1], [g.numel() for g in grads])
-            grads = [v.view_as(g).to(g.dtype) for v, g in zip(parts, grads)]
-            loss_sum = flat[-1]
+            *sums, loss_sum, n_tgt = ctx.reduce_sum(grads + [loss_sum.detach(), n_tgt])
+            grads = [s.to(g.dtype) for s, g in zip(sums, grads)]
         total = float(n_tgt)
         grads = [g / total for g in grads]
         loss = loss_sum.detach() / total
@@ -178,7 +174,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     seg += 1
                     ledger.advance_to(seg * _SEG)  # every rank: after all earlier scores
                     docs = phase_documents(bounds[bi][1])
-                    if _any_rank(invalid is not None, ctx, device):  # a phase is collective: every rank skips it
+                    if ctx.any(invalid is not None, device):  # a phase is collective: every rank skips it
                         invalid = invalid or {"batch": b, "chunk": None, "what": "adaptation on another rank"}
                         stats.append({"phase": bi, "skipped": "adaptation diverged"})
                     else:
@@ -220,14 +216,6 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         invalid = min((x for x in every if x is not None), key=lambda x: x["batch"], default=None)
     return StreamResult(spec.name, nll, [], seconds, score_s, adapt_s, int(queue.n_targets.size), n_fwd, ledger,
                         stats, invalid)
-
-
-def _any_rank(flag: bool, ctx: DistCtx, device: torch.device) -> bool:
-    if ctx.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def _phase_nonfinite(stats: dict[str, Any], new_base: dict[str, torch.Tensor]) -> str | None:

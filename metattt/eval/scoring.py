@@ -286,11 +286,8 @@ def nonfinite_in(stats: Any, params: dict[str, torch.Tensor]) -> str | None:
 def _diverged(stats: Any, adapter: AdapterLike, ctx: DistCtx, device: torch.device) -> str | None:
     """:func:`nonfinite_in`, agreed over ranks (any rank's divergence stops every rank)."""
     what = nonfinite_in(stats, adapter.params())
-    if ctx.world > 1:
-        flag = torch.tensor([0.0 if what is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if what is None and flag.item() > 0:
-            what = "loss or parameters on another rank"
+    if ctx.any(what is not None, device) and what is None:
+        what = "loss or parameters on another rank"
     return what
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..devices import DistCtx
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -22,6 +24,10 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def ctx(self) -> DistCtx:
+        return DistCtx(self.rank, self.world_size)
 
 
 def setup(device: str = "auto") -> DistInfo:

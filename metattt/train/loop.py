@@ -406,12 +406,12 @@ def _compile_warmup(cfg: TrainConfig, fwd, model: BankedGPT, opts, loader: Train
 def _average_grads(opt: torch.optim.Optimizer, info: DistInfo) -> None:
     if not info.distributed:
         return
-    for g in opt.param_groups:
-        for p in g["params"]:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(info.world_size)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for p, s in zip(params, info.ctx.reduce_sum([p.grad for p in params])):
+        p.grad.copy_(s).div_(info.world_size)
 
 
 def _finish(cfg: TrainConfig, info: DistInfo, run: RunDir, run_path: Path, model: BankedGPT, adapter, src, val,

@@ -52,7 +52,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..devices import DistCtx, autocast_for
@@ -115,19 +114,14 @@ def minibatches(x: Tensor, y: Tensor, batch_seqs: int) -> Iterator[tuple[Tensor,
 
 def reduce_grads(grads: Tensors, weight: float) -> Tensors:
     """Token-weighted mean of gradients over ranks (identity when not distributed)."""
-    if not DistCtx.current().active or not grads:
+    ctx = DistCtx.current()
+    if not ctx.active or not grads:
         return grads
     names = list(grads)
-    flat = torch.cat([grads[n].float().flatten() * weight for n in names] +
-                     [torch.tensor([weight], dtype=torch.float32, device=grads[names[0]].device)])
-    dist.all_reduce(flat)
-    total = flat[-1].clamp_min(1e-12)
-    out, off = {}, 0
-    for n in names:
-        g = grads[n]
-        out[n] = (flat[off:off + g.numel()] / total).view_as(g).to(g.dtype)
-        off += g.numel()
-    return out
+    w = torch.tensor(weight, dtype=torch.float32, device=grads[names[0]].device)
+    *sums, total = ctx.reduce_sum([grads[n].float() * weight for n in names] + [w])
+    total = total.clamp_min(1e-12)
+    return {n: (s / total).to(grads[n].dtype) for n, s in zip(names, sums)}
 
 
 def register_nested(root: nn.Module, dotted: str, value: Tensor, *, buffer: bool = False) -> None:

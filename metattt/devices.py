@@ -1,12 +1,14 @@
-"""Where a computation runs: this process's rank share of a batch, and the autocast choice.
+"""Where a computation runs: the process group and device of an entry point, this process's rank share of a
+batch, the one gradient all-reduce, and the autocast choice.
 
-One home for both (the evaluator, the adapters and the trainer used to carry their own copies): every rank holds
-the same rows and takes the contiguous share ``row_share`` gives it; on CUDA the speed path is bf16 autocast, on
-CPU nothing (exact tests).
+One home for all of them (the evaluator, the adapters and the trainer used to carry their own copies): both entry
+points call ``setup``; every rank holds the same rows and takes the contiguous share ``row_share`` gives it; on
+CUDA the speed path is bf16 autocast, on CPU nothing (exact tests).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +56,51 @@ class DistCtx:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What an entry point's ``setup`` found: ranks from torchrun's environment and this process's device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def ctx(self) -> DistCtx:
+        return DistCtx(self.rank, self.world_size)
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (NCCL on CUDA, gloo on CPU) and pick the device:
+    "auto" is CUDA when there is one; a CUDA device without an index is this process's local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, local, world, dev)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def row_share(n: int, world: int, rank: int) -> tuple[int, int]:

@@ -15,7 +15,6 @@ table and wandb come after it, and a failure there is a warning, never a lost ev
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import fields
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..data.bpb import bpb as bits_per_byte
+from ..devices import setup, teardown
 from ..ttt.adapter import Adapter
 from ..ttt.registry import PluginError, Registry
 from .audit import run_audit
@@ -50,27 +50,6 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_ILLEGAL = 3
 EXIT_INVALID = 4
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
-def _setup_dist(device: torch.device) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world
 
 
 def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: dict[str, torch.Tensor],
@@ -163,9 +142,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     adapter_specs = parse_adapter_specs(args.adapter_spec)
     check_adapter_specs(adapter_specs, specs)
     check_artifact_path(args.artifact)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(args.device, local_rank)
-    rank, world = _setup_dist(device)
+    info = setup(args.device)
+    device, rank, world = info.device, info.rank, info.world_size
     say = out if rank == 0 and not args.quiet else (lambda _s: None)
     warn = (lambda s: print(s, file=sys.stderr)) if rank == 0 else (lambda _s: None)
     target = run_dir_target(args)
@@ -376,7 +354,4 @@ def main(argv: list[str] | None = None, adapter_factory: Callable[..., Callable[
               file=sys.stderr)
         return 128 + signum_of(e)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()

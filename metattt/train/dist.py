@@ -1,54 +1,13 @@
-"""torchrun / single-process set-up. Why explicit: the trainer is DDP-free (Parallel Muon owns bank gradients)."""
+"""The trainer's rank agreements (a mean of a metric, one stop/checkpoint decision). Set-up and teardown are the
+evaluator's too: metattt.devices. Why explicit: the trainer is DDP-free (Parallel Muon owns bank gradients)."""
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..devices import DistCtx
+from ..devices import DistInfo, setup, teardown
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def ctx(self) -> DistCtx:
-        return DistCtx(self.rank, self.world_size)
-
-
-def setup(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun; pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, local, world, dev)
-
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+__all__ = ["DistInfo", "setup", "teardown", "all_reduce_mean", "agree"]
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

@@ -337,6 +337,21 @@ def run_stream(
     model.eval()
     if adapter is not None:
         adapter.reset()
+
+    def adapt(chunk: Any, progress: float, after: bool) -> None:
+        """One adapter update, timed: on the chunk itself (oracle) or ``after`` scoring it (what it asks for)."""
+        nonlocal invalid, adapt_s
+        t0 = time.perf_counter()
+        if reset == "chunk":
+            adapter.reset()
+        lo, hi = _resolve_training_range(adapter, chunk, chunks) if after else (chunk.lo, chunk.hi)
+        step = ledger.next_step()
+        stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ledger, step,
+                               f"{'after' if after else 'oracle'} chunk {chunk.index}", cfg.autocast))
+        invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
+        _sync(device)
+        adapt_s += time.perf_counter() - t0
+
     _sync(device)
     t_start = time.perf_counter()
     try:
@@ -346,15 +361,7 @@ def run_stream(
             if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc and invalid is None:
                 adapter.reset()
             if order == "adapt_first" and invalid is None:
-                t0 = time.perf_counter()
-                if reset == "chunk":
-                    adapter.reset()
-                step = ledger.next_step()
-                stats.append(_adapt_on(model, tokens, adapter, chunk.lo, chunk.hi, seq_len, progress, ledger, step,
-                                       f"oracle chunk {chunk.index}", cfg.autocast))
-                invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
-                _sync(device)
-                adapt_s += time.perf_counter() - t0
+                adapt(chunk, progress, after=False)
             t0 = time.perf_counter()
             step = ledger.next_step()
             shares = [row_share(chunk.w1 - chunk.w0, ctx.world, r) for r in range(ctx.world)]
@@ -385,16 +392,7 @@ def run_stream(
             score_s += time.perf_counter() - t0
             useless = reset == "doc" and not last and chunks[chunk.index + 1].doc != chunk.doc  # reset next anyway
             if order == "score_first" and not last and not useless and invalid is None:
-                t0 = time.perf_counter()
-                if reset == "chunk":
-                    adapter.reset()
-                lo, hi = _resolve_training_range(adapter, chunk, chunks)
-                step = ledger.next_step()
-                stats.append(_adapt_on(model, tokens, adapter, lo, hi, seq_len, progress, ledger, step,
-                                       f"after chunk {chunk.index}", cfg.autocast))
-                invalid = _stop_if_diverged(stats[-1], adapter, ctx, device, chunk.index)
-                _sync(device)
-                adapt_s += time.perf_counter() - t0
+                adapt(chunk, progress, after=True)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t_start

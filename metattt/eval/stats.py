@@ -59,20 +59,13 @@ def bootstrap(
         if a not in doc_nats or b not in doc_nats:
             raise KeyError(f"pair ({a!r}, {b!r}) names a protocol without per-document nats")
     point = {n: bpb_of(doc_nats[n], doc_bytes) for n in names}
-    if n_boot <= 0 or d < 2:
-        nan = float("nan")
-        return ({n: Interval(point[n], nan, nan) for n in names},
-                {(a, b): Interval(point[a] - point[b], nan, nan) for a, b in pairs})
     mat = np.stack([np.asarray(doc_nats[n], dtype=np.float64) for n in names], axis=1)  # (d, P)
-    rng = np.random.default_rng(seed)
-    samples = np.empty((n_boot, len(names)))
-    done = 0
-    while done < n_boot:
-        m = min(block, n_boot - done)
+
+    def draw(rng: np.random.Generator, m: int) -> np.ndarray:
         counts = _resample_counts(rng, d, m)
-        samples[done:done + m] = bpb(counts @ mat, (counts @ doc_bytes)[:, None])
-        done += m
-    return _intervals(point, samples, names, pairs, level)
+        return bpb(counts @ mat, (counts @ doc_bytes)[:, None])
+
+    return _resampled(point, names, pairs, d, n_boot, seed, level, block, draw)
 
 
 def hierarchical_bootstrap(
@@ -105,21 +98,29 @@ def hierarchical_bootstrap(
         if a not in mats or b not in mats:
             raise KeyError(f"pair ({a!r}, {b!r}) names a protocol without per-document nats")
     point = {n: bpb(np.mean(m.sum(1)), doc_bytes.sum()) for n, m in mats.items()}
+
+    def draw(rng: np.random.Generator, m: int) -> np.ndarray:
+        run_w = rng.multinomial(runs, np.full(runs, 1.0 / runs), size=m).astype(np.float64) / runs  # (m, R)
+        counts = _resample_counts(rng, d, m)  # (m, D)
+        denom = counts @ doc_bytes
+        return np.stack([bpb(((run_w @ mats[n]) * counts).sum(1), denom) for n in names], axis=1)
+
+    return _resampled(point, names, pairs, d, n_boot, seed, level, block, draw)
+
+
+def _resampled(point: dict[str, float], names: Sequence[str], pairs: Sequence[tuple[str, str]], d: int,
+               n_boot: int, seed: int, level: float, block: int, draw):
+    """The intervals of ``n_boot`` resamples drawn ``block`` at a time (``draw(rng, m)`` -> (m, P) bpb); no
+    interval (NaN) without resamples or with fewer than two documents."""
     if n_boot <= 0 or d < 2:
         nan = float("nan")
         return ({n: Interval(point[n], nan, nan) for n in names},
                 {(a, b): Interval(point[a] - point[b], nan, nan) for a, b in pairs})
     rng = np.random.default_rng(seed)
     samples = np.empty((n_boot, len(names)))
-    done = 0
-    while done < n_boot:
+    for done in range(0, n_boot, block):
         m = min(block, n_boot - done)
-        run_w = rng.multinomial(runs, np.full(runs, 1.0 / runs), size=m).astype(np.float64) / runs  # (m, R)
-        counts = _resample_counts(rng, d, m)  # (m, D)
-        denom = counts @ doc_bytes
-        for j, n in enumerate(names):
-            samples[done:done + m, j] = bpb(((run_w @ mats[n]) * counts).sum(1), denom)
-        done += m
+        samples[done:done + m] = draw(rng, m)
     return _intervals(point, samples, names, pairs, level)
 
 

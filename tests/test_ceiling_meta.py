@@ -14,6 +14,7 @@ import pytest
 from test_ceiling_ladder import _text
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # 13 short trainings and 12 evaluations (as tests/test_ceiling_ladder.py)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,4 @@ def test_cpu_meta_arms_section_is_the_run_directories(meta_study):
     rates = summ["metasgd.s1"]["meta_params"]
     assert rates and "| metasgd | `" in report and all(r["init"] == 0.002 for r in rates.values())
     assert "docttt:doclora@init=meta" in report
+    assert "Ladder points" not in report  # the arms section, not the ladder's tables

@@ -439,11 +439,12 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
         lines += ["**Still missing** (configured, no complete run directory yet): "
                   + ", ".join(f"`{r.cell.ev.name}` on `{r.cell.model.name}`" for r in missing) + ".", ""]
     lines += summary_table(done)
-    lines += ladder_tables(done)
-    if study.arms is not None and study.arms.section == section:
+    if study.arms is not None and study.arms.section == section:  # decay branches too, but arms, not a ladder
         from .arms import arms_section
 
         lines += arms_section(study, done, report_dir)
+    else:
+        lines += ladder_tables(done)
     for r in done:
         lines += cell_table(r)
     lines += cross_model_table(done) + cross_setting_table(done)

@@ -440,7 +440,12 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
     if missing:
         lines += missing_list(missing, cfg)
     lines += summary_table(done)
-    lines += ladder_tables(done)
+    if study.arms is not None and study.arms.section == section:  # decay branches too, but arms, not a ladder
+        from .arms import arms_section
+
+        lines += arms_section(study, done, report_dir)
+    else:
+        lines += ladder_tables(done)
     for r in done:
         lines += cell_table(r)
     lines += cross_model_table(done) + cross_setting_table(done)

@@ -95,3 +95,25 @@ def test_design_script_small_grid(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         mod.main(["--cp", "half"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_document_cache_from_tokens_alone(shared: bool) -> None:
+    """The Bayes cache's terms equal the bounds' own (on the val stream, any length law), and a perturbed copy of
+    the stream (as the evaluator's audit makes) is scored, not refused: its impossible events cost infinite nats."""
+    from metattt.data.synthetic import document_cache_nats
+
+    spec = SyntheticSpec(vocab_size=60, n_train_tokens=10, n_val_tokens=5000, min_doc_len=10, max_doc_len=400,
+                         length_dist="lognormal", length_median=50.0, alpha=0.5, content_types=30, seed=2,
+                         shared_theta=shared)
+    val = generate_split(spec, "val").astype(np.int64)
+    r = _target_nats(spec, val, make_chain(spec), *document_params(spec, "val"))
+    c = document_cache_nats(spec, val)
+    for k in ("length", "posterior", "is_content", "is_bos"):
+        assert np.allclose(r[k], c[k], rtol=1e-12, atol=0), k
+    bad = val.copy()
+    bad[100:110] = 2  # control ids where regular tokens were
+    bad[np.flatnonzero(val == BOS_ID)[1:3]] = 10  # two documents run into the next: lengths past the law's range
+    cb = document_cache_nats(spec, bad)
+    assert np.array_equal(cb["length"][:99], c["length"][:99]) and np.array_equal(cb["posterior"][:99],
+                                                                                c["posterior"][:99])

@@ -173,6 +173,12 @@ NAMED_SPECS: dict[str, dict[str, Any]] = {
     "gpu-fineweb": {**GPU_DESIGN, "min_doc_len": 64, "max_doc_len": 32768, "length_dist": "lognormal",
                     "length_median": 1150.0, "length_sigma": 1.0},
     "gpu-long-zero-room": {**GPU_DESIGN, "min_doc_len": 2048, "max_doc_len": 32768, "shared_theta": True},
+    # the CPU-sized variant of the GPU study (experiments/ceiling_synth_cpu.toml, CI): the main job's design with
+    # documents of 256..1024 tokens against a 64-token context, and a FineWeb-like length law scaled down 16x
+    "ci-long": {**MAIN_JOB_DESIGN, "min_doc_len": 256, "max_doc_len": 1024},
+    "ci-fineweb": {**MAIN_JOB_DESIGN, "min_doc_len": 8, "max_doc_len": 1024, "length_dist": "lognormal",
+                   "length_median": 72.0, "length_sigma": 1.0},
+    "ci-long-zero-room": {**MAIN_JOB_DESIGN, "min_doc_len": 256, "max_doc_len": 1024, "shared_theta": True},
 }
 
 
@@ -543,11 +549,36 @@ def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> di
     """Per target ``tokens[1:]``: what a Bayes reader of the document prefix knows beyond any chain, in nats --
     ``length`` (-log of the document-length hazard's BOS / not-BOS probability) and ``posterior`` (content targets:
     -log of the predictive ``(alpha + n_y) / (|C| alpha + N)`` within the content set, from the document's earlier
-    content tokens; 0 elsewhere) -- and ``is_content`` / ``is_bos`` masks. Only tokens before each target count."""
-    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
-    lengths, theta = document_params(spec, "val")
-    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta)
-    return {k: r[k] for k in ("length", "posterior", "is_content", "is_bos")}
+    content tokens; 0 elsewhere) -- and ``is_content`` / ``is_bos`` masks. Only tokens before each target count.
+
+    Computed from the tokens alone (any stream starting with BOS, not only this spec's val stream): the
+    evaluator's audit scores perturbed copies of the stream, whose impossible events get infinite nats."""
+    tok = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    doc, starts = _split_docs(tok)
+    tgt = tok[1:]
+    k = np.arange(tgt.size) - starts[doc[:-1]]  # regular tokens already emitted in the current document
+    hazard = _hazard(spec, k)
+    is_bos = tgt == BOS_ID
+    with np.errstate(divide="ignore"):
+        length = np.where(is_bos, -np.log(hazard), -np.log1p(-hazard))
+    is_c = (tgt >= spec.first_content) & (tgt < spec.vocab_size)
+    ci = np.flatnonzero(is_c)
+    yc, dc = tgt[ci] - spec.first_content, doc[1:][ci]
+    posterior = np.zeros(tgt.size)
+    if spec.shared_theta:  # the global theta: the document adds nothing a chain does not know
+        theta = document_params(spec, "val")[1][0]
+        posterior[ci] = -np.log(theta[yc])
+    elif ci.size:
+        order = np.lexsort((ci, yc, dc))
+        key = dc[order] * spec.n_content + yc[order]
+        new = np.ones(order.size, dtype=bool)
+        new[1:] = key[1:] != key[:-1]
+        grp_start = np.maximum.accumulate(np.where(new, np.arange(order.size), 0))
+        n_y = np.empty(order.size, dtype=np.int64)
+        n_y[order] = np.arange(order.size) - grp_start
+        n_all = np.arange(ci.size) - np.searchsorted(dc, dc, side="left")
+        posterior[ci] = -np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
+    return {"length": length, "posterior": posterior, "is_content": is_c, "is_bos": is_bos}
 
 
 def _shard_names(prefix: str, n_tokens: int, shard_tokens: int) -> list[str]:

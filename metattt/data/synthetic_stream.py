@@ -214,9 +214,12 @@ class SyntheticStream:
         self.block, self.pos, self.step = int(state["block"]), int(state["pos"]), int(state["step"])
         self._blocks = {k: v for k, v in self._blocks.items() if k >= self.block}
 
+    def __del__(self) -> None:  # the trainer drops its loader on every way out: prefetched blocks are not waited for
+        self.close()
+
     def close(self) -> None:
         """Stop the worker processes (blocks already made are kept)."""
-        if self._pool is not None:
+        if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
             self._ahead.clear()

@@ -103,6 +103,7 @@ def _mix(spec: Any, tokens: np.ndarray, lq_tgt: np.ndarray, log_qc: np.ndarray) 
 def model_terms(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, batch_tokens: int,
                 first_content: int) -> tuple[np.ndarray, np.ndarray]:
     """``_model_terms`` of every target of ``plan`` (position order), one batch of windows at a time."""
+    from ..data.synthetic import CONTROL_IDS
     from .windows import batch_windows
 
     tgts, qcs = [], []
@@ -118,10 +119,14 @@ def model_terms(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, batch_t
             cols_np = np.concatenate([np.arange(f, l) for f, l in zip(sf, ln)])
             rows = torch.from_numpy(rows_np).to(tokens.device)
             cols = torch.from_numpy(cols_np).to(tokens.device)
-            lq = torch.log_softmax(model(x)[rows, cols].float(), dim=-1).cpu().numpy()
-            tgt, qc = _model_terms(lq, tok_np[starts[rows_np] + cols_np + 1].astype(np.int64), first_content)
-            tgts.append(tgt)
-            qcs.append(qc)
+            # on the device, in float64: a (scored rows, V) block never leaves it (a long stream's (n, V) would
+            # not fit on the host, and numpy's logaddexp over it took minutes)
+            lq = torch.log_softmax(model(x)[rows, cols].double(), dim=-1)
+            lq[:, list(CONTROL_IDS)] = -torch.inf
+            lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True)  # q over the regular tokens
+            tgt = torch.from_numpy(tok_np[starts[rows_np] + cols_np + 1].astype(np.int64)).to(lq.device)
+            tgts.append(lq.gather(1, tgt[:, None])[:, 0].cpu().numpy())
+            qcs.append(torch.logsumexp(lq[:, first_content:], dim=-1).cpu().numpy())
     return np.concatenate(tgts), np.concatenate(qcs)
 
 

@@ -122,18 +122,27 @@ def synthetic_bounds_for(cr: CellResult) -> dict[str, Any] | None:
     return out
 
 
-def room_share(ev: dict[str, Any], bd: dict[str, Any], key: str) -> tuple[float, float, float] | None:
-    """Share of the adaptation room that Δ ``key`` captures, with the cell's bootstrap settings: the ratio
-    Σ_d gain_d / Σ_d room_d over documents, each resample drawing documents *with their room* (the room varies
-    per document: long documents hold most of it), so the interval carries the room's sampling variance too.
-    None without per-document nats (or a room that is not positive)."""
+ADAPTED = ("ttt:", "oracle:", "docttt:", "bayes-cache")  # protocols whose gain over sliding is set against the room
+
+
+def _adapted(ev: dict[str, Any]) -> list[str]:
+    return [n for n in ev["protocols"] if n.startswith(ADAPTED)] if "sliding" in ev["protocols"] else []
+
+
+def room_share(ev: dict[str, Any], bd: dict[str, Any], name: str, base: str = "sliding"
+               ) -> tuple[float, float, float] | None:
+    """Share of the adaptation room that protocol ``name`` captures over ``base``, with the cell's bootstrap
+    settings: Σ_d (base_d − name_d) / Σ_d room_d over documents (nats), each resample drawing documents *with their
+    room* (the room varies per document: long documents hold most of it), so the interval carries the room's
+    sampling variance too. None without per-document nats or a positive room."""
     from metattt.eval.stats import _resample_counts
 
-    dl, per = ev["deltas"].get(key), ev.get("per_document")
+    per = ev.get("per_document")
     room = np.asarray(bd.get("doc_room_nats", ()), dtype=np.float64)
-    if dl is None or not per or room.size != len(per["bytes"]) or room.sum() <= 0:
+    if not per or name not in per["nats"] or base not in per["nats"] or room.size != len(per["bytes"]) \
+            or room.sum() <= 0:
         return None
-    gain = np.asarray(per["nats"][dl["from"]], dtype=np.float64) - np.asarray(per["nats"][dl["to"]], dtype=np.float64)
+    gain = np.asarray(per["nats"][base], dtype=np.float64) - np.asarray(per["nats"][name], dtype=np.float64)
     point = float(gain.sum() / room.sum())
     b = ev["bootstrap"]
     if b["n"] <= 0 or room.size < 2:
@@ -147,6 +156,17 @@ def room_share(ev: dict[str, Any], bd: dict[str, Any], key: str) -> tuple[float,
     samples = np.concatenate(parts)
     q = (1 - b["level"]) / 2
     return point, float(np.quantile(samples, q)), float(np.quantile(samples, 1 - q))
+
+
+def _gain_over_sliding(ev: dict[str, Any], name: str) -> tuple[float, float, float] | None:
+    """bpb(sliding) − bpb(name) with the cell's paired document bootstrap (the zero-room control's column)."""
+    per = ev.get("per_document")
+    if not per or name not in per["nats"] or "sliding" not in per["nats"]:
+        return None
+    iv = _paired(per, per, {"n": ev["bootstrap"]["n"], "seed": ev["bootstrap"]["seed"],
+                            "level": ev["bootstrap"]["level"]},
+                 np.asarray(per["nats"]["sliding"]), np.asarray(per["nats"][name]))
+    return iv.point, iv.lo, iv.hi
 
 
 # ---------------------------------------------------------------- markdown
@@ -318,12 +338,11 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
              "Σ gain / Σ room over documents, its CI a document bootstrap that resamples each document with its "
              "room." + _caution(sl, bd), "",
              BOUNDS_HEAD, "|" + "---|" * BOUNDS_HEAD.count(" |")]
-    for key, dl in ev["deltas"].items():
-        if not key.startswith(("ttt:", "oracle:")):
-            continue
-        share = room_share(ev, bd, key)
+    for key in _adapted(ev):
+        share, gain = room_share(ev, bd, key), _gain_over_sliding(ev, key)
         fr, lo, hi = share if share else (float("nan"), None, None)
-        lines.append(f"| {key} | {_f(dl['value'], True)} | {_f(ad_room)} | {_f(fr, True)} | {_ci(lo, hi)} | "
+        lines.append(f"| {key} | {_f(gain[0] if gain else None, True)} | {_f(ad_room)} | {_f(fr, True)} | "
+                     f"{_ci(lo, hi)} | "
                      f"{'' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} |")
     return lines
 
@@ -442,7 +461,9 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-SUMMARY_LEAD = "Across cells (synthetic bounds; fraction of the adaptation room per adapter, 95% CI in brackets):"
+SUMMARY_LEAD = ("Across cells (synthetic bounds; fraction of the adaptation room each protocol captures over sliding, "
+                "Σ gain / Σ room over documents, 95% CI of a document bootstrap that resamples each document with its "
+                "room, in brackets; a zero-room cell shows its gain over sliding in bpb):")
 
 
 def summary_table(done: list[CellResult]) -> list[str]:
@@ -454,7 +475,7 @@ def summary_table(done: list[CellResult]) -> list[str]:
         if not bd:
             continue
         rows.append((r, bd))
-        keys += [k for k in r.eval["deltas"] if k.startswith(("ttt:", "oracle:")) and k not in keys]
+        keys += [k for k in _adapted(r.eval) if k not in keys]
     if not rows:
         return []
     head = ("| model | setting | parameters | steps | train tokens | sliding bpb | context captured | "
@@ -468,10 +489,13 @@ def summary_table(done: list[CellResult]) -> list[str]:
         gap, room = _gap_over_room(sl, bd)
         cells = []
         for k in keys:
-            dl, share = ev["deltas"].get(k), room_share(ev, bd, k)
-            if dl is not None and room <= 0:  # the zero-room control: no room to share, so Δ itself (bpb)
-                cells.append(f"Δ {_f(dl['value'], True)} {_ci(*dl['ci95'])} (room 0)")
+            if k not in ev["protocols"]:
+                cells.append("")
+            elif room <= 0:  # the zero-room control: no room to share, so the gain over sliding itself (bpb)
+                g = _gain_over_sliding(ev, k)
+                cells.append("" if g is None else f"Δ {_f(g[0], True)} {_ci(g[1], g[2])} (room 0)")
             else:
+                share = room_share(ev, bd, k)
                 cells.append("" if share is None else f"{_pct(share[0])} [{_pct(share[1])}, {_pct(share[2])}]")
         lines.append(f"| {r.cell.model.name} | {r.cell.ev.name} | {s.get('num_params', 0):,} | {s.get('steps', '?')} | "
                      f"{s.get('train_tokens', 0):,} | {_f(sl)} | {ctx} | {'n/a' if gap is None else f'{gap:.1f}'} | "

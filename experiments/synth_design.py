@@ -79,9 +79,10 @@ def table(rows: list[dict], chosen: dict | None) -> str:
     for r in rows:
         lg, fw = r["long"], r["fineweb"]
         mark = "  <- chosen" if r is chosen else ""
-        lines.append(f"  {r['alpha']:<5g} {r['content_types']:<4d} {r['content_prob_min']:g}-{r['content_prob_max']:<5g}"
-                     f"  {r['long_dist']:<10s}   {lg['bigram']:6.3f}  {lg['window']:6.3f}  {lg['document']:6.3f}    {lg['room']:.4f}  "
-                     f"{lg['ctx']:.3f}  {lg['room'] / max(lg['ctx'], 1e-12):6.2f}   |          {fw['window']:6.3f}  "
+        design = f"{r['alpha']:<5g} {r['content_types']:<4d} {r['content_prob_min']:g}-{r['content_prob_max']:<5g}"
+        lines.append(f"  {design}  {r['long_dist']:<10s}   {lg['bigram']:6.3f}  {lg['window']:6.3f}  "
+                     f"{lg['document']:6.3f}    {lg['room']:.4f}  {lg['ctx']:.3f}  "
+                     f"{lg['room'] / max(lg['ctx'], 1e-12):6.2f}   |          {fw['window']:6.3f}  "
                      f"{fw['room']:.4f} | {'yes' if r['feasible'] else 'no'}{mark}")
     return "\n".join(lines)
 
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        rows = search(args.alpha, args.types, args.cp, args.long_dist, args.vocab, args.tokens, args.context, args.stride,
-                      args.seed, args.min_room)
+        rows = search(args.alpha, args.types, args.cp, args.long_dist, args.vocab, args.tokens, args.context,
+                      args.stride, args.seed, args.min_room)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         design = {k: chosen[k] for k in ("alpha", "content_types", "content_prob_min", "content_prob_max")}
         design["length_dist"] = chosen["long_dist"]
         named = {k: NAMED_SPECS["gpu-long"].get(k, "uniform") for k in design}
-        print(f"chosen: {design}" + ("  (= NAMED_SPECS gpu-*)" if named == design else f"  (NAMED_SPECS gpu-* has {named})"))
+        same = "  (= NAMED_SPECS gpu-*)" if named == design else f"  (NAMED_SPECS gpu-* has {named})"
+        print(f"chosen: {design}{same}")
     print(f"{time.perf_counter() - t0:.1f} s")
     return 0
 

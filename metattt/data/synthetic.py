@@ -17,8 +17,8 @@ Documents are longer than a small context window, so a reader that adapts to the
 Scoring follows ``ByteLUT.uniform``: every regular target is 1 byte, BOS targets are 0 bytes but their nats
 count (as in the Parameter Golf evaluator). The chain bounds (bigram / bayes_unknown / bayes_known) all use
 the exact document-length hazard to predict BOS, which costs the same nats per document (the entropy of the
-length law, ``log(max-min+1)`` for uniform lengths) in each of them (about 0.005 bits per byte at the defaults), so the differences between them are purely
-about content-token prediction.
+length law, ``log(max-min+1)`` for uniform lengths) in each of them (about 0.005 bits per byte at the defaults),
+so the differences between them are purely about content-token prediction.
 """
 
 from __future__ import annotations

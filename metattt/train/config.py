@@ -32,7 +32,8 @@ class TrainConfig:
     seq_len: int = 256
     train_batch_tokens: int = 8192  # global tokens per optimizer step (all ranks, all micro-steps)
     micro_batch_tokens: int = 8192  # tokens per forward on one rank; grad accumulation fills the rest
-    loader_mode: str = "sequential"  # sequential | random (seeded block order), per-rank disjoint either way
+    loader_mode: str = "sequential"  # sequential | random (seeded block order), per-rank disjoint either way |
+    # stream (synthetic data only: fresh documents generated on the fly, metattt.data.synthetic_stream)
     iterations: int = 400
     max_wallclock_s: float = 0.0  # 0 = no cap; training stops (and warms down) by the clock
     warmdown_iters: int = 100  # linear lr decay over the last N steps (estimated from step time under a cap)
@@ -113,6 +114,9 @@ class TrainConfig:
             raise ValueError("--lr-warmup-steps and --max-passes must be >= 0")
         if (self.save_at_tokens or self.save_at_dn) and self.max_wallclock_s > 0:
             raise ValueError("--save-at-tokens/--save-at-dn place checkpoints by tokens: give --max-wallclock-s 0")
+        if self.loader_mode == "stream" and (self.data != "synthetic" or self.max_passes):
+            raise ValueError("--loader-mode stream generates synthetic documents: it needs --data synthetic and no "
+                             "--max-passes (the stream has no passes)")
         if not 0 < self.decay_frac <= 1:
             raise ValueError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
         if self.branch_seed < 0 or (self.branch_seed and not self.branch_from):

@@ -186,8 +186,17 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         if meta_params:
             meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size,
-                         bud.branch_data_seed(cfg.seed, cfg.branch_seed), mode=cfg.loader_mode)
+    if cfg.loader_mode == "stream":  # fresh synthetic documents, never an epoch
+        from ..data.synthetic import SyntheticSpec
+        from ..data.synthetic_stream import SyntheticStream, block_tokens_for, default_workers
+
+        loader = SyntheticStream(SyntheticSpec.from_dict(src.meta["synthetic_spec"]), cfg.seq_len,
+                                 batching.micro_tokens, info.rank, info.world_size, cfg.seed,
+                                 block_tokens=block_tokens_for(batching.micro_tokens),
+                                 workers=default_workers(info.world_size))
+    else:
+        loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size,
+                             bud.branch_data_seed(cfg.seed, cfg.branch_seed), mode=cfg.loader_mode)
     val = load_val_tokens(src.val_pattern, vocab_size=cfg.model.vocab_size)
     # of the whole val stream behind the pattern, as the evaluator loads it: it refuses other data later
     src.meta["val_fingerprint"] = tokens_fingerprint(val)

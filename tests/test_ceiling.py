@@ -107,11 +107,14 @@ def _mismatches(text: str, cell: Path) -> list[str]:
     check("summary sliding bpb", srow.get("sliding bpb"), ev["protocols"]["sliding"]["bpb"])
     check("summary steps", srow.get("steps"), summ["steps"], 0)
     check("summary parameters", srow.get("parameters"), summ["num_params"], 0)
+    per = ev["per_document"]
     for key, d in ev["deltas"].items():
         if key.startswith(("ttt:", "oracle:")):
+            # the fraction: Σ gain / Σ room over documents (= Δ / room on a consistent eval.json)
+            share = (sum(per["nats"][d["from"]]) - sum(per["nats"][d["to"]])) / sum(bd["doc_room_nats"])
             check(f"{key} adaptation room", rows.get(key, {}).get("bounds:adaptation room"), room)
-            check(f"{key} fraction", rows.get(key, {}).get("bounds:fraction of adaptation room"), d["value"] / room)
-            check(f"{key} summary fraction", (srow.get(key) or "nan").split(" ")[0], 100 * d["value"] / room, 0.05)
+            check(f"{key} fraction", rows.get(key, {}).get("bounds:fraction of adaptation room"), share)
+            check(f"{key} summary fraction", (srow.get(key) or "nan").split(" ")[0], 100 * share, 0.05)
     return bad
 
 
@@ -172,20 +175,26 @@ def test_regenerating_keeps_other_studies_blocks_and_prose(study) -> None:
 
 
 def test_bounds_table_uses_the_exact_bounds_of_the_evaluated_tokens(study) -> None:
-    from metattt.data.synthetic import SyntheticSpec, load_synthetic_val, synthetic_bounds
+    """The room is exact for sliding's contexts at the cell's stride (protocol_bounds), and the fraction is
+    Σ gain / Σ room over the evaluated documents."""
+    from metattt.data.synthetic import SyntheticSpec, load_synthetic_val, protocol_bounds
+    from metattt.eval.windows import context_starts, sliding_plan
 
     root, _ = study
     cell = _cell_dir(root)
     ev = json.loads((cell / "eval.json").read_text())
     spec = SyntheticSpec.from_dict(ev["meta"]["artifact_meta"]["synthetic_spec"])
-    w = ev["config"]["context"]
+    w, stride = ev["config"]["context"], ev["config"]["stride"]
     data = next(p.parent for p in (root / "study" / "data").rglob("meta.json"))  # a directory per corpus spec
-    b = synthetic_bounds(spec, load_synthetic_val(data), windows=(w,))
-    room = b[f"bayes_window{w}_bpb"] - b["bayes_unknown_bpb"]
+    val = load_synthetic_val(data)[: ev["data"]["n_tokens"]]
+    pb = protocol_bounds(spec, val, context_starts(sliding_plan(val.size, w, stride)))
+    room = pb["room_bpb"]
     rows = parse_tables((root / "report.md").read_text())[str(cell)]
     assert float(rows["ttt:sgd"]["bounds:adaptation room"]) == pytest.approx(room, abs=5e-6)
     frac = ev["deltas"]["ttt:sgd"]["value"] / room
     assert float(rows["ttt:sgd"]["bounds:fraction of adaptation room"]) == pytest.approx(frac, abs=5e-6)
+    doc_room = pb["doc_window_nats"] - pb["doc_document_nats"]
+    assert json.loads((cell / "bounds.json").read_text())["doc_room_nats"] == pytest.approx(doc_room.tolist())
     assert (root / "plots" / "t-s6-capacity.png").stat().st_size < 100_000
 
 
@@ -289,3 +298,23 @@ def test_a_replaced_artifact_makes_its_cells_not_done(study, tmp_path) -> None:
     finally:
         art.write_bytes(saved)
     assert cell_done(st, c)
+
+
+def test_room_share_interval_resamples_documents_with_their_room() -> None:
+    """Each document gains exactly half its own room, rooms differing widely: the share is 0.5 in every resample,
+    so its interval is [0.5, 0.5]; scaling Δ's interval by a fixed room would give a wide one."""
+    from metattt.study.report import room_share
+
+    rng = np.random.default_rng(0)
+    room = rng.gamma(0.5, 40.0, size=60)
+    base = rng.uniform(500, 900, size=60)
+    ev = {"deltas": {"ttt:x": {"from": "sliding", "to": "ttt:x", "value": 0.0, "ci95": [0.0, 0.0]}},
+          "per_document": {"bytes": [1.0] * 60, "nats": {"sliding": base.tolist(), "ttt:x": (base - room / 2).tolist()}},
+          "bootstrap": {"n": 300, "seed": 1, "level": 0.95}}
+    point, lo, hi = room_share(ev, {"doc_room_nats": room.tolist()}, "ttt:x")
+    assert point == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    # gains unrelated to the room: a real interval around Σ gain / Σ room
+    ev["per_document"]["nats"]["ttt:x"] = (base - room.mean() / 2).tolist()
+    point, lo, hi = room_share(ev, {"doc_room_nats": room.tolist()}, "ttt:x")
+    assert point == pytest.approx(0.5) and lo < 0.45 and hi > 0.55
+    assert room_share(ev, {"doc_room_nats": [0.0] * 60}, "ttt:x") is None  # no room: no share

@@ -258,6 +258,9 @@ def test_cli_orders_eval_json_schema_2_and_readers(tmp_path, tiny):
     assert runs["n_runs"] == 2 and runs["interval"].startswith("hierarchical")
     doc = runs["protocols"]["doc-sliding"]["bpb_per_run"]
     assert doc[0] == doc[1]  # stateless: the same on both orders
+    for name, mean in runs["doc_nats_mean"].items():  # per-document nats averaged over the runs (study seeds bootstrap)
+        assert sum(mean) / math.log(2) / rep["data"]["n_bytes"] == pytest.approx(
+            runs["protocols"][name]["bpb_mean"], rel=1e-9)
     assert rep["protocols"]["ttt:sgd"]["ci95_kind"].startswith("conditional on one order")
     assert rep["per_position"]["doc_position"]["edges"] == [0, 64, 256]
     assert "ttt:sgd" in rep["equivalence"]["rows"]

@@ -42,13 +42,15 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthetic", help="write the embedded synthetic document-language corpus")
     s.add_argument("--out", required=True, type=Path)
-    from metattt.data.synthetic import SyntheticSpec
+    from metattt.data.synthetic import NAMED_SPECS, SyntheticSpec
 
-    for f in fields(SyntheticSpec):
+    s.add_argument("--named", choices=sorted(NAMED_SPECS), default=None,
+                   help="start from a named corpus design (the trainer's --synthetic-spec); flags given override it")
+    for f in fields(SyntheticSpec):  # unset flags stay absent: the spec's (or the named design's) value holds
         if isinstance(f.default, bool):  # --shared-theta: the zero-room control (one theta for all documents)
-            s.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+            s.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=argparse.SUPPRESS)
         else:
-            s.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+            s.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=argparse.SUPPRESS)
 
     d = sub.add_parser("download", help="fetch challenge FineWeb sp1024 shards + tokenizer from the HF hub")
     d.add_argument("--train-shards", type=int, default=1)
@@ -75,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     elif args.cmd == "synthetic":
-        from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset
+        from metattt.data.synthetic import SyntheticSpec, make_synthetic_dataset, named_spec
 
         try:
-            spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in fields(SyntheticSpec)})
+            given = {f.name: getattr(args, f.name) for f in fields(SyntheticSpec) if hasattr(args, f.name)}
+            spec = named_spec(args.named, **given) if args.named else SyntheticSpec(**given)
             meta = make_synthetic_dataset(args.out, spec)
         except ValueError as e:  # bad spec, or --out holds another corpus (never overwritten)
             print(f"error: {e}", file=sys.stderr)

@@ -1,23 +1,24 @@
 """The embedded "document language": a synthetic corpus where test-time adaptation provably helps.
 
 Generative model (vocab V, ids 0..3 control, BOS = 1; regular ids split into function tokens F = first half
-and content tokens C = second half):
+and content tokens C = second half, or the last ``content_types`` ids):
 
 * a global chain, fixed by the seed: for every previous token x a sparse distribution ``T_F[x]`` over F
   (Dirichlet, small concentration) and a content probability ``c(x)`` in ``content_prob_range``;
 * every document d draws its own content distribution ``theta_d ~ Dirichlet(alpha * 1_C)``; with small
   alpha a document uses a few content words heavily (its "names" / "topic words");
 * ``P(y | x, theta_d) = (1 - c(x)) T_F[x, y]`` for y in F and ``c(x) theta_d[y]`` for y in C;
-* a document is BOS followed by L ~ Uniform{min_doc_len..max_doc_len} regular tokens (no EOS).
+* a document is BOS followed by L regular tokens (no EOS), L ~ Uniform{min_doc_len..max_doc_len} or a
+  (discretised, truncated) lognormal / log-uniform law on that range (``length_dist``).
 
 Documents are longer than a small context window, so a reader that adapts to the document's own statistics
 (beyond its window) can approach ``bayes_unknown_bpb``; a pure bigram reader cannot beat ``bigram_bpb``.
 
 Scoring follows ``ByteLUT.uniform``: every regular target is 1 byte, BOS targets are 0 bytes but their nats
 count (as in the Parameter Golf evaluator). The chain bounds (bigram / bayes_unknown / bayes_known) all use
-the exact document-length hazard to predict BOS, which costs the same ``log(max-min+1)`` nats per document
-in each of them (about 0.005 bits per byte at the defaults), so the differences between them are purely
-about content-token prediction.
+the exact document-length hazard to predict BOS, which costs the same nats per document (the entropy of the
+length law, ``log(max-min+1)`` for uniform lengths) in each of them (about 0.005 bits per byte at the defaults),
+so the differences between them are purely about content-token prediction.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ BOS_ID = 1
 CONTROL_IDS = (0, 1, 2, 3)
 FIRST_REGULAR = 4
 _STREAM_CHAIN, _STREAM_VAL, _STREAM_TRAIN = 0, 1, 2
+LENGTH_DISTS = ("uniform", "lognormal", "loguniform")
 META_WINDOWS = (128, 256, 512, 2048)  # context lengths (256: the tiny preset's) whose windowed Bayes bound is recorded in meta.json
 
 
@@ -63,6 +65,13 @@ class SyntheticSpec:
     # the zero-room control: one content distribution shared by every document (a global parameter, like the
     # chain), so a reader of the document learns nothing a reader of the corpus does not know
     shared_theta: bool = False
+    # content word types |C| (0: half the regular vocabulary, the original split); the rest are function tokens
+    content_types: int = 0
+    # document length law on [min_doc_len, max_doc_len]: "uniform", "lognormal" (median ``length_median``, 0: the
+    # geometric mean of the bounds, log-sd ``length_sigma``; FineWeb-like) or "loguniform" (P(L) ~ 1/L)
+    length_dist: str = "uniform"
+    length_median: float = 0.0
+    length_sigma: float = 1.0
 
     def __post_init__(self) -> None:
         if not 8 <= self.vocab_size <= 65536:
@@ -77,9 +86,18 @@ class SyntheticSpec:
             raise ValueError("need 0 < content_prob_min <= content_prob_max < 1")
         if self.shard_tokens < 1:
             raise ValueError("shard_tokens must be positive")
+        if self.content_types and not 1 <= self.content_types <= self.vocab_size - FIRST_REGULAR - 1:
+            raise ValueError(f"content_types must be 0 (half) or in [1, {self.vocab_size - FIRST_REGULAR - 1}] "
+                             f"(at least one function token), got {self.content_types}")
+        if self.length_dist not in LENGTH_DISTS:
+            raise ValueError(f"length_dist must be one of {', '.join(LENGTH_DISTS)}, got {self.length_dist!r}")
+        if self.length_median < 0 or self.length_sigma <= 0:
+            raise ValueError("need length_median >= 0 and length_sigma > 0")
 
     @property
     def n_function(self) -> int:
+        if self.content_types:
+            return self.vocab_size - FIRST_REGULAR - self.content_types
         return (self.vocab_size - FIRST_REGULAR) // 2
 
     @property
@@ -91,11 +109,12 @@ class SyntheticSpec:
         return FIRST_REGULAR + self.n_function
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; ``shared_theta`` only when set, so corpora written before it existed keep their spec
-        (and fingerprint)."""
+        """The fields; those added later (``_LATER_FIELDS``) only when not at their default, so corpora written
+        before they existed keep their spec (and fingerprint)."""
         d = asdict(self)
-        if not self.shared_theta:
-            del d["shared_theta"]
+        for k, default in _LATER_FIELDS.items():
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod
@@ -103,15 +122,63 @@ class SyntheticSpec:
         return cls(**d)
 
 
+_LATER_FIELDS: dict[str, Any] = {"shared_theta": False, "content_types": 0, "length_dist": "uniform",
+                                 "length_median": 0.0, "length_sigma": 1.0}
+
+
+def length_pmf(spec: SyntheticSpec) -> np.ndarray:
+    """P(L = k) for k = min_doc_len..max_doc_len (regular tokens per document) under ``spec.length_dist``."""
+    a, b = spec.min_doc_len, spec.max_doc_len
+    k = np.arange(a, b + 1, dtype=np.float64)
+    if spec.length_dist == "uniform":
+        return np.full(k.size, 1.0 / k.size)
+    if spec.length_dist == "loguniform":
+        w = 1.0 / k
+    else:  # lognormal, discretised: the mass of [k - 1/2, k + 1/2)
+        from scipy.special import ndtr
+
+        mu = math.log(spec.length_median) if spec.length_median > 0 else 0.5 * (math.log(a) + math.log(b))
+        z = (np.log(np.concatenate([k - 0.5, [b + 0.5]])) - mu) / spec.length_sigma
+        w = np.diff(ndtr(z))
+    return w / w.sum()
+
+
+def _hazard(spec: SyntheticSpec, k: np.ndarray) -> np.ndarray:
+    """P(the document ends now | k regular tokens emitted so far): the exact BOS predictor of every bound."""
+    a, b = spec.min_doc_len, spec.max_doc_len
+    if spec.length_dist == "uniform":  # closed form (bit-identical to the bounds before other laws existed)
+        return np.where(k >= a, 1.0 / np.maximum(b - k + 1, 1), 0.0)
+    pmf = length_pmf(spec)
+    sf = np.cumsum(pmf[::-1])[::-1]  # P(L >= a + i)
+    i = np.clip(k - a, 0, pmf.size - 1)
+    h = np.where(sf[i] > 0, pmf[i] / np.maximum(sf[i], 1e-300), 1.0)
+    return np.where(k < a, 0.0, np.where(k >= b, 1.0, np.minimum(h, 1.0)))
+
+
 # Named corpus designs: the fields a design chooses (vocabulary and token counts come from the caller, e.g. the
 # trainer's model vocab and --synthetic-train-tokens). The trainer's --synthetic-spec picks one; the main job's
 # design search is recorded in metattt/train/config.py (_tiny_synthetic).
 MAIN_JOB_DESIGN: dict[str, Any] = {"alpha": 4.0, "content_prob_min": 0.5, "content_prob_max": 0.8,
                                     "min_doc_len": 2048, "max_doc_len": 8192}
+# The GPU corpus (vocabulary 1024, context 2048): the design chosen by experiments/synth_design.py (its search
+# table is in experiments/ceiling_synth_gpu.toml's header), in two length variants.
+GPU_DESIGN: dict[str, Any] = {"alpha": 1.0, "content_types": 1000, "content_prob_min": 0.7, "content_prob_max": 0.9}
 NAMED_SPECS: dict[str, dict[str, Any]] = {
     "document-language": {},  # the generator's defaults (the main job's corpus before issue 30)
     "main-job": MAIN_JOB_DESIGN,
     "zero-room": {**MAIN_JOB_DESIGN, "shared_theta": True},  # the main job's design, one theta for all documents
+    # long documents: 2K-32K tokens, uniform (mean 17K): most targets are far beyond a 2,048 window
+    "gpu-long": {**GPU_DESIGN, "min_doc_len": 2048, "max_doc_len": 32768},
+    # FineWeb-like lengths: lognormal, median 1,150 tokens, log-sd 1 (mean ≈ 1.9K), 64..32K
+    "gpu-fineweb": {**GPU_DESIGN, "min_doc_len": 64, "max_doc_len": 32768, "length_dist": "lognormal",
+                    "length_median": 1150.0, "length_sigma": 1.0},
+    "gpu-long-zero-room": {**GPU_DESIGN, "min_doc_len": 2048, "max_doc_len": 32768, "shared_theta": True},
+    # the CPU-sized variant of the GPU study (experiments/ceiling_synth_cpu.toml, CI): the main job's design with
+    # documents of 256..1024 tokens against a 64-token context, and a FineWeb-like length law scaled down 16x
+    "ci-long": {**MAIN_JOB_DESIGN, "min_doc_len": 256, "max_doc_len": 1024},
+    "ci-fineweb": {**MAIN_JOB_DESIGN, "min_doc_len": 8, "max_doc_len": 1024, "length_dist": "lognormal",
+                   "length_median": 72.0, "length_sigma": 1.0},
+    "ci-long-zero-room": {**MAIN_JOB_DESIGN, "min_doc_len": 256, "max_doc_len": 1024, "shared_theta": True},
 }
 
 
@@ -182,8 +249,13 @@ def _doc_params(spec: SyntheticSpec, rng: np.random.Generator, n_tokens: int) ->
     lengths: list[np.ndarray] = []
     total = 0
     mean = (spec.min_doc_len + spec.max_doc_len) / 2 + 1
+    pmf = None if spec.length_dist == "uniform" else length_pmf(spec)
+    if pmf is not None:
+        mean = float((np.arange(spec.min_doc_len, spec.max_doc_len + 1) * pmf).sum()) + 1
     while total < n_tokens:
-        chunk = rng.integers(spec.min_doc_len, spec.max_doc_len + 1, size=int((n_tokens - total) / mean) + 4)
+        size = int((n_tokens - total) / mean) + 4
+        chunk = (rng.integers(spec.min_doc_len, spec.max_doc_len + 1, size=size) if pmf is None
+                 else spec.min_doc_len + rng.choice(pmf.size, size=size, p=pmf))
         lengths.append(chunk)
         total += int((chunk + 1).sum())
     all_lengths = np.concatenate(lengths)
@@ -283,8 +355,7 @@ def _target_nats(
     prev, tgt = tok[:-1], tok[1:]
     t = np.arange(1, tok.size)
     k = (t - 1) - starts[doc[:-1]]  # regular tokens already emitted in the current document
-    a, b = spec.min_doc_len, spec.max_doc_len
-    hazard = np.where(k >= a, 1.0 / np.maximum(b - k + 1, 1), 0.0)
+    hazard = _hazard(spec, k)
     is_bos = tgt == BOS_ID
     if np.any(tgt[~is_bos] < FIRST_REGULAR) or np.any(tgt >= spec.vocab_size):
         raise ValueError("val tokens contain control/out-of-vocab ids other than BOS: not from this spec")
@@ -478,11 +549,36 @@ def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> di
     """Per target ``tokens[1:]``: what a Bayes reader of the document prefix knows beyond any chain, in nats --
     ``length`` (-log of the document-length hazard's BOS / not-BOS probability) and ``posterior`` (content targets:
     -log of the predictive ``(alpha + n_y) / (|C| alpha + N)`` within the content set, from the document's earlier
-    content tokens; 0 elsewhere) -- and ``is_content`` / ``is_bos`` masks. Only tokens before each target count."""
-    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
-    lengths, theta = document_params(spec, "val")
-    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta)
-    return {k: r[k] for k in ("length", "posterior", "is_content", "is_bos")}
+    content tokens; 0 elsewhere) -- and ``is_content`` / ``is_bos`` masks. Only tokens before each target count.
+
+    Computed from the tokens alone (any stream starting with BOS, not only this spec's val stream): the
+    evaluator's audit scores perturbed copies of the stream, whose impossible events get infinite nats."""
+    tok = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    doc, starts = _split_docs(tok)
+    tgt = tok[1:]
+    k = np.arange(tgt.size) - starts[doc[:-1]]  # regular tokens already emitted in the current document
+    hazard = _hazard(spec, k)
+    is_bos = tgt == BOS_ID
+    with np.errstate(divide="ignore"):
+        length = np.where(is_bos, -np.log(hazard), -np.log1p(-hazard))
+    is_c = (tgt >= spec.first_content) & (tgt < spec.vocab_size)
+    ci = np.flatnonzero(is_c)
+    yc, dc = tgt[ci] - spec.first_content, doc[1:][ci]
+    posterior = np.zeros(tgt.size)
+    if spec.shared_theta:  # the global theta: the document adds nothing a chain does not know
+        theta = document_params(spec, "val")[1][0]
+        posterior[ci] = -np.log(theta[yc])
+    elif ci.size:
+        order = np.lexsort((ci, yc, dc))
+        key = dc[order] * spec.n_content + yc[order]
+        new = np.ones(order.size, dtype=bool)
+        new[1:] = key[1:] != key[:-1]
+        grp_start = np.maximum.accumulate(np.where(new, np.arange(order.size), 0))
+        n_y = np.empty(order.size, dtype=np.int64)
+        n_y[order] = np.arange(order.size) - grp_start
+        n_all = np.arange(ci.size) - np.searchsorted(dc, dc, side="left")
+        posterior[ci] = -np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
+    return {"length": length, "posterior": posterior, "is_content": is_c, "is_bos": is_bos}
 
 
 def _shard_names(prefix: str, n_tokens: int, shard_tokens: int) -> list[str]:

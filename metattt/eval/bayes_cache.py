@@ -72,44 +72,67 @@ def bind(specs: list[Any], artifact_meta: dict[str, Any]) -> list[Any]:
 
 def cache_nll(spec_dict: dict[str, Any], tokens: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     """Per-target nats (targets ``tokens[1:]``) of the cache mixed with ``log_q`` ((n-1, V) model log-probs)."""
-    from ..data.synthetic import CONTROL_IDS, SyntheticSpec, document_cache_nats
+    from ..data.synthetic import SyntheticSpec
 
     spec = SyntheticSpec.from_dict(spec_dict)
     if log_q.shape != (tokens.size - 1, spec.vocab_size):
         raise ValueError(f"model log-probs of shape {log_q.shape} do not match {tokens.size - 1} targets x vocab "
                          f"{spec.vocab_size}")
-    cache = document_cache_nats(spec, tokens)
+    return _mix(spec, tokens, *_model_terms(log_q, tokens[1:].astype(np.int64), spec.first_content))
+
+
+def _model_terms(log_q: np.ndarray, tgt: np.ndarray, first_content: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per target: log q(target) with q renormalised over the regular tokens, and log q(C) (its content mass) --
+    all the cache needs of the model, so a long stream never holds (n, V) log-probs at once."""
+    from ..data.synthetic import CONTROL_IDS
+
     lq = log_q.astype(np.float64)
     lq[:, list(CONTROL_IDS)] = -np.inf
     lq = lq - np.logaddexp.reduce(lq, axis=1, keepdims=True)  # q over the regular tokens
-    tgt = tokens[1:].astype(np.int64)
-    rows = np.arange(tgt.size)
+    return lq[np.arange(tgt.size), tgt], np.logaddexp.reduce(lq[:, first_content:], axis=1)
+
+
+def _mix(spec: Any, tokens: np.ndarray, lq_tgt: np.ndarray, log_qc: np.ndarray) -> np.ndarray:
+    from ..data.synthetic import document_cache_nats
+
+    cache = document_cache_nats(spec, tokens)
     nll = cache["length"].copy()
     reg = ~cache["is_bos"]
     is_c = cache["is_content"]
     is_f = reg & ~is_c
-    nll[is_f] -= lq[rows[is_f], tgt[is_f]]
-    log_qc = np.logaddexp.reduce(lq[:, spec.first_content:], axis=1)
+    nll[is_f] -= lq_tgt[is_f]
     nll[is_c] += cache["posterior"][is_c] - log_qc[is_c]
     return nll
 
 
-def model_log_probs(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, batch_tokens: int) -> np.ndarray:
-    """(n-1, V) float32 log-probs of every target of ``plan`` (position order), from its windows."""
+def model_terms(model: torch.nn.Module, tokens: torch.Tensor, plan: Any, batch_tokens: int,
+                first_content: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_model_terms`` of every target of ``plan`` (position order), one batch of windows at a time."""
+    from ..data.synthetic import CONTROL_IDS
     from .windows import batch_windows
 
-    outs = []
+    tgts, qcs = [], []
     n_tok = tokens.numel()
+    tok_np = tokens.cpu().numpy()
     with torch.inference_mode():
         for a, b in batch_windows(plan.length, batch_tokens):
             starts, ln, sf = plan.start[a:b], plan.length[a:b], plan.score_from[a:b]
             t = int(ln.max())
             idx = torch.from_numpy(starts).to(tokens.device)[:, None] + torch.arange(t, device=tokens.device)
             x = tokens[idx.clamp_(max=n_tok - 1)]
-            rows = torch.from_numpy(np.repeat(np.arange(b - a), ln - sf)).to(tokens.device)
-            cols = torch.from_numpy(np.concatenate([np.arange(f, l) for f, l in zip(sf, ln)])).to(tokens.device)
-            outs.append(torch.log_softmax(model(x)[rows, cols].float(), dim=-1).cpu())
-    return torch.cat(outs).numpy()
+            rows_np = np.repeat(np.arange(b - a), ln - sf)
+            cols_np = np.concatenate([np.arange(f, l) for f, l in zip(sf, ln)])
+            rows = torch.from_numpy(rows_np).to(tokens.device)
+            cols = torch.from_numpy(cols_np).to(tokens.device)
+            # on the device, in float64: a (scored rows, V) block never leaves it (a long stream's (n, V) would
+            # not fit on the host, and numpy's logaddexp over it took minutes)
+            lq = torch.log_softmax(model(x)[rows, cols].double(), dim=-1)
+            lq[:, list(CONTROL_IDS)] = -torch.inf
+            lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True)  # q over the regular tokens
+            tgt = torch.from_numpy(tok_np[starts[rows_np] + cols_np + 1].astype(np.int64)).to(lq.device)
+            tgts.append(lq.gather(1, tgt[:, None])[:, 0].cpu().numpy())
+            qcs.append(torch.logsumexp(lq[:, first_content:], dim=-1).cpu().numpy())
+    return np.concatenate(tgts), np.concatenate(qcs)
 
 
 def run_bayes_cache(spec: BayesCacheSpec, model: torch.nn.Module, data: Any, plan: Any,
@@ -126,11 +149,16 @@ def run_bayes_cache(spec: BayesCacheSpec, model: torch.nn.Module, data: Any, pla
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    from ..data.synthetic import SyntheticSpec
+
+    syn = SyntheticSpec.from_dict(spec.synthetic)
     try:
-        log_q = model_log_probs(model, data.tokens, plan, cfg.batch_tokens)
+        lq_tgt, log_qc = model_terms(model, data.tokens, plan, cfg.batch_tokens, syn.first_content)
     finally:
         model.train(was_training)
-    nll = cache_nll(spec.synthetic, data.tokens_np, log_q)
+    if lq_tgt.size != data.n_tokens - 1:
+        raise ValueError(f"the plan scored {lq_tgt.size} targets of {data.n_tokens - 1}")
+    nll = _mix(syn, data.tokens_np, lq_tgt, log_qc)
     for lo, hi in zip(plan.lo, plan.hi):  # each window's targets are scored, then absorbed by the cache
         ledger.record_score(int(lo), int(hi), ledger.next_step())
         ledger.record_update([(int(lo), int(hi))], ledger.next_step())

@@ -217,6 +217,8 @@ def _runs_section(ev: EvalResult, runs: list[dict[str, Any]], pairs: dict[str, t
                            "ci95": [diffs[(a, b)].lo, diffs[(a, b)].hi],
                            "value_per_run": bpb((mats[a] - mats[b]).sum(1), nb).tolist()}
                      for key, (a, b) in pairs.items()}
+    # per-document nats averaged over the runs: a study's seeds -> documents bootstrap (metattt/study/arms.py)
+    out["doc_nats_mean"] = {n: mats[n].mean(0).tolist() for n in names} if ev.data.n_docs <= 100_000 else None
     return out
 
 

@@ -148,6 +148,7 @@ class StudyConfig:
     nproc: int = 1
     source: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the subprocesses
+    arms: Any = None  # [arms]: the arms comparison of a meta-training study (metattt/study/arms.py), None if absent
 
     def expand(self, text: str, env: bool = True) -> str:
         """``{study}`` -> the study root, then environment variables (``env=False`` keeps ``$VAR`` as written: the
@@ -303,9 +304,12 @@ def parse_study(data: dict[str, Any], source: Path | None = None, root_override:
         raise StudyConfigError(f"{src}: eval names (after sweep expansion) must be unique")
 
     root = root_override or st.get("root") or f"runs/{name}"
+    from .arms import parse_arms
+
+    arms = parse_arms(data["arms"], src, sections, models, evals) if "arms" in data else None
     return StudyConfig(name=name, root=Path(root), report=Path(st.get("report", "docs/ceiling.md")),
                        plots=Path(st.get("plots", "docs/ceiling")), sections=sections, models=tuple(models),
-                       evals=tuple(evals), nproc=nproc, source=source, env=dict(env))
+                       evals=tuple(evals), nproc=nproc, source=source, env=dict(env), arms=arms)
 
 
 def load_study(path: str | os.PathLike, root_override: str | None = None) -> StudyConfig:

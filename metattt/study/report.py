@@ -73,32 +73,116 @@ def flat_minus(ev: dict[str, Any], name: str) -> tuple[float, float, float] | No
     return d.point, d.lo, d.hi
 
 
+BOUNDS_VERSION = 2  # 2: the window bound of sliding's exact contexts at the cell's stride, per-document rooms
+
+
+def _val_corpus_spec(pattern: str) -> dict[str, Any] | None:
+    """The synthetic spec of the corpus the val pattern lies in (its meta.json), when it is one: a model may be
+    evaluated on another variant of its corpus (``--val ... --allow-other-data``), whose bounds are the val's."""
+    meta = _read(Path(pattern).parent / "meta.json")
+    return meta["spec"] if meta and meta.get("format") == "metattt-synthetic" and "spec" in meta else None
+
+
 def synthetic_bounds_for(cr: CellResult) -> dict[str, Any] | None:
-    """Exact synthetic-corpus bounds for the tokens this cell evaluated and its context (cached in the cell)."""
+    """Exact synthetic-corpus bounds for the tokens this cell evaluated (cached in the cell's ``bounds.json``):
+    the chain, the Bayes reader of exactly the context sliding gives each target at the cell's context and stride
+    (``window_bpb``, ``metattt.data.synthetic.protocol_bounds``), the reader of the whole document prefix, and
+    each document's room (window − document, nats) so a share's interval can resample documents with their room."""
     ev = cr.eval
     am = (ev or {}).get("meta", {}).get("artifact_meta", {})
     if not ev or am.get("data") != "synthetic" or "synthetic_spec" not in am:
         return None
     n_tokens, context = int(ev["data"]["n_tokens"]), int(ev["config"]["context"])
+    stride = int(ev["config"]["stride"])
+    val_spec = _val_corpus_spec(ev["meta"]["val"])
+    spec_dict = val_spec or am["synthetic_spec"]
     cache = _read(cr.dir / BOUNDS_FILE)
-    if cache and cache.get("n_tokens") == n_tokens and cache.get("context") == context:
+    # a cell brought back from another machine keeps its bounds even where its val corpus is not at hand
+    if cache and (cache.get("n_tokens"), cache.get("context"), cache.get("stride"), cache.get("version")) == \
+            (n_tokens, context, stride, BOUNDS_VERSION) and cache.get("spec") == (val_spec or cache.get("spec")):
         return cache
-    from metattt.data.loaders import load_val_tokens
-    from metattt.data.synthetic import SyntheticSpec, synthetic_bounds
-
-    spec = SyntheticSpec.from_dict(am["synthetic_spec"])
-    try:
-        tokens = np.asarray(load_val_tokens(ev["meta"]["val"], vocab_size=spec.vocab_size))[:n_tokens]
-    except (FileNotFoundError, ValueError):
-        return None
-    b = synthetic_bounds(spec, tokens, windows=(context,))
-    out = {"n_tokens": n_tokens, "context": context, "bigram_bpb": b["bigram_bpb"],
-           "window_bpb": b[f"bayes_window{context}_bpb"], "bayes_unknown_bpb": b["bayes_unknown_bpb"],
-           "bayes_known_bpb": b["bayes_known_bpb"], "unigram_bpb": b["unigram_bpb"], "n_docs": b["n_docs"]}
     from metattt.atomic import atomic_write
 
+    # the same val tokens, context and stride give the same bounds in every cell: the val corpus's directory keeps
+    # one copy (seconds to a minute of CPU for a long stream), best effort
+    shared = Path(ev["meta"]["val"]).parent / f"bounds_c{context}_s{stride}_n{n_tokens}.json"
+    out = _read(shared)
+    if not out or (out.get("version"), out.get("spec")) != (BOUNDS_VERSION, spec_dict):
+        out = _compute_bounds(ev["meta"]["val"], spec_dict, n_tokens, context, stride)
+        if out is None:
+            return None
+        try:
+            atomic_write(shared, json.dumps(out))
+        except OSError:
+            pass
     atomic_write(cr.dir / BOUNDS_FILE, json.dumps(out, indent=2))
     return out
+
+
+def _compute_bounds(val: str, spec_dict: dict[str, Any], n_tokens: int, context: int, stride: int
+                    ) -> dict[str, Any] | None:
+    from metattt.data.loaders import load_val_tokens
+    from metattt.data.synthetic import SyntheticSpec, protocol_bounds, synthetic_bounds
+    from metattt.eval.windows import context_starts, sliding_plan
+
+    spec = SyntheticSpec.from_dict(spec_dict)
+    try:
+        tokens = np.asarray(load_val_tokens(val, vocab_size=spec.vocab_size))[:n_tokens]
+        b = synthetic_bounds(spec, tokens)
+        pb = protocol_bounds(spec, tokens, context_starts(sliding_plan(tokens.size, context, stride)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return {"version": BOUNDS_VERSION, "spec": spec_dict, "n_tokens": n_tokens, "context": context, "stride": stride,
+            "bigram_bpb": b["bigram_bpb"], "window_bpb": pb["window_bpb"], "bayes_unknown_bpb": pb["document_bpb"],
+            "bayes_known_bpb": b["bayes_known_bpb"], "unigram_bpb": b["unigram_bpb"], "n_docs": b["n_docs"],
+            "doc_room_nats": (pb["doc_window_nats"] - pb["doc_document_nats"]).tolist()}
+
+
+ADAPTED = ("ttt:", "oracle:", "docttt:", "bayes-cache")  # protocols whose gain over sliding is set against the room
+
+
+def _adapted(ev: dict[str, Any]) -> list[str]:
+    return [n for n in ev["protocols"] if n.startswith(ADAPTED)] if "sliding" in ev["protocols"] else []
+
+
+def room_share(ev: dict[str, Any], bd: dict[str, Any], name: str, base: str = "sliding"
+               ) -> tuple[float, float, float] | None:
+    """Share of the adaptation room that protocol ``name`` captures over ``base``, with the cell's bootstrap
+    settings: Σ_d (base_d − name_d) / Σ_d room_d over documents (nats), each resample drawing documents *with their
+    room* (the room varies per document: long documents hold most of it), so the interval carries the room's
+    sampling variance too. None without per-document nats or a positive room."""
+    from metattt.eval.stats import _resample_counts
+
+    per = ev.get("per_document")
+    room = np.asarray(bd.get("doc_room_nats", ()), dtype=np.float64)
+    if not per or name not in per["nats"] or base not in per["nats"] or room.size != len(per["bytes"]) \
+            or room.sum() <= 0:
+        return None
+    gain = np.asarray(per["nats"][base], dtype=np.float64) - np.asarray(per["nats"][name], dtype=np.float64)
+    point = float(gain.sum() / room.sum())
+    b = ev["bootstrap"]
+    if b["n"] <= 0 or room.size < 2:
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(b["seed"])
+    parts = []
+    for done in range(0, int(b["n"]), 128):  # blocks of resamples: (128, documents) counts at a time
+        counts = _resample_counts(rng, room.size, min(128, int(b["n"]) - done))
+        den = counts @ room
+        parts.append((counts @ gain)[den > 0] / den[den > 0])
+    samples = np.concatenate(parts)
+    q = (1 - b["level"]) / 2
+    return point, float(np.quantile(samples, q)), float(np.quantile(samples, 1 - q))
+
+
+def _gain_over_sliding(ev: dict[str, Any], name: str) -> tuple[float, float, float] | None:
+    """bpb(sliding) − bpb(name) with the cell's paired document bootstrap (the zero-room control's column)."""
+    per = ev.get("per_document")
+    if not per or name not in per["nats"] or "sliding" not in per["nats"]:
+        return None
+    iv = _paired(per, per, {"n": ev["bootstrap"]["n"], "seed": ev["bootstrap"]["seed"],
+                            "level": ev["bootstrap"]["level"]},
+                 np.asarray(per["nats"]["sliding"]), np.asarray(per["nats"][name]))
+    return iv.point, iv.lo, iv.hi
 
 
 # ---------------------------------------------------------------- markdown
@@ -263,19 +347,21 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
     sl = ev["protocols"].get("sliding", {}).get("bpb")
     ctx_frac = (bd["bigram_bpb"] - sl) / ctx_room if sl is not None and ctx_room > 0 else None
     lines = [f"Exact bounds on these {bd['n_tokens']:,} tokens: global chain {_f(bd['bigram_bpb'])}, Bayes reader of "
-             f"the last {w} tokens {_f(bd['window_bpb'])}, Bayes reader of the whole document "
+             f"each target's sliding context ({w}-token windows) {_f(bd['window_bpb'])}, Bayes reader of the whole "
+             "document "
              f"{_f(bd['bayes_unknown_bpb'])} (θ known {_f(bd['bayes_known_bpb'])}). Context room (chain − window) "
              f"{_f(ctx_room)}; adaptation room (window − whole document) {_f(ad_room)}. The sliding model captures "
              f"{'n/a' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} of the context room "
              f"((chain − sliding) / room); its own gap to the window bound is {_f(sl - bd['window_bpb'] if sl else None)}."
-             " The fraction's CI scales Δ_TTT's CI by the (fixed, exact) room." + _caution(sl, bd), "",
+             f" The window bound is exact for sliding's contexts at stride {bd.get('stride', '?')}; the fraction is "
+             "Σ gain / Σ room over documents, its CI a document bootstrap that resamples each document with its "
+             "room." + _caution(sl, bd), "",
              BOUNDS_HEAD, "|" + "---|" * BOUNDS_HEAD.count(" |")]
-    for key, dl in ev["deltas"].items():
-        if not key.startswith(("ttt:", "oracle:")):
-            continue
-        fr = dl["value"] / ad_room if ad_room > 0 else float("nan")
-        lo, hi = (dl["ci95"][0] / ad_room, dl["ci95"][1] / ad_room) if ad_room > 0 else (None, None)
-        lines.append(f"| {key} | {_f(dl['value'], True)} | {_f(ad_room)} | {_f(fr, True)} | {_ci(lo, hi)} | "
+    for key in _adapted(ev):
+        share, gain = room_share(ev, bd, key), _gain_over_sliding(ev, key)
+        fr, lo, hi = share if share else (float("nan"), None, None)
+        lines.append(f"| {key} | {_f(gain[0] if gain else None, True)} | {_f(ad_room)} | {_f(fr, True)} | "
+                     f"{_ci(lo, hi)} | "
                      f"{'' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} |")
     return lines
 
@@ -394,7 +480,9 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-SUMMARY_LEAD = "Across cells (synthetic bounds; fraction of the adaptation room per adapter, 95% CI in brackets):"
+SUMMARY_LEAD = ("Across cells (synthetic bounds; fraction of the adaptation room each protocol captures over "
+                "sliding, Σ gain / Σ room over documents, 95% CI of a document bootstrap that resamples each "
+                "document with its room, in brackets; a zero-room cell shows its gain over sliding in bpb):")
 
 
 def summary_table(done: list[CellResult]) -> list[str]:
@@ -406,7 +494,7 @@ def summary_table(done: list[CellResult]) -> list[str]:
         if not bd:
             continue
         rows.append((r, bd))
-        keys += [k for k in r.eval["deltas"] if k.startswith(("ttt:", "oracle:")) and k not in keys]
+        keys += [k for k in _adapted(r.eval) if k not in keys]
     if not rows:
         return []
     head = ("| model | setting | parameters | steps | train tokens | sliding bpb | context captured | "
@@ -420,9 +508,14 @@ def summary_table(done: list[CellResult]) -> list[str]:
         gap, room = _gap_over_room(sl, bd)
         cells = []
         for k in keys:
-            dl = ev["deltas"].get(k)
-            cells.append("" if dl is None or room <= 0 else
-                         f"{_pct(dl['value'] / room)} [{_pct(dl['ci95'][0] / room)}, {_pct(dl['ci95'][1] / room)}]")
+            if k not in ev["protocols"]:
+                cells.append("")
+            elif room <= 0:  # the zero-room control: no room to share, so the gain over sliding itself (bpb)
+                g = _gain_over_sliding(ev, k)
+                cells.append("" if g is None else f"Δ {_f(g[0], True)} {_ci(g[1], g[2])} (room 0)")
+            else:
+                share = room_share(ev, bd, k)
+                cells.append("" if share is None else f"{_pct(share[0])} [{_pct(share[1])}, {_pct(share[2])}]")
         lines.append(f"| {r.cell.model.name} | {r.cell.ev.name} | {s.get('num_params', 0):,} | {s.get('steps', '?')} | "
                      f"{s.get('train_tokens', 0):,} | {_f(sl)} | {ctx} | {'n/a' if gap is None else f'{gap:.1f}'} | "
                      + " | ".join(cells) + " |")
@@ -440,7 +533,12 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
     if missing:
         lines += missing_list(missing, cfg)
     lines += summary_table(done)
-    lines += ladder_tables(done)
+    if study.arms is not None and study.arms.section == section:  # decay branches too, but arms, not a ladder
+        from .arms import arms_section
+
+        lines += arms_section(study, done, report_dir)
+    else:
+        lines += ladder_tables(done)
     for r in done:
         lines += cell_table(r)
     lines += cross_model_table(done) + cross_setting_table(done)

@@ -139,3 +139,13 @@ def param_counts(model_cfg) -> tuple[int, int]:
     with torch.device("meta"):
         m = BankedGPT(model_cfg)
     return m.num_params(), m.num_non_embedding_params()
+
+
+def branch_data_seed(seed: int, branch_seed: int) -> int:
+    """The loader (and torch) seed of a decay branch: the parent's ``seed`` for branch seed 0 (the branch continues
+    the parent's stream), else one drawn from (seed, branch seed), so each branch seed has its own block order."""
+    if not branch_seed:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(branch_seed)]).generate_state(1)[0])

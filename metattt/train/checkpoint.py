@@ -18,9 +18,11 @@ def path_for(run_path: Path, rank: int) -> Path:
 
 
 def save(run_path: Path, rank: int, *, step: int, elapsed: float, model, opts, ema, loader, adapter,
-         meta_opt, path: Path | None = None) -> Path:
-    """Write the checkpoint (to ``path``, default this rank's resume checkpoint of the run)."""
+         meta_opt, path: Path | None = None, flops=None) -> Path:
+    """Write the checkpoint (to ``path``, default this rank's resume checkpoint of the run); ``flops``: the
+    run's FLOPs counter (metattt/train/flops.py), so a resumed run or a branch keeps counting."""
     state = {
+        "flops": flops.state_dict() if flops is not None else None,
         "step": step, "elapsed": elapsed,
         "model": model.state_dict(), "opts": opts.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
@@ -67,13 +69,22 @@ def saved_config(run_path: Path, resume: str, halt_after: int = 0) -> TrainConfi
     return cfg
 
 
-def restore(path: Path, *, model, opts, ema, loader, adapter, meta_opt, device) -> tuple[int, float]:
+def restore(path: Path, *, model, opts, ema, loader, adapter, meta_opt, device, flops=None,
+            reseed: bool = False) -> tuple[int, float]:
+    """Load a checkpoint into the run's objects; ``flops``: a FLOPs counter to continue (left at zero, and marked
+    as not counting from the init, when the checkpoint has none); ``reseed``: a branch seed's loader keeps the
+    checkpoint's position with its own seed (a new block order from here)."""
     state: dict[str, Any] = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(state["model"])
     opts.load_state_dict(state["opts"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    loader.load_state_dict(state["loader"])
+    loader.load_state_dict({**state["loader"], "seed": loader.seed} if reseed else state["loader"])
+    if flops is not None:
+        if state.get("flops"):
+            flops.load_state_dict(state["flops"])
+        else:
+            flops.known_since_init = int(state["step"]) == 0
     if adapter is not None and state["adapter"] is not None:
         adapter.load_state_dict(state["adapter"])
     if meta_opt is not None and state["meta_opt"] is not None:

@@ -32,7 +32,8 @@ class TrainConfig:
     seq_len: int = 256
     train_batch_tokens: int = 8192  # global tokens per optimizer step (all ranks, all micro-steps)
     micro_batch_tokens: int = 8192  # tokens per forward on one rank; grad accumulation fills the rest
-    loader_mode: str = "sequential"  # sequential | random (seeded block order), per-rank disjoint either way
+    loader_mode: str = "sequential"  # sequential | random (seeded block order), per-rank disjoint either way |
+    # stream (synthetic data only: fresh documents generated on the fly, metattt.data.synthetic_stream)
     iterations: int = 400
     max_wallclock_s: float = 0.0  # 0 = no cap; training stops (and warms down) by the clock
     warmdown_iters: int = 100  # linear lr decay over the last N steps (estimated from step time under a cap)
@@ -50,6 +51,14 @@ class TrainConfig:
     # and step) and decay the lr linearly to 0 over decay_frac of the checkpoint's steps, as a run of its own
     branch_from: str = ""
     decay_frac: float = 0.15
+    # a decay branch's own data order: 0 = the parent's (the branch continues its stream); S > 0 reseeds the block
+    # order (and torch's RNG) from (parent seed, S) at the branch point, so branches of one checkpoint are seeds
+    branch_seed: int = 0
+    # compute matching (metattt/train/flops.py): this run's own training FLOPs; the run takes the plain steps that
+    # come nearest (a branch decays over them instead of decay_frac's); 0 = off. Or the counted FLOPs of another
+    # run's own steps (its summary.json flops.run), e.g. a meta-trained branch of the same checkpoint
+    flops_budget: float = 0.0
+    match_flops_of: str = ""
     ema_decay: float = 0.0  # 0 = off; weights saved are the EMA when on
     ema_start_step: int = 0
     val_every: int = 100
@@ -105,8 +114,19 @@ class TrainConfig:
             raise ValueError("--lr-warmup-steps and --max-passes must be >= 0")
         if (self.save_at_tokens or self.save_at_dn) and self.max_wallclock_s > 0:
             raise ValueError("--save-at-tokens/--save-at-dn place checkpoints by tokens: give --max-wallclock-s 0")
+        if self.loader_mode == "stream" and (self.data != "synthetic" or self.max_passes):
+            raise ValueError("--loader-mode stream generates synthetic documents: it needs --data synthetic and no "
+                             "--max-passes (the stream has no passes)")
         if not 0 < self.decay_frac <= 1:
             raise ValueError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
+        if self.branch_seed < 0 or (self.branch_seed and not self.branch_from):
+            raise ValueError(f"--branch-seed {self.branch_seed}: a non-negative seed of a decay branch "
+                             "(give --branch-from)")
+        planned = not self.branch_from and (self.save_at_tokens or self.save_at_dn or self.max_passes
+                                            or self.max_wallclock_s > 0)  # a branch drops its parent's plan
+        if (self.flops_budget or self.match_flops_of) and (self.meta.adapter or planned):
+            raise ValueError("--flops-budget / --match-flops-of set the number of plain steps: not with "
+                             "--meta.adapter, budget checkpoints, --max-passes or a wallclock cap")
         if self.meta.is_doclora and self.seq_len // 2 < self.meta.doclora_chunk:  # its meta step trains whole chunks
             raise ValueError(f"--meta.adapter doclora: the first half of a {self.seq_len}-token row holds no whole "
                              f"chunk of {self.meta.doclora_chunk} tokens; give a longer --seq-len or chunk= in the "

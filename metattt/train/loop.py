@@ -28,6 +28,8 @@ from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
 from . import budgets as bud
 from . import checkpoint as ckpt
+from . import flops as flp
+from .metalog import MetaLog, meta_param_summary
 from .config import TrainConfig
 from .data_setup import resolve_data
 from .dist import DistInfo, agree, all_reduce_mean, setup, teardown
@@ -119,13 +121,22 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     cfg.check_budgets()
     _check_run_name(cfg)  # before any data or run file is written
     branch: dict[str, Any] | None = None
+    budget = flp.budget_of(cfg)  # a FLOPs budget sets the plain steps (a branch: its decay steps)
+    if cfg.branch_seed and cfg.loader_mode != "random":
+        raise ValueError("--branch-seed reseeds the block order of --loader-mode random (the sequential loader has "
+                         "no order to reseed)")
     if cfg.resume:  # cfg is already the run's own config with this command's flags on top (cli.config_from_args)
         run_path, resume_from = ckpt.find(cfg.resume, info.rank)
         cfg.run_root, cfg.run_name = str(run_path.parent), run_path.name
         if cfg.branch_from:  # a resumed branch: the same schedule (saved), and its record for the summary
-            _, branch = _branch(cfg, info)
+            _, branch = _branch(cfg, info, budget)
     elif cfg.branch_from:
-        cfg, branch = _branch(cfg, info)
+        cfg, branch = _branch(cfg, info, budget)
+    elif budget:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, iterations=flp.steps_for_budget(
+            budget, flp.plain_step_flops(cfg.model, cfg.train_batch_tokens, cfg.seq_len)))
     if info.is_main:
         why = unwritable(Path(cfg.run_root))
         if why:  # before the data and the training, not when the results are written
@@ -162,6 +173,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     if init is not None:
         load_state_strict(model, init.state_dict, cfg.init_from)
     model = model.to(info.device)
+    counter = flp.FlopCounter(model)  # every forward of a training step, by category (plain / meta)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     meta_opt = None
     if adapter is not None:
@@ -174,8 +186,17 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         if meta_params:
             meta_opt = torch.optim.Adam(meta_params, lr=cfg.meta.meta_lr)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size, cfg.seed,
-                         mode=cfg.loader_mode)
+    if cfg.loader_mode == "stream":  # fresh synthetic documents, never an epoch
+        from ..data.synthetic import SyntheticSpec
+        from ..data.synthetic_stream import SyntheticStream, block_tokens_for, default_workers
+
+        loader = SyntheticStream(SyntheticSpec.from_dict(src.meta["synthetic_spec"]), cfg.seq_len,
+                                 batching.micro_tokens, info.rank, info.world_size, cfg.seed,
+                                 block_tokens=block_tokens_for(batching.micro_tokens),
+                                 workers=default_workers(info.world_size))
+    else:
+        loader = TrainLoader(src.train_pattern, cfg.seq_len, batching.micro_tokens, info.rank, info.world_size,
+                             bud.branch_data_seed(cfg.seed, cfg.branch_seed), mode=cfg.loader_mode)
     val = load_val_tokens(src.val_pattern, vocab_size=cfg.model.vocab_size)
     # of the whole val stream behind the pattern, as the evaluator loads it: it refuses other data later
     src.meta["val_fingerprint"] = tokens_fingerprint(val)
@@ -188,11 +209,15 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         _compile_warmup(cfg, fwd, model, opts, loader, batching, info)
     if resume_from is not None:
         step, elapsed = ckpt.restore(resume_from, model=model, opts=opts, ema=ema, loader=loader, adapter=adapter,
-                                     meta_opt=meta_opt, device=info.device)
+                                     meta_opt=meta_opt, device=info.device, flops=counter)
         _print(info, f"resumed {run_path} at step {step} ({elapsed:.1f}s trained)")
     elif branch is not None:
         step, elapsed = ckpt.restore(Path(branch["checkpoint"]), model=model, opts=opts, ema=ema, loader=loader,
-                                     adapter=adapter, meta_opt=meta_opt, device=info.device)
+                                     adapter=adapter, meta_opt=meta_opt, device=info.device, flops=counter,
+                                     reseed=bool(cfg.branch_seed))
+        counter.mark_start(counter.known_since_init)  # the branch's own FLOPs start here
+        if cfg.branch_seed:  # this seed's own randomness from the branch point on (the loader's order too)
+            torch.manual_seed(loader.seed)
         branch["parent_elapsed_s"] = elapsed
         _print(info, f"branch {run_path} from {branch['checkpoint']} at step {step}: lr decays linearly to 0 over "
                      f"{branch['decay_steps']} steps")
@@ -227,6 +252,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     first_step = step
     meta_sums: dict[str, torch.Tensor] = {}  # meta statistics of this rank's meta micro-batches since the last log
     meta_count = 0
+    metalog = MetaLog()
 
     def log_train(scale: float, do_meta: bool) -> None:
         """One train record (metrics, wandb, the bar's postfix) for the steps since the last one."""
@@ -239,6 +265,8 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         if meta_count:  # rank 0's meta micro-batches (no collective: ranks may differ in meta steps)
             rec.update({k: float(v) / meta_count for k, v in meta_sums.items()})
             meta_sums, meta_count = {}, 0
+        for meta_rec in metalog.flush():  # one record per meta step since the last log: the meta-objective's curve
+            log(meta_rec)
         log(rec)
         bar.set_postfix(step=step, loss=f"{train_loss:.3f}", ms=f"{rec['ms_per_step']:.0f}")
         loss_sum.zero_()
@@ -253,7 +281,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         halt = bool(cfg.halt_after and step - first_step >= cfg.halt_after)
         if signum or (halt and not stop):
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt)
+                      adapter=adapter, meta_opt=meta_opt, flops=counter)
             signals.armed = False
             bar.close()
             if wandb is not None:
@@ -268,7 +296,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         if due or (cfg.checkpoint_every and step > first_step and step % cfg.checkpoint_every == 0):
             # at the top of the step, outside the training clock (elapsed counts step time only)
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt)
+                      adapter=adapter, meta_opt=meta_opt, flops=counter)
             last_save = time.perf_counter()
         if cfg.val_every and step > 0 and step % cfg.val_every == 0:
             validate(step)
@@ -284,15 +312,22 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
             x, y = loader.next_batch(info.device)
             with autocast_for(info.device):
                 if do_meta and (cfg.meta.micro_batches == 0 or micro < cfg.meta.micro_batches):
+                    counter.active = "meta"
                     loss, mstats = meta_loss(model, adapter, x, y, cfg.meta)
                     for k, v in mstats.items():
                         meta_sums[k] = meta_sums[k] + v.float() if k in meta_sums else v.float()
                     meta_count += 1
+                    metalog.add(mstats)
                 else:
+                    counter.active = "plain"
                     loss = fwd(x, y)
+            counter.active = None
             (loss / batching.accum).backward()
             loss_sum += loss.detach().float()
             loss_count += 1
+        if do_meta:
+            counter.meta_steps += 1
+            metalog.end_step(step + 1)
         if meta_opt is not None and do_meta:
             _average_grads(meta_opt, info)
             meta_opt.step()
@@ -312,7 +347,8 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
             log_train(scale, do_meta)
         for b in budget_due.get(step, []):  # full precision: weights, optimiser and EMA state, data position, step
             ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt, path=bud.checkpoint_path(run_path, b.label, info.rank))
+                      adapter=adapter, meta_opt=meta_opt, flops=counter,
+                      path=bud.checkpoint_path(run_path, b.label, info.rank))
     signals.armed = False
     if window_steps:  # a wallclock stop between log steps: the last step is logged and shown too
         log_train(scale, do_meta)
@@ -320,7 +356,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
     if cfg.checkpoint_every:
         ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                  adapter=adapter, meta_opt=meta_opt)
+                  adapter=adapter, meta_opt=meta_opt, flops=counter)
     raw = validate(step)
     if ema is not None:
         ema.copy_to(model)
@@ -335,6 +371,12 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
             {**b.to_dict(), "saved": bud.checkpoint_path(run_path, b.label, info.rank).is_file()} for b in budgets]}
     if branch is not None:
         extra["branch"] = branch
+    plain_step = flp.plain_step_flops(cfg.model, cfg.train_batch_tokens, cfg.seq_len)
+    extra["flops"] = counter.summary(lambda v: all_reduce_mean(v, info) * info.world_size, plain_step,
+                                     step - (branch["from_step"] if branch is not None else 0))
+    counter.close()
+    if adapter is not None:
+        extra["meta_params"] = meta_param_summary(adapter)
     summary = _finish(cfg, info, run, run_path, model, adapter, src, val, final, raw, step, elapsed, peak_mem,
                       extra)
     if wandb is not None:
@@ -343,19 +385,22 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     return summary
 
 
-def _branch(cfg: TrainConfig, info: DistInfo) -> tuple[TrainConfig, dict[str, Any]]:
+def _branch(cfg: TrainConfig, info: DistInfo, budget: float = 0.0) -> tuple[TrainConfig, dict[str, Any]]:
     """A decay branch's schedule: from the checkpoint's step S, ``K = decay_frac * S`` steps with the lr falling
     linearly to 0 -- the warmdown schedule over ``S + K`` steps, so the branch is the run a warmdown from the start
-    would have been (the parent's schedule up to S being constant)."""
+    would have been (the parent's schedule up to S being constant). With a FLOPs ``budget``, K is the number of
+    plain steps it buys (compute matching: a longer decay for the no-meta arm)."""
     import dataclasses
 
     parent, ck = bud.branch_paths(cfg.branch_from, info.rank)
     s = bud.checkpoint_step(ck)
     k = bud.decay_steps(cfg.decay_frac, s)
+    if budget:
+        k = flp.steps_for_budget(budget, flp.plain_step_flops(cfg.model, cfg.train_batch_tokens, cfg.seq_len))
     cfg = dataclasses.replace(cfg, iterations=s + k, warmdown_iters=k, warmdown_frac=0.0, max_wallclock_s=0.0,
                               schedule="warmdown", save_at_tokens=(), save_at_dn=(), max_passes=0.0)
     return cfg, {"checkpoint": str(ck), "parent_run": str(parent), "from_step": s, "decay_steps": k,
-                 "decay_frac": cfg.decay_frac, "from_tokens": s * cfg.train_batch_tokens,
+                 "decay_frac": cfg.decay_frac, "branch_seed": cfg.branch_seed, "flops_budget": budget or None, "from_tokens": s * cfg.train_batch_tokens,
                  "tokens": (s + k) * cfg.train_batch_tokens, "budget": bud.parent_budget(parent, ck)}
 
 

@@ -352,4 +352,8 @@ def doclora_meta_loss(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor,
                 fo[n] = v.detach()
         l_post = model(xo, yo, reduction="none", **adapter.materialize(fo, model.cfg.num_layers))[:, start:].mean()
     stats["meta/L_post"] = l_post.detach()
+    if cfg.log_pre:  # before adaptation the factors' product is 0 (B = 0): the base model on the same targets
+        with torch.no_grad():
+            stats["meta/L_pre"] = model(xo, yo, reduction="none")[:, start:].mean()
+        stats["meta/gain"] = stats["meta/L_pre"] - stats["meta/L_post"]
     return cfg.outer_weight * l_post, stats

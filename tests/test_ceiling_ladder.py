@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +26,8 @@ from metattt.study.ladder import (
 )
 from metattt.study.plots import ladder_plot
 
-REPO = Path(__file__).resolve().parents[1]
+from cpu_study import run_cpu_study
+
 
 
 def _fake_cell(model: str, setting: str, n: int, dn: float, gains: dict[str, np.ndarray], nbytes: np.ndarray):
@@ -212,47 +210,12 @@ def test_missing_cells_are_listed_with_their_commands():
 
 # ---------------------------------------------------------------- the CPU variant, end to end
 
-WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or "
-         "court law state river city music water light year people time day world house school").split()
-
-
-def _text(seed: int, n: int, sentences: tuple[int, int]) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                     for _ in range(rng.randint(*sentences))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def ladder_study(tmp_path_factory):
-    """experiments/ceiling_ladder_cpu.toml run once on a build of generated text, as its header says."""
-    from metattt.data.build import BuildConfig, build_dataset
-
-    sys.path.insert(0, str(REPO / "experiments"))
-    import ceiling
-
+    """experiments/ceiling_ladder_cpu.toml run once on a build of generated text, as its header says; run again it
+    resumes (every model and cell done) and the report stays the same."""
     root = tmp_path_factory.mktemp("ladder")
-    docs = _text(11, 400, (3, 8))
-    books = ["\n".join(_text(100 + k, 45, (2, 4))) for k in range(12)]
-    for name, texts in (("docs", docs), ("books", books)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
-                                                    for i, t in enumerate(texts)))
-    data = root / "data"
-    build_dataset(BuildConfig([root / "docs.jsonl"], data / "tok.model", data, val_docs=40,
-                              pseudo_doc_text=[root / "books.jsonl"], indist_val_frac=0.1, indist_val_books=3,
-                              indist_val_min_tokens=1000, train_tokenizer=True, vocab_size=320, progress=False))
-    text = (REPO / "experiments" / "ceiling_ladder_cpu.toml").read_text()
-    for key, value in (("root", root / "study"), ("report", root / "report.md"), ("plots", root / "plots")):
-        text = text.replace(f'{key} = "', f'{key} = "{value}" # was "', 1)
-    cfg = root / "study.toml"
-    cfg.write_text(text)
-    os.environ["LADDER_CPU_DATA"] = str(data)
-    try:
-        assert ceiling.main(["--config", str(cfg)]) == 0
-        report = (root / "report.md").read_text()
-        assert ceiling.main(["--config", str(cfg)]) == 0  # resumed: every model and cell is done
-        assert (root / "report.md").read_text() == report
-    finally:
-        del os.environ["LADDER_CPU_DATA"]
+    _, report = run_cpu_study(root, "ceiling_ladder_cpu.toml", [])
     return root, report
 
 

@@ -4,50 +4,22 @@ generated arms section held to the run directories."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_ceiling_ladder import _text
+from cpu_study import run_cpu_study
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # 13 short trainings and 12 evaluations (as tests/test_ceiling_ladder.py)
 
 
 @pytest.fixture(scope="module")
 def meta_study(tmp_path_factory):
-    """experiments/ceiling_meta_cpu.toml run once on a build of generated text, as its header says."""
-    from metattt.data.build import BuildConfig, build_dataset
-
-    sys.path.insert(0, str(REPO / "experiments"))
-    import ceiling
-
+    """experiments/ceiling_meta_cpu.toml run once on a build of generated text, as its header says; regenerated
+    from the run dirs alone the report stays the same."""
     root = tmp_path_factory.mktemp("meta")
-    docs = _text(11, 400, (3, 8))
-    books = ["\n".join(_text(100 + k, 45, (2, 4))) for k in range(12)]
-    for name, texts in (("docs", docs), ("books", books)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
-                                                    for i, t in enumerate(texts)))
-    data = root / "data"
-    build_dataset(BuildConfig([root / "docs.jsonl"], data / "tok.model", data, val_docs=40,
-                              pseudo_doc_text=[root / "books.jsonl"], indist_val_frac=0.1, indist_val_books=3,
-                              indist_val_min_tokens=1000, train_tokenizer=True, vocab_size=320, progress=False))
-    text = (REPO / "experiments" / "ceiling_meta_cpu.toml").read_text()
-    for key, value in (("root", root / "study"), ("report", root / "report.md"), ("plots", root / "plots")):
-        text = text.replace(f'{key} = "', f'{key} = "{value}" # was "', 1)
-    cfg = root / "study.toml"
-    cfg.write_text(text)
-    os.environ["LADDER_CPU_DATA"] = str(data)
-    try:
-        assert ceiling.main(["--config", str(cfg)]) == 0
-        report = (root / "report.md").read_text()
-        assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0  # regenerated: the same text
-        assert (root / "report.md").read_text() == report
-    finally:
-        del os.environ["LADDER_CPU_DATA"]
+    cfg, report = run_cpu_study(root, "ceiling_meta_cpu.toml", ["--report-only"])
     return root, report, cfg
 
 

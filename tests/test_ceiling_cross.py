@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from metattt.eval.stats import LN2
+from metattt.data.bpb import LN2
 from metattt.study.report import CellResult, cross_model_table, cross_setting_table
 
 

@@ -325,6 +325,23 @@ def _split_docs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return doc, starts
 
 
+def _earlier_counts(ci: np.ndarray, yc: np.ndarray, dc: np.ndarray,
+                    n_content: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each content target (positions ``ci``, content ids ``yc``, documents ``dc``, ``ci`` ascending): n_y, the
+    earlier occurrences of its token in its document, and n_all, the content tokens earlier in its document (the
+    Dirichlet posterior's counts). Content positions are ordered by (doc, token, position) and counted within each
+    (doc, token) group; that order and its group keys are returned too: (order, sorted keys, n_y, n_all)."""
+    order = np.lexsort((ci, yc, dc))
+    key = dc[order] * n_content + yc[order]
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = key[1:] != key[:-1]
+    grp_start = np.maximum.accumulate(np.where(new, np.arange(order.size), 0))
+    n_y = np.empty(order.size, dtype=np.int64)
+    n_y[order] = np.arange(order.size) - grp_start
+    n_all = np.arange(ci.size) - np.searchsorted(dc, dc, side="left")  # ci ascending: dc is nondecreasing
+    return order, key, n_y, n_all
+
+
 def _target_nats(
     spec: SyntheticSpec,
     tokens: np.ndarray,
@@ -385,17 +402,7 @@ def _target_nats(
         bigram_c = unknown_c = known_c
     else:
         bigram_c = base_c + math.log(spec.n_content)
-    # counts before each content target: order content positions by (doc, token, position) and count
-    # earlier occurrences within each (doc, token) group; N = content tokens earlier in the document.
-    order = np.lexsort((ci, yc, dc))
-    grp_key = dc[order] * spec.n_content + yc[order]
-    new_grp = np.ones(order.size, dtype=bool)
-    new_grp[1:] = grp_key[1:] != grp_key[:-1]
-    grp_start = np.maximum.accumulate(np.where(new_grp, np.arange(order.size), 0))
-    n_y = np.empty(order.size, dtype=np.int64)
-    n_y[order] = np.arange(order.size) - grp_start
-    doc_first = np.searchsorted(dc, dc, side="left")  # ci is sorted by position, so dc is nondecreasing
-    n_all = np.arange(ci.size) - doc_first
+    order, grp_key, n_y, n_all = _earlier_counts(ci, yc, dc, spec.n_content)
     if not spec.shared_theta:
         unknown_c = base_c - np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
 
@@ -569,14 +576,7 @@ def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> di
         theta = document_params(spec, "val")[1][0]
         posterior[ci] = -np.log(theta[yc])
     elif ci.size:
-        order = np.lexsort((ci, yc, dc))
-        key = dc[order] * spec.n_content + yc[order]
-        new = np.ones(order.size, dtype=bool)
-        new[1:] = key[1:] != key[:-1]
-        grp_start = np.maximum.accumulate(np.where(new, np.arange(order.size), 0))
-        n_y = np.empty(order.size, dtype=np.int64)
-        n_y[order] = np.arange(order.size) - grp_start
-        n_all = np.arange(ci.size) - np.searchsorted(dc, dc, side="left")
+        _, _, n_y, n_all = _earlier_counts(ci, yc, dc, spec.n_content)
         posterior[ci] = -np.log((spec.alpha + n_y) / (spec.n_content * spec.alpha + n_all))
     return {"length": length, "posterior": posterior, "is_content": is_c, "is_bos": is_bos}
 

@@ -55,9 +55,7 @@ def bootstrap(
     for name in names:
         if np.asarray(doc_nats[name]).shape != doc_bytes.shape:
             raise ValueError(f"doc_nats[{name!r}] has shape {np.shape(doc_nats[name])}, doc_bytes {doc_bytes.shape}")
-    for a, b in pairs:
-        if a not in doc_nats or b not in doc_nats:
-            raise KeyError(f"pair ({a!r}, {b!r}) names a protocol without per-document nats")
+    _check_pairs(pairs, doc_nats)
     point = {n: bpb_of(doc_nats[n], doc_bytes) for n in names}
     mat = np.stack([np.asarray(doc_nats[n], dtype=np.float64) for n in names], axis=1)  # (d, P)
 
@@ -94,9 +92,7 @@ def hierarchical_bootstrap(
         raise ValueError(f"run_doc_nats must all be (R, {d}) with one R; got "
                          f"{ {n: m.shape for n, m in mats.items()} }")
     runs = r.pop()
-    for a, b in pairs:
-        if a not in mats or b not in mats:
-            raise KeyError(f"pair ({a!r}, {b!r}) names a protocol without per-document nats")
+    _check_pairs(pairs, mats)
     point = {n: bpb(np.mean(m.sum(1)), doc_bytes.sum()) for n, m in mats.items()}
 
     def draw(rng: np.random.Generator, m: int) -> np.ndarray:
@@ -106,6 +102,12 @@ def hierarchical_bootstrap(
         return np.stack([bpb(((run_w @ mats[n]) * counts).sum(1), denom) for n in names], axis=1)
 
     return _resampled(point, names, pairs, d, n_boot, seed, level, block, draw)
+
+
+def _check_pairs(pairs: Sequence[tuple[str, str]], have) -> None:
+    for a, b in pairs:
+        if a not in have or b not in have:
+            raise KeyError(f"pair ({a!r}, {b!r}) names a protocol without per-document nats")
 
 
 def _resampled(point: dict[str, float], names: Sequence[str], pairs: Sequence[tuple[str, str]], d: int,

@@ -72,12 +72,13 @@ def printed_numbers(log: str) -> dict[str, float]:
 def data_dir(out: Path, train: str, val: str) -> Path:
     """A folder in the layout the record script globs (``fineweb_train_*.bin``, ``fineweb_val_*.bin``), made of links
     to our shards (same format: 256 int32 header, uint16 tokens)."""
+    found = {kind: sorted(glob.glob(pattern)) for kind, pattern in (("train", train), ("val", val))}
+    for kind, pattern in (("train", train), ("val", val)):
+        if not found[kind]:
+            raise FileNotFoundError(f"--{kind} {pattern!r} matched no file")
     d = out / "data"
     d.mkdir(parents=True, exist_ok=True)
-    for kind, pattern in (("train", train), ("val", val)):
-        files = sorted(glob.glob(pattern))
-        if not files:
-            raise FileNotFoundError(f"--{kind} {pattern!r} matched no file")
+    for kind, files in found.items():
         for i, f in enumerate(files):
             link = d / f"fineweb_{kind}_{i:06d}.bin"
             if link.is_symlink() or link.exists():
@@ -101,23 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         bad = [kv for kv in args.env if "=" not in kv]
         if bad:
             raise ValueError(f"--env takes KEY=VALUE, got {bad[0]!r}")
+        settings = dict(kv.split("=", 1) for kv in args.env)
     except (OSError, PatchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     try:
         data = data_dir(args.out, args.train, args.val)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    (args.out / "train_gpt_patched.py").write_text(patched)
-    env = {**os.environ, "DATA_PATH": str(data), "TOKENIZER_PATH": str(Path(args.tokenizer).resolve()),
-           **dict(kv.split("=", 1) for kv in args.env)}
+    (args.out / "train_gpt_patched.py").write_text(patched)  # data_dir made args.out
+    env = {**os.environ, "DATA_PATH": str(data), "TOKENIZER_PATH": str(Path(args.tokenizer).resolve()), **settings}
     cmd = ["torchrun", "--standalone", f"--nproc_per_node={args.nproc}", "train_gpt_patched.py"]
     with open(args.out / "train.log", "w") as log:
         rc = subprocess.run(cmd, cwd=args.out, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     nums = printed_numbers((args.out / "train.log").read_text())
-    settings = dict(kv.split("=", 1) for kv in args.env)
     (args.out / "printed.json").write_text(json.dumps({"rc": rc, "env": settings, "printed": nums}, indent=1) + "\n")
     print(json.dumps(nums, indent=1))
     return rc

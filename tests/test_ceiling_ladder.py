@@ -370,6 +370,9 @@ def test_ceiling_is_the_best_legal_adapter_within_the_time_limit():
     assert ind.oracle.proto == "oracle:sgd" and ind.fraction == pytest.approx(0.4)
     assert ind.fraction_ci == pytest.approx((0.4, 0.4))
     assert fw.best.proto == "ttt:sgd" and fw.best.value == pytest.approx(0.001) and fw.oracle is None
+    assert fw.ci == pytest.approx((0.001, 0.001))  # bootstrapped: no recorded Δ from sliding in this cell
+    other.eval["deltas"]["ttt:sgd"] = {"from": "sliding", "to": "ttt:sgd", "value": 0.001, "ci95": [0.0005, 0.0016]}
+    assert ceilings(ladder_points([other]), n_boot=10)[0].ci == (0.0005, 0.0016)  # the evaluator's own interval
     # a tighter budget: sgd (2×) of the core cell is then the ceiling on the in-distribution set
     tight = [c for c in ceilings(ladder_points([core, ext]), multiple=2.5, n_boot=20)][0]
     assert tight.best.label == "ttt:sgd (indist-ext)" and tight.best.value == pytest.approx(0.0021)

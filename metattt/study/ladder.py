@@ -660,13 +660,15 @@ CEILING_TIME_MULTIPLE = 3.0  # the evaluation budget: an adapter may cost at mos
 CEILING_LEAD = (
     "**The ceiling (operational definition).** Per branch (size N, budget D/N) and validation set: the largest "
     "legal Δ_TTT = bpb(sliding) − bpb(adapter) over every adapter protocol (ttt:, docttt:, with a non-null "
-    "adapter) evaluated in that branch's cells on that set (the core, horizon and -ext settings: each adapter "
+    "adapter) evaluated in that branch's cells on that set (the core, horizon, -ext and -ext-doc settings: each adapter "
     "against the sliding of its own cell, i.e. on the same documents), restricted to adapters whose measured "
     "evaluation time is at most {m:g}× sliding's in the same cell (eval.json cost.device_s_per_token: the timed "
     "part of the primary run, warm-up and tuning excluded; {m:g}× admits the records' chunked SGD, 2.7× sliding "
     "on pg-mixed). Δ is the mean over the cell's document orders where it ran several. Its 95% interval is the "
-    "attaining adapter's, from a bootstrap of documents (and runs) of that cell; it is not corrected for choosing "
-    "the best of several adapters, so it leans high by the selection. Where the attaining cell also ran an "
+    "attaining adapter's: the evaluator's own for a ttt: adapter (the points table's: runs → documents where the "
+    "cell ran several orders), else (the docttt family, whose recorded Δ starts from doc-chunk) a bootstrap of the "
+    "cell's documents (and runs); it is not corrected for choosing the best of several adapters, so it leans high "
+    "by the selection. Where the attaining cell also ran an "
     "illegal oracle protocol (oracle:), the ceiling is given as a fraction of the oracle's Δ over the same sliding "
     "(the same bootstrap draws), else the table says no oracle ran. 'best at any cost' drops the time limit. "
     "An adapter that hurts counts too: a negative ceiling means no adapter within budget helped.")
@@ -786,9 +788,13 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
             oracles = [c for c in cands if c.oracle and c.point is best.point]
             oracle = max(oracles, key=lambda c: c.value, default=None)
             j = _joint([best.series] + ([oracle.series] if oracle else []), n_boot, seed)
+            own = best.point.delta(best.proto)
+            if own is not None and own.get("from") == "sliding":  # the evaluator's own interval, as the points table
+                ci = point_delta(best.point, best.proto)[1]
+                ci = None if not ci else (float(ci[0]), float(ci[1]))
             if j is not None:
                 draws = j[1][:, 0]
-                ci = _interval(draws)
+                ci = ci or _interval(draws)
                 if oracle is not None and oracle.value > 0:
                     frac = best.value / oracle.value
                     with np.errstate(divide="ignore", invalid="ignore"):

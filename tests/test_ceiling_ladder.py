@@ -282,6 +282,35 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
         assert s_tok == f"{sgd['ledger']['n_update_positions']:,}"
         assert epochs == str(sgd["adapter_params"]["config"]["epochs"])
         assert dtt == f"{ev['deltas']['ttt:sgd']['value']:+.5f}"
+    # the ceiling: ttt:sgd is each cell's one adapter; within the limit it is the ceiling, with the cell's interval
+    from metattt.study.ladder import CEILING_TIME_MULTIPLE
+
+    ceil = {}
+    for model in ("s.dn1", "s.dn2", "xs.dn0.5", "xs.dn1", "xs.dn2"):
+        for setting in ("indist", "other"):
+            (line,) = [ln for ln in lines if ln.startswith(f"| {model} |") and f"| {setting} | 1 |" in ln]
+            (cell,) = (study / "cells" / model).glob(f"{setting}-*")
+            ev = _json(cell / "eval.json")
+            pr = ev["protocols"]
+            ratio = pr["ttt:sgd"]["cost"]["device_s_per_token"] / pr["sliding"]["cost"]["device_s_per_token"]
+            d = ev["deltas"]["ttt:sgd"]
+            if ratio <= CEILING_TIME_MULTIPLE:
+                ceil[(model, setting)] = d["value"]
+                assert (f"| {d['value']:+.5f} | [{d['ci95'][0]:.5f}, {d['ci95'][1]:.5f}] | ttt:sgd ({setting}) | "
+                        f"{ratio:.2f}× | none |") in line
+            else:
+                assert f"| none within the limit | n/a | n/a | n/a | ttt:sgd ({setting}) {ratio:.2f}× |" in line
+            assert f"| none ran in {setting} |" in line or "none within the limit" in line
+    # flat across sizes: D/N 1 and 2 hold both sizes (paired: the same documents), D/N 0.5 one
+    for setting in ("indist", "other"):
+        for dn in ("1", "2"):
+            (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | {dn} |") and ln.count("|") == 12]
+            a, b = ceil.get((f"xs.dn{dn}", setting)), ceil.get((f"s.dn{dn}", setting))
+            if a is not None and b is not None:
+                assert f"| {b - a:+.5f} |" in line and "| paired (same documents) |" in line
+                assert f"| {(b - a) / math.log2(75_910 / 19_526):+.5f} |" in line
+        (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | 0.5 |")]
+        assert "| fewer than 2 sizes |" in line
 
 
 def _study(parent_flags: list[str], branch_ref: str = "p") -> dict:

@@ -365,7 +365,8 @@ def _ceil_cell(model: str, setting: str, n: int, dn: float, protos: dict, nbytes
           "meta": {"val": f"{val}/*.bin", "val_fingerprint": f"fp-{val}"}}
     if runs:
         ev["runs"] = {"n_runs": len(runs["sliding"]),
-                      "protocols": {k: {"bpb_mean": float(np.mean(v)), "bpb_per_run": list(v)} for k, v in runs.items()}}
+                      "protocols": {k: {"bpb_mean": float(np.mean(v)), "bpb_per_run": list(v)}
+                                    for k, v in runs.items()}}
     tokens = int(dn * n)
     summary = {"train_tokens": int(tokens * 1.15),
                "branch": {"budget": {"dn": dn, "n_params": n, "tokens": tokens, "capped": False}}}
@@ -445,9 +446,12 @@ def test_ceiling_against_size_at_a_matched_budget():
     cells.append(_ceil_cell("s1000.dn25", "indist-ext", 1_000, 25, {"ttt:dyneval": (0.01, 1e-5, True, "ttt")},
                             nbytes))
     cells.append(_ceil_cell("s1000.dn50", "indist", 1_000, 50, {"ttt:sgd": (0.002, 2e-5, True, "ttt")}, nbytes))
+    # a second training seed of a size is another branch at the same budget: the first seed's stands for the size
+    cells.append(_ceil_cell("s1000.dn25-s2", "indist", 1_000, 25, {"ttt:sgd": (0.05, 2e-5, True, "ttt")}, nbytes))
     (one, three) = flatness(ladder_points(cells), n_boot=300)
     assert three.dn_requested == 25 and [r.n_params for r in three.rows] == list(sizes) and three.paired
     assert [r.best.proto for r in three.rows] == ["ttt:sgd"] * 3 and three.n_adapters == 1
+    assert [r.model for r in three.rows] == ["s1000.dn25", "s4000.dn25", "s16000.dn25"]
     # independently: the Δs (the noise is the same for every size, so it shifts every Δ by the same amount)
     shift = -noise.sum() / math.log(2) / nbytes.sum()
     got = np.array(list(sizes.values())) + shift

@@ -660,8 +660,8 @@ CEILING_TIME_MULTIPLE = 3.0  # the evaluation budget: an adapter may cost at mos
 CEILING_LEAD = (
     "**The ceiling (operational definition).** Per branch (size N, budget D/N) and validation set: the largest "
     "legal Δ_TTT = bpb(sliding) − bpb(adapter) over every adapter protocol (ttt:, docttt:, with a non-null "
-    "adapter) evaluated in that branch's cells on that set (the core, horizon, -ext and -ext-doc settings: each adapter "
-    "against the sliding of its own cell, i.e. on the same documents), restricted to adapters whose measured "
+    "adapter) evaluated in that branch's cells on that set (the core, horizon, -ext and -ext-doc settings: each "
+    "adapter against the sliding of its own cell, i.e. on the same documents), restricted to adapters whose measured "
     "evaluation time is at most {m:g}× sliding's in the same cell (eval.json cost.device_s_per_token: the timed "
     "part of the primary run, warm-up and tuning excluded; {m:g}× admits the records' chunked SGD, 2.7× sliding "
     "on pg-mixed). Δ is the mean over the cell's document orders where it ran several. Its 95% interval is the "
@@ -789,9 +789,9 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
             oracle = max(oracles, key=lambda c: c.value, default=None)
             j = _joint([best.series] + ([oracle.series] if oracle else []), n_boot, seed)
             own = best.point.delta(best.proto)
-            if own is not None and own.get("from") == "sliding":  # the evaluator's own interval, as the points table
-                ci = point_delta(best.point, best.proto)[1]
-                ci = None if not ci else (float(ci[0]), float(ci[1]))
+            pd = point_delta(best.point, best.proto) if own is not None and own.get("from") == "sliding" else None
+            if pd is not None and pd[1]:  # the evaluator's own interval, as the points table gives it
+                ci = (float(pd[1][0]), float(pd[1][1]))
             if j is not None:
                 draws = j[1][:, 0]
                 ci = ci or _interval(draws)
@@ -805,6 +805,13 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
                            len(legal), best, ci, best_any, [c for c in legal if not _eligible(c, multiple)],
                            oracle, frac, frac_ci, draws))
     return sorted(out, key=lambda c: (c.settings[0], c.n_params, c.dn_trained, c.model))
+
+
+def _own_draws(s: _Series, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap draws of one series alone (one series always shares its own documents)."""
+    j = _joint([s], n_boot, seed)
+    assert j is not None
+    return j[1][:, 0]
 
 
 @dataclass
@@ -846,15 +853,15 @@ def flatness(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
         rows.sort(key=lambda c: c.n_params)
         slope = slope_ci = diff = diff_ci = None
         paired = False
-        if len(rows) >= 2:
-            ser = [r.best.series for r in rows]
+        ser = [r.best.series for r in rows if r.best is not None]
+        if len(ser) >= 2:
             j = _joint(ser, n_boot, seed)
             if j is not None:
                 est, boots = j
                 paired = True
             else:  # different documents: independent draws per size (different seeds)
                 est = np.array([s.value() for s in ser])
-                boots = np.stack([_joint([s], n_boot, seed + 1 + i)[1][:, 0] for i, s in enumerate(ser)], axis=1)
+                boots = np.stack([_own_draws(s, n_boot, seed + 1 + i) for i, s in enumerate(ser)], axis=1)
             x = np.log2([r.n_params for r in rows])
             slope = float(np.polyfit(x, est, 1)[0])
             slope_ci = _interval(np.array([np.polyfit(x, b, 1)[0] for b in boots]))
@@ -908,7 +915,8 @@ def flatness_table(fs: Sequence[Flatness]) -> list[str]:
             "slope per doubling of N | 95% CI | largest − smallest | 95% CI | draws | reading |")
     lines += [head, "|" + "---|" * head.count(" |")]
     for f in fs:
-        per = "; ".join(f"{r.n_params:,}: {_f(r.best.value, True)} {_ci(r.ci)} {r.best.proto}" for r in f.rows)
+        per = "; ".join(f"{r.n_params:,}: {_f(r.best.value, True)} {_ci(r.ci)} {r.best.proto}" for r in f.rows
+                        if r.best is not None)
         dn = "" if f.dn_requested is None else f"{f.dn_requested:g}"
         if len(f.rows) < 2:
             lines.append(f"| {', '.join(f.settings)} | {dn} | {len(f.rows)} | {f.n_adapters} | {per or 'n/a'} | "

@@ -660,18 +660,19 @@ CEILING_TIME_MULTIPLE = 3.0  # the evaluation budget: an adapter may cost at mos
 CEILING_LEAD = (
     "**The ceiling (operational definition).** Per branch (size N, budget D/N) and validation set: the largest "
     "legal Δ_TTT = bpb(sliding) − bpb(adapter) over every adapter protocol (ttt:, docttt:, with a non-null "
-    "adapter) evaluated in that branch's cells on that set (the core, horizon, -ext and -ext-doc settings: each "
-    "adapter against the sliding of its own cell, i.e. on the same documents), restricted to adapters whose measured "
-    "evaluation time is at most {m:g}× sliding's in the same cell (eval.json cost.device_s_per_token: the timed "
-    "part of the primary run, warm-up and tuning excluded; {m:g}× admits the records' chunked SGD, 2.7× sliding "
-    "on pg-mixed). Δ is the mean over the cell's document orders where it ran several. Its 95% interval is the "
-    "attaining adapter's: the evaluator's own for a ttt: adapter (the points table's: runs → documents where the "
-    "cell ran several orders), else (the docttt family, whose recorded Δ starts from doc-chunk) a bootstrap of the "
-    "cell's documents (and runs); it is not corrected for choosing the best of several adapters, so it leans high "
-    "by the selection. Where the attaining cell also ran an "
-    "illegal oracle protocol (oracle:), the ceiling is given as a fraction of the oracle's Δ over the same sliding "
-    "(the same bootstrap draws), else the table says no oracle ran. 'best at any cost' drops the time limit. "
-    "An adapter that hurts counts too: a negative ceiling means no adapter within budget helped.")
+    "adapter) evaluated in that branch's cells on that set (the core, horizon, -ext and -ext-doc settings), each "
+    "against the sliding of its own cell, i.e. on the same documents (for the docttt family this includes its "
+    "document windows' difference from sliding: the score with adaptation against the score without), "
+    "restricted to adapters whose measured evaluation time is at most {m:g}× sliding's in the same cell "
+    "(eval.json cost.device_s_per_token: the timed part of the primary run, warm-up and tuning excluded; {m:g}× "
+    "admits the records' chunked SGD, 2.7× sliding on pg-mixed). Δ is the mean over the cell's document orders "
+    "where it ran several. Its 95% interval is the attaining adapter's: the evaluator's own for a ttt: adapter "
+    "(the points table's: runs → documents where the cell ran several orders), else (the docttt family, whose "
+    "recorded Δ starts from doc-chunk) a bootstrap of the cell's documents (and runs); it is not corrected for "
+    "choosing the best of several adapters, so it leans high by the selection. Where the attaining cell also ran "
+    "an illegal oracle protocol (oracle:), the ceiling is given as a fraction of the oracle's Δ over the same "
+    "sliding (the same bootstrap draws), else the table says no oracle ran. 'best at any cost' drops the time "
+    "limit. An adapter that hurts counts too: a negative ceiling means no adapter within budget helped.")
 FLAT_LEAD = (
     "**Is the ceiling flat across sizes?** At a matched budget (the same requested D/N) and validation set, over "
     "the adapters evaluated at every size there (the same setting and protocol; the time limit applied per "
@@ -763,7 +764,6 @@ class Ceiling:
     oracle: Candidate | None  # the best oracle of the attaining cell
     fraction: float | None
     fraction_ci: tuple[float, float] | None
-    draws: np.ndarray | None = field(default=None, repr=False)  # the bootstrap draws of the ceiling
 
 
 def _by_branch(points: Sequence[LadderPoint]) -> list[list[LadderPoint]]:
@@ -783,7 +783,7 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
         ok = [c for c in legal if _eligible(c, multiple)]
         best = max(ok, key=lambda c: c.value, default=None)
         best_any = max(legal, key=lambda c: c.value, default=None)
-        oracle = ci = frac = frac_ci = draws = None
+        oracle = ci = frac = frac_ci = None
         if best is not None:
             oracles = [c for c in cands if c.oracle and c.point is best.point]
             oracle = max(oracles, key=lambda c: c.value, default=None)
@@ -793,8 +793,7 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
             if pd is not None and pd[1]:  # the evaluator's own interval, as the points table gives it
                 ci = (float(pd[1][0]), float(pd[1][1]))
             if j is not None:
-                draws = j[1][:, 0]
-                ci = ci or _interval(draws)
+                ci = ci or _interval(j[1][:, 0])
                 if oracle is not None and oracle.value > 0:
                     frac = best.value / oracle.value
                     with np.errstate(divide="ignore", invalid="ignore"):
@@ -803,7 +802,7 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
         p0 = grp[0]
         out.append(Ceiling(p0.model, p0.n_params, p0.dn_requested, p0.dn_trained, sorted({p.setting for p in grp}),
                            len(legal), best, ci, best_any, [c for c in legal if not _eligible(c, multiple)],
-                           oracle, frac, frac_ci, draws))
+                           oracle, frac, frac_ci))
     return sorted(out, key=lambda c: (c.settings[0], c.n_params, c.dn_trained, c.model))
 
 

@@ -343,15 +343,15 @@ class Adapter(nn.Module):
         self.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)}, strict=strict)
 
     # ------------------------------------------------------------------ the one driver of both loops
-    def _grad_at(self, model: nn.Module, base: Mapping[str, Tensor], b: Batch, *, second: bool,
-                 attn: str | None, backend: str, over_ranks: bool) -> GradAt:
-        """``grad_at(t)``: (loss, masked gradients) on batch ``b`` at trainables ``t``; constants unless ``second``.
-        The loss reported for a weighted batch is its mean per row."""
-        x, y = b.x, b.y
+    def _grad_at(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, second: bool,
+                 attn: str | None, backend: str, over_ranks: bool, forward: Mapping[str, Any] | None = None,
+                 weight: Tensor | None = None) -> GradAt:
+        """``grad_at(t)``: (loss, masked gradients) on (x, y) at trainables ``t``; constants unless ``second``.
+        ``forward``, ``weight``: a :class:`Batch`'s; the loss reported for a weighted batch is its mean per row."""
 
         def loss_of(t: Mapping[str, Tensor]) -> Tensor:
-            out = self.loss(model, x, y, {**base, **self.materialize(base, t)}, attn, **b.forward)
-            return out if b.weight is None else weighted_loss(out, b.weight)
+            out = self.loss(model, x, y, {**base, **self.materialize(base, t)}, attn, **(forward or {}))
+            return out if weight is None else weighted_loss(out, weight)
 
         def grad_at(t: Mapping[str, Tensor]) -> tuple[Tensor, Tensors]:
             if x.size(0) == 0:  # a rank with no rows in this mini-batch still joins the average, with weight 0
@@ -374,7 +374,7 @@ class Adapter(nn.Module):
             if over_ranks:
                 grads = reduce_grads(grads, float(y.numel()))
             loss = loss.detach()
-            return (loss if b.weight is None else loss / x.size(0)), grads
+            return (loss if weight is None else loss / x.size(0)), grads
 
         return grad_at
 
@@ -411,8 +411,8 @@ class Adapter(nn.Module):
         for _ in range(passes):
             epoch = []
             for b in batches:
-                grad_at = self._grad_at(model, base, b, second=second, attn=attn, backend=backend,
-                                        over_ranks=over_ranks)
+                grad_at = self._grad_at(model, base, b.x, b.y, second=second, attn=attn, backend=backend,
+                                        over_ranks=over_ranks, forward=b.forward, weight=b.weight)
                 loss, trainables, state = self.take_step(trainables, state, grad_at, no_grad_step=no_grad_step)
                 epoch.append(loss)
             losses.append(epoch)

@@ -124,7 +124,7 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     n = int(tokens.numel())
     queue = doc_queue(tokens_np, bos_id, spec.docs)
     adapter = make_adapter(spec) if make_adapter is not None else make_doc_adapter(spec, model)
-    if adapter is not None and not adapter.bound:
+    if adapter is not None and adapter.sel is None:
         adapter.bind(model)
     if adapter is not None and ctx.world > 1 and adapter.carries():
         raise ValueError(f"{spec.name}: the adapter carries its state from batch to batch (doclora keep_a), so "

@@ -239,13 +239,10 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             if adapter is not None:
                 leaves = {k: v[:R].detach().requires_grad_(grad) for k, v in (tr if at is None else at).items()}
                 ov.update(adapter.materialize(ov, leaves))
-            kw: dict[str, Any] = {"positions": cols, "reduction": "none", "rope_len": rope_len}
+            kw: dict[str, Any] = {"positions": cols, "reduction": "none", "rope_len": rope_len,
+                                  **({} if attn == "auto" else {"attn": attn})}
             with _autocast(device, autocast):  # RoPE base of the chunk's window, never of where a document ends
-                if adapter is not None:
-                    nll = adapter.loss(model, x, tgt, ov, None if attn == "auto" else attn, **kw)
-                else:
-                    nll = model(x, tgt, **kw, **({"params": ov} if ov else {}),
-                                **({} if attn == "auto" else {"attn": attn}))
+                nll = model(x, tgt, params=ov, **kw) if adapter is None else adapter.loss(model, x, tgt, ov, **kw)
             return nll, leaves
 
         def update(nll: torch.Tensor, leaves: Tensors, train: np.ndarray, step: int) -> None:

@@ -8,10 +8,11 @@ graph of the inner gradients). Contract (binding; docs/adapters.md has a worked 
 Class attributes: ``name`` (registry key, unique per run), ``Config`` (a dataclass subclass of
 :class:`AdapterConfig`; ``reset`` in {"never", "chunk", "doc"}, ``epochs`` and ``batch_seqs`` drive the
 driver), ``default_selection`` (a :class:`ParamSelection` spec), ``requires_meta_params`` (loading without them
-raises :class:`MissingMetaParamsError`).
+raises :class:`MissingMetaParamsError`), ``per_document`` (one document per row: a leading document dimension in
+the trainables and state; the doc-batched evaluator, ``docttt:NAME``, runs it instead of ``adapt``).
 
-State is plain dicts ``name -> Tensor`` of any shape (a batched adapter may carry a leading document
-dimension); nothing below mutates a tensor in place, so the same code is differentiable:
+State is plain dicts ``name -> Tensor`` of any shape; nothing below mutates a tensor in place (doclora's fused
+AdamW ``step`` excepted), so the same code is differentiable:
 
 * ``setup(model)``: called by ``bind``; create meta-parameters (``nn.Parameter`` attributes or
   :func:`register_nested` ones, e.g. MetaSGD log-rates) and fixed tensors. They are the module's
@@ -19,47 +20,40 @@ dimension); nothing below mutates a tensor in place, so the same code is differe
   ``ttt.<name>.<state_dict key>``) come from ``torch.nn.Module``.
 * ``trainables(base) -> dict``: the tensors the rule differentiates and updates, built from the base weights
   ``base`` (selected name -> tensor). Default: the selected tensors themselves; LoRA: its factors.
-* ``start(base, rows, key, carry) -> dict``: the trainables an update over ``rows`` rows of x starts from.
-  Default: ``trainables(base)`` (the rows do not matter). A per-document adapter (``per_document``: one
-  document per row) gives every row its own, a leading document dimension; ``key`` makes a random start
-  reproducible (the doc-batched evaluator passes the batch index), ``carry`` is what the previous batch of
-  documents ended with (``carries()``: the start uses it).
-* ``materialize(base, trainables) -> dict``: the model's ``params=`` overrides. Default: the trainables.
-  ``loss(model, x, y, overrides, attn, **forward)`` is how they reach the model (default ``model(x, y,
-  params=...)``; a per-document adapter routes its factors through the model's ``lora=`` there); ``forward``
-  (``positions``, ``rope_len``, ``reduction``) goes to the model as given.
+  ``start(base, rows, key, carry)``: the trainables an update over ``rows`` rows starts from (default
+  ``trainables(base)``; per-document: one set per row, ``key`` seeds a random start, ``carry`` is the previous
+  batch's end, used when ``carries()``).
+* ``materialize(base, trainables) -> dict``: the model's overrides. Default: the trainables (``params=``).
+  ``loss(model, x, y, overrides, attn, **forward)`` is how they reach the model (doclora: per-row ``lora=``);
+  ``forward`` (``positions``, ``rope_len``, ``reduction``) goes to the model as given.
 * ``rule() -> Transform``: the update rule, a :func:`metattt.ttt.rules.chain` of transforms built from ``cfg``
   (clipping, momentum, Adam moments, learning-rate schedules, per-slice rates).
 * ``init(trainables) -> state``: the rule's state (momentum, moments, step count; dyneval adds anchors).
 * ``direction(trainables, grad_at) -> (loss, grads)``: the gradient the rule steps with; ``grad_at(t)`` returns
   (mean loss, masked gradients) at ``t``. Default one call; SAM calls it twice.
 * ``step(trainables, state, grads, active=None) -> (trainables, state)``: one update; default ``trainables -
-  updates`` with the rule's updates. ``active`` (per-document adapters): the rows (documents) that step; the
-  others keep their trainables and state. ``state["progress"]`` in [0, 1] drives schedules (the driver writes it: chunk index over
-  chunks in evaluation; 0 in meta-training).
+  updates`` with the rule's updates; ``active``: the rows (documents) that step, per-document adapters only.
+  ``state["progress"]`` in [0, 1] drives schedules (the driver writes it: chunk index over chunks in
+  evaluation; 0 in meta-training).
+* ``batches(x, y) -> [Batch]``: one step per batch. Default: mini-batches of ``batch_seqs`` rows; doclora: one
+  per ``chunk``-token chunk of the rows, as the doc-batched evaluator steps.
 * ``prepare(model, x, y, autocast)``: called by ``adapt`` before its update (dyneval gathers statistics there).
 
-* ``batches(x, y) -> [Batch]``: what one pass steps on, one ``step`` per batch. Default: mini-batches of
-  ``batch_seqs`` rows, mean loss; a per-document adapter: one batch per ``chunk``-token chunk of every row (the
-  row's prefix as context, the chunk's targets, per-row weights: loss = mean over the chunk per row, summed over
-  rows), as the doc-batched evaluator steps.
-
-Drivers (this class; subclasses do not override them): ``take_step(trainables, state, grad_at, active)`` is one
-update (``direction`` then ``step``, storage rounding included), the unit every driver below and the doc-batched
-evaluator's chunk loop (``metattt.eval.docttt_batch``) take. ``adapt(model, x, y, progress)`` is the evaluator's legal
-update on scored rows x, y (B, T): ``epochs`` passes of mini-batches of ``batch_seqs`` rows, each mini-batch
-split over the ranks with token-weighted gradient averaging (so all ranks stay bit-identical and equal the
-single-process update up to reduction order), under bf16 autocast on CUDA when ``autocast`` (the evaluator passes
-its own setting, so ``--no-autocast`` means float32 updates too), whatever the caller's grad or inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the meta-trainer's: the same
-passes and mini-batches, the same ``step``, on this rank's rows; with ``create_graph=False`` the inner gradients
-are constants (first order: the result depends on ``base`` through the identity and on meta-parameters through
-``step``), with ``True`` the exact second-order graph (use ``attn="math"``: fused attention kernels have no
-double backward). First order, on CPU, ``inner_loop`` with ``passes=k`` returns bit for bit the weights that
-``adapt`` with ``epochs=k`` reaches on the same rows. ``reset()`` returns to the trained weights and fresh
-state; ``params()`` gives the current overrides; ``training_positions(chunk_index) -> int`` names the chunk to
-train on after scoring ``chunk_index`` (honest adapters: that chunk; the evaluator's ledger refuses others).
-A per-document adapter is run by the doc-batched evaluator (``docttt:NAME``), not by ``adapt`` (rows of the
-window evaluator are windows, not documents); its meta-training is ``inner_loop`` as for every adapter.
+Drivers (this class; subclasses do not override them): ``take_step`` is one update (``direction``, ``step``,
+storage rounding), the unit of the drivers below and of the doc-batched chunk loop (``metattt.eval.docttt_batch``).
+``adapt(model, x, y, progress)`` is the evaluator's legal update on scored rows x, y (B, T): ``epochs`` passes
+over ``batches``, each mini-batch split over the ranks with token-weighted gradient averaging (so all ranks stay
+bit-identical and equal the single-process update up to reduction order), under bf16 autocast on CUDA when
+``autocast`` (the evaluator passes its own setting, so ``--no-autocast`` means float32 updates too), whatever the
+caller's grad or inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the
+meta-trainer's: the same passes and batches, the same ``step``, on this rank's rows; with ``create_graph=False``
+the inner gradients are constants (first order: the result depends on ``base`` through the identity and on
+meta-parameters through ``step``), with ``True`` the exact second-order graph (use ``attn="math"``: fused
+attention kernels have no double backward). First order, on CPU, ``inner_loop`` with ``passes=k`` returns bit for
+bit the weights that the evaluator (``adapt`` with ``epochs=k``; per-document: the doc-batched chunk loop) reaches
+on the same rows. ``reset()`` returns to the trained weights and fresh state; ``params()`` gives the current
+overrides; ``training_positions(chunk_index) -> int`` names the chunk to train on after scoring ``chunk_index``
+(honest adapters: that chunk; the evaluator's ledger refuses others).
 """
 from __future__ import annotations
 
@@ -185,10 +179,8 @@ class Adapter(nn.Module):
     requires_meta_params: ClassVar[bool] = False
     default_selection: ClassVar[str] = "all"
     trains_in_eval: ClassVar[bool] = True
-    #: one document per row: trainables with a leading document dimension, run by the doc-batched evaluator
     per_document: ClassVar[bool] = False
-    #: (per-document) True makes the doc-batched chunk loop train on each chunk before scoring it, which its ledger
-    #: must refuse: only the cheating tests set it
+    #: True: the doc-batched chunk loop trains on each chunk before scoring it (its ledger refuses; cheat tests only)
     adapts_before_scoring: ClassVar[bool] = False
 
     def __init__(self, cfg: AdapterConfig | None = None, selection: "str | ParamSelection | None" = None) -> None:
@@ -218,7 +210,6 @@ class Adapter(nn.Module):
 
     def start(self, base: Mapping[str, Tensor], rows: int, key: int = 0,
               carry: Mapping[str, Tensor] | None = None) -> Tensors:
-        """The trainables an update over ``rows`` rows starts from (module docstring)."""
         return self.trainables(base)
 
     def carries(self) -> bool:
@@ -253,7 +244,6 @@ class Adapter(nn.Module):
         return model(x, y, params=dict(overrides), **forward)
 
     def batches(self, x: Tensor, y: Tensor) -> list[Batch]:
-        """What one pass steps on (module docstring): mini-batches of ``batch_seqs`` rows."""
         return [Batch(xb, yb) for xb, yb in minibatches(x, y, self.cfg.batch_seqs)]
 
     def prepare(self, model: nn.Module, x: Tensor, y: Tensor, autocast: bool) -> None:
@@ -283,10 +273,6 @@ class Adapter(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             self._cur = {n: t.clone() for n, t in self.trainables(self._trained).items()}
             self._state = self.init(self._cur)
-
-    @property
-    def bound(self) -> bool:
-        return self.sel is not None
 
     def _require_bound(self) -> SelectedParams:
         if self.sel is None:

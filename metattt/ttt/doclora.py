@@ -4,18 +4,16 @@ Every document of a batch owns its own rank-r factors on Q, K, V, the attention 
 and the LM head; the factors of all documents live in batched tensors with a leading document dimension and the
 model applies them per row (``gpt_forward(..., lora=)``), so per-document weights are never materialised.
 
-An :class:`~metattt.ttt.adapter.Adapter` with ``per_document`` set: ``start(base, rows, generator, carry)``
-gives every row (document) its own factors, a leading document dimension; ``materialize`` returns the scaled
-factors, which ``loss`` routes through the model's ``lora=`` argument; ``batches`` steps once per ``chunk``-token
-chunk of the rows (mean per document, summed over documents), as the doc-batched evaluator
-(``metattt.eval.docttt_batch``) steps on each scored chunk, so meta-training (``Adapter.inner_loop``) takes the
-evaluator's update. Both drive it through ``Adapter.take_step``. AdamW is elementwise (decoupled weight decay
-``p *= 1 - lr * wd``, eps added to the bias-corrected ``sqrt(v)`` as in ``torch.optim.AdamW``), so one step over
-the batched tensors is the per-document step of every document at once, provided the loss is a sum of
-per-document terms (both drivers' are). ``step`` works in place (torch's fused AdamW kernel on views of the
-batched tensors; ``active``: the documents that step): at rank 96 the factors of 64 documents are ~1.3 GB, and an
-out-of-place step would double that and its memory traffic. So the rule is not a :mod:`metattt.ttt.rules` chain
-(those are out of place, and their expressions are not the fused kernel's bits); meta-training is first order.
+A ``per_document`` :class:`~metattt.ttt.adapter.Adapter`: ``start`` gives every row (document) its factors,
+``loss`` routes them through the model's ``lora=``, ``batches`` steps once per ``chunk``-token chunk (mean per
+document, summed), as the doc-batched evaluator (``metattt.eval.docttt_batch``) steps on each scored chunk, so
+meta-training (``inner_loop``) takes the evaluated update; both drive it through ``take_step``. AdamW is
+elementwise (decoupled weight decay, eps added to the bias-corrected ``sqrt(v)`` as in ``torch.optim.AdamW``), so
+one step over the batched tensors is every document's own step, the loss being a sum of per-document terms.
+``step`` works in place (torch's fused AdamW kernel on views of the batched tensors): at rank 96 the factors of 64
+documents are ~1.3 GB, and an out-of-place step would double that and its memory traffic. So its rule is not a
+:mod:`metattt.ttt.rules` chain (those are out of place, and not the fused kernel's bits), and meta-training is
+first order.
 
 Meta-learned init (``init=meta``): the module then owns one shared A factor per target (``A0``, nn.Parameters,
 shapes (L, r, in) / (r, in)) that every document's A starts from instead of a fresh uniform draw; B still starts
@@ -33,7 +31,6 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import rules
 from .adapter import Adapter, AdapterConfig, Batch, Tensors
 
 TARGETS = ("q", "k", "v", "out", "mlp", "head")
@@ -121,17 +118,11 @@ class DocLoRA(Adapter):
 
     def load_artifact_extras(self, extras: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load A0 from an artifact's extras (after ``bind``); with ``strict`` every target must be there."""
-        have = {k[len(EXTRA_PREFIX):]: v for k, v in extras.items() if k.startswith(EXTRA_PREFIX)}
-        missing = [t for t in self.A0 if t not in have]
+        missing = [EXTRA_PREFIX + t for t in self.A0 if EXTRA_PREFIX + t not in extras]
         if missing and strict:
-            raise ValueError(f"doclora init=meta: the artifact has no learned A0 for {missing} (extras "
-                             f"{[EXTRA_PREFIX + t for t in missing]}); meta-train it with --meta.adapter doclora "
-                             "and --meta.split seq-half, or use init=random")
-        for t, p in self.A0.items():
-            if t in have and tuple(have[t].shape) != tuple(p.shape):
-                raise ValueError(f"doclora A0.{t}: the artifact has shape {tuple(have[t].shape)}, this "
-                                 f"adapter {tuple(p.shape)} (another rank or model?)")
-        super().load_artifact_extras(extras, strict=False)
+            raise ValueError(f"doclora init=meta: the artifact has no learned A0 (extras {missing}); meta-train it "
+                             "with --meta.adapter doclora and --meta.split seq-half, or use init=random")
+        super().load_artifact_extras(extras, strict=False)  # a wrong shape: a ValueError naming it
 
     def shapes(self, model_cfg: Any) -> dict[str, tuple[int | None, int, int]]:
         """target -> (layers or None for the head, in features, out features)."""
@@ -171,9 +162,6 @@ class DocLoRA(Adapter):
             tr[f"A.{t}"] = a
             tr[f"B.{t}"] = torch.zeros(*lead, fout, r, device=dev, dtype=dt)
         return tr
-
-    def rule(self) -> rules.Transform:
-        raise NotImplementedError("doclora's rule is its in-place fused AdamW step (module docstring)")
 
     def init(self, trainables: Mapping[str, Tensor]) -> dict[str, Any]:
         """AdamW moments, and the steps taken per document on the host."""

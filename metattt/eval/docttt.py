@@ -157,8 +157,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     init = None
                     ad = adapter if invalid is None else None  # diverged: the rest is scored without adapting
                     if ad is not None:
-                        t0 = ad.start(base, len(idx), key=b, carry=tr)
-                        init = (t0, ad.init(t0))
+                        fresh = ad.start(base, len(idx), key=b, carry=tr)
+                        init = (fresh, ad.init(fresh))
                     res = run_batch(model, tokens, a, e, spec, ad, base, ledger, init, autocast, attn, shapes,
                                     sink, inplace=True, on_chunk=bar.update)
                     if ad is not None and res.nonfinite_chunk is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -236,8 +236,9 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             """Per-target nats of the chunk's rows with the factors ``at`` (default: the current ones)."""
             ov: dict[str, torch.Tensor] = dict(base) if base is not None else {}
             leaves = None
-            if adapter is not None:
-                leaves = {k: v[:R].detach().requires_grad_(grad) for k, v in (tr if at is None else at).items()}
+            cur = tr if at is None else at
+            if adapter is not None and cur is not None:
+                leaves = {k: v[:R].detach().requires_grad_(grad) for k, v in cur.items()}
                 ov.update(adapter.materialize(ov, leaves))
             kw: dict[str, Any] = {"positions": cols, "reduction": "none", "rope_len": rope_len,
                                   **({} if attn == "auto" else {"attn": attn})}
@@ -245,15 +246,15 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 nll = model(x, tgt, params=ov, **kw) if adapter is None else adapter.loss(model, x, tgt, ov, **kw)
             return nll, leaves
 
-        def update(nll: torch.Tensor, leaves: Tensors, train: np.ndarray, step: int) -> None:
+        def update(nll: torch.Tensor, leaves: Tensors | None, train: np.ndarray, step: int) -> None:
             nonlocal tr, st
-            assert adapter is not None
+            assert adapter is not None and tr is not None and st is not None and leaves is not None
             w = TRN[c, :R].float() / CNT[c, :R].clamp(min=1).float()  # mean per document, trained docs only
             n_train = max(int(train.sum()), 1)
 
-            def grad_at(t: Tensors) -> tuple[torch.Tensor, Tensors]:
+            def grad_at(t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Tensors]:
                 """The loss and gradients at ``t``: the scored forward's own graph at the current factors."""
-                nll_t, leaves_t = (nll, leaves) if t is tr else forward(True, t)
+                nll_t, leaves_t = (nll, leaves) if t is tr else forward(True, dict(t))
                 assert leaves_t is not None
                 loss = weighted_loss(nll_t, w, valid)
                 grads = torch.autograd.grad(loss, list(leaves_t.values()))

@@ -104,8 +104,9 @@ class DocLoRA(Adapter):
         if self._require_bound().names:
             raise ValueError(f"doclora adapts its own factors (targets={self.cfg.targets!r}), not a selection of the "
                              f"model's tensors: drop select={self.selection.spec!r}")
-        self._shapes = self.shapes(model.cfg)
-        self._n_layers = int(model.cfg.num_layers)
+        mcfg: Any = model.cfg
+        self._shapes = self.shapes(mcfg)
+        self._n_layers = int(mcfg.num_layers)
         self.A0 = nn.ParameterDict()
         if self.cfg.init != "meta":
             return

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -60,7 +61,7 @@ class SignalFlag:
     def __init__(self) -> None:
         self.signum = 0
         self.armed = False
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def _handle(self, signum, frame) -> None:
         if not self.armed:

@@ -282,6 +282,35 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
         assert s_tok == f"{sgd['ledger']['n_update_positions']:,}"
         assert epochs == str(sgd["adapter_params"]["config"]["epochs"])
         assert dtt == f"{ev['deltas']['ttt:sgd']['value']:+.5f}"
+    # the ceiling: ttt:sgd is each cell's one adapter; within the limit it is the ceiling, with the cell's interval
+    from metattt.study.ladder import CEILING_TIME_MULTIPLE
+
+    ceil = {}
+    for model in ("s.dn1", "s.dn2", "xs.dn0.5", "xs.dn1", "xs.dn2"):
+        for setting in ("indist", "other"):
+            (line,) = [ln for ln in lines if ln.startswith(f"| {model} |") and f"| {setting} | 1 |" in ln]
+            (cell,) = (study / "cells" / model).glob(f"{setting}-*")
+            ev = _json(cell / "eval.json")
+            pr = ev["protocols"]
+            ratio = pr["ttt:sgd"]["cost"]["device_s_per_token"] / pr["sliding"]["cost"]["device_s_per_token"]
+            d = ev["deltas"]["ttt:sgd"]
+            if ratio <= CEILING_TIME_MULTIPLE:
+                ceil[(model, setting)] = d["value"]
+                assert (f"| {d['value']:+.5f} | [{d['ci95'][0]:.5f}, {d['ci95'][1]:.5f}] | ttt:sgd ({setting}) | "
+                        f"{ratio:.2f}× | none |") in line
+            else:
+                assert f"| none within the limit | n/a | n/a | n/a | ttt:sgd ({setting}) {ratio:.2f}× |" in line
+            assert f"| none ran in {setting} |" in line or "none within the limit" in line
+    # flat across sizes: D/N 1 and 2 hold both sizes (paired: the same documents), D/N 0.5 one
+    for setting in ("indist", "other"):
+        for dn in ("1", "2"):
+            (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | {dn} |") and ln.count("|") == 12]
+            a, b = ceil.get((f"xs.dn{dn}", setting)), ceil.get((f"s.dn{dn}", setting))
+            if a is not None and b is not None:
+                assert f"| {b - a:+.5f} |" in line and "| paired (same documents) |" in line
+                assert f"| {(b - a) / math.log2(75_910 / 19_526):+.5f} |" in line
+        (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | 0.5 |")]
+        assert "| fewer than 2 sizes |" in line
 
 
 def _study(parent_flags: list[str], branch_ref: str = "p") -> dict:
@@ -310,3 +339,135 @@ def test_model_references_key_on_the_parent_and_train_it_first():
     assert [o.what for o in run_study(st, dry_run=True, only={"b/e"}, log=log.append)] == ["model p", "model b",
                                                                                          "cell b/e"]
     assert run_study(st, dry_run=True, only={"b/other"}, log=log.append) == []
+
+
+# ---------------------------------------------------------------- the ceiling (synthetic eval.json)
+
+def _ceil_cell(model: str, setting: str, n: int, dn: float, protos: dict, nbytes: np.ndarray, *, val: str = "v1",
+               runs: dict | None = None, noise: np.ndarray | None = None):
+    """A done ladder cell whose protocols are ``name -> (gain over sliding in bpb, seconds per token, legal, mode)``
+    on every document (per-document nats = (level − gain)·ln2·bytes, plus ``noise`` nats where given); sliding
+    scores 1 s per 100,000 tokens. ``runs``: name -> bpb per run (order 0 first), sliding's included."""
+    ln2 = math.log(2)
+    nats = {"sliding": 2.0 * ln2 * nbytes}
+    entries = {"flat": {"bpb": 2.01, "adapter": None, "mode": "score", "legal": True, "invalid": None,
+                        "cost": {"device_s_per_token": 5e-6}},
+               "sliding": {"bpb": 2.0, "adapter": None, "mode": "score", "legal": True, "invalid": None,
+                           "cost": {"device_s_per_token": 1e-5}}}
+    nats["flat"] = 2.01 * ln2 * nbytes
+    for name, (gain, spt, legal, mode) in protos.items():
+        nats[name] = (2.0 - gain) * ln2 * nbytes + (0 if noise is None else noise)
+        entries[name] = {"bpb": 2.0 - gain, "adapter": name.split(":", 1)[1].split("@")[0], "mode": mode,
+                         "legal": legal, "invalid": None, "cost": {"device_s_per_token": spt}}
+    ev = {"deltas": {"context": {"from": "flat", "to": "sliding", "value": 0.01, "ci95": [0.009, 0.011]}},
+          "per_document": {"bytes": nbytes.tolist(), "nats": {k: v.tolist() for k, v in nats.items()}},
+          "bootstrap": {"n": 200, "seed": 0, "level": 0.95}, "protocols": entries,
+          "meta": {"val": f"{val}/*.bin", "val_fingerprint": f"fp-{val}"}}
+    if runs:
+        ev["runs"] = {"n_runs": len(runs["sliding"]),
+                      "protocols": {k: {"bpb_mean": float(np.mean(v)), "bpb_per_run": list(v)}
+                                    for k, v in runs.items()}}
+    tokens = int(dn * n)
+    summary = {"train_tokens": int(tokens * 1.15),
+               "branch": {"budget": {"dn": dn, "n_params": n, "tokens": tokens, "capped": False}}}
+    return SimpleNamespace(cell=SimpleNamespace(model=SimpleNamespace(name=model), ev=SimpleNamespace(name=setting)),
+                           eval=ev, model_summary=summary)
+
+
+def test_ceiling_is_the_best_legal_adapter_within_the_time_limit():
+    from metattt.study.ladder import CEILING_TIME_MULTIPLE, ceiling_table, ceilings
+
+    assert CEILING_TIME_MULTIPLE == 3.0
+    nbytes = np.linspace(500, 1500, 30)
+    core = _ceil_cell("a.dn25", "indist", 1000, 25, {"ttt:sgd": (0.002, 2e-5, True, "ttt")}, nbytes)
+    ext = _ceil_cell("a.dn25", "indist-ext", 1000, 25, {
+        "ttt:sgd": (0.0021, 2e-5, True, "ttt"),
+        "ttt:dyneval": (0.004, 2.9e-5, True, "ttt"),     # 2.9× sliding: within the limit, the best there
+        "ttt:lora-never": (0.009, 5e-5, True, "ttt"),    # 5× sliding: too slow, the best at any cost
+        "ttt:cheat": (0.02, 1e-5, False, "ttt"),         # not legal: never counts
+        "docttt:doclora": (0.003, 3.1e-5, True, "docttt"),  # 3.1×: just over
+        "oracle:sgd": (0.010, 2e-5, False, "oracle")}, nbytes)
+    other = _ceil_cell("a.dn25", "fineweb", 1000, 25, {"ttt:sgd": (0.001, 2e-5, True, "ttt")}, nbytes, val="v2")
+    cs = ceilings(ladder_points([core, ext, other]), n_boot=50)
+    assert [(c.settings, c.model) for c in cs] == [(["fineweb"], "a.dn25"), (["indist", "indist-ext"], "a.dn25")]
+    fw, ind = cs
+    assert ind.best.proto == "ttt:dyneval" and ind.best.point.setting == "indist-ext"
+    assert ind.best.value == pytest.approx(0.004) and ind.ci == pytest.approx((0.004, 0.004))  # no noise at all
+    assert ind.best.time_ratio == pytest.approx(2.9)
+    assert ind.best_any.proto == "ttt:lora-never" and ind.best_any.value == pytest.approx(0.009)
+    assert sorted(c.proto for c in ind.too_slow) == ["docttt:doclora", "ttt:lora-never"]
+    assert ind.n_adapters == 5  # sgd twice, dyneval, lora, doclora; not the cheat, not the oracle
+    assert ind.oracle.proto == "oracle:sgd" and ind.fraction == pytest.approx(0.4)
+    assert ind.fraction_ci == pytest.approx((0.4, 0.4))
+    assert fw.best.proto == "ttt:sgd" and fw.best.value == pytest.approx(0.001) and fw.oracle is None
+    assert fw.ci == pytest.approx((0.001, 0.001))  # bootstrapped: no recorded Δ from sliding in this cell
+    other.eval["deltas"]["ttt:sgd"] = {"from": "sliding", "to": "ttt:sgd", "value": 0.001, "ci95": [0.0005, 0.0016]}
+    assert ceilings(ladder_points([other]), n_boot=10)[0].ci == (0.0005, 0.0016)  # the evaluator's own interval
+    # a tighter budget: sgd (2×) of the core cell is then the ceiling on the in-distribution set
+    tight = [c for c in ceilings(ladder_points([core, ext]), multiple=2.5, n_boot=20)][0]
+    assert tight.best.label == "ttt:sgd (indist-ext)" and tight.best.value == pytest.approx(0.0021)
+    assert ceilings(ladder_points([core]), multiple=1.5, n_boot=10)[0].best is None  # nothing within 1.5×
+    text = "\n".join(ceiling_table(cs))
+    assert "The ceiling (operational definition)" in text and "at most 3× sliding's" in text
+    row = next(line for line in text.splitlines() if "| indist, indist-ext |" in line)
+    assert ("| +0.00400 | [0.00400, 0.00400] | ttt:dyneval (indist-ext) | 2.90× | "
+            "ttt:lora-never (indist-ext) 5.00×, docttt:doclora (indist-ext) 3.10× | "
+            "+0.00900 (ttt:lora-never (indist-ext)) | oracle:sgd +0.01000 | 0.400 |") in row
+    assert "| none ran in fineweb |" in next(line for line in text.splitlines() if "| fineweb |" in line)
+
+
+def test_ceiling_mean_over_runs_and_its_interval_on_noisy_documents():
+    from metattt.study.ladder import ceilings
+
+    rng = np.random.default_rng(3)
+    nbytes = rng.uniform(500, 2000, 80)
+    noise = rng.normal(0, 3.0, 80)
+    runs = {"sliding": [2.0, 2.001, 1.999], "ttt:sgd": [1.997, 1.9975, 1.9955]}
+    c = _ceil_cell("a.dn25", "indist", 1000, 25, {"ttt:sgd": (0.003, 2e-5, True, "ttt")}, nbytes, runs=runs,
+                   noise=noise)
+    (ce,) = ceilings(ladder_points([c]), n_boot=400)
+    order0 = (np.sum(2.0 * math.log(2) * nbytes) - np.sum((2.0 - 0.003) * math.log(2) * nbytes + noise)) \
+        / math.log(2) / nbytes.sum()
+    per_run = np.array(runs["sliding"]) - np.array(runs["ttt:sgd"])
+    want = order0 + per_run.mean() - per_run[0]
+    assert ce.best.value == pytest.approx(want, rel=1e-9)
+    assert ce.ci[0] < want < ce.ci[1] and ce.ci[1] - ce.ci[0] > 1e-4  # noise and runs widen it
+
+
+def test_ceiling_against_size_at_a_matched_budget():
+    from metattt.study.ladder import flatness, flatness_table
+
+    nbytes = np.linspace(500, 1500, 40)
+    noise = np.random.default_rng(5).normal(0, 2.0, 40)
+    sizes = {1_000: 0.004, 4_000: 0.003, 16_000: 0.0015}
+    cells = [_ceil_cell(f"s{n}.dn25", "indist", n, 25, {"ttt:sgd": (g, 2e-5, True, "ttt")}, nbytes, noise=noise)
+             for n, g in sizes.items()]
+    # the smallest size also ran dyneval at this budget: not run at every size, so not compared
+    cells.append(_ceil_cell("s1000.dn25", "indist-ext", 1_000, 25, {"ttt:dyneval": (0.01, 1e-5, True, "ttt")},
+                            nbytes))
+    cells.append(_ceil_cell("s1000.dn50", "indist", 1_000, 50, {"ttt:sgd": (0.002, 2e-5, True, "ttt")}, nbytes))
+    # a second training seed of a size is another branch at the same budget: the first seed's stands for the size
+    cells.append(_ceil_cell("s1000.dn25-s2", "indist", 1_000, 25, {"ttt:sgd": (0.05, 2e-5, True, "ttt")}, nbytes))
+    (one, three) = flatness(ladder_points(cells), n_boot=300)
+    assert three.dn_requested == 25 and [r.n_params for r in three.rows] == list(sizes) and three.paired
+    assert [r.best.proto for r in three.rows] == ["ttt:sgd"] * 3 and three.n_adapters == 1
+    assert [r.model for r in three.rows] == ["s1000.dn25", "s4000.dn25", "s16000.dn25"]
+    # independently: the Δs (the noise is the same for every size, so it shifts every Δ by the same amount)
+    shift = -noise.sum() / math.log(2) / nbytes.sum()
+    got = np.array(list(sizes.values())) + shift
+    slope = np.polyfit(np.log2(list(sizes)), got, 1)[0]
+    assert three.slope == pytest.approx(slope) and slope == pytest.approx((0.0015 - 0.004) / 4, rel=0.1)
+    assert three.diff == pytest.approx(0.0015 - 0.004)
+    # paired draws: the shared noise cancels in the difference, so its interval is a point
+    assert three.diff_ci == pytest.approx((0.0015 - 0.004,) * 2, abs=1e-12)
+    assert three.slope_ci[0] <= three.slope <= three.slope_ci[1]
+    assert one.dn_requested == 50 and len(one.rows) == 1 and one.slope is None
+    text = "\n".join(flatness_table([three, one]))
+    assert "Is the ceiling flat across sizes?" in text and "| falls with N |" in text
+    assert "| indist | 50 | 1 | 1 |" in text and "fewer than 2 sizes" in text
+    only = "\n".join(flatness_table([one]))
+    assert "Fewer than 2 sizes at every matched budget" in only and "D/N 50 (indist): 1" in only
+    # different documents at two sizes: independent draws, still an interval
+    c2 = _ceil_cell("s4000.dn50", "indist", 4_000, 50, {"ttt:sgd": (0.001, 2e-5, True, "ttt")}, nbytes[:30])
+    f = next(f for f in flatness(ladder_points(cells + [c2]), n_boot=100) if f.dn_requested == 50)
+    assert not f.paired and f.diff == pytest.approx(0.001 - 0.002) and f.diff_ci == pytest.approx((-0.001,) * 2)

@@ -3,13 +3,16 @@ but the file (the model is rebuilt with `BankedGPT(ModelConfig.from_dict(cfg))`)
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from .budget import ArtifactReport
 from .errors import StateDictMismatchError
 from .format import LoadedArtifact, load_artifact, save_artifact
+
+if TYPE_CHECKING:
+    from metattt.model.gpt import BankedGPT
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -19,8 +22,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while seen < 8:
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
-            inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else None
-        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
             return model
         model, seen = inner, seen + 1
     return model
@@ -64,7 +67,7 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
 
 def load_model_artifact(path: str | os.PathLike, device: str | torch.device = "cpu",
-                        expect: Mapping[str, Any] | None = None, **kw: Any) -> tuple[torch.nn.Module, LoadedArtifact]:
+                        expect: Mapping[str, Any] | None = None, **kw: Any) -> tuple[BankedGPT, LoadedArtifact]:
     """Rebuild BankedGPT from the artifact's config and load its dequantized weights (strict)."""
     from metattt.model.config import ModelConfig  # lazy: keeps the format layer importable on its own
     from metattt.model.gpt import BankedGPT

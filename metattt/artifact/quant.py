@@ -186,17 +186,19 @@ def quantize_rows(w: torch.Tensor, qmax: int, quantiles: Iterable[float] = (1.0,
                 torch.zeros(r, dtype=torch.float16, device=w.device))
     qs = sorted(set(float(q) for q in quantiles) | {1.0}, reverse=True)  # 1.0 first: wins ties
     top_desc = w.abs().topk(_topk_needed(c, min(qs)), dim=1, sorted=True).values
-    best_s = best_err = None
+    best_s: torch.Tensor | None = None
+    best_err: torch.Tensor | None = None
     for qu in qs:  # pick the per-row scale with the lowest error; materialize q once at the end
         s = _fp16_scale(_row_quantiles(top_desc, c, qu), qmax)
         x = (w / s[:, None]).round_().clamp_(-qmax, qmax)
         err = x.mul_(s[:, None]).sub_(w).square_().sum(dim=1)
-        if best_err is None:
+        if best_s is None or best_err is None:  # the first quantile (set together)
             best_s, best_err = s, err
         else:
             better = err < best_err
             best_s = torch.where(better, s, best_s)
             best_err = torch.where(better, err, best_err)
+    assert best_s is not None  # qs is never empty: it holds 1.0
     best_q = (w / best_s[:, None]).round_().clamp_(-qmax, qmax)
     return best_q.to(torch.int8), best_s.to(torch.float16)
 

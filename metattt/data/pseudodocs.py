@@ -48,7 +48,9 @@ def pseudo_documents(texts: Iterator[str], sp, lengths: np.ndarray, rng: np.rand
         paras = [p for p in text.split("\n") if p.strip()]
         if not paras:
             continue
-        units, seps, counts = [], [], []
+        units: list[str] = []
+        seps: list[str] = []
+        counts: list[int] = []
         for para, n in zip(paras, (len(ids) for ids in sp.encode(paras, out_type=int))):
             parts = [para] if n <= MAX_UNIT_TOKENS else [x for x in _SENTENCE_END.split(para) if x]
             part_counts = [n] if len(parts) == 1 else [len(ids) for ids in sp.encode(parts, out_type=int)]

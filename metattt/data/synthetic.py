@@ -617,7 +617,7 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 def _claim(out: Path, spec: SyntheticSpec) -> dict[str, Any] | None:
     """The reusable metadata of ``out`` for ``spec``, None when ``out`` may be (re)generated for it, or raise
     :class:`CorpusClashError` when it holds another spec's corpus or files of unknown origin."""
-    mine = {"generator_version": GENERATOR_VERSION, "spec": spec.to_dict()}
+    mine: dict[str, Any] = {"generator_version": GENERATOR_VERSION, "spec": spec.to_dict()}
     for fname in ("meta.json", GENERATING):
         path = out / fname
         if not path.is_file():

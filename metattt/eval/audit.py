@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -43,6 +43,11 @@ import torch
 from .docttt_spec import DocTTTSpec
 from .ledger import Ledger, LegalityError
 from .windows import doc_ids, doc_starts
+
+if TYPE_CHECKING:
+    from ..model.gpt import BankedGPT
+    from .protocols import AdapterFactory
+    from .scoring import AdapterLike
 
 KINDS = ("tokens", "boundary")
 CUDA_TOL = 1e-3  # nats per target on CUDA, where the re-runs are float32 (0.0 measured on an H100, docs/benchmarks.md)
@@ -254,7 +259,7 @@ def audit_protocol(spec: Any, run: Callable[[Any, Any], Any], data: Any, cfg: An
                      + ". Its scores depend on tokens it had not scored yet.")
 
 
-def run_audit(model: torch.nn.Module, data: Any, specs: list[Any], adapters: Mapping[str, Any] | Callable,
+def run_audit(model: BankedGPT, data: Any, specs: list[Any], adapters: Mapping[str, AdapterLike] | AdapterFactory,
               cfg: Any, acfg: AuditConfig = AuditConfig(), ctx: Any = None, scorer: Any = None,
               extras: Mapping[str, torch.Tensor] | None = None, log: Callable[[str], None] | None = None
               ) -> dict[str, Any]:
@@ -276,11 +281,11 @@ def run_audit(model: torch.nn.Module, data: Any, specs: list[Any], adapters: Map
                            "precision": "float32" if fp32 or not cfg.autocast or device.type != "cuda" else "bf16"}
 
     for spec in specs:
-        adapter = None
+        adapter: AdapterLike | None = None
         if spec.adapter is not None and not isinstance(spec, DocTTTSpec):
             adapter = adapters(spec.adapter) if callable(adapters) else adapters[spec.adapter]
 
-        def run(s: Any, d: Any, adapter: Any = adapter) -> Any:
+        def run(s: Any, d: Any, adapter: AdapterLike | None = adapter) -> Any:
             plan = None if isinstance(s, DocTTTSpec) else build_plan(s.windows, d, quiet)
             return run_protocol(s, model, d, plan, quiet, adapter, ctx, scorer, extras)
 

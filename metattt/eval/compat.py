@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..data.bpb import bpb
+
+if TYPE_CHECKING:
+    from ..model.gpt import BankedGPT
+    from .protocols import AdapterFactory
+    from .scoring import AdapterLike
 
 COMPAT_MODES = ("none", "pg-record")
 BF16_TABLES = ("tok_emb", "bigram_emb", "ve_emb")
@@ -95,7 +100,7 @@ def parse_knobs(text: str | None) -> RecordNumerics:
     return RecordNumerics(**kw)
 
 
-def record_numerics(model: torch.nn.Module, knobs: RecordNumerics = RecordNumerics()) -> None:
+def record_numerics(model: BankedGPT, knobs: RecordNumerics = RecordNumerics()) -> None:
     """The record's forward numerics under bf16 autocast (see ``RecordNumerics``), set on the model's runtime."""
     model.runtime = replace(model.runtime, residual_dtype="bfloat16" if knobs.residual else "float32",
                             lowp_softcap=knobs.softcap, record_casts=knobs.casts,
@@ -124,7 +129,8 @@ def fake_int6(w: torch.Tensor) -> torch.Tensor:
     return w + (wq.to(w.dtype) - w).detach()
 
 
-def record_ttt_factory(factory: Any, knobs: RecordNumerics = RecordNumerics(), bf16: bool = True) -> Any:
+def record_ttt_factory(factory: AdapterFactory, knobs: RecordNumerics = RecordNumerics(),
+                       bf16: bool = True) -> AdapterFactory:
     """Adapters that train as the record's TTT does: late QAT on the CastedLinear weights during their training
     forwards (``knobs.qat``); with ``bf16`` (autocast on CUDA) the tables' updates, gradients and momentum
     buffers in bf16 (``knobs.ttt_tables`` / ``ttt_state``)."""
@@ -132,7 +138,7 @@ def record_ttt_factory(factory: Any, knobs: RecordNumerics = RecordNumerics(), b
 
     wrapped: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters whose loss already fake-quantizes
 
-    def get(key: str) -> Any:
+    def get(key: str) -> AdapterLike:
         ad = factory(key)
         if not isinstance(ad, Adapter):  # an adapter written against the evaluator's seam alone: left as it is
             return ad
@@ -151,7 +157,8 @@ def record_ttt_factory(factory: Any, knobs: RecordNumerics = RecordNumerics(), b
                         ov[n] = fake_int6(ov[n] if n in ov else named[n])
                 return plain(model, x, y, ov, attn)
 
-            ad.loss = loss
+            # this instance's training forwards fake-quantize; a per-instance override of the method is the point
+            ad.loss = loss  # type: ignore[method-assign]
             wrapped.add(ad)
         return ad
     return get

@@ -10,7 +10,7 @@ step-down procedure controls the family-wise error over the adapters of one tabl
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -63,7 +63,8 @@ def equivalence_table(doc_nats: Mapping[str, np.ndarray], doc_bytes: np.ndarray,
                       pairs: Mapping[str, tuple[str, str]], margin: float = DEFAULT_MARGIN,
                       alpha: float = 0.05) -> dict[str, object]:
     """TOST for each named pair (key -> (A, B)), Holm-corrected over the pairs given (one table's adapters)."""
-    rows = {k: tost(doc_terms(doc_nats[a], doc_nats[b], doc_bytes), margin) for k, (a, b) in pairs.items()}
+    rows: dict[str, dict[str, Any]] = {k: tost(doc_terms(doc_nats[a], doc_nats[b], doc_bytes), margin)
+                                       for k, (a, b) in pairs.items()}
     adj = holm([r["p"] for r in rows.values()])
     for (k, r), pa in zip(rows.items(), adj):
         r.update({"from": pairs[k][0], "to": pairs[k][1], "p_holm": pa,

@@ -26,6 +26,7 @@ from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, slidi
 _WINDOW_ALIASES = {"doc": "doc-sliding", "flat": "flat", "sliding": "sliding", "doc-flat": "doc-flat",
                    "doc-sliding": "doc-sliding"}
 ORACLE_LABEL = "not a legal score: upper bound"
+AdapterFactory = Callable[[str], AdapterLike]  # adapter key -> bound adapter (what ``evaluate`` may be given)
 
 
 def parse_protocol(text: str) -> Spec:
@@ -239,9 +240,9 @@ def run_protocol(
     spec: Spec,
     model: torch.nn.Module,
     data: StreamData,
-    plan: WindowPlan,
+    plan: WindowPlan | None,
     cfg: EvalConfig,
-    adapter: Any | None = None,
+    adapter: AdapterLike | None = None,
     ctx: DistCtx | None = None,
     scorer: torch.nn.Module | None = None,
     extras: Mapping[str, torch.Tensor] | None = None,
@@ -251,6 +252,8 @@ def run_protocol(
     ctx = DistCtx.current() if ctx is None else ctx
     if isinstance(spec, DocTTTSpec):
         return _run_docttt(spec, model, data, cfg, ctx, extras)
+    if plan is None:  # only a docttt: protocol builds its own windows
+        raise ValueError(f"protocol {spec.name} needs a window plan")
     if isinstance(spec, bayes_cache.BayesCacheSpec):
         return ProtocolResult(spec, *bayes_cache.run_bayes_cache(spec, model, data, plan, cfg))
     if spec.mode != "score" and adapter is None:
@@ -339,7 +342,7 @@ class EvalResult:
     scorer_compile_s: float = 0.0  # warm-up of a compiled scorer, kept out of every protocol's time
 
 
-def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, jobs: list[tuple[WindowPlan, Any]],
+def warm_up_scorer(scorer: torch.nn.Module, data: StreamData, jobs: list[tuple[WindowPlan, AdapterLike | None]],
                    cfg: EvalConfig) -> float:
     """One fixed-shape forward per distinct (batch shape, adapter) of ``jobs`` ((plan, bound adapter or None)
     pairs), so compilation is not billed to the first protocol that needs a graph (its tokens/s and full-val
@@ -369,7 +372,7 @@ def evaluate(
     model: torch.nn.Module,
     data: StreamData,
     specs: list[Spec],
-    adapters: dict[str, Any] | Callable[[str], Any],
+    adapters: Mapping[str, AdapterLike] | AdapterFactory,
     cfg: EvalConfig,
     ctx: DistCtx | None = None,
     log: Callable[[str], None] | None = None,
@@ -379,7 +382,7 @@ def evaluate(
     """Run every protocol in ``specs``; ``adapters`` maps adapter keys to *bound* adapters (or builds them);
     ``extras``: the artifact's extras, for batched adapters that load a learned init."""
     plans: dict[str, WindowPlan] = {}
-    bound: dict[str, Any] = {}  # adapters resolved (built and bound, once per key) before anything runs
+    bound: dict[str, AdapterLike | None] = {}  # adapters resolved (built and bound, once per key) before anything runs
     for spec in specs:
         if isinstance(spec, DocTTTSpec):  # builds its own document queue; its adapter comes from the spec
             bound[spec.name] = None

@@ -63,7 +63,7 @@ def docttt_decomposition(names: list[str], specs: dict[str, Any], deltas: dict[s
     return out
 
 
-def running_delta(a_block_nats: np.ndarray, b_block_nats: np.ndarray, block_bytes: np.ndarray) -> list[float]:
+def running_delta(a_block_nats: np.ndarray, b_block_nats: np.ndarray, block_bytes: np.ndarray) -> list[float | None]:
     """Cumulative bpb(A) - bpb(B) after each block (same blocks and bytes for both)."""
     cb = np.cumsum(block_bytes)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from . import bayes_cache
 from .orders import evaluate_runs, seeded_adapter_spec
 from .positions import parse_edges
 from .tuning import check_disjoint, parse_grid, parse_slice, slice_tokens, tune
-from .protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
+from .protocols import AdapterFactory, EvalConfig, evaluate, parse_protocols, prepare_stream
 from .report import format_report
 from .results import PLOT_NAME, invalid_protocols, new_eval_id, write_results
 from metattt.interrupts import signal_name, signum_of, sigterm_raises
@@ -53,15 +53,15 @@ EXIT_INVALID = 4
 
 
 def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: dict[str, torch.Tensor],
-                         registry: Any = None) -> Callable[[str], Any]:
+                         registry: Any = None) -> Callable[[str], Adapter]:
     """Build, bind and load meta-parameters of each adapter on first use (cached per key); names resolve in
     ``registry`` (default: the built-ins and installed entry points)."""
     from metattt.ttt.registry import Registry
 
     reg = registry if registry is not None else Registry.build()
-    cache: dict[str, Any] = {}
+    cache: dict[str, Adapter] = {}
 
-    def get(key: str) -> Any:
+    def get(key: str) -> Adapter:
         if key not in cache:
             try:
                 if key in specs:
@@ -128,7 +128,7 @@ def _tune(args, model, tune_tokens, lut, device, specs, grid, adapter_specs, ext
         raise EvalInputError(str(e)) from e
 
 
-def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str], Any]] | None = None,
+def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory] | None = None,
         out: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate as the CLI does and return the report (raises on bad input / illegality)."""
     from metattt.artifact.errors import ArtifactError
@@ -219,6 +219,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     except PluginError as e:
         raise EvalInputError(str(e)) from e
     extras_all = dict(loaded.extras or {})
+    factory: AdapterFactory
     if adapter_factory is None:
         factory = make_adapter_factory(model, adapter_specs, dict(loaded.extras or {}), registry)
     else:
@@ -247,7 +248,8 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
     model.eval()
     if args.compile:  # RoPE tables for the longest window, built eagerly: no first-fill recompile
         model.prepare_rope(max(cfg.seq_len, cfg.context, cfg.train_seq_len or 0), device)
-    scorer = torch.compile(model, dynamic=False) if args.compile else None
+    # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
+    scorer = cast(torch.nn.Module, torch.compile(model, dynamic=False)) if args.compile else None
     extras = dict(loaded.extras or {})
     for spec in specs:  # a learned batched init must be in the artifact: exit 2 before anything runs
         if isinstance(spec, DocTTTSpec):
@@ -264,7 +266,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., Callable[[str],
         warn("note: --no-audit: only the ledger checked legality (it trusts the adapter's declared positions)")
     runs = None
     if args.orders > 1 or args.adapt_seeds > 1:
-        def factory_for_seed(s: int) -> Callable[[str], Any]:
+        def factory_for_seed(s: int) -> AdapterFactory:
             if s == 0:
                 return factory
             seeded = dict(adapter_specs)

@@ -38,15 +38,22 @@ FULL_VAL_TOKENS = 62_021_632
 
 
 class AdapterResetLike(Protocol):
-    reset: str  # "never" | "chunk" | "doc": when the evaluator returns the adapter to the trained weights
+    @property
+    def reset(self) -> str: ...  # "never" | "chunk" | "doc": when the evaluator resets the adapter
 
 
 class AdapterLike(Protocol):
-    """Exactly what the evaluator calls on an adapter (``metattt.ttt.adapter.Adapter`` implements it; the report
-    also reads an ``Adapter``'s selection and ``cfg.epochs``, which a bare seam adapter does not have)."""
+    """The evaluator's seam: exactly what scoring (``run_stream``), protocols (report, scorer warm-up) and the
+    ``--compat`` tail use of an adapter, so an adapter written against it alone runs. ``Adapter`` implements it
+    (mypy checks it where registry adapters reach ``evaluate``); the report also accounts an ``Adapter``'s
+    selection and ``cfg.epochs``, found by ``isinstance``. Read-only members: the evaluator never assigns them,
+    and a class attribute (``Adapter.name``) can only satisfy a read-only protocol member."""
 
-    name: str  # the report's adapter name
-    cfg: AdapterResetLike
+    @property
+    def name(self) -> str: ...  # the report's adapter name
+
+    @property
+    def cfg(self) -> AdapterResetLike: ...
 
     def reset(self) -> None: ...
 
@@ -341,6 +348,7 @@ def run_stream(
     def adapt(chunk: Any, progress: float, after: bool) -> None:
         """One adapter update, timed: on the chunk itself (oracle) or ``after`` scoring it (what it asks for)."""
         nonlocal invalid, adapt_s
+        assert adapter is not None  # only orders that need an adapter adapt (checked above)
         t0 = time.perf_counter()
         if reset == "chunk":
             adapter.reset()
@@ -358,7 +366,8 @@ def run_stream(
         for chunk in progress_bar(chunks, desc=plan.name, enabled=cfg.progress and ctx.rank == 0):
             last = chunk.index == len(chunks) - 1
             progress = schedule_progress(chunk.index, len(chunks), plan.n_tokens, cfg.schedule_horizon)
-            if reset == "doc" and chunk.index > 0 and chunk.doc != chunks[chunk.index - 1].doc and invalid is None:
+            if (adapter is not None and reset == "doc" and chunk.index > 0
+                    and chunk.doc != chunks[chunk.index - 1].doc and invalid is None):
                 adapter.reset()
             if order == "adapt_first" and invalid is None:
                 adapt(chunk, progress, after=False)

@@ -102,5 +102,5 @@ class ProtocolSpec(Spec):
 
     def requires(self) -> list[Spec]:
         """``flat`` (the context Δ's start) beside sliding windows and every adapting protocol, and its base."""
-        flat = [ProtocolSpec("flat")] if self.adapts or self.windows == "sliding" else []
+        flat: list[Spec] = [ProtocolSpec("flat")] if self.adapts or self.windows == "sliding" else []
         return flat + ([ProtocolSpec(self.windows)] if self.adapts else [])

@@ -23,7 +23,7 @@ class Interval:
     lo: float
     hi: float
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | list[float]]:
         return {"value": self.point, "ci95": [self.lo, self.hi]}
 
 
@@ -39,7 +39,7 @@ def _resample_counts(rng: np.random.Generator, n_docs: int, n: int) -> np.ndarra
 def bootstrap(
     doc_nats: dict[str, np.ndarray],
     doc_bytes: np.ndarray,
-    pairs: list[tuple[str, str]] = (),
+    pairs: Sequence[tuple[str, str]] = (),
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -69,7 +69,7 @@ def bootstrap(
 def hierarchical_bootstrap(
     run_doc_nats: dict[str, np.ndarray],
     doc_bytes: np.ndarray,
-    pairs: list[tuple[str, str]] = (),
+    pairs: Sequence[tuple[str, str]] = (),
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,

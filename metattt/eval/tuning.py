@@ -93,7 +93,7 @@ def tune(grid: dict[str, list[dict[str, str]]], specs: dict[str, str],
     cands: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, str] = {}
     for key, combos in grid.items():
-        rows = []
+        rows: list[dict[str, Any]] = []
         for opts in combos:
             spec = with_options(specs.get(key, key), opts)
             bpb, usable = score(key, spec)

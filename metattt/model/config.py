@@ -59,7 +59,8 @@ class ModelConfig:
                 problems.append(f"{name} {bad} outside 0..{self.num_layers - 1}")
         if (self.recur_start is None) != (self.recur_end is None):
             problems.append("recur_start and recur_end must be given together")
-        elif self.recur_start is not None and not 0 <= self.recur_start < self.recur_end <= self.num_layers:
+        elif (self.recur_start is not None and self.recur_end is not None
+              and not 0 <= self.recur_start < self.recur_end <= self.num_layers):
             problems.append(f"recurrence range {self.recur_start}..{self.recur_end} invalid")
         if self.recur_times < 1:
             problems.append("recur_times must be >= 1")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -343,7 +343,7 @@ class BankedGPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(V, d, std=cfg.init_std)
         self._core = gpt_loss
-        self._compiled: dict[str, object] = {}  # compile_core's cores by arguments
+        self._compiled: dict[str, Callable[..., Tensor]] = {}  # compile_core's cores by arguments
         self._rope_cache: dict[str, tuple[Tensor, Tensor]] = {}  # per device, the longest length seen
 
     def compile_core(self, **kwargs) -> "BankedGPT":

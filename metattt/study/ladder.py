@@ -646,4 +646,285 @@ def ladder_tables(done: Sequence[Any]) -> list[str]:
     lines = points_table(points, keys) + position_table(points, keys)
     lines += fit_table(fits, len(groups), n_boot)
     lines += account_table(continued_training(points, n_boot=n_boot))
-    return lines + prediction_table(fits)
+    lines += prediction_table(fits)
+    lines += ceiling_table(ceilings(points, n_boot=n_boot))
+    return lines + flatness_table(flatness(points, n_boot=n_boot))
+
+
+# ---------------------------------------------------------------- the ceiling (operational definition)
+
+CEILING_TIME_MULTIPLE = 3.0  # the evaluation budget: an adapter may cost at most this many times sliding's time
+# Why 3: the records' legal TTT (chunked SGD) cost 2.7× sliding's time on pg-mixed (docs/ceiling.md, conclusion 7),
+# so the budget admits the record recipe and anything no dearer; the unrestricted best is reported beside it.
+
+CEILING_LEAD = (
+    "**The ceiling (operational definition).** Per branch (size N, budget D/N) and validation set: the largest "
+    "legal Δ_TTT = bpb(sliding) − bpb(adapter) over every adapter protocol (ttt:, docttt:, with a non-null "
+    "adapter) evaluated in that branch's cells on that set (the core, horizon, -ext and -ext-doc settings), each "
+    "against the sliding of its own cell, i.e. on the same documents (for the docttt family this includes its "
+    "document windows' difference from sliding: the score with adaptation against the score without), "
+    "restricted to adapters whose measured evaluation time is at most {m:g}× sliding's in the same cell "
+    "(eval.json cost.device_s_per_token: the timed part of the primary run, warm-up and tuning excluded; {m:g}× "
+    "admits the records' chunked SGD, 2.7× sliding on pg-mixed). Δ is the mean over the cell's document orders "
+    "where it ran several. Its 95% interval is the attaining adapter's: the evaluator's own for a ttt: adapter "
+    "(the points table's: runs → documents where the cell ran several orders), else (the docttt family, whose "
+    "recorded Δ starts from doc-chunk) a bootstrap of the cell's documents (and runs); it is not corrected for "
+    "choosing the best of several adapters, so it leans high by the selection. Where the attaining cell also ran "
+    "an illegal oracle protocol (oracle:), the ceiling is given as a fraction of the oracle's Δ over the same "
+    "sliding (the same bootstrap draws), else the table says no oracle ran. 'best at any cost' drops the time "
+    "limit. An adapter that hurts counts too: a negative ceiling means no adapter within budget helped.")
+FLAT_LEAD = (
+    "**Is the ceiling flat across sizes?** At a matched budget (the same requested D/N) and validation set, over "
+    "the adapters evaluated at every size there (the same setting and protocol; the time limit applied per "
+    "size): the ceiling against ln N, the least-squares slope per doubling of N, and the paired difference "
+    "largest − smallest size, with 95% percentile intervals from bootstrap draws of the attaining adapters "
+    "(one joint draw of documents and runs shared by all sizes where they scored the same documents, else "
+    "independent draws per size). A slope whose interval includes 0 is not evidence of flatness, only of no "
+    "resolved trend.")
+
+
+@dataclass
+class Candidate:
+    """One adapter protocol of one cell as the ceiling sees it: its gain over the cell's sliding."""
+
+    point: LadderPoint
+    proto: str
+    legal: bool  # legal and valid (no stream invalidated)
+    oracle: bool
+    time_ratio: float | None  # seconds per scored token over sliding's, same cell
+    series: _Series  # per-document gain sliding − proto (and per run)
+
+    @property
+    def value(self) -> float:
+        return self.series.value()
+
+    @property
+    def label(self) -> str:
+        return f"{self.proto} ({self.point.setting})"
+
+
+def _s_per_token(entry: dict[str, Any]) -> float | None:
+    c = (entry.get("cost") or {}).get("device_s_per_token")
+    if c:
+        return float(c)
+    w, n = entry.get("wallclock_s"), entry.get("tokens_scored")
+    return float(w) / float(n) if w and n else None
+
+
+def candidates(p: LadderPoint) -> list[Candidate]:
+    """The adapter protocols of one cell (those with a non-null ``adapter``: ttt:, oracle:, docttt: with an
+    adapter), each with its per-document gain over the cell's sliding; none without per-document nats."""
+    per, protos = p.eval.get("per_document"), p.eval.get("protocols", {})
+    if not per or "sliding" not in per["nats"] or "sliding" not in protos:
+        return []
+    nats, runs = per["nats"], (_runs(p) or {}).get("protocols", {})
+    base_t = _s_per_token(protos["sliding"])
+    base = np.asarray(nats["sliding"], dtype=np.float64)
+    out = []
+    for name, e in protos.items():
+        if not e.get("adapter") or name not in nats:
+            continue
+        pr = None
+        if name in runs and "sliding" in runs:
+            a, b = runs["sliding"].get("bpb_per_run"), runs[name].get("bpb_per_run")
+            if a and b and len(a) == len(b):
+                pr = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+        t = _s_per_token(e)
+        out.append(Candidate(p, name, bool(e.get("legal")) and e.get("invalid") is None,
+                             e.get("mode") == "oracle" or name.startswith("oracle:"),
+                             None if t is None or not base_t else t / base_t,
+                             _Series(base - np.asarray(nats[name], dtype=np.float64),
+                                     np.asarray(per["bytes"], dtype=np.float64), pr)))
+    return out
+
+
+def _val_set(p: LadderPoint) -> str:
+    m = p.eval.get("meta") or {}
+    return str(m.get("val_fingerprint") or m.get("val") or p.setting)
+
+
+def _eligible(c: Candidate, multiple: float) -> bool:
+    return c.legal and not c.oracle and c.time_ratio is not None and c.time_ratio <= multiple
+
+
+@dataclass
+class Ceiling:
+    """The ceiling of one branch on one validation set (see :data:`CEILING_LEAD`)."""
+
+    model: str
+    n_params: int
+    dn_requested: float | None
+    dn_trained: float
+    settings: list[str]  # the cells (evaluator settings) of this branch on this set
+    n_adapters: int  # legal adapter protocols seen
+    best: Candidate | None  # within the time limit
+    ci: tuple[float, float] | None
+    best_any: Candidate | None  # at any cost
+    too_slow: list[Candidate]  # legal adapters over the time limit (or without a timing)
+    oracle: Candidate | None  # the best oracle of the attaining cell
+    fraction: float | None
+    fraction_ci: tuple[float, float] | None
+
+
+def _by_branch(points: Sequence[LadderPoint]) -> list[list[LadderPoint]]:
+    out: dict[tuple[str, str], list[LadderPoint]] = {}
+    for p in points:
+        out.setdefault((p.model, _val_set(p)), []).append(p)
+    return list(out.values())
+
+
+def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTIPLE, n_boot: int = 1000,
+             seed: int = 0, only: set[tuple[str, str]] | None = None) -> list[Ceiling]:
+    """The ceiling per branch and validation set; ``only`` restricts the adapters to these (setting, protocol)."""
+    out = []
+    for grp in _by_branch(points):
+        cands = [c for p in grp for c in candidates(p) if only is None or (p.setting, c.proto) in only]
+        legal = [c for c in cands if c.legal and not c.oracle]
+        ok = [c for c in legal if _eligible(c, multiple)]
+        best = max(ok, key=lambda c: c.value, default=None)
+        best_any = max(legal, key=lambda c: c.value, default=None)
+        oracle = ci = frac = frac_ci = None
+        if best is not None:
+            oracles = [c for c in cands if c.oracle and c.point is best.point]
+            oracle = max(oracles, key=lambda c: c.value, default=None)
+            j = _joint([best.series] + ([oracle.series] if oracle else []), n_boot, seed)
+            own = best.point.delta(best.proto)
+            pd = point_delta(best.point, best.proto) if own is not None and own.get("from") == "sliding" else None
+            if pd is not None and pd[1]:  # the evaluator's own interval, as the points table gives it
+                ci = (float(pd[1][0]), float(pd[1][1]))
+            if j is not None:
+                ci = ci or _interval(j[1][:, 0])
+                if oracle is not None and oracle.value > 0:
+                    frac = best.value / oracle.value
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        fr = np.where(j[1][:, 1] > 0, j[1][:, 0] / j[1][:, 1], np.nan)
+                    frac_ci = _interval(fr)
+        p0 = grp[0]
+        out.append(Ceiling(p0.model, p0.n_params, p0.dn_requested, p0.dn_trained, sorted({p.setting for p in grp}),
+                           len(legal), best, ci, best_any, [c for c in legal if not _eligible(c, multiple)],
+                           oracle, frac, frac_ci))
+    return sorted(out, key=lambda c: (c.settings[0], c.n_params, c.dn_trained, c.model))
+
+
+def _own_draws(s: _Series, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap draws of one series alone (one series always shares its own documents)."""
+    j = _joint([s], n_boot, seed)
+    assert j is not None
+    return j[1][:, 0]
+
+
+@dataclass
+class Flatness:
+    """The ceiling against size at one matched budget and validation set."""
+
+    settings: list[str]
+    dn_requested: float | None
+    rows: list[Ceiling]  # one per size, by N
+    n_adapters: int  # adapters (setting, protocol) evaluated at every size
+    slope: float | None  # per doubling of N
+    slope_ci: tuple[float, float] | None
+    diff: float | None  # largest − smallest size
+    diff_ci: tuple[float, float] | None
+    paired: bool  # one joint draw across sizes (the same documents)
+
+
+def flatness(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTIPLE, n_boot: int = 1000,
+             seed: int = 0) -> list[Flatness]:
+    """Per validation set and requested D/N: the ceiling of each size over the adapters every size ran, its slope
+    in ln N (per doubling) and the largest − smallest difference, with bootstrap intervals (see :data:`FLAT_LEAD`).
+    A budget held by one size only gives a row with no slope."""
+    groups: dict[tuple[str, float | None], list[LadderPoint]] = {}
+    for p in points:
+        groups.setdefault((_val_set(p), p.dn_requested), []).append(p)
+    out = []
+    for (_vs, dn), grp in groups.items():
+        # one branch per size (a second seed is another branch of the same size: keep the first model name)
+        per_size: dict[int, str] = {}
+        for p in sorted(grp, key=lambda q: q.model):
+            per_size.setdefault(p.n_params, p.model)
+        grp = [p for p in grp if per_size[p.n_params] == p.model]
+        common: set[tuple[str, str]] | None = None
+        for n in per_size:
+            have = {(p.setting, c.proto) for p in grp if p.n_params == n for c in candidates(p)
+                    if c.legal and not c.oracle}
+            common = have if common is None else common & have
+        rows = [c for c in ceilings(grp, multiple, n_boot, seed, only=common or set()) if c.best is not None]
+        rows.sort(key=lambda c: c.n_params)
+        slope = slope_ci = diff = diff_ci = None
+        paired = False
+        ser = [r.best.series for r in rows if r.best is not None]
+        if len(ser) >= 2:
+            j = _joint(ser, n_boot, seed)
+            if j is not None:
+                est, boots = j
+                paired = True
+            else:  # different documents: independent draws per size (different seeds)
+                est = np.array([s.value() for s in ser])
+                boots = np.stack([_own_draws(s, n_boot, seed + 1 + i) for i, s in enumerate(ser)], axis=1)
+            x = np.log2([r.n_params for r in rows])
+            slope = float(np.polyfit(x, est, 1)[0])
+            slope_ci = _interval(np.array([np.polyfit(x, b, 1)[0] for b in boots]))
+            diff = float(est[-1] - est[0])
+            diff_ci = _interval(boots[:, -1] - boots[:, 0])
+        out.append(Flatness(sorted({p.setting for p in grp}), dn, rows, len(common or ()), slope, slope_ci,
+                            diff, diff_ci, paired))
+    return sorted(out, key=lambda f: (f.settings[0], -(f.dn_requested or 0)))
+
+
+def _ratio(c: Candidate | None) -> str:
+    return "n/a" if c is None or c.time_ratio is None else f"{c.time_ratio:.2f}×"
+
+
+def ceiling_table(cs: Sequence[Ceiling], multiple: float = CEILING_TIME_MULTIPLE) -> list[str]:
+    if not cs:
+        return []
+    head = (f"| model | N | D/N requested | cells | legal adapters | ceiling (≤ {multiple:g}× sliding) | 95% CI | "
+            "attained by | time / sliding | over the limit | best at any cost | oracle | ceiling / oracle Δ | "
+            "95% CI |")
+    lines = [CEILING_LEAD.format(m=multiple), "", head, "|" + "---|" * head.count(" |")]
+    for c in cs:
+        slow = ", ".join(f"{s.label} {_ratio(s)}" for s in c.too_slow) or "none"
+        anyc = "n/a" if c.best_any is None else f"{_f(c.best_any.value, True)} ({c.best_any.label})"
+        if c.best is None:
+            orc, fr, frci = "n/a", "n/a", "n/a"
+        elif c.oracle is None:
+            orc, fr, frci = f"none ran in {c.best.point.setting}", "n/a", "n/a"
+        else:
+            orc = f"{c.oracle.proto} {_f(c.oracle.value, True)}"
+            fr = "n/a (oracle Δ ≤ 0)" if c.fraction is None else f"{c.fraction:.3f}"
+            frci = _ci(c.fraction_ci) if c.fraction is not None else "n/a"
+        lines.append(f"| {c.model} | {c.n_params:,} | {'' if c.dn_requested is None else f'{c.dn_requested:g}'} | "
+                     f"{', '.join(c.settings)} | {c.n_adapters} | "
+                     + ("none within the limit | n/a | n/a | n/a" if c.best is None else
+                        f"{_f(c.best.value, True)} | {_ci(c.ci)} | {c.best.label} | {_ratio(c.best)}")
+                     + f" | {slow} | {anyc} | {orc} | {fr} | {frci} |")
+    return lines + [""]
+
+
+def flatness_table(fs: Sequence[Flatness]) -> list[str]:
+    if not fs:
+        return []
+    lines = [FLAT_LEAD, ""]
+    if all(len(f.rows) < 2 for f in fs):
+        sizes = ", ".join(f"D/N {'?' if f.dn_requested is None else f'{f.dn_requested:g}'} ({', '.join(f.settings)}):"
+                          f" {len(f.rows)}" for f in fs)
+        return lines + [f"Fewer than 2 sizes at every matched budget (sizes with a ceiling per budget: {sizes}): "
+                        "no slope or difference yet.", ""]
+    head = ("| cells | D/N requested | sizes | adapters compared | ceiling per size (N: Δ [95% CI] adapter) | "
+            "slope per doubling of N | 95% CI | largest − smallest | 95% CI | draws | reading |")
+    lines += [head, "|" + "---|" * head.count(" |")]
+    for f in fs:
+        per = "; ".join(f"{r.n_params:,}: {_f(r.best.value, True)} {_ci(r.ci)} {r.best.proto}" for r in f.rows
+                        if r.best is not None)
+        dn = "" if f.dn_requested is None else f"{f.dn_requested:g}"
+        if len(f.rows) < 2:
+            lines.append(f"| {', '.join(f.settings)} | {dn} | {len(f.rows)} | {f.n_adapters} | {per or 'n/a'} | "
+                         "fewer than 2 sizes | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        ci = f.diff_ci
+        reading = ("n/a" if ci is None else "falls with N" if ci[1] < 0 else "rises with N" if ci[0] > 0
+                   else "no trend resolved (interval includes 0)")
+        lines.append(f"| {', '.join(f.settings)} | {dn} | {len(f.rows)} | {f.n_adapters} | {per} | "
+                     f"{_f(f.slope, True)} | {_ci(f.slope_ci)} | {_f(f.diff, True)} | {_ci(f.diff_ci)} | "
+                     f"{'paired (same documents)' if f.paired else 'independent per size'} | {reading} |")
+    return lines + [""]

@@ -81,12 +81,10 @@ def _git_info(repo: Path) -> dict[str, Any]:
 
 def _device_info() -> dict[str, Any]:
     info: dict[str, Any] = {"device": "cpu", "cuda_device_count": 0}
-    torch = sys.modules.get("torch")
-    if torch is None:
-        try:
-            import torch  # type: ignore[no-redef]
-        except Exception:  # noqa: BLE001 - environment capture must never crash a run
-            return info
+    try:  # lazy: a run directory is usable without torch (an already imported torch is simply returned)
+        import torch
+    except Exception:  # noqa: BLE001 - environment capture must never crash a run
+        return info
     info["torch_version"] = getattr(torch, "__version__", None)
     try:
         if torch.cuda.is_available():

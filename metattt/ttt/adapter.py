@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +157,7 @@ def register_nested(root: nn.Module, dotted: str, value: Tensor, *, buffer: bool
     for part in path:
         if part not in mod._modules:
             mod.add_module(part, nn.Module())
-        mod = mod._modules[part]
+        mod = cast(nn.Module, mod._modules[part])  # just added or already a container module, never None
     if buffer:
         mod.register_buffer(leaf, value)
     else:
@@ -175,7 +175,7 @@ class Adapter(nn.Module):
     """Base class; subclasses set ``name``/``Config`` and override the functional core (module docstring)."""
 
     name: ClassVar[str] = "base"
-    Config: ClassVar[type] = AdapterConfig
+    Config: ClassVar[type[AdapterConfig]] = AdapterConfig
     requires_meta_params: ClassVar[bool] = False
     default_selection: ClassVar[str] = "all"
     trains_in_eval: ClassVar[bool] = True
@@ -185,7 +185,7 @@ class Adapter(nn.Module):
 
     def __init__(self, cfg: AdapterConfig | None = None, selection: "str | ParamSelection | None" = None) -> None:
         super().__init__()
-        self.cfg = cfg if cfg is not None else self.Config()
+        self.cfg: AdapterConfig = cfg if cfg is not None else self.Config()
         if not isinstance(self.cfg, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.cfg).__name__}")
         self.cfg.validate()

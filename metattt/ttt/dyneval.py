@@ -45,6 +45,7 @@ class DynEvalConfig(AdapterConfig):
 class DynEvalAdapter(Adapter):
     name = "dyneval"
     Config = DynEvalConfig
+    cfg: DynEvalConfig  # Adapter.__init__ checks it is a Config
 
     @property
     def has_stats(self) -> bool:
@@ -108,7 +109,7 @@ class DynEvalAdapter(Adapter):
         return rules.chain(rules.scale_by_rms(lambda n: self.get_buffer(f"rms.{n}"), c.eps, c.max_update),
                            rules.scale_by_schedule(rules.Schedule(c.lr, c.schedule)))
 
-    def init(self, trainables: Tensors) -> dict[str, Any]:
+    def init(self, trainables: Mapping[str, Tensor]) -> dict[str, Any]:
         return {**self.rule().init(trainables), **{f"anchor.{n}": t.clone() for n, t in trainables.items()}}
 
     def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors) -> tuple[Tensors, dict[str, Any]]:

@@ -43,6 +43,7 @@ class LoRAConfig(AdapterConfig):
 class LoRAAdapter(Adapter):
     name = "lora"
     Config = LoRAConfig
+    cfg: LoRAConfig  # Adapter.__init__ checks it is a Config
     default_selection = "banks"
 
     def setup(self, model: nn.Module) -> None:

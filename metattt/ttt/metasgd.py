@@ -39,6 +39,7 @@ class MetaSGDConfig(AdapterConfig):
 class MetaSGDAdapter(Adapter):
     name = "metasgd"
     Config = MetaSGDConfig
+    cfg: MetaSGDConfig  # Adapter.__init__ checks it is a Config
     requires_meta_params = True
 
     def setup(self, model: nn.Module) -> None:
@@ -49,6 +50,7 @@ class MetaSGDAdapter(Adapter):
         for n in sel.names:
             t = self._trained[n]
             idx = sel.slices[n]
+            shape: tuple[int, ...]
             if n in banks:
                 n_sl = t.shape[0] if idx is None else len(idx)
                 shape = (n_sl, t.shape[1]) if self.cfg.per_row else (n_sl,)

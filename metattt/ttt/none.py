@@ -17,6 +17,7 @@ class NoneAdapter(Adapter):
 
     name = "none"
     Config = NoneConfig
+    cfg: NoneConfig  # Adapter.__init__ checks it is a Config
     default_selection = "none"
     trains_in_eval = False
 

@@ -133,7 +133,7 @@ class ParamSelection:
                 if term.kinds is not None and kind not in term.kinds:
                     continue
                 cur = chosen.setdefault(bank, set())
-                if cur is not True:
+                if isinstance(cur, set):  # a whole-tensor choice (True) already covers every slice
                     cur.add(idx)
 
         def add_named(term: Term, name: str) -> None:
@@ -170,7 +170,9 @@ class ParamSelection:
         if self.terms and not any(v is True or v for v in chosen.values()):
             raise ValueError(f"selection {self.spec!r} selects no parameters on this model "
                              f"(model has {num_layers} layers in its banks)")
-        names, slices, masks = [], {}, {}
+        names: list[str] = []
+        slices: dict[str, list[int] | None] = {}
+        masks: dict[str, Tensor | None] = {}
         for name, p in params.items():  # model order: deterministic
             sel = chosen.get(name)
             if not sel:

@@ -42,7 +42,9 @@ class PluginError(ValueError):
 
 def _split_top(s: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside brackets (selection kinds ``banks[q,k]`` contain commas)."""
-    out, depth, cur = [], 0, []
+    out: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in s:
         if ch == "[":
             depth += 1
@@ -69,7 +71,7 @@ def _literal(v: str) -> Any:
     return v
 
 
-def _coerce(who: str, key: str, typ: str, value: Any) -> Any:
+def _coerce(who: str, key: str, typ: object, value: Any) -> Any:
     t = str(typ)
     if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -89,6 +89,7 @@ def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
     """L2 norm over all tensors, in at least float32 (float64 stays float64: exact tests)."""
     gs = list(grads.values())
     dt = torch.promote_types(gs[0].dtype, torch.float32)
+    norms: Sequence[Tensor]
     if all(g.dtype == gs[0].dtype and g.device == gs[0].device for g in gs):
         norms = torch._foreach_norm([g.to(dt) for g in gs] if gs[0].dtype != dt else gs)
     else:

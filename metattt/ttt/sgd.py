@@ -50,6 +50,7 @@ class SGDAdapter(Adapter):
 
     name = "sgd"
     Config = SGDConfig
+    cfg: SGDConfig  # Adapter.__init__ checks it is a Config
 
     def rule(self) -> rules.Transform:
         c = self.cfg
@@ -70,6 +71,7 @@ class FOMAMLConfig(SGDConfig):
 class FOMAMLAdapter(SGDAdapter):
     name = "fomaml"
     Config = FOMAMLConfig
+    cfg: FOMAMLConfig
 
 
 @dataclass
@@ -88,6 +90,7 @@ class ReptileConfig(FOMAMLConfig):
 class ReptileAdapter(FOMAMLAdapter):
     name = "reptile"
     Config = ReptileConfig
+    cfg: ReptileConfig
 
 
 @dataclass
@@ -100,6 +103,7 @@ class SAMConfig(SGDConfig):
 class SAMAdapter(SGDAdapter):
     name = "sam"
     Config = SAMConfig
+    cfg: SAMConfig
 
     def direction(self, trainables: Mapping[str, Tensor], grad_at: GradAt) -> tuple[Tensor, Tensors]:
         loss, g = grad_at(trainables)

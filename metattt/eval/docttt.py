@@ -116,6 +116,10 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     the model's own dimensions symbolic too, which breaks the graph at attention) and kept on the model for later
     runs; the base parameters are passed detached, so no graph computes gradients for them outside the phases
     (eager)."""
+    from ..model.gpt import BankedGPT
+
+    if not isinstance(model, BankedGPT):  # its per-row lora= forward, RoPE tables and compiled core
+        raise TypeError(f"{spec.name} runs a BankedGPT, got {type(model).__name__}")
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
     shapes = ("chunk" if device.type == "cuda" else "exact") if shapes is None else shapes
@@ -205,8 +209,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         parts: list[Any] = [None] * ctx.world
         dist.all_gather_object(parts, ledger)  # steps are globally ordered by construction
         ledger.merge(parts)
-    both = both.cpu().numpy()
-    nll, done = np.ascontiguousarray(both[0]), both[1].astype(np.int32)
+    host = both.cpu().numpy()
+    nll, done = np.ascontiguousarray(host[0]), host[1].astype(np.int32)
     _sync(device)
     seconds = time.perf_counter() - t_start
     if np.any(done != 1):

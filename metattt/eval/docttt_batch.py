@@ -203,8 +203,8 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     sink = Nats(n_tok, device) if sink is None else sink
     cheat = adapter is not None and adapter.adapts_before_scoring
     tr, st = init if init is not None else (None, None)
-    if tr is not None and not inplace:
-        tr, st = ({k: v.clone() for k, v in x.items()} for x in (tr, st))
+    if init is not None and not inplace:
+        tr, st = ({k: v.clone() for k, v in x.items()} for x in init)
     out = BatchOut(plan, sink)
     idx_host = torch.from_numpy(np.stack([plan.start, plan.col0, plan.count, plan.train.astype(np.int64)]))
     if device.type == "cuda":  # pinned: an asynchronous copy, the host does not wait for the device
@@ -299,6 +299,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
         out.adapt_s += upd
     bad = never
     if losses:  # one read of the device for the losses and the divergence check
+        assert first_bad is not None  # losses come from an adapter
         vals = torch.stack([losses[0], losses[-1], first_bad.float()]).tolist()
         out.loss_first, out.loss_last, bad = vals[0], vals[1], int(vals[2])
     elif first_bad is not None:

@@ -132,7 +132,7 @@ def parse_docttt(text: str) -> DocTTTSpec:
         if not eq or not k:
             raise ValueError(f"protocol {t!r}: option {item!r} is not key=value")
         if k in proto:
-            typ = type(proto[k].default)
+            typ: Any = type(proto[k].default)
             try:
                 kw[k] = typ(v)
             except ValueError as e:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +114,7 @@ class MetaConfig:
 
     @property
     def is_doclora(self) -> bool:
-        return bool(self.adapter) and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
+        return self.adapter is not None and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
 
     @property
     def doclora_chunk(self) -> int:
@@ -198,9 +198,9 @@ def higher_inner_loop(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, 
     higher = _import_higher()
     c, lr = adapter.cfg, adapter.rule().sgd_lr
     own = type(adapter)  # the rule's own step on the selected tensors themselves, one gradient per step
-    plain = lr is not None and (own.direction, own.step, own.trainables, own.materialize, own.loss) == (
+    plain = (own.direction, own.step, own.trainables, own.materialize, own.loss) == (
         Adapter.direction, Adapter.step, Adapter.trainables, Adapter.materialize, Adapter.loss)
-    if not plain or x.size(0) > c.batch_seqs:
+    if lr is None or not plain or x.size(0) > c.batch_seqs:
         raise ValueError(f"backend 'higher' supports plain constant-lr SGD adapters (sgd rule with momentum=0, "
                          f"grad_clip=0, one mini-batch), not {adapter.name!r} with {c}")
     sel = adapter._require_bound()
@@ -278,6 +278,6 @@ def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, ep
         adapted, inner = adapter.inner_loop(model, named, x, y, passes=steps, create_graph=False)
     target = {n: t.detach() for n, t in adapted.items()}
     diff = {n: named[n].detach() - tk for n, tk in target.items()}
-    loss = sum((named[n] * d).sum() for n, d in diff.items()) * (weight * epsilon)
+    loss = cast(Tensor, sum((named[n] * d).sum() for n, d in diff.items())) * (weight * epsilon)
     dist2 = sum(d.float().square().sum() for d in diff.values())
     return loss, {"meta/L_inner": inner["loss_first"], "reptile/dist": torch.as_tensor(dist2).sqrt()}

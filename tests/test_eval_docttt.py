@@ -356,7 +356,8 @@ def test_cli_runs_the_family_and_rejects_bad_options(world, tmp_path, capsys):
     assert "rank must be a positive integer" in capsys.readouterr().err
     assert main([*common, "--protocols", "docttt:doclora@chunks=16"]) == EXIT_BAD_INPUT
     assert "no option 'chunks'" in capsys.readouterr().err
-    assert main([*common, "--protocols", "ttt:doclora"]) == EXIT_BAD_INPUT  # per-document: not on window rows
+    # per-document: not on the window evaluator's rows
+    assert main([*common, "--protocols", "ttt:doclora", "--stride", "16"]) == EXIT_BAD_INPUT
     assert "evaluate it as docttt:doclora" in capsys.readouterr().err
     name = f"docttt:doclora@{OPTS}/{LORA}"
     assert main([*common, "--protocols", name]) == 0, capsys.readouterr().err

@@ -11,7 +11,8 @@ its defaults and with a tuned variant that makes clip / momentum / nesterov / pe
 weights after ``adapt`` on three chunks at progress 0, 0.5 and 1 (cosine schedules move), the adapt stats, the
 first-order and second-order inner loops, the meta loss with its gradients, the weights under the pg-record
 compat rounding (bf16 trainables and state), and the evaluator's bpb of a ``ttt:`` protocol on a synthetic
-stream; for the per-document ``doclora``, the bpb of two ``docttt:`` protocols and its meta step. Everything is seeded; ``--root`` picks whose ``metattt`` is imported (default: this checkout).
+stream; for the per-document ``doclora``, the bpb of two ``docttt:`` protocols and its meta step. Everything is
+seeded; ``--root`` picks whose ``metattt`` is imported (default: this checkout).
 """
 from __future__ import annotations
 

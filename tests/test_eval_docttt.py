@@ -212,7 +212,7 @@ def test_keep_a_carries_a_and_resets_b_and_state(one_thread):
 def test_doclora_options_parse_and_fail_clearly():
     cfg = make_adapter("doclora", rank="8", keep_a="true", alpha="16").cfg
     assert isinstance(cfg, DocLoRAConfig) and cfg.rank == 8 and cfg.keep_a and cfg.scale == 2.0
-    assert docttt_spec.parse_docttt("docttt:doclora@chunk=8/rank=2").lora_config().chunk == 8  # the protocol's
+    assert docttt_spec.parse_docttt("docttt:doclora@chunk=8/rank=2").make_adapter().cfg.chunk == 8  # the protocol's
     with pytest.raises(ValueError, match="no option 'rnk'"):
         make_adapter("doclora", rnk="8")
     with pytest.raises(ValueError, match="targets"):
@@ -245,7 +245,7 @@ def test_batched_equals_one_document_at_a_time(world):
     assert batched.train_steps > 0
     for b in range(len(idx)):
         one = docttt_batch.run_batch(m, data.tokens, a[b:b + 1], e[b:b + 1], spec, ad, None, Ledger(),
-                               tuple(DocLoRA.rows(t, slice(b, b + 1)) for t in init))
+                               tuple({k: v[b:b + 1] for k, v in t.items()} for t in init))
         for lo, v in one.nll:
             np.testing.assert_allclose(got[lo], v, rtol=1e-4, atol=1e-5)
         for k, t in one.trainables.items():
@@ -405,7 +405,7 @@ def test_cheating_batched_adapter_is_refused(world):
     with pytest.raises(LegalityError, match="only scored later"):
         ledger = Ledger(spec.name)
         docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
-                          make_adapter=lambda s: CheatingDocLoRA(s.lora_config()))
+                          make_adapter=lambda s: CheatingDocLoRA(s.make_adapter().cfg))
         ledger.verify()
 
 

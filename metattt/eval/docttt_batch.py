@@ -189,8 +189,9 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
               on_chunk: Callable[[], None] | None = None) -> BatchOut:
     """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
 
-    ``adapter``: a bound per-document adapter (the contract: ``materialize``, ``loss``, ``take_step`` with the
-    documents that train as ``active``); ``init``: its (trainables, state) for these documents (rows in order; copied unless ``inplace``);
+    ``adapter``: a bound per-document adapter (``materialize``, ``loss``, ``take_step`` with the documents that
+    train as ``active``); ``init``: its (trainables, state) for these documents (rows in order; copied unless
+    ``inplace``);
     ``base``: parameter overrides for the base model (after phases). Documents must be sorted by length, longest
     first. ``shapes``: see :class:`BatchPlan`. Nats go to ``sink`` (a fresh one when None). The loop never waits
     for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
@@ -250,7 +251,6 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             nonlocal tr, st
             assert adapter is not None and tr is not None and st is not None and leaves is not None
             w = TRN[c, :R].float() / CNT[c, :R].clamp(min=1).float()  # mean per document, trained docs only
-            n_train = max(int(train.sum()), 1)
 
             def grad_at(t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Tensors]:
                 """The loss and gradients at ``t``: the scored forward's own graph at the current factors."""
@@ -258,7 +258,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
                 assert leaves_t is not None
                 loss = weighted_loss(nll_t, w, valid)
                 grads = torch.autograd.grad(loss, list(leaves_t.values()))
-                return loss.detach() / n_train, dict(zip(leaves_t, grads))
+                return loss.detach() / max(int(train.sum()), 1), dict(zip(leaves_t, grads))
 
             loss, tr, st = adapter.take_step(tr, st, grad_at, active=torch.from_numpy(train))
             ok = np.flatnonzero(train)

@@ -1,6 +1,6 @@
 """The document-batched family's protocol specs: ``doc-chunk[@...]`` (no adaptation, the baseline) and
-``docttt:ADAPTER[@...]``, their options, their decomposition (``base``, ``requires``) and the per-document adapter
-a spec names (``make_doc_adapter``: the registry's, any adapter with ``per_document``). The loop that runs them is ``metattt.eval.docttt``."""
+``docttt:ADAPTER[@...]``, their options, their decomposition (``base``, ``requires``) and the registry's
+per-document adapter a spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..ttt.adapter import Adapter, AdapterConfig
+from ..ttt.adapter import Adapter
 from ..ttt.registry import builtin_registry
 from .spec import ProtocolSpec, Spec
 
@@ -99,14 +99,8 @@ class DocTTTSpec(Spec):
         if self.adapter not in per_doc:
             raise ValueError(f"docttt adapter {self.adapter!r} is not a per-document adapter; per-document adapters: "
                              f"{', '.join(per_doc)}")
-        opts = dict(self.adapter_opts)
-        if "chunk" in opts:
-            raise ValueError(f"{self.name}: chunk is the protocol's option (docttt:{self.adapter}@chunk=...)")
-        return reg.make(self.adapter, **opts, chunk=self.chunk)
-
-    def lora_config(self) -> AdapterConfig:
-        """The adapter's configuration (its ``chunk`` the protocol's)."""
-        return self.make_adapter().cfg
+        opts: dict[str, Any] = {**dict(self.adapter_opts), "chunk": self.chunk}
+        return reg.make(self.adapter, **opts)
 
 
 def is_docttt(text: str) -> bool:
@@ -142,14 +136,12 @@ def parse_docttt(text: str) -> DocTTTSpec:
     return DocTTTSpec(adapter, adapter_opts=tuple(lora), **kw)
 
 
-def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module | None = None,
+def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module,
                      extras: Mapping[str, torch.Tensor] | None = None) -> Adapter | None:
     """The spec's per-document adapter, bound to ``model`` with its learned meta-parameters loaded from the
     artifact's ``extras`` (required when it needs them: ``init=meta``); None for the baseline."""
     if spec.adapter is None:
         return None
-    if model is None:
-        raise ValueError(f"{spec.name}: the per-document adapter needs the model")
     ad = spec.make_adapter().bind(model)
     if ad.meta_parameters():
         ad.load_artifact_extras(extras or {})

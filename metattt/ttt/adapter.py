@@ -8,8 +8,8 @@ graph of the inner gradients). Contract (binding; docs/adapters.md has a worked 
 Class attributes: ``name`` (registry key, unique per run), ``Config`` (a dataclass subclass of
 :class:`AdapterConfig`; ``reset`` in {"never", "chunk", "doc"}, ``epochs`` and ``batch_seqs`` drive the
 driver), ``default_selection`` (a :class:`ParamSelection` spec), ``requires_meta_params`` (loading without them
-raises :class:`MissingMetaParamsError`), ``per_document`` (one document per row: a leading document dimension in
-the trainables and state; the doc-batched evaluator, ``docttt:NAME``, runs it instead of ``adapt``).
+raises :class:`MissingMetaParamsError`), ``per_document`` (one document per row, a leading document dimension;
+run by the doc-batched evaluator, ``docttt:NAME``, instead of ``adapt``).
 
 State is plain dicts ``name -> Tensor`` of any shape; nothing below mutates a tensor in place (doclora's fused
 AdamW ``step`` excepted), so the same code is differentiable:
@@ -20,9 +20,8 @@ AdamW ``step`` excepted), so the same code is differentiable:
   ``ttt.<name>.<state_dict key>``) come from ``torch.nn.Module``.
 * ``trainables(base) -> dict``: the tensors the rule differentiates and updates, built from the base weights
   ``base`` (selected name -> tensor). Default: the selected tensors themselves; LoRA: its factors.
-  ``start(base, rows, key, carry)``: the trainables an update over ``rows`` rows starts from (default
-  ``trainables(base)``; per-document: one set per row, ``key`` seeds a random start, ``carry`` is the previous
-  batch's end, used when ``carries()``).
+  ``start(base, rows, key, carry)``: what an update over ``rows`` rows starts from (default ``trainables(base)``;
+  per-document: one set per row; ``key`` seeds a random start, ``carry``: the previous batch's, if ``carries()``).
 * ``materialize(base, trainables) -> dict``: the model's overrides. Default: the trainables (``params=``).
   ``loss(model, x, y, overrides, attn, **forward)`` is how they reach the model (doclora: per-row ``lora=``);
   ``forward`` (``positions``, ``rope_len``, ``reduction``) goes to the model as given.
@@ -32,9 +31,8 @@ AdamW ``step`` excepted), so the same code is differentiable:
 * ``direction(trainables, grad_at) -> (loss, grads)``: the gradient the rule steps with; ``grad_at(t)`` returns
   (mean loss, masked gradients) at ``t``. Default one call; SAM calls it twice.
 * ``step(trainables, state, grads, active=None) -> (trainables, state)``: one update; default ``trainables -
-  updates`` with the rule's updates; ``active``: the rows (documents) that step, per-document adapters only.
-  ``state["progress"]`` in [0, 1] drives schedules (the driver writes it: chunk index over chunks in
-  evaluation; 0 in meta-training).
+  updates`` with the rule's updates; ``active``: the documents that step. ``state["progress"]`` in [0, 1] drives
+  schedules (the driver writes it: chunk index over chunks in evaluation; 0 in meta-training).
 * ``batches(x, y) -> [Batch]``: one step per batch. Default: mini-batches of ``batch_seqs`` rows; doclora: one
   per ``chunk``-token chunk of the rows, as the doc-batched evaluator steps.
 * ``prepare(model, x, y, autocast)``: called by ``adapt`` before its update (dyneval gathers statistics there).
@@ -71,7 +69,8 @@ from .rules import SCHEDULES, Transform, check_progress
 RESET_MODES = ("never", "chunk", "doc")
 BACKENDS = ("autograd", "torch.func")
 #: hyper-parameters no adapter may set below 0 (step sizes, momentum, clip norms, radii)
-NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon")
+NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon", "alpha",
+                "weight_decay")
 
 Tensors = dict[str, Tensor]
 GradAt = Callable[[Mapping[str, Tensor]], "tuple[Tensor, Tensors]"]

@@ -4,23 +4,17 @@ Every document of a batch owns its own rank-r factors on Q, K, V, the attention 
 and the LM head; the factors of all documents live in batched tensors with a leading document dimension and the
 model applies them per row (``gpt_forward(..., lora=)``), so per-document weights are never materialised.
 
-A ``per_document`` :class:`~metattt.ttt.adapter.Adapter`: ``start`` gives every row (document) its factors,
-``loss`` routes them through the model's ``lora=``, ``batches`` steps once per ``chunk``-token chunk (mean per
-document, summed), as the doc-batched evaluator (``metattt.eval.docttt_batch``) steps on each scored chunk, so
-meta-training (``inner_loop``) takes the evaluated update; both drive it through ``take_step``. AdamW is
-elementwise (decoupled weight decay, eps added to the bias-corrected ``sqrt(v)`` as in ``torch.optim.AdamW``), so
-one step over the batched tensors is every document's own step, the loss being a sum of per-document terms.
-``step`` works in place (torch's fused AdamW kernel on views of the batched tensors): at rank 96 the factors of 64
-documents are ~1.3 GB, and an out-of-place step would double that and its memory traffic. So its rule is not a
-:mod:`metattt.ttt.rules` chain (those are out of place, and not the fused kernel's bits), and meta-training is
-first order.
+A ``per_document`` :class:`~metattt.ttt.adapter.Adapter`: ``batches`` steps once per ``chunk``-token chunk (mean
+per document, summed), as the doc-batched evaluator (``metattt.eval.docttt_batch``) steps on each scored chunk, so
+meta-training (``inner_loop``) takes the evaluated update. AdamW is elementwise, so one step over the batched
+tensors is every document's own step. ``step`` works in place (torch's fused AdamW kernel on views of the batched
+tensors): at rank 96 the factors of 64 documents are ~1.3 GB, and an out-of-place step would double that and its
+memory traffic; so its rule is not a :mod:`metattt.ttt.rules` chain (out of place, and not the kernel's bits).
 
-Meta-learned init (``init=meta``): the module then owns one shared A factor per target (``A0``, nn.Parameters,
-shapes (L, r, in) / (r, in)) that every document's A starts from instead of a fresh uniform draw; B still starts
-at 0, so the adapted model still starts as the base model. The trainer learns A0 (``--meta.adapter
-doclora:...``, first order: the adapted A is A0's broadcast with the update's values written in place, so the
-outer gradient reaches A0 summed over documents); the artifact carries it as ``ttt.doclora.A0.<target>`` and the
-evaluator's ``docttt:doclora@init=meta`` uses it.
+Meta-learned init (``init=meta``): one shared A factor per target (``A0``, nn.Parameters) that every document's A
+starts from instead of a fresh uniform draw (B still starts at 0). The trainer learns it first order (the adapted A
+is A0's broadcast with the update's values written in place, so the outer gradient reaches A0 summed over
+documents); the artifact carries it as ``ttt.doclora.A0.<target>``, ``docttt:doclora@init=meta`` uses it.
 """
 from __future__ import annotations
 
@@ -60,11 +54,7 @@ class DocLoRAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if self.epochs != 1:
-            raise ValueError(f"doclora steps once per chunk as the doc-batched evaluator scores it: epochs must be "
-                             f"1, got {self.epochs!r} (meta-training's inner_steps can sweep more)")
-        for name in ("alpha", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"doclora {name} must be >= 0, got {getattr(self, name)!r}")
+            raise ValueError(f"doclora steps once per scored chunk: epochs must be 1, got {self.epochs!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"doclora {name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -105,8 +95,12 @@ class DocLoRA(Adapter):
             raise ValueError(f"doclora adapts its own factors (targets={self.cfg.targets!r}), not a selection of the "
                              f"model's tensors: drop select={self.selection.spec!r}")
         mcfg: Any = model.cfg
-        self._shapes = self.shapes(mcfg)
-        self._n_layers = int(mcfg.num_layers)
+        d, kv, L = mcfg.model_dim, mcfg.kv_dim, mcfg.num_layers
+        full = {"q": (L, d, d), "k": (L, d, kv), "v": (L, d, kv), "out": (L, d, d), "mlp": (L, d, d),
+                "head": (None, d, mcfg.vocab_size)}
+        # target -> (layers or None for the head, in features, out features)
+        self._shapes: dict[str, tuple[int | None, int, int]] = {t: full[t] for t in self.cfg.target_list}
+        self._n_layers = int(L)
         self.A0 = nn.ParameterDict()
         if self.cfg.init != "meta":
             return
@@ -124,16 +118,6 @@ class DocLoRA(Adapter):
             raise ValueError(f"doclora init=meta: the artifact has no learned A0 (extras {missing}); meta-train it "
                              "with --meta.adapter doclora and --meta.split seq-half, or use init=random")
         super().load_artifact_extras(extras, strict=False)  # a wrong shape: a ValueError naming it
-
-    def shapes(self, model_cfg: Any) -> dict[str, tuple[int | None, int, int]]:
-        """target -> (layers or None for the head, in features, out features)."""
-        d, kv, L = model_cfg.model_dim, model_cfg.kv_dim, model_cfg.num_layers
-        full = {"q": (L, d, d), "k": (L, d, kv), "v": (L, d, kv), "out": (L, d, d), "mlp": (L, d, d),
-                "head": (None, d, model_cfg.vocab_size)}
-        return {t: full[t] for t in self.cfg.target_list}
-
-    def trainables(self, base: Mapping[str, Tensor]) -> Tensors:
-        return {}  # no documents yet: ``start`` makes the factors of a batch's documents
 
     def carries(self) -> bool:
         return self.cfg.keep_a
@@ -218,15 +202,11 @@ class DocLoRA(Adapter):
 
     def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
              active: Tensor | None = None) -> tuple[Tensors, dict[str, Any]]:
-        """One AdamW step (constant lr), in place on ``trainables`` and ``state``, which are
-        returned. ``grads`` cover the first R <= D documents (later ones take no step); ``active`` (R,) bool
-        (host or device; a device mask costs one sync): the documents that step, the others keep factors and
-        state unchanged, as if they were not in the batch.
-
-        Documents are grouped into runs of consecutive rows with the same step count, each run is a view, and
-        the whole step is one call of torch's fused AdamW kernel (what ``torch.optim.AdamW(fused=True)`` runs)
-        over all runs' views, each run with its own step count: in the evaluator the stepping documents are a
-        prefix at one step count, i.e. one view per tensor, no zero-filled gradients, one kernel launch."""
+        """One AdamW step, in place on ``trainables`` and ``state``, which are returned. ``grads`` cover the first
+        R <= D documents (later ones take no step); ``active`` (R,) bool (a device mask costs one sync): the
+        documents that step. Runs of consecutive rows at one step count are views, and the step is one call of
+        torch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``'s) over them: in the evaluator the stepping
+        documents are a prefix at one step count, i.e. one view per tensor, one kernel launch."""
         c = self.cfg
         rows_in = next(iter(grads.values())).shape[0]
         act = (torch.ones(rows_in, dtype=torch.bool) if active is None
@@ -264,17 +244,9 @@ class DocLoRA(Adapter):
                                     weight_decay=c.weight_decay, eps=c.eps, amsgrad=False, maximize=False)
         return dict(trainables), dict(state)
 
-    @staticmethod
-    def rows(tree: Mapping[str, Tensor], index: slice | Tensor) -> dict[str, Tensor]:
-        """The documents ``index`` of a trainables/state dict (e.g. one document for reference runs)."""
-        return {k: v[index] for k, v in tree.items()}
-
     @property
     def adapted_count(self) -> int:
         """Adapter scalars per document."""
         self._require_bound()
         r = self.cfg.rank
         return sum((layers or 1) * r * (fin + fout) for layers, fin, fout in self._shapes.values())
-
-    def selection_report(self) -> str:
-        return f"doclora rank {self.cfg.rank} on {self.cfg.targets}: {self.adapted_count:,} scalars per document"

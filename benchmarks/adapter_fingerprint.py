@@ -11,7 +11,8 @@ its defaults and with a tuned variant that makes clip / momentum / nesterov / pe
 weights after ``adapt`` on three chunks at progress 0, 0.5 and 1 (cosine schedules move), the adapt stats, the
 first-order and second-order inner loops, the meta loss with its gradients, the weights under the pg-record
 compat rounding (bf16 trainables and state), and the evaluator's bpb of a ``ttt:`` protocol on a synthetic
-stream. Everything is seeded; ``--root`` picks whose ``metattt`` is imported (default: this checkout).
+stream; for the per-document ``doclora``, the bpb of two ``docttt:`` protocols and its meta step. Everything is
+seeded; ``--root`` picks whose ``metattt`` is imported (default: this checkout).
 """
 from __future__ import annotations
 
@@ -83,7 +84,9 @@ def fingerprint(root: Path) -> dict:
         return cfg, a
 
     out: dict = {}
-    cases = [(n, n, {}) for n in reg.names] + [(k, k.split("-")[0], kw) for k, kw in TUNED.items()]
+    # per-document adapters (doclora) have their own evaluator: the section after this loop
+    cases = [(n, n, {}) for n in reg.names if not getattr(reg.get(n), "per_document", False)]
+    cases += [(k, k.split("-")[0], kw) for k, kw in TUNED.items()]
     for key, name, kw in cases:
         variant = "defaults" if not kw else "tuned"
         s = _spec(name, kw)
@@ -126,20 +129,25 @@ def fingerprint(root: Path) -> dict:
         rec["eval.params"] = {n: t.clone() for n, t in a.params().items()}
         out[f"{key}/{variant}"] = rec
         print(f"{key}/{variant}: bpb {rec['eval.bpb']!r}", flush=True)
-    # the doc-batched LoRA (not in the registry): its evaluator protocol and its meta inner loop
-    from metattt.ttt.meta import doclora_inner_loop
-
+    # the doc-batched LoRA: its evaluator protocol and its meta step (the same calls in checkouts from before and
+    # after it joined the registry)
     for opts in ("rank=2/lr=0.01", "rank=2/lr=0.01/weight_decay=0.1/beta1=0.9/alpha=4/targets=q+v+head/keep_a=1"):
         proto = f"docttt:doclora@chunk=16/docs=4/window=64/{opts}"
         ev = evaluate(model(), data, parse_protocols(proto), {}, ecfg)
         rec = {"eval.bpb": build_report(ev)["protocols"][proto]["bpb"]}
         m = model()
-        cfg = MetaConfig(adapter="doclora:" + opts.replace("/", ",").replace("keep_a=1,", ""), split="seq-half")
+        spec = "doclora:" + opts.replace("/", ",").replace(",keep_a=1", "") + ",chunk=2"
+        cfg = MetaConfig(adapter=spec, split="seq-half", inner_steps=2)
         a = cfg.make_adapter().bind(m)
-        x, y = rows(40)
-        tr, st, first = doclora_inner_loop(m, a, x, y, chunk=2, passes=2)
-        rec["inner"] = {**{k: v.clone() for k, v in tr.items()}, **{f"state.{k}": v.clone() for k, v in st.items()},
-                        "first": first}
+        with torch.no_grad():
+            for p in a.meta_parameters().values():
+                p.add_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        loss, stats = meta_loss(m, a, *rows(40), cfg)
+        loss.backward()
+        rec["meta.loss"] = loss.detach().clone()
+        rec["meta.stats"] = {k: v.clone() for k, v in stats.items()}
+        rec["meta.grads"] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        rec["meta.adapter_grads"] = {n: p.grad.clone() for n, p in a.meta_parameters().items()}
         out[f"doclora/{opts}"] = rec
         print(f"doclora/{opts}: bpb {rec['eval.bpb']!r}", flush=True)
     return out

@@ -27,51 +27,50 @@ class ChunkPeekDocLoRA(DocLoRA):
     """Trains on the chunk it is about to score: one SGD step of the factors on the forward's own targets, taken
     inside ``materialize``, just before the scoring forward uses them."""
 
-    def materialize(self, trainables, n_layers):
+    def materialize(self, base, trainables):
         loc = caller_locals("run_batch")
         x, tgt, cols, valid, model = loc["x"], loc["tgt"], loc["cols"], loc["valid"], loc["model"]
         with torch.inference_mode(False), torch.enable_grad():
             probe = {k: v.detach().clone().requires_grad_(True) for k, v in trainables.items()}
-            nll = model(x, tgt, positions=cols, reduction="none", **super().materialize(probe, n_layers))
+            nll = self.loss(model, x, tgt, super().materialize(base, probe), positions=cols, reduction="none")
             grads = torch.autograd.grad(torch.where(valid, nll, 0.0).sum(), list(probe.values()))
         peeked = {k: v - 0.05 * g.detach() for (k, v), g in zip(trainables.items(), grads)}
-        return super().materialize(peeked, n_layers)
+        return super().materialize(base, peeked)
 
 
-def _train_rows_on(ad: DocLoRA, tr: dict, st: dict, spans: list[tuple[int, int]]) -> tuple[dict, dict]:
+def _train_rows_on(ad: DocLoRA, tr: dict, spans: list[tuple[int, int]]) -> dict:
     """One AdamW step of every row's factors on the tokens ``spans[row]`` (whole documents)."""
     loc = caller_locals("run_docttt")
     tokens, model = loc["tokens"], loc["model"]
-    n_layers = model.cfg.num_layers
     with torch.inference_mode(False), torch.enable_grad():
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tr.items()}
         loss = 0.0
         for i, (a, e) in enumerate(spans):
             row = {k: v[i:i + 1] for k, v in leaves.items()}
             x, y = tokens[a:e][None], tokens[a + 1:e + 1][None]
-            loss = loss + model(x, y, reduction="sum", **DocLoRA.materialize(ad, row, n_layers))
+            loss = loss + ad.loss(model, x, y, DocLoRA.materialize(ad, {}, row), reduction="sum")
         grads = torch.autograd.grad(loss, list(leaves.values()))
-    return ad.step(tr, st, dict(zip(leaves, grads)), 0.0)
+    return ad.step(tr, ad.init(tr), dict(zip(leaves, grads)))[0]
 
 
 class SelfTrainDocLoRA(DocLoRA):
     """Trains each document's factors on the whole document before any of it is scored."""
 
-    def init(self, params, n_docs, model_cfg, generator, carry=None):
-        tr, st = super().init(params, n_docs, model_cfg, generator, carry=carry)
+    def start(self, base, rows, key=0, carry=None):
+        tr = super().start(base, rows, key, carry)
         loc = caller_locals("run_docttt")
-        return _train_rows_on(self, tr, st, [(int(a), int(e)) for a, e in zip(loc["a"], loc["e"])])
+        return _train_rows_on(self, tr, [(int(a), int(e)) for a, e in zip(loc["a"], loc["e"])])
 
 
 class NextDocDocLoRA(DocLoRA):
     """Trains each document's factors on the document queued after it (not yet scored)."""
 
-    def init(self, params, n_docs, model_cfg, generator, carry=None):
-        tr, st = super().init(params, n_docs, model_cfg, generator, carry=carry)
+    def start(self, base, rows, key=0, carry=None):
+        tr = super().start(base, rows, key, carry)
         loc = caller_locals("run_docttt")
         q, idx = loc["queue"], loc["idx"]
         nxt = [min(int(i) + 1, q.a.size - 1) for i in idx]
-        return _train_rows_on(self, tr, st, [(int(q.a[j]), int(q.e[j])) for j in nxt])
+        return _train_rows_on(self, tr, [(int(q.a[j]), int(q.e[j])) for j in nxt])
 
 
 class NextChunkAdapt(SGDAdapter):

@@ -15,7 +15,7 @@ from metattt.model.gpt import BankedGPT
 from metattt.train.cli import parse_config
 from metattt.train.loop import train
 from metattt.ttt.doclora import EXTRA_PREFIX, DocLoRA, DocLoRAConfig
-from metattt.ttt.meta import DOCTTT_CHUNK, MetaConfig, doclora_inner_loop, doclora_meta_loss
+from metattt.ttt.meta import MetaConfig, meta_loss
 from test_train import _args
 from tiny import tiny_config
 
@@ -38,11 +38,12 @@ def test_meta_init_starts_every_document_at_a0_and_round_trips() -> None:
     with torch.no_grad():
         for p in ad.A0.values():
             p.normal_()
-    tr, _ = ad.init(dict(m.named_parameters()), 4, m.cfg, torch.Generator())
+    with torch.no_grad():
+        tr = ad.start(dict(m.named_parameters()), 4)
     for t, a0 in ad.A0.items():
         assert tr[f"A.{t}"].shape[0] == 4 and all(torch.equal(tr[f"A.{t}"][i], a0) for i in range(4))
         assert not tr[f"B.{t}"].any()
-    tr[f"A.q"].add_(1.0)  # documents own copies: adapting one never writes A0
+    tr["A.q"].add_(1.0)  # documents own copies: adapting one never writes A0
     assert not torch.equal(tr["A.q"][0], ad.A0["q"])
     other = DocLoRA(DocLoRAConfig(rank=3, init="meta")).bind(m)
     other.load_artifact_extras(ad.artifact_extras())
@@ -62,42 +63,41 @@ def test_meta_gradient_is_the_outer_gradient_at_the_adapted_factors_summed_over_
     ad.bind(m)
     x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(3))
     y = torch.roll(x, -1, dims=1)
-    loss, stats = doclora_meta_loss(m, ad, x, y, cfg)
+    loss, stats = meta_loss(m, ad, x, y, cfg)
     loss.backward()
     assert set(stats) == {"meta/L_inner", "meta/L_post"}
-    got = {t: p.grad.clone() for t, p in ad.A0.items()}
+    got = {t: p.grad.clone() for t, p in ad.meta_parameters().items()}
     base_grad = m.qo_bank.grad.clone()
-    ref = DocLoRA(DocLoRAConfig(rank=2, lr=0.01, init="meta")).bind(m)
-    ref.load_artifact_extras(ad.artifact_extras())
-    tr, st, _ = doclora_inner_loop(m, ref, x, y, chunk=4)
-    assert int(st["t"][0]) == 2  # two 4-token chunks in the 8-token first half: two steps
-    leaves = {n: v.detach().requires_grad_(True) for n, v in tr.items()}
-    out = m(x, y, reduction="none", **ref.materialize(leaves, m.cfg.num_layers))[:, 8:].mean()
+    assert len(ad.batches(x[:, :8], y[:, :8])) == 2  # two 4-token chunks in the 8-token first half: two steps
+    adapted, _ = ad.inner_loop(m, dict(m.named_parameters()), x[:, :8], y[:, :8], passes=1, create_graph=False)
+    leaves = {n: v.detach().requires_grad_(True) for n, v in adapted.items()}
+    out = ad.loss(m, x, y, leaves, reduction="none")[:, 8:].mean()
     g = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
     for t in ad.A0:
-        torch.testing.assert_close(got[t], g[f"A.{t}"].sum(0), rtol=1e-5, atol=1e-7)
-        assert got[t].abs().sum() > 0
+        torch.testing.assert_close(got[f"A0.{t}"], g[f"A.{t}"].sum(0), rtol=1e-5, atol=1e-7)
+        assert got[f"A0.{t}"].abs().sum() > 0
     assert base_grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("passes", [1, 2])
 def test_meta_inner_loop_is_the_doc_batched_evaluators_update_bit_for_bit(passes: int) -> None:
-    """The default doclora meta step adapts each row's factors exactly as the doc-batched evaluator
-    (``docttt_batch.run_batch``) adapts the same documents: one AdamW step per chunk, the same forwards and losses; so
-    the factors and optimiser state are equal bit for bit (CPU). ``inner_steps`` (here 2) is an explicit override:
-    more sweeps, no longer the evaluator's update."""
+    """The default doclora meta step (``Adapter.inner_loop`` over doclora's ``batches``, one step per chunk)
+    adapts each row's factors exactly as the doc-batched evaluator (``docttt_batch.run_batch``) adapts the same
+    documents: the same forwards, losses and ``take_step``; so the factors are equal bit for bit (CPU), and the
+    outer loss is taken at exactly those factors. ``inner_steps`` (here 2) is an explicit override: more sweeps,
+    no longer the evaluator's update."""
     from metattt.eval.docttt_batch import run_batch
     from metattt.eval.docttt_spec import DocTTTSpec
     from metattt.eval.ledger import Ledger
 
-    assert DOCTTT_CHUNK == DocTTTSpec().chunk
+    assert DocLoRAConfig().chunk == DocTTTSpec().chunk
     m = _model()
     chunk, n_chunks, docs = 3, 3, 3  # 3: 1/chunk is inexact, so the loss must be formed as the evaluator does
     spec = "doclora:rank=2,lr=0.01,weight_decay=0.1,beta1=0.9" + f",chunk={chunk}"
     cfg = MetaConfig(adapter=spec, split="seq-half", inner_steps=None if passes == 1 else passes)
     ad = cfg.make_adapter().bind(m)
     with torch.no_grad():
-        for p in ad.A0.values():
+        for p in ad.meta_parameters().values():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
     assert cfg.inner_passes(ad) == passes and cfg.inner_summary(ad)["chunk"] == chunk
     # documents of n_chunks * chunk + 1 targets: the evaluator trains their first n_chunks chunks (a document's last
@@ -107,20 +107,25 @@ def test_meta_inner_loop_is_the_doc_batched_evaluators_update_bit_for_bit(passes
     a = np.arange(docs) * (row + 1)
     x = torch.stack([tokens[s:s + row] for s in a])
     y = torch.stack([tokens[s + 1:s + row + 1] for s in a])
-    tr, st, first = doclora_inner_loop(m, ad, x, y, chunk=chunk, passes=cfg.inner_passes(ad))
+    h = row // 2
+    tr, _ = ad.inner_loop(m, dict(m.named_parameters()), x[:, :h], y[:, :h], passes=cfg.inner_passes(ad),
+                          create_graph=False)
     base = {k: v.detach() for k, v in m.named_parameters()}
-    init = ad.init(base, docs, m.cfg, torch.Generator())
+    t0 = ad.start(base, docs)
     proto = DocTTTSpec(adapter="doclora", chunk=chunk, adapter_opts=(("rank", "2"), ("lr", "0.01"),
                                                                       ("weight_decay", "0.1"), ("beta1", "0.9")))
-    out = run_batch(m, tokens, a, a + span, proto, ad, None, Ledger(), init=init, autocast=False)
+    out = run_batch(m, tokens, a, a + span, proto, ad, None, Ledger(), init=(t0, ad.init(t0)), autocast=False)
     assert out.train_steps == n_chunks
     same = all(torch.equal(tr[k], out.trainables[k]) for k in tr)
     assert same == (passes == 1), "the default meta step must be (only) the evaluated update"
     if passes == 1:
-        assert first.item() == out.loss_first
-        assert not any(torch.equal(tr[k], init[0][k]) for k in tr if k.startswith("B."))  # it moved
+        assert not any(torch.equal(tr[k], t0[k]) for k in tr if k.startswith("B."))  # it moved
+        _, stats = meta_loss(m, ad, x, y, cfg)  # the outer loss at exactly the evaluator's factors
+        with torch.no_grad():
+            at_evaluated = ad.loss(m, x, y, ad.materialize(base, out.trainables), reduction="none")[:, h:].mean()
+        assert torch.equal(stats["meta/L_post"], at_evaluated)
     with pytest.raises(ValueError, match="whole chunks"):
-        doclora_inner_loop(m, ad, x[:, :chunk], y[:, :chunk], chunk=chunk)
+        ad.inner_loop(m, base, x[:, :chunk - 1], y[:, :chunk - 1], passes=1, create_graph=False)
 
 
 def test_meta_config_needs_seq_half_and_first_order(tmp_path) -> None:

@@ -128,14 +128,14 @@ def test_doc_batched_cheats_pass_the_ledger_but_not_the_audit(world, cls):
     spec = docttt_spec.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")
     ledger = Ledger(spec.name)
     res = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
-                            make_adapter=lambda s: cls(s.lora_config()))
+                            make_adapter=lambda s: cls(s.make_adapter().cfg))
     assert ledger.verify()["legal"]  # the ledger sees only the loop's plan
     if "honest_docttt" not in world:
         world["honest_docttt"] = docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id,
                                                    Ledger(spec.name)).token_nll
     assert res.token_nll.sum() != world["honest_docttt"].sum()  # the cheat did change the scores
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: cls(s.lora_config()))
+        mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: cls(s.make_adapter().cfg))
         with pytest.raises(AuditError, match=r"ILLEGAL evaluation 'docttt:doclora@.*q=\d+.*scored before q"):
             run_audit(m, data, [spec], {}, EVAL, AuditConfig(points=4))
 
@@ -171,7 +171,7 @@ DOC_PLUGIN = """
         name = "unused_{tag}"
 
     def _cheat(spec, model=None, extras=None):  # replaces the doc-batched adapter factory
-        return None if spec.adapter is None else {cls}(spec.lora_config())
+        return None if spec.adapter is None else {cls}(spec.make_adapter().cfg)
 
     D.make_doc_adapter = _cheat
     """
@@ -254,6 +254,7 @@ def test_audit_on_cuda_bf16(world):
         print("cuda audit", name, r["status"], "rerun noise", r["rerun_max_diff"], "max diff", r["max_diff"])
         assert r["status"] == "pass" and r["tolerance"] > 0 and "rerun_max_diff" in r
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(docttt, "make_doc_adapter", lambda s, model=None, extras=None: ChunkPeekDocLoRA(s.lora_config()))
+        mp.setattr(docttt, "make_doc_adapter",
+                   lambda s, model=None, extras=None: ChunkPeekDocLoRA(s.make_adapter().cfg))
         with pytest.raises(AuditError):
             run_audit(m, data, [docttt_spec.parse_docttt(f"docttt:doclora@{DOC}/{LORA}")], {}, EVAL)

@@ -22,6 +22,7 @@ from metattt.eval.report import build_report, format_report
 from metattt.eval.scoring import ScoreConfig, run_stream
 from metattt.model.config import ModelConfig
 from metattt.model.gpt import BankedGPT, Runtime
+from metattt.ttt import make_adapter
 from metattt.ttt.doclora import DocLoRA, DocLoRAConfig
 from tiny import tiny_config, trained_tiny
 
@@ -127,32 +128,35 @@ def test_doclora_step_is_torch_adamw_per_document(one_thread):
     """Each document's factors follow torch.optim.AdamW (weight decay, eps, bias correction) exactly as if
     optimised alone; documents left out of a step (active=False) are untouched."""
     cfg = tiny_config()
-    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01, beta1=0.5, eps=1e-6, weight_decay=0.5, targets="q+head"))
-    params = dict(BankedGPT(cfg).named_parameters())
-    tr, st = ad.init(params, 2, cfg, torch.Generator().manual_seed(0))
+    m = BankedGPT(cfg)
+    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01, beta1=0.5, eps=1e-6, weight_decay=0.5, targets="q+head")).bind(m)
+    params = dict(m.named_parameters())
+    tr = ad.start(params, 2)
+    st = ad.init(tr)
     ref = {k: torch.nn.Parameter(v[0].clone()) for k, v in tr.items()}
     opt = torch.optim.AdamW(ref.values(), lr=0.01, betas=(0.5, 0.999), eps=1e-6, weight_decay=0.5)
     gen = torch.Generator().manual_seed(1)
     frozen = {k: v[1].clone() for k, v in tr.items()}
     for _ in range(4):
         grads = {k: torch.randn(v.shape, generator=gen) for k, v in tr.items()}
-        tr, st = ad.step(tr, st, grads, 0.0, active=torch.tensor([True, False]))
+        tr, st = ad.step(tr, st, grads, active=torch.tensor([True, False]))
         for k, p in ref.items():
             p.grad = grads[k][0].clone()
         opt.step()
     for k in tr:
         torch.testing.assert_close(tr[k][0], ref[k].detach(), rtol=1e-6, atol=1e-7)
         assert torch.equal(tr[k][1], frozen[k])
-    assert ad.adapted_count(cfg) == 3 * (cfg.num_layers * (32 + 32) + 32 + 64)
+    assert ad.adapted_count == 3 * (cfg.num_layers * (32 + 32) + 32 + 64)
     # documents at different step counts in one step (runs of rows, each with its own bias correction), and
     # gradients for only the first rows of the batch
-    tr, st = ad.init(params, 4, cfg, torch.Generator().manual_seed(2))
+    tr = ad.start(params, 4, key=2)
+    st = ad.init(tr)
     refs = [{k: torch.nn.Parameter(v[b].clone()) for k, v in tr.items()} for b in range(3)]
     opts = [torch.optim.AdamW(r.values(), lr=0.01, betas=(0.5, 0.999), eps=1e-6, weight_decay=0.5) for r in refs]
     last = {k: v[3].clone() for k, v in tr.items()}
     for pattern in ([1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1]):
         grads = {k: torch.randn((3,) + v.shape[1:], generator=gen) for k, v in tr.items()}
-        tr, st = ad.step(tr, st, grads, 0.0, active=torch.tensor(pattern, dtype=torch.bool))
+        tr, st = ad.step(tr, st, grads, active=torch.tensor(pattern, dtype=torch.bool))
         for b, on in enumerate(pattern):
             if on:
                 for k, p in refs[b].items():
@@ -171,17 +175,18 @@ def test_doclora_step_takes_autograd_gradients_with_transposed_strides(one_threa
     the kernel's precondition on every device. The result equals the same step with contiguous gradients."""
     cfg = tiny_config()
     m = BankedGPT(cfg)
-    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01))
-    tr, st = ad.init(dict(m.named_parameters()), 2, cfg, torch.Generator().manual_seed(0))
+    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01)).bind(m)
+    tr = ad.start(dict(m.named_parameters()), 2)
+    st = ad.init(tr)
     tr = {k: v + 0.01 for k, v in tr.items()}  # B != 0, so every factor gets a gradient
     leaves = {k: v.detach().requires_grad_(True) for k, v in tr.items()}
-    out = m(torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)),
-            **ad.materialize(leaves, cfg.num_layers))
+    out = ad.loss(m, torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)), None,
+                  ad.materialize({}, leaves))
     grads = dict(zip(leaves, torch.autograd.grad(out.float().square().mean(), list(leaves.values()))))
     assert not grads["A.head"].is_contiguous()  # what autograd gives (the case the kernel refused)
-    a_tr, a_st = ad.step({k: v.clone() for k, v in tr.items()}, {k: v.clone() for k, v in st.items()}, grads, 0.0)
+    a_tr, a_st = ad.step({k: v.clone() for k, v in tr.items()}, {k: v.clone() for k, v in st.items()}, grads)
     b_tr, _ = ad.step({k: v.clone() for k, v in tr.items()}, {k: v.clone() for k, v in st.items()},
-                      {k: g.contiguous() for k, g in grads.items()}, 0.0)
+                      {k: g.contiguous() for k, g in grads.items()})
     for k in tr:
         assert torch.equal(a_tr[k], b_tr[k]), k
         assert not torch.equal(a_tr[k], tr[k]), k
@@ -189,32 +194,36 @@ def test_doclora_step_takes_autograd_gradients_with_transposed_strides(one_threa
 
 def test_keep_a_carries_a_and_resets_b_and_state(one_thread):
     cfg = tiny_config()
-    params = dict(BankedGPT(cfg).named_parameters())
-    gen = torch.Generator().manual_seed(0)
+    m = BankedGPT(cfg)
+    params = dict(m.named_parameters())
     for keep in (False, True):
-        ad = DocLoRA(DocLoRAConfig(rank=2, keep_a=keep, alpha=4.0))
-        tr, st = ad.init(params, 3, cfg, gen)
+        ad = DocLoRA(DocLoRAConfig(rank=2, keep_a=keep, alpha=4.0)).bind(m)
+        assert ad.carries() == keep
+        tr = ad.start(params, 3)
         grads = {k: torch.ones_like(v) for k, v in tr.items()}
-        tr, st = ad.step(tr, st, grads, 0.0)
-        tr2, st2 = ad.init(params, 3, cfg, gen, carry=tr)
+        tr, st = ad.step(tr, ad.init(tr), grads)
+        tr2 = ad.start(params, 3, key=1, carry=tr)
+        st2 = ad.init(tr2)
         assert torch.equal(tr2["A.q"], tr["A.q"]) == keep
         assert not tr2["B.q"].any() and not st2["m.B.q"].any() and not st2["t"].any()
-        lora = ad.materialize(tr, cfg.num_layers)["lora"]
-        torch.testing.assert_close(lora["q.1"][1], 2.0 * tr["B.q"][:, 1])  # scale alpha / rank
+        torch.testing.assert_close(ad.materialize({}, tr)["B.q"], 2.0 * tr["B.q"])  # scale alpha / rank
 
 
 def test_doclora_options_parse_and_fail_clearly():
-    cfg = DocLoRAConfig.from_options({"rank": "8", "keep_a": "true", "alpha": "16"})
-    assert cfg.rank == 8 and cfg.keep_a and cfg.scale == 2.0
+    cfg = make_adapter("doclora", rank="8", keep_a="true", alpha="16").cfg
+    assert isinstance(cfg, DocLoRAConfig) and cfg.rank == 8 and cfg.keep_a and cfg.scale == 2.0
+    assert docttt_spec.parse_docttt("docttt:doclora@chunk=8/rank=2").make_adapter().cfg.chunk == 8  # the protocol's
     with pytest.raises(ValueError, match="no option 'rnk'"):
-        DocLoRAConfig.from_options({"rnk": "8"})
+        make_adapter("doclora", rnk="8")
     with pytest.raises(ValueError, match="targets"):
-        DocLoRAConfig.from_options({"targets": "q+zz"})
+        make_adapter("doclora", targets="q+zz")
+    with pytest.raises(ValueError, match="epochs must be 1"):
+        parse_protocols("docttt:doclora@epochs=2")
     with pytest.raises(ValueError, match="is not a int"):
         parse_protocols("docttt:doclora@rank=big")
     with pytest.raises(ValueError, match="not key=value"):
         parse_protocols("docttt:doclora@chunk")
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="'sgd' is not a per-document adapter"):
         parse_protocols("docttt:sgd")
 
 
@@ -228,14 +237,15 @@ def test_batched_equals_one_document_at_a_time(world):
     idx = queue.batches[1]
     a, e = queue.a[idx], queue.e[idx]
     assert len(set((e - a).tolist())) > 1  # documents of different lengths: different numbers of chunks
-    ad = docttt.make_doc_adapter(spec)
-    init = ad.init(dict(m.named_parameters()), len(idx), m.cfg, torch.Generator().manual_seed(0))
+    ad = docttt.make_doc_adapter(spec, m)
+    t0 = ad.start(dict(m.named_parameters()), len(idx))
+    init = (t0, ad.init(t0))
     batched = docttt_batch.run_batch(m, data.tokens, a, e, spec, ad, None, Ledger(), init)
     got = dict(batched.nll)
     assert batched.train_steps > 0
     for b in range(len(idx)):
         one = docttt_batch.run_batch(m, data.tokens, a[b:b + 1], e[b:b + 1], spec, ad, None, Ledger(),
-                               tuple(DocLoRA.rows(t, slice(b, b + 1)) for t in init))
+                               tuple({k: v[b:b + 1] for k, v in t.items()} for t in init))
         for lo, v in one.nll:
             np.testing.assert_allclose(got[lo], v, rtol=1e-4, atol=1e-5)
         for k, t in one.trainables.items():
@@ -346,6 +356,9 @@ def test_cli_runs_the_family_and_rejects_bad_options(world, tmp_path, capsys):
     assert "rank must be a positive integer" in capsys.readouterr().err
     assert main([*common, "--protocols", "docttt:doclora@chunks=16"]) == EXIT_BAD_INPUT
     assert "no option 'chunks'" in capsys.readouterr().err
+    # per-document: not on the window evaluator's rows
+    assert main([*common, "--protocols", "ttt:doclora", "--stride", "16"]) == EXIT_BAD_INPUT
+    assert "evaluate it as docttt:doclora" in capsys.readouterr().err
     name = f"docttt:doclora@{OPTS}/{LORA}"
     assert main([*common, "--protocols", name]) == 0, capsys.readouterr().err
     rep = json.loads((art.parent / "eval.json").read_text())
@@ -392,7 +405,7 @@ def test_cheating_batched_adapter_is_refused(world):
     with pytest.raises(LegalityError, match="only scored later"):
         ledger = Ledger(spec.name)
         docttt.run_docttt(spec, m, data.tokens, data.tokens_np, data.bos_id, ledger,
-                          make_adapter=lambda s: CheatingDocLoRA(s.lora_config()))
+                          make_adapter=lambda s: CheatingDocLoRA(s.make_adapter().cfg))
         ledger.verify()
 
 
@@ -512,12 +525,13 @@ def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
     data = prepare_stream(world["data"].tokens_np, synthetic_lut(SPEC), "cuda", 256)
     queue = docttt_model.doc_queue(data.tokens_np, data.bos_id, 4)
     spec = docttt_spec.parse_docttt(f"docttt:doclora@{OPTS}/{LORA}")
-    ad = docttt.make_doc_adapter(spec)
+    ad = docttt.make_doc_adapter(spec, m)
     params = {k: v.detach() for k, v in m.named_parameters()}
     syncs, nll = {}, {}
     for b in (0, len(queue.batches) - 1):  # the longest and the shortest batch: many and few chunks
         idx = queue.batches[b]
-        init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
+        t0 = ad.start(params, len(idx))
+        init = (t0, ad.init(t0))
         docttt_batch.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
                          shapes="chunk")  # warm-up
         torch.cuda.synchronize()
@@ -535,7 +549,8 @@ def test_docttt_chunk_loop_waits_for_the_device_once_per_batch(world):
     assert n_first > n_last and k_last > 0, syncs  # more chunks in the first batch, both train
     assert first <= 4 and last <= 4, syncs  # bounded per batch: 25 chunks cost no more waits than 4
     idx = queue.batches[0]
-    init = ad.init(params, len(idx), m.cfg, torch.Generator(device="cuda").manual_seed(0))
+    t0 = ad.start(params, len(idx))
+    init = (t0, ad.init(t0))
     exact = docttt_batch.run_batch(m, data.tokens, queue.a[idx], queue.e[idx], spec, ad, None, Ledger(), init,
                              shapes="exact")
     for lo, v in exact.nll:

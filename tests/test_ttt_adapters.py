@@ -165,7 +165,7 @@ def test_metasgd_meta_params_roundtrip_and_missing_error() -> None:
 def test_none_adapter_and_generic_contract() -> None:
     m = tiny_model()
     x, y = batch()
-    assert ADAPTERS == ("none", "sgd", "fomaml", "metasgd", "sam", "lora", "dyneval", "reptile")
+    assert ADAPTERS == ("none", "sgd", "fomaml", "metasgd", "sam", "lora", "dyneval", "reptile", "doclora")
     n = make_adapter("none").bind(m)
     assert n.params() == {} and n.adapt(m, x, y)["steps"] == 0 and n.adapted_count == 0
     for name in ADAPTERS:
@@ -174,6 +174,14 @@ def test_none_adapter_and_generic_contract() -> None:
         assert a.cfg.reset in ("never", "chunk", "doc")
     with pytest.raises(RuntimeError, match="not bound"):
         make_adapter("sgd").params() or make_adapter("sgd").adapt(m, x, y)
+    doc = make_adapter("doclora", rank=2).bind(m)  # per-document: the doc-batched evaluator runs it, not adapt
+    assert doc.per_document and doc.params() == {}
+    with pytest.raises(ValueError, match="evaluate it as docttt:doclora"):
+        doc.adapt(m, x, y)
+    with pytest.raises(ValueError, match="no per-document rows"):
+        make_adapter("sgd").step({}, {}, {}, active=torch.ones(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="drop select="):
+        make_adapter("doclora", select="banks").bind(m)
 
 
 def test_adapt_works_when_called_under_inference_mode() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,23 +282,56 @@ TUNED = {
     "lora": dict(lr=0.01, rank=2, epochs=2, select="banks[q,v,up]:layers>=1"),
     "dyneval": dict(lr=0.001, decay=0.1, epochs=2),
     "signsgd": dict(momentum=0.9, epochs=2),
+    "doclora": dict(rank=2, lr=0.01, beta1=0.9, weight_decay=0.1, alpha=4.0, targets="q+v+mlp+head"),
 }
 CASES = [(n, "defaults") for n in REGISTRY.names] + [(n, "tuned") for n in REGISTRY.names if n in TUNED]
 
 
 def _spec(name: str, variant: str) -> str:
-    kw = {"batch_seqs": 2, **(TUNED[name] if variant == "tuned" else {})}  # 2 rows a mini-batch: several steps
+    # 2 rows a mini-batch, 2 tokens a chunk (per-document adapters): several steps on the tiny batch
+    kw = {"batch_seqs": 2, **({"chunk": 2} if REGISTRY.get(name).per_document else {}),
+          **(TUNED[name] if variant == "tuned" else {})}
     return name + ":" + ",".join(f"{k}={v}" for k, v in kw.items())
+
+
+def _evaluated(a, m, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """The evaluator's update on rows (x, y) from the trained weights: (the overrides it reaches, its steps). A
+    per-document adapter's evaluator is the doc-batched chunk loop, each row one document whose chunks it trains
+    (all but its last, here one more target from the row)."""
+    if not a.per_document:
+        st = a.adapt(m, x, y, progress=0.0)
+        return a.params(), st["steps"]
+    from metattt.eval.docttt_batch import run_batch
+    from metattt.eval.docttt_spec import DocTTTSpec
+    from metattt.eval.ledger import Ledger
+
+    n, length = x.shape
+    tokens = torch.cat([x, y[:, -1:]], 1).reshape(-1)
+    starts = np.arange(n) * (length + 1)
+    base = {k: v.detach() for k, v in m.named_parameters()}
+    with torch.no_grad():
+        t0 = a.start(base, n)
+    chunk = a.cfg.chunk
+    out = run_batch(m, tokens, starts, starts + length // chunk * chunk + 1, DocTTTSpec(a.name, chunk=chunk), a,
+                    None, Ledger(), init=(t0, a.init(t0)), autocast=False)
+    return a.materialize(base, out.trainables), out.train_steps
+
+
+def _outer(a, m, x: torch.Tensor, y: torch.Tensor, start: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return a.loss(m, x, y, params) if start == 0 else a.loss(m, x, y, params, reduction="none")[:, start:].mean()
 
 
 @pytest.mark.parametrize("name, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant: str) -> None:
     """The default meta step (MetaConfig with no inner_steps) runs the evaluator's update: its first-order inner
-    loop reaches bit for bit the weights the evaluator's ``adapt`` reaches on the same rows (CPU, progress 0, the
-    adapter's own epochs, momentum, clip, schedule and mini-batches), and its outer loss is the loss at exactly
-    those weights. Generated from the registry, plug-in included."""
-    assert {"sgd", "signsgd"} <= set(REGISTRY.names)
-    cfg = MetaConfig(adapter=_spec(name, variant), adapter_modules=(EXAMPLE,))
+    loop reaches bit for bit the weights the evaluator reaches on the same rows (``adapt``; a per-document
+    adapter: the doc-batched evaluator's chunk loop) (CPU, progress 0, the adapter's own epochs, momentum, clip,
+    schedule and mini-batches or chunks), and its outer loss is the loss at exactly those weights. Generated from
+    the registry, plug-in included."""
+    assert {"sgd", "signsgd", "doclora"} <= set(REGISTRY.names)
+    per_doc = REGISTRY.get(name).per_document
+    cfg = MetaConfig(adapter=_spec(name, variant), adapter_modules=(EXAMPLE,),
+                     split="seq-half" if per_doc else "same-batch")
     m = tiny_model()
     x, y = batch(b=5, t=10, seed=4)
     a = cfg.make_adapter(REGISTRY).bind(m)
@@ -305,24 +339,25 @@ def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant
         for p in a.meta_parameters().values():  # non-uniform learned rates
             p.add_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
     base = {n: p.detach().clone() for n, p in m.named_parameters()}
-    st = a.adapt(m, x, y, progress=0.0)
+    (xi, yi), (xo, yo), start = split_batch(x, y, cfg.split)
     if not a.trains_in_eval:
-        assert st == {"steps": 0} and not a.params()
+        assert a.adapt(m, x, y, progress=0.0) == {"steps": 0} and not a.params()
         with pytest.raises(ValueError, match="nothing to meta-train"):
             meta_loss(m, a, x, y, cfg)
         return
+    evaluated, steps = _evaluated(a, m, xi, yi)
     passes = cfg.inner_passes(a)
     assert passes == a.cfg.epochs and cfg.inner_summary(a)["source"] == "adapter epochs"
-    assert st["steps"] == passes * -(-5 // a.cfg.batch_seqs)  # epochs x mini-batches
-    evaluated = a.params()
-    assert evaluated and any(not torch.equal(evaluated[n], base[n]) for n in evaluated if n in base), \
-        "the update did nothing"
-    adapted, _ = a.inner_loop(m, dict(m.named_parameters()), x, y, passes=passes, create_graph=False)
+    assert steps == passes * len(a.batches(xi, yi))  # epochs x mini-batches (chunks)
+    assert steps == (2 if per_doc else passes * -(-5 // a.cfg.batch_seqs))
+    assert evaluated and any(not torch.equal(evaluated[n], base[n]) if n in base else bool(evaluated[n].any())
+                             for n in evaluated), "the update did nothing"
+    adapted, _ = a.inner_loop(m, dict(m.named_parameters()), xi, yi, passes=passes, create_graph=False)
     assert set(evaluated) == set(adapted)
     for n in evaluated:
         assert torch.equal(evaluated[n], adapted[n]), n
     assert any(t.requires_grad for t in adapted.values())  # and the meta result carries the outer graph
-    loss, stats = meta_loss(m, a, x, y, cfg)  # the trainer's call, same-batch split
+    loss, stats = meta_loss(m, a, x, y, cfg)  # the trainer's call
     loss.backward()
     if isinstance(a.cfg, ReptileConfig):  # gradient epsilon * (theta - theta_k), theta_k the evaluated weights
         for n in evaluated:
@@ -330,8 +365,8 @@ def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant
             assert torch.equal(m.get_parameter(n).grad, want), n
     else:
         with torch.no_grad():
-            at_evaluated = m(x, y, params=evaluated)
-            assert torch.equal(stats["meta/L_post"], at_evaluated), "outer loss not at the evaluated weights"
+            assert torch.equal(stats["meta/L_post"], _outer(a, m, xo, yo, start, evaluated)), \
+                "outer loss not at the evaluated weights"
 
 
 def test_inner_steps_overrides_the_adapters_epochs_and_is_recorded() -> None:

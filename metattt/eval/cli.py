@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(docttt: its decomposition chain doc-flat -> doc-chunk -> docttt -> + phases) are added "
                          "when needed for the deltas. docttt options, '/'-separated: chunk (32), docs (64), window "
                          "(2048), phases (0), phase_docs (2000), phase_lr (0.001), phase_momentum (0.9), "
-                         "phase_tokens (32768), phase_epochs (1), phase_clip (1.0); any other key is a DocLoRA "
-                         "option: rank (96), alpha, lr (1e-4), beta1, beta2, eps, weight_decay, targets, keep_a, "
+                         "phase_tokens (32768), phase_epochs (1), phase_clip (1.0); any other key is an option of the "
+                         "per-document adapter (doclora): rank (96), alpha, lr (1e-4), beta1, beta2, eps, weight_decay, targets, keep_a, "
                          "seed, init (meta: the artifact's learned A0). Example: "
                          "docttt:doclora@phases=3/chunk=64/rank=64")
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",

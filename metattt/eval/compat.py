@@ -149,13 +149,13 @@ def record_ttt_factory(factory: AdapterFactory, knobs: RecordNumerics = RecordNu
             plain = ad.loss
 
             def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, overrides: Any,
-                     attn: str | None = None) -> torch.Tensor:
+                     attn: str | None = None, **forward: Any) -> torch.Tensor:
                 ov = dict(overrides)
                 named = dict(model.named_parameters())
                 for n in QAT_LINEARS:
                     if n in ov or n in named:
                         ov[n] = fake_int6(ov[n] if n in ov else named[n])
-                return plain(model, x, y, ov, attn)
+                return plain(model, x, y, ov, attn, **forward)
 
             # this instance's training forwards fake-quantize; a per-instance override of the method is the point
             ad.loss = loss  # type: ignore[method-assign]

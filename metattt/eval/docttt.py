@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from ..devices import DistCtx, autocast_for as _autocast
 from ..track.progress import progress as progress_bar
-from ..ttt.doclora import DocLoRA
+from ..ttt.adapter import Adapter
 from .docttt_batch import SHAPES, Nats, resolve_attn, run_batch
 from .docttt_compile import compiled_core
 from .docttt_model import batch_costs, batch_schedule, doc_queue, phase_boundaries, phase_documents
@@ -103,7 +103,7 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
 
 def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, tokens_np: np.ndarray, bos_id: int,
                ledger: Ledger, ctx: DistCtx | None = None, autocast: bool = True, attn: str = "auto",
-               make_adapter: Callable[[DocTTTSpec], DocLoRA | None] | None = None, compile: bool = False,
+               make_adapter: Callable[[DocTTTSpec], Adapter | None] | None = None, compile: bool = False,
                shapes: str | None = None, progress: bool = False) -> StreamResult:
     """Run one protocol of the family over the whole stream; returns the per-target nats like ``run_stream``.
 
@@ -116,6 +116,10 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
     the model's own dimensions symbolic too, which breaks the graph at attention) and kept on the model for later
     runs; the base parameters are passed detached, so no graph computes gradients for them outside the phases
     (eager)."""
+    from ..model.gpt import BankedGPT
+
+    if not isinstance(model, BankedGPT):  # its per-row lora= forward, RoPE tables and compiled core
+        raise TypeError(f"{spec.name} runs a BankedGPT, got {type(model).__name__}")
     ctx = DistCtx.current() if ctx is None else ctx
     device = tokens.device
     shapes = ("chunk" if device.type == "cuda" else "exact") if shapes is None else shapes
@@ -123,10 +127,12 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         raise ValueError(f"docttt shapes must be one of {', '.join(SHAPES)}, got {shapes!r}")
     n = int(tokens.numel())
     queue = doc_queue(tokens_np, bos_id, spec.docs)
-    adapter = (make_adapter or make_doc_adapter)(spec)
-    if adapter is not None and ctx.world > 1 and adapter.cfg.keep_a:
-        raise ValueError(f"{spec.name}: keep_a carries A from batch to batch, so results depend on which batches "
-                         "a rank ran; it is single-process only")
+    adapter = make_adapter(spec) if make_adapter is not None else make_doc_adapter(spec, model)
+    if adapter is not None and adapter.sel is None:
+        adapter.bind(model)
+    if adapter is not None and ctx.world > 1 and adapter.carries():
+        raise ValueError(f"{spec.name}: the adapter carries its state from batch to batch (doclora keep_a), so "
+                         "results depend on which batches a rank ran; it is single-process only")
     bounds = phase_boundaries(queue, spec.phases, spec.phase_docs) if adapter is not None else []
     owner = batch_schedule(batch_costs(queue.n_targets, queue.batches, spec.chunk, spec.window), ctx.world, bounds)
     sink = Nats(n, device)
@@ -155,8 +161,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
                     init = None
                     ad = adapter if invalid is None else None  # diverged: the rest is scored without adapting
                     if ad is not None:
-                        gen = torch.Generator(device=device).manual_seed(ad.cfg.seed * 1_000_003 + b)
-                        init = ad.init(base, len(idx), model.cfg, gen, carry=tr)
+                        fresh = ad.start(base, len(idx), key=b, carry=tr)
+                        init = (fresh, ad.init(fresh))
                     res = run_batch(model, tokens, a, e, spec, ad, base, ledger, init, autocast, attn, shapes,
                                     sink, inplace=True, on_chunk=bar.update)
                     if ad is not None and res.nonfinite_chunk is not None:
@@ -203,8 +209,8 @@ def run_docttt(spec: DocTTTSpec, model: torch.nn.Module, tokens: torch.Tensor, t
         parts: list[Any] = [None] * ctx.world
         dist.all_gather_object(parts, ledger)  # steps are globally ordered by construction
         ledger.merge(parts)
-    both = both.cpu().numpy()
-    nll, done = np.ascontiguousarray(both[0]), both[1].astype(np.int32)
+    host = both.cpu().numpy()
+    nll, done = np.ascontiguousarray(host[0]), host[1].astype(np.int32)
     _sync(device)
     seconds = time.perf_counter() - t_start
     if np.any(done != 1):

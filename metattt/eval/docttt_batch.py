@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from ..devices import autocast_for as _autocast
-from ..ttt.doclora import DocLoRA
+from ..ttt.adapter import Adapter, Tensors, weighted_loss
 from .docttt_spec import BASELINE, DocTTTSpec
 from .ledger import Ledger
 from .windows import WindowPlan, check_no_bos_crossing, doc_segments
@@ -183,13 +183,15 @@ class BatchOut:
 
 
 def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
-              adapter: DocLoRA | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
+              adapter: Adapter | None, base: dict[str, torch.Tensor] | None, ledger: Ledger,
               init: tuple[dict, dict] | None = None, autocast: bool = True, attn: str = "auto",
               shapes: str = "exact", sink: Nats | None = None, inplace: bool = False,
               on_chunk: Callable[[], None] | None = None) -> BatchOut:
     """Score (and adapt on) the documents ``[a, e)`` of one batch, chunk by chunk (see module docstring).
 
-    ``init``: the adapter's (trainables, state) for these documents (rows in order; copied unless ``inplace``);
+    ``adapter``: a bound per-document adapter (``materialize``, ``loss``, ``take_step`` with the documents that
+    train as ``active``); ``init``: its (trainables, state) for these documents (rows in order; copied unless
+    ``inplace``);
     ``base``: parameter overrides for the base model (after phases). Documents must be sorted by length, longest
     first. ``shapes``: see :class:`BatchPlan`. Nats go to ``sink`` (a fresh one when None). The loop never waits
     for the device: indices come from the host plan (one transfer per batch), the LM head runs only on the chunk's
@@ -202,9 +204,8 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     sink = Nats(n_tok, device) if sink is None else sink
     cheat = adapter is not None and adapter.adapts_before_scoring
     tr, st = init if init is not None else (None, None)
-    if tr is not None and not inplace:
-        tr, st = ({k: v.clone() for k, v in x.items()} for x in (tr, st))
-    n_layers = model.cfg.num_layers
+    if init is not None and not inplace:
+        tr, st = ({k: v.clone() for k, v in x.items()} for x in init)
     out = BatchOut(plan, sink)
     idx_host = torch.from_numpy(np.stack([plan.start, plan.col0, plan.count, plan.train.astype(np.int64)]))
     if device.type == "cuda":  # pinned: an asynchronous copy, the host does not wait for the device
@@ -232,32 +233,39 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
         tgt = buf.gather(1, cols + 1)
         dest = torch.where(valid, st_row[:, None] + cols, n_tok - 1).reshape(-1)
 
-        def forward(grad: bool):
-            kw: dict[str, Any] = {}
+        def forward(grad: bool, at: Tensors | None = None) -> tuple[torch.Tensor, Tensors | None]:
+            """Per-target nats of the chunk's rows with the factors ``at`` (default: the current ones)."""
+            ov: dict[str, torch.Tensor] = dict(base) if base is not None else {}
             leaves = None
-            if adapter is not None:
-                leaves = {k: v[:R].detach().requires_grad_(grad) for k, v in tr.items()}
-                kw.update(adapter.materialize(leaves, n_layers))
-            if base is not None:
-                kw["params"] = base
-            if attn != "auto":
-                kw["attn"] = attn
+            cur = tr if at is None else at
+            if adapter is not None and cur is not None:
+                leaves = {k: v[:R].detach().requires_grad_(grad) for k, v in cur.items()}
+                ov.update(adapter.materialize(ov, leaves))
+            kw: dict[str, Any] = {"positions": cols, "reduction": "none", "rope_len": rope_len,
+                                  **({} if attn == "auto" else {"attn": attn})}
             with _autocast(device, autocast):  # RoPE base of the chunk's window, never of where a document ends
-                nll = model(x, tgt, positions=cols, reduction="none", rope_len=rope_len, **kw)
+                nll = model(x, tgt, params=ov, **kw) if adapter is None else adapter.loss(model, x, tgt, ov, **kw)
             return nll, leaves
 
-        def update(nll: torch.Tensor, leaves: dict[str, torch.Tensor], train: np.ndarray, step: int) -> None:
+        def update(nll: torch.Tensor, leaves: Tensors | None, train: np.ndarray, step: int) -> None:
             nonlocal tr, st
+            assert adapter is not None and tr is not None and st is not None and leaves is not None
             w = TRN[c, :R].float() / CNT[c, :R].clamp(min=1).float()  # mean per document, trained docs only
-            loss = (torch.where(valid, nll, 0.0) * w[:, None]).sum()
-            names = list(leaves)
-            grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-            tr, st = adapter.step(tr, st, dict(zip(names, grads)), 0.0, active=torch.from_numpy(train))
+
+            def grad_at(t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Tensors]:
+                """The loss and gradients at ``t``: the scored forward's own graph at the current factors."""
+                nll_t, leaves_t = (nll, leaves) if t is tr else forward(True, dict(t))
+                assert leaves_t is not None
+                loss = weighted_loss(nll_t, w, valid)
+                grads = torch.autograd.grad(loss, list(leaves_t.values()))
+                return loss.detach() / max(int(train.sum()), 1), dict(zip(leaves_t, grads))
+
+            loss, tr, st = adapter.take_step(tr, st, grad_at, active=torch.from_numpy(train))
             ok = np.flatnonzero(train)
             ledger.record_update(list(zip(own[c, ok].tolist(), (plan.hi[c, ok]).tolist())), step,
                                  f"docttt chunk {c}")
             out.train_steps += 1
-            losses.append(loss.detach() / max(int(train.sum()), 1))
+            losses.append(loss)
 
         m0 = clock.mark()
         if cheat and train.any():  # obliged, then refused by the ledger: trains on the chunk before scoring it
@@ -291,6 +299,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
         out.adapt_s += upd
     bad = never
     if losses:  # one read of the device for the losses and the divergence check
+        assert first_bad is not None  # losses come from an adapter
         vals = torch.stack([losses[0], losses[-1], first_bad.float()]).tolist()
         out.loss_first, out.loss_last, bad = vals[0], vals[1], int(vals[2])
     elif first_bad is not None:

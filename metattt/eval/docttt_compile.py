@@ -3,9 +3,10 @@ and lengths marked dynamic, so a whole protocol runs on one graph (plus one for 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
+if TYPE_CHECKING:
+    from ..model.gpt import BankedGPT
 
 
 def _dynamic_core(compiled: Callable) -> Callable:
@@ -30,7 +31,7 @@ def _dynamic_core(compiled: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def compiled_core(model: torch.nn.Module, enabled: bool = True):
+def compiled_core(model: BankedGPT, enabled: bool = True) -> Iterator[BankedGPT]:
     """Inside the block the model's functional core is the docttt compiled one (dynamic rows and lengths, see
     ``_dynamic_core``; its graphs are kept on the model, so later runs reuse them); the previous core and
     Dynamo's shape options are restored after. Duck shaping (one symbol for dimensions equal at trace time) is off

@@ -185,7 +185,8 @@ def calib_batch(model, spec, device, rows: int, shapes: str, autocast: bool, att
     def once():
         init = None
         if adapter is not None:
-            init = adapter.init(frozen, rows, model.cfg, torch.Generator(device=device).manual_seed(0))
+            t0 = adapter.start(frozen, rows)
+            init = (t0, adapter.init(t0))
         return run_batch(model, tokens, a, a + n, spec, adapter, frozen, Ledger(), init, autocast, attn=attn,
                          shapes=shp, inplace=True)
 

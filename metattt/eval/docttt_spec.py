@@ -1,6 +1,6 @@
 """The document-batched family's protocol specs: ``doc-chunk[@...]`` (no adaptation, the baseline) and
-``docttt:ADAPTER[@...]``, their options, their decomposition (``base``, ``requires``) and the batched adapter a
-spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``."""
+``docttt:ADAPTER[@...]``, their options, their decomposition (``base``, ``requires``) and the registry's
+per-document adapter a spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..ttt.doclora import DocLoRA, DocLoRAConfig
+from ..ttt.adapter import Adapter
+from ..ttt.registry import builtin_registry
 from .spec import ProtocolSpec, Spec
 
 BASELINE = "doc-chunk"
@@ -42,10 +43,8 @@ class DocTTTSpec(Spec):
             raise ValueError(f"{self.name}: phases must be >= 0, got {self.phases}")
         if self.adapter is None and (self.phases or self.adapter_opts):
             raise ValueError(f"{BASELINE} takes no adapter options or phases (use docttt:ADAPTER@...)")
-        if self.adapter is not None and self.adapter != DocLoRA.name:
-            raise ValueError(f"docttt adapter {self.adapter!r} is unknown; batched adapters: {DocLoRA.name}")
         if self.adapter is not None:
-            self.lora_config()  # validates the options now (exit 2 before anything runs)
+            self.make_adapter()  # validates the name and options now (exit 2 before anything runs)
 
     @property
     def adapts(self) -> bool:
@@ -93,8 +92,15 @@ class DocTTTSpec(Spec):
         out += [self.baseline()] if self.adapter is not None else []
         return out + ([self.without_phases()] if self.phases else [])
 
-    def lora_config(self) -> DocLoRAConfig:
-        return DocLoRAConfig.from_options(dict(self.adapter_opts))
+    def make_adapter(self) -> Adapter:
+        """The (unbound) per-document adapter, its ``chunk`` the protocol's."""
+        reg = builtin_registry()
+        per_doc = [n for n, c in reg.classes.items() if c.per_document]
+        if self.adapter not in per_doc:
+            raise ValueError(f"docttt adapter {self.adapter!r} is not a per-document adapter; per-document adapters: "
+                             f"{', '.join(per_doc)}")
+        opts: dict[str, Any] = {**dict(self.adapter_opts), "chunk": self.chunk}
+        return reg.make(self.adapter, **opts)
 
 
 def is_docttt(text: str) -> bool:
@@ -110,7 +116,7 @@ def parse_docttt(text: str) -> DocTTTSpec:
     head, _, rest = t.partition("@")
     adapter = None if head == BASELINE else head.partition(":")[2]
     if adapter == "":
-        raise ValueError(f"protocol {t!r} names no adapter (docttt:{DocLoRA.name})")
+        raise ValueError(f"protocol {t!r} names no adapter (docttt:doclora)")
     proto = {f.name: f for f in fields(DocTTTSpec) if f.init and f.name not in ("adapter", "adapter_opts")}
     kw: dict[str, Any] = {}
     lora: list[tuple[str, str]] = []
@@ -120,7 +126,7 @@ def parse_docttt(text: str) -> DocTTTSpec:
         if not eq or not k:
             raise ValueError(f"protocol {t!r}: option {item!r} is not key=value")
         if k in proto:
-            typ = type(proto[k].default)
+            typ: Any = type(proto[k].default)
             try:
                 kw[k] = typ(v)
             except ValueError as e:
@@ -130,15 +136,13 @@ def parse_docttt(text: str) -> DocTTTSpec:
     return DocTTTSpec(adapter, adapter_opts=tuple(lora), **kw)
 
 
-def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module | None = None,
-                     extras: Mapping[str, torch.Tensor] | None = None) -> DocLoRA | None:
-    """The factory of batched adapters (``doclora`` only, until the registry carries batched adapters).
-    ``init=meta`` binds the adapter to ``model`` and loads the learned A0 from the artifact's ``extras``."""
+def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module,
+                     extras: Mapping[str, torch.Tensor] | None = None) -> Adapter | None:
+    """The spec's per-document adapter, bound to ``model`` with its learned meta-parameters loaded from the
+    artifact's ``extras`` (required when it needs them: ``init=meta``); None for the baseline."""
     if spec.adapter is None:
         return None
-    ad = DocLoRA(spec.lora_config())
-    if ad.cfg.init == "meta":
-        if model is None:
-            raise ValueError(f"{spec.name}: init=meta needs the model and the artifact's extras")
-        ad.bind(model).load_artifact_extras(extras or {})
+    ad = spec.make_adapter().bind(model)
+    if ad.meta_parameters():
+        ad.load_artifact_extras(extras or {})
     return ad

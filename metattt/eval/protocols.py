@@ -16,7 +16,6 @@ import torch
 
 from ..data.bpb import bpb
 from ..ttt.adapter import Adapter, AdapterConfig
-from ..ttt.doclora import DocLoRA
 from . import bayes_cache, docttt, docttt_model
 from .docttt_spec import DocTTTSpec, is_docttt, parse_docttt
 from .ledger import Ledger
@@ -318,9 +317,9 @@ def _run_docttt(spec: DocTTTSpec, model: torch.nn.Module, data: StreamData, cfg:
     block_nats = np.bincount(data.block_of_target, weights=nll)
     info = None
     if spec.adapter is not None:
-        ad = DocLoRA(spec.lora_config())
+        ad = spec.make_adapter().bind(model)
         info = {"adapter": ad.name, "config": ad.cfg.to_dict(),
-                "adapted_scalars_per_doc": ad.adapted_count(model.cfg), "docs_per_batch": spec.docs,
+                "adapted_scalars_per_doc": ad.adapted_count, "docs_per_batch": spec.docs,
                 "chunk": spec.chunk, "window": spec.window, "phases": spec.phases}
     if proj is not None:
         proj["measured_over_modelled"] = res.seconds / proj["check_s"] if proj["check_s"] > 0 else None

@@ -71,6 +71,8 @@ def make_adapter_factory(model: torch.nn.Module, specs: dict[str, str], extras: 
                 else:
                     raise EvalInputError(f"unknown adapter {key!r}: not a registered adapter "
                                          f"({', '.join(reg.names)}) and no --adapter-spec {key}=...")
+                if ad.per_document:
+                    raise ValueError(f"it adapts one document per row: evaluate it as docttt:{ad.name}")
                 ad.bind(model)
                 prefix = f"ttt.{ad.name}."
                 mine = {k: v for k, v in extras.items() if k.startswith(prefix)}

@@ -8,10 +8,11 @@ graph of the inner gradients). Contract (binding; docs/adapters.md has a worked 
 Class attributes: ``name`` (registry key, unique per run), ``Config`` (a dataclass subclass of
 :class:`AdapterConfig`; ``reset`` in {"never", "chunk", "doc"}, ``epochs`` and ``batch_seqs`` drive the
 driver), ``default_selection`` (a :class:`ParamSelection` spec), ``requires_meta_params`` (loading without them
-raises :class:`MissingMetaParamsError`).
+raises :class:`MissingMetaParamsError`), ``per_document`` (one document per row, a leading document dimension;
+run by the doc-batched evaluator, ``docttt:NAME``, instead of ``adapt``).
 
-State is plain dicts ``name -> Tensor`` of any shape (a batched adapter may carry a leading document
-dimension); nothing below mutates a tensor in place, so the same code is differentiable:
+State is plain dicts ``name -> Tensor`` of any shape; nothing below mutates a tensor in place (doclora's fused
+AdamW ``step`` excepted), so the same code is differentiable:
 
 * ``setup(model)``: called by ``bind``; create meta-parameters (``nn.Parameter`` attributes or
   :func:`register_nested` ones, e.g. MetaSGD log-rates) and fixed tensors. They are the module's
@@ -19,37 +20,44 @@ dimension); nothing below mutates a tensor in place, so the same code is differe
   ``ttt.<name>.<state_dict key>``) come from ``torch.nn.Module``.
 * ``trainables(base) -> dict``: the tensors the rule differentiates and updates, built from the base weights
   ``base`` (selected name -> tensor). Default: the selected tensors themselves; LoRA: its factors.
-* ``materialize(base, trainables) -> dict``: the model's ``params=`` overrides. Default: the trainables.
-  ``loss(model, x, y, overrides, attn)`` is how they reach the model (default ``model(x, y, params=...)``; a
-  batched per-document adapter can route its overrides through another model argument there).
+  ``start(base, rows, key, carry)``: what an update over ``rows`` rows starts from (default ``trainables(base)``;
+  per-document: one set per row; ``key`` seeds a random start, ``carry``: the previous batch's, if ``carries()``).
+* ``materialize(base, trainables) -> dict``: the model's overrides. Default: the trainables (``params=``).
+  ``loss(model, x, y, overrides, attn, **forward)`` is how they reach the model (doclora: per-row ``lora=``);
+  ``forward`` (``positions``, ``rope_len``, ``reduction``) goes to the model as given.
 * ``rule() -> Transform``: the update rule, a :func:`metattt.ttt.rules.chain` of transforms built from ``cfg``
   (clipping, momentum, Adam moments, learning-rate schedules, per-slice rates).
 * ``init(trainables) -> state``: the rule's state (momentum, moments, step count; dyneval adds anchors).
 * ``direction(trainables, grad_at) -> (loss, grads)``: the gradient the rule steps with; ``grad_at(t)`` returns
   (mean loss, masked gradients) at ``t``. Default one call; SAM calls it twice.
-* ``step(trainables, state, grads) -> (trainables, state)``: one update; default ``trainables - updates`` with
-  the rule's updates. ``state["progress"]`` in [0, 1] drives schedules (the driver writes it: chunk index over
-  chunks in evaluation; 0 in meta-training).
+* ``step(trainables, state, grads, active=None) -> (trainables, state)``: one update; default ``trainables -
+  updates`` with the rule's updates; ``active``: the documents that step. ``state["progress"]`` in [0, 1] drives
+  schedules (the driver writes it: chunk index over chunks in evaluation; 0 in meta-training).
+* ``batches(x, y) -> [Batch]``: one step per batch. Default: mini-batches of ``batch_seqs`` rows; doclora: one
+  per ``chunk``-token chunk of the rows, as the doc-batched evaluator steps.
 * ``prepare(model, x, y, autocast)``: called by ``adapt`` before its update (dyneval gathers statistics there).
 
-Drivers (this class; subclasses do not override them): ``adapt(model, x, y, progress)`` is the evaluator's legal
-update on scored rows x, y (B, T): ``epochs`` passes of mini-batches of ``batch_seqs`` rows, each mini-batch
-split over the ranks with token-weighted gradient averaging (so all ranks stay bit-identical and equal the
-single-process update up to reduction order), under bf16 autocast on CUDA when ``autocast`` (the evaluator passes
-its own setting, so ``--no-autocast`` means float32 updates too), whatever the caller's grad or inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the meta-trainer's: the same
-passes and mini-batches, the same ``step``, on this rank's rows; with ``create_graph=False`` the inner gradients
-are constants (first order: the result depends on ``base`` through the identity and on meta-parameters through
-``step``), with ``True`` the exact second-order graph (use ``attn="math"``: fused attention kernels have no
-double backward). First order, on CPU, ``inner_loop`` with ``passes=k`` returns bit for bit the weights that
-``adapt`` with ``epochs=k`` reaches on the same rows. ``reset()`` returns to the trained weights and fresh
-state; ``params()`` gives the current overrides; ``training_positions(chunk_index) -> int`` names the chunk to
-train on after scoring ``chunk_index`` (honest adapters: that chunk; the evaluator's ledger refuses others).
+Drivers (this class; subclasses do not override them): ``take_step`` is one update (``direction``, ``step``,
+storage rounding), the unit of the drivers below and of the doc-batched chunk loop (``metattt.eval.docttt_batch``).
+``adapt(model, x, y, progress)`` is the evaluator's legal update on scored rows x, y (B, T): ``epochs`` passes
+over ``batches``, each mini-batch split over the ranks with token-weighted gradient averaging (so all ranks stay
+bit-identical and equal the single-process update up to reduction order), under bf16 autocast on CUDA when
+``autocast`` (the evaluator passes its own setting, so ``--no-autocast`` means float32 updates too), whatever the
+caller's grad or inference mode. ``inner_loop(model, base, x, y, passes=k, create_graph=...)`` is the
+meta-trainer's: the same passes and batches, the same ``step``, on this rank's rows; with ``create_graph=False``
+the inner gradients are constants (first order: the result depends on ``base`` through the identity and on
+meta-parameters through ``step``), with ``True`` the exact second-order graph (use ``attn="math"``: fused
+attention kernels have no double backward). First order, on CPU, ``inner_loop`` with ``passes=k`` returns bit for
+bit the weights that the evaluator (``adapt`` with ``epochs=k``; per-document: the doc-batched chunk loop) reaches
+on the same rows. ``reset()`` returns to the trained weights and fresh state; ``params()`` gives the current
+overrides; ``training_positions(chunk_index) -> int`` names the chunk to train on after scoring ``chunk_index``
+(honest adapters: that chunk; the evaluator's ledger refuses others).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping, cast
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -61,10 +69,26 @@ from .rules import SCHEDULES, Transform, check_progress
 RESET_MODES = ("never", "chunk", "doc")
 BACKENDS = ("autograd", "torch.func")
 #: hyper-parameters no adapter may set below 0 (step sizes, momentum, clip norms, radii)
-NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon")
+NON_NEGATIVE = ("lr", "lr_scale", "momentum", "grad_clip", "rho", "eps", "max_update", "decay", "epsilon", "alpha",
+                "weight_decay")
 
 Tensors = dict[str, Tensor]
 GradAt = Callable[[Mapping[str, Tensor]], "tuple[Tensor, Tensors]"]
+
+
+class Batch(NamedTuple):
+    """One step's rows: inputs, targets, extra model arguments (``forward``) and per-row loss weights (None: the
+    model's mean loss; else the per-target losses, ``reduction="none"`` in ``forward``, weighted per row, summed)."""
+
+    x: Tensor
+    y: Tensor
+    forward: dict[str, Any] = {}
+    weight: Tensor | None = None
+
+
+def weighted_loss(nll: Tensor, weight: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Per-target losses (rows, targets) weighted per row and summed (``valid``: targets that count)."""
+    return ((nll if valid is None else torch.where(valid, nll, 0.0)) * weight[:, None]).sum()
 
 
 class MissingMetaParamsError(KeyError):
@@ -88,7 +112,7 @@ class AdapterConfig:
         for name, v in self.to_dict().items():
             if name == "schedule" and v not in SCHEDULES:
                 raise ValueError(f"schedule must be one of {SCHEDULES}, got {v!r}")
-            if name in ("epochs", "batch_seqs", "steps", "rank") and (not isinstance(v, int) or v < 1):
+            if name in ("epochs", "batch_seqs", "steps", "rank", "chunk") and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
             # a negative step size or clip silently ascends / disables: refused as doclora refuses them (NaN is left
             # to the evaluator's divergence check, as there)
@@ -154,6 +178,9 @@ class Adapter(nn.Module):
     requires_meta_params: ClassVar[bool] = False
     default_selection: ClassVar[str] = "all"
     trains_in_eval: ClassVar[bool] = True
+    per_document: ClassVar[bool] = False
+    #: True: the doc-batched chunk loop trains on each chunk before scoring it (its ledger refuses; cheat tests only)
+    adapts_before_scoring: ClassVar[bool] = False
 
     def __init__(self, cfg: AdapterConfig | None = None, selection: "str | ParamSelection | None" = None) -> None:
         super().__init__()
@@ -180,6 +207,14 @@ class Adapter(nn.Module):
     def trainables(self, base: Mapping[str, Tensor]) -> Tensors:
         return {n: base[n] for n in self._require_bound().names}
 
+    def start(self, base: Mapping[str, Tensor], rows: int, key: int = 0,
+              carry: Mapping[str, Tensor] | None = None) -> Tensors:
+        return self.trainables(base)
+
+    def carries(self) -> bool:
+        """Whether ``start`` uses ``carry`` (results then depend on which batches a process ran)."""
+        return False
+
     def materialize(self, base: Mapping[str, Tensor], trainables: Mapping[str, Tensor]) -> Tensors:
         return dict(trainables)
 
@@ -192,17 +227,23 @@ class Adapter(nn.Module):
     def direction(self, trainables: Mapping[str, Tensor], grad_at: GradAt) -> tuple[Tensor, Tensors]:
         return grad_at(trainables)
 
-    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors) -> tuple[Tensors, dict[str, Any]]:
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
+             active: Tensor | None = None) -> tuple[Tensors, dict[str, Any]]:
+        if active is not None:
+            raise ValueError(f"adapter {self.name!r} has no per-document rows to mask (active=)")
         updates, changed = self.rule().update(grads, state, trainables)
         return {n: p - updates[n] for n, p in trainables.items()}, {**state, **changed}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, overrides: Mapping[str, Tensor],
-             attn: str | None = None) -> Tensor:
-        """Mean next-token loss with ``overrides`` (an adapter whose overrides are not parameters, e.g. per-row
-        LoRA deltas, passes them its own way here)."""
-        if attn is None:
-            return model(x, y, params=dict(overrides))
-        return model(x, y, params=dict(overrides), attn=attn)
+             attn: str | None = None, **forward: Any) -> Tensor:
+        """Next-token loss with ``overrides`` (mean unless ``forward`` says otherwise; an adapter whose overrides
+        are not parameters, e.g. per-row LoRA factors, passes them its own way here)."""
+        if attn is not None:
+            forward["attn"] = attn
+        return model(x, y, params=dict(overrides), **forward)
+
+    def batches(self, x: Tensor, y: Tensor) -> list[Batch]:
+        return [Batch(xb, yb) for xb, yb in minibatches(x, y, self.cfg.batch_seqs)]
 
     def prepare(self, model: nn.Module, x: Tensor, y: Tensor, autocast: bool) -> None:
         """Called by ``adapt`` before it updates on the scored rows (dyneval gathers its statistics there)."""
@@ -288,11 +329,14 @@ class Adapter(nn.Module):
 
     # ------------------------------------------------------------------ the one driver of both loops
     def _grad_at(self, model: nn.Module, base: Mapping[str, Tensor], x: Tensor, y: Tensor, *, second: bool,
-                 attn: str | None, backend: str, over_ranks: bool) -> GradAt:
-        """``grad_at(t)``: (mean loss, masked gradients) on (x, y) at trainables ``t``; constants unless ``second``."""
+                 attn: str | None, backend: str, over_ranks: bool, forward: Mapping[str, Any] | None = None,
+                 weight: Tensor | None = None) -> GradAt:
+        """``grad_at(t)``: (loss, masked gradients) on (x, y) at trainables ``t``; constants unless ``second``.
+        ``forward``, ``weight``: a :class:`Batch`'s; the loss reported for a weighted batch is its mean per row."""
 
         def loss_of(t: Mapping[str, Tensor]) -> Tensor:
-            return self.loss(model, x, y, {**base, **self.materialize(base, t)}, attn)
+            out = self.loss(model, x, y, {**base, **self.materialize(base, t)}, attn, **(forward or {}))
+            return out if weight is None else weighted_loss(out, weight)
 
         def grad_at(t: Mapping[str, Tensor]) -> tuple[Tensor, Tensors]:
             if x.size(0) == 0:  # a rank with no rows in this mini-batch still joins the average, with weight 0
@@ -314,37 +358,47 @@ class Adapter(nn.Module):
             grads = self.mask(grads)
             if over_ranks:
                 grads = reduce_grads(grads, float(y.numel()))
-            return loss.detach(), grads
+            loss = loss.detach()
+            return (loss if weight is None else loss / x.size(0)), grads
 
         return grad_at
+
+    def take_step(self, trainables: Tensors, state: dict[str, Any], grad_at: GradAt, *, no_grad_step: bool = True,
+                  active: Tensor | None = None) -> tuple[Tensor, Tensors, dict[str, Any]]:
+        """One update: ``direction`` (gradients from ``grad_at``), then ``step`` (``active``: the rows that step,
+        per-document adapters), the storage dtypes' rounding included; returns (loss, trainables, state). The
+        unit of ``adapt``, ``inner_loop`` and the doc-batched evaluator's chunk loop."""
+        loss, grads = self.direction(trainables, grad_at)
+        with torch.no_grad() if no_grad_step else contextlib.nullcontext():
+            if self.storage_dtypes and self.storage_state:
+                grads = _stored(grads, self.storage_dtypes)
+            trainables, state = (self.step(trainables, state, grads) if active is None
+                                 else self.step(trainables, state, grads, active))
+            if self.storage_dtypes:
+                trainables = _stored(trainables, self.storage_dtypes)
+                if self.storage_state:
+                    state = _stored(state, self.storage_dtypes, key=lambda k: k.partition(".")[2])
+        return loss, trainables, state
 
     def _run(self, model: nn.Module, base: Mapping[str, Tensor], trainables: Tensors, state: dict[str, Any],
              x: Tensor, y: Tensor, *, passes: int, progress: float, second: bool, no_grad_step: bool,
              attn: str | None = None, backend: str = "autograd",
              over_ranks: bool = False) -> tuple[Tensors, dict[str, Any], list[list[Tensor]]]:
-        """``passes`` epochs of mini-batches of ``cfg.batch_seqs`` rows, one ``step`` per mini-batch."""
+        """``passes`` epochs over ``batches(x, y)``, one ``take_step`` per batch."""
         if backend not in BACKENDS:
             raise ValueError(f"inner-loop backend must be one of {BACKENDS}, got {backend!r} "
                              "(the 'higher' backend lives in metattt.ttt.meta)")
         ctx = DistCtx.current() if over_ranks else DistCtx()
-        batches = [(xb[ctx.share(xb.size(0))], yb[ctx.share(yb.size(0))])
-                   for xb, yb in minibatches(x, y, self.cfg.batch_seqs)]
+        batches = [b._replace(x=b.x[ctx.share(b.x.size(0))], y=b.y[ctx.share(b.y.size(0))])
+                   for b in self.batches(x, y)]
         losses: list[list[Tensor]] = []
         state = {**state, "progress": progress}
         for _ in range(passes):
             epoch = []
-            for xb, yb in batches:
-                grad_at = self._grad_at(model, base, xb, yb, second=second, attn=attn, backend=backend,
-                                        over_ranks=over_ranks)
-                loss, grads = self.direction(trainables, grad_at)
-                with torch.no_grad() if no_grad_step else contextlib.nullcontext():
-                    if self.storage_dtypes and self.storage_state:
-                        grads = _stored(grads, self.storage_dtypes)
-                    trainables, state = self.step(trainables, state, grads)
-                    if self.storage_dtypes:
-                        trainables = _stored(trainables, self.storage_dtypes)
-                        if self.storage_state:
-                            state = _stored(state, self.storage_dtypes, key=lambda k: k.partition(".")[2])
+            for b in batches:
+                grad_at = self._grad_at(model, base, b.x, b.y, second=second, attn=attn, backend=backend,
+                                        over_ranks=over_ranks, forward=b.forward, weight=b.weight)
+                loss, trainables, state = self.take_step(trainables, state, grad_at, no_grad_step=no_grad_step)
                 epoch.append(loss)
             losses.append(epoch)
         return trainables, state, losses
@@ -354,6 +408,9 @@ class Adapter(nn.Module):
         """The evaluator's legal update on already-scored rows (see the module docstring); ``autocast``: bf16
         autocast on CUDA (False: float32, as the scoring forwards under ``--no-autocast``)."""
         self._require_bound()
+        if self.per_document:
+            raise ValueError(f"adapter {self.name!r} adapts one document per row: evaluate it as "
+                             f"docttt:{self.name}, not on the window evaluator's rows")
         if x.shape != y.shape or x.ndim != 2:
             raise ValueError(f"adapt expects x, y of equal shape (B,T); got {tuple(x.shape)} and {tuple(y.shape)}")
         if not self.trains_in_eval or not self._cur:
@@ -380,7 +437,7 @@ class Adapter(nn.Module):
         missing = [n for n in sel.names if n not in base]
         if missing:
             raise KeyError(f"inner_loop base lacks selected parameters {missing}")
-        t0 = self.trainables(base)
+        t0 = self.start(base, x.size(0))
         t, _, losses = self._run(model, base, t0, self.init(t0), x, y, passes=passes, progress=0.0,
                                  second=create_graph, no_grad_step=False, attn=attn, backend=backend)
         first = torch.stack(losses[0]).float().mean() if losses and losses[0] else torch.full((), float("nan"))

@@ -112,8 +112,11 @@ class DynEvalAdapter(Adapter):
     def init(self, trainables: Mapping[str, Tensor]) -> dict[str, Any]:
         return {**self.rule().init(trainables), **{f"anchor.{n}": t.clone() for n, t in trainables.items()}}
 
-    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors) -> tuple[Tensors, dict[str, Any]]:
+    def step(self, trainables: Tensors, state: dict[str, Any], grads: Tensors,
+             active: Tensor | None = None) -> tuple[Tensors, dict[str, Any]]:
         """The rule's update from the weights decayed toward the anchor: ``lerp(theta, theta_0, decay) - u``."""
+        if active is not None:
+            raise ValueError("dyneval has no per-document rows to mask (active=)")
         if not self.has_stats:
             raise RuntimeError("dyneval needs gradient statistics (collect_stats, artifact extras or auto_stats)")
         u, changed = self.rule().update(grads, state, trainables)

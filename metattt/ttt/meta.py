@@ -23,9 +23,10 @@ So the first-order inner loop equals ``adapt(..., progress=0)`` bit for bit (tes
 * order="second": exact meta-gradient through the inner steps (create_graph), with the inner forward on the
   ``math`` attention path (fused kernels have no double backward). Backends: "autograd", "torch.func", "higher"
   (optional, ``pip install higher``; plain constant-lr SGD adapters only, as an independent cross-check).
-* ``doclora`` (the batched per-document LoRA of the doc-batched evaluator): ``doclora_meta_loss`` learns the
-  shared A init with the evaluator's update, one step per ``chunk``-token chunk of the row's first half (see
-  that function).
+* ``doclora`` (the batched per-document LoRA of the doc-batched evaluator, ``per_document``: one document per
+  row) runs the same ``inner_loop`` on the rows' first half (split "seq-half", first order): its ``batches`` are
+  the evaluator's, one step per ``chunk``-token chunk, so it learns the shared A init (``init=meta``) for the
+  evaluated update, and the outer loss is taken at exactly the factors the evaluator would reach.
 * an adapter with a :class:`ReptileConfig` (``reptile``, or a plug-in's subclass of it): the surrogate
   sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose gradient is the Reptile direction; theta_k after the
   same passes as above (the adapter's ``epochs``).
@@ -40,18 +41,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter, grad_context
-from .doclora import DocLoRA, DocLoRAConfig
-from .registry import Registry, parse_options
+from .doclora import DocLoRA
+from .registry import Registry
 from .sgd import ReptileConfig
-
-#: the doc-batched evaluator's default chunk (``DocTTTSpec.chunk``): doclora's meta step takes one update per chunk
-DOCTTT_CHUNK = 32
 
 SPLITS = ("same-batch", "cross-doc", "seq-half")
 ORDERS = ("first", "second")
@@ -116,40 +114,35 @@ class MetaConfig:
 
     @property
     def is_doclora(self) -> bool:
-        return bool(self.adapter) and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
-
-    def _doclora_options(self) -> dict[str, Any]:
-        return parse_options((self.adapter or "").partition(":")[2], self.adapter or "")
+        return self.adapter is not None and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
 
     @property
     def doclora_chunk(self) -> int:
-        """Tokens per doclora update: the spec's ``chunk`` (a docttt protocol option, so the final evaluation
-        gets the same one), else the evaluator's default."""
-        v = self._doclora_options().get("chunk", DOCTTT_CHUNK)
-        if type(v) is not int or v < 1:
-            raise ValueError(f"adapter spec {self.adapter!r}: chunk must be a positive integer, got {v!r}")
-        return v
+        """Tokens per doclora update (its ``chunk``, a docttt protocol option too, so the final evaluation gets the
+        same one)."""
+        ad = self.make_adapter()
+        if not isinstance(ad, DocLoRA):
+            raise ValueError(f"adapter spec {self.adapter!r} is not doclora")
+        return ad.cfg.chunk
 
-    def make_adapter(self, registry: Registry | None = None) -> Adapter | DocLoRA:
-        """The registry's adapter for the spec, or ``doclora[:k=v,...]`` (batched, not in the registry) with its
-        learned init switched on (``chunk=`` is the protocol's, not the adapter's)."""
+    def make_adapter(self, registry: Registry | None = None) -> Adapter:
+        """The registry's adapter for the spec; doclora with its learned init switched on (``init=meta``)."""
         if not self.adapter:
             raise ValueError("MetaConfig.adapter is not set")
+        reg = registry or self.registry()
+        name, opts = reg.parse_spec(self.adapter)
         if self.is_doclora:
-            opts = self._doclora_options()
-            opts.pop("chunk", None)
-            self.doclora_chunk  # noqa: B018  (validates it now)
             if opts.get("init", "meta") != "meta":
                 raise ValueError("meta-training doclora learns its init: init must be 'meta'")
-            return DocLoRA(DocLoRAConfig.from_options({**opts, "init": "meta"}))
-        return (registry or self.registry()).from_spec(self.adapter)
+            opts["init"] = "meta"
+        return reg.make(name, **opts)
 
-    def inner_passes(self, adapter: Adapter | DocLoRA) -> int:
+    def inner_passes(self, adapter: Adapter) -> int:
         """Passes of the inner loop: the override ``inner_steps``, else the evaluated update's (``epochs``;
         doclora: 1, one pass over the chunks, as the doc-batched evaluator takes)."""
         return self.inner_steps if self.inner_steps is not None else adapter.cfg.epochs
 
-    def inner_summary(self, adapter: Adapter | DocLoRA) -> dict[str, Any]:
+    def inner_summary(self, adapter: Adapter) -> dict[str, Any]:
         """What the inner loop ran, for the run's summary: passes and whether they are the evaluated update's."""
         out: dict[str, Any] = {"passes": self.inner_passes(adapter),
                                "source": "adapter epochs" if self.inner_steps is None else "override inner_steps",
@@ -181,10 +174,12 @@ def split_batch(x: Tensor, y: Tensor, split: str) -> tuple[tuple[Tensor, Tensor]
     raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
 
 
-def _outer_loss(model: nn.Module, x: Tensor, y: Tensor, start: int, params: Mapping[str, Tensor]) -> Tensor:
+def _outer_loss(adapter: Adapter, model: nn.Module, x: Tensor, y: Tensor, start: int,
+                params: Mapping[str, Tensor]) -> Tensor:
+    """The outer loss at the overrides ``params``, through the adapter's ``loss`` (its way into the model)."""
     if start == 0:
-        return model(x, y, params=dict(params))
-    return model(x, y, params=dict(params), reduction="none")[:, start:].mean()
+        return adapter.loss(model, x, y, params)
+    return adapter.loss(model, x, y, params, reduction="none")[:, start:].mean()
 
 
 def _import_higher():  # noqa: ANN202
@@ -203,9 +198,9 @@ def higher_inner_loop(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, 
     higher = _import_higher()
     c, lr = adapter.cfg, adapter.rule().sgd_lr
     own = type(adapter)  # the rule's own step on the selected tensors themselves, one gradient per step
-    plain = lr is not None and (own.direction, own.step, own.trainables, own.materialize, own.loss) == (
+    plain = (own.direction, own.step, own.trainables, own.materialize, own.loss) == (
         Adapter.direction, Adapter.step, Adapter.trainables, Adapter.materialize, Adapter.loss)
-    if not plain or x.size(0) > c.batch_seqs:
+    if lr is None or not plain or x.size(0) > c.batch_seqs:
         raise ValueError(f"backend 'higher' supports plain constant-lr SGD adapters (sgd rule with momentum=0, "
                          f"grad_clip=0, one mini-batch), not {adapter.name!r} with {c}")
     sel = adapter._require_bound()
@@ -235,8 +230,6 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
               cfg: MetaConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Outer meta-objective on batch (x, y); returns (loss, detached tensor stats) so the caller decides when to
     sync."""
-    if isinstance(adapter, DocLoRA):
-        return doclora_meta_loss(model, adapter, x, y, cfg)
     if not adapter.trains_in_eval:
         raise ValueError(f"meta_loss with the {adapter.name!r} adapter has nothing to meta-train")
     if adapter.sel is None:
@@ -256,17 +249,17 @@ def meta_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor,
             adapted, inner = adapter.inner_loop(model, base, xi, yi, passes=passes, create_graph=second,
                                                 attn=attn, backend=cfg.backend)
             stats["meta/L_inner"] = inner["loss_first"]
-        l_post = _outer_loss(model, xo, yo, start, adapted)
+        l_post = _outer_loss(adapter, model, xo, yo, start, adapted)
         loss = (cfg.outer_weight + cfg.delta_weight) * l_post
         l_pre = None
         if cfg.delta_weight:
-            l_pre = _outer_loss(model, xo, yo, start, {})
+            l_pre = _outer_loss(adapter, model, xo, yo, start, {})
             loss = loss - cfg.delta_weight * l_pre
         elif cfg.split == "same-batch" and "meta/L_inner" in stats and xi.size(0) <= adapter.cfg.batch_seqs:
             l_pre = stats["meta/L_inner"]  # the first inner loss is the loss at the current weights on this batch
         elif cfg.log_pre:
             with torch.no_grad():
-                l_pre = _outer_loss(model, xo, yo, start, {})
+                l_pre = _outer_loss(adapter, model, xo, yo, start, {})
     stats["meta/L_post"] = l_post.detach()
     if l_pre is not None:
         stats["meta/L_pre"] = l_pre.detach()
@@ -285,75 +278,6 @@ def reptile_loss(model: nn.Module, adapter: Adapter, x: Tensor, y: Tensor, *, ep
         adapted, inner = adapter.inner_loop(model, named, x, y, passes=steps, create_graph=False)
     target = {n: t.detach() for n, t in adapted.items()}
     diff = {n: named[n].detach() - tk for n, tk in target.items()}
-    loss = sum((named[n] * d).sum() for n, d in diff.items()) * (weight * epsilon)
+    loss = cast(Tensor, sum((named[n] * d).sum() for n, d in diff.items())) * (weight * epsilon)
     dist2 = sum(d.float().square().sum() for d in diff.values())
     return loss, {"meta/L_inner": inner["loss_first"], "reptile/dist": torch.as_tensor(dist2).sqrt()}
-
-
-def doclora_inner_loop(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor, *, chunk: int, passes: int = 1,
-                       inner_len: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-    """The doc-batched evaluator's update on rows (one document each) from (A0, B = 0): for every ``chunk``-token
-    chunk of the first ``inner_len`` targets (default: the whole chunks of the first half), in order, one forward
-    of the row's prefix up to the chunk's end scoring the chunk's targets (``positions=``, RoPE base of that
-    prefix), loss = mean over the chunk per row summed over rows, one AdamW ``step``; ``passes`` sweeps. The same
-    calls, in the same order, as ``metattt.eval.docttt_batch.run_batch`` makes for documents whose rows these are (a
-    document's chunks all trained, window >= the row), so the factors are bit for bit the evaluator's (CPU,
-    tests/test_doclora_meta.py). Returns (trainables, optimiser state, mean per-row loss of the first chunk)."""
-    n_rows, length = x.shape
-    inner_len = (length // 2) // chunk * chunk if inner_len is None else inner_len
-    if inner_len < chunk or inner_len % chunk or inner_len > length:
-        raise ValueError(f"doclora meta step: the inner part ({inner_len} of {length} tokens per row) must be whole "
-                         f"chunks of {chunk} tokens, at least one (rows of >= {2 * chunk} tokens for seq-half, or "
-                         "a smaller chunk= in the spec)")
-    n_layers = model.cfg.num_layers
-    base = {k: v.detach() for k, v in model.named_parameters()}
-    tr, st = adapter.init(base, n_rows, model.cfg, torch.Generator(device=x.device))
-    # the evaluator's per-row weight 1 / (targets in the chunk), as float32 division on the device
-    w = torch.ones(n_rows, device=x.device) / torch.full((n_rows,), float(chunk), device=x.device)
-    cols = torch.arange(chunk, device=x.device).expand(n_rows, chunk)
-    first: Tensor | None = None
-    with grad_context():
-        for _ in range(passes):
-            for c0 in range(0, inner_len, chunk):
-                end = c0 + chunk
-                leaves = {k: v.detach().requires_grad_(True) for k, v in tr.items()}
-                nll = model(x[:, :end], y[:, c0:end], positions=cols + c0, reduction="none", rope_len=end,
-                            **adapter.materialize(leaves, n_layers))
-                loss = (nll * w[:, None]).sum()
-                grads = torch.autograd.grad(loss, list(leaves.values()))
-                tr, st = adapter.step(tr, st, dict(zip(leaves, grads)), 0.0)
-                if first is None:
-                    first = loss.detach() / n_rows
-    assert first is not None
-    return tr, st, first
-
-
-def doclora_meta_loss(model: nn.Module, adapter: DocLoRA, x: Tensor, y: Tensor,
-                      cfg: MetaConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """First-order meta-objective of the doc-batched LoRA's shared init A0 (the evaluator's ``init=meta``).
-
-    Every row is one document: its factors start at (A0, B = 0) and take the evaluator's own update on the row's
-    first half (``doclora_inner_loop``: one AdamW step per ``cfg.doclora_chunk`` tokens, ``cfg.inner_passes``
-    sweeps, 1 unless overridden); the outer loss is the rows' second half with the whole row as context. First
-    order: the adapted A is A0 + sg(A - A0), so the outer gradient reaches A0 summed over rows, and the base
-    weights directly (no inner-step Jacobians)."""
-    _, (xo, yo), start = split_batch(x, y, cfg.split)
-    tr, _, first = doclora_inner_loop(model, adapter, x, y, chunk=cfg.doclora_chunk, passes=cfg.inner_passes(adapter),
-                                      inner_len=start // cfg.doclora_chunk * cfg.doclora_chunk)
-    stats: dict[str, Tensor] = {"meta/L_inner": first}
-    with grad_context():
-        fo = {}
-        for n, v in tr.items():
-            t = n[2:]
-            if n.startswith("A.") and t in adapter.A0:
-                a0 = adapter.A0[t].to(v.dtype).unsqueeze(0).expand_as(v)
-                fo[n] = a0 + (v - a0).detach()
-            else:
-                fo[n] = v.detach()
-        l_post = model(xo, yo, reduction="none", **adapter.materialize(fo, model.cfg.num_layers))[:, start:].mean()
-    stats["meta/L_post"] = l_post.detach()
-    if cfg.log_pre:  # before adaptation the factors' product is 0 (B = 0): the base model on the same targets
-        with torch.no_grad():
-            stats["meta/L_pre"] = model(xo, yo, reduction="none")[:, start:].mean()
-        stats["meta/gain"] = stats["meta/L_pre"] - stats["meta/L_post"]
-    return cfg.outer_weight * l_post, stats

@@ -22,6 +22,7 @@ from types import MappingProxyType, ModuleType
 from typing import Any, Iterable, Mapping, Sequence
 
 from .adapter import Adapter
+from .doclora import DocLoRA
 from .dyneval import DynEvalAdapter
 from .lora import LoRAAdapter
 from .metasgd import MetaSGDAdapter
@@ -29,7 +30,7 @@ from .none import NoneAdapter
 from .sgd import FOMAMLAdapter, ReptileAdapter, SAMAdapter, SGDAdapter
 
 BUILTINS: tuple[type[Adapter], ...] = (NoneAdapter, SGDAdapter, FOMAMLAdapter, MetaSGDAdapter, SAMAdapter,
-                                       LoRAAdapter, DynEvalAdapter, ReptileAdapter)
+                                       LoRAAdapter, DynEvalAdapter, ReptileAdapter, DocLoRA)
 ADAPTERS: tuple[str, ...] = tuple(c.name for c in BUILTINS)
 ENTRY_POINT_GROUP = "metattt.adapters"
 _SELECT_KEYS = ("select", "selection")

@@ -301,14 +301,22 @@ def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
             else:
                 assert f"| none within the limit | n/a | n/a | n/a | ttt:sgd ({setting}) {ratio:.2f}× |" in line
             assert f"| none ran in {setting} |" in line or "none within the limit" in line
-    # flat across sizes: D/N 1 and 2 hold both sizes (paired: the same documents), D/N 0.5 one
+    # flat across sizes: D/N 1 and 2 hold both sizes (paired: the same documents), D/N 0.5 one. Which sizes have a
+    # ceiling depends on the measured time ratios above (CPU timings under load vary), so the expected table is
+    # derived from `ceil`: no table at all when no budget has two sizes with a ceiling.
+    pairs = {(setting, dn): (ceil.get((f"xs.dn{dn}", setting)), ceil.get((f"s.dn{dn}", setting)))
+             for setting in ("indist", "other") for dn in ("1", "2")}
+    if not any(a is not None and b is not None for a, b in pairs.values()):
+        assert any(ln.startswith("Fewer than 2 sizes at every matched budget") for ln in lines)
+        return
+    for (setting, dn), (a, b) in pairs.items():
+        (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | {dn} |") and ln.count("|") == 12]
+        if a is not None and b is not None:
+            assert f"| {b - a:+.5f} |" in line and "| paired (same documents) |" in line
+            assert f"| {(b - a) / math.log2(75_910 / 19_526):+.5f} |" in line
+        else:
+            assert "| fewer than 2 sizes |" in line
     for setting in ("indist", "other"):
-        for dn in ("1", "2"):
-            (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | {dn} |") and ln.count("|") == 12]
-            a, b = ceil.get((f"xs.dn{dn}", setting)), ceil.get((f"s.dn{dn}", setting))
-            if a is not None and b is not None:
-                assert f"| {b - a:+.5f} |" in line and "| paired (same documents) |" in line
-                assert f"| {(b - a) / math.log2(75_910 / 19_526):+.5f} |" in line
         (line,) = [ln for ln in lines if ln.startswith(f"| {setting} | 0.5 |")]
         assert "| fewer than 2 sizes |" in line
 

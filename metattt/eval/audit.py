@@ -46,8 +46,7 @@ from .windows import doc_ids, doc_starts
 
 if TYPE_CHECKING:
     from ..model.gpt import BankedGPT
-    from .protocols import AdapterFactory
-    from .scoring import AdapterLike
+    from .scoring import AdapterFactory, AdapterLike
 
 KINDS = ("tokens", "boundary")
 CUDA_TOL = 1e-3  # nats per target on CUDA, where the re-runs are float32 (0.0 measured on an H100, docs/benchmarks.md)

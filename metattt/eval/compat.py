@@ -27,8 +27,7 @@ from ..data.bpb import bpb
 
 if TYPE_CHECKING:
     from ..model.gpt import BankedGPT
-    from .protocols import AdapterFactory
-    from .scoring import AdapterLike
+    from .scoring import AdapterFactory, AdapterLike
 
 COMPAT_MODES = ("none", "pg-record")
 BF16_TABLES = ("tok_emb", "bigram_emb", "ve_emb")

@@ -20,13 +20,12 @@ from . import bayes_cache, docttt, docttt_model
 from .docttt_spec import DocTTTSpec, is_docttt, parse_docttt
 from .ledger import Ledger
 from .spec import ProtocolSpec, Spec
-from .scoring import AdapterLike, DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
+from .scoring import AdapterFactory, AdapterLike, DistCtx, ScoreConfig, StreamResult, fixed_batch_shape, run_stream, score_windows
 from .windows import WindowPlan, doc_ids, doc_plan, doc_starts, flat_plan, sliding_plan
 
 _WINDOW_ALIASES = {"doc": "doc-sliding", "flat": "flat", "sliding": "sliding", "doc-flat": "doc-flat",
                    "doc-sliding": "doc-sliding"}
 ORACLE_LABEL = "not a legal score: upper bound"
-AdapterFactory = Callable[[str], AdapterLike]  # adapter key -> bound adapter (what ``evaluate`` may be given)
 
 
 def parse_protocol(text: str) -> Spec:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ class AdapterLike(Protocol):
               autocast: bool = True) -> Any: ...
 
     def training_positions(self, chunk_index: int) -> int: ...
+
+
+AdapterFactory = Callable[[str], AdapterLike]  # adapter key -> bound adapter (what ``evaluate`` may be given)
 
 
 @dataclass(frozen=True)

@@ -59,33 +59,32 @@ class ArmsConfig:
 
 
 def parse_arms(d: Any, src: str, sections: dict[str, str], models: Sequence[Any], evals: Sequence[Any]) -> ArmsConfig:
-    """Validate ``[arms]`` against the models and settings (StudyConfigError naming the problem)."""
-    from .config import StudyConfigError
-
+    """Validate ``[arms]`` against the models and settings: a ValueError naming the problem (the config loader
+    re-raises it as its StudyConfigError; raising that here would make arms and config import each other)."""
     where = f"{src} [arms]"
     if not isinstance(d, dict):
-        raise StudyConfigError(f"{where}: must be a table")
+        raise ValueError(f"{where}: must be a table")
     known = {"section", "reference", "margin_bpb", "alpha", "valsets", "own", "common", "bootstrap", "seed"}
     if set(d) - known:
-        raise StudyConfigError(f"{where}: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
+        raise ValueError(f"{where}: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
     section = str(d.get("section", ""))
     if section not in sections:
-        raise StudyConfigError(f"{where}: section {section!r} is not in [study.sections]")
+        raise ValueError(f"{where}: section {section!r} is not in [study.sections]")
     margin = d.get("margin_bpb")
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0:
-        raise StudyConfigError(f"{where}: margin_bpb must be a positive number fixed before the runs, got {margin!r}")
+        raise ValueError(f"{where}: margin_bpb must be a positive number fixed before the runs, got {margin!r}")
     alpha = d.get("alpha", 0.05)
     if not isinstance(alpha, float) or not 0 < alpha < 0.5:
-        raise StudyConfigError(f"{where}: alpha must be in (0, 0.5), got {alpha!r}")
+        raise ValueError(f"{where}: alpha must be in (0, 0.5), got {alpha!r}")
     own: dict[str, tuple[str, str]] = {}
     for arm, v in (d.get("own") or {}).items():
         pair = (v, v) if isinstance(v, str) else tuple(v) if isinstance(v, list) and len(v) == 2 else None
         if pair is None or not all(isinstance(x, str) for x in pair):
-            raise StudyConfigError(f"{where}: own.{arm} must be a protocol or [its protocol, the reference's]")
+            raise ValueError(f"{where}: own.{arm} must be a protocol or [its protocol, the reference's]")
         own[arm] = pair  # type: ignore[assignment]
     reference = d.get("reference")
     if reference not in own or len(own) < 2:
-        raise StudyConfigError(f"{where}: reference {reference!r} and at least one other arm must be in [arms.own]")
+        raise ValueError(f"{where}: reference {reference!r} and at least one other arm must be in [arms.own]")
     valsets = tuple(d.get("valsets") or ())
     common = tuple(d.get("common", ["ttt:sgd"]))
     seeds: dict[str, list[int]] = {}
@@ -96,19 +95,19 @@ def parse_arms(d: Any, src: str, sections: dict[str, str], models: Sequence[Any]
     by_name = {e.name: e for e in evals}
     for arm in own:
         if not seeds.get(arm):
-            raise StudyConfigError(f"{where}: arm {arm!r} has no model named {arm}.s<N>")
+            raise ValueError(f"{where}: arm {arm!r} has no model named {arm}.s<N>")
         for v in valsets:
             e = by_name.get(f"{v}-{arm}")
             if e is None or e.section != section:
-                raise StudyConfigError(f"{where}: arm {arm!r} needs an [[eval]] named {v}-{arm} in section {section}")
+                raise ValueError(f"{where}: arm {arm!r} needs an [[eval]] named {v}-{arm} in section {section}")
             need = {"flat", "sliding", own[arm][0], *common}
             if arm == reference:
                 need |= {p for _, p in own.values()}
             if need - set(e.protocols):
-                raise StudyConfigError(f"{where}: [[eval]] {e.name} lacks protocols {sorted(need - set(e.protocols))}")
+                raise ValueError(f"{where}: [[eval]] {e.name} lacks protocols {sorted(need - set(e.protocols))}")
     boot = d.get("bootstrap", 2000)
     if not isinstance(boot, int) or boot < 100:
-        raise StudyConfigError(f"{where}: bootstrap must be an integer >= 100, got {boot!r}")
+        raise ValueError(f"{where}: bootstrap must be an integer >= 100, got {boot!r}")
     return ArmsConfig(section, reference, float(margin), float(alpha), valsets, own, common, boot,
                       int(d.get("seed", 0)), {a: tuple(sorted(s)) for a, s in seeds.items()})
 

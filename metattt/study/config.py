@@ -306,7 +306,10 @@ def parse_study(data: dict[str, Any], source: Path | None = None, root_override:
     root = root_override or st.get("root") or f"runs/{name}"
     from .arms import parse_arms
 
-    arms = parse_arms(data["arms"], src, sections, models, evals) if "arms" in data else None
+    try:
+        arms = parse_arms(data["arms"], src, sections, models, evals) if "arms" in data else None
+    except ValueError as e:
+        raise StudyConfigError(str(e)) from None
     return StudyConfig(name=name, root=Path(root), report=Path(st.get("report", "docs/ceiling.md")),
                        plots=Path(st.get("plots", "docs/ceiling")), sections=sections, models=tuple(models),
                        evals=tuple(evals), nproc=nproc, source=source, env=dict(env), arms=arms)

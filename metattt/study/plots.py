@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import StudyConfig
 from .ladder import PREDICT_DN, delta_keys, fit_power_floor, ladder_points, point_delta, power_floor
 
 DPI = 80
@@ -219,9 +218,9 @@ def ladder_plot(results: Sequence[Any], path) -> Any:
     return _save(fig, path)
 
 
-def section_plots(study: StudyConfig, section: str, results: list, bounds: list) -> list[Path]:
-    """Draw this section's plots (those with data) into ``study.plots``; stale ones are removed. ``bounds[i]``:
-    the synthetic bounds of ``results[i]`` or None (the report computes them)."""
+def section_plots(plots: Path, stem: str, results: list, bounds: list) -> list[Path]:
+    """Draw this section's plots (those with data) into ``plots`` as ``{stem}-{kind}.png``; stale ones are removed.
+    ``bounds[i]``: the synthetic bounds of ``results[i]`` or None (the report computes them)."""
     out = []
 
     def fraction(res: list, path: Path) -> Path | None:
@@ -229,7 +228,7 @@ def section_plots(study: StudyConfig, section: str, results: list, bounds: list)
 
     for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction),
                      ("cost", cost_plot), ("ladder", ladder_plot)):
-        path = study.plots / f"{study.name}-s{section}-{kind}.png"
+        path = plots / f"{stem}-{kind}.png"
         got = fn(results, path) if results else None
         if got is not None:
             out.append(got)

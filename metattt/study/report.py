@@ -613,7 +613,8 @@ def write_report(study: StudyConfig, log=print) -> dict[str, list[str]]:
     bodies = {}
     for section, title in study.sections.items():
         mine = [r for r in results if r.cell.ev.section == section and r.eval is not None]
-        plots = section_plots(study, section, mine, [synthetic_bounds_for(r) for r in mine])
+        bounds = [synthetic_bounds_for(r) for r in mine]
+        plots = section_plots(study.plots, f"{study.name}-s{section}", mine, bounds)
         body = render_section(study, section, results, plots, report.parent)
         begin, end = markers(study, section)
         text = splice(text, begin, end, body, f"{section}. {title}")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metattt.interop import reference  # noqa: E402
 
 TTT_KNOBS = ("qat=0", "eager_ttt=0", "ttt_state=0", "ttt_tables=0")
-SCORE_KNOBS = ("attn=auto", "split_qkv=0", "unfold_gains=0", "casts=0", "residual=0", "softcap=0")
+SCORE_KNOBS = ("sliding_logits=0", "attn=auto", "split_qkv=0", "unfold_gains=0", "casts=0", "residual=0", "softcap=0")
 ALL = ("flat", "sliding", "ttt:sgd")
 
 

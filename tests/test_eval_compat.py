@@ -24,9 +24,11 @@ SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=2000, n_val_tokens=2500, min_
 L, STRIDE = 64, 16
 
 
-def _record_eval(model: BankedGPT, tokens: torch.Tensor, lut, sliding: bool) -> tuple[float, float]:
+def _record_eval(model: BankedGPT, tokens: torch.Tensor, lut, sliding: bool, bf16_logits: bool = False
+                 ) -> tuple[float, float]:
     """The record's eval_val (flat) / eval_val_sliding loops: truncated stream, windows padded to L.
-    Returns (bpb, nats of the short tail windows)."""
+    ``bf16_logits``: the model's logits rounded to bf16 before the loss (its compiled sliding forward returns them
+    so). Returns (bpb, nats of the short tail windows)."""
     tokens = tokens[: ((tokens.numel() - 1) // L) * L + 1]
     total = tokens.numel() - 1
     nats = nbytes = tail = 0.0
@@ -38,7 +40,8 @@ def _record_eval(model: BankedGPT, tokens: torch.Tensor, lut, sliding: bool) -> 
         x[0, :wlen] = tokens[ws:end]
         y = tokens[ws + 1:end + 1]
         with torch.no_grad():
-            nll = F.cross_entropy(model(x)[0, :wlen].double(), y, reduction="none")
+            logits = model(x)[0, :wlen]
+            nll = F.cross_entropy((logits.bfloat16() if bf16_logits else logits).double(), y, reduction="none")
         s = 0 if (ws == 0 or not sliding) else max(wlen - STRIDE, 0)
         nats += float(nll[s:].sum())
         tail += float(nll[s:].sum()) if wlen < L else 0.0
@@ -223,3 +226,41 @@ def test_eager_adapted_scoring_keeps_the_records_batches_and_numbers() -> None:
     assert by["ttt:sgd"].compat["tail_nats"] == pytest.approx(by["sliding"].compat["tail_nats"], rel=1e-5)
     assert by["ttt:sgd"].nats == pytest.approx(by["sliding"].nats, rel=1e-5)
     assert by["ttt:sgd"].compat["tail_windows"] == L // STRIDE - 1
+
+
+def test_sliding_logits_round_the_sliding_score_only() -> None:
+    """``sliding_logits`` (RecordNumerics; set under bf16 autocast on CUDA, forced here on the CPU): the sliding
+    protocol's logits, tail windows included, are rounded to bf16 once before the loss, as the record's compiled
+    ``forward_logits`` returns them; flat (whose loss the record fuses into its compiled graph) is untouched."""
+    from metattt.eval.compat import compat_bpb, parse_knobs
+    from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
+
+    assert parse_knobs("sliding_logits=0").sliding_logits is False and parse_knobs("").sliding_logits
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, rope_ntk_len=16, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32,
+                      bigram_dim=8)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # logits of a few units: bf16 rounding moves the loss visibly
+    lut = synthetic_lut(SPEC)
+    tokens = truncate(torch.randint(2, 64, (700,)), L)
+    data = prepare_stream(tokens, lut, "cpu", 128)
+    base = EvalConfig(seq_len=L, context=L, stride=STRIDE, chunk_tokens=128, batch_tokens=4 * L, n_boot=0,
+                      compat="pg-record")
+    specs = parse_protocols("flat,sliding")
+    plain = evaluate(model, data, specs, {}, base).results
+    rounded = evaluate(model, data, specs, {}, replace(base, sliding_logits=True)).results
+    assert rounded["flat"].nats == plain["flat"].nats
+    total = float(data.target_bytes.sum())
+    for res, bf16 in ((plain, False), (rounded, True)):
+        ref_bpb, ref_tail = _record_eval(model, tokens, lut, sliding=True, bf16_logits=bf16)
+        got = res["sliding"]
+        assert compat_bpb(got.nats, total, got.compat) == pytest.approx(ref_bpb, rel=1e-6)
+        assert got.compat["tail_nats"] == pytest.approx(ref_tail, rel=1e-6)
+    # the rounding is seen (well beyond the tolerance above), and only with the switch
+    assert abs(rounded["sliding"].nats / plain["sliding"].nats - 1) > 1e-5  # 2.6e-5 here
+    # float32 runs (the audit's re-runs, --no-autocast) never round
+    f32 = evaluate(model, data, specs, {}, replace(base, sliding_logits=True, autocast=False)).results
+    assert f32["sliding"].nats == plain["sliding"].nats

@@ -11,7 +11,8 @@ numerics (docs/interop.md):
 * their late-QAT flag stays on through TTT, so TTT training forwards see the CastedLinear weights on the int6
   grid (``fake_int6``);
 * under bf16 autocast their numerics differ from ours in several places (``RecordNumerics``: attention kernel,
-  split Q/K/V, unfolded gains, bf16 tables and embedding sum, eager TTT scoring, bf16 table gradients and momentum).
+  split Q/K/V, unfolded gains, bf16 tables and embedding sum, eager TTT scoring, bf16 table gradients and momentum,
+  the sliding evaluator's bf16 logits).
   With ``--no-autocast`` the record's function is evaluated in float32, tables included.
 """
 from __future__ import annotations
@@ -76,6 +77,10 @@ class RecordNumerics:
     ttt_tables: bool = True  # TTT rounds every table update to bf16 (the record's tables are bf16 parameters)
     ttt_state: bool = True  # ... and their gradients and SGD momentum buffers (bf16 in the record too)
     qat: bool = True  # TTT training forwards see bigram/VE projections fake-quantized to int6 (late QAT stays on)
+    # the sliding evaluator's logits rounded to bf16 once before its float32 loss: the record compiles
+    # forward_logits, whose bf16 output inductor rounds once after a soft cap it computes in float32 (its flat
+    # evaluator fuses the loss into the graph and never rounds there; our compiled scorer returns float32)
+    sliding_logits: bool = True
 
 
 def parse_knobs(text: str | None) -> RecordNumerics:

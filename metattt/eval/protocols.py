@@ -90,6 +90,7 @@ class EvalConfig:
     fixed_shapes: bool = False  # one forward shape (set with --compile)
     compat: str = "none"  # "pg-record": the record scripts' scoring beside ours (metattt.eval.compat)
     eager_adapted: bool = False  # score adapted weights with the uncompiled model (the record's TTT loop does)
+    sliding_logits: bool = False  # sliding score-only protocols round logits to bf16 under autocast (record compat)
     docttt_compile: bool = False  # docttt: compiled core, dynamic rows and lengths (the CLI's --compile)
     docttt_shapes: str = "auto"  # docttt forward shapes (docttt_batch.SHAPES); auto: chunk on CUDA, exact elsewhere
     attn: str = "auto"  # attention backend (model.attention.ATTN_BACKENDS); docttt resolves auto itself
@@ -261,6 +262,8 @@ def run_protocol(
     sc = cfg.score_config(spec.windows)
     if cfg.eager_adapted and spec.mode != "score":  # uncompiled: batches as the record's (a chunk's last is smaller)
         scorer, sc = None, replace(sc, fixed_shapes=False)
+    if cfg.sliding_logits and cfg.autocast and spec.mode == "score" and spec.windows == "sliding":
+        sc = replace(sc, logits_dtype="bfloat16")  # the record's compiled forward_logits returns bf16
     if spec.mode == "score":
         order = "score_only"
         adapter = None

@@ -200,6 +200,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory]
                      seed=args.seed, projection_tokens=args.projection_tokens, projection_gpus=args.projection_gpus,
                      progress=not args.quiet, fixed_shapes=args.compile, docttt_compile=args.compile,
                      compat=args.compat, eager_adapted=record_bf16 and knobs.eager_ttt,
+                     sliding_logits=record_bf16 and knobs.sliding_logits,
                      attn=args.attn, position_edges=parse_edges(args.position_buckets),
                      equivalence_margin=args.equivalence_margin, orders=args.orders, adapt_seeds=args.adapt_seeds,
                      docttt_model=device.type == "cuda" and args.projection_gpus >= 1,

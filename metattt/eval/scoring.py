@@ -82,6 +82,9 @@ class ScoreConfig:
     # again for each chunk's smaller last batch and for short windows (padding is never scored)
     fixed_shapes: bool = False
     pad_to: int | None = None  # pad every forward to at least this length (the record's x_batch)
+    # round the scored logits to this dtype once before the float32 loss (the record's compiled sliding evaluator
+    # returns bf16 logits; --compat pg-record). Done here, outside any compiled graph, so the rounding is exact
+    logits_dtype: str | None = None
     # the RoPE base of every forward is that of this many tokens at least (the protocol's window length): a
     # batch's own length can depend on where documents end, i.e. on tokens not yet scored (dynamic NTK RoPE)
     rope_len: int | None = None
@@ -198,7 +201,10 @@ def score_windows(
             kw["rope_len"] = cfg.rope_len
         with autocast_for(device, cfg.autocast):
             logits = model(x, params=params, **kw)
-        sel = logits[rows_t, cols_t].float()
+        sel = logits[rows_t, cols_t]
+        if cfg.logits_dtype is not None:
+            sel = sel.to(getattr(torch, cfg.logits_dtype))
+        sel = sel.float()
         tgt = buf[rows_t, cols_t + 1]
         outs.append(F.cross_entropy(sel, tgt, reduction="none"))
     nll = torch.cat(outs) if outs else torch.empty(0)

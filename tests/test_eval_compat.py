@@ -24,6 +24,22 @@ SPEC = SyntheticSpec(vocab_size=64, n_train_tokens=2000, n_val_tokens=2500, min_
 L, STRIDE = 64, 16
 
 
+def _record_like_model(noise: float = 0.0) -> BankedGPT:
+    """A tiny model with every record feature the compat path touches (XSA, VE, bigram, NTK RoPE), seeded 0, in
+    eval mode; ``noise`` > 0 adds Gaussian noise of that scale to every parameter (drawn after the init, so the
+    global RNG continues as it would inline)."""
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, rope_ntk_len=16, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32,
+                      bigram_dim=8)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg).eval()
+    if noise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise)
+    return model
+
+
 def _record_eval(model: BankedGPT, tokens: torch.Tensor, lut, sliding: bool, bf16_logits: bool = False
                  ) -> tuple[float, float]:
     """The record's eval_val (flat) / eval_val_sliding loops: truncated stream, windows padded to L.
@@ -57,14 +73,7 @@ def test_tail_plan_is_the_records_extra_windows() -> None:
 
 def test_compat_numbers_equal_the_record_loops(tmp_path: Path, capsys) -> None:
     meta = make_synthetic_dataset(tmp_path / "data", SPEC)
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                      rope_dims=8, rope_ntk_len=16, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32,
-                      bigram_dim=8)
-    torch.manual_seed(0)
-    model = BankedGPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = _record_like_model(noise=0.05)
     lut = synthetic_lut(SPEC)
     art = tmp_path / "run" / "artifact.ptz"
     art.parent.mkdir()
@@ -206,11 +215,7 @@ def test_eager_adapted_scoring_keeps_the_records_batches_and_numbers() -> None:
     from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
     from metattt.ttt.registry import adapter_from_spec
 
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                      rope_dims=8, rope_ntk_len=16, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32,
-                      bigram_dim=8)
-    torch.manual_seed(0)
-    model = BankedGPT(cfg).eval()
+    model = _record_like_model()
     tokens = truncate(torch.randint(2, 64, (700,)), L)
     data = prepare_stream(tokens, synthetic_lut(SPEC), "cpu", 128)
     ecfg = EvalConfig(seq_len=L, context=L, stride=STRIDE, chunk_tokens=128, batch_tokens=4 * L, n_boot=0,
@@ -236,14 +241,7 @@ def test_sliding_logits_round_the_sliding_score_only() -> None:
     from metattt.eval.protocols import EvalConfig, evaluate, parse_protocols, prepare_stream
 
     assert parse_knobs("sliding_logits=0").sliding_logits is False and parse_knobs("").sliding_logits
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                      rope_dims=8, rope_ntk_len=16, xsa_layers=(1,), ve_layers=(1,), ve_dim=8, bigram_vocab=32,
-                      bigram_dim=8)
-    torch.manual_seed(0)
-    model = BankedGPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)  # logits of a few units: bf16 rounding moves the loss visibly
+    model = _record_like_model(noise=0.5)  # logits of a few units: bf16 rounding moves the loss visibly
     lut = synthetic_lut(SPEC)
     tokens = truncate(torch.randint(2, 64, (700,)), L)
     data = prepare_stream(tokens, lut, "cpu", 128)

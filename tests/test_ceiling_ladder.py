@@ -347,6 +347,8 @@ def test_model_references_key_on_the_parent_and_train_it_first():
     assert [o.what for o in run_study(st, dry_run=True, only={"b/e"}, log=log.append)] == ["model p", "model b",
                                                                                          "cell b/e"]
     assert run_study(st, dry_run=True, only={"b/other"}, log=log.append) == []
+    # a parent has no cells, yet naming it trains it alone (and nothing else)
+    assert [o.what for o in run_study(st, dry_run=True, only={"p"}, log=log.append)] == ["model p"]
 
 
 # ---------------------------------------------------------------- the ceiling (synthetic eval.json)

@@ -217,6 +217,10 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
 
     for c in cells:
         need(c.model)
+    if only is not None:  # a model named by --only trains even with no cells of its own (a ladder's parent)
+        for m in study.models:
+            if any(fnmatchcase(m.name, pat) for pat in only):
+                need(m)
     texts = [t for m in needed.values() for t in (m.train or (m.artifact,))] + [f for c in cells for f in c.ev.flags]
     unset = sorted({v for t in texts for v in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", study.expand(t))})
     if unset:

@@ -142,6 +142,32 @@ def test_meta_config_needs_seq_half_and_first_order(tmp_path) -> None:
         MetaConfig(adapter="doclora:init=random", split="seq-half").make_adapter()
 
 
+def test_a_per_document_plugin_gets_the_per_document_treatment(tmp_path) -> None:
+    """``MetaConfig.per_document`` asks the registry (the class's flag), so a per-document plug-in
+    (examples/docsgd_head.py) needs seq-half and first order, learns its init, reports its chunk and is evaluated
+    as docttt:NAME with its module; a plug-in that is not per-document is not."""
+    from metattt.train.final_eval import FINAL_EVAL_PLANS, evaluator_argv
+
+    repo = Path(__file__).resolve().parents[1]
+    doc_mod, sign_mod = str(repo / "examples" / "docsgd_head.py"), str(repo / "examples" / "signsgd_norms.py")
+    assert not MetaConfig(adapter="signsgd", adapter_modules=(sign_mod,)).per_document
+    assert not MetaConfig(adapter="sgd").per_document and MetaConfig(adapter="doclora", split="seq-half").per_document
+    with pytest.raises(ValueError, match="adapter docsgd is per-document .* needs split 'seq-half'"):
+        MetaConfig(adapter="docsgd", adapter_modules=(doc_mod,))
+    with pytest.raises(ValueError, match="first-order"):
+        MetaConfig(adapter="docsgd", adapter_modules=(doc_mod,), split="seq-half", order="second")
+    cfg = MetaConfig(adapter="docsgd:chunk=8", adapter_modules=(doc_mod,), split="seq-half")
+    ad = cfg.make_adapter()
+    assert cfg.per_document and cfg.doc_chunk == 8 and ad.cfg.to_dict()["init"] == "meta"
+    assert cfg.inner_summary(ad)["chunk"] == 8
+    tcfg = parse_config(_args(tmp_path, "--meta.adapter", "docsgd:lr=0.1", "--meta.split", "seq-half",
+                              "--adapter-module", doc_mod))
+    argv = evaluator_argv(tcfg, "a.ptz", FINAL_EVAL_PLANS["short"])
+    protos = argv[argv.index("--protocols") + 1].split(",")
+    assert {"docttt:docsgd@window=64/lr=0.1/init=meta", "docttt:docsgd@window=64/lr=0.1"} <= set(protos)
+    assert argv[argv.index("--adapter-module") + 1] == doc_mod
+
+
 def test_trainer_learns_a0_and_the_evaluator_uses_it(tmp_path, capsys) -> None:
     from metattt.artifact.format import load_artifact
     from metattt.eval.run import main as eval_main

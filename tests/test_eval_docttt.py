@@ -366,6 +366,42 @@ def test_cli_runs_the_family_and_rejects_bad_options(world, tmp_path, capsys):
     assert [s["step"] for s in rep["docttt_decomposition"][name]["steps"]] == ["context", "adaptation"]
 
 
+def test_a_per_document_plugin_runs_as_docttt_by_its_registry_name(world, tmp_path, capsys):
+    """``docttt:NAME`` for any per-document adapter of the run's registry: the plug-in ``examples/docsgd_head.py``
+    (--adapter-module) is scored legally (the ledger), its options through the registry's grammar; a plug-in that
+    is not per-document, an unknown name and a per-document plug-in without ``chunk`` are clear errors (exit 2)."""
+    from metattt.artifact.model_io import save_model_artifact
+    from metattt.eval.run import EXIT_BAD_INPUT, main
+    from metattt.ttt.registry import PluginError, Registry
+
+    repo = Path(__file__).resolve().parents[1]
+    doc_mod, sign_mod = str(repo / "examples" / "docsgd_head.py"), str(repo / "examples" / "signsgd_norms.py")
+    art = tmp_path / "run" / "artifact.ptz"
+    art.parent.mkdir()
+    save_model_artifact(art, world["model"], meta={"lut": synthetic_lut(SPEC).to_dict(), "seq_len": 48,
+                                                   "val_pattern": world["meta"]["val_pattern"]}, allow_over_budget=True)
+    common = [str(art), "--bootstrap", "20", "--quiet", "--wandb", "off", "--max-tokens", "1500"]
+    name = f"docttt:docsgd@{OPTS}/lr=0.1/rank=2"
+    assert main([*common, "--protocols", name]) == EXIT_BAD_INPUT  # not registered without its module
+    assert "unknown adapter 'docsgd'" in capsys.readouterr().err
+    assert main([*common, "--adapter-module", sign_mod, "--protocols", "docttt:signsgd"]) == EXIT_BAD_INPUT
+    assert "'signsgd' is not a per-document adapter (run it as ttt:signsgd)" in capsys.readouterr().err
+    assert main([*common, "--adapter-module", doc_mod, "--protocols", f"{name}/lr=fast"]) == EXIT_BAD_INPUT
+    assert "adapter 'docsgd' option lr='fast' is not a float" in capsys.readouterr().err
+    assert main([*common, "--adapter-module", doc_mod, "--protocols", name]) == 0, capsys.readouterr().err
+    rep = json.loads((art.parent / "eval.json").read_text())
+    got = rep["protocols"][name]
+    assert got["ledger"]["legal"] and got["tokens_scored"] == 1499 and got["adapter"] == "docsgd"
+    cfg = got["adapter_params"]["config"]
+    assert (cfg["lr"], cfg["rank"], cfg["chunk"], cfg["targets"]) == (0.1, 2, 16, "head")
+    assert got["bpb"] < rep["protocols"][f"doc-chunk@{OPTS}"]["bpb"]  # it adapted (and helped here)
+    bad = tmp_path / "nochunk.py"
+    bad.write_text("from dataclasses import dataclass\nfrom metattt.ttt import Adapter, AdapterConfig\n"
+                   "class Doc(Adapter):\n    name = 'nochunk'\n    per_document = True\n")
+    with pytest.raises(PluginError, match="per-document adapter 'nochunk' .* has no 'chunk' option"):
+        Registry.build([str(bad)])
+
+
 def test_cli_on_real_val_prefix(tmp_path, capsys):
     """Real FineWeb val documents (BOS-opened): every target scored once, paired with doc-flat, legal."""
     from metattt.artifact.model_io import save_model_artifact

@@ -272,7 +272,8 @@ def test_delta_weight_combines_pre_and_post() -> None:
 #: every adapter the registry knows (built-ins) plus the worked plug-in example, read from the registry itself: an
 #: adapter added to either is covered without editing this file
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "signsgd_norms.py")
-REGISTRY = Registry.build([EXAMPLE], use_entry_points=False)
+DOC_EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "docsgd_head.py")  # a per-document plug-in
+REGISTRY = Registry.build([EXAMPLE, DOC_EXAMPLE], use_entry_points=False)
 #: extra hyper-parameters, per name, that make parts of a rule act which its defaults leave idle on a tiny batch
 #: (clip below the gradient norm, nesterov, per-row rates); each adapter is also tested with its plain defaults
 TUNED = {
@@ -312,8 +313,9 @@ def _evaluated(a, m, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.
     with torch.no_grad():
         t0 = a.start(base, n)
     chunk = a.cfg.chunk
-    out = run_batch(m, tokens, starts, starts + length // chunk * chunk + 1, DocTTTSpec(a.name, chunk=chunk), a,
-                    None, Ledger(), init=(t0, a.init(t0)), autocast=False)
+    spec = DocTTTSpec(a.name, chunk=chunk, registry=REGISTRY)
+    out = run_batch(m, tokens, starts, starts + length // chunk * chunk + 1, spec, a, None, Ledger(),
+                    init=(t0, a.init(t0)), autocast=False)
     return a.materialize(base, out.trainables), out.train_steps
 
 
@@ -328,9 +330,9 @@ def test_meta_inner_loop_is_the_evaluation_update_bit_for_bit(name: str, variant
     adapter: the doc-batched evaluator's chunk loop) (CPU, progress 0, the adapter's own epochs, momentum, clip,
     schedule and mini-batches or chunks), and its outer loss is the loss at exactly those weights. Generated from
     the registry, plug-in included."""
-    assert {"sgd", "signsgd", "doclora"} <= set(REGISTRY.names)
+    assert {"sgd", "signsgd", "doclora", "docsgd"} <= set(REGISTRY.names)
     per_doc = REGISTRY.get(name).per_document
-    cfg = MetaConfig(adapter=_spec(name, variant), adapter_modules=(EXAMPLE,),
+    cfg = MetaConfig(adapter=_spec(name, variant), adapter_modules=(EXAMPLE, DOC_EXAMPLE),
                      split="seq-half" if per_doc else "same-batch")
     m = tiny_model()
     x, y = batch(b=5, t=10, seed=4)

@@ -2,6 +2,8 @@
 the chain's bookkeeping: progress in the state, identities dropped, the plain-SGD marker."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,3 +68,59 @@ def test_chain_bookkeeping() -> None:
         rules.Schedule(0.1, "linear-ish")
     with pytest.raises(ValueError, match="progress must be in"):
         rules.Schedule(0.1)(1.5)
+
+
+def test_host_clip_sgd_is_the_docttt_phases_former_hand_written_update() -> None:
+    """The docttt phases' full-model SGD is ``rules.sgd(..., host_clip=True)``; it replaced this hand-written
+    update (main before the change, copied here as the reference), bit for bit in float32: clip coefficient a
+    double on the host, momentum, cosine step size over the steps."""
+    g = torch.Generator().manual_seed(3)
+    p0 = {"w": torch.randn(8, 5, generator=g), "b": torch.randn(7, generator=g)}
+    steps = 24
+    grads = [{n: torch.randn(t.shape, generator=g) * (0.05 if k % 3 else 2.0) for n, t in p0.items()}
+             for k in range(steps)]  # some steps clipped, some not
+    lr0, mu, clip = 0.01, 0.9, 1.0
+    rule = rules.sgd(rules.Schedule(lr0, "cosine"), mu, grad_clip=clip, host_clip=True)
+    cur, state = dict(p0), rule.init(p0)
+    ref, mom = dict(p0), {n: torch.zeros_like(t) for n, t in p0.items()}
+    clipped = 0
+    for k, gs in enumerate(grads):
+        u, changed = rule.update(gs, {**state, "progress": k / steps}, cur)
+        state.update(changed)
+        cur = {n: cur[n] - u[n] for n in cur}
+        lr = lr0 * 0.5 * (1 + math.cos(math.pi * k / max(1, steps)))  # the former phase code, verbatim
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in gs.values()]))
+        coef = min(1.0, clip / (float(norm) + 1e-6)) if clip > 0 else 1.0
+        clipped += coef < 1.0
+        for n, t in gs.items():
+            mom[n] = mom[n] * mu + t * coef
+            ref[n] = ref[n] - lr * mom[n]
+    assert 0 < clipped < steps
+    for n in ref:
+        assert torch.equal(cur[n], ref[n]), n
+
+
+def test_adamw_chain_is_doclora_fused_step() -> None:
+    """DocLoRA's rule, ``chain(scale_by_adam, add_decayed_weights)``, takes the step its fused AdamW kernel takes
+    (float tolerance: the kernel decays first and divides by sqrt(bias correction) apart) for documents at one
+    step count."""
+    from metattt.model.gpt import BankedGPT
+    from metattt.ttt.doclora import DocLoRA, DocLoRAConfig
+    from tiny import tiny_config
+
+    m = BankedGPT(tiny_config())
+    ad = DocLoRA(DocLoRAConfig(rank=3, lr=0.01, beta1=0.5, eps=1e-6, weight_decay=0.5, targets="q+head")).bind(m)
+    base = {k: v.detach() for k, v in m.named_parameters()}
+    tr = ad.start(base, 2)
+    mine, st, rule = dict(tr), ad.init(tr), ad.rule()
+    rst = rule.init(tr)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in tr.items()}
+        u, changed = rule.update(grads, rst, mine)
+        rst.update(changed)
+        mine = {k: mine[k] - u[k] for k in mine}
+        tr, st = ad.step({k: v.clone() for k, v in tr.items()}, st, grads)
+    for k in tr:
+        torch.testing.assert_close(mine[k], tr[k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(tr[k], ad.start(base, 2)[k])  # it moved

@@ -42,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--protocols", default=DEFAULT_PROTOCOLS,
                     help="comma list of flat, sliding, doc (=doc-sliding), doc-flat, ttt:<adapter>[@windows], "
                          f"oracle:<adapter>[@windows], and the doc-batched family doc-chunk[@opts] / "
-                         f"docttt:doclora[@k=v/...] (default {DEFAULT_PROTOCOLS}); flat and each ttt's base windows "
+                         f"docttt:<per-document adapter>[@k=v/...] (default {DEFAULT_PROTOCOLS}); flat and each ttt's base windows "
                          "(docttt: its decomposition chain doc-flat -> doc-chunk -> docttt -> + phases) are added "
                          "when needed for the deltas. docttt options, '/'-separated: chunk (32), docs (64), window "
                          "(2048), phases (0), phase_docs (2000), phase_lr (0.001), phase_momentum (0.9), "
                          "phase_tokens (32768), phase_epochs (1), phase_clip (1.0); any other key is an option of the "
-                         "per-document adapter (doclora): rank (96), alpha, lr (1e-4), beta1, beta2, eps, weight_decay, targets, keep_a, "
+                         "per-document adapter (doclora, or a --adapter-module plug-in's): rank (96), alpha, lr (1e-4), beta1, beta2, eps, weight_decay, targets, keep_a, "
                          "seed, init (meta: the artifact's learned A0). Example: "
                          "docttt:doclora@phases=3/chunk=64/rank=64")
     ap.add_argument("--adapter-spec", action="append", default=[], metavar="SPEC",

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ..devices import DistCtx, autocast_for as _autocast
 from ..track.progress import progress as progress_bar
+from ..ttt import rules
 from ..ttt.adapter import Adapter
 from .docttt_batch import SHAPES, Nats, resolve_attn, run_batch
 from .docttt_compile import compiled_core
@@ -48,22 +49,23 @@ _SEG = 10 ** 12  # ledger steps: segment (between phases) * _SEG + counter, one 
 def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np.ndarray, spec: DocTTTSpec,
               base: dict[str, torch.Tensor], ledger: Ledger, autocast: bool = True, ctx: DistCtx = DistCtx(),
               attn: str = "auto") -> tuple[dict, dict]:
-    """Full-model SGD (momentum, cosine lr, global-norm clip) on documents ``[a, e)``, ``phase_epochs`` epochs of
-    steps of ~``phase_tokens`` tokens; rows are document pieces of <= ``window`` tokens (attention never leaves
-    a document). Under torch.distributed each step's rows are split over the ranks and the token-summed
-    gradients all-reduced, so every rank takes the single-process step. Returns (new base parameters, stats);
-    every step is a ledger update (each rank records its rows)."""
+    """Full-model SGD (``rules.sgd``: global-norm clip, momentum, cosine lr over the steps) on documents ``[a, e)``,
+    ``phase_epochs`` epochs of steps of ~``phase_tokens`` tokens; rows are document pieces of <= ``window`` tokens
+    (attention never leaves a document). Under torch.distributed each step's rows are split over the ranks and the
+    token-summed gradients all-reduced, so every rank takes the single-process step. Returns (new base parameters,
+    stats); every step is a ledger update (each rank records its rows)."""
     device, W = tokens.device, spec.window
     pieces = [(int(p), int(min(p + W, q))) for s0, q in zip(a, e) for p in range(int(s0), int(q), W)]
     per = max(1, spec.phase_tokens // W)
     steps = [pieces[i:i + per] for i in range(0, len(pieces), per)] * spec.phase_epochs
     names = [k for k, v in base.items() if v.is_floating_point()]
     cur = {k: v.detach().clone() for k, v in base.items()}
-    mom = {k: torch.zeros_like(cur[k]) for k in names}
+    rule = rules.sgd(rules.Schedule(spec.phase_lr, "cosine"), spec.phase_momentum, grad_clip=spec.phase_clip,
+                     host_clip=True)
+    state = rule.init({k: cur[k] for k in names})
     doc_start = {int(p): int(s0) for s0, q in zip(a, e) for p in range(int(s0), int(q), W)}
     losses = []
     for k_step, all_rows in enumerate(steps):
-        lr = spec.phase_lr * 0.5 * (1 + math.cos(math.pi * k_step / max(1, len(steps))))
         rows = all_rows[ctx.share(len(all_rows))]
         n_tgt = torch.tensor([float(sum(q - p for p, q in rows))], device=device, dtype=torch.float64)
         loss_sum = torch.zeros((), device=device)
@@ -86,14 +88,12 @@ def phase_sgd(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
             *sums, loss_sum, n_tgt = ctx.reduce_sum(grads + [loss_sum.detach(), n_tgt])
             grads = [s.to(g.dtype) for s, g in zip(sums, grads)]
         total = float(n_tgt)
-        grads = [g / total for g in grads]
         loss = loss_sum.detach() / total
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            coef = min(1.0, spec.phase_clip / (float(norm) + 1e-6)) if spec.phase_clip > 0 else 1.0
-            for k, g in zip(names, grads):
-                mom[k] = mom[k] * spec.phase_momentum + g * coef
-                cur[k] = cur[k] - lr * mom[k]
+            updates, changed = rule.update({k: g / total for k, g in zip(names, grads)},
+                                           {**state, "progress": k_step / len(steps)}, cur)
+            state.update(changed)
+            cur.update({k: cur[k] - updates[k] for k in names})
         ledger.record_update([(max(p, doc_start[p] + 1), q + 1) for p, q in rows], ledger.next_step(),
                              f"phase sgd step {k_step}")
         losses.append(float(loss.detach()))

@@ -205,7 +205,7 @@ def run_batch(model: torch.nn.Module, tokens: torch.Tensor, a: np.ndarray, e: np
     cheat = adapter is not None and adapter.adapts_before_scoring
     tr, st = init if init is not None else (None, None)
     if init is not None and not inplace:
-        tr, st = ({k: v.clone() for k, v in x.items()} for x in init)
+        tr, st = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in x.items()} for x in init)
     out = BatchOut(plan, sink)
     idx_host = torch.from_numpy(np.stack([plan.start, plan.col0, plan.count, plan.train.astype(np.int64)]))
     if device.type == "cuda":  # pinned: an asynchronous copy, the host does not wait for the device

@@ -1,6 +1,10 @@
 """The document-batched family's protocol specs: ``doc-chunk[@...]`` (no adaptation, the baseline) and
 ``docttt:ADAPTER[@...]``, their options, their decomposition (``base``, ``requires``) and the registry's
-per-document adapter a spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``."""
+per-document adapter a spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``.
+
+``ADAPTER`` is any ``per_document`` adapter of the run's registry (built-ins and ``--adapter-module`` plug-ins,
+which the spec carries); its options are the registry's (``registry.parse_spec``: the same keys, values and errors
+as ``--adapter-spec``), written ``/``-separated after ``@`` beside the protocol's own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -9,11 +13,12 @@ from typing import Any, Mapping
 import torch
 
 from ..ttt.adapter import Adapter
-from ..ttt.registry import builtin_registry
+from ..ttt.registry import Registry, builtin_registry
 from .spec import ProtocolSpec, Spec
 
 BASELINE = "doc-chunk"
 FAMILY = "docttt"
+NOT_OPTIONS = ("adapter", "adapter_opts", "registry")  # fields that are not ``@key=value`` protocol options
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class DocTTTSpec(Spec):
     phase_epochs: int = 1
     phase_clip: float = 1.0
     adapter_opts: tuple[tuple[str, str], ...] = ()
+    #: where ``adapter`` is registered (None: the built-ins); not part of the protocol's identity
+    registry: Registry | None = field(default=None, compare=False, repr=False)
     mode: str = field(default=FAMILY, init=False)
     windows: str = field(default=BASELINE, init=False)
 
@@ -43,8 +50,9 @@ class DocTTTSpec(Spec):
             raise ValueError(f"{self.name}: phases must be >= 0, got {self.phases}")
         if self.adapter is None and (self.phases or self.adapter_opts):
             raise ValueError(f"{BASELINE} takes no adapter options or phases (use docttt:ADAPTER@...)")
-        if self.adapter is not None:
-            self.make_adapter()  # validates the name and options now (exit 2 before anything runs)
+        if self.adapter is not None and (self.registry is not None or self.adapter in builtin_registry().classes):
+            self.make_adapter()  # validates the name and options now (exit 2 before anything runs); a plug-in's
+            # name without its registry (a report read back) is checked when the adapter is made
 
     @property
     def adapts(self) -> bool:
@@ -53,7 +61,7 @@ class DocTTTSpec(Spec):
     @property
     def name(self) -> str:
         opts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                if f.init and f.name not in ("adapter", "adapter_opts") and getattr(self, f.name) != f.default]
+                if f.init and f.name not in NOT_OPTIONS and getattr(self, f.name) != f.default]
         opts += [f"{k}={v}" for k, v in self.adapter_opts]
         head = BASELINE if self.adapter is None else f"{FAMILY}:{self.adapter}"
         return head + ("@" + "/".join(opts) if opts else "")
@@ -93,14 +101,16 @@ class DocTTTSpec(Spec):
         return out + ([self.without_phases()] if self.phases else [])
 
     def make_adapter(self) -> Adapter:
-        """The (unbound) per-document adapter, its ``chunk`` the protocol's."""
-        reg = builtin_registry()
-        per_doc = [n for n, c in reg.classes.items() if c.per_document]
-        if self.adapter not in per_doc:
-            raise ValueError(f"docttt adapter {self.adapter!r} is not a per-document adapter; per-document adapters: "
-                             f"{', '.join(per_doc)}")
-        opts: dict[str, Any] = {**dict(self.adapter_opts), "chunk": self.chunk}
-        return reg.make(self.adapter, **opts)
+        """The (unbound) per-document adapter from the spec's registry, its options parsed by the registry's
+        ``parse_spec``, its ``chunk`` the protocol's."""
+        reg = self.registry or builtin_registry()
+        opts = ",".join(f"{k}={v}" for k, v in self.adapter_opts)
+        name, kw = reg.parse_spec(f"{self.adapter}:{opts}")  # an unknown name: the registry's error, naming them
+        if not reg.get(name).per_document:
+            per_doc = [n for n, c in reg.classes.items() if c.per_document]
+            raise ValueError(f"docttt adapter {name!r} is not a per-document adapter (run it as ttt:{name}); "
+                             f"per-document adapters: {', '.join(per_doc)}")
+        return reg.make(name, **{**kw, "chunk": self.chunk})
 
 
 def is_docttt(text: str) -> bool:
@@ -108,16 +118,17 @@ def is_docttt(text: str) -> bool:
     return t.startswith(FAMILY + ":") or t == BASELINE or t.startswith(BASELINE + "@")
 
 
-def parse_docttt(text: str) -> DocTTTSpec:
-    """``doc-chunk[@chunk=32/window=2048/docs=64]`` or ``docttt:doclora[@opt=value/...]``: protocol options
+def parse_docttt(text: str, registry: Registry | None = None) -> DocTTTSpec:
+    """``doc-chunk[@chunk=32/window=2048/docs=64]`` or ``docttt:ADAPTER[@opt=value/...]``: protocol options
     (chunk, docs, window, phases, phase_docs, phase_lr, phase_momentum, phase_tokens, phase_epochs, phase_clip)
-    and doclora options (rank, alpha, lr, beta1, beta2, eps, weight_decay, targets, keep_a, seed)."""
+    and the adapter's (doclora: rank, alpha, lr, beta1, beta2, eps, weight_decay, targets, keep_a, seed, init),
+    ADAPTER a per-document adapter of ``registry`` (default: the built-ins)."""
     t = text.strip()
     head, _, rest = t.partition("@")
     adapter = None if head == BASELINE else head.partition(":")[2]
     if adapter == "":
         raise ValueError(f"protocol {t!r} names no adapter (docttt:doclora)")
-    proto = {f.name: f for f in fields(DocTTTSpec) if f.init and f.name not in ("adapter", "adapter_opts")}
+    proto = {f.name: f for f in fields(DocTTTSpec) if f.init and f.name not in NOT_OPTIONS}
     kw: dict[str, Any] = {}
     lora: list[tuple[str, str]] = []
     for item in (s for s in rest.split("/") if s.strip()):
@@ -133,7 +144,7 @@ def parse_docttt(text: str) -> DocTTTSpec:
                 raise ValueError(f"protocol {t!r}: {k}={v!r} is not a {typ.__name__}") from e
         else:
             lora.append((k, v))
-    return DocTTTSpec(adapter, adapter_opts=tuple(lora), **kw)
+    return DocTTTSpec(adapter, adapter_opts=tuple(lora), registry=registry, **kw)
 
 
 def make_doc_adapter(spec: DocTTTSpec, model: torch.nn.Module,

@@ -16,6 +16,7 @@ import torch
 
 from ..data.bpb import bpb
 from ..ttt.adapter import Adapter, AdapterConfig
+from ..ttt.registry import Registry
 from . import bayes_cache, docttt, docttt_model
 from .docttt_spec import DocTTTSpec, is_docttt, parse_docttt
 from .ledger import Ledger
@@ -28,14 +29,15 @@ _WINDOW_ALIASES = {"doc": "doc-sliding", "flat": "flat", "sliding": "sliding", "
 ORACLE_LABEL = "not a legal score: upper bound"
 
 
-def parse_protocol(text: str) -> Spec:
+def parse_protocol(text: str, registry: Registry | None = None) -> Spec:
     """``flat`` | ``sliding`` | ``doc`` (= ``doc-sliding``) | ``doc-flat`` | ``ttt:<adapter>[@<windows>]`` |
-    ``oracle:<adapter>[@<windows>]`` (windows default ``sliding``)."""
+    ``oracle:<adapter>[@<windows>]`` (windows default ``sliding``) | the doc-batched family (``docttt:NAME``: a
+    per-document adapter of ``registry``, default the built-ins)."""
     t = text.strip()
     if not t:
         raise ValueError("empty protocol name")
     if is_docttt(t):  # the document-batched family: doc-chunk[@...], docttt:ADAPTER[@...]
-        return parse_docttt(t)
+        return parse_docttt(t, registry)
     if bayes_cache.is_bayes_cache(t):  # the synthetic corpus's exact Bayes cache (a reference, no gradients)
         return bayes_cache.BayesCacheSpec()
     if ":" not in t:
@@ -55,12 +57,12 @@ def parse_protocol(text: str) -> Spec:
     return ProtocolSpec(_WINDOW_ALIASES[win], mode, adapter)
 
 
-def parse_protocols(text: str | list[str]) -> list[Spec]:
+def parse_protocols(text: str | list[str], registry: Registry | None = None) -> list[Spec]:
     """Comma-separated protocols, plus the protocols their deltas need (``Spec.requires``), deduplicated, in the
     run order (``Spec.order``): windows only (flat, sliding, doc-flat, doc-sliding), doc-batched, bayes-cache, ttt,
     oracle."""
     items = text.split(",") if isinstance(text, str) else list(text)
-    specs = [parse_protocol(s) for s in items if s.strip()]
+    specs = [parse_protocol(s, registry) for s in items if s.strip()]
     if not specs:
         raise ValueError("no protocols given")
     out: list[Spec] = []

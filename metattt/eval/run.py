@@ -27,7 +27,7 @@ import torch
 from ..data.bpb import bpb as bits_per_byte
 from ..devices import setup, teardown
 from ..ttt.adapter import Adapter
-from ..ttt.registry import PluginError, Registry
+from ..ttt.registry import Registry
 from .audit import run_audit
 from .docttt_spec import DocTTTSpec, make_doc_adapter
 from .cli import (EvalInputError, audit_config, build_parser, check_adapter_specs, check_args, check_artifact_path,
@@ -137,9 +137,10 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory]
     from metattt.data.shards import ShardFormatError
 
     check_args(args)
-    try:
-        specs = parse_protocols(args.protocols)
-    except ValueError as e:
+    try:  # the plug-ins first: a docttt: protocol may name one of theirs
+        registry = Registry.build(args.adapter_module or ())
+        specs = parse_protocols(args.protocols, registry)
+    except ValueError as e:  # PluginError included
         raise EvalInputError(str(e)) from e
     adapter_specs = parse_adapter_specs(args.adapter_spec)
     check_adapter_specs(adapter_specs, specs)
@@ -215,10 +216,6 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory]
         from .compat import record_numerics
 
         record_numerics(model, knobs)  # before any adapter snapshots the weights
-    try:
-        registry = Registry.build(args.adapter_module or ())
-    except PluginError as e:
-        raise EvalInputError(str(e)) from e
     extras_all = dict(loaded.extras or {})
     factory: AdapterFactory
     if adapter_factory is None:

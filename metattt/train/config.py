@@ -127,9 +127,9 @@ class TrainConfig:
         if (self.flops_budget or self.match_flops_of) and (self.meta.adapter or planned):
             raise ValueError("--flops-budget / --match-flops-of set the number of plain steps: not with "
                              "--meta.adapter, budget checkpoints, --max-passes or a wallclock cap")
-        if self.meta.is_doclora and self.seq_len // 2 < self.meta.doclora_chunk:  # its meta step trains whole chunks
-            raise ValueError(f"--meta.adapter doclora: the first half of a {self.seq_len}-token row holds no whole "
-                             f"chunk of {self.meta.doclora_chunk} tokens; give a longer --seq-len or chunk= in the "
+        if self.meta.per_document and self.seq_len // 2 < self.meta.doc_chunk:  # its meta step trains whole chunks
+            raise ValueError(f"--meta.adapter {self.meta.adapter_name}: the first half of a {self.seq_len}-token row holds no whole "
+                             f"chunk of {self.meta.doc_chunk} tokens; give a longer --seq-len or chunk= in the "
                              "spec")
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,11 +46,12 @@ def evaluator_argv(cfg: TrainConfig, artifact: str, plan: FinalEvalPlan) -> list
     """The evaluator's command line for this run's artifact (its run directory receives eval.json)."""
     protocols = "flat,sliding,ttt:sgd"
     argv = [artifact, "--bootstrap", str(plan.bootstrap), "--device", cfg.device, "--quiet"]
-    if cfg.meta.is_doclora:  # batched: the learned init against the records' random one, same options
+    argv += [a for m in cfg.meta.adapter_modules for a in ("--adapter-module", m)]  # its plug-ins
+    if cfg.meta.per_document:  # batched: docttt:NAME; a learned init (init=meta) beside the random one, same options
         opts = [o.strip() for o in cfg.meta.adapter.partition(":")[2].split(",")
                 if o.strip() and not o.strip().startswith("init=")]
-        lead = "/".join([f"window={cfg.seq_len}", *opts])  # the trained context
-        protocols += f",docttt:doclora@{lead + '/' if lead else ''}init=meta,docttt:doclora" + (f"@{lead}" if lead else "")
+        head = f",docttt:{cfg.meta.adapter_name}@" + "/".join([f"window={cfg.seq_len}", *opts])  # the trained context
+        protocols += (head + "/init=meta" if "init" in cfg.meta.make_adapter().cfg.to_dict() else "") + head
     elif cfg.meta.adapter:
         protocols += f",ttt:{META_KEY}"
         argv += ["--adapter-spec", f"{META_KEY}={cfg.meta.adapter}"]

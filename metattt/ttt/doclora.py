@@ -9,7 +9,9 @@ per document, summed), as the doc-batched evaluator (``metattt.eval.docttt_batch
 meta-training (``inner_loop``) takes the evaluated update. AdamW is elementwise, so one step over the batched
 tensors is every document's own step. ``step`` works in place (torch's fused AdamW kernel on views of the batched
 tensors): at rank 96 the factors of 64 documents are ~1.3 GB, and an out-of-place step would double that and its
-memory traffic; so its rule is not a :mod:`metattt.ttt.rules` chain (out of place, and not the kernel's bits).
+memory traffic. Its rule, ``rule()``, is the :mod:`metattt.ttt.rules` chain ``scale_by_adam`` + ``add_decayed_weights``
+(AdamW), equal to the kernel's step to float rounding; ``step`` runs the kernel (in place, its bits) and adds what
+the chain has no place for: a step count per document (``active`` rows step, the others wait).
 
 Meta-learned init (``init=meta``): one shared A factor per target (``A0``, nn.Parameters) that every document's A
 starts from instead of a fresh uniform draw (B still starts at 0). The trainer learns it first order (the adapted A
@@ -25,6 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import rules
 from .adapter import Adapter, AdapterConfig, Batch, Tensors
 
 TARGETS = ("q", "k", "v", "out", "mlp", "head")
@@ -147,6 +150,13 @@ class DocLoRA(Adapter):
             tr[f"A.{t}"] = a
             tr[f"B.{t}"] = torch.zeros(*lead, fout, r, device=dev, dtype=dt)
         return tr
+
+    def rule(self) -> rules.Transform:
+        """AdamW as a chain: what ``step`` computes for documents at one step count, to float rounding
+        (tests/test_ttt_rules.py); ``step`` runs torch's fused kernel instead (module docstring says why)."""
+        c, lr = self.cfg, rules.Schedule(self.cfg.lr)
+        return rules.chain(rules.scale_by_adam(lr, c.beta1, c.beta2, c.eps),
+                           rules.add_decayed_weights(c.weight_decay, lr))
 
     def init(self, trainables: Mapping[str, Tensor]) -> dict[str, Any]:
         """AdamW moments, and the steps taken per document on the host."""

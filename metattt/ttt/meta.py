@@ -23,10 +23,11 @@ So the first-order inner loop equals ``adapt(..., progress=0)`` bit for bit (tes
 * order="second": exact meta-gradient through the inner steps (create_graph), with the inner forward on the
   ``math`` attention path (fused kernels have no double backward). Backends: "autograd", "torch.func", "higher"
   (optional, ``pip install higher``; plain constant-lr SGD adapters only, as an independent cross-check).
-* ``doclora`` (the batched per-document LoRA of the doc-batched evaluator, ``per_document``: one document per
-  row) runs the same ``inner_loop`` on the rows' first half (split "seq-half", first order): its ``batches`` are
-  the evaluator's, one step per ``chunk``-token chunk, so it learns the shared A init (``init=meta``) for the
-  evaluated update, and the outer loss is taken at exactly the factors the evaluator would reach.
+* a ``per_document`` adapter (the registry's flag, plug-ins included; e.g. ``doclora``, the batched per-document
+  LoRA of the doc-batched evaluator: one document per row) runs the same ``inner_loop`` on the rows' first half
+  (split "seq-half", first order): its ``batches`` are the evaluator's, one step per ``chunk``-token chunk, so
+  doclora learns the shared A init (``init=meta``) for the evaluated update, and the outer loss is taken at
+  exactly the factors the evaluator would reach.
 * an adapter with a :class:`ReptileConfig` (``reptile``, or a plug-in's subclass of it): the surrogate
   sum_n <theta_n, sg(epsilon * (theta_n - theta_k,n))>, whose gradient is the Reptile direction; theta_k after the
   same passes as above (the adapter's ``epochs``).
@@ -39,7 +40,7 @@ fwd+bwd), so that forward is opt-in (``log_pre``) unless ``delta_weight`` needs 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, cast
 
@@ -47,7 +48,6 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter, grad_context
-from .doclora import DocLoRA
 from .registry import Registry
 from .sgd import ReptileConfig
 
@@ -97,11 +97,12 @@ class MetaConfig:
             problems.append(f"meta_lr must be > 0, got {self.meta_lr}")
         if not 0.0 <= self.start_frac <= 1.0:
             problems.append(f"start_frac must be in [0, 1], got {self.start_frac}")
-        if self.is_doclora and self.split != "seq-half":
-            problems.append(f"adapter doclora adapts per row (one document each): it needs split 'seq-half', "
-                            f"got {self.split!r}")
-        if self.is_doclora and self.order != "first":
-            problems.append("adapter doclora meta-trains first-order only")
+        if (self.split != "seq-half" or self.order != "first") and self.per_document:
+            who = f"adapter {self.adapter_name} is per-document (one document per row)"
+            if self.split != "seq-half":
+                problems.append(f"{who}: it needs split 'seq-half', got {self.split!r}")
+            if self.order != "first":
+                problems.append(f"{who}: it meta-trains first-order only")
         if problems:
             raise ValueError("invalid MetaConfig: " + "; ".join(problems))
 
@@ -113,27 +114,37 @@ class MetaConfig:
         return Registry.build(self.adapter_modules)
 
     @property
-    def is_doclora(self) -> bool:
-        return self.adapter is not None and self.adapter.split(":", 1)[0].strip() == DocLoRA.name
+    def adapter_name(self) -> str:
+        return (self.adapter or "").split(":", 1)[0].strip()
 
     @property
-    def doclora_chunk(self) -> int:
-        """Tokens per doclora update (its ``chunk``, a docttt protocol option too, so the final evaluation gets the
-        same one)."""
+    def per_document(self) -> bool:
+        """The spec names a ``per_document`` adapter of the registry (plug-ins included): one document per row,
+        meta-trained on split seq-half at first order, evaluated as ``docttt:NAME``. An unknown name: False (the
+        registry names it when the adapter is made)."""
+        cls = self.registry().classes.get(self.adapter_name) if self.adapter else None
+        return cls is not None and cls.per_document
+
+    @property
+    def doc_chunk(self) -> int:
+        """Tokens per update of the per-document adapter (its ``chunk``, a docttt protocol option too, so the
+        final evaluation gets the same one)."""
         ad = self.make_adapter()
-        if not isinstance(ad, DocLoRA):
-            raise ValueError(f"adapter spec {self.adapter!r} is not doclora")
-        return ad.cfg.chunk
+        if not ad.per_document:
+            raise ValueError(f"adapter spec {self.adapter!r} is not a per-document adapter")
+        return int(ad.cfg.to_dict()["chunk"])  # the registry refuses a per-document adapter without ``chunk``
 
     def make_adapter(self, registry: Registry | None = None) -> Adapter:
-        """The registry's adapter for the spec; doclora with its learned init switched on (``init=meta``)."""
+        """The registry's adapter for the spec; a per-document adapter with an ``init`` option (doclora) with its
+        learned init switched on (``init=meta``)."""
         if not self.adapter:
             raise ValueError("MetaConfig.adapter is not set")
         reg = registry or self.registry()
         name, opts = reg.parse_spec(self.adapter)
-        if self.is_doclora:
+        cls = reg.get(name)
+        if cls.per_document and "init" in {f.name for f in fields(cls.Config)}:
             if opts.get("init", "meta") != "meta":
-                raise ValueError("meta-training doclora learns its init: init must be 'meta'")
+                raise ValueError(f"meta-training {name} learns its init: init must be 'meta'")
             opts["init"] = "meta"
         return reg.make(name, **opts)
 
@@ -147,8 +158,8 @@ class MetaConfig:
         out: dict[str, Any] = {"passes": self.inner_passes(adapter),
                                "source": "adapter epochs" if self.inner_steps is None else "override inner_steps",
                                "progress": 0.0}
-        if self.is_doclora:
-            out["chunk"] = self.doclora_chunk
+        if adapter.per_document:
+            out["chunk"] = self.doc_chunk
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -164,6 +164,9 @@ class Registry:
             if not isinstance(name, str) or not name or name == Adapter.name:
                 raise PluginError(f"adapter class {c.__qualname__} from {source} sets no name (class attribute "
                                   "name = '...')")
+            if c.per_document and "chunk" not in {f.name for f in fields(c.Config)}:
+                raise PluginError(f"per-document adapter {name!r} from {source}: its Config has no 'chunk' option "
+                                  "(tokens per update; the doc-batched evaluator sets it from docttt:NAME@chunk=)")
             if name in classes and classes[name] is not c:
                 raise PluginError(f"adapter name clash: {name!r} is defined by {sources[name]} and by {source} "
                                   f"({c.__qualname__}); rename one")

@@ -97,14 +97,19 @@ def global_norm(grads: Mapping[str, Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dt) for n in norms]))
 
 
-def clip_by_global_norm(max_norm: float) -> Transform:
-    """Global-norm clip (0: none), without a host sync: the coefficient stays a tensor."""
+def clip_by_global_norm(max_norm: float, host: bool = False) -> Transform:
+    """Global-norm clip (0: none), without a host sync: the coefficient stays a tensor. ``host``: the coefficient
+    ``min(1, max_norm / (norm + 1e-6))`` as a Python float (double precision, one sync a step), as the docttt
+    phases have always computed it (their bits)."""
     if not max_norm or max_norm <= 0:
         return IDENTITY
 
     def update(u: Tensors, state: State, params: Mapping[str, Tensor]) -> tuple[Tensors, State]:
         if not u:
             return u, {}
+        if host:
+            c = min(1.0, max_norm / (float(global_norm(u)) + 1e-6))
+            return {n: g * c for n, g in u.items()}, {}
         coef = (max_norm / (global_norm(u) + 1e-6)).clamp(max=1.0)
         return {n: g * coef.to(g.dtype) for n, g in u.items()}, {}
 
@@ -165,6 +170,14 @@ def scale_by_adam(lr: Schedule, b1: float, b2: float, eps: float = 1e-8) -> Tran
     return Transform(update, init)
 
 
+def add_decayed_weights(weight_decay: float, lr: Schedule) -> Transform:
+    """Decoupled weight decay (AdamW's): adds ``lr(progress) * weight_decay * param`` to the updates; 0: none."""
+    if not weight_decay:
+        return IDENTITY
+    return Transform(lambda u, state, params: (
+        {n: v + (lr(state["progress"]) * weight_decay) * params[n] for n, v in u.items()}, {}))
+
+
 def per_tensor(fn: Callable[[str, Tensor, Tensor], Tensor]) -> Transform:
     """A stateless transform of each tensor's update: ``fn(name, update, param) -> update``."""
     return Transform(lambda u, state, params: ({n: fn(n, v, params[n]) for n, v in u.items()}, {}))
@@ -187,6 +200,8 @@ def scale_by_rms(rms: Callable[[str], Tensor], eps: float, max_update: float) ->
     return per_tensor(scaled)
 
 
-def sgd(lr: Schedule, momentum: float = 0.0, nesterov: bool = False, grad_clip: float = 0.0) -> Transform:
-    """The preset of the sgd family (sgd, fomaml, reptile, sam): clip, momentum, scheduled step size."""
-    return chain(clip_by_global_norm(grad_clip), trace(momentum, nesterov), scale_by_schedule(lr))
+def sgd(lr: Schedule, momentum: float = 0.0, nesterov: bool = False, grad_clip: float = 0.0,
+        host_clip: bool = False) -> Transform:
+    """The preset of the sgd family (sgd, fomaml, reptile, sam) and of the docttt phases' full-model SGD
+    (``host_clip``): clip, momentum, scheduled step size."""
+    return chain(clip_by_global_norm(grad_clip, host_clip), trace(momentum, nesterov), scale_by_schedule(lr))

@@ -32,8 +32,6 @@ FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): scales never round
 # tensor in it, e.g. the record's bf16 embedding tables, computes with exactly those values)
 ROUND_TO = ("bfloat16", "float16")
 
-SCHEMES = ("int6_row", "int8_row", "fp32", "fp16", "raw")
-
 
 @dataclass(frozen=True)
 class QuantConfig:

@@ -271,9 +271,8 @@ def _doc_params(spec: SyntheticSpec, rng: np.random.Generator, n_tokens: int) ->
 def _split_rng(spec: SyntheticSpec, split: str) -> tuple[np.random.Generator, int]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if split == "train":
-        return _rng(spec, _STREAM_TRAIN), spec.n_train_tokens
-    return _rng(spec, _STREAM_VAL), spec.n_val_tokens
+    return ((_rng(spec, _STREAM_TRAIN), spec.n_train_tokens) if split == "train"
+            else (_rng(spec, _STREAM_VAL), spec.n_val_tokens))
 
 
 def document_params(spec: SyntheticSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -454,25 +453,16 @@ def _target_nats(
     return out
 
 
-def _per_target_nats(
-    spec: SyntheticSpec,
-    tokens: np.ndarray,
-    chain: Chain,
-    lengths: np.ndarray,
-    theta: np.ndarray,
-    windows: Sequence[int] = (),
-) -> dict[str, Any]:
-    """Summed nats of the chain predictors over the targets ``tokens[1:]``."""
-    r = _target_nats(spec, tokens, chain, lengths, theta, windows)
-    return {
-        "window": {w: float(v.sum()) for w, v in r["window"].items()},
-        "bigram": float(r["bigram"].sum()),
-        "known": float(r["known"].sum()),
-        "unknown": float(r["unknown"].sum()),
-        "n_bytes": int((~r["is_bos"]).sum()),
-        "n_docs": r["n_docs"],
-        "content_fraction": r["content_fraction"],
-    }
+def _val_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any, **kw: Any) -> tuple[np.ndarray, dict[str, Any], int]:
+    """(tokens, :func:`_target_nats` of them against this spec's val stream, regular targets = bytes)."""
+    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
+    r = _target_nats(spec, tokens, make_chain(spec), *document_params(spec, "val"), **kw)
+    n_bytes = int((~r["is_bos"]).sum())
+    if n_bytes == 0:
+        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
+    return tokens, r, n_bytes
 
 
 def synthetic_bounds(
@@ -490,29 +480,21 @@ def synthetic_bounds(
     tokens, i.e. the best a model with a W-token context can do without adapting; the gap to
     ``bayes_unknown_bpb`` is what test-time adaptation over the whole document can add.
     """
-    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
-    if tokens.ndim != 1 or tokens.size < 2:
-        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
-    chain = make_chain(spec)
-    lengths, theta = document_params(spec, "val")
-    res = _per_target_nats(spec, tokens, chain, lengths, theta, windows)
-    n_bytes = res["n_bytes"]
-    if n_bytes == 0:
-        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
+    tokens, r, n_bytes = _val_nats(spec, val_tokens, windows=windows)
     counts = np.bincount(tokens[1:], minlength=spec.vocab_size).astype(np.float64)
     p = counts / counts.sum()
     unigram_nats = float(-(counts[counts > 0] * np.log(p[counts > 0])).sum())
     ln2 = math.log(2.0)
     return {
         "unigram_bpb": unigram_nats / ln2 / n_bytes,
-        "bigram_bpb": res["bigram"] / ln2 / n_bytes,
-        "bayes_unknown_bpb": res["unknown"] / ln2 / n_bytes,
-        "bayes_known_bpb": res["known"] / ln2 / n_bytes,
-        **{f"bayes_window{w}_bpb": v / ln2 / n_bytes for w, v in res["window"].items()},
+        "bigram_bpb": float(r["bigram"].sum()) / ln2 / n_bytes,
+        "bayes_unknown_bpb": float(r["unknown"].sum()) / ln2 / n_bytes,
+        "bayes_known_bpb": float(r["known"].sum()) / ln2 / n_bytes,
+        **{f"bayes_window{w}_bpb": float(v.sum()) / ln2 / n_bytes for w, v in r["window"].items()},
         "n_tokens": int(tokens.size),
-        "n_bytes": int(n_bytes),
-        "n_docs": res["n_docs"],
-        "content_fraction": res["content_fraction"],
+        "n_bytes": n_bytes,
+        "n_docs": r["n_docs"],
+        "content_fraction": r["content_fraction"],
     }
 
 
@@ -528,15 +510,8 @@ def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_l
     can add on these very targets. ``doc_window_nats`` / ``doc_document_nats`` / ``doc_bytes`` (per document of
     the stream) let a bootstrap resample documents together with their room.
     """
-    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
-    if tokens.ndim != 1 or tokens.size < 2:
-        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
-    lengths, theta = document_params(spec, "val")
-    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta, context_lo=context_lo)
+    _, r, n_bytes = _val_nats(spec, val_tokens, context_lo=context_lo)
     nb = (~r["is_bos"]).astype(np.float64)
-    n_bytes = float(nb.sum())
-    if n_bytes == 0:
-        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
     ln2 = math.log(2.0)
     win, docb = r["context"], r["unknown"]
     return {
@@ -548,7 +523,7 @@ def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_l
         "doc_window_nats": np.bincount(r["doc"], weights=win, minlength=r["n_docs"]),
         "doc_document_nats": np.bincount(r["doc"], weights=docb, minlength=r["n_docs"]),
         "doc_bytes": np.bincount(r["doc"], weights=nb, minlength=r["n_docs"]),
-        "n_bytes": int(n_bytes),
+        "n_bytes": n_bytes,
     }
 
 

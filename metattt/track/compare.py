@@ -237,23 +237,18 @@ def metric_value(run: RunRecord, metric: str) -> tuple[float, str]:
     Final files win over the log because they hold the authoritative (e.g. post-quantization) numbers.
     """
     names = _metric_names(run, metric)
-    candidates = [(label, src, n) for n in names for label, src in (("eval.json", run.eval), ("summary.json", run.summary))]
+    finals = (("eval.json", run.eval), ("summary.json", run.summary))
+    candidates = [(label, src, n) for n in names for label, src in finals]
     candidates += [("metrics.jsonl", _last_record_with(run.metrics, n), n) for n in names]
-    for label, src, name in candidates:
-        raw = get_path(src, name)
-        if raw is _MISSING:
-            continue
-        num = _as_number(raw)
-        if num is _MISSING:
-            raise KeyError(f"metric {metric!r} at {label}:{name} is not a number ({_short(raw)})")
-        return num, f"{label}:{name}"
-    raw, where = find_field([("eval.json", run.eval), ("summary.json", run.summary)], metric)
-    if raw is not _MISSING:
-        num = _as_number(raw)
-        if num is _MISSING:
-            raise KeyError(f"metric {metric!r} at {where} is not a number ({_short(raw)})")
-        return num, str(where)
-    raise KeyError(f"metric {metric!r} not found in eval.json, summary.json or metrics.jsonl")
+    found = next(((get_path(src, name), f"{label}:{name}") for label, src, name in candidates
+                  if get_path(src, name) is not _MISSING), None) or find_field(finals, metric)
+    raw, where = found
+    if raw is _MISSING:
+        raise KeyError(f"metric {metric!r} not found in eval.json, summary.json or metrics.jsonl")
+    num = _as_number(raw)
+    if num is _MISSING:
+        raise KeyError(f"metric {metric!r} at {where} is not a number ({_short(raw)})")
+    return num, str(where)
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -451,6 +446,10 @@ def _f(x: float | None, prec: int) -> str:
     return "—" if x is None else f"{x:.{prec}f}"
 
 
+def _pm(x: float | None, half_width: float | None, prec: int) -> str:
+    return _f(x, prec) if half_width is None else f"{_f(x, prec)} ± {_f(half_width, prec)}"
+
+
 def _p(p: float | None) -> str:
     if p is None:
         return "—"
@@ -468,10 +467,7 @@ def to_markdown(cmp: Comparison, precision: int = 4) -> str:
         head += [f"Δ vs baseline ± {pct} CI", "pairs", "p (paired t)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for g in cmp.groups:
-        if g.ci.half_width is None:
-            mean = f"{_f(g.ci.mean, precision)} (n=1)"
-        else:
-            mean = f"{_f(g.ci.mean, precision)} ± {_f(g.ci.half_width, precision)}"
+        mean = _pm(g.ci.mean, g.ci.half_width, precision) + (" (n=1)" if g.ci.half_width is None else "")
         label = f"{g.label} (baseline)" if g.is_baseline else g.label
         row = [label, str(g.ci.n), _seeds_str(g.seeds), mean]
         if cmp.baseline is not None:
@@ -479,27 +475,21 @@ def to_markdown(cmp: Comparison, precision: int = 4) -> str:
                 row += ["—", "—", "—"]
             elif g.paired is not None:
                 pt = g.paired
-                d = _f(pt.mean_diff, precision) if pt.half_width is None else f"{_f(pt.mean_diff, precision)} ± {_f(pt.half_width, precision)}"
-                row += [d + (" (n=1)" if pt.n == 1 else ""), str(pt.n), _p(pt.p_value)]
+                row += [_pm(pt.mean_diff, pt.half_width, precision) + (" (n=1)" if pt.n == 1 else ""), str(pt.n),
+                        _p(pt.p_value)]
             else:
                 row += [f"{_f(g.unpaired_delta, precision)} (unpaired)", "0", "—"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     by = ", ".join(cmp.by) if cmp.by else "(none: one group)"
-    lines.append(
-        f"Metric `{cmp.metric}`; groups by {by}; CI: two-sided {pct} Student t over runs (none for n=1)."
-    )
+    lines.append(f"Metric `{cmp.metric}`; groups by {by}; CI: two-sided {pct} Student t over runs (none for n=1).")
     if cmp.baseline is not None:
-        lines.append(
-            f"Δ = group − baseline `{cmp.baseline}`, paired on `{cmp.seed_key}` (seeds in both groups); "
-            "p: two-sided paired t-test (needs ≥ 2 pairs)."
-        )
-    for w in cmp.warnings:
-        lines.append(f"- warning: {w}")
+        lines.append(f"Δ = group − baseline `{cmp.baseline}`, paired on `{cmp.seed_key}` (seeds in both groups); "
+                     "p: two-sided paired t-test (needs ≥ 2 pairs).")
+    lines += [f"- warning: {w}" for w in cmp.warnings]
     if cmp.skipped:
         lines.append(f"Skipped runs ({len(cmp.skipped)}):")
-        for s in cmp.skipped:
-            lines.append(f"- `{s.name}`: {s.reason}")
+        lines += [f"- `{s.name}`: {s.reason}" for s in cmp.skipped]
     else:
         lines.append("Skipped runs: none.")
     return "\n".join(lines) + "\n"

@@ -128,14 +128,9 @@ def default_fetch() -> Callable[[str, Path], None]:
     return _fetch_hub if importlib.util.find_spec("huggingface_hub") is not None else _fetch_urllib
 
 
-def download_fineweb(
-    out: str | os.PathLike = "data",
-    train_shards: int = 1,
-    *,
-    val_shards: int = N_VAL_SHARDS,
-    fetch: Callable[[str, Path], None] | None = None,
-    probe: Callable[[], None] | None = None,
-) -> list[Path]:
+def download_fineweb(out: str | os.PathLike = "data", train_shards: int = 1, *, val_shards: int = N_VAL_SHARDS,
+                     fetch: Callable[[str, Path], None] | None = None,
+                     probe: Callable[[], None] | None = None) -> list[Path]:
     """Fetch what is missing (complete files are skipped) and return all planned local paths."""
     plan = plan_downloads(out, train_shards, val_shards)
     todo = [f for f in plan if not is_complete(f)]

@@ -341,15 +341,8 @@ def _earlier_counts(ci: np.ndarray, yc: np.ndarray, dc: np.ndarray,
     return order, key, n_y, n_all
 
 
-def _target_nats(
-    spec: SyntheticSpec,
-    tokens: np.ndarray,
-    chain: Chain,
-    lengths: np.ndarray,
-    theta: np.ndarray,
-    windows: Sequence[int] = (),
-    context_lo: np.ndarray | None = None,
-) -> dict[str, Any]:
+def _target_nats(spec: SyntheticSpec, tokens: np.ndarray, chain: Chain, lengths: np.ndarray, theta: np.ndarray,
+                 windows: Sequence[int] = (), context_lo: np.ndarray | None = None) -> dict[str, Any]:
     """Per-target nats (float64, one per target ``tokens[1:]``) of the chain predictors.
 
     ``window``: {W: nats of the reader whose posterior sees the last W tokens}; ``context`` (when
@@ -433,18 +426,9 @@ def _target_nats(
     posterior = np.zeros(tgt.size)  # content targets: -log of the document-prefix predictive within C
     posterior[ci] = unknown_c - base_c
     out: dict[str, Any] = {
-        "length": length,
-        "posterior": posterior,
-        "is_content": is_c,
-        "window": window_nats,
-        "bigram": full(bigram_c),
-        "known": full(known_c),
-        "unknown": full(unknown_c),
-        "is_bos": is_bos,
-        "doc": doc_t,
-        "n_docs": int(starts.size),
-        "content_fraction": float(ci.size / max(1, (~is_bos).sum())),
-    }
+        "length": length, "posterior": posterior, "is_content": is_c, "window": window_nats,
+        "bigram": full(bigram_c), "known": full(known_c), "unknown": full(unknown_c), "is_bos": is_bos, "doc": doc_t,
+        "n_docs": int(starts.size), "content_fraction": float(ci.size / max(1, (~is_bos).sum()))}
     if context_lo is not None:
         lo_all = np.asarray(context_lo, dtype=np.int64)
         if lo_all.shape != tgt.shape or np.any(lo_all < 0) or np.any(lo_all > t - 1):
@@ -465,9 +449,8 @@ def _val_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any, **kw: Any) -> t
     return tokens, r, n_bytes
 
 
-def synthetic_bounds(
-    spec: SyntheticSpec, val_tokens: np.ndarray | Any, windows: Sequence[int] = ()
-) -> dict[str, float]:
+def synthetic_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any,
+                     windows: Sequence[int] = ()) -> dict[str, float]:
     """Reference bpb values for ``val_tokens`` (a prefix of this spec's val stream, starting with BOS).
 
     ``unigram_bpb``: cross-entropy of the val tokens' own empirical unigram distribution (BOS included as a
@@ -485,17 +468,12 @@ def synthetic_bounds(
     p = counts / counts.sum()
     unigram_nats = float(-(counts[counts > 0] * np.log(p[counts > 0])).sum())
     ln2 = math.log(2.0)
-    return {
-        "unigram_bpb": unigram_nats / ln2 / n_bytes,
-        "bigram_bpb": float(r["bigram"].sum()) / ln2 / n_bytes,
-        "bayes_unknown_bpb": float(r["unknown"].sum()) / ln2 / n_bytes,
-        "bayes_known_bpb": float(r["known"].sum()) / ln2 / n_bytes,
-        **{f"bayes_window{w}_bpb": float(v.sum()) / ln2 / n_bytes for w, v in r["window"].items()},
-        "n_tokens": int(tokens.size),
-        "n_bytes": n_bytes,
-        "n_docs": r["n_docs"],
-        "content_fraction": r["content_fraction"],
-    }
+    return {"unigram_bpb": unigram_nats / ln2 / n_bytes,
+            **{f"{k}_bpb": float(r[n].sum()) / ln2 / n_bytes
+               for k, n in (("bigram", "bigram"), ("bayes_unknown", "unknown"), ("bayes_known", "known"))},
+            **{f"bayes_window{w}_bpb": float(v.sum()) / ln2 / n_bytes for w, v in r["window"].items()},
+            "n_tokens": int(tokens.size), "n_bytes": n_bytes, "n_docs": r["n_docs"],
+            "content_fraction": r["content_fraction"]}
 
 
 def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_lo: np.ndarray) -> dict[str, Any]:
@@ -514,17 +492,11 @@ def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_l
     nb = (~r["is_bos"]).astype(np.float64)
     ln2 = math.log(2.0)
     win, docb = r["context"], r["unknown"]
-    return {
-        "window_bpb": float(win.sum()) / ln2 / n_bytes,
-        "document_bpb": float(docb.sum()) / ln2 / n_bytes,
-        "room_bpb": float((win - docb).sum()) / ln2 / n_bytes,
-        "window_nats": win,
-        "document_nats": docb,
-        "doc_window_nats": np.bincount(r["doc"], weights=win, minlength=r["n_docs"]),
-        "doc_document_nats": np.bincount(r["doc"], weights=docb, minlength=r["n_docs"]),
-        "doc_bytes": np.bincount(r["doc"], weights=nb, minlength=r["n_docs"]),
-        "n_bytes": n_bytes,
-    }
+    per_doc = {k: np.bincount(r["doc"], weights=w, minlength=r["n_docs"])
+               for k, w in (("doc_window_nats", win), ("doc_document_nats", docb), ("doc_bytes", nb))}
+    return {"window_bpb": float(win.sum()) / ln2 / n_bytes, "document_bpb": float(docb.sum()) / ln2 / n_bytes,
+            "room_bpb": float((win - docb).sum()) / ln2 / n_bytes, "window_nats": win, "document_nats": docb,
+            **per_doc, "n_bytes": n_bytes}
 
 
 def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> dict[str, np.ndarray]:
@@ -654,19 +626,10 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | Non
             val_tokens = tokens
     assert val_tokens is not None
     bounds = synthetic_bounds(spec, val_tokens, windows=META_WINDOWS)
-    meta = {
-        "format": "metattt-synthetic",
-        "generator_version": GENERATOR_VERSION,
-        "spec": spec.to_dict(),
-        "vocab_size": spec.vocab_size,
-        "bos_id": BOS_ID,
-        "control_ids": list(CONTROL_IDS),
-        "lut": "uniform",
-        "bounds": bounds,
-        "n_train_tokens": spec.n_train_tokens,
-        "n_val_tokens": spec.n_val_tokens,
-        "files": files,
-    }
+    meta = {"format": "metattt-synthetic", "generator_version": GENERATOR_VERSION, "spec": spec.to_dict(),
+            "vocab_size": spec.vocab_size, "bos_id": BOS_ID, "control_ids": list(CONTROL_IDS), "lut": "uniform",
+            "bounds": bounds, "n_train_tokens": spec.n_train_tokens, "n_val_tokens": spec.n_val_tokens,
+            "files": files}
     atomic_write(meta_path, json.dumps(meta, indent=2))
     (out / GENERATING).unlink()
     return {**_with_patterns(out, meta), "reused": False, "generation_seconds": time.perf_counter() - t0}

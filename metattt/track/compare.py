@@ -86,14 +86,8 @@ def load_run(path: Path | str) -> RunRecord:
     if schema is not None and schema not in READABLE_EVAL_SCHEMAS:  # /2 adds sections; every /1 field stays
         raise MalformedRunDir(rd.path, f"eval.json schema {schema!r} is not one this version reads "
                                        f"({', '.join(READABLE_EVAL_SCHEMAS)}); use the metattt version that wrote it")
-    return RunRecord(
-        name=rd.path.name or str(rd.path),
-        path=rd.path,
-        config=rd.config or {},
-        summary=rd.summary or {},
-        eval=rd.eval or {},
-        metrics=rd.metrics(),
-    )
+    return RunRecord(name=rd.path.name or str(rd.path), path=rd.path, config=rd.config or {},
+                     summary=rd.summary or {}, eval=rd.eval or {}, metrics=rd.metrics())
 
 
 def _is_run_dir(p: Path) -> bool:
@@ -359,16 +353,9 @@ def _resolve_baseline(baseline: str, groups: Sequence[GroupResult], by: Sequence
     raise CompareError(f"baseline {baseline!r} matches no group label, group value or run (groups: {labels})")
 
 
-def compare_runs(
-    runs: Sequence[RunRecord],
-    *,
-    metric: str = "ttt_delta",
-    by: Sequence[str] | None = None,
-    baseline: str | None = None,
-    seed_key: str = "seed",
-    level: float = 0.95,
-    skipped: Sequence[Skipped] = (),
-) -> Comparison:
+def compare_runs(runs: Sequence[RunRecord], *, metric: str = "ttt_delta", by: Sequence[str] | None = None,
+                 baseline: str | None = None, seed_key: str = "seed", level: float = 0.95,
+                 skipped: Sequence[Skipped] = ()) -> Comparison:
     """Group runs, compute per-group t-CIs and paired deltas to the baseline group (pure function)."""
     skipped = list(skipped)
     warnings: list[str] = []
@@ -404,10 +391,8 @@ def compare_runs(
         seeds = [rv.seed for rv in rvs]
         dup = sorted({_fmt_value(s) for s in seeds if s is not None and seeds.count(s) > 1})
         if dup:
-            warnings.append(
-                f"group {_label(by, key)}: seeds {', '.join(dup)} occur more than once "
-                "(missing a --by field?); duplicates are averaged for pairing"
-            )
+            warnings.append(f"group {_label(by, key)}: seeds {', '.join(dup)} occur more than once "
+                            "(missing a --by field?); duplicates are averaged for pairing")
         groups.append(GroupResult(_label(by, key), key, rvs, mean_ci([rv.value for rv in rvs], level), seeds))
     groups.sort(key=lambda g: tuple(_sort_key(v) for v in g.key))
 
@@ -544,11 +529,9 @@ def load_wandb_runs(project: str, *, entity: str | None = None, group: str | Non
     if wandb is None:
         raise CompareError(f"--wandb-project needs wandb: {INSTALL_HINT}")
     if not api_key_configured():
-        raise CompareError(
-            "--wandb-project reads the wandb API, which needs an API key (wandb login or WANDB_API_KEY); "
-            "for offline runs pass their run directories instead (wandb has no public reader for offline "
-            ".wandb files; our run directories hold the same data)"
-        )
+        raise CompareError("--wandb-project reads the wandb API, which needs an API key (wandb login or "
+                           "WANDB_API_KEY); for offline runs pass their run directories instead (wandb has no public "
+                           "reader for offline .wandb files; our run directories hold the same data)")
     api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
     filters = {"group": group} if group else None
@@ -556,10 +539,8 @@ def load_wandb_runs(project: str, *, entity: str | None = None, group: str | Non
     for r in api.runs(path, filters=filters):
         config = {k: v for k, v in dict(r.config).items() if not str(k).startswith("_")}
         summary = dict(getattr(r.summary, "_json_dict", None) or {})
-        history = [
-            {"step": rec.get("_step"), **{k: v for k, v in rec.items() if not str(k).startswith("_")}}
-            for rec in r.scan_history()
-        ]
+        history = [{"step": rec.get("_step"), **{k: v for k, v in rec.items() if not str(k).startswith("_")}}
+                   for rec in r.scan_history()]
         out.append(RunRecord(name=str(r.name), path=None, config=config, summary=summary, eval={},
                              metrics=history, source="wandb"))
     return out

@@ -359,12 +359,8 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     if writers["val"].docs == 0 and (cfg.val_docs is not None or cfg.val_text):
         raise ValueError("no validation documents (raise --val-docs or check --val-text)")
     summary = {
-        "tokenizer": str(cfg.tokenizer),
-        "tokenizer_sha256": _sha256(cfg.tokenizer),
-        "vocab_size": vocab,
-        "bos_id": bos,
-        "shard_tokens": cfg.shard_tokens,
-        "removed_stale_shards": [p.name for p in stale],
+        "tokenizer": str(cfg.tokenizer), "tokenizer_sha256": _sha256(cfg.tokenizer), "vocab_size": vocab,
+        "bos_id": bos, "shard_tokens": cfg.shard_tokens, "removed_stale_shards": [p.name for p in stale],
         **{f"{s}_{k}": getattr(writers[s], k) for s in ("train", "val") for k in ("docs", "tokens", "files")},
         **({"pseudo_docs": mix} if mix is not None else {}),
     }

@@ -357,10 +357,8 @@ def _target_nats(spec: SyntheticSpec, tokens: np.ndarray, chain: Chain, lengths:
     mismatch = np.flatnonzero(complete[:n_cmp] != lengths[:n_cmp])
     if mismatch.size or complete.size > lengths.size:
         where = int(mismatch[0]) if mismatch.size else lengths.size
-        raise ValueError(
-            f"val tokens do not match this spec's val stream: document {where} differs "
-            f"(got {complete.size} complete documents, the spec generates {lengths.size})"
-        )
+        raise ValueError(f"val tokens do not match this spec's val stream: document {where} differs "
+                         f"(got {complete.size} complete documents, the spec generates {lengths.size})")
     prev, tgt = tok[:-1], tok[1:]
     t = np.arange(1, tok.size)
     k = (t - 1) - starts[doc[:-1]]  # regular tokens already emitted in the current document

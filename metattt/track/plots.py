@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from metattt.track.compare import CURVE_KEYS, RUNNING_DELTA_KEYS, Comparison, RunValue, get_path, _MISSING
+from metattt.track.compare import CURVE_KEYS, RUNNING_DELTA_KEYS, Comparison, get_path, _MISSING
 
 _X_KEYS = ("x", "tokens", "scored_tokens", "docs", "documents", "step", "position")
 _Y_KEYS = ("y", "delta", "running_delta", "value", "mean")
@@ -60,15 +60,8 @@ def curve_points(records: Sequence[dict[str, Any]], key: str) -> tuple[list[floa
     return xs, ys
 
 
-def _pick_curve_key(values: Sequence[RunValue]) -> str | None:
-    for key in CURVE_KEYS:
-        if any(curve_points(rv.run.metrics, key)[0] for rv in values):
-            return key
-    return None
-
-
 def plot_learning_curves(cmp: Comparison, out: Path, key: str | None = None) -> Path | None:
-    key = key or _pick_curve_key(cmp.values)
+    key = key or next((k for k in CURVE_KEYS if any(curve_points(rv.run.metrics, k)[0] for rv in cmp.values)), None)
     if key is None:
         return None
     colors = _group_colors(cmp)

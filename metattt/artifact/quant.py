@@ -106,20 +106,6 @@ def from_rows(rows: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     return rows.reshape(tuple(shape))
 
 
-def unbank(bank: torch.Tensor) -> list[torch.Tensor]:
-    """Bank (n, out, in) -> list of n slice matrices (out, in) (views)."""
-    if bank.dim() != 3:
-        raise ValueError(f"unbank expects a 3-D bank tensor, got shape {tuple(bank.shape)}")
-    return list(bank.unbind(0))
-
-
-def rebank(slices: list[torch.Tensor]) -> torch.Tensor:
-    """List of (out, in) slices -> bank (n, out, in)."""
-    if not slices:
-        raise ValueError("rebank needs at least one slice")
-    return torch.stack(slices, 0)
-
-
 # ------------------------------------------------------------------------------------------- classification
 def is_control(name: str, cfg: QuantConfig) -> bool:
     leaf = name.lower()

@@ -9,7 +9,6 @@ leading space is not part of the text.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -113,19 +112,6 @@ class ByteLUT:
         return cls(torch.tensor(d["base_bytes"], dtype=torch.int32),
                    torch.tensor(d["has_leading_space"], dtype=torch.bool),
                    torch.tensor(d["is_boundary"], dtype=torch.bool), int(d["bos_id"]), str(d.get("kind", "custom")))
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ByteLUT:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ByteLUT file not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
 
     def equals(self, other: ByteLUT) -> bool:
         return self.bos_id == other.bos_id and all(torch.equal(getattr(self, k), getattr(other, k))

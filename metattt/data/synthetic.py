@@ -319,9 +319,7 @@ def _split_docs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if tokens.size == 0 or tokens[0] != BOS_ID:
         raise ValueError("synthetic val tokens must start with BOS (1)")
     is_bos = tokens == BOS_ID
-    doc = np.cumsum(is_bos) - 1
-    starts = np.flatnonzero(is_bos)
-    return doc, starts
+    return np.cumsum(is_bos) - 1, np.flatnonzero(is_bos)
 
 
 def _earlier_counts(ci: np.ndarray, yc: np.ndarray, dc: np.ndarray,

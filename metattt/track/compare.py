@@ -5,8 +5,7 @@ per-run bookkeeping): n, mean ± Student-t CI over seeds; with ``--baseline``, �
 the seed, its t-CI and paired t-test. A malformed or metric-less run is named on stderr and in the footer, never
 averaged in. Lookup rules: :func:`find_field` (grouping fields), :func:`metric_value` and ``--help`` (metrics).
 Outputs (written by the command, :mod:`metattt.track.compare_cli`): markdown on stdout; ``--out DIR`` adds
-compare.md/.csv/.json, runs.csv and PNG plots. ``--wandb-project`` reads the online wandb API only (it has no
-public reader for offline files; run directories hold the same data).
+compare.md/.csv/.json, runs.csv and PNG plots. ``--wandb-project`` reads the online wandb API only (METRIC_HELP).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from metattt.track.rundir import MARKER_FILES, READABLE_EVAL_SCHEMAS, MalformedRunDir, RunDir
+from metattt.track.rundir import READABLE_EVAL_SCHEMAS, MalformedRunDir, RunDir, is_run_dir
 from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
 
 #: Aliases tried (in order) after the exact ``--metric`` name; METRIC_HELP documents the names users type.
@@ -90,16 +89,12 @@ def load_run(path: Path | str) -> RunRecord:
                      summary=rd.summary or {}, eval=rd.eval or {}, metrics=rd.metrics())
 
 
-def _is_run_dir(p: Path) -> bool:
-    return any((p / f).is_file() for f in MARKER_FILES)
-
-
 def expand_run_paths(paths: Iterable[Path | str]) -> list[Path]:
     """Each path as given, except a non-run directory whose children include run dirs → those children."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and not _is_run_dir(p):
-            children = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
+        if p.is_dir() and not is_run_dir(p):
+            children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c))
             if children:
                 out.extend(children)
                 continue
@@ -217,10 +212,7 @@ def _metric_names(run: RunRecord, metric: str) -> list[str]:
 
 
 def _last_record_with(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
-    for rec in reversed(records):  # the most recent record holding the name wins
-        if get_path(rec, name) is not _MISSING:
-            return rec
-    return {}
+    return next((rec for rec in reversed(records) if get_path(rec, name) is not _MISSING), {})  # the latest wins
 
 
 def metric_value(run: RunRecord, metric: str) -> tuple[float, str]:
@@ -436,9 +428,7 @@ def _pm(x: float | None, half_width: float | None, prec: int) -> str:
 
 
 def _p(p: float | None) -> str:
-    if p is None:
-        return "—"
-    return "<1e-6" if p < 1e-6 else f"{p:.3g}"
+    return "—" if p is None else "<1e-6" if p < 1e-6 else f"{p:.3g}"
 
 
 def _seeds_str(seeds: Sequence[Any]) -> str:

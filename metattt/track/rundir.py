@@ -47,11 +47,16 @@ class MalformedRunDir(Exception):
         super().__init__(f"malformed run directory {self.path}: {reason}")
 
 
+def is_run_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in MARKER_FILES)
+
+
 def _env_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def _unique_name() -> str:
+def unique_name() -> str:
+    """``YYYYmmdd-HHMMSS-<6 hex>``: a run directory's default name."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
 
@@ -171,7 +176,7 @@ class RunDir:
         root = Path(root)
         if rank != 0:
             return cls(root / _check_name(name) if name is not None else None, writes=False)
-        name = _check_name(name) if name is not None else _unique_name()
+        name = _check_name(name) if name is not None else unique_name()
         path = root / name
         if path.exists() and not exist_ok:
             raise FileExistsError(f"run directory {path} already exists (pass exist_ok=True to resume into it)")
@@ -192,7 +197,7 @@ class RunDir:
         path = Path(path)
         if not path.is_dir():
             raise MalformedRunDir(path, "not a directory")
-        if not any((path / f).is_file() for f in MARKER_FILES):
+        if not is_run_dir(path):
             raise MalformedRunDir(path, f"none of {', '.join(MARKER_FILES)} present")
         run = cls(path, writes=(int(rank) == 0))
         for fname in (CONFIG, SUMMARY, EVAL):

@@ -75,9 +75,7 @@ def resolve_wandb_mode(mode: str | None = None, environ: Mapping[str, str] | Non
     elif environ.get("WANDB_MODE"):
         resolved, source = _normalize(environ["WANDB_MODE"], "env WANDB_MODE"), "env WANDB_MODE"
     else:
-        if not wandb_available():
-            return "off"
-        return "online" if api_key_configured(environ) else "offline"
+        return "off" if not wandb_available() else "online" if api_key_configured(environ) else "offline"
     if resolved != "off" and not wandb_available():
         raise WandbUnavailable(f"wandb mode {resolved!r} requested ({source}) but wandb is not installed: {INSTALL_HINT}")
     return resolved

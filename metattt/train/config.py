@@ -140,13 +140,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
-        model = ModelConfig.from_dict(d.pop("model"))
-        optim = OptimConfig(**d.pop("optim"))
-        meta = MetaConfig(**d.pop("meta"))
-        runtime_d = dict(d.pop("runtime", {}))  # absent in configs written before it existed
-        runtime_d.pop("mlp_kernel", None)  # removed (it only changed speed, and measured slower)
-        runtime = Runtime(**runtime_d)
-        return cls(model=model, optim=optim, meta=meta, runtime=runtime, **d)
+        # runtime: absent in configs written before it existed; mlp_kernel was removed (only speed, measured slower)
+        runtime = {k: v for k, v in d.pop("runtime", {}).items() if k != "mlp_kernel"}
+        return cls(model=ModelConfig.from_dict(d.pop("model")), optim=OptimConfig(**d.pop("optim")),
+                   meta=MetaConfig(**d.pop("meta")), runtime=Runtime(**runtime), **d)
 
 
 def _tiny_synthetic() -> TrainConfig:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
 from ..track.progress import progress
 from ..interrupts import SignalFlag, signal_name
-from ..track.rundir import RunDir, unwritable
+from ..track.rundir import RunDir, unique_name, unwritable
 from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
 from . import budgets as bud
@@ -60,7 +59,7 @@ def _batching(cfg: TrainConfig, world: int) -> _Batching:
 
 def _run_name(cfg: TrainConfig, info: DistInfo) -> str:
     """Rank 0 picks the name (or the user does); other ranks learn it so they can find checkpoints."""
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    name = cfg.run_name or unique_name()
     if info.distributed:
         box = [name]
         dist.broadcast_object_list(box, src=0)
@@ -147,11 +146,11 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
     adapter = cfg.meta.make_adapter() if cfg.meta.adapter else None  # a bad spec or plug-in fails before any I/O
-    src = resolve_data(cfg, info.is_main) if info.is_main else None  # bad data fails before a run dir exists
+    src = resolve_data(cfg) if info.is_main else None  # bad data fails before a run dir exists
     if info.distributed:
         dist.barrier()
     if src is None:
-        src = resolve_data(cfg, False)
+        src = resolve_data(cfg)
     cfg, budgets, plan = _plan_budgets(cfg, src.train_pattern)  # sets iterations: the last budget or the pass cap
     name = _run_name(cfg, info)
     try:

@@ -12,7 +12,7 @@ from .format import (FORMAT_VERSION, HEADER_SIZE, MAGIC, LoadedArtifact, check_e
                      pack_artifact, save_artifact, unpack_artifact)
 from .model_io import load_model_artifact, load_state_strict, model_state, save_model_artifact
 from .quant import (QuantConfig, QuantizedState, classify, dequantize_rows, dequantize_state_dict, from_rows,
-                    quantize_rows, quantize_state_dict, rebank, to_rows, unbank)
+                    quantize_rows, quantize_state_dict, to_rows)
 
 __all__ = [
     "DEFAULT_BUDGET", "ArtifactReport", "KindBytes", "code_bytes", "default_code_bytes", "default_code_paths",
@@ -21,7 +21,7 @@ __all__ = [
     "FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "LoadedArtifact", "check_expect", "load_artifact",
     "pack_artifact", "save_artifact", "unpack_artifact",
     "QuantConfig", "QuantizedState", "classify", "dequantize_rows", "dequantize_state_dict", "from_rows",
-    "quantize_rows", "quantize_state_dict", "rebank", "to_rows", "unbank",
+    "quantize_rows", "quantize_state_dict", "to_rows",
     "save_model_artifact", "load_model_artifact", "load_state_strict", "model_state",
 ]
 

@@ -31,14 +31,10 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"code_bytes: {p} does not exist")
-    seen: set[Path] = set()
-    unique = []
+    unique: dict[Path, Path] = {}  # the first name of each file, in order
     for f in files:
-        r = f.resolve()
-        if r not in seen:
-            seen.add(r)
-            unique.append(f)
-    return unique
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
 def code_bytes(paths: Iterable[str | Path]) -> int:

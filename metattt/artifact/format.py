@@ -151,14 +151,12 @@ def _build_payload(config: dict, qstate: QuantizedState, extras: dict[str, torch
              "tensors": qstate.entries, "extras": list(extras), "arrays": table}
     index_bytes = json.dumps(index, separators=(",", ":")).encode("utf-8")
     payload = struct.pack("<Q", len(index_bytes)) + index_bytes + b"".join(chunks)
-    by_kind = _kind_table(qstate, extras)
-    by_kind["index"] = KindBytes(count=1, stored_bytes=8 + len(index_bytes))
-    raw_param_bytes = sum(int(np.prod(e["shape"], dtype=np.int64)) * _itemsize(e["dtype"])
-                          for e in qstate.entries.values())
-    return payload, by_kind, raw_param_bytes
+    return (payload, *_byte_table(qstate, extras, len(index_bytes)))
 
 
-def _kind_table(qstate: QuantizedState, extras: Mapping[str, torch.Tensor]) -> dict[str, KindBytes]:
+def _byte_table(qstate: QuantizedState, extras: Mapping[str, torch.Tensor],
+                index_len: int) -> tuple[dict[str, KindBytes], int]:
+    """(bytes per kind of tensor, the index included; float bytes of the parameters): the report's numbers."""
     kinds: dict[str, KindBytes] = {}
     for name, e in qstate.entries.items():
         k = kinds.setdefault(e["scheme"], KindBytes())
@@ -174,7 +172,8 @@ def _kind_table(qstate: QuantizedState, extras: Mapping[str, torch.Tensor]) -> d
             k.numel += t.numel()
             k.raw_bytes += t.numel() * t.element_size()
             k.stored_bytes += t.numel() * t.element_size()
-    return kinds
+    kinds["index"] = KindBytes(count=1, stored_bytes=8 + index_len)
+    return kinds, sum(int(np.prod(e["shape"], dtype=np.int64)) * _itemsize(e["dtype"]) for e in qstate.entries.values())
 
 
 def _digest(head: bytes, payload: bytes) -> bytes:
@@ -317,10 +316,7 @@ def unpack_artifact(data: bytes, where: str = "<memory>", expect: Mapping[str, A
         raise CorruptedArtifactError(f"{where}: corrupted: payload index unreadable ({e})") from None
     check_expect(config, expect, where)
     state = dequantize_state_dict(qstate, dtype=dtype)
-    by_kind = _kind_table(qstate, extras)
-    by_kind["index"] = KindBytes(count=1, stored_bytes=8 + ilen)
-    raw_param_bytes = sum(int(np.prod(e["shape"], dtype=np.int64)) * _itemsize(e["dtype"])
-                          for e in qstate.entries.values())
+    by_kind, raw_param_bytes = _byte_table(qstate, extras, ilen)
     report = ArtifactReport(raw_param_bytes=raw_param_bytes, quantized_bytes=len(raw), compressed_bytes=len(data),
                             code_bytes=default_code_bytes() if code_bytes is None else int(code_bytes),
                             budget=DEFAULT_BUDGET if budget is None else int(budget), by_kind=by_kind, path=where)

@@ -18,14 +18,13 @@ if TYPE_CHECKING:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Strip torch.compile (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers so stored names are the
     plain BankedGPT names (a wrapped model would otherwise store '_orig_mod.tok_emb' etc.)."""
-    seen = 0
-    while seen < 8:
+    for _ in range(8):
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
             return model
-        model, seen = inner, seen + 1
+        model = inner
     return model
 
 

@@ -32,8 +32,6 @@ FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): scales never round
 # tensor in it, e.g. the record's bf16 embedding tables, computes with exactly those values)
 ROUND_TO = ("bfloat16", "float16")
 
-SCHEMES = ("int6_row", "int8_row", "fp32", "fp16", "raw")
-
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -106,20 +104,6 @@ def to_rows(t: torch.Tensor) -> torch.Tensor:
 def from_rows(rows: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     """Inverse of `to_rows`: re-bank rows into the original (e.g. 3-D bank) shape."""
     return rows.reshape(tuple(shape))
-
-
-def unbank(bank: torch.Tensor) -> list[torch.Tensor]:
-    """Bank (n, out, in) -> list of n slice matrices (out, in) (views)."""
-    if bank.dim() != 3:
-        raise ValueError(f"unbank expects a 3-D bank tensor, got shape {tuple(bank.shape)}")
-    return list(bank.unbind(0))
-
-
-def rebank(slices: list[torch.Tensor]) -> torch.Tensor:
-    """List of (out, in) slices -> bank (n, out, in)."""
-    if not slices:
-        raise ValueError("rebank needs at least one slice")
-    return torch.stack(slices, 0)
 
 
 # ------------------------------------------------------------------------------------------- classification

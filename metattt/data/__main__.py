@@ -64,14 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from metattt.data.build import BuildConfig, build_dataset, summary_line
 
         try:
-            cfg = BuildConfig(
-                text=args.text, tokenizer=args.tokenizer, out=args.out, val_docs=args.val_docs,
-                val_text=args.val_text, train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
-                shard_tokens=args.shard_tokens, progress=not args.no_progress, pseudo_doc_text=args.pseudo_doc_text,
-                pseudo_doc_lengths=args.pseudo_doc_lengths_from, seed=args.seed,
-                indist_val_frac=args.indist_val_frac, indist_val_books=args.indist_val_books,
-                indist_val_min_tokens=args.indist_val_min_tokens,
-            )
+            same = {f.name: getattr(args, f.name) for f in fields(BuildConfig) if hasattr(args, f.name)}
+            cfg = BuildConfig(**same, progress=not args.no_progress, pseudo_doc_lengths=args.pseudo_doc_lengths_from)
             print(summary_line(build_dataset(cfg), args.out))
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

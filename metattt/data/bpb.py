@@ -9,7 +9,6 @@ leading space is not part of the text.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -78,13 +77,8 @@ class ByteLUT:
         return cls(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary), bos, "sentencepiece")
 
     @classmethod
-    def uniform(
-        cls,
-        vocab_size: int,
-        control_ids: Sequence[int] = (0, 1, 2, 3),
-        bytes_per_token: int = 1,
-        bos_id: int = 1,
-    ) -> ByteLUT:
+    def uniform(cls, vocab_size: int, control_ids: Sequence[int] = (0, 1, 2, 3), bytes_per_token: int = 1,
+                bos_id: int = 1) -> ByteLUT:
         """Every regular token is ``bytes_per_token`` bytes; control tokens are 0-byte boundaries."""
         if any(not 0 <= c < vocab_size for c in control_ids):
             raise ValueError(f"control_ids {tuple(control_ids)} outside vocab of size {vocab_size}")
@@ -106,47 +100,22 @@ class ByteLUT:
         return base + extra.to(torch.float64)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "bos_id": self.bos_id,
-            "base_bytes": self.base_bytes.tolist(),
-            "has_leading_space": self.has_leading_space.to(torch.uint8).tolist(),
-            "is_boundary": self.is_boundary.to(torch.uint8).tolist(),
-        }
+        return {"kind": self.kind, "bos_id": self.bos_id, "base_bytes": self.base_bytes.tolist(),
+                "has_leading_space": self.has_leading_space.to(torch.uint8).tolist(),
+                "is_boundary": self.is_boundary.to(torch.uint8).tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ByteLUT:
         missing = {"bos_id", "base_bytes", "has_leading_space", "is_boundary"} - set(d)
         if missing:
             raise ValueError(f"ByteLUT dict is missing keys {sorted(missing)}")
-        return cls(
-            torch.tensor(d["base_bytes"], dtype=torch.int32),
-            torch.tensor(d["has_leading_space"], dtype=torch.bool),
-            torch.tensor(d["is_boundary"], dtype=torch.bool),
-            int(d["bos_id"]),
-            str(d.get("kind", "custom")),
-        )
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ByteLUT:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ByteLUT file not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls(torch.tensor(d["base_bytes"], dtype=torch.int32),
+                   torch.tensor(d["has_leading_space"], dtype=torch.bool),
+                   torch.tensor(d["is_boundary"], dtype=torch.bool), int(d["bos_id"]), str(d.get("kind", "custom")))
 
     def equals(self, other: ByteLUT) -> bool:
-        return (
-            self.bos_id == other.bos_id
-            and torch.equal(self.base_bytes, other.base_bytes)
-            and torch.equal(self.has_leading_space, other.has_leading_space)
-            and torch.equal(self.is_boundary, other.is_boundary)
-        )
+        return self.bos_id == other.bos_id and all(torch.equal(getattr(self, k), getattr(other, k))
+                                                   for k in ("base_bytes", "has_leading_space", "is_boundary"))
 
 
 LN2 = math.log(2.0)

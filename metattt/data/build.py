@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
@@ -134,8 +135,7 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 def iter_documents(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
     """Documents (non-empty texts) of all inputs, in order."""
-    for _, text in iter_records(paths):
-        yield text
+    return (text for _, text in iter_records(paths))
 
 
 def iter_records(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str]]:
@@ -195,24 +195,15 @@ class _ShardWriter:
 
 
 def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    items = iter(it)
+    return iter(lambda: list(itertools.islice(items, n)), [])
 
 
 def _encode(sp, docs: Iterable[str], bos: int, batch_docs: int, bar=None) -> Iterator[np.ndarray]:
     """BOS + ids of each document, in order."""
     for batch in _batched(docs, batch_docs):
         for ids in sp.encode(batch, out_type=int):
-            arr = np.empty(len(ids) + 1, dtype=np.int64)
-            arr[0] = bos
-            arr[1:] = ids
-            yield arr
+            yield np.array([bos, *ids], dtype=np.int64)
         if bar is not None:
             bar.update(len(batch))
 
@@ -312,8 +303,6 @@ def _sha256(path: Path) -> str:
 
 def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     """Tokenize the inputs into train/val shards in ``cfg.out``; returns (and writes) a summary."""
-    import itertools
-
     from tqdm import tqdm
 
     def split_records() -> tuple[Iterator[tuple[str, str]], Iterator[tuple[str, str]]]:
@@ -370,12 +359,8 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     if writers["val"].docs == 0 and (cfg.val_docs is not None or cfg.val_text):
         raise ValueError("no validation documents (raise --val-docs or check --val-text)")
     summary = {
-        "tokenizer": str(cfg.tokenizer),
-        "tokenizer_sha256": _sha256(cfg.tokenizer),
-        "vocab_size": vocab,
-        "bos_id": bos,
-        "shard_tokens": cfg.shard_tokens,
-        "removed_stale_shards": [p.name for p in stale],
+        "tokenizer": str(cfg.tokenizer), "tokenizer_sha256": _sha256(cfg.tokenizer), "vocab_size": vocab,
+        "bos_id": bos, "shard_tokens": cfg.shard_tokens, "removed_stale_shards": [p.name for p in stale],
         **{f"{s}_{k}": getattr(writers[s], k) for s in ("train", "val") for k in ("docs", "tokens", "files")},
         **({"pseudo_docs": mix} if mix is not None else {}),
     }

@@ -57,14 +57,11 @@ def plan_downloads(out: str | os.PathLike, train_shards: int, val_shards: int = 
     if train_shards < 0 or val_shards < 0:
         raise ValueError(f"shard counts must be >= 0, got train {train_shards}, val {val_shards}")
     root = Path(out)
-    files = []
-    for name in [VAL_SHARD_NAME.format(i) for i in range(val_shards)] + [
-        TRAIN_SHARD_NAME.format(i) for i in range(train_shards)
-    ]:
-        files.append(RemoteFile(f"{REMOTE_DATASET_DIR}/{name}", root / LOCAL_DATASET_DIR / name, True))
-    for name in TOKENIZER_FILES:
-        files.append(RemoteFile(f"{REMOTE_TOKENIZER_DIR}/{name}", root / LOCAL_TOKENIZER_DIR / name, False))
-    return files
+    shards = [VAL_SHARD_NAME.format(i) for i in range(val_shards)] + [TRAIN_SHARD_NAME.format(i)
+                                                                      for i in range(train_shards)]
+    return ([RemoteFile(f"{REMOTE_DATASET_DIR}/{n}", root / LOCAL_DATASET_DIR / n, True) for n in shards]
+            + [RemoteFile(f"{REMOTE_TOKENIZER_DIR}/{n}", root / LOCAL_TOKENIZER_DIR / n, False)
+               for n in TOKENIZER_FILES])
 
 
 def is_complete(f: RemoteFile) -> bool:
@@ -86,13 +83,11 @@ def check_online(host: str = HF_HOST, port: int = 443, timeout: float = PROBE_TI
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise OfflineError(
-            f"no network: cannot reach {host}:{port} ({e.__class__.__name__}: {e}; gave up after "
-            f"{time.monotonic() - t0:.1f}s). To work offline, copy the shards into data/{LOCAL_DATASET_DIR}/ "
-            f"and the tokenizer into data/{LOCAL_TOKENIZER_DIR}/ on a machine with internet, build shards from "
-            "local text with `python -m metattt.data build`, or use the embedded synthetic corpus "
-            "(`python -m metattt.data synthetic --out DIR`)."
-        ) from e
+        raise OfflineError(f"no network: cannot reach {host}:{port} ({e.__class__.__name__}: {e}; gave up after "
+                           f"{time.monotonic() - t0:.1f}s). To work offline, copy the shards into "
+                           f"data/{LOCAL_DATASET_DIR}/ and the tokenizer into data/{LOCAL_TOKENIZER_DIR}/ on a machine "
+                           "with internet, build shards from local text with `python -m metattt.data build`, or use "
+                           "the embedded synthetic corpus (`python -m metattt.data synthetic --out DIR`).") from e
 
 
 def _fetch_urllib(remote_path: str, dest: Path, progress: bool = True) -> None:
@@ -128,14 +123,9 @@ def default_fetch() -> Callable[[str, Path], None]:
     return _fetch_hub if importlib.util.find_spec("huggingface_hub") is not None else _fetch_urllib
 
 
-def download_fineweb(
-    out: str | os.PathLike = "data",
-    train_shards: int = 1,
-    *,
-    val_shards: int = N_VAL_SHARDS,
-    fetch: Callable[[str, Path], None] | None = None,
-    probe: Callable[[], None] | None = None,
-) -> list[Path]:
+def download_fineweb(out: str | os.PathLike = "data", train_shards: int = 1, *, val_shards: int = N_VAL_SHARDS,
+                     fetch: Callable[[str, Path], None] | None = None,
+                     probe: Callable[[], None] | None = None) -> list[Path]:
     """Fetch what is missing (complete files are skipped) and return all planned local paths."""
     plan = plan_downloads(out, train_shards, val_shards)
     todo = [f for f in plan if not is_complete(f)]

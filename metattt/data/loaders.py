@@ -79,42 +79,26 @@ class _TokenStream:
 class TrainLoader:
     """Streams ``(x, y)`` training batches of shape ``(local_batch_tokens // seq_len, seq_len)`` for one rank."""
 
-    def __init__(
-        self,
-        pattern: str | os.PathLike | Sequence[str | os.PathLike],
-        seq_len: int,
-        local_batch_tokens: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        mode: str = "sequential",
-    ):
+    def __init__(self, pattern: str | os.PathLike | Sequence[str | os.PathLike], seq_len: int, local_batch_tokens: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, mode: str = "sequential"):
         if mode not in _MODES:
             raise ValueError(f"TrainLoader mode must be one of {_MODES}, got {mode!r}")
         if seq_len <= 0 or local_batch_tokens <= 0:
             raise ValueError(f"seq_len ({seq_len}) and local_batch_tokens ({local_batch_tokens}) must be positive")
         if local_batch_tokens % seq_len:
-            raise ValueError(
-                f"local_batch_tokens ({local_batch_tokens}) must be a multiple of seq_len ({seq_len})"
-            )
+            raise ValueError(f"local_batch_tokens ({local_batch_tokens}) must be a multiple of seq_len ({seq_len})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.paths = find_shards(pattern)
-        self.seq_len = seq_len
-        self.local_batch_tokens = local_batch_tokens
+        self.seq_len, self.local_batch_tokens = seq_len, local_batch_tokens
         self.batch_size = local_batch_tokens // seq_len
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.mode = mode
+        self.rank, self.world_size, self.seed, self.mode = rank, world_size, seed, mode
         self._stream = _TokenStream(self.paths)
         n = self._stream.n_tokens
         need = world_size * local_batch_tokens + 1
         if n < need:
-            raise ValueError(
-                f"shards {self._describe()} hold {n} tokens, fewer than one global batch needs "
-                f"({world_size} ranks x {local_batch_tokens} tokens + 1 = {need})"
-            )
+            raise ValueError(f"shards {self._describe()} hold {n} tokens, fewer than one global batch needs "
+                             f"({world_size} ranks x {local_batch_tokens} tokens + 1 = {need})")
         self.n_blocks = (n - 1) // seq_len
         self.epoch = 0
         self.pos = 0  # sequential: stream token position; random: index into the epoch's block permutation
@@ -176,19 +160,10 @@ class TrainLoader:
         return x, y
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "mode": self.mode,
-            "seq_len": self.seq_len,
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "step": self.step,
-            "world_size": self.world_size,
-            "local_batch_tokens": self.local_batch_tokens,
-            "shards": [p.name for p in self.paths],
-            "n_tokens": self.n_tokens,
-        }
+        return {"version": 1, "mode": self.mode, "seq_len": self.seq_len, "seed": self.seed, "epoch": self.epoch,
+                "pos": self.pos, "step": self.step, "world_size": self.world_size,
+                "local_batch_tokens": self.local_batch_tokens, "shards": [p.name for p in self.paths],
+                "n_tokens": self.n_tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position. Mode, seq_len, seed and the shard set must match the saved run."""
@@ -196,17 +171,13 @@ class TrainLoader:
                   "shards": [p.name for p in self.paths]}
         for key, mine in checks.items():
             if state.get(key) != mine:
-                raise ValueError(
-                    f"TrainLoader state mismatch on {key!r}: saved {state.get(key)!r}, loader has {mine!r}"
-                )
-        self.epoch = int(state["epoch"])
-        self.pos = int(state["pos"])
-        self.step = int(state["step"])
+                raise ValueError(f"TrainLoader state mismatch on {key!r}: saved {state.get(key)!r}, loader has "
+                                 f"{mine!r}")
+        self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
 
 
-def load_val_tokens(
-    pattern: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int | None = None
-) -> torch.Tensor:
+def load_val_tokens(pattern: str | os.PathLike | Sequence[str | os.PathLike],
+                    vocab_size: int | None = None) -> torch.Tensor:
     """All validation shards matching ``pattern`` (sorted) concatenated into one 1-D int64 tensor."""
     paths = find_shards(pattern)
     parts = [np.asarray(read_shard(p, vocab_size=vocab_size), dtype=np.int64) for p in paths]

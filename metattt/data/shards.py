@@ -50,10 +50,8 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int], vocab_s
         limit = MAX_TOKEN_ID if vocab_size is None else vocab_size - 1
         if lo < 0 or hi > limit:
             bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"write_shard({path}): token id {bad} outside [0, {limit}]"
-                + ("" if vocab_size is None else f" (vocab_size={vocab_size})")
-            )
+            raise ValueError(f"write_shard({path}): token id {bad} outside [0, {limit}]"
+                             + ("" if vocab_size is None else f" (vocab_size={vocab_size})"))
     if arr.size >= 2**31:
         raise ValueError(f"write_shard({path}): {arr.size} tokens exceed the int32 header count")
     data = arr.astype(TOKEN_DTYPE, copy=False)
@@ -83,9 +81,8 @@ def read_shard_header(path: str | os.PathLike) -> int:
     expected = HEADER_BYTES + 2 * n_tokens
     if size != expected:
         kind = "truncated" if size < expected else "trailing bytes"
-        raise ShardFormatError(
-            f"{path}: {kind}: header says {n_tokens} tokens so expected {expected} bytes, got {size}"
-        )
+        raise ShardFormatError(f"{path}: {kind}: header says {n_tokens} tokens so expected {expected} bytes, "
+                               f"got {size}")
     return n_tokens
 
 
@@ -108,8 +105,6 @@ def read_shard(path: str | os.PathLike, mmap: bool = True, vocab_size: int | Non
         bad = np.flatnonzero(tokens >= vocab_size)
         if bad.size:
             i = int(bad[0])
-            raise ShardFormatError(
-                f"{path}: token id {int(tokens[i])} at position {i} is >= vocab_size {vocab_size} "
-                f"({bad.size} such tokens)"
-            )
+            raise ShardFormatError(f"{path}: token id {int(tokens[i])} at position {i} is >= vocab_size {vocab_size} "
+                                   f"({bad.size} such tokens)")
     return tokens

@@ -271,9 +271,8 @@ def _doc_params(spec: SyntheticSpec, rng: np.random.Generator, n_tokens: int) ->
 def _split_rng(spec: SyntheticSpec, split: str) -> tuple[np.random.Generator, int]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if split == "train":
-        return _rng(spec, _STREAM_TRAIN), spec.n_train_tokens
-    return _rng(spec, _STREAM_VAL), spec.n_val_tokens
+    return ((_rng(spec, _STREAM_TRAIN), spec.n_train_tokens) if split == "train"
+            else (_rng(spec, _STREAM_VAL), spec.n_val_tokens))
 
 
 def document_params(spec: SyntheticSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -320,9 +319,7 @@ def _split_docs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if tokens.size == 0 or tokens[0] != BOS_ID:
         raise ValueError("synthetic val tokens must start with BOS (1)")
     is_bos = tokens == BOS_ID
-    doc = np.cumsum(is_bos) - 1
-    starts = np.flatnonzero(is_bos)
-    return doc, starts
+    return np.cumsum(is_bos) - 1, np.flatnonzero(is_bos)
 
 
 def _earlier_counts(ci: np.ndarray, yc: np.ndarray, dc: np.ndarray,
@@ -342,15 +339,8 @@ def _earlier_counts(ci: np.ndarray, yc: np.ndarray, dc: np.ndarray,
     return order, key, n_y, n_all
 
 
-def _target_nats(
-    spec: SyntheticSpec,
-    tokens: np.ndarray,
-    chain: Chain,
-    lengths: np.ndarray,
-    theta: np.ndarray,
-    windows: Sequence[int] = (),
-    context_lo: np.ndarray | None = None,
-) -> dict[str, Any]:
+def _target_nats(spec: SyntheticSpec, tokens: np.ndarray, chain: Chain, lengths: np.ndarray, theta: np.ndarray,
+                 windows: Sequence[int] = (), context_lo: np.ndarray | None = None) -> dict[str, Any]:
     """Per-target nats (float64, one per target ``tokens[1:]``) of the chain predictors.
 
     ``window``: {W: nats of the reader whose posterior sees the last W tokens}; ``context`` (when
@@ -365,10 +355,8 @@ def _target_nats(
     mismatch = np.flatnonzero(complete[:n_cmp] != lengths[:n_cmp])
     if mismatch.size or complete.size > lengths.size:
         where = int(mismatch[0]) if mismatch.size else lengths.size
-        raise ValueError(
-            f"val tokens do not match this spec's val stream: document {where} differs "
-            f"(got {complete.size} complete documents, the spec generates {lengths.size})"
-        )
+        raise ValueError(f"val tokens do not match this spec's val stream: document {where} differs "
+                         f"(got {complete.size} complete documents, the spec generates {lengths.size})")
     prev, tgt = tok[:-1], tok[1:]
     t = np.arange(1, tok.size)
     k = (t - 1) - starts[doc[:-1]]  # regular tokens already emitted in the current document
@@ -434,18 +422,9 @@ def _target_nats(
     posterior = np.zeros(tgt.size)  # content targets: -log of the document-prefix predictive within C
     posterior[ci] = unknown_c - base_c
     out: dict[str, Any] = {
-        "length": length,
-        "posterior": posterior,
-        "is_content": is_c,
-        "window": window_nats,
-        "bigram": full(bigram_c),
-        "known": full(known_c),
-        "unknown": full(unknown_c),
-        "is_bos": is_bos,
-        "doc": doc_t,
-        "n_docs": int(starts.size),
-        "content_fraction": float(ci.size / max(1, (~is_bos).sum())),
-    }
+        "length": length, "posterior": posterior, "is_content": is_c, "window": window_nats,
+        "bigram": full(bigram_c), "known": full(known_c), "unknown": full(unknown_c), "is_bos": is_bos, "doc": doc_t,
+        "n_docs": int(starts.size), "content_fraction": float(ci.size / max(1, (~is_bos).sum()))}
     if context_lo is not None:
         lo_all = np.asarray(context_lo, dtype=np.int64)
         if lo_all.shape != tgt.shape or np.any(lo_all < 0) or np.any(lo_all > t - 1):
@@ -454,30 +433,20 @@ def _target_nats(
     return out
 
 
-def _per_target_nats(
-    spec: SyntheticSpec,
-    tokens: np.ndarray,
-    chain: Chain,
-    lengths: np.ndarray,
-    theta: np.ndarray,
-    windows: Sequence[int] = (),
-) -> dict[str, Any]:
-    """Summed nats of the chain predictors over the targets ``tokens[1:]``."""
-    r = _target_nats(spec, tokens, chain, lengths, theta, windows)
-    return {
-        "window": {w: float(v.sum()) for w, v in r["window"].items()},
-        "bigram": float(r["bigram"].sum()),
-        "known": float(r["known"].sum()),
-        "unknown": float(r["unknown"].sum()),
-        "n_bytes": int((~r["is_bos"]).sum()),
-        "n_docs": r["n_docs"],
-        "content_fraction": r["content_fraction"],
-    }
+def _val_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any, **kw: Any) -> tuple[np.ndarray, dict[str, Any], int]:
+    """(tokens, :func:`_target_nats` of them against this spec's val stream, regular targets = bytes)."""
+    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
+    r = _target_nats(spec, tokens, make_chain(spec), *document_params(spec, "val"), **kw)
+    n_bytes = int((~r["is_bos"]).sum())
+    if n_bytes == 0:
+        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
+    return tokens, r, n_bytes
 
 
-def synthetic_bounds(
-    spec: SyntheticSpec, val_tokens: np.ndarray | Any, windows: Sequence[int] = ()
-) -> dict[str, float]:
+def synthetic_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any,
+                     windows: Sequence[int] = ()) -> dict[str, float]:
     """Reference bpb values for ``val_tokens`` (a prefix of this spec's val stream, starting with BOS).
 
     ``unigram_bpb``: cross-entropy of the val tokens' own empirical unigram distribution (BOS included as a
@@ -490,30 +459,17 @@ def synthetic_bounds(
     tokens, i.e. the best a model with a W-token context can do without adapting; the gap to
     ``bayes_unknown_bpb`` is what test-time adaptation over the whole document can add.
     """
-    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
-    if tokens.ndim != 1 or tokens.size < 2:
-        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
-    chain = make_chain(spec)
-    lengths, theta = document_params(spec, "val")
-    res = _per_target_nats(spec, tokens, chain, lengths, theta, windows)
-    n_bytes = res["n_bytes"]
-    if n_bytes == 0:
-        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
+    tokens, r, n_bytes = _val_nats(spec, val_tokens, windows=windows)
     counts = np.bincount(tokens[1:], minlength=spec.vocab_size).astype(np.float64)
     p = counts / counts.sum()
     unigram_nats = float(-(counts[counts > 0] * np.log(p[counts > 0])).sum())
     ln2 = math.log(2.0)
-    return {
-        "unigram_bpb": unigram_nats / ln2 / n_bytes,
-        "bigram_bpb": res["bigram"] / ln2 / n_bytes,
-        "bayes_unknown_bpb": res["unknown"] / ln2 / n_bytes,
-        "bayes_known_bpb": res["known"] / ln2 / n_bytes,
-        **{f"bayes_window{w}_bpb": v / ln2 / n_bytes for w, v in res["window"].items()},
-        "n_tokens": int(tokens.size),
-        "n_bytes": int(n_bytes),
-        "n_docs": res["n_docs"],
-        "content_fraction": res["content_fraction"],
-    }
+    return {"unigram_bpb": unigram_nats / ln2 / n_bytes,
+            **{f"{k}_bpb": float(r[n].sum()) / ln2 / n_bytes
+               for k, n in (("bigram", "bigram"), ("bayes_unknown", "unknown"), ("bayes_known", "known"))},
+            **{f"bayes_window{w}_bpb": float(v.sum()) / ln2 / n_bytes for w, v in r["window"].items()},
+            "n_tokens": int(tokens.size), "n_bytes": n_bytes, "n_docs": r["n_docs"],
+            "content_fraction": r["content_fraction"]}
 
 
 def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_lo: np.ndarray) -> dict[str, Any]:
@@ -528,28 +484,15 @@ def protocol_bounds(spec: SyntheticSpec, val_tokens: np.ndarray | Any, context_l
     can add on these very targets. ``doc_window_nats`` / ``doc_document_nats`` / ``doc_bytes`` (per document of
     the stream) let a bootstrap resample documents together with their room.
     """
-    tokens = np.asarray(val_tokens.cpu().numpy() if hasattr(val_tokens, "cpu") else val_tokens).astype(np.int64)
-    if tokens.ndim != 1 or tokens.size < 2:
-        raise ValueError("val_tokens must be a 1-D stream of at least 2 tokens")
-    lengths, theta = document_params(spec, "val")
-    r = _target_nats(spec, tokens, make_chain(spec), lengths, theta, context_lo=context_lo)
+    _, r, n_bytes = _val_nats(spec, val_tokens, context_lo=context_lo)
     nb = (~r["is_bos"]).astype(np.float64)
-    n_bytes = float(nb.sum())
-    if n_bytes == 0:
-        raise ValueError("val_tokens contain no regular (byte-carrying) targets")
     ln2 = math.log(2.0)
     win, docb = r["context"], r["unknown"]
-    return {
-        "window_bpb": float(win.sum()) / ln2 / n_bytes,
-        "document_bpb": float(docb.sum()) / ln2 / n_bytes,
-        "room_bpb": float((win - docb).sum()) / ln2 / n_bytes,
-        "window_nats": win,
-        "document_nats": docb,
-        "doc_window_nats": np.bincount(r["doc"], weights=win, minlength=r["n_docs"]),
-        "doc_document_nats": np.bincount(r["doc"], weights=docb, minlength=r["n_docs"]),
-        "doc_bytes": np.bincount(r["doc"], weights=nb, minlength=r["n_docs"]),
-        "n_bytes": int(n_bytes),
-    }
+    per_doc = {k: np.bincount(r["doc"], weights=w, minlength=r["n_docs"])
+               for k, w in (("doc_window_nats", win), ("doc_document_nats", docb), ("doc_bytes", nb))}
+    return {"window_bpb": float(win.sum()) / ln2 / n_bytes, "document_bpb": float(docb.sum()) / ln2 / n_bytes,
+            "room_bpb": float((win - docb).sum()) / ln2 / n_bytes, "window_nats": win, "document_nats": docb,
+            **per_doc, "n_bytes": n_bytes}
 
 
 def document_cache_nats(spec: SyntheticSpec, val_tokens: np.ndarray | Any) -> dict[str, np.ndarray]:
@@ -679,19 +622,10 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | Non
             val_tokens = tokens
     assert val_tokens is not None
     bounds = synthetic_bounds(spec, val_tokens, windows=META_WINDOWS)
-    meta = {
-        "format": "metattt-synthetic",
-        "generator_version": GENERATOR_VERSION,
-        "spec": spec.to_dict(),
-        "vocab_size": spec.vocab_size,
-        "bos_id": BOS_ID,
-        "control_ids": list(CONTROL_IDS),
-        "lut": "uniform",
-        "bounds": bounds,
-        "n_train_tokens": spec.n_train_tokens,
-        "n_val_tokens": spec.n_val_tokens,
-        "files": files,
-    }
+    meta = {"format": "metattt-synthetic", "generator_version": GENERATOR_VERSION, "spec": spec.to_dict(),
+            "vocab_size": spec.vocab_size, "bos_id": BOS_ID, "control_ids": list(CONTROL_IDS), "lut": "uniform",
+            "bounds": bounds, "n_train_tokens": spec.n_train_tokens, "n_val_tokens": spec.n_val_tokens,
+            "files": files}
     atomic_write(meta_path, json.dumps(meta, indent=2))
     (out / GENERATING).unlink()
     return {**_with_patterns(out, meta), "reused": False, "generation_seconds": time.perf_counter() - t0}

@@ -13,18 +13,9 @@ from pathlib import Path
 from typing import Any
 
 PG_TRAINER_SETTINGS: dict[str, Any] = {
-    "model_type": "bpe",
-    "character_coverage": 0.999,
-    "byte_fallback": True,
-    "split_digits": True,
-    "normalization_rule_name": "nmt_nfkc",
-    "add_dummy_prefix": False,
-    "pad_id": 0,
-    "bos_id": 1,
-    "eos_id": 2,
-    "unk_id": 3,
-    "hard_vocab_limit": False,
-}
+    "model_type": "bpe", "character_coverage": 0.999, "byte_fallback": True, "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc", "add_dummy_prefix": False, "pad_id": 0, "bos_id": 1, "eos_id": 2,
+    "unk_id": 3, "hard_vocab_limit": False}
 
 
 def load_tokenizer(model_path: str | os.PathLike) -> Any:
@@ -47,16 +38,9 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_tokenizer(
-    texts: Iterable[str],
-    model_path: str | os.PathLike,
-    vocab_size: int = 1024,
-    *,
-    input_sentence_size: int = 0,
-    seed: int = 0,
-    num_threads: int | None = None,
-    **overrides: Any,
-) -> Path:
+def train_tokenizer(texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 1024, *,
+                    input_sentence_size: int = 0, seed: int = 0, num_threads: int | None = None,
+                    **overrides: Any) -> Path:
     """Train a BPE tokenizer on ``texts`` and write ``model_path`` (and the ``.vocab`` beside it).
 
     ``input_sentence_size > 0`` samples that many lines (seeded, so still deterministic).
@@ -70,14 +54,9 @@ def train_tokenizer(
         raise ValueError(f"vocab_size {vocab_size} too small: byte fallback alone needs 256 + 4 control pieces")
     path.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
-    kwargs: dict[str, Any] = {
-        **PG_TRAINER_SETTINGS,
-        "vocab_size": vocab_size,
-        "model_prefix": str(path.with_suffix("")),
-        "sentence_iterator": _lines(texts),
-        "num_threads": num_threads or max(1, min(16, os.cpu_count() or 1)),
-        "minloglevel": 2,
-    }
+    kwargs: dict[str, Any] = {**PG_TRAINER_SETTINGS, "vocab_size": vocab_size, "minloglevel": 2,
+                              "model_prefix": str(path.with_suffix("")), "sentence_iterator": _lines(texts),
+                              "num_threads": num_threads or max(1, min(16, os.cpu_count() or 1))}
     if input_sentence_size > 0:
         kwargs["input_sentence_size"] = input_sentence_size
         kwargs["shuffle_input_sentence"] = True

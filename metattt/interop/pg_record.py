@@ -222,21 +222,14 @@ def infer_config(sources: Mapping[str, Source], overrides: Mapping[str, Any] | N
 
 def _check_exportable(cfg: ModelConfig) -> list[str]:
     """What the record script cannot express (export refuses these)."""
-    bad = []
-    if cfg.recur_start is not None or cfg.recur_times != 1:
-        bad.append("depth recurrence")
-    if cfg.parallel_start is not None:
-        bad.append("parallel attention/MLP blocks")
-    if not cfg.smear_gate:
-        bad.append("no SmearGate")
-    if not cfg.unet_skips:
-        bad.append("no U-Net skips")
     n = cfg.num_layers
-    if tuple(cfg.xsa_layers) != tuple(range(n - len(cfg.xsa_layers), n)):
-        bad.append(f"XSA layers {list(cfg.xsa_layers)} are not the last k")
-    if cfg.leaky_slope != 0.5:
-        bad.append(f"leaky slope {cfg.leaky_slope} (the record's MLP hard-codes 0.5)")
-    return bad
+    return [what for unfit, what in (
+        (cfg.recur_start is not None or cfg.recur_times != 1, "depth recurrence"),
+        (cfg.parallel_start is not None, "parallel attention/MLP blocks"),
+        (not cfg.smear_gate, "no SmearGate"), (not cfg.unet_skips, "no U-Net skips"),
+        (tuple(cfg.xsa_layers) != tuple(range(n - len(cfg.xsa_layers), n)),
+         f"XSA layers {list(cfg.xsa_layers)} are not the last k"),
+        (cfg.leaky_slope != 0.5, f"leaky slope {cfg.leaky_slope} (the record's MLP hard-codes 0.5)")) if unfit]
 
 
 # --------------------------------------------------------------------------------------------------- the table

@@ -27,8 +27,7 @@ BANK_LAYOUT = (
     ("mlp_up_bank", 0, "up"), ("mlp_down_bank", 0, "down"),
 )
 SLICE_KINDS = tuple(kind for _, _, kind in BANK_LAYOUT)
-# per-row LoRA targets of ``gpt_forward(..., lora=)``: keys "q.{layer}" ... "mlp.{layer}" and "head"
-LORA_KINDS = ("q", "k", "v", "out", "mlp")
+# per-row LoRA factors of ``gpt_forward(..., lora=)``, keyed "{q,k,v,out,mlp}.{layer}" and "head"
 LoRA = Mapping[str, tuple[Tensor, Tensor]]
 
 
@@ -416,20 +415,13 @@ class BankedGPT(nn.Module):
 
     def named_bank_slices(self) -> list[tuple[str, int, int, str]]:
         """(bank name, slice index, layer, kind) for every matrix in the banks."""
-        out = []
-        for layer in range(self.cfg.num_layers):
-            for kind in SLICE_KINDS:
-                bank, idx = bank_slice_index(self.cfg, kind, layer)
-                out.append((bank, idx, layer, kind))
-        return out
+        return [(*bank_slice_index(self.cfg, kind, layer), layer, kind)
+                for layer in range(self.cfg.num_layers) for kind in SLICE_KINDS]
 
     def layer_weights(self, layer: int) -> dict[str, Tensor]:
         """Views of layer ``layer``'s six matrices (for inspection and tests)."""
-        out = {}
-        for kind in SLICE_KINDS:
-            bank, idx = bank_slice_index(self.cfg, kind, layer)
-            out[kind] = getattr(self, bank)[idx]
-        return out
+        return {kind: getattr(self, bank)[idx] for kind in SLICE_KINDS
+                for bank, idx in [bank_slice_index(self.cfg, kind, layer)]}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

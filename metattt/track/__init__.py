@@ -11,13 +11,6 @@ from metattt.track.rundir import MalformedRunDir, RunDir, collect_env
 from metattt.track.wandb_log import WandbLogger, WandbUnavailable, resolve_wandb_mode
 
 __all__ = [
-    "MalformedRunDir",
-    "Progress",
-    "RunDir",
-    "WandbLogger",
-    "WandbUnavailable",
-    "collect_env",
-    "progress",
-    "resolve_wandb_mode",
-    "to_jsonable",
+    "MalformedRunDir", "Progress", "RunDir", "WandbLogger", "WandbUnavailable", "collect_env", "progress",
+    "resolve_wandb_mode", "to_jsonable",
 ]

@@ -5,8 +5,7 @@ per-run bookkeeping): n, mean ± Student-t CI over seeds; with ``--baseline``, �
 the seed, its t-CI and paired t-test. A malformed or metric-less run is named on stderr and in the footer, never
 averaged in. Lookup rules: :func:`find_field` (grouping fields), :func:`metric_value` and ``--help`` (metrics).
 Outputs (written by the command, :mod:`metattt.track.compare_cli`): markdown on stdout; ``--out DIR`` adds
-compare.md/.csv/.json, runs.csv and PNG plots. ``--wandb-project`` reads the online wandb API only (it has no
-public reader for offline files; run directories hold the same data).
+compare.md/.csv/.json, runs.csv and PNG plots. ``--wandb-project`` reads the online wandb API only (METRIC_HELP).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from metattt.track.rundir import MARKER_FILES, READABLE_EVAL_SCHEMAS, MalformedRunDir, RunDir
+from metattt.track.rundir import READABLE_EVAL_SCHEMAS, MalformedRunDir, RunDir, is_run_dir
 from metattt.track.stats import MeanCI, PairedTest, mean_ci, paired_ttest
 
 #: Aliases tried (in order) after the exact ``--metric`` name; METRIC_HELP documents the names users type.
@@ -86,26 +85,16 @@ def load_run(path: Path | str) -> RunRecord:
     if schema is not None and schema not in READABLE_EVAL_SCHEMAS:  # /2 adds sections; every /1 field stays
         raise MalformedRunDir(rd.path, f"eval.json schema {schema!r} is not one this version reads "
                                        f"({', '.join(READABLE_EVAL_SCHEMAS)}); use the metattt version that wrote it")
-    return RunRecord(
-        name=rd.path.name or str(rd.path),
-        path=rd.path,
-        config=rd.config or {},
-        summary=rd.summary or {},
-        eval=rd.eval or {},
-        metrics=rd.metrics(),
-    )
-
-
-def _is_run_dir(p: Path) -> bool:
-    return any((p / f).is_file() for f in MARKER_FILES)
+    return RunRecord(name=rd.path.name or str(rd.path), path=rd.path, config=rd.config or {},
+                     summary=rd.summary or {}, eval=rd.eval or {}, metrics=rd.metrics())
 
 
 def expand_run_paths(paths: Iterable[Path | str]) -> list[Path]:
     """Each path as given, except a non-run directory whose children include run dirs → those children."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir() and not _is_run_dir(p):
-            children = sorted(c for c in p.iterdir() if c.is_dir() and _is_run_dir(c))
+        if p.is_dir() and not is_run_dir(p):
+            children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c))
             if children:
                 out.extend(children)
                 continue
@@ -223,10 +212,7 @@ def _metric_names(run: RunRecord, metric: str) -> list[str]:
 
 
 def _last_record_with(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
-    for rec in reversed(records):  # the most recent record holding the name wins
-        if get_path(rec, name) is not _MISSING:
-            return rec
-    return {}
+    return next((rec for rec in reversed(records) if get_path(rec, name) is not _MISSING), {})  # the latest wins
 
 
 def metric_value(run: RunRecord, metric: str) -> tuple[float, str]:
@@ -237,23 +223,18 @@ def metric_value(run: RunRecord, metric: str) -> tuple[float, str]:
     Final files win over the log because they hold the authoritative (e.g. post-quantization) numbers.
     """
     names = _metric_names(run, metric)
-    candidates = [(label, src, n) for n in names for label, src in (("eval.json", run.eval), ("summary.json", run.summary))]
+    finals = (("eval.json", run.eval), ("summary.json", run.summary))
+    candidates = [(label, src, n) for n in names for label, src in finals]
     candidates += [("metrics.jsonl", _last_record_with(run.metrics, n), n) for n in names]
-    for label, src, name in candidates:
-        raw = get_path(src, name)
-        if raw is _MISSING:
-            continue
-        num = _as_number(raw)
-        if num is _MISSING:
-            raise KeyError(f"metric {metric!r} at {label}:{name} is not a number ({_short(raw)})")
-        return num, f"{label}:{name}"
-    raw, where = find_field([("eval.json", run.eval), ("summary.json", run.summary)], metric)
-    if raw is not _MISSING:
-        num = _as_number(raw)
-        if num is _MISSING:
-            raise KeyError(f"metric {metric!r} at {where} is not a number ({_short(raw)})")
-        return num, str(where)
-    raise KeyError(f"metric {metric!r} not found in eval.json, summary.json or metrics.jsonl")
+    found = next(((get_path(src, name), f"{label}:{name}") for label, src, name in candidates
+                  if get_path(src, name) is not _MISSING), None) or find_field(finals, metric)
+    raw, where = found
+    if raw is _MISSING:
+        raise KeyError(f"metric {metric!r} not found in eval.json, summary.json or metrics.jsonl")
+    num = _as_number(raw)
+    if num is _MISSING:
+        raise KeyError(f"metric {metric!r} at {where} is not a number ({_short(raw)})")
+    return num, str(where)
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -364,16 +345,9 @@ def _resolve_baseline(baseline: str, groups: Sequence[GroupResult], by: Sequence
     raise CompareError(f"baseline {baseline!r} matches no group label, group value or run (groups: {labels})")
 
 
-def compare_runs(
-    runs: Sequence[RunRecord],
-    *,
-    metric: str = "ttt_delta",
-    by: Sequence[str] | None = None,
-    baseline: str | None = None,
-    seed_key: str = "seed",
-    level: float = 0.95,
-    skipped: Sequence[Skipped] = (),
-) -> Comparison:
+def compare_runs(runs: Sequence[RunRecord], *, metric: str = "ttt_delta", by: Sequence[str] | None = None,
+                 baseline: str | None = None, seed_key: str = "seed", level: float = 0.95,
+                 skipped: Sequence[Skipped] = ()) -> Comparison:
     """Group runs, compute per-group t-CIs and paired deltas to the baseline group (pure function)."""
     skipped = list(skipped)
     warnings: list[str] = []
@@ -409,10 +383,8 @@ def compare_runs(
         seeds = [rv.seed for rv in rvs]
         dup = sorted({_fmt_value(s) for s in seeds if s is not None and seeds.count(s) > 1})
         if dup:
-            warnings.append(
-                f"group {_label(by, key)}: seeds {', '.join(dup)} occur more than once "
-                "(missing a --by field?); duplicates are averaged for pairing"
-            )
+            warnings.append(f"group {_label(by, key)}: seeds {', '.join(dup)} occur more than once "
+                            "(missing a --by field?); duplicates are averaged for pairing")
         groups.append(GroupResult(_label(by, key), key, rvs, mean_ci([rv.value for rv in rvs], level), seeds))
     groups.sort(key=lambda g: tuple(_sort_key(v) for v in g.key))
 
@@ -451,10 +423,12 @@ def _f(x: float | None, prec: int) -> str:
     return "—" if x is None else f"{x:.{prec}f}"
 
 
+def _pm(x: float | None, half_width: float | None, prec: int) -> str:
+    return _f(x, prec) if half_width is None else f"{_f(x, prec)} ± {_f(half_width, prec)}"
+
+
 def _p(p: float | None) -> str:
-    if p is None:
-        return "—"
-    return "<1e-6" if p < 1e-6 else f"{p:.3g}"
+    return "—" if p is None else "<1e-6" if p < 1e-6 else f"{p:.3g}"
 
 
 def _seeds_str(seeds: Sequence[Any]) -> str:
@@ -468,10 +442,7 @@ def to_markdown(cmp: Comparison, precision: int = 4) -> str:
         head += [f"Δ vs baseline ± {pct} CI", "pairs", "p (paired t)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for g in cmp.groups:
-        if g.ci.half_width is None:
-            mean = f"{_f(g.ci.mean, precision)} (n=1)"
-        else:
-            mean = f"{_f(g.ci.mean, precision)} ± {_f(g.ci.half_width, precision)}"
+        mean = _pm(g.ci.mean, g.ci.half_width, precision) + (" (n=1)" if g.ci.half_width is None else "")
         label = f"{g.label} (baseline)" if g.is_baseline else g.label
         row = [label, str(g.ci.n), _seeds_str(g.seeds), mean]
         if cmp.baseline is not None:
@@ -479,27 +450,21 @@ def to_markdown(cmp: Comparison, precision: int = 4) -> str:
                 row += ["—", "—", "—"]
             elif g.paired is not None:
                 pt = g.paired
-                d = _f(pt.mean_diff, precision) if pt.half_width is None else f"{_f(pt.mean_diff, precision)} ± {_f(pt.half_width, precision)}"
-                row += [d + (" (n=1)" if pt.n == 1 else ""), str(pt.n), _p(pt.p_value)]
+                row += [_pm(pt.mean_diff, pt.half_width, precision) + (" (n=1)" if pt.n == 1 else ""), str(pt.n),
+                        _p(pt.p_value)]
             else:
                 row += [f"{_f(g.unpaired_delta, precision)} (unpaired)", "0", "—"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     by = ", ".join(cmp.by) if cmp.by else "(none: one group)"
-    lines.append(
-        f"Metric `{cmp.metric}`; groups by {by}; CI: two-sided {pct} Student t over runs (none for n=1)."
-    )
+    lines.append(f"Metric `{cmp.metric}`; groups by {by}; CI: two-sided {pct} Student t over runs (none for n=1).")
     if cmp.baseline is not None:
-        lines.append(
-            f"Δ = group − baseline `{cmp.baseline}`, paired on `{cmp.seed_key}` (seeds in both groups); "
-            "p: two-sided paired t-test (needs ≥ 2 pairs)."
-        )
-    for w in cmp.warnings:
-        lines.append(f"- warning: {w}")
+        lines.append(f"Δ = group − baseline `{cmp.baseline}`, paired on `{cmp.seed_key}` (seeds in both groups); "
+                     "p: two-sided paired t-test (needs ≥ 2 pairs).")
+    lines += [f"- warning: {w}" for w in cmp.warnings]
     if cmp.skipped:
         lines.append(f"Skipped runs ({len(cmp.skipped)}):")
-        for s in cmp.skipped:
-            lines.append(f"- `{s.name}`: {s.reason}")
+        lines += [f"- `{s.name}`: {s.reason}" for s in cmp.skipped]
     else:
         lines.append("Skipped runs: none.")
     return "\n".join(lines) + "\n"
@@ -554,11 +519,9 @@ def load_wandb_runs(project: str, *, entity: str | None = None, group: str | Non
     if wandb is None:
         raise CompareError(f"--wandb-project needs wandb: {INSTALL_HINT}")
     if not api_key_configured():
-        raise CompareError(
-            "--wandb-project reads the wandb API, which needs an API key (wandb login or WANDB_API_KEY); "
-            "for offline runs pass their run directories instead (wandb has no public reader for offline "
-            ".wandb files; our run directories hold the same data)"
-        )
+        raise CompareError("--wandb-project reads the wandb API, which needs an API key (wandb login or "
+                           "WANDB_API_KEY); for offline runs pass their run directories instead (wandb has no public "
+                           "reader for offline .wandb files; our run directories hold the same data)")
     api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
     filters = {"group": group} if group else None
@@ -566,10 +529,8 @@ def load_wandb_runs(project: str, *, entity: str | None = None, group: str | Non
     for r in api.runs(path, filters=filters):
         config = {k: v for k, v in dict(r.config).items() if not str(k).startswith("_")}
         summary = dict(getattr(r.summary, "_json_dict", None) or {})
-        history = [
-            {"step": rec.get("_step"), **{k: v for k, v in rec.items() if not str(k).startswith("_")}}
-            for rec in r.scan_history()
-        ]
+        history = [{"step": rec.get("_step"), **{k: v for k, v in rec.items() if not str(k).startswith("_")}}
+                   for rec in r.scan_history()]
         out.append(RunRecord(name=str(r.name), path=None, config=config, summary=summary, eval={},
                              metrics=history, source="wandb"))
     return out

@@ -15,38 +15,26 @@ from metattt.track.compare import (CURVE_KEYS, METRIC_HELP, CompareError, Compar
                                    load_wandb_runs, runs_csv, to_csv, to_json, to_markdown)
 
 
-def write_outputs(
-    cmp: Comparison, out: Path, *, precision: int = 4, plots: bool = True, curve_key: str | None = None
-) -> list[Path]:
+def write_outputs(cmp: Comparison, out: Path, *, precision: int = 4, plots: bool = True,
+                  curve_key: str | None = None) -> list[Path]:
     """Write compare.md/.csv/.json, runs.csv and (when there is data for them) the PNG plots."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (
-        ("compare.md", to_markdown(cmp, precision)),
-        ("compare.csv", to_csv(cmp)),
-        ("runs.csv", runs_csv(cmp)),
-        ("compare.json", jsonio.dumps(to_json(cmp), indent=2) + "\n"),
-    ):
+    for name, text in (("compare.md", to_markdown(cmp, precision)), ("compare.csv", to_csv(cmp)),
+                       ("runs.csv", runs_csv(cmp)), ("compare.json", jsonio.dumps(to_json(cmp), indent=2) + "\n")):
         jsonio.write_atomic(out / name, text)
         written.append(out / name)
     if plots:
-        for p in (
-            P.plot_learning_curves(cmp, out / "learning_curves.png", key=curve_key),
-            P.plot_running_delta(cmp, out / "ttt_delta_curves.png"),
-            P.plot_metric_bars(cmp, out / "metric_bars.png"),
-        ):
-            if p is not None:
-                written.append(p)
+        written += [p for p in (P.plot_learning_curves(cmp, out / "learning_curves.png", key=curve_key),
+                                P.plot_running_delta(cmp, out / "ttt_delta_curves.png"),
+                                P.plot_metric_bars(cmp, out / "metric_bars.png")) if p is not None]
     return written
 
 
 def build_parser(prog: str = "python -m metattt compare") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Compare runs: per-group mean ± t-CI over seeds, paired deltas to a baseline, plots.",
-        epilog=METRIC_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog=prog, epilog=METRIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Compare runs: per-group mean ± t-CI over seeds, paired deltas to a "
+                                            "baseline, plots.")
     p.add_argument("runs", nargs="*", type=Path, help="run directories (or directories of run directories)")
     p.add_argument("--by", default=None, help="comma-separated grouping fields (dotted paths into config.json)")
     p.add_argument("--metric", default="ttt_delta", help="metric name or dotted path (default: ttt_delta)")

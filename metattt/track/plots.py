@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from metattt.track.compare import CURVE_KEYS, RUNNING_DELTA_KEYS, Comparison, RunValue, get_path, _MISSING
+from metattt.track.compare import CURVE_KEYS, RUNNING_DELTA_KEYS, Comparison, get_path, _MISSING
 
 _X_KEYS = ("x", "tokens", "scored_tokens", "docs", "documents", "step", "position")
 _Y_KEYS = ("y", "delta", "running_delta", "value", "mean")
@@ -60,15 +60,8 @@ def curve_points(records: Sequence[dict[str, Any]], key: str) -> tuple[list[floa
     return xs, ys
 
 
-def _pick_curve_key(values: Sequence[RunValue]) -> str | None:
-    for key in CURVE_KEYS:
-        if any(curve_points(rv.run.metrics, key)[0] for rv in values):
-            return key
-    return None
-
-
 def plot_learning_curves(cmp: Comparison, out: Path, key: str | None = None) -> Path | None:
-    key = key or _pick_curve_key(cmp.values)
+    key = key or next((k for k in CURVE_KEYS if any(curve_points(rv.run.metrics, k)[0] for rv in cmp.values)), None)
     if key is None:
         return None
     colors = _group_colors(cmp)
@@ -105,11 +98,7 @@ def running_curves(ev: dict[str, Any]) -> list[tuple[str, list[float], list[floa
     "ttt:" keys when any exist; x = target tokens scored), a plain list of numbers, a list of [x, y], or
     ``{"x": [...], "y": [...]}``. ``None`` values (no bytes yet) become gaps.
     """
-    raw: Any = _MISSING
-    for k in RUNNING_DELTA_KEYS:
-        raw = get_path(ev, k)
-        if raw is not _MISSING:
-            break
+    raw = next((v for v in (get_path(ev, k) for k in RUNNING_DELTA_KEYS) if v is not _MISSING), _MISSING)
     if raw is _MISSING or not raw:
         return []
     if isinstance(raw, list):
@@ -192,16 +181,12 @@ def plot_metric_bars(cmp: Comparison, out: Path) -> Path | None:
     lo = min(lo, *(m - e for m, e in zip(means, errs)))
     hi = max(max(rv.value for rv in g.runs) for g in cmp.groups)
     hi = max(hi, *(m + e for m, e in zip(means, errs)))
-    note = ""
-    span = hi - lo
-    if lo > 0 and span < 0.2 * hi:  # all positive and close together (e.g. bpb): zoom in, say so
+    span = hi - lo  # all of one sign and close together (e.g. bpb): zoom in, say so
+    note = (" — y axis does not start at 0" if lo > 0 and span < 0.2 * hi else
+            " — y axis does not end at 0" if hi < 0 and span < 0.2 * abs(lo) else "")
+    if note:
         pad = max(span, 1e-12) * 0.25
         ax.set_ylim(lo - pad, hi + pad)
-        note = " — y axis does not start at 0"
-    elif hi < 0 and span < 0.2 * abs(lo):
-        pad = max(span, 1e-12) * 0.25
-        ax.set_ylim(lo - pad, hi + pad)
-        note = " — y axis does not end at 0"
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(xs, [g.label + ("\n(baseline)" if g.is_baseline else "") for g in cmp.groups],
                   rotation=20 if max(len(g.label) for g in cmp.groups) > 14 else 0, fontsize=8)

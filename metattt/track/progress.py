@@ -29,17 +29,8 @@ def _fmt_dur(s: float) -> str:
 class Progress:
     """Iterable wrapper with ``update`` / ``set_postfix`` / ``close``; see :func:`progress`."""
 
-    def __init__(
-        self,
-        iterable: Iterable[Any] | None,
-        total: int | None,
-        desc: str,
-        enabled: bool,
-        file: TextIO,
-        interval_s: float,
-        tty: bool,
-        clock: Callable[[], float],
-    ):
+    def __init__(self, iterable: Iterable[Any] | None, total: int | None, desc: str, enabled: bool, file: TextIO,
+                 interval_s: float, tty: bool, clock: Callable[[], float]):
         self._iterable = iterable
         self.total = total
         self.desc = desc
@@ -132,17 +123,9 @@ class Progress:
         self.close()
 
 
-def progress(
-    iterable_or_total: Iterable[T] | int,
-    desc: str = "",
-    enabled: bool = True,
-    *,
-    total: int | None = None,
-    interval_s: float = 30.0,
-    file: TextIO | None = None,
-    tty: bool | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> Progress:
+def progress(iterable_or_total: Iterable[T] | int, desc: str = "", enabled: bool = True, *, total: int | None = None,
+             interval_s: float = 30.0, file: TextIO | None = None, tty: bool | None = None,
+             clock: Callable[[], float] = time.monotonic) -> Progress:
     """Wrap an iterable (or count to an int total with ``update()``) with a log-friendly progress display.
 
     ``tty`` None → ``file.isatty()``; ``file`` defaults to stderr so stdout stays clean for results.

@@ -47,11 +47,16 @@ class MalformedRunDir(Exception):
         super().__init__(f"malformed run directory {self.path}: {reason}")
 
 
+def is_run_dir(path: Path) -> bool:
+    return any((path / f).is_file() for f in MARKER_FILES)
+
+
 def _env_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def _unique_name() -> str:
+def unique_name() -> str:
+    """``YYYYmmdd-HHMMSS-<6 hex>``: a run directory's default name."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
 
@@ -67,9 +72,8 @@ def _git_info(repo: Path) -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            res = subprocess.run(
-                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=False
-            )
+            res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                                 check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return res.stdout.strip() if res.returncode == 0 else None
@@ -98,28 +102,15 @@ def _device_info() -> dict[str, Any]:
 
 def collect_env(repo: Path | None = None) -> dict[str, Any]:
     """Everything needed to tell two runs' environments apart (written once to ``env.json``)."""
-    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
-    try:
-        import numpy
+    import numpy  # a dependency of the package
 
-        numpy_version: str | None = numpy.__version__
-    except Exception:  # noqa: BLE001
-        numpy_version = None
-    env: dict[str, Any] = {
-        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git": _git_info(repo),
-        "python": sys.version.split()[0],
-        "numpy_version": numpy_version,
-        "torch_version": None,
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "rank": _env_rank(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
-        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1),
-        "argv": list(sys.argv),
-    }
-    env.update(_device_info())
-    return env
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    return {"created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "git": _git_info(repo),
+            "python": sys.version.split()[0], "numpy_version": numpy.__version__, "torch_version": None,
+            "platform": platform.platform(), "hostname": socket.gethostname(), "rank": _env_rank(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
+            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1),
+            "argv": list(sys.argv), **_device_info()}
 
 
 def unwritable(path: Path | str) -> str | None:
@@ -171,16 +162,8 @@ class RunDir:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(
-        cls,
-        root: Path | str,
-        name: str | None = None,
-        config: Mapping[str, Any] | Any | None = None,
-        *,
-        rank: int | None = None,
-        exist_ok: bool = False,
-        env: Mapping[str, Any] | None = None,
-    ) -> "RunDir":
+    def create(cls, root: Path | str, name: str | None = None, config: Mapping[str, Any] | Any | None = None, *,
+               rank: int | None = None, exist_ok: bool = False, env: Mapping[str, Any] | None = None) -> "RunDir":
         """Make ``root/name`` (``name`` None → ``YYYYmmdd-HHMMSS-<6 hex>``) and write config + env.
 
         ``rank`` defaults to env ``RANK``. Non-zero ranks get a no-op writer; its ``path`` is ``root/name``
@@ -193,7 +176,7 @@ class RunDir:
         root = Path(root)
         if rank != 0:
             return cls(root / _check_name(name) if name is not None else None, writes=False)
-        name = _check_name(name) if name is not None else _unique_name()
+        name = _check_name(name) if name is not None else unique_name()
         path = root / name
         if path.exists() and not exist_ok:
             raise FileExistsError(f"run directory {path} already exists (pass exist_ok=True to resume into it)")
@@ -214,7 +197,7 @@ class RunDir:
         path = Path(path)
         if not path.is_dir():
             raise MalformedRunDir(path, "not a directory")
-        if not any((path / f).is_file() for f in MARKER_FILES):
+        if not is_run_dir(path):
             raise MalformedRunDir(path, f"none of {', '.join(MARKER_FILES)} present")
         run = cls(path, writes=(int(rank) == 0))
         for fname in (CONFIG, SUMMARY, EVAL):

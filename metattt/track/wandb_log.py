@@ -75,9 +75,7 @@ def resolve_wandb_mode(mode: str | None = None, environ: Mapping[str, str] | Non
     elif environ.get("WANDB_MODE"):
         resolved, source = _normalize(environ["WANDB_MODE"], "env WANDB_MODE"), "env WANDB_MODE"
     else:
-        if not wandb_available():
-            return "off"
-        return "online" if api_key_configured(environ) else "offline"
+        return "off" if not wandb_available() else "online" if api_key_configured(environ) else "offline"
     if resolved != "off" and not wandb_available():
         raise WandbUnavailable(f"wandb mode {resolved!r} requested ({source}) but wandb is not installed: {INSTALL_HINT}")
     return resolved
@@ -89,19 +87,10 @@ class WandbLogger:
     Non-zero ranks are always off. Use as a context manager or call :meth:`finish`.
     """
 
-    def __init__(
-        self,
-        mode: str | None = None,
-        project: str = "metattt",
-        group: str | None = None,
-        tags: Sequence[str] = (),
-        config: Mapping[str, Any] | Any | None = None,
-        run_dir: Path | str | None = None,
-        *,
-        name: str | None = None,
-        rank: int = 0,
-        entity: str | None = None,
-    ):
+    def __init__(self, mode: str | None = None, project: str = "metattt", group: str | None = None,
+                 tags: Sequence[str] = (), config: Mapping[str, Any] | Any | None = None,
+                 run_dir: Path | str | None = None, *, name: str | None = None, rank: int = 0,
+                 entity: str | None = None):
         self.mode = "off" if int(rank) != 0 else resolve_wandb_mode(mode)
         self._run: Any | None = None
         self._wandb: Any | None = None
@@ -111,14 +100,9 @@ class WandbLogger:
         assert wandb is not None  # guaranteed by resolve_wandb_mode
         self._wandb = wandb
         kwargs: dict[str, Any] = dict(
-            project=project,
-            group=group,
-            tags=list(tags) or None,
+            project=project, group=group, tags=list(tags) or None, mode=self.mode, entity=entity,
             config=jsonio.to_jsonable(config) if config is not None else None,
-            mode=self.mode,
-            name=name if name is not None else (Path(run_dir).name if run_dir is not None else None),
-            entity=entity,
-        )
+            name=name if name is not None else (Path(run_dir).name if run_dir is not None else None))
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(run_dir)

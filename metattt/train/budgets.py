@@ -41,7 +41,7 @@ class Budget:
 def plan_budgets(*, save_at_tokens: Sequence[int], save_at_dn: Sequence[float], n_params: int, batch_tokens: int,
                  stream_tokens: int, max_passes: float) -> list[Budget]:
     """Budgets sorted by step; a budget falls on the nearest whole step (at least 1), never past the cap."""
-    cap = math.floor(max_passes * stream_tokens / batch_tokens) if max_passes > 0 else None
+    cap = cap_steps(max_passes, stream_tokens, batch_tokens)
     if cap is not None and cap < 1:
         raise ValueError(f"--max-passes {max_passes} over {stream_tokens:,} training tokens is less than one step "
                          f"of {batch_tokens:,} tokens")

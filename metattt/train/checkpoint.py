@@ -40,8 +40,7 @@ def save(run_path: Path, rank: int, *, step: int, elapsed: float, model, opts, e
 
 def find(resume: str, rank: int) -> tuple[Path, Path]:
     """Accept a run directory or a checkpoint file; return (run directory, this rank's checkpoint)."""
-    p = Path(resume)
-    run_path = p.parent if p.is_file() else p
+    run_path = run_path_of(resume)
     ck = path_for(run_path, rank)
     if not ck.is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint {ck.name} in {run_path} (did the run reach a "

@@ -44,14 +44,13 @@ def synthetic_dir(data_dir: str | Path, spec: SyntheticSpec) -> Path:
     return root / f"v{spec.vocab_size}-{short(synthetic_fingerprint(spec))}"
 
 
-def resolve_data(cfg: TrainConfig, is_main: bool = True) -> DataSource:
+def resolve_data(cfg: TrainConfig) -> DataSource:
+    """Rank 0 calls it first (a synthetic corpus is generated then); the others after a barrier, and reuse it."""
     if cfg.data == "synthetic":
         spec = named_spec(cfg.synthetic_spec, vocab_size=cfg.model.vocab_size,
                           n_train_tokens=cfg.synthetic_train_tokens, n_val_tokens=cfg.synthetic_val_tokens)
         out = synthetic_dir(Path(cfg.data_dir).absolute(), spec)  # absolute: the artifact's val glob works anywhere
-        meta = make_synthetic_dataset(out, spec) if is_main else None
-        if meta is None:  # other ranks wait for rank 0 (the caller barriers), then read the same files
-            meta = make_synthetic_dataset(out, spec)
+        meta = make_synthetic_dataset(out, spec)
         return DataSource(cfg.train_pattern or meta["train_pattern"], cfg.val_pattern or meta["val_pattern"],
                           synthetic_lut(spec), "synthetic", dict(meta["bounds"]),
                           {"synthetic_spec": spec.to_dict(), "synthetic_fingerprint": synthetic_fingerprint(spec),

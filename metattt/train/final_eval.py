@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..track.jsonio import restore_nonfinite
 from .config import TrainConfig
 
 
@@ -103,10 +104,7 @@ def analytic_room(artifact_meta: dict[str, Any], n_tokens: int, context: int,
 
 
 def _ci(ci: list[Any]) -> list[float | None]:
-    """A report's interval as floats: eval.json spells a non-finite bound (one scored document) "NaN"."""
-    from ..track.jsonio import NONFINITE_TOKENS
-
-    return [NONFINITE_TOKENS.get(v, v) if isinstance(v, str) else v for v in ci]
+    return restore_nonfinite(list(ci))  # eval.json spells a non-finite bound (one scored document) "NaN"
 
 
 def decomposition(report: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +141,7 @@ def format_decomposition(dec: dict[str, Any], report: dict[str, Any], plan_name:
     d = report["data"]
     lines = [f"\n== the decomposition: legal score-first evaluator, {plan_name} (the first {d['n_tokens']:,} val "
              f"tokens: {d['n_targets']:,} scored targets, {d['n_docs']:,} documents; 95% CIs: paired document "
-             "bootstrap) ==",
-             ]
+             "bootstrap) =="]
     w = max([10] + [len(r["protocol"]) + 2 for r in dec["rows"]])
     lines.append(f"  {'protocol':<{w}}{'bpb':>8}  {'95% CI':<18}  {'gain over previous':<30}  share of the room")
     for r in dec["rows"]:

@@ -5,8 +5,9 @@ quantize, report); helpers hold the pieces (schedule, EMA, checkpoint, validatio
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..model.gpt import BankedGPT
 from ..optim.builder import build_optimizers
 from ..track.progress import progress
 from ..interrupts import SignalFlag, signal_name
-from ..track.rundir import RunDir, unwritable
+from ..track.rundir import RunDir, unique_name, unwritable
 from ..track.wandb_log import WandbLogger
 from ..ttt.meta import meta_loss
 from . import budgets as bud
@@ -58,7 +59,7 @@ def _batching(cfg: TrainConfig, world: int) -> _Batching:
 
 def _run_name(cfg: TrainConfig, info: DistInfo) -> str:
     """Rank 0 picks the name (or the user does); other ranks learn it so they can find checkpoints."""
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    name = cfg.run_name or unique_name()
     if info.distributed:
         box = [name]
         dist.broadcast_object_list(box, src=0)
@@ -85,8 +86,6 @@ def _print(info: DistInfo, *args: Any) -> None:
 
 def _init_from(cfg: TrainConfig, info: DistInfo) -> tuple[TrainConfig, Any]:
     """The artifact to start from: its model config replaces ``cfg.model`` (a differing preset is reported)."""
-    import dataclasses
-
     from ..artifact.errors import ArtifactError
     from ..artifact.format import load_artifact
     from ..model.config import ModelConfig
@@ -133,8 +132,6 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     elif cfg.branch_from:
         cfg, branch = _branch(cfg, info, budget)
     elif budget:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, iterations=flp.steps_for_budget(
             budget, flp.plain_step_flops(cfg.model, cfg.train_batch_tokens, cfg.seq_len)))
     if info.is_main:
@@ -149,11 +146,11 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
     torch.manual_seed(cfg.seed)
     batching = _batching(cfg, info.world_size)
     adapter = cfg.meta.make_adapter() if cfg.meta.adapter else None  # a bad spec or plug-in fails before any I/O
-    src = resolve_data(cfg, info.is_main) if info.is_main else None  # bad data fails before a run dir exists
+    src = resolve_data(cfg) if info.is_main else None  # bad data fails before a run dir exists
     if info.distributed:
         dist.barrier()
     if src is None:
-        src = resolve_data(cfg, False)
+        src = resolve_data(cfg)
     cfg, budgets, plan = _plan_budgets(cfg, src.train_pattern)  # sets iterations: the last budget or the pass cap
     name = _run_name(cfg, info)
     try:
@@ -272,6 +269,10 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         loss_sum.zero_()
         loss_count, window_start, window_steps = 0, elapsed, 0
 
+    def save(path: Path | None = None) -> None:  # full precision: weights, optimiser/EMA state, data position, step
+        ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
+                  adapter=adapter, meta_opt=meta_opt, flops=counter, path=path)
+
     last_save = time.perf_counter()
     signals.armed = True  # from here a SIGINT / SIGTERM is a checkpoint at the next step boundary, then exit 130 / 143
     while True:
@@ -280,8 +281,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         stop, due, signum = agree(stop, due, signals.signum, info)  # rank 0's clock, any rank's signal
         halt = bool(cfg.halt_after and step - first_step >= cfg.halt_after)
         if signum or (halt and not stop):
-            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt, flops=counter)
+            save()
             signals.armed = False
             bar.close()
             if wandb is not None:
@@ -294,9 +294,7 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         if stop:
             break
         if due or (cfg.checkpoint_every and step > first_step and step % cfg.checkpoint_every == 0):
-            # at the top of the step, outside the training clock (elapsed counts step time only)
-            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt, flops=counter)
+            save()  # at the top of the step, outside the training clock (elapsed counts step time only)
             last_save = time.perf_counter()
         if cfg.val_every and step > 0 and step % cfg.val_every == 0:
             validate(step)
@@ -345,18 +343,15 @@ def _train(cfg: TrainConfig, info: DistInfo, signals: SignalFlag) -> dict[str, A
         shown = now
         if step % log_every == 0 or step == cfg.iterations:
             log_train(scale, do_meta)
-        for b in budget_due.get(step, []):  # full precision: weights, optimiser and EMA state, data position, step
-            ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                      adapter=adapter, meta_opt=meta_opt, flops=counter,
-                      path=bud.checkpoint_path(run_path, b.label, info.rank))
+        for b in budget_due.get(step, []):
+            save(bud.checkpoint_path(run_path, b.label, info.rank))
     signals.armed = False
     if window_steps:  # a wallclock stop between log steps: the last step is logged and shown too
         log_train(scale, do_meta)
     bar.close()
     peak_mem = torch.cuda.max_memory_allocated(info.device) / 2**30 if on_gpu else 0.0
     if cfg.checkpoint_every:
-        ckpt.save(run_path, info.rank, step=step, elapsed=elapsed, model=model, opts=opts, ema=ema, loader=loader,
-                  adapter=adapter, meta_opt=meta_opt, flops=counter)
+        save()
     raw = validate(step)
     if ema is not None:
         ema.copy_to(model)
@@ -390,8 +385,6 @@ def _branch(cfg: TrainConfig, info: DistInfo, budget: float = 0.0) -> tuple[Trai
     linearly to 0 -- the warmdown schedule over ``S + K`` steps, so the branch is the run a warmdown from the start
     would have been (the parent's schedule up to S being constant). With a FLOPs ``budget``, K is the number of
     plain steps it buys (compute matching: a longer decay for the no-meta arm)."""
-    import dataclasses
-
     parent, ck = bud.branch_paths(cfg.branch_from, info.rank)
     s = bud.checkpoint_step(ck)
     k = bud.decay_steps(cfg.decay_frac, s)
@@ -406,8 +399,6 @@ def _branch(cfg: TrainConfig, info: DistInfo, budget: float = 0.0) -> tuple[Trai
 
 def _plan_budgets(cfg: TrainConfig, train_pattern: str) -> tuple[TrainConfig, list[bud.Budget], dict[str, Any]]:
     """Budget checkpoints and the pass cap: the run ends at the last budget (or at the cap, if sooner)."""
-    import dataclasses
-
     from ..data.loaders import find_shards
     from ..data.shards import read_shard_header
 
@@ -430,8 +421,6 @@ def _plan_budgets(cfg: TrainConfig, train_pattern: str) -> tuple[TrainConfig, li
 def _compile_warmup(cfg: TrainConfig, fwd, model: BankedGPT, opts, loader: TrainLoader, batching: _Batching,
                     info: DistInfo) -> None:
     """Compile outside the clock (as the record does): take a few real steps, then restore the initial state."""
-    import copy
-
     t0 = time.perf_counter()
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opts.state_dict()), loader.state_dict())
     for _ in range(cfg.compile_warmup_steps):

@@ -207,7 +207,7 @@ def ladder_plot(results: Sequence[Any], path) -> Any:
             fit = fit_power_floor(x, y)
             if fit is not None:
                 xs = np.geomspace(x.min(), max(x.max(), PREDICT_DN), 50)
-                ax.plot(xs, power_floor(xs, *fit[0]), linewidth=0.8, color=line[0].get_color())
+                ax.plot(xs, power_floor(xs, *fit), linewidth=0.8, color=line[0].get_color())
         ax.set_xscale("log")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(f"Δ {key}", fontsize=8)

@@ -305,17 +305,10 @@ def fit_size(points: Sequence[LadderPoint], key: str, n_boot: int = 1000, seed: 
 
     fit = fit_power_floor(x, est)
     base = summary(fit) if fit is not None else None
-    draws, failed = [], 0
-    for row in boots:
-        f = fit_power_floor(x, row)
-        if f is None:
-            failed += 1
-        else:
-            draws.append(summary(f))
-    ci = {}
-    if draws:
-        for name in ("A", "gamma", "F", "pred"):
-            ci[name] = _interval(np.array([d[name] for d in draws]), level)
+    refits = [fit_power_floor(x, row) for row in boots]
+    draws = [summary(f) for f in refits if f is not None]
+    failed = len(refits) - len(draws)
+    ci = {k: _interval(np.array([d[k] for d in draws]), level) for k in ("A", "gamma", "F", "pred") if draws}
     runs = max((s.per_run.size for s in ser if s.per_run is not None), default=1)
     kind = f"runs ({runs} orders) and documents" if runs > 1 else "documents (one order)"
     return PowerFit(pts[0].setting, pts[0].n_params, key, len(pts), base, ci, n_boot, failed, kind,
@@ -789,13 +782,6 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
     return sorted(out, key=lambda c: (c.settings[0], c.n_params, c.dn_trained, c.model))
 
 
-def _own_draws(s: _Series, n_boot: int, seed: int) -> np.ndarray:
-    """Bootstrap draws of one series alone (one series always shares its own documents)."""
-    j = _joint([s], n_boot, seed)
-    assert j is not None
-    return j[1][:, 0]
-
-
 @dataclass
 class Flatness:
     """The ceiling against size at one matched budget and validation set."""
@@ -838,9 +824,9 @@ def flatness(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
             if j is not None:
                 est, boots = j
                 paired = True
-            else:  # different documents: independent draws per size (different seeds)
+            else:  # different documents: independent draws per size (different seeds; one series shares its own)
                 est = np.array([s.value() for s in ser])
-                boots = np.stack([_own_draws(s, n_boot, seed + 1 + i) for i, s in enumerate(ser)], axis=1)
+                boots = np.stack([_joint([s], n_boot, seed + 1 + i)[1][:, 0] for i, s in enumerate(ser)], axis=1)
             x = np.log2([r.n_params for r in rows])
             slope = float(np.polyfit(x, est, 1)[0])
             slope_ci = _interval(np.array([np.polyfit(x, b, 1)[0] for b in boots]))

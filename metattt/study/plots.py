@@ -222,12 +222,9 @@ def section_plots(plots: Path, stem: str, results: list, bounds: list) -> list[P
     """Draw this section's plots (those with data) into ``plots`` as ``{stem}-{kind}.png``; stale ones are removed.
     ``bounds[i]``: the synthetic bounds of ``results[i]`` or None (the report computes them)."""
     out = []
-
-    def fraction(res: list, path: Path) -> Path | None:
-        return fraction_plot(res, bounds, path)
-
-    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction),
-                     ("cost", cost_plot), ("ladder", ladder_plot)):
+    for kind, fn in (("capacity", capacity_plot), ("running", running_plot),
+                     ("fraction", lambda res, path: fraction_plot(res, bounds, path)), ("cost", cost_plot),
+                     ("ladder", ladder_plot)):
         path = plots / f"{stem}-{kind}.png"
         got = fn(results, path) if results else None
         if got is not None:

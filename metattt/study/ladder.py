@@ -782,6 +782,13 @@ def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
     return sorted(out, key=lambda c: (c.settings[0], c.n_params, c.dn_trained, c.model))
 
 
+def _own_draws(s: _Series, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap draws of one series alone (one series always shares its own documents)."""
+    j = _joint([s], n_boot, seed)
+    assert j is not None
+    return j[1][:, 0]
+
+
 @dataclass
 class Flatness:
     """The ceiling against size at one matched budget and validation set."""
@@ -824,9 +831,9 @@ def flatness(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
             if j is not None:
                 est, boots = j
                 paired = True
-            else:  # different documents: independent draws per size (different seeds; one series shares its own)
+            else:  # different documents: independent draws per size (different seeds)
                 est = np.array([s.value() for s in ser])
-                boots = np.stack([_joint([s], n_boot, seed + 1 + i)[1][:, 0] for i, s in enumerate(ser)], axis=1)
+                boots = np.stack([_own_draws(s, n_boot, seed + 1 + i) for i, s in enumerate(ser)], axis=1)
             x = np.log2([r.n_params for r in rows])
             slope = float(np.polyfit(x, est, 1)[0])
             slope_ci = _interval(np.array([np.polyfit(x, b, 1)[0] for b in boots]))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import StudyConfig
+from .config import Cell, StudyConfig
 from .ladder import ladder_tables
 from .markdown import ci as _ci
 from .markdown import link, num as _f, table, table_rows

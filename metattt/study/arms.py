@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .markdown import link, num, table, table_rows
+
 LN2 = math.log(2.0)
 _SEEDED = re.compile(r"^(?P<arm>.+)\.s(?P<seed>\d+)$")
 MAX_SEEDS = 1000  # the seed count estimate looks this far
@@ -280,12 +282,6 @@ def comparisons(cfg: ArmsConfig, cells: list[ArmCell], valset: str) -> dict[str,
 
 # ---------------------------------------------------------------- the report
 
-def _f(v: float | None, signed: bool = True) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:+.5f}" if signed else f"{v:.5f}"
-
-
 def _p(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.3g}"
 
@@ -300,6 +296,13 @@ def _meta_rows(run: Path) -> list[dict[str, Any]]:
 
 def _model_dir(study, arm: str, seed: int) -> Path:
     return study.model_dir(study.model(f"{arm}.s{seed}"))
+
+
+def _summary(study, arm: str, seed: int) -> dict[str, Any] | None:
+    try:
+        return json.loads((_model_dir(study, arm, seed) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def arms_section(study, done: Sequence[Any], report_dir: Path) -> list[str]:
@@ -325,9 +328,8 @@ def arms_section(study, done: Sequence[Any], report_dir: Path) -> list[str]:
             lines += [f"**{v}**: the reference arm has no evaluated cell yet.", ""]
             continue
         k = len(comps["primary"])
-        lines += [f"**Validation set `{v}`**", "",
-                  "| arm | seeds | quantity | arm − reference | 95% CI | p TOST (Holm) | p difference (Holm) | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"**Validation set `{v}`**", "", *table(
+            "| arm | seeds | quantity | arm − reference | 95% CI | p TOST (Holm) | p difference (Holm) | verdict |")]
         for arm in cfg.arms:
             for slot, comp in comps.items():
                 c = comp.get(arm)
@@ -336,7 +338,7 @@ def arms_section(study, done: Sequence[Any], report_dir: Path) -> list[str]:
                 label = _label(cfg, arm, slot)
                 word = verdict(c, cfg.margin_bpb, cfg.alpha, k) if slot == "primary" else ""
                 seeds = len([x for x in cells if x.arm == arm and x.valset == v])
-                lines.append(f"| {arm} | {seeds} | {label} | {_f(c.point)} | [{c.lo:+.5f}, {c.hi:+.5f}] | "
+                lines.append(f"| {arm} | {seeds} | {label} | {num(c.point, True)} | [{c.lo:+.5f}, {c.hi:+.5f}] | "
                              f"{_p(c.p_tost_holm)} | {_p(c.p_diff_holm)} | {word} |")
         lines.append("")
     lines += _curve_lines(study, cfg, report_dir)
@@ -360,12 +362,7 @@ def _compute_table(study, cfg: ArmsConfig, cells: list[ArmCell]) -> list[str]:
     rows = []
     ref_flops = None
     for arm in [cfg.reference, *cfg.arms]:
-        summ = []
-        for s in cfg.seeds.get(arm, ()):
-            try:
-                summ.append(json.loads((_model_dir(study, arm, s) / "summary.json").read_text()))
-            except (OSError, ValueError):
-                pass
+        summ = [x for s in cfg.seeds.get(arm, ()) if (x := _summary(study, arm, s)) is not None]
         fl = [x["flops"]["run"] for x in summ if (x.get("flops") or {}).get("run")]
         if not fl:
             rows.append(f"| {arm} | 0 of {len(cfg.seeds.get(arm, ()))} | | | | |")
@@ -378,8 +375,7 @@ def _compute_table(study, cfg: ArmsConfig, cells: list[ArmCell]) -> list[str]:
         rows.append(f"| {arm} | {len(fl)} of {len(cfg.seeds[arm])} | {steps:.1f} | {msteps:.1f} | {mean:.4g} | {ratio} |")
     return ["Training compute of each arm's decay branches (mean over seeds; counted FLOPs of the branch's own steps, "
             "summary.json `flops.run`):", "",
-            "| arm | seeds trained | steps | meta steps | FLOPs | FLOPs / reference's |", "|---|---|---|---|---|---|",
-            *rows, ""]
+            *table("| arm | seeds trained | steps | meta steps | FLOPs | FLOPs / reference's |", rows), ""]
 
 
 def _curve_lines(study, cfg: ArmsConfig, report_dir: Path) -> list[str]:
@@ -396,8 +392,8 @@ def _curve_lines(study, cfg: ArmsConfig, report_dir: Path) -> list[str]:
     lines = ["Meta-objective during meta-training (metrics.jsonl `kind: meta`, one record per meta step; mean over "
              "seeds of the first and the last tenth of the meta steps): L_post is the outer split's loss after the "
              "inner loop (the meta-objective), L_pre before it; gain = L_pre − L_post.", "",
-             "| arm | seeds | meta steps | L_post first → last | L_pre first → last | gain first → last |",
-             "|---|---|---|---|---|---|"]
+             *table("| arm | seeds | meta steps | L_post first → last | L_pre first → last | "
+                    "gain first → last |")]
 
     def ends(runs, key):
         firsts, lasts = [], []
@@ -415,9 +411,7 @@ def _curve_lines(study, cfg: ArmsConfig, report_dir: Path) -> list[str]:
     lines.append("")
     path = meta_curve_plot(curves, Path(study.plots) / f"{study.name}-{cfg.section}-meta-objective.png")
     if path is not None:
-        import os
-
-        lines += [f"![meta-objective]({Path(os.path.relpath(path.resolve(), report_dir.resolve())).as_posix()})", ""]
+        lines += [f"![meta-objective]({link(path, report_dir)})", ""]
     return lines
 
 
@@ -455,11 +449,7 @@ def _rates_lines(study, cfg: ArmsConfig) -> list[str]:
     for arm in cfg.arms:
         per: dict[str, list[dict[str, Any]]] = {}
         for s in cfg.seeds.get(arm, ()):
-            try:
-                mp = json.loads((_model_dir(study, arm, s) / "summary.json").read_text()).get("meta_params") or {}
-            except (OSError, ValueError):
-                continue
-            for name, r in mp.items():
+            for name, r in ((_summary(study, arm, s) or {}).get("meta_params") or {}).items():
                 if r.get("kind") == "rate":
                     per.setdefault(name, []).append(r)
         for name, rs in per.items():
@@ -470,28 +460,10 @@ def _rates_lines(study, cfg: ArmsConfig) -> list[str]:
         return []
     return ["Learned inner learning rates at the end of meta-training (summary.json `meta_params`; per tensor the "
             "geometric mean over its slices, then over seeds; min / max over slices and seeds):", "",
-            "| arm | tensor | init | learned (geometric mean) | min | max | seeds |", "|---|---|---|---|---|---|---|",
-            *rows, ""]
+            *table("| arm | tensor | init | learned (geometric mean) | min | max | seeds |", rows), ""]
 
 
 def parse_arm_rows(text: str) -> dict[tuple[str, str, str], dict[str, str]]:
     """(validation set, arm, quantity) -> {column: cell text} of the arms' comparison tables in ``text``."""
-    out: dict[tuple[str, str, str], dict[str, str]] = {}
-    valset, head = None, None
-    for line in text.splitlines():
-        m = re.match(r"^\*\*Validation set `([^`]+)`\*\*$", line)
-        if m:
-            valset, head = m.group(1), None
-            continue
-        if not line.startswith("|"):
-            if line.strip():
-                head = None
-            continue
-        if line.startswith("|---"):
-            continue
-        cols = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cols[:3] == ["arm", "seeds", "quantity"]:
-            head = cols
-        elif head is not None and valset is not None:
-            out[(valset, cols[0], cols[2])] = dict(zip(head, cols))
-    return out
+    return {(str(v), cols[0], cols[2]): dict(zip(head, cols)) for v, head, cols in
+            table_rows(text, lambda c: c[:3] == ["arm", "seeds", "quantity"], r"^\*\*Validation set `([^`]+)`\*\*$")}

@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from .markdown import num as _f
+from .markdown import table
 
 LN2 = math.log(2.0)
 PREDICT_DN = 200.0  # the records' regime: ≈ 5.5B tokens over ≈ 27M parameters
@@ -189,9 +192,8 @@ def _series(p: LadderPoint, kind: str, name: str) -> _Series | None:
 
 def _joint(series: Sequence[_Series], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Estimates (m,) and ``n_boot`` joint resamples (n_boot, m) of the series: one draw of documents and one of
-    runs per resample, shared by every series (the points score the same documents in the same orders, so their
-    errors are correlated; resampling them independently would treat them as independent). None when the
-    series do not share their documents."""
+    runs per resample, shared by every series (why: the module's "Intervals of the fits"). None when the series
+    do not share their documents."""
     b0 = series[0].bytes
     if any(s.bytes.shape != b0.shape or not np.array_equal(s.bytes, b0) for s in series):
         return None
@@ -219,8 +221,8 @@ def power_floor(x: np.ndarray, a: float, gamma: float, floor: float) -> np.ndarr
 GAMMA_GRID = np.linspace(0.0, 4.0, 801)  # γ's range and resolution (0.005) for the profiled least squares
 
 
-def fit_power_floor(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, None] | None:
-    """Least-squares ``y = A·x^(−γ) + F`` with γ in [0, 4]: ((A, γ, F), None), or None with < 3 distinct x.
+def fit_power_floor(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Least-squares ``y = A·x^(−γ) + F`` with γ in [0, 4]: (A, γ, F), or None with < 3 distinct x.
 
     Why profiled, not ``curve_fit``: for a fixed γ the model is linear in (A, F), so every γ of a fine grid is
     solved in closed form at once and the best one is refined by a bounded 1-D search. That is exact to the
@@ -252,7 +254,7 @@ def fit_power_floor(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, None] | N
         if r.success and r.fun <= sse[i]:
             g = float(r.x)
     a, f, _ = solve(np.array([g]))
-    return np.array([a[0], g, f[0]]), None
+    return np.array([a[0], g, f[0]])
 
 
 @dataclass
@@ -269,12 +271,17 @@ class PowerFit:
     pred_draws: np.ndarray | None = field(default=None, repr=False)  # the bootstrap refits' Δ at PREDICT_DN
 
 
+def _group(points: Sequence[LadderPoint], key: Callable[[LadderPoint], Any]) -> dict[Any, list[LadderPoint]]:
+    """The points by ``key``, in first-seen order."""
+    out: dict[Any, list[LadderPoint]] = {}
+    for p in points:
+        out.setdefault(key(p), []).append(p)
+    return out
+
+
 def _groups(points: Sequence[LadderPoint]) -> list[list[LadderPoint]]:
     """The points by (setting, size), in order."""
-    out: dict[tuple[str, int], list[LadderPoint]] = {}
-    for p in points:
-        out.setdefault((p.setting, p.n_params), []).append(p)
-    return list(out.values())
+    return list(_group(points, lambda p: (p.setting, p.n_params)).values())
 
 
 def fit_size(points: Sequence[LadderPoint], key: str, n_boot: int = 1000, seed: int = 0,
@@ -297,18 +304,11 @@ def fit_size(points: Sequence[LadderPoint], key: str, n_boot: int = 1000, seed: 
                 "pred": float(power_floor(np.array([PREDICT_DN]), *p)[0])}
 
     fit = fit_power_floor(x, est)
-    base = summary(fit[0]) if fit is not None else None
-    draws, failed = [], 0
-    for row in boots:
-        f = fit_power_floor(x, row)
-        if f is None:
-            failed += 1
-        else:
-            draws.append(summary(f[0]))
-    ci = {}
-    if draws:
-        for name in ("A", "gamma", "F", "pred"):
-            ci[name] = _interval(np.array([d[name] for d in draws]), level)
+    base = summary(fit) if fit is not None else None
+    refits = [fit_power_floor(x, row) for row in boots]
+    draws = [summary(f) for f in refits if f is not None]
+    failed = len(refits) - len(draws)
+    ci = {k: _interval(np.array([d[k] for d in draws]), level) for k in ("A", "gamma", "F", "pred") if draws}
     runs = max((s.per_run.size for s in ser if s.per_run is not None), default=1)
     kind = f"runs ({runs} orders) and documents" if runs > 1 else "documents (one order)"
     return PowerFit(pts[0].setting, pts[0].n_params, key, len(pts), base, ci, n_boot, failed, kind,
@@ -382,7 +382,7 @@ def curve_drop(tokens: np.ndarray, loss: np.ndarray, at: float, extra: float) ->
     if f is None:
         return None
     x = np.array([at, at + extra]) / scale
-    v = power_floor(x, *f[0])
+    v = power_floor(x, *f)
     return float(v[0] - v[1])
 
 
@@ -405,20 +405,12 @@ class Account:
 
 def continued_training(points: Sequence[LadderPoint], key: str = "ttt:sgd", level_proto: str = "sliding",
                        kappa: float = KAPPA, n_boot: int = 1000, seed: int = 0) -> list[Account]:
-    """How much of Δ ``key`` more ordinary training would give (issue 29's continued-training account).
-
-    Test-time SGD at 32,768-token chunks is next-token training on the scored stream, so part of its gain is what
-    κ·S more training tokens would give the base model anyway (S = tokens the adapter trained on, times its
-    epochs). κ = 1 (:data:`KAPPA`) counts every test-time token-pass as one fresh training token: repeated tokens
-    are worth at most fresh ones, and a few passes nearly as much (data-constrained scaling), so κ = 1 is the
-    generous end and ``drop_unique`` (each token once) the sparing one. The curve is the branches' own: the
-    level protocol's bpb (sliding, the base of Δ_TTT) of the decay branches of one size on the same documents,
-    against D/N trained, fitted as L = A·(D/N)^(−γ) + F; ΔL = L(D/N) − L(D/N + κ·S·epochs/N), with the joint
-    bootstrap of the fits (level and Δ from the same resamples, so ``remaining`` = Δ − ΔL has its own interval).
-    The parent's training-loss curve (metrics.jsonl, constant lr, training text) gives a second estimate of the
-    slope at the branch's checkpoint, converted to this setting's bits per byte with its tokens per byte.
-    A size needs >= 3 budgets; on a set the model did not train on (the FineWeb prefix for the ladder) ΔL is
-    training-distribution learning only, and what remains includes domain adaptation."""
+    """How much of Δ ``key`` more ordinary training would give (issue 29's continued-training account; the method
+    is :data:`ACCOUNT_LEAD`'s). Why: test-time SGD at 32,768-token chunks is next-token training on the scored
+    stream, so part of its gain is what κ·S more training tokens would give the base model anyway; a few passes
+    over repeated tokens are worth nearly as much as fresh ones (data-constrained scaling), so κ = 1 per pass is
+    the generous end and ``drop_unique`` the sparing one. Level and Δ come from the same joint resamples, so
+    ``remaining`` = Δ − ΔL has its own interval; the parent's curve is converted with the set's tokens per byte."""
     out: list[Account] = []
     for grp in _groups(points):
         rows = [(p, lv, g, st) for p in grp if (lv := _series(p, "bpb", level_proto)) is not None
@@ -437,7 +429,7 @@ def continued_training(points: Sequence[LadderPoint], key: str = "ttt:sgd", leve
 
         def drops(levels: np.ndarray, ext: np.ndarray) -> np.ndarray | None:
             f = fit_power_floor(x, levels)
-            return None if f is None else power_floor(x, *f[0]) - power_floor(x + ext, *f[0])
+            return None if f is None else power_floor(x, *f) - power_floor(x + ext, *f)
 
         d0, d1 = drops(est[:m], extra), drops(est[:m], extra1)
         bd = [drops(b[:m], extra) for b in boots]
@@ -475,14 +467,12 @@ def _fit_note(p: dict[str, float]) -> str:
     return ""
 
 
-def _f(v: float | None, signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:+.5f}" if signed else f"{v:.5f}"
-
-
 def _ci(ci: Sequence[float] | None) -> str:
     return "n/a" if not ci else f"[{ci[0]:.5f}, {ci[1]:.5f}]"
+
+
+def _dn(v: float | None, missing: str = "") -> str:
+    return missing if v is None else f"{v:g}"
 
 
 LADDER_LEAD = ("Ladder points (one decay branch each; N = non-embedding parameters; D/N trained = the branch's "
@@ -499,10 +489,6 @@ FIT_LEAD = "Fits Δ = A·(D/N)^(−γ) + F over D/N trained, per size and valida
 RECORDS = {"context": ("0.0235 ± 0.0002", 0.0233, 0.0237), "ttt:sgd": ("0.0017–0.0028", 0.0017, 0.0028)}
 
 
-def _fmt_opt(v: float | None, signed: bool = True) -> str:
-    return "n/a" if v is None else _f(v, signed)
-
-
 def points_table(points: Sequence[LadderPoint], keys: Sequence[str]) -> list[str]:
     """One row per point: bpb of flat, sliding and the first adapter, each Δ with its interval and kind."""
     adapters = [k for k in keys if k != "context"]
@@ -511,7 +497,7 @@ def points_table(points: Sequence[LadderPoint], keys: Sequence[str]) -> list[str
             + " | ".join(f"{p} bpb" for p in protos) + " | "
             + " | ".join(f"Δ {k} | Δ {k} 95% CI" for k in keys)
             + " | interval | Δ_TTT / Δ_context (ttt:sgd) |")
-    lines = [LADDER_LEAD, "", head, "|" + "---|" * head.count(" |")]
+    lines = [LADDER_LEAD, "", *table(head)]
     for p in points:
         cells, kinds = [], []
         for k in keys:
@@ -526,7 +512,7 @@ def points_table(points: Sequence[LadderPoint], keys: Sequence[str]) -> list[str
         same = len({kd for _, kd in kinds}) == 1
         kind = kinds[0][1] if same else "; ".join(f"{k}: {kd}" for k, kd in kinds) if kinds else "n/a"
         lines.append(f"| {p.model} | {p.setting} | {p.n_params:,} | "
-                     f"{'' if p.dn_requested is None else f'{p.dn_requested:g}'} | {p.dn_trained:.1f} | "
+                     f"{_dn(p.dn_requested)} | {p.dn_trained:.1f} | "
                      f"{'yes' if p.capped else 'no'} | " + " | ".join(_f(point_bpb(p, q)) for q in protos) + " | "
                      + " | ".join(cells) + f" | {kind} | {ratio} |")
     return lines + [""]
@@ -539,13 +525,13 @@ def position_table(points: Sequence[LadderPoint], keys: Sequence[str]) -> list[s
             sp = position_split(p, k)
             if sp is None:
                 continue
-            rows.append(f"| {p.setting} | {p.model} | {k} | {_fmt_opt(sp['early'])} | {_fmt_opt(sp['late'])} | "
-                        f"{_fmt_opt(sp.get('first_half'))} | {_fmt_opt(sp.get('second_half'))} |")
+            rows.append(f"| {p.setting} | {p.model} | {k} | {_f(sp['early'], True)} | {_f(sp['late'], True)} | "
+                        f"{_f(sp.get('first_half'), True)} | {_f(sp.get('second_half'), True)} |")
     if not rows:
         return []
     head = (f"| setting | model | Δ | offset < {OFFSET_SPLIT} | offset ≥ {OFFSET_SPLIT} | stream first half | "
             "stream second half |")
-    return [POSITION_LEAD, "", head, "|" + "---|" * head.count(" |"), *rows, ""]
+    return [POSITION_LEAD, "", *table(head), *rows, ""]
 
 
 def fit_table(fits: Sequence[PowerFit], groups: int, n_boot: int) -> list[str]:
@@ -555,9 +541,8 @@ def fit_table(fits: Sequence[PowerFit], groups: int, n_boot: int) -> list[str]:
              f"every point of a size, n={n_boot}; Δ at D/N {PREDICT_DN:g} is the fitted curve there):", ""]
     if not fits:
         return lines + ["No size has three budgets yet.", ""]
-    fh = ("| setting | N | Δ | points | A | A 95% CI | γ | γ 95% CI | F | F 95% CI | "
-          f"Δ at D/N {PREDICT_DN:g} | Δ at D/N {PREDICT_DN:g} 95% CI | failed refits | note |")
-    lines += [fh, "|" + "---|" * fh.count(" |")]
+    lines += table("| setting | N | Δ | points | A | A 95% CI | γ | γ 95% CI | F | F 95% CI | "
+                   f"Δ at D/N {PREDICT_DN:g} | Δ at D/N {PREDICT_DN:g} 95% CI | failed refits | note |")
     for f in fits:
         p = f.params or {}
         lines.append(f"| {f.setting} | {f.n_params:,} | {f.key} | {f.n_points} | {_f(p.get('A'), True)} | "
@@ -584,11 +569,11 @@ def account_table(accounts: Sequence[Account], kappa: float = KAPPA) -> list[str
         return []
     head = ("| setting | model | D/N trained | S (tokens) | epochs | Δ_TTT | ΔL(κ·S·epochs) | ΔL 95% CI | "
             "ΔL(κ·S once) | ΔL parent curve | Δ_TTT − ΔL | Δ_TTT − ΔL 95% CI |")
-    lines = [ACCOUNT_LEAD.format(kappa=kappa), "", head, "|" + "---|" * head.count(" |")]
+    lines = [ACCOUNT_LEAD.format(kappa=kappa), "", *table(head)]
     for a in accounts:
         lines.append(f"| {a.point.setting} | {a.point.model} | {a.point.dn_trained:.1f} | {a.tokens:,} | "
-                     f"{a.epochs} | {_f(a.delta, True)} | {_fmt_opt(a.drop)} | {_ci(a.drop_ci)} | "
-                     f"{_fmt_opt(a.drop_unique)} | {_fmt_opt(a.drop_parent)} | {_fmt_opt(a.remaining)} | "
+                     f"{a.epochs} | {_f(a.delta, True)} | {_f(a.drop, True)} | {_ci(a.drop_ci)} | "
+                     f"{_f(a.drop_unique, True)} | {_f(a.drop_parent, True)} | {_f(a.remaining, True)} | "
                      f"{_ci(a.remaining_ci)} |")
     return lines + [""]
 
@@ -610,25 +595,23 @@ def prediction_table(fits: Sequence[PowerFit]) -> list[str]:
                 "the records' 27M-parameter model.**" if len(sizes) == 1 else ""), ""]
     if not rows:
         return lines + ["No fit of Δ_context or Δ_TTT (ttt:sgd) yet.", ""]
-    ext = [e for e in size_extrapolation(fits) if e[1] in RECORDS]
-    head = (f"| setting | N | Δ | fitted Δ at D/N {PREDICT_DN:g} | 95% CI | floor F | F 95% CI | records | "
-            "records vs interval |")
-    lines += [head, "|" + "---|" * head.count(" |")]
+
+    def records(key: str, ci: Sequence[float] | None) -> str:
+        text, lo, hi = RECORDS[key]
+        where = "n/a" if not ci else "records above" if lo > ci[1] else "records below" if hi < ci[0] else "overlap"
+        return f"{text} | {where}"
+
+    lines += table(f"| setting | N | Δ | fitted Δ at D/N {PREDICT_DN:g} | 95% CI | floor F | F 95% CI | records | "
+                   "records vs interval |")
     for f in rows:
-        text, lo, hi = RECORDS[f.key]
-        ci = f.ci.get("pred")
-        where = ("n/a" if not ci else "records above" if lo > ci[1] else "records below" if hi < ci[0]
-                 else "overlap")
         free = f.params["gamma"] < 0.02  # log-like: A and F trade off, F is no floor (_fit_note)
         floor = "not identified (γ ≈ 0) | n/a" if free else f"{_f(f.params['F'], True)} | {_ci(f.ci.get('F'))}"
-        lines.append(f"| {f.setting} | {f.n_params:,} | {f.key} | {_f(f.params['pred'], True)} | {_ci(ci)} | "
-                     f"{floor} | {text} | {where} |")
-    for setting, key, k, est, ci in ext:
-        text, lo, hi = RECORDS[key]
-        where = ("n/a" if not ci else "records above" if lo > ci[1] else "records below" if hi < ci[0]
-                 else "overlap")
-        lines.append(f"| {setting} | {RECORD_N:,} (extrapolated from {k} sizes, linear in ln N) | {key} | "
-                     f"{_f(est, True)} | {_ci(ci)} | n/a | n/a | {text} | {where} |")
+        lines.append(f"| {f.setting} | {f.n_params:,} | {f.key} | {_f(f.params['pred'], True)} | "
+                     f"{_ci(f.ci.get('pred'))} | {floor} | {records(f.key, f.ci.get('pred'))} |")
+    for setting, key, k, est, ci in size_extrapolation(fits):
+        if key in RECORDS:
+            lines.append(f"| {setting} | {RECORD_N:,} (extrapolated from {k} sizes, linear in ln N) | {key} | "
+                         f"{_f(est, True)} | {_ci(ci)} | n/a | n/a | {records(key, ci)} |")
     return lines + [""]
 
 
@@ -766,18 +749,11 @@ class Ceiling:
     fraction_ci: tuple[float, float] | None
 
 
-def _by_branch(points: Sequence[LadderPoint]) -> list[list[LadderPoint]]:
-    out: dict[tuple[str, str], list[LadderPoint]] = {}
-    for p in points:
-        out.setdefault((p.model, _val_set(p)), []).append(p)
-    return list(out.values())
-
-
 def ceilings(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTIPLE, n_boot: int = 1000,
              seed: int = 0, only: set[tuple[str, str]] | None = None) -> list[Ceiling]:
     """The ceiling per branch and validation set; ``only`` restricts the adapters to these (setting, protocol)."""
     out = []
-    for grp in _by_branch(points):
+    for grp in _group(points, lambda p: (p.model, _val_set(p))).values():  # per branch and validation set
         cands = [c for p in grp for c in candidates(p) if only is None or (p.setting, c.proto) in only]
         legal = [c for c in cands if c.legal and not c.oracle]
         ok = [c for c in legal if _eligible(c, multiple)]
@@ -833,11 +809,8 @@ def flatness(points: Sequence[LadderPoint], multiple: float = CEILING_TIME_MULTI
     """Per validation set and requested D/N: the ceiling of each size over the adapters every size ran, its slope
     in ln N (per doubling) and the largest − smallest difference, with bootstrap intervals (see :data:`FLAT_LEAD`).
     A budget held by one size only gives a row with no slope."""
-    groups: dict[tuple[str, float | None], list[LadderPoint]] = {}
-    for p in points:
-        groups.setdefault((_val_set(p), p.dn_requested), []).append(p)
     out = []
-    for (_vs, dn), grp in groups.items():
+    for (_vs, dn), grp in _group(points, lambda p: (_val_set(p), p.dn_requested)).items():
         # one branch per size (a second seed is another branch of the same size: keep the first model name)
         per_size: dict[int, str] = {}
         for p in sorted(grp, key=lambda q: q.model):
@@ -881,7 +854,7 @@ def ceiling_table(cs: Sequence[Ceiling], multiple: float = CEILING_TIME_MULTIPLE
     head = (f"| model | N | D/N requested | cells | legal adapters | ceiling (≤ {multiple:g}× sliding) | 95% CI | "
             "attained by | time / sliding | over the limit | best at any cost | oracle | ceiling / oracle Δ | "
             "95% CI |")
-    lines = [CEILING_LEAD.format(m=multiple), "", head, "|" + "---|" * head.count(" |")]
+    lines = [CEILING_LEAD.format(m=multiple), "", *table(head)]
     for c in cs:
         slow = ", ".join(f"{s.label} {_ratio(s)}" for s in c.too_slow) or "none"
         anyc = "n/a" if c.best_any is None else f"{_f(c.best_any.value, True)} ({c.best_any.label})"
@@ -893,7 +866,7 @@ def ceiling_table(cs: Sequence[Ceiling], multiple: float = CEILING_TIME_MULTIPLE
             orc = f"{c.oracle.proto} {_f(c.oracle.value, True)}"
             fr = "n/a (oracle Δ ≤ 0)" if c.fraction is None else f"{c.fraction:.3f}"
             frci = _ci(c.fraction_ci) if c.fraction is not None else "n/a"
-        lines.append(f"| {c.model} | {c.n_params:,} | {'' if c.dn_requested is None else f'{c.dn_requested:g}'} | "
+        lines.append(f"| {c.model} | {c.n_params:,} | {_dn(c.dn_requested)} | "
                      f"{', '.join(c.settings)} | {c.n_adapters} | "
                      + ("none within the limit | n/a | n/a | n/a" if c.best is None else
                         f"{_f(c.best.value, True)} | {_ci(c.ci)} | {c.best.label} | {_ratio(c.best)}")
@@ -906,17 +879,17 @@ def flatness_table(fs: Sequence[Flatness]) -> list[str]:
         return []
     lines = [FLAT_LEAD, ""]
     if all(len(f.rows) < 2 for f in fs):
-        sizes = ", ".join(f"D/N {'?' if f.dn_requested is None else f'{f.dn_requested:g}'} ({', '.join(f.settings)}):"
+        sizes = ", ".join(f"D/N {_dn(f.dn_requested, '?')} ({', '.join(f.settings)}):"
                           f" {len(f.rows)}" for f in fs)
         return lines + [f"Fewer than 2 sizes at every matched budget (sizes with a ceiling per budget: {sizes}): "
                         "no slope or difference yet.", ""]
     head = ("| cells | D/N requested | sizes | adapters compared | ceiling per size (N: Δ [95% CI] adapter) | "
             "slope per doubling of N | 95% CI | largest − smallest | 95% CI | draws | reading |")
-    lines += [head, "|" + "---|" * head.count(" |")]
+    lines += table(head)
     for f in fs:
         per = "; ".join(f"{r.n_params:,}: {_f(r.best.value, True)} {_ci(r.ci)} {r.best.proto}" for r in f.rows
                         if r.best is not None)
-        dn = "" if f.dn_requested is None else f"{f.dn_requested:g}"
+        dn = _dn(f.dn_requested)
         if len(f.rows) < 2:
             lines.append(f"| {', '.join(f.settings)} | {dn} | {len(f.rows)} | {f.n_adapters} | {per or 'n/a'} | "
                          "fewer than 2 sizes | n/a | n/a | n/a | n/a | n/a |")

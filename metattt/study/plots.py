@@ -207,7 +207,7 @@ def ladder_plot(results: Sequence[Any], path) -> Any:
             fit = fit_power_floor(x, y)
             if fit is not None:
                 xs = np.geomspace(x.min(), max(x.max(), PREDICT_DN), 50)
-                ax.plot(xs, power_floor(xs, *fit[0]), linewidth=0.8, color=line[0].get_color())
+                ax.plot(xs, power_floor(xs, *fit), linewidth=0.8, color=line[0].get_color())
         ax.set_xscale("log")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(f"Δ {key}", fontsize=8)
@@ -222,12 +222,9 @@ def section_plots(plots: Path, stem: str, results: list, bounds: list) -> list[P
     """Draw this section's plots (those with data) into ``plots`` as ``{stem}-{kind}.png``; stale ones are removed.
     ``bounds[i]``: the synthetic bounds of ``results[i]`` or None (the report computes them)."""
     out = []
-
-    def fraction(res: list, path: Path) -> Path | None:
-        return fraction_plot(res, bounds, path)
-
-    for kind, fn in (("capacity", capacity_plot), ("running", running_plot), ("fraction", fraction),
-                     ("cost", cost_plot), ("ladder", ladder_plot)):
+    for kind, fn in (("capacity", capacity_plot), ("running", running_plot),
+                     ("fraction", lambda res, path: fraction_plot(res, bounds, path)), ("cost", cost_plot),
+                     ("ladder", ladder_plot)):
         path = plots / f"{stem}-{kind}.png"
         got = fn(results, path) if results else None
         if got is not None:

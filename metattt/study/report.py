@@ -11,8 +11,6 @@ on the synthetic corpus the exact bounds are recomputed for the evaluated tokens
 from __future__ import annotations
 
 import json
-import math
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,9 @@ import numpy as np
 
 from .config import Cell, StudyConfig
 from .ladder import ladder_tables
-from .runner import RECORD, cell_done, model_done, requested_protocols
+from .markdown import ci as _ci
+from .markdown import link, num as _f, table, table_rows
+from .runner import RECORD, cell_done, model_done, read_json as _read
 
 BOUNDS_FILE = "bounds.json"
 
@@ -35,13 +35,6 @@ class CellResult:
     record: dict[str, Any] | None
     model_summary: dict[str, Any] | None
     model_record: dict[str, Any] | None
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def collect(study: StudyConfig) -> list[CellResult]:
@@ -58,18 +51,13 @@ def collect(study: StudyConfig) -> list[CellResult]:
 
 # ---------------------------------------------------------------- numbers derived from one eval.json
 
-def flat_minus(ev: dict[str, Any], name: str) -> tuple[float, float, float] | None:
-    """bpb(flat) − bpb(name) with the evaluator's paired document bootstrap (same n and seed as eval.json)."""
-    from metattt.eval.stats import bootstrap
-
+def gain_over(ev: dict[str, Any], base: str, name: str) -> tuple[float, float, float] | None:
+    """bpb(base) − bpb(name) with the cell's paired document bootstrap (the n, seed and level of its eval.json):
+    flat − protocol is the seed's own delta, sliding − protocol the zero-room control's column."""
     per = ev.get("per_document")
-    if not per or "flat" not in per["nats"] or name not in per["nats"]:
+    if not per or base not in per["nats"] or name not in per["nats"]:
         return None
-    nats = {k: np.asarray(per["nats"][k]) for k in ("flat", name)}
-    b = ev["bootstrap"]
-    _, diffs = bootstrap(nats, np.asarray(per["bytes"]), [("flat", name)], n_boot=b["n"], seed=b["seed"],
-                         level=b["level"])
-    d = diffs[("flat", name)]
+    d = _paired(per["bytes"], ev["bootstrap"], np.asarray(per["nats"][base]), np.asarray(per["nats"][name]))
     return d.point, d.lo, d.hi
 
 
@@ -174,30 +162,7 @@ def room_share(ev: dict[str, Any], bd: dict[str, Any], name: str, base: str = "s
     return point, float(np.quantile(samples, q)), float(np.quantile(samples, 1 - q))
 
 
-def _gain_over_sliding(ev: dict[str, Any], name: str) -> tuple[float, float, float] | None:
-    """bpb(sliding) − bpb(name) with the cell's paired document bootstrap (the zero-room control's column)."""
-    per = ev.get("per_document")
-    if not per or name not in per["nats"] or "sliding" not in per["nats"]:
-        return None
-    iv = _paired(per, per, {"n": ev["bootstrap"]["n"], "seed": ev["bootstrap"]["seed"],
-                            "level": ev["bootstrap"]["level"]},
-                 np.asarray(per["nats"]["sliding"]), np.asarray(per["nats"][name]))
-    return iv.point, iv.lo, iv.hi
-
-
 # ---------------------------------------------------------------- markdown
-
-def _f(v: float | None, signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:+.5f}" if signed else f"{v:.5f}"
-
-
-def _ci(lo: float | None, hi: float | None) -> str:
-    if lo is None or hi is None or any(isinstance(x, float) and math.isnan(x) for x in (lo, hi)):
-        return "n/a"
-    return f"[{lo:.5f}, {hi:.5f}]"
-
 
 def _model_line(cr: CellResult) -> str:
     m = cr.cell.model
@@ -228,10 +193,6 @@ def _numerics(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
     return "bf16 autocast" if str(meta.get("device", "")).startswith("cuda") else "float32 (autocast applies on CUDA only)"
 
 
-TABLE_HEAD = ("| protocol | bpb | bpb 95% CI | Δ vs base | Δ 95% CI | flat − protocol | flat − protocol 95% CI "
-              "| adapted scalars | tokens/s | legal |")
-
-
 def cell_table(cr: CellResult) -> list[str]:
     ev = cr.eval
     assert ev is not None
@@ -240,20 +201,22 @@ def cell_table(cr: CellResult) -> list[str]:
     lines = [f"#### `{c.ev.name}` on `{c.model.name}`", "",
              f"run dir: `{cr.dir}`", "",
              f"Model: {_model_line(cr)}.", "",
+             # the val as the config writes it ($METATTT_DATA unexpanded), not eval.json's path on the cell's machine
              f"Evaluated {d['n_targets']:,} targets ({d['n_bytes']:,.0f} bytes, {d['n_docs']:,} documents) on "
-             f"`{_configured_val(c) or _shown_path(meta.get('val', '?'))}`, device {meta.get('device', '?')}, "
-             f"{_numerics(cfg, meta)}; context {cfg['context']}, "
+             f"`{_flag_value(c.ev.flags, '--val') or _shown_path(meta.get('val', '?'))}`, "
+             f"device {meta.get('device', '?')}, {_numerics(cfg, meta)}; context {cfg['context']}, "
              f"stride {cfg['stride']}, flat windows {cfg['seq_len']}, TTT chunks {cfg['chunk_tokens']:,} tokens"
              + (f", schedules indexed to a {cfg['schedule_horizon']:,}-token stream (--schedule-horizon)"
                 if cfg.get("schedule_horizon") else "") + ". "
              f"95% CIs: paired bootstrap over documents, n={b['n']}, seed {b['seed']}. "
              "Δ vs base: flat → sliding is Δ_context, sliding → ttt:X is Δ_TTT (positive = second better); "
              "flat − protocol is the seed's own delta (context + adaptation).", "",
-             TABLE_HEAD, "|" + "---|" * TABLE_HEAD.count(" |")]
+             *table("| protocol | bpb | bpb 95% CI | Δ vs base | Δ 95% CI | flat − protocol | "
+                    "flat − protocol 95% CI | adapted scalars | tokens/s | legal |")]
     by_to = {v["to"]: v for v in ev["deltas"].values()}
     for name, p in ev["protocols"].items():
         dl = by_to.get(name)
-        fm = flat_minus(ev, name) if name != "flat" else None
+        fm = gain_over(ev, "flat", name) if name != "flat" else None
         ap = p.get("adapter_params") or {}
         scal = f"{ap['adapted_scalars']:,}" if "adapted_scalars" in ap else ""
         lines.append(
@@ -285,7 +248,7 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
     lines = ["", f"Interval of the table above: {ONE_ORDER}."]
     if runs.get("deltas"):
         lines += ["", f"Δ over {runs['n_runs']} runs ({runs['interval']}):", "",
-                  "| Δ | from → to | mean over runs | 95% CI (runs → documents) | per run |", "|---|---|---|---|---|"]
+                  *table("| Δ | from → to | mean over runs | 95% CI (runs → documents) | per run |")]
         for k, d in runs["deltas"].items():
             lines.append(f"| {k} | {d['from']} → {d['to']} | {_f(d['value'], True)} | {_ci(*d['ci95'])} | "
                          + ", ".join(_f(v, True) for v in d["value_per_run"]) + " |")
@@ -318,7 +281,7 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
         unit = costs[0][1]["unit"].split(" ", 1)[0]
         lines += ["", f"Cost per scored token (timed part; warm-up excluded) and counted model FLOPs per scored token; "
                       "* = on the Pareto front of bpb against that cost:", "",
-                  f"| protocol | bpb | {unit} per token | GFLOPs per token | warm-up s |", "|---|---|---|---|---|"]
+                  *table(f"| protocol | bpb | {unit} per token | GFLOPs per token | warm-up s |")]
         for (n, c, b), f, g in zip(costs, front, ffront):
             fl = c.get("flops_per_token")
             lines.append(f"| {n} | {_f(b)} | {c['device_s_per_token']:.3g}{' *' if f else ''} | "
@@ -328,15 +291,11 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
     if eq and eq.get("rows"):
         lines += ["", f"Equivalence to no effect (TOST, margin ±{eq['margin_bpb']} bpb, Holm over the "
                       f"{len(eq['rows'])} adapters of this table, α = {eq['alpha']}):", "",
-                  "| Δ | estimate | p (TOST) | p (Holm) | verdict |", "|---|---|---|---|---|"]
+                  *table("| Δ | estimate | p (TOST) | p (Holm) | verdict |")]
         for k, r in eq["rows"].items():
             lines.append(f"| {k} | {_f(r['estimate'], True)} | {r['p']:.3g} | {r['p_holm']:.3g} | "
                          f"{'equivalent' if r['equivalent'] else 'not shown equivalent'} |")
     return lines
-
-
-BOUNDS_HEAD = ("| protocol | Δ_TTT | adaptation room | fraction of adaptation room | fraction 95% CI | "
-               "context captured by the model |")
 
 
 def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
@@ -356,25 +315,22 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
              f" The window bound is exact for sliding's contexts at stride {bd.get('stride', '?')}; the fraction is "
              "Σ gain / Σ room over documents, its CI a document bootstrap that resamples each document with its "
              "room." + _caution(sl, bd), "",
-             BOUNDS_HEAD, "|" + "---|" * BOUNDS_HEAD.count(" |")]
+             *table("| protocol | Δ_TTT | adaptation room | fraction of adaptation room | fraction 95% CI | "
+                    "context captured by the model |")]
     for key in _adapted(ev):
-        share, gain = room_share(ev, bd, key), _gain_over_sliding(ev, key)
+        share, g = room_share(ev, bd, key), gain_over(ev, "sliding", key)
         fr, lo, hi = share if share else (float("nan"), None, None)
-        lines.append(f"| {key} | {_f(gain[0] if gain else None, True)} | {_f(ad_room)} | {_f(fr, True)} | "
+        lines.append(f"| {key} | {_f(g[0] if g else None, True)} | {_f(ad_room)} | {_f(fr, True)} | "
                      f"{_ci(lo, hi)} | "
                      f"{'' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} |")
     return lines
 
 
-CROSS_HEAD = "| model vs reference | delta | Δ (model) | Δ (reference) | difference | difference 95% CI |"
-SETTING_HEAD = "| setting vs reference | quantity | value | reference | difference | difference 95% CI |"
-
-
-def _paired(per: dict, per_ref: dict, bs: dict, a_nats: np.ndarray, b_nats: np.ndarray):
+def _paired(nbytes: list, bs: dict, a_nats: np.ndarray, b_nats: np.ndarray):
     """bpb(a) − bpb(b) of two per-document nats vectors on the same documents, with the cells' bootstrap."""
     from metattt.eval.stats import bootstrap
 
-    _, diffs = bootstrap({"a": a_nats, "b": b_nats}, np.asarray(per["bytes"]), [("a", "b")], n_boot=bs["n"],
+    _, diffs = bootstrap({"a": a_nats, "b": b_nats}, np.asarray(nbytes), [("a", "b")], n_boot=bs["n"],
                          seed=bs["seed"], level=bs["level"])
     return diffs[("a", "b")]
 
@@ -398,8 +354,8 @@ def _delta_rows(r: CellResult, ref: CellResult, label: str) -> list[str]:
         a, b = dl["from"], dl["to"]
         if rd is None or (rd["from"], rd["to"]) != (a, b) or b not in per_ref["nats"]:
             continue
-        gain = [np.asarray(pd["nats"][a]) - np.asarray(pd["nats"][b]) for pd in (per, per_ref)]
-        d = _paired(per, per_ref, r.eval["bootstrap"], *gain)
+        gains = [np.asarray(pd["nats"][a]) - np.asarray(pd["nats"][b]) for pd in (per, per_ref)]
+        d = _paired(per["bytes"], r.eval["bootstrap"], *gains)
         rows.append(f"| {label} | {a} → {b} | {_f(dl['value'], True)} | {_f(rd['value'], True)} | "
                     f"{_f(d.point, True)} | {_ci(d.lo, d.hi)} |")
     return rows
@@ -414,6 +370,7 @@ def cross_model_table(done: list[CellResult]) -> list[str]:
     for r in done:
         groups.setdefault((r.cell.ev.section, tuple(r.cell.ev.flags)), []).append(r)
     lines: list[str] = []
+    head = "| model vs reference | delta | Δ (model) | Δ (reference) | difference | difference 95% CI |"
     for rs in groups.values():
         ref = rs[0]
         rows = [row for r in rs[1:] if r.cell.model.name != ref.cell.model.name
@@ -422,7 +379,7 @@ def cross_model_table(done: list[CellResult]) -> list[str]:
             names = ", ".join(f"`{n}`" for n in dict.fromkeys(r.cell.ev.name for r in rs))
             lines += [f"**{names}: each model's Δ minus `{ref.cell.model.name}`'s, paired over the same documents** "
                       f"(positive = the model gains more; CI: document bootstrap, n={ref.eval['bootstrap']['n']}).",
-                      "", CROSS_HEAD, "|" + "---|" * CROSS_HEAD.count(" |"), *rows, ""]
+                      "", *table(head, rows), ""]
     return lines
 
 
@@ -434,6 +391,7 @@ def cross_setting_table(done: list[CellResult]) -> list[str]:
         if "." in r.cell.ev.name:
             by.setdefault((r.cell.model.name, r.cell.ev.name.split(".", 1)[0]), []).append(r)
     lines: list[str] = []
+    head = "| setting vs reference | quantity | value | reference | difference | difference 95% CI |"
     for (model, family), rs in by.items():
         ref = rs[0]
         rows = []
@@ -447,7 +405,7 @@ def cross_setting_table(done: list[CellResult]) -> list[str]:
                 rp = ref.eval["protocols"].get(p)
                 if rp is None or p not in per["nats"] or p not in per_ref["nats"]:
                     continue
-                d = _paired(per, per_ref, r.eval["bootstrap"], np.asarray(per["nats"][p]),
+                d = _paired(per["bytes"], r.eval["bootstrap"], np.asarray(per["nats"][p]),
                             np.asarray(per_ref["nats"][p]))
                 rows.append(f"| {label} | bpb {p} | {_f(pv['bpb'])} | {_f(rp['bpb'])} | {_f(d.point, True)} | "
                             f"{_ci(d.lo, d.hi)} |")
@@ -456,7 +414,7 @@ def cross_setting_table(done: list[CellResult]) -> list[str]:
             lines += [f"**`{family}` on `{model}`: each setting minus `{ref.cell.ev.name.split('.', 1)[1]}`, paired "
                       f"over the same documents** (bpb rows: positive = the setting scores worse; Δ rows: "
                       f"positive = it gains more; CI: document bootstrap, n={ref.eval['bootstrap']['n']}).",
-                      "", SETTING_HEAD, "|" + "---|" * SETTING_HEAD.count(" |"), *rows, ""]
+                      "", *table(head, rows), ""]
     return lines
 
 
@@ -499,7 +457,7 @@ def summary_table(done: list[CellResult]) -> list[str]:
         return []
     head = ("| model | setting | parameters | steps | train tokens | sliding bpb | context captured | "
             "(sliding − window) / adaptation room | " + " | ".join(keys) + " |")
-    lines = [SUMMARY_LEAD, "", head, "|" + "---|" * head.count(" |")]
+    lines = [SUMMARY_LEAD, "", *table(head)]
     for r, bd in rows:
         ev, s = r.eval, r.model_summary or {}
         sl = ev["protocols"].get("sliding", {}).get("bpb")
@@ -511,7 +469,7 @@ def summary_table(done: list[CellResult]) -> list[str]:
             if k not in ev["protocols"]:
                 cells.append("")
             elif room <= 0:  # the zero-room control: no room to share, so the gain over sliding itself (bpb)
-                g = _gain_over_sliding(ev, k)
+                g = gain_over(ev, "sliding", k)
                 cells.append("" if g is None else f"Δ {_f(g[0], True)} {_ci(g[1], g[2])} (room 0)")
             else:
                 share = room_share(ev, bd, k)
@@ -543,8 +501,7 @@ def render_section(study: StudyConfig, section: str, results: list[CellResult], 
         lines += cell_table(r)
     lines += cross_model_table(done) + cross_setting_table(done)
     for p in plots:
-        rel = Path(_relpath(p, report_dir))
-        lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+        lines += [f"![{p.stem}]({link(p, report_dir)})", ""]
     return lines
 
 
@@ -561,30 +518,12 @@ def missing_list(missing: list[CellResult], cfg: str) -> list[str]:
     return lines + [""]
 
 
-def _configured_val(c: Cell) -> str | None:
-    """The setting's ``--val`` as the config writes it ($METATTT_DATA unexpanded): eval.json records the expanded
-    path, which names the machine the cell ran on."""
-    flags = list(c.ev.flags)
-    for i, f in enumerate(flags):
-        if f == "--val" and i + 1 < len(flags):
-            return flags[i + 1]
-        if f.startswith("--val="):
-            return f.split("=", 1)[1]
-    return None
-
-
 def _shown_path(path: str) -> str:
     """A path under the working directory is shown relative to it, so the report does not name this machine."""
     try:
         return Path(path).relative_to(Path.cwd()).as_posix()
     except ValueError:
         return path
-
-
-def _relpath(p: Path, base: Path) -> str:
-    import os
-
-    return os.path.relpath(p.resolve(), base.resolve())
 
 
 def markers(study: StudyConfig, section: str) -> tuple[str, str]:
@@ -627,49 +566,17 @@ def write_report(study: StudyConfig, log=print) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------- reading the report back
 
-_ROW_SPLIT = re.compile(r"\s*\|\s*")
-
-
 def parse_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
-    """run dir -> protocol -> {column: cell text} for every cell table in ``text``."""
+    """run dir -> protocol -> {column: cell text} for every cell table in ``text`` (the main and the bounds table:
+    columns prefixed ``main:`` / ``bounds:``)."""
     out: dict[str, dict[str, dict[str, str]]] = {}
-    run_dir, head = None, None
-    for line in text.splitlines():
-        m = re.match(r"^run dir: `([^`]+)`$", line)
-        if m:
-            run_dir, head = m.group(1), None
-            continue
-        if not line.startswith("|") or run_dir is None:
-            if line.strip():
-                head = None  # prose ends a table
-            continue
-        cols = _ROW_SPLIT.split(line.strip().strip("|").strip())
-        if line.startswith("|---"):
-            continue
-        if cols[0] == "protocol":
-            head = cols
-            continue
-        if head is None:
-            continue
+    for run_dir, head, cols in table_rows(text, lambda c: c[0] == "protocol", r"^run dir: `([^`]+)`$"):
         key = "bounds" if "adaptation room" in head else "main"
-        out.setdefault(run_dir, {}).setdefault(cols[0], {}).update(
-            {f"{key}:{h}": v for h, v in zip(head, cols)})
+        out.setdefault(str(run_dir), {}).setdefault(cols[0], {}).update({f"{key}:{h}": v for h, v in zip(head, cols)})
     return out
 
 
 def parse_summary(text: str) -> dict[tuple[str, str], dict[str, str]]:
     """(model, setting) -> {column: cell text} for the summary tables in ``text``."""
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    head = None
-    for line in text.splitlines():
-        if not line.startswith("|"):
-            head = None if line.strip() else head
-            continue
-        if line.startswith("|---"):
-            continue
-        cols = _ROW_SPLIT.split(line.strip().strip("|").strip())
-        if cols[:2] == ["model", "setting"]:
-            head = cols
-        elif head is not None:
-            out[(cols[0], cols[1])] = dict(zip(head, cols))
-    return out
+    return {(cols[0], cols[1]): dict(zip(head, cols))
+            for _, head, cols in table_rows(text, lambda c: c[:2] == ["model", "setting"])}

@@ -62,7 +62,7 @@ def eval_command(study: StudyConfig, c: Cell, nproc: int, env: bool = True) -> l
     return cmd
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -70,7 +70,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _record_ok(d: Path, key: str) -> bool:
-    rec = _read_json(d / RECORD)
+    rec = read_json(d / RECORD)
     return bool(rec) and rec.get("key") == key and rec.get("status") == "done"
 
 
@@ -118,11 +118,11 @@ def cell_done(study: StudyConfig, c: Cell, recorded: bool = False) -> bool:
     d = study.cell_dir(c)
     if not _record_ok(d, c.key):
         return False
-    rec = _read_json(d / RECORD) or {}
+    rec = read_json(d / RECORD) or {}
     digest = artifact_digest(study.artifact_path(c.model), recorded=recorded and c.model.train is not None)
     if rec.get("artifact_sha256") != digest:
         return False
-    ev = _read_json(d / "eval.json")
+    ev = read_json(d / "eval.json")
     if not ev or ev.get("schema") not in READABLE_EVAL_SCHEMAS:  # /1 cells stay done: /2 only adds sections
         return False
     return all(p in (ev.get("protocols") or {}) for p in requested_protocols(c))
@@ -130,21 +130,13 @@ def cell_done(study: StudyConfig, c: Cell, recorded: bool = False) -> bool:
 
 def _fresh(d: Path, what: str, log) -> Path:
     """``d`` emptied for a new run: an incomplete earlier one is moved aside (never deleted), and said so."""
-    moved = _move_aside(d)
-    if moved:
-        log(f"{what}: incomplete directory moved to {moved}")
+    if d.exists():
+        i = 1
+        while (dest := d.parent / f"{d.name}.incomplete-{i}").exists():
+            i += 1
+        d.rename(dest)
+        log(f"{what}: incomplete directory moved to {dest}")
     return d
-
-
-def _move_aside(d: Path) -> Path | None:
-    if not d.exists():
-        return None
-    i = 1
-    while (d.parent / f"{d.name}.incomplete-{i}").exists():
-        i += 1
-    dest = d.parent / f"{d.name}.incomplete-{i}"
-    d.rename(dest)
-    return dest
 
 
 @dataclass
@@ -226,6 +218,17 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
     if unset:
         raise StudyConfigError(f"environment variable(s) {', '.join(unset)} not set (used in {study.source})")
     failed_models: set[str] = set()
+
+    def would_run(what: str, cmd: list[str]) -> bool:
+        if dry_run:
+            outcomes.append(Outcome(what, "would run"))
+            log(f"{what}: would run {shlex.join(cmd)}")
+        return dry_run
+
+    def finished(what: str, ok: bool, rc: int, dt: float, log_path: Path) -> None:
+        outcomes.append(Outcome(what, "done" if ok else f"failed (rc {rc})", dt))
+        log(f"{what}: done in {dt:.0f}s" if ok else f"{what}: FAILED (rc {rc}); log {log_path}")
+
     for m in needed.values():
         what = f"model {m.name}"
         if model_done(study, m):
@@ -241,24 +244,20 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
             log(f"{what}: artifact {study.artifact_path(m)} not found; its cells are skipped")
             continue
         cmd = train_command(study, m, nproc)
-        if dry_run:
-            outcomes.append(Outcome(what, "would run"))
-            log(f"{what}: would run {shlex.join(cmd)}")
+        if would_run(what, cmd):
             continue
         d = _fresh(study.model_dir(m), what, log)
         log(f"{what}: training -> {d}")
         t0 = time.perf_counter()
         rc = _run(cmd, Path.cwd(), d.parent / f"{d.name}.{LOG}", {**study.env})
         dt = time.perf_counter() - t0
-        if rc == 0 and (d / "artifact.ptz").is_file():
+        ok = rc == 0 and (d / "artifact.ptz").is_file()
+        if ok:
             _sidecar(d / "artifact.ptz").write_text(artifact_digest(d / "artifact.ptz") + "\n")
             _write_record(d, m.key, {"train": list(m.train or ())}, train_command(study, m, nproc, env=False), dt)
-            outcomes.append(Outcome(what, "done", dt))
-            log(f"{what}: done in {dt:.0f}s")
         else:
             failed_models.add(m.name)
-            outcomes.append(Outcome(what, f"failed (rc {rc})", dt))
-            log(f"{what}: FAILED (rc {rc}); log {d.parent / f'{d.name}.{LOG}'}")
+        finished(what, ok, rc, dt, d.parent / f"{d.name}.{LOG}")
     for c in cells:
         what = f"cell {c.model.name}/{c.ev.name}"
         if cell_done(study, c):
@@ -268,9 +267,7 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
             outcomes.append(Outcome(what, "blocked (model missing)"))
             continue
         cmd = eval_command(study, c, nproc)
-        if dry_run:
-            outcomes.append(Outcome(what, "would run"))
-            log(f"{what}: would run {shlex.join(cmd)}")
+        if would_run(what, cmd):
             continue
         d = _fresh(study.cell_dir(c), what, log)
         d.mkdir(parents=True, exist_ok=True)
@@ -281,12 +278,6 @@ def run_study(study: StudyConfig, *, nproc: int | None = None, dry_run: bool = F
         dt = time.perf_counter() - t0
         if rc == 0:
             _write_record(d, c.key, {"model": c.model.name, "model_key": c.model.key, **c.ev.settings()},
-                          eval_command(study, c, nproc, env=False), dt,
-                          artifact_sha256=digest)
-        if rc == 0 and cell_done(study, c):
-            outcomes.append(Outcome(what, "done", dt))
-            log(f"{what}: done in {dt:.0f}s")
-        else:
-            outcomes.append(Outcome(what, f"failed (rc {rc})", dt))
-            log(f"{what}: FAILED (rc {rc}); log {d / LOG}")
+                          eval_command(study, c, nproc, env=False), dt, artifact_sha256=digest)
+        finished(what, rc == 0 and cell_done(study, c), rc, dt, d / LOG)
     return outcomes

@@ -299,14 +299,14 @@ def run_dir_target(args: argparse.Namespace) -> Path:
 
 def check_run_dir(target: Path) -> bool:
     """Validate the run directory before scoring; True when it is an existing run directory to add to."""
-    from metattt.track.rundir import MARKER_FILES, MalformedRunDir, RunDir, unwritable
+    from metattt.track.rundir import MalformedRunDir, RunDir, is_run_dir, unwritable
 
     if target.exists() and not target.is_dir():
         raise EvalInputError(f"run directory {target} is not a directory (--run-dir)")
     why = unwritable(target)  # before scoring: results that cannot be written would be lost
     if why:
         raise EvalInputError(f"run directory {target} is not writable: {why}; choose another --run-dir")
-    if target.is_dir() and any((target / f).is_file() for f in MARKER_FILES):
+    if target.is_dir() and is_run_dir(target):
         try:
             RunDir.open(target)
         except MalformedRunDir as e:

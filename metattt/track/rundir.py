@@ -48,6 +48,7 @@ class MalformedRunDir(Exception):
 
 
 def is_run_dir(path: Path) -> bool:
+    """A directory holding any of a run's files (what compare expands into, what the evaluator adds to)."""
     return any((path / f).is_file() for f in MARKER_FILES)
 
 

@@ -3,7 +3,7 @@
 per-document adapter a spec names (``make_doc_adapter``). The loop that runs them is ``metattt.eval.docttt``.
 
 ``ADAPTER`` is any ``per_document`` adapter of the run's registry (built-ins and ``--adapter-module`` plug-ins,
-which the spec carries); its options are the registry's (``registry.parse_spec``: the same keys, values and errors
+which the spec carries); its options are the registry's (typed by ``Registry.make``: the same keys, values and errors
 as ``--adapter-spec``), written ``/``-separated after ``@`` beside the protocol's own."""
 from __future__ import annotations
 
@@ -101,16 +101,16 @@ class DocTTTSpec(Spec):
         return out + ([self.without_phases()] if self.phases else [])
 
     def make_adapter(self) -> Adapter:
-        """The (unbound) per-document adapter from the spec's registry, its options parsed by the registry's
-        ``parse_spec``, its ``chunk`` the protocol's."""
+        """The (unbound) per-document adapter from the spec's registry, its ``chunk`` the protocol's. The option
+        texts are typed by ``Registry.make`` as ``--adapter-spec``'s are (the same keys, values and errors)."""
         reg = self.registry or builtin_registry()
-        opts = ",".join(f"{k}={v}" for k, v in self.adapter_opts)
-        name, kw = reg.parse_spec(f"{self.adapter}:{opts}")  # an unknown name: the registry's error, naming them
-        if not reg.get(name).per_document:
+        name = str(self.adapter)
+        if not reg.get(name).per_document:  # an unknown name: the registry's error, naming them
             per_doc = [n for n, c in reg.classes.items() if c.per_document]
             raise ValueError(f"docttt adapter {name!r} is not a per-document adapter (run it as ttt:{name}); "
                              f"per-document adapters: {', '.join(per_doc)}")
-        return reg.make(name, **{**kw, "chunk": self.chunk})
+        opts: dict[str, Any] = {**dict(self.adapter_opts), "chunk": self.chunk}
+        return reg.make(name, **opts)
 
 
 def is_docttt(text: str) -> bool:

@@ -76,7 +76,7 @@ def data_dir(out: Path, train: str, val: str) -> Path:
     for kind, pattern in (("train", train), ("val", val)):
         if not found[kind]:
             raise FileNotFoundError(f"--{kind} {pattern!r} matched no file")
-    d = out / "data"
+    d = (out / "data").resolve()  # absolute: the record script runs with cwd=out, where a relative path would miss
     d.mkdir(parents=True, exist_ok=True)
     for kind, files in found.items():
         for i, f in enumerate(files):

@@ -2,6 +2,8 @@
 and the record's printed numbers are read back from its log."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,3 +57,25 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     script.write_text("print(1)\n")
     assert rm.main([*base, "--train", "x"]) == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_run_with_relative_paths_finds_its_data(tmp_path, monkeypatch):
+    """The record script runs with cwd=OUT: the data folder it is handed must still resolve there (a relative
+    ``--out`` once handed it ``runs/x/data``, which the script looked for under ``runs/x/runs/x/data``)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("tr_0.bin", "va_0.bin"):
+        (tmp_path / name).write_bytes(b"\0" * 8)
+    (tmp_path / "train_gpt.py").write_text(FAKE)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "torchrun"  # stands in for torchrun + the record script: checks what the record script reads
+    fake.write_text('#!/bin/sh\nls "$DATA_PATH"/fineweb_train_000000.bin "$DATA_PATH"/fineweb_val_000000.bin '
+                    '"$TOKENIZER_PATH" >/dev/null || exit 1\n'
+                    'echo "final_int6_roundtrip_exact val_loss:3.1 val_bpb:1.84221119"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    rc = rm.main(["--script", "train_gpt.py", "--train", "tr_*.bin", "--val", "va_*.bin", "--tokenizer", "tr_0.bin",
+                  "--out", "runs/x"])
+    assert rc == 0, (tmp_path / "runs/x/train.log").read_text()
+    assert json.loads((tmp_path / "runs/x/printed.json").read_text())["printed"] == {
+        "final_int6_roundtrip_exact": 1.84221119}

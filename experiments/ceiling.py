@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print what would run; write nothing")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the report from the run dirs")
     ap.add_argument("--no-report", action="store_true", help="run cells but leave the report alone")
+    ap.add_argument("--replace-fewer", action="store_true",
+                    help="regenerate a report section even when it was generated from more complete cells than "
+                         "the run root now holds (by default such a section is kept)")
     args = ap.parse_args(argv)
     try:
         study = load_study(args.config, args.root)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not args.no_report:
         from metattt.study.report import write_report
 
-        write_report(study)
+        write_report(study, replace_fewer=args.replace_fewer)
     return rc
 
 

@@ -174,6 +174,26 @@ def test_regenerating_keeps_other_studies_blocks_and_prose(study) -> None:
     assert (root / "report.md").read_text() == edited
 
 
+def test_a_section_from_more_cells_than_are_here_is_kept(study, capsys) -> None:
+    """Run directories do not travel with the checkout: regenerating where a cell's directory is missing keeps the
+    section that was generated from it (and says so), unless --replace-fewer."""
+    root, cfg = study
+    before = (root / "report.md").read_text()
+    cell = _cell_dir(root)
+    aside = cell.with_name(cell.name + ".aside")
+    cell.rename(aside)
+    try:
+        assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0
+        assert (root / "report.md").read_text() == before
+        assert "kept section 6" in capsys.readouterr().out
+        assert ceiling.main(["--config", str(cfg), "--report-only", "--replace-fewer"]) == 0
+        assert "from 0 of 1 configured cells" in (root / "report.md").read_text()
+    finally:
+        aside.rename(cell)
+        assert ceiling.main(["--config", str(cfg), "--report-only"]) == 0
+    assert (root / "report.md").read_text() == before
+
+
 def test_bounds_table_uses_the_exact_bounds_of_the_evaluated_tokens(study) -> None:
     """The room is exact for sliding's contexts at the cell's stride (protocol_bounds), and the fraction is
     Σ gain / Σ room over the evaluated documents."""

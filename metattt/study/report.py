@@ -262,7 +262,7 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
         if not rows:
             continue
         lines += ["", f"Δ by {title}, bits per byte within each bucket (share of the total Δ in brackets):", "",
-                  "| Δ | " + " | ".join(c["labels"]) + " |", "|---|" + "---|" * len(c["labels"])]
+                  *table("| Δ | " + " | ".join(c["labels"]) + " |")]
         for k, d in rows:
             lines.append(f"| {k} | " + " | ".join(f"{_f(v, True)} ({_f(sh, True)})"
                                                  for v, sh in zip(d["value"], d["share"])) + " |")
@@ -300,17 +300,16 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
 
 def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
     """Section 6: the fractions of the exact context and adaptation rooms that model and adapters capture."""
-    w = bd["context"]
+    w, ad_room = bd["context"], bd["window_bpb"] - bd["bayes_unknown_bpb"]
     ctx_room = bd["bigram_bpb"] - bd["window_bpb"]
-    ad_room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
     sl = ev["protocols"].get("sliding", {}).get("bpb")
-    ctx_frac = (bd["bigram_bpb"] - sl) / ctx_room if sl is not None and ctx_room > 0 else None
+    ctx = _context_captured(sl, bd)
     lines = [f"Exact bounds on these {bd['n_tokens']:,} tokens: global chain {_f(bd['bigram_bpb'])}, Bayes reader of "
              f"each target's sliding context ({w}-token windows) {_f(bd['window_bpb'])}, Bayes reader of the whole "
              "document "
              f"{_f(bd['bayes_unknown_bpb'])} (θ known {_f(bd['bayes_known_bpb'])}). Context room (chain − window) "
              f"{_f(ctx_room)}; adaptation room (window − whole document) {_f(ad_room)}. The sliding model captures "
-             f"{'n/a' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} of the context room "
+             f"{ctx or 'n/a'} of the context room "
              f"((chain − sliding) / room); its own gap to the window bound is {_f(sl - bd['window_bpb'] if sl else None)}."
              f" The window bound is exact for sliding's contexts at stride {bd.get('stride', '?')}; the fraction is "
              "Σ gain / Σ room over documents, its CI a document bootstrap that resamples each document with its "
@@ -321,8 +320,7 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
         share, g = room_share(ev, bd, key), gain_over(ev, "sliding", key)
         fr, lo, hi = share if share else (float("nan"), None, None)
         lines.append(f"| {key} | {_f(g[0] if g else None, True)} | {_f(ad_room)} | {_f(fr, True)} | "
-                     f"{_ci(lo, hi)} | "
-                     f"{'' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} |")
+                     f"{_ci(lo, hi)} | {ctx or ''} |")
     return lines
 
 
@@ -438,6 +436,12 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _context_captured(sliding: float | None, bd: dict[str, Any]) -> str | None:
+    """The share of the context room (chain − window) that sliding captures, in percent; None without a room."""
+    room = bd["bigram_bpb"] - bd["window_bpb"]
+    return _pct((bd["bigram_bpb"] - sliding) / room) if sliding is not None and room > 0 else None
+
+
 SUMMARY_LEAD = ("Across cells (synthetic bounds; fraction of the adaptation room each protocol captures over "
                 "sliding, Σ gain / Σ room over documents, 95% CI of a document bootstrap that resamples each "
                 "document with its room, in brackets; a zero-room cell shows its gain over sliding in bpb):")
@@ -461,8 +465,7 @@ def summary_table(done: list[CellResult]) -> list[str]:
     for r, bd in rows:
         ev, s = r.eval, r.model_summary or {}
         sl = ev["protocols"].get("sliding", {}).get("bpb")
-        ctx_room = bd["bigram_bpb"] - bd["window_bpb"]
-        ctx = _pct((bd["bigram_bpb"] - sl) / ctx_room) if sl is not None and ctx_room > 0 else "n/a"
+        ctx = _context_captured(sl, bd) or "n/a"
         gap, room = _gap_over_room(sl, bd)
         cells = []
         for k in keys:

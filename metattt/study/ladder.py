@@ -566,17 +566,13 @@ ACCOUNT_LEAD = ("Continued-training account (issue 29): how much of Δ_TTT (`ttt
 
 
 def account_table(accounts: Sequence[Account], kappa: float = KAPPA) -> list[str]:
-    if not accounts:
-        return []
     head = ("| setting | model | D/N trained | S (tokens) | epochs | Δ_TTT | ΔL(κ·S·epochs) | ΔL 95% CI | "
             "ΔL(κ·S once) | ΔL parent curve | Δ_TTT − ΔL | Δ_TTT − ΔL 95% CI |")
-    lines = [ACCOUNT_LEAD.format(kappa=kappa), "", *table(head)]
-    for a in accounts:
-        lines.append(f"| {a.point.setting} | {a.point.model} | {a.point.dn_trained:.1f} | {a.tokens:,} | "
-                     f"{a.epochs} | {_f(a.delta, True)} | {_f(a.drop, True)} | {_ci(a.drop_ci)} | "
-                     f"{_f(a.drop_unique, True)} | {_f(a.drop_parent, True)} | {_f(a.remaining, True)} | "
-                     f"{_ci(a.remaining_ci)} |")
-    return lines + [""]
+    rows = [f"| {a.point.setting} | {a.point.model} | {a.point.dn_trained:.1f} | {a.tokens:,} | "
+            f"{a.epochs} | {_f(a.delta, True)} | {_f(a.drop, True)} | {_ci(a.drop_ci)} | "
+            f"{_f(a.drop_unique, True)} | {_f(a.drop_parent, True)} | {_f(a.remaining, True)} | "
+            f"{_ci(a.remaining_ci)} |" for a in accounts]
+    return [ACCOUNT_LEAD.format(kappa=kappa), "", *table(head, rows), ""] if rows else []
 
 
 def prediction_table(fits: Sequence[PowerFit]) -> list[str]:

@@ -27,8 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .markdown import num as _f
-from .markdown import table
+from .markdown import num as _f, table
 
 LN2 = math.log(2.0)
 PREDICT_DN = 200.0  # the records' regime: ≈ 5.5B tokens over ≈ 27M parameters

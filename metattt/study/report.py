@@ -20,8 +20,7 @@ import numpy as np
 
 from .config import Cell, StudyConfig
 from .ladder import ladder_tables
-from .markdown import ci as _ci
-from .markdown import link, num as _f, table, table_rows
+from .markdown import ci as _ci, link, num as _f, table, table_rows
 from .runner import RECORD, cell_done, model_done, read_json as _read
 
 BOUNDS_FILE = "bounds.json"

@@ -5,7 +5,7 @@ the report file; everything between a pair is rewritten, everything outside is h
 Every number printed comes from a cell's ``eval.json`` (bpb, CIs, the Δ the evaluator computed) or is derived
 from its per-document nats with the evaluator's own paired bootstrap (flat − ttt, the "seed's own delta");
 on the synthetic corpus the exact bounds are recomputed for the evaluated tokens and context (``bounds.json``).
-``parse_tables`` reads the tables back, so a test can hold the report to the run directories.
+The tests read the tables back (tests/report_tables.py) to hold the report to the run directories.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import Cell, StudyConfig
 from .ladder import ladder_tables
-from .markdown import ci as _ci, link, num as _f, table, table_rows
+from .markdown import ci as _ci, link, num as _f, table
 from .runner import RECORD, cell_done, model_done, read_json as _read
 
 BOUNDS_FILE = "bounds.json"
@@ -564,21 +564,3 @@ def write_report(study: StudyConfig, log=print) -> dict[str, list[str]]:
     report.write_text(text, encoding="utf-8")
     log(f"wrote {report} ({', '.join(study.sections)})")
     return bodies
-
-
-# ---------------------------------------------------------------- reading the report back
-
-def parse_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
-    """run dir -> protocol -> {column: cell text} for every cell table in ``text`` (the main and the bounds table:
-    columns prefixed ``main:`` / ``bounds:``)."""
-    out: dict[str, dict[str, dict[str, str]]] = {}
-    for run_dir, head, cols in table_rows(text, lambda c: c[0] == "protocol", r"^run dir: `([^`]+)`$"):
-        key = "bounds" if "adaptation room" in head else "main"
-        out.setdefault(str(run_dir), {}).setdefault(cols[0], {}).update({f"{key}:{h}": v for h, v in zip(head, cols)})
-    return out
-
-
-def parse_summary(text: str) -> dict[tuple[str, str], dict[str, str]]:
-    """(model, setting) -> {column: cell text} for the summary tables in ``text``."""
-    return {(cols[0], cols[1]): dict(zip(head, cols))
-            for _, head, cols in table_rows(text, lambda c: c[:2] == ["model", "setting"])}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from metattt.study.config import StudyConfigError, load_study, parse_study
-from metattt.study.report import parse_summary, parse_tables
 from metattt.study.runner import run_study
+from report_tables import parse_summary, parse_tables
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))

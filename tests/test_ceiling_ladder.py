@@ -224,7 +224,7 @@ def _json(path: Path) -> dict:
 
 
 def test_cpu_ladder_tables_are_the_run_directories(ladder_study):
-    from metattt.study.report import parse_summary, parse_tables
+    from report_tables import parse_summary, parse_tables
 
     root, report = ladder_study
     study = root / "study"

@@ -28,7 +28,7 @@ def _json(path: Path) -> dict:
 
 
 def test_cpu_meta_arms_section_is_the_run_directories(meta_study):
-    from metattt.study.arms import parse_arm_rows
+    from report_tables import parse_arm_rows
     from metattt.study.config import load_study
 
     root, report, cfg = meta_study

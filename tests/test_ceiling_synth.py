@@ -98,7 +98,8 @@ def test_bounds_are_exact_for_the_val_corpus_and_stride(synth_study) -> None:
 def test_report_shares_are_those_of_the_run_dirs(synth_study) -> None:
     """The summary's share per protocol is Σ gain / Σ room over the cell's documents, its interval around it; the
     zero-room control shows its gain in bpb (there is no room to share)."""
-    from metattt.study.report import ADAPTED, SUMMARY_LEAD, parse_summary
+    from metattt.study.report import ADAPTED, SUMMARY_LEAD
+    from report_tables import parse_summary
 
     root, report = synth_study
     rows = parse_summary(report[report.index(SUMMARY_LEAD):].split("\n\n")[1])  # the summary (the ladder table follows)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .markdown import link, num, table, table_rows
+from .markdown import link, num, table
 
 LN2 = math.log(2.0)
 _SEEDED = re.compile(r"^(?P<arm>.+)\.s(?P<seed>\d+)$")
@@ -461,9 +461,3 @@ def _rates_lines(study, cfg: ArmsConfig) -> list[str]:
     return ["Learned inner learning rates at the end of meta-training (summary.json `meta_params`; per tensor the "
             "geometric mean over its slices, then over seeds; min / max over slices and seeds):", "",
             *table("| arm | tensor | init | learned (geometric mean) | min | max | seeds |", rows), ""]
-
-
-def parse_arm_rows(text: str) -> dict[tuple[str, str, str], dict[str, str]]:
-    """(validation set, arm, quantity) -> {column: cell text} of the arms' comparison tables in ``text``."""
-    return {(str(v), cols[0], cols[2]): dict(zip(head, cols)) for v, head, cols in
-            table_rows(text, lambda c: c[:3] == ["arm", "seeds", "quantity"], r"^\*\*Validation set `([^`]+)`\*\*$")}

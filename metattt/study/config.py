@@ -176,22 +176,19 @@ class StudyConfig:
         return self.root / c.rel_dir
 
 
-def _expand_sweep(base: dict[str, Any], sweep: Any, where: str) -> list[tuple[str, tuple[str, ...]]]:
+def _expand_sweep(sweep: Any, where: str) -> list[tuple[str, tuple[str, ...]]]:
     """(name suffix, extra flags) per combination of the sweep's values; booleans are bare flags."""
     if sweep is None:
         return [("", ())]
     if not isinstance(sweep, dict) or not sweep:
         raise StudyConfigError(f"{where}: sweep must be a table of flag -> list of values")
-    names, values = [], []
     for flag, vals in sweep.items():
         if not flag.startswith("--") or not isinstance(vals, list) or not vals:
             raise StudyConfigError(f"{where}: sweep entry {flag!r} must be '--flag' = [non-empty list]")
-        names.append(flag)
-        values.append(vals)
     out = []
-    for combo in itertools.product(*values):
+    for combo in itertools.product(*sweep.values()):
         parts, flags = [], []
-        for flag, v in zip(names, combo):
+        for flag, v in zip(sweep, combo):
             short = flag[2:]
             if isinstance(v, bool):
                 parts.append(f"{short}={str(v).lower()}")
@@ -298,7 +295,7 @@ def parse_study(data: dict[str, Any], source: Path | None = None, root_override:
         for bad in ("--protocols", "--adapter-spec", "--run-dir"):
             if bad in flags:
                 raise StudyConfigError(f"{where}: {bad} is set by the study (use protocols / adapter_specs keys)")
-        for suffix, extra in _expand_sweep(e, e.get("sweep"), where):
+        for suffix, extra in _expand_sweep(e.get("sweep"), where):
             evals.append(EvalSpec(ename + suffix, section, protocols, specs, flags + extra, sel, str(e.get("note", ""))))
     if len({x.name for x in evals}) != len(evals):
         raise StudyConfigError(f"{src}: eval names (after sweep expansion) must be unique")

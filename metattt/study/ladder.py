@@ -27,8 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .markdown import num as _f
-from .markdown import table
+from .markdown import num as _f, table
 
 LN2 = math.log(2.0)
 PREDICT_DN = 200.0  # the records' regime: ≈ 5.5B tokens over ≈ 27M parameters
@@ -77,6 +76,17 @@ def delta_keys(points: Sequence[LadderPoint]) -> list[str]:
 
 # ---------------------------------------------------------------- one point's numbers
 
+def _f64(v: Any) -> np.ndarray:
+    return np.asarray(v, dtype=np.float64)
+
+
+def _gain(nats: dict[str, Any], d: dict[str, Any], sl: slice = slice(None)) -> np.ndarray | None:
+    """Per-document (or per-bucket) nats of a Δ's ``from`` minus its ``to``; None when either is absent."""
+    if d["from"] not in nats or d["to"] not in nats:
+        return None
+    return _f64(nats[d["from"]])[sl] - _f64(nats[d["to"]])[sl]
+
+
 def _runs(p: LadderPoint) -> dict[str, Any] | None:
     """eval.json ``runs`` when the cell ran several document orders / adapter seeds, else None."""
     r = p.eval.get("runs")
@@ -118,12 +128,8 @@ def position_split(p: LadderPoint, key: str) -> dict[str, float] | None:
         return None
 
     def part(block: dict[str, Any], sl: slice) -> float | None:
-        nats = block["nats"]
-        if d["from"] not in nats or d["to"] not in nats:
-            return None
-        g = np.asarray(nats[d["from"]], dtype=np.float64)[sl] - np.asarray(nats[d["to"]], dtype=np.float64)[sl]
-        b = np.asarray(block["bytes"], dtype=np.float64)[sl].sum()
-        return float(g.sum() / LN2 / b) if b > 0 else None
+        g, b = _gain(block["nats"], d, sl), _f64(block["bytes"])[sl].sum()
+        return float(g.sum() / LN2 / b) if g is not None and b > 0 else None
 
     i = list(dp["edges"]).index(OFFSET_SPLIT)
     out = {"early": part(dp, slice(0, i)), "late": part(dp, slice(i, None))}
@@ -159,10 +165,8 @@ class _Series:
     per_run: np.ndarray | None
 
     def value(self, idx: np.ndarray | None = None, u: np.ndarray | None = None) -> float:
-        if idx is None:
-            v = self.num.sum() / LN2 / self.bytes.sum()
-        else:
-            v = self.num[idx].sum() / LN2 / self.bytes[idx].sum()
+        sel = slice(None) if idx is None else idx
+        v = self.num[sel].sum() / LN2 / self.bytes[sel].sum()
         if self.per_run is not None:
             k = self.per_run.size
             runs = self.per_run if u is None else self.per_run[np.minimum((u[:k] * k).astype(int), k - 1)]
@@ -178,16 +182,12 @@ def _series(p: LadderPoint, kind: str, name: str) -> _Series | None:
     nats, runs = per["nats"], _runs(p) or {}
     if kind == "delta":
         d = p.delta(name)
-        if d is None or d["from"] not in nats or d["to"] not in nats:
-            return None
-        num = np.asarray(nats[d["from"]], dtype=np.float64) - np.asarray(nats[d["to"]], dtype=np.float64)
+        num = None if d is None else _gain(nats, d)
         pr = runs.get("deltas", {}).get(name, {}).get("value_per_run")
     else:
-        if name not in nats:
-            return None
-        num = np.asarray(nats[name], dtype=np.float64)
+        num = _f64(nats[name]) if name in nats else None
         pr = runs.get("protocols", {}).get(name, {}).get("bpb_per_run")
-    return _Series(num, np.asarray(per["bytes"], dtype=np.float64), None if not pr else np.asarray(pr, float))
+    return None if num is None else _Series(num, _f64(per["bytes"]), None if not pr else np.asarray(pr, float))
 
 
 def _joint(series: Sequence[_Series], n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -230,7 +230,7 @@ def fit_power_floor(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
     (1,000 refits per size) needs: near γ = 0 (A and F trade off) an iterative fit took seconds per refit."""
     from scipy.optimize import minimize_scalar
 
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = _f64(x), _f64(y)
     if len(np.unique(x)) < 3:
         return None
 
@@ -565,17 +565,13 @@ ACCOUNT_LEAD = ("Continued-training account (issue 29): how much of Δ_TTT (`ttt
 
 
 def account_table(accounts: Sequence[Account], kappa: float = KAPPA) -> list[str]:
-    if not accounts:
-        return []
     head = ("| setting | model | D/N trained | S (tokens) | epochs | Δ_TTT | ΔL(κ·S·epochs) | ΔL 95% CI | "
             "ΔL(κ·S once) | ΔL parent curve | Δ_TTT − ΔL | Δ_TTT − ΔL 95% CI |")
-    lines = [ACCOUNT_LEAD.format(kappa=kappa), "", *table(head)]
-    for a in accounts:
-        lines.append(f"| {a.point.setting} | {a.point.model} | {a.point.dn_trained:.1f} | {a.tokens:,} | "
-                     f"{a.epochs} | {_f(a.delta, True)} | {_f(a.drop, True)} | {_ci(a.drop_ci)} | "
-                     f"{_f(a.drop_unique, True)} | {_f(a.drop_parent, True)} | {_f(a.remaining, True)} | "
-                     f"{_ci(a.remaining_ci)} |")
-    return lines + [""]
+    rows = [f"| {a.point.setting} | {a.point.model} | {a.point.dn_trained:.1f} | {a.tokens:,} | "
+            f"{a.epochs} | {_f(a.delta, True)} | {_f(a.drop, True)} | {_ci(a.drop_ci)} | "
+            f"{_f(a.drop_unique, True)} | {_f(a.drop_parent, True)} | {_f(a.remaining, True)} | "
+            f"{_ci(a.remaining_ci)} |" for a in accounts]
+    return [ACCOUNT_LEAD.format(kappa=kappa), "", *table(head, rows), ""] if rows else []
 
 
 def prediction_table(fits: Sequence[PowerFit]) -> list[str]:
@@ -702,7 +698,7 @@ def candidates(p: LadderPoint) -> list[Candidate]:
         return []
     nats, runs = per["nats"], (_runs(p) or {}).get("protocols", {})
     base_t = _s_per_token(protos["sliding"])
-    base = np.asarray(nats["sliding"], dtype=np.float64)
+    base = _f64(nats["sliding"])
     out = []
     for name, e in protos.items():
         if not e.get("adapter") or name not in nats:
@@ -711,13 +707,12 @@ def candidates(p: LadderPoint) -> list[Candidate]:
         if name in runs and "sliding" in runs:
             a, b = runs["sliding"].get("bpb_per_run"), runs[name].get("bpb_per_run")
             if a and b and len(a) == len(b):
-                pr = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+                pr = _f64(a) - _f64(b)
         t = _s_per_token(e)
         out.append(Candidate(p, name, bool(e.get("legal")) and e.get("invalid") is None,
                              e.get("mode") == "oracle" or name.startswith("oracle:"),
                              None if t is None or not base_t else t / base_t,
-                             _Series(base - np.asarray(nats[name], dtype=np.float64),
-                                     np.asarray(per["bytes"], dtype=np.float64), pr)))
+                             _Series(base - _f64(nats[name]), _f64(per["bytes"]), pr)))
     return out
 
 

@@ -1,15 +1,11 @@
-"""The report's markdown: number cells, tables, links, and reading tables back (for the tests that hold a report
-to its run directories). A module of its own so that report, ladder and arms share it without importing each
-other."""
+"""The report's markdown: number cells, tables, links. A module of its own so that report, ladder and arms share it
+without importing each other (the tests' reader of the tables back is tests/report_tables.py)."""
 from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-_ROW_SPLIT = re.compile(r"\s*\|\s*")
+from typing import Iterable
 
 
 def num(v: float | None, signed: bool = False) -> str:
@@ -33,23 +29,3 @@ def table(head: str, rows: Iterable[str] = ()) -> list[str]:
 def link(path: Path, report_dir: Path) -> str:
     """``path`` relative to the report's folder, as a markdown link target."""
     return Path(os.path.relpath(path.resolve(), report_dir.resolve())).as_posix()
-
-
-def table_rows(text: str, is_head: Callable[[list[str]], bool], anchor: str | None = None
-               ) -> Iterator[tuple[str | None, list[str], list[str]]]:
-    """(anchor, header cells, row cells) for every row of the tables in ``text`` whose header ``is_head`` accepts.
-    ``anchor``: a pattern whose group names the rows after a line it matches (e.g. a cell's run dir); with one,
-    rows before its first match are skipped. A prose line ends a table; a blank line does not."""
-    key, head = None, None
-    for line in text.splitlines():
-        m = re.match(anchor, line) if anchor else None
-        if m:
-            key, head = m.group(1), None
-        elif not line.startswith("|"):
-            head = None if line.strip() else head
-        elif not line.startswith("|---"):
-            cols = _ROW_SPLIT.split(line.strip().strip("|").strip())
-            if is_head(cols):
-                head = cols
-            elif head is not None and (anchor is None or key is not None):
-                yield key, head, cols

@@ -44,6 +44,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _axes(ax, xlabel: str, ylabel: str, xlog: bool = False, **grid: Any) -> None:
+    """What the Δ panels share, drawn after their data: log x (sizes, D/N), the zero line, labels, a light grid."""
+    if xlog:
+        ax.set_xscale("log")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, **grid)
+
+
 def _ttt_points(ev: dict[str, Any]) -> list[tuple[str, int, float, float, float]]:
     out = []
     for key, d in ev["deltas"].items():
@@ -71,12 +81,8 @@ def capacity_plot(results: list, path: Path) -> Path | None:
         # a point may sit just outside its percentile CI; matplotlib refuses negative error bars
         err = [[max(0.0, p[2] - p[3]) for p in pts], [max(0.0, p[4] - p[2]) for p in pts]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("adapted scalars")
-    ax.set_ylabel("Δ_TTT = sliding − ttt (bpb)")
+    _axes(ax, "adapted scalars", "Δ_TTT = sliding − ttt (bpb)", xlog=True)
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -99,12 +105,9 @@ def running_plot(results: list, path: Path) -> Path | None:
             ys = [float("nan") if v is None else v for v in rd["delta_bpb"]]
             xs = [(i + 1) * rd["block_tokens"] for i in range(len(ys))]
             ax.plot(xs, ys, label=label, linewidth=1.0)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
+        _axes(ax, "scored tokens", "cumulative Δ_TTT (bpb)")
         ax.set_title(model, fontsize=8)
-        ax.set_xlabel("scored tokens")
-        ax.set_ylabel("cumulative Δ_TTT (bpb)")
         ax.legend(fontsize=5, ncol=2)
-        ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     return _save(fig, path)
@@ -132,10 +135,8 @@ def fraction_plot(results: list, bounds: list, path: Path) -> Path | None:
     err = [[max(0.0, b[1] - b[2]) for b in bars], [max(0.0, b[3] - b[1]) for b in bars]]
     ax.bar(xs, [b[1] for b in bars], yerr=err, capsize=2)
     ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=6, rotation=90)
-    ax.axhline(0.0, color="grey", linewidth=0.8)
+    _axes(ax, "", "Δ_TTT / adaptation room", axis="y")
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # the whole room
-    ax.set_ylabel("Δ_TTT / adaptation room")
-    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 
@@ -208,12 +209,8 @@ def ladder_plot(results: Sequence[Any], path) -> Any:
             if fit is not None:
                 xs = np.geomspace(x.min(), max(x.max(), PREDICT_DN), 50)
                 ax.plot(xs, power_floor(xs, *fit), linewidth=0.8, color=line[0].get_color())
-        ax.set_xscale("log")
-        ax.axhline(0.0, color="grey", linewidth=0.8)
+        _axes(ax, "D/N (tokens trained / non-embedding parameters)", "Δ (bpb)", xlog=True)
         ax.set_title(f"Δ {key}", fontsize=8)
-        ax.set_xlabel("D/N (tokens trained / non-embedding parameters)")
-        ax.set_ylabel("Δ (bpb)")
-        ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=5)
     return _save(fig, path)
 

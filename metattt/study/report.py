@@ -5,7 +5,7 @@ the report file; everything between a pair is rewritten, everything outside is h
 Every number printed comes from a cell's ``eval.json`` (bpb, CIs, the Δ the evaluator computed) or is derived
 from its per-document nats with the evaluator's own paired bootstrap (flat − ttt, the "seed's own delta");
 on the synthetic corpus the exact bounds are recomputed for the evaluated tokens and context (``bounds.json``).
-``parse_tables`` reads the tables back, so a test can hold the report to the run directories.
+The tests read the tables back (tests/report_tables.py) to hold the report to the run directories.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import numpy as np
 
 from .config import Cell, StudyConfig
 from .ladder import ladder_tables
-from .markdown import ci as _ci
-from .markdown import link, num as _f, table, table_rows
+from .markdown import ci as _ci, link, num as _f, table
 from .runner import RECORD, cell_done, model_done, read_json as _read
 
 BOUNDS_FILE = "bounds.json"
@@ -263,7 +262,7 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
         if not rows:
             continue
         lines += ["", f"Δ by {title}, bits per byte within each bucket (share of the total Δ in brackets):", "",
-                  "| Δ | " + " | ".join(c["labels"]) + " |", "|---|" + "---|" * len(c["labels"])]
+                  *table("| Δ | " + " | ".join(c["labels"]) + " |")]
         for k, d in rows:
             lines.append(f"| {k} | " + " | ".join(f"{_f(v, True)} ({_f(sh, True)})"
                                                  for v, sh in zip(d["value"], d["share"])) + " |")
@@ -301,17 +300,16 @@ def instrument_lines(ev: dict[str, Any]) -> list[str]:
 
 def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
     """Section 6: the fractions of the exact context and adaptation rooms that model and adapters capture."""
-    w = bd["context"]
+    w, ad_room = bd["context"], bd["window_bpb"] - bd["bayes_unknown_bpb"]
     ctx_room = bd["bigram_bpb"] - bd["window_bpb"]
-    ad_room = bd["window_bpb"] - bd["bayes_unknown_bpb"]
     sl = ev["protocols"].get("sliding", {}).get("bpb")
-    ctx_frac = (bd["bigram_bpb"] - sl) / ctx_room if sl is not None and ctx_room > 0 else None
+    ctx = _context_captured(sl, bd)
     lines = [f"Exact bounds on these {bd['n_tokens']:,} tokens: global chain {_f(bd['bigram_bpb'])}, Bayes reader of "
              f"each target's sliding context ({w}-token windows) {_f(bd['window_bpb'])}, Bayes reader of the whole "
              "document "
              f"{_f(bd['bayes_unknown_bpb'])} (θ known {_f(bd['bayes_known_bpb'])}). Context room (chain − window) "
              f"{_f(ctx_room)}; adaptation room (window − whole document) {_f(ad_room)}. The sliding model captures "
-             f"{'n/a' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} of the context room "
+             f"{ctx or 'n/a'} of the context room "
              f"((chain − sliding) / room); its own gap to the window bound is {_f(sl - bd['window_bpb'] if sl else None)}."
              f" The window bound is exact for sliding's contexts at stride {bd.get('stride', '?')}; the fraction is "
              "Σ gain / Σ room over documents, its CI a document bootstrap that resamples each document with its "
@@ -322,8 +320,7 @@ def bounds_table(ev: dict[str, Any], bd: dict[str, Any]) -> list[str]:
         share, g = room_share(ev, bd, key), gain_over(ev, "sliding", key)
         fr, lo, hi = share if share else (float("nan"), None, None)
         lines.append(f"| {key} | {_f(g[0] if g else None, True)} | {_f(ad_room)} | {_f(fr, True)} | "
-                     f"{_ci(lo, hi)} | "
-                     f"{'' if ctx_frac is None else f'{100 * ctx_frac:.1f}%'} |")
+                     f"{_ci(lo, hi)} | {ctx or ''} |")
     return lines
 
 
@@ -439,6 +436,12 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _context_captured(sliding: float | None, bd: dict[str, Any]) -> str | None:
+    """The share of the context room (chain − window) that sliding captures, in percent; None without a room."""
+    room = bd["bigram_bpb"] - bd["window_bpb"]
+    return _pct((bd["bigram_bpb"] - sliding) / room) if sliding is not None and room > 0 else None
+
+
 SUMMARY_LEAD = ("Across cells (synthetic bounds; fraction of the adaptation room each protocol captures over "
                 "sliding, Σ gain / Σ room over documents, 95% CI of a document bootstrap that resamples each "
                 "document with its room, in brackets; a zero-room cell shows its gain over sliding in bpb):")
@@ -462,8 +465,7 @@ def summary_table(done: list[CellResult]) -> list[str]:
     for r, bd in rows:
         ev, s = r.eval, r.model_summary or {}
         sl = ev["protocols"].get("sliding", {}).get("bpb")
-        ctx_room = bd["bigram_bpb"] - bd["window_bpb"]
-        ctx = _pct((bd["bigram_bpb"] - sl) / ctx_room) if sl is not None and ctx_room > 0 else "n/a"
+        ctx = _context_captured(sl, bd) or "n/a"
         gap, room = _gap_over_room(sl, bd)
         cells = []
         for k in keys:
@@ -581,21 +583,3 @@ def write_report(study: StudyConfig, log=print, replace_fewer: bool = False) -> 
     report.write_text(text, encoding="utf-8")
     log(f"wrote {report} ({', '.join(study.sections)})")
     return bodies
-
-
-# ---------------------------------------------------------------- reading the report back
-
-def parse_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
-    """run dir -> protocol -> {column: cell text} for every cell table in ``text`` (the main and the bounds table:
-    columns prefixed ``main:`` / ``bounds:``)."""
-    out: dict[str, dict[str, dict[str, str]]] = {}
-    for run_dir, head, cols in table_rows(text, lambda c: c[0] == "protocol", r"^run dir: `([^`]+)`$"):
-        key = "bounds" if "adaptation room" in head else "main"
-        out.setdefault(str(run_dir), {}).setdefault(cols[0], {}).update({f"{key}:{h}": v for h, v in zip(head, cols)})
-    return out
-
-
-def parse_summary(text: str) -> dict[tuple[str, str], dict[str, str]]:
-    """(model, setting) -> {column: cell text} for the summary tables in ``text``."""
-    return {(cols[0], cols[1]): dict(zip(head, cols))
-            for _, head, cols in table_rows(text, lambda c: c[:2] == ["model", "setting"])}

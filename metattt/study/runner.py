@@ -169,18 +169,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM the child's process group (torchrun and its workers too), then SIGKILL what is left after 10 s."""
     import signal
 
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        if wait is None:
-            break
-        try:
-            proc.wait(timeout=wait)
+            proc.wait(timeout=10.0)
             return
         except subprocess.TimeoutExpired:
-            continue
+            os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
     proc.wait()
 
 

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -195,12 +196,10 @@ def _as_number(v: Any) -> Any:
 def _metric_names(run: RunRecord, metric: str) -> list[str]:
     """Candidate dotted paths for ``metric`` in this run (exact, static aliases, evaluator-schema forms)."""
     names = [metric, *METRIC_ALIASES.get(metric, ())]
-    for prefix in ("bpb:", "bpb."):
-        if metric.startswith(prefix) and len(metric) > len(prefix):
-            names.append(f"protocols.{metric[len(prefix):]}.bpb")
-    for prefix in ("ttt_delta:", "ttt_delta."):
-        if metric.startswith(prefix) and len(metric) > len(prefix):
-            names += [f"deltas.ttt:{metric[len(prefix):]}", f"deltas.{metric[len(prefix):]}"]
+    m = re.fullmatch(r"(bpb|ttt_delta)[:.](.+)", metric, re.S)  # bpb:PROTOCOL, ttt_delta:ADAPTER (or with a dot)
+    if m:
+        kind, rest = m.groups()
+        names += [f"protocols.{rest}.bpb"] if kind == "bpb" else [f"deltas.ttt:{rest}", f"deltas.{rest}"]
     if metric == "ttt_delta":
         deltas = run.eval.get("deltas")
         ttt = sorted(k for k in deltas if str(k).startswith("ttt:")) if isinstance(deltas, Mapping) else []

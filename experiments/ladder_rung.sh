@@ -23,6 +23,7 @@ if [ ! -f data/ladder/build_meta.json ]; then
     --out data/ladder || exit 1
 fi
 echo "data ready at $(( $(date +%s) - t0 )) s"
+[ "$(left)" -gt 60 ] || { echo "error: $(left) s left after the data build" >&2; exit 1; }  # timeout 0 = no limit
 timeout "$(left)" python experiments/ceiling.py --config "$cfg" --no-report --only "ladder-$size.wsd"
 for m in $(grep -o "^name = \"ladder-$size\.dn[0-9]*\"" "$cfg" | cut -d'"' -f2); do
   [ "$(left)" -gt 60 ] || { echo "stopped before $m: $(left) s left"; break; }

@@ -62,14 +62,14 @@ def _inductor_value(key: str, val: str):
 def parse_variant(name: str) -> dict:
     """``compile+bf16+mb=196608`` -> options. Tokens: eager | compile, meta (FOMAML every 4 steps), bf16 (bf16
     residual stream), unfused-qkv (three Q/K/V GEMMs), unfolded (attn/mlp scales as separate multiplies), no-qkv-kernel (q/k norm+RoPE left
-    to Inductor), mb=N (micro-batch tokens), mode=M (torch.compile mode),
+    to Inductor), fp8 (bank GEMMs with FP8 operands, ``Runtime.fp8``), mb=N (micro-batch tokens), mode=M (torch.compile mode),
     ind:KEY=VAL (an Inductor option, e.g. ind:triton.mix_order_reduction=0), attn=BACKEND (overrides --attn)."""
-    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "fold_gains": True, "qkv_kernel": True, "mb": 0, "mode": None, "inductor": {},
+    opts = {"compile": False, "meta": False, "bf16": False, "fused_qkv": True, "fold_gains": True, "qkv_kernel": True, "fp8": False, "mb": 0, "mode": None, "inductor": {},
             "attn": None}
     for tok in name.split("+"):
         if tok in ("eager", "compile"):
             opts["compile"] = tok == "compile"
-        elif tok in ("meta", "bf16"):
+        elif tok in ("meta", "bf16", "fp8"):
             opts[tok] = True
         elif tok == "unfused-qkv":
             opts["fused_qkv"] = False
@@ -96,7 +96,7 @@ def run_variant(name: str, args, info) -> dict:
     cfg = preset(args.preset)
     torch.manual_seed(0)
     runtime = Runtime(residual_dtype="bfloat16" if v["bf16"] else "float32", fused_qkv=v["fused_qkv"],
-                      fold_gains=v["fold_gains"], qkv_kernel=v["qkv_kernel"])
+                      fold_gains=v["fold_gains"], qkv_kernel=v["qkv_kernel"], fp8=v["fp8"])
     model = BankedGPT(cfg.model, runtime).to(info.device)
     opts = build_optimizers(model, cfg.optim, distributed=info.distributed)
     if v["compile"]:

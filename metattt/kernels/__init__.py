@@ -1,5 +1,6 @@
 """Hand-written Triton kernels, each with a plain-torch reference (used on CPU, in CI and as the tests' ground
-truth): ``qkv_prep`` (per-head norm + partial RoPE + q gain)."""
+truth): ``qkv_prep`` (per-head norm + partial RoPE + q gain). ``fp8`` (FP8 bank GEMMs through ``torch._scaled_mm``,
+``Runtime.fp8``) is plain torch, not Triton: it runs on CPU too."""
 import torch
 
 __all__ = ["in_functorch_transform"]

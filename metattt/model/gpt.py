@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import in_functorch_transform, qkv_prep
+from ..kernels import fp8, in_functorch_transform, qkv_prep
 from .attention import causal_attention
 from .config import ModelConfig
 
@@ -58,6 +58,13 @@ class Runtime:
     embedding tables are bf16 tensors, so the token and bigram embeddings and their sum are bf16; the smear gate is
     cast to bf16 before its sigmoid); ``attn`` is the backend of a forward called with ``attn="auto"``
     (``--compat pg-record`` pins the record's SDPA kernel).
+    ``fp8`` runs the bank GEMMs (Q/K/V, out-projection, MLP up/down; forward and backward) with FP8 operands and
+    dynamic per-tensor scales (``metattt.kernels.fp8``: FP8 tensor cores have twice the bf16 peak on H100); the
+    fp32 banks and their gradients stay the master copy, and the embeddings, head, value-embedding/bigram
+    projections and LoRA terms keep plain GEMMs. It changes the numerics (operands rounded to 3 or 2 mantissa
+    bits), so it is opt-in; like ``qkv_kernel`` it has no double backward, so ``attn="math"`` and ``torch.func``
+    transforms keep plain GEMMs, and shapes ``_scaled_mm`` cannot take (dims not multiples of 16) fall back to
+    ``F.linear`` with a warning.
     """
 
     residual_dtype: str = "float32"
@@ -67,6 +74,7 @@ class Runtime:
     qkv_kernel: bool = True
     record_casts: bool = False  # the record scripts' bf16 embedding sum and smear-gate cast (compat scoring)
     attn: str = "auto"
+    fp8: bool = False  # bank GEMMs with FP8 operands (see above); default off: bit-for-bit the plain forward
 
     def __post_init__(self) -> None:
         from .attention import ATTN_BACKENDS
@@ -117,10 +125,18 @@ def bigram_hash(tokens: Tensor, buckets: int) -> Tensor:
     return h
 
 
-def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, lora: LoRA | None = None
-         ) -> tuple[Tensor, ...]:
+def _bank_linear(rt: Runtime, attn: str, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """The GEMM for a bank slice: ``fp8.fp8_linear`` under ``rt.fp8`` where a once-differentiable plain-autograd
+    op may run (not the twice-differentiable ``attn="math"`` path, not inside ``torch.func``), else ``F.linear``."""
+    if rt.fp8 and attn != "math" and not in_functorch_transform(x):
+        return fp8.fp8_linear
+    return F.linear
+
+
+def _qkv(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, lora: LoRA | None = None,
+         mm: Callable[[Tensor, Tensor], Tensor] = F.linear) -> tuple[Tensor, ...]:
     nl = cfg.num_layers
-    out = (F.linear(h, p["qo_bank"][layer]), F.linear(h, p["kv_bank"][layer]), F.linear(h, p["kv_bank"][nl + layer]))
+    out = (mm(h, p["qo_bank"][layer]), mm(h, p["kv_bank"][layer]), mm(h, p["kv_bank"][nl + layer]))
     if not lora:
         return out
     return tuple(o if d is None else o + d for o, d in
@@ -142,7 +158,8 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
     b, t, _ = h.shape
     nl, hd, nh, nkv = cfg.num_layers, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     q_gain = p[f"blocks.{layer}.q_gain"]
-    qkv = F.linear(h, torch.cat((p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]))) \
+    mm = _bank_linear(rt, attn, h)
+    qkv = mm(h, torch.cat((p["qo_bank"][layer], p["kv_bank"][layer], p["kv_bank"][nl + layer]))) \
         if rt.fused_qkv else None  # one GEMM reads h once (and one dgrad GEMM in backward)
     if lora and qkv is not None:
         qkv = _qkv_lora(h, lora, layer, qkv, (cfg.model_dim, cfg.kv_dim, cfg.kv_dim))
@@ -150,7 +167,7 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
             and not in_functorch_transform(qkv)):
         q, k, v = qkv_prep.qkv_prep(qkv, rope[0][0, :, 0], rope[1][0, :, 0], q_gain, nh, nkv, cfg.rope_dims)
     else:
-        q, k, v = _qkv(cfg, p, h, layer, lora) if qkv is None else \
+        q, k, v = _qkv(cfg, p, h, layer, lora, mm) if qkv is None else \
             qkv.split((cfg.model_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
         q = _rope(_rms(q.reshape(b, t, nh, hd)), cfg.rope_dims, rope) * q_gain.to(q.dtype)[None, None, :, None]
         k = _rope(_rms(k.reshape(b, t, nkv, hd)), cfg.rope_dims, rope)
@@ -167,7 +184,7 @@ def _attention(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int,
         vn = F.normalize(v, dim=-1).unsqueeze(3)
         y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(b, t, cfg.num_heads, hd)
     y = y.reshape(b, t, cfg.model_dim)
-    out = F.linear(y, _scaled_rows(p["qo_bank"][nl + layer], gain))
+    out = mm(y, _scaled_rows(p["qo_bank"][nl + layer], gain))
     d = lora_delta(y, lora, f"out.{layer}")
     return out if d is None else out + (d if gain is None else gain.to(d.dtype) * d)
 
@@ -178,10 +195,11 @@ def _scaled_rows(w: Tensor, gain: Tensor | None) -> Tensor:
 
 def _mlp(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: Runtime, attn: str,
          gain: Tensor | None = None) -> Tensor:
-    u = F.linear(h, p["mlp_up_bank"][layer])
+    mm = _bank_linear(rt, attn, h)
+    u = mm(h, p["mlp_up_bank"][layer])
     w = _scaled_rows(p["mlp_down_bank"][layer], gain)
     a = F.leaky_relu(u, cfg.leaky_slope)
-    return F.linear(a * a, w)
+    return mm(a * a, w)
 
 
 def _mlp_lora(cfg: ModelConfig, p: Mapping[str, Tensor], h: Tensor, layer: int, rt: Runtime, attn: str,

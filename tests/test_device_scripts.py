@@ -36,3 +36,20 @@ def test_record_fidelity_needs_the_record_script(tmp_path: Path) -> None:
              METATTT_DATA=str(tmp_path))
     assert r.returncode == 2 and "no record script" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size,branches", [("2m", "ladder-2m.dn25 ladder-2m.dn50 ladder-2m.dn100"),
+                                           ("4m", "ladder-4m.dn12.5 ladder-4m.dn25 ladder-4m.dn50"),
+                                           ("8m", "ladder-8m.dn6.25 ladder-8m.dn12.5 ladder-8m.dn25")])
+def test_ladder_rung_plans_every_first_seed_branch(size: str, branches: str, tmp_path: Path) -> None:
+    """Budgets with decimals (dn12.5, dn6.25) are branches too: an earlier pattern matched only whole numbers and
+    would have skipped them on the device."""
+    r = _run(["experiments/ladder_rung.sh", size, "--plan"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"parent: ladder-{size}.wsd", f"branches: {branches}"]
+
+
+def test_ladder_rung_refuses_a_bad_time_budget(tmp_path: Path) -> None:
+    r = _run(["experiments/ladder_rung.sh", "2m", "9m"], tmp_path, METATTT_DATA=str(tmp_path))
+    assert r.returncode == 2 and "SECONDS must be a whole number" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -234,3 +234,61 @@ def test_indist_split_errors_lose_nothing(tmp_path: Path, tiny_tokenizer, capsys
     assert "in-distribution val (indist_val_*.bin): 4 docs" in line and "4 of 18 --text documents" in line
     assert sorted(p.name for p in out.glob("*.bin")) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
                                                         "indist_val_000000.bin"]
+
+
+def _long_books(n: int, seed: int = 11) -> list[str]:
+    """Books whose paragraphs are short or long (many sentences, past MAX_UNIT_TOKENS: the sentence re-split),
+    one long paragraph without a sentence end (kept whole), and blank lines."""
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".!?;:")
+
+    books = []
+    for k in range(n):
+        paras = [" ".join(sentence() for _ in range(rng.choice([1, 2, 40, 80]))) for _ in range(rng.randint(20, 40))]
+        paras.insert(3, " ".join(rng.choice(WORDS) for _ in range(400)) + f" {GREEK[k % len(GREEK)]}")
+        books.append("\n".join(paras[:10] + ["", "  "] + paras[10:]))
+    return books
+
+
+def test_units_of_matches_per_paragraph_encoding(tiny_tokenizer) -> None:
+    """``units_of`` batches the sentences of all long paragraphs into one encode call; the units and counts are
+    those of the original one-call-per-paragraph loop."""
+    from metattt.data.pseudodocs import _SENTENCE_END, MAX_UNIT_TOKENS, units_of
+
+    sp = load_tokenizer(tiny_tokenizer)
+    for book in _long_books(3):
+        units: list[str] = []
+        seps: list[str] = []
+        counts: list[int] = []
+        paras = [p for p in book.split("\n") if p.strip()]
+        for para in paras:
+            n = len(sp.encode(para))
+            parts = [para] if n <= MAX_UNIT_TOKENS else [x for x in _SENTENCE_END.split(para) if x]
+            units += parts
+            seps += ["\n"] + [" "] * (len(parts) - 1)
+            counts += [n] if len(parts) == 1 else [len(sp.encode(x)) for x in parts]
+        assert units_of(book, sp) == units_of(book, sp, num_threads=1) == (units, seps, counts)
+        assert len(units) > 2 * len(paras) and max(counts) > MAX_UNIT_TOKENS  # both the re-split and a kept whole
+    assert units_of("\n \n", sp) == ([], [], [])
+
+
+def test_build_is_byte_identical_for_any_workers(tmp_path: Path, tiny_tokenizer) -> None:
+    """``workers`` only spreads the per-book unit counting over processes: every output byte is the same."""
+    text = _write_jsonl(tmp_path / "docs.jsonl", _fake_docs(40, seed=9))
+    books = _write_jsonl(tmp_path / "books.jsonl.xz", _long_books(12))
+    kw = {"shard_tokens": 20_000, "progress": False, "seed": 2}
+    for name, extra in (("mix", {"val_docs": 5}),
+                        ("indist", {"indist_val_frac": 0.2, "indist_val_books": 3, "indist_val_min_tokens": 100})):
+        outs = {w: tmp_path / f"{name}_w{w}" for w in (1, 2, 3)}
+        for w, out in outs.items():
+            build_dataset(BuildConfig([text], tiny_tokenizer, out, pseudo_doc_text=[books], workers=w, **kw, **extra))
+        files = sorted(p.name for p in outs[1].iterdir())
+        assert "build_meta.json" in files and len(files) > 3
+        assert json.loads((outs[1] / "build_meta.json").read_text())["pseudo_docs"]["pseudo_docs"] > 12
+        for w in (2, 3):
+            assert sorted(p.name for p in outs[w].iterdir()) == files
+            assert all((outs[w] / f).read_bytes() == (outs[1] / f).read_bytes() for f in files), (name, w)
+    with pytest.raises(ValueError, match="--workers must be >= 1"):
+        BuildConfig([text], tiny_tokenizer, tmp_path / "o", val_docs=1, workers=0)

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                         "pseudo-document of each joins indist_val_*.bin")
     b.add_argument("--indist-val-min-tokens", type=int, default=500_000, metavar="T",
                    help="refuse (before writing) an in-distribution split of fewer tokens (default 500000)")
+    b.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="processes that split --pseudo-doc-text books into units (the output does not depend on "
+                        "it; default: the CPUs available, at most 16)")
 
     s = sub.add_parser("synthetic", help="write the embedded synthetic document-language corpus")
     s.add_argument("--out", required=True, type=Path)

@@ -27,19 +27,29 @@ import itertools
 import json
 import lzma
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from metattt.data.pseudodocs import Units, cut_text, length_summary, pseudo_documents, units_mapper
 from metattt.data.shards import write_shard
 from metattt.data.tokenizer import load_tokenizer, train_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".jsonl.zst")
 TEXT_SUFFIXES = (".txt",)
 DEFAULT_SHARD_TOKENS = 100_000_000
+UnitsMap = Callable[[Iterable[str]], Iterator[Units]]
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, at most 16. Why: SentencePiece encoding dominates the build and most of it
+    is per-book unit counting for the pseudo-documents (many small calls), which only a process pool spreads over
+    the cores (``pseudodocs.units_mapper``); past ~16 workers the sequential reading and cutting limit anyway."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, n))
 
 
 @dataclass
@@ -60,6 +70,7 @@ class BuildConfig:
     indist_val_frac: float = 0.0  # fraction of the --text train documents held out into indist_val_*.bin
     indist_val_books: int = 0  # whole --pseudo-doc-text texts held out, one pseudo-document each into the val split
     indist_val_min_tokens: int = 500_000  # the split must hold at least this many tokens (checked before writing)
+    workers: int = field(default_factory=default_workers)  # processes cutting books (output unchanged)
 
     def __post_init__(self) -> None:
         self.text = [Path(p) for p in self.text]
@@ -84,6 +95,8 @@ class BuildConfig:
             raise ValueError("--indist-val-books holds out --pseudo-doc-text texts; none given")
         if self.val_docs is not None and self.val_docs < 0:
             raise ValueError(f"--val-docs must be >= 0, got {self.val_docs}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.shard_tokens < 1:
             raise ValueError(f"--shard-tokens must be positive, got {self.shard_tokens}")
 
@@ -222,14 +235,12 @@ def _reference_lengths(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray]) -
     return ref
 
 
-def _mixed_train(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray], books: Iterable[str],
+def _mixed_train(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray], books: Iterable[str], units: UnitsMap,
                  bar) -> tuple[list[np.ndarray], dict]:
     """The (encoded) train documents plus the pseudo-documents cut from ``books``, in one seeded order."""
-    from metattt.data.pseudodocs import length_summary, pseudo_documents
-
     ref = _reference_lengths(cfg, sp, bos, docs)
     rng = np.random.default_rng(cfg.seed)
-    pseudo = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(iter(books), sp, ref, rng), bos,
+    pseudo = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(units(books), ref, rng), bos,
                                                    cfg.batch_docs, bar)]
     if not pseudo:
         raise ValueError(f"--pseudo-doc-text {', '.join(map(str, cfg.pseudo_doc_text))} holds no text")
@@ -245,12 +256,10 @@ def _mixed_train(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray], books: 
     return [allr[i] for i in order], info
 
 
-def _indist_split(cfg: BuildConfig, sp, bos: int, train_records: Iterable[tuple[str, str]],
+def _indist_split(cfg: BuildConfig, sp, bos: int, train_records: Iterable[tuple[str, str]], units: UnitsMap,
                   bar) -> tuple[list[np.ndarray], list[np.ndarray], dict | None, dict]:
     """Hold out the in-distribution validation split (module docstring): returns the train arrays, the
     validation arrays (one seeded order), the pseudo-document mix summary (or None) and the split's record."""
-    from metattt.data.pseudodocs import pseudo_documents
-
     records = list(train_records)
     docs = [a.astype(np.uint16) for a in _encode(sp, (t for _, t in records), bos, cfg.batch_docs, bar)]
     pick = np.random.default_rng([cfg.seed, 29])  # the split's own stream: the cuts and the train order keep theirs
@@ -271,16 +280,15 @@ def _indist_split(cfg: BuildConfig, sp, bos: int, train_records: Iterable[tuple[
         out = sorted(pick.permutation(len(books))[: cfg.indist_val_books].tolist())
         ref = _reference_lengths(cfg, sp, bos, train_docs)
         held_books = []
-        for i in out:  # one seeded piece of each held-out book; the rest of the book is dropped
-            pieces = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(iter([books[i][1]]), sp, ref, pick),
-                                                           bos, cfg.batch_docs)]
+        for i, u in zip(out, units(books[i][1] for i in out)):  # one seeded piece of each; the rest is dropped
+            pieces = [a.astype(np.uint16) for a in _encode(sp, cut_text(u, ref, pick), bos, cfg.batch_docs)]
             j = int(pick.integers(len(pieces)))
             val.append(pieces[j])
             held_books.append({"ref": books[i][0], "book_tokens": int(sum(a.size for a in pieces)),
                                "pieces": len(pieces), "piece": j, "val_tokens": int(pieces[j].size)})
         out_set = set(out)
         train, mix = _mixed_train(cfg, sp, bos, train_docs,
-                                  (t for k, (_, t) in enumerate(books) if k not in out_set), bar)
+                                  (t for k, (_, t) in enumerate(books) if k not in out_set), units, bar)
         info.update({"books_total": len(books), "books": len(held_books),
                      "book_tokens": sum(b["val_tokens"] for b in held_books),
                      "book_tokens_dropped": sum(b["book_tokens"] - b["val_tokens"] for b in held_books),
@@ -333,10 +341,12 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     indist: list[np.ndarray] = []
     train: Iterable[np.ndarray]
     if cfg.indist_split:  # in memory, so a too-small split fails before any shard is touched
-        train, indist, mix, split = _indist_split(cfg, sp, bos, train_iter, bar)
+        with units_mapper(sp, cfg.tokenizer, cfg.workers if cfg.pseudo_doc_text else 1) as units:
+            train, indist, mix, split = _indist_split(cfg, sp, bos, train_iter, units, bar)
     elif cfg.pseudo_doc_text:
         docs = [a.astype(np.uint16) for a in _encode(sp, texts(train_iter), bos, cfg.batch_docs, bar)]
-        train, mix = _mixed_train(cfg, sp, bos, docs, iter_documents(cfg.pseudo_doc_text), bar)
+        with units_mapper(sp, cfg.tokenizer, cfg.workers) as units:
+            train, mix = _mixed_train(cfg, sp, bos, docs, iter_documents(cfg.pseudo_doc_text), units, bar)
     else:
         train = _encode(sp, texts(train_iter), bos, cfg.batch_docs, bar)
 

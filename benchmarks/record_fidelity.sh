@@ -31,9 +31,10 @@ python benchmarks/record_model.py --script "$script" --train 'data/rec/fineweb_t
   MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500 WARMDOWN_ITERS=150 ITERATIONS=9000 \
   MAX_WALLCLOCK_SECONDS="$secs" EVAL_STRIDE=64 SEED="$seed" || { tail -c 3000 "$run/train.log"; exit 1; }
 echo "record model at $(( $(date +%s) - t0 )) s"
+mkdir -p "$out/pg549-seed$seed"  # the record's own numbers and artifact come back even if our evaluation is cut short
+cp "$run/printed.json" "$run/final_model.int6.ptz" "$out/pg549-seed$seed/"
 python -m metattt import-pg "$run/final_model.int6.ptz" --out "$run/artifact.ptz" --tokenizer "$tok" > /dev/null || exit 1
 python evaluators/legal_ttt.py "$run/artifact.ptz" --val "$val" --protocols flat,sliding,ttt:sgd --compat pg-record \
   --bootstrap 0 --no-audit --wandb off --run-dir "$run/ev" || exit 1
-mkdir -p "$out/pg549-seed$seed"
-cp "$run/printed.json" "$run/ev/eval.json" "$run/final_model.int6.ptz" "$out/pg549-seed$seed/"
+cp "$run/ev/eval.json" "$out/pg549-seed$seed/"
 echo "done at $(( $(date +%s) - t0 )) s: $out/pg549-seed$seed"

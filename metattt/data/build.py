@@ -236,9 +236,9 @@ def _reference_lengths(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray]) -
 
 
 def _mixed_train(cfg: BuildConfig, sp, bos: int, docs: list[np.ndarray], books: Iterable[str], units: UnitsMap,
-                 bar) -> tuple[list[np.ndarray], dict]:
-    """The (encoded) train documents plus the pseudo-documents cut from ``books``, in one seeded order."""
-    ref = _reference_lengths(cfg, sp, bos, docs)
+                 bar, ref: np.ndarray) -> tuple[list[np.ndarray], dict]:
+    """The (encoded) train documents plus the pseudo-documents cut from ``books`` to the reference lengths ``ref``
+    (``_reference_lengths``: the split computes them once for its held-out books and this), in one seeded order."""
     rng = np.random.default_rng(cfg.seed)
     pseudo = [a.astype(np.uint16) for a in _encode(sp, pseudo_documents(units(books), ref, rng), bos,
                                                    cfg.batch_docs, bar)]
@@ -288,7 +288,7 @@ def _indist_split(cfg: BuildConfig, sp, bos: int, train_records: Iterable[tuple[
                                "pieces": len(pieces), "piece": j, "val_tokens": int(pieces[j].size)})
         out_set = set(out)
         train, mix = _mixed_train(cfg, sp, bos, train_docs,
-                                  (t for k, (_, t) in enumerate(books) if k not in out_set), units, bar)
+                                  (t for k, (_, t) in enumerate(books) if k not in out_set), units, bar, ref)
         info.update({"books_total": len(books), "books": len(held_books),
                      "book_tokens": sum(b["val_tokens"] for b in held_books),
                      "book_tokens_dropped": sum(b["book_tokens"] - b["val_tokens"] for b in held_books),
@@ -346,7 +346,8 @@ def build_dataset(cfg: BuildConfig) -> dict[str, Any]:
     elif cfg.pseudo_doc_text:
         docs = [a.astype(np.uint16) for a in _encode(sp, texts(train_iter), bos, cfg.batch_docs, bar)]
         with units_mapper(sp, cfg.tokenizer, cfg.workers) as units:
-            train, mix = _mixed_train(cfg, sp, bos, docs, iter_documents(cfg.pseudo_doc_text), units, bar)
+            train, mix = _mixed_train(cfg, sp, bos, docs, iter_documents(cfg.pseudo_doc_text), units, bar,
+                                      _reference_lengths(cfg, sp, bos, docs))
     else:
         train = _encode(sp, texts(train_iter), bos, cfg.batch_docs, bar)
 

@@ -114,3 +114,48 @@ def test_eval_benchmark_docttt_runs_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_throughput.py"), "--variants", "eager+fast"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "unknown variant token" in bad.stderr
+
+
+def _fake_run(d: Path, losses: dict[int, float], end: float) -> None:
+    d.mkdir(parents=True)
+    d.joinpath("metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "train_loss": v}) + "\n"
+                                                   for s, v in losses.items()))
+    d.joinpath("summary.json").write_text(json.dumps({"val_bpb_quant": end}))
+
+
+def test_lever_quality_compares_levers_with_the_seed_spread(tmp_path):
+    import lever_quality as lq
+
+    steps = range(25, 501, 25)
+    _fake_run(tmp_path / "lq-base-s1", {s: 3.0 for s in steps}, 1.500)
+    _fake_run(tmp_path / "lq-base-s2", {s: 3.02 for s in steps}, 1.504)  # spread: 0.02 nats, 0.004 bpb
+    _fake_run(tmp_path / "lq-good-s1", {s: 3.01 for s in steps}, 1.502)
+    _fake_run(tmp_path / "lq-good-s2", {s: 3.01 for s in steps}, 1.505)
+    # off only in the first half (ignored by the curve gap), then 0.05 nats and 0.010 bpb worse
+    _fake_run(tmp_path / "lq-bad-s1", {s: (9.0 if s <= 250 else 3.05) for s in steps}, 1.510)
+    _fake_run(tmp_path / "lq-bad-s2", {s: 3.07 for s in steps}, 1.514)
+    res = lq.compare(tmp_path, [lq.Arm("good", ()), lq.Arm("bad", ())], (1, 2))
+    assert res["seed_spread"]["curve"] == pytest.approx(0.02) and res["seed_spread"]["end"] == pytest.approx(0.004)
+    good, bad = res["levers"]["good"], res["levers"]["bad"]
+    assert good["curve"] == pytest.approx(0.01) and good["end"] == pytest.approx(0.0015) and good["within"]
+    assert bad["curve"] == pytest.approx(0.05) and bad["end"] == pytest.approx(0.010) and not bad["within"]
+    assert "OUTSIDE" in lq.show(res) and "within one seed's spread" in lq.show(res)
+    # bad input: a clear error, exit 2, nothing trained or written
+    assert lq.main(["--compare-only", "--lever", "good=", "--lever", "missing=", "--runs", str(tmp_path)]) == 2
+    assert lq.main(["--lever", "base=--x", "--runs", str(tmp_path)]) == 2
+    assert lq.main(["--lever", "good=", "--seeds", "1,1", "--runs", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="NAME=FLAGS"):
+        lq.parse_lever("no-equals-sign")
+
+
+def test_lever_quality_trains_its_arms_on_cpu(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lever_quality.py"), "--lever",
+                          "bf16=--runtime.residual-dtype bfloat16", "--steps", "3", "--runs", str(tmp_path / "runs"),
+                          "--out", str(tmp_path / "lq.json"), "--", "--preset", "tiny-synthetic"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads((tmp_path / "lq.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lq-base-s1", "lq-base-s2", "lq-bf16-s1",
+                                                                     "lq-bf16-s2"]
+    assert out["seed_spread"]["curve"] > 0  # two seeds train differently
+    assert set(out["levers"]) == {"bf16"}

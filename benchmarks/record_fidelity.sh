@@ -33,8 +33,11 @@ python benchmarks/record_model.py --script "$script" --train 'data/rec/fineweb_t
 echo "record model at $(( $(date +%s) - t0 )) s"
 mkdir -p "$out/pg549-seed$seed"  # the record's own numbers and artifact come back even if our evaluation is cut short
 cp "$run/printed.json" "$run/final_model.int6.ptz" "$out/pg549-seed$seed/"
-python -m metattt import-pg "$run/final_model.int6.ptz" --out "$run/artifact.ptz" --tokenizer "$tok" > /dev/null || exit 1
+python -m metattt import-pg "$run/final_model.int6.ptz" --out "$run/artifact.ptz" --tokenizer "$tok" --force > /dev/null || exit 1
 python evaluators/legal_ttt.py "$run/artifact.ptz" --val "$val" --protocols flat,sliding,ttt:sgd --compat pg-record \
   --bootstrap 0 --no-audit --wandb off --run-dir "$run/ev" || exit 1
 cp "$run/ev/eval.json" "$out/pg549-seed$seed/"
 echo "done at $(( $(date +%s) - t0 )) s: $out/pg549-seed$seed"
+# runs/pg549-seed$seed holds the record's artifact and log as a reference model does, so a next call on the same
+# warm machine can size each numerics switch on it (docs/interop.md):
+#   METATTT_REFERENCE=runs python benchmarks/compat_residual.py --models pg549-seed$seed --variants-on pg549-seed$seed

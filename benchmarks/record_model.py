@@ -41,6 +41,13 @@ def flash_attn_3_func(q, k, v, causal=True):  # metattt record_model.py: FA3 -> 
 '''.strip("\n")
 EMA_LINE = "ema_decay = 0.997"
 EMA_ENV = 'ema_decay = float(os.environ.get("EMA_DECAY", "0.997"))'
+# the record README's run command (2026-03-23), all of it but the launcher; --readme-env starts from it
+README_ENV = dict(kv.split("=", 1) for kv in """NUM_LAYERS=11 BIGRAM_VOCAB_SIZE=1536 XSA_LAST_N=4 EMA_ENABLED=1
+    EMA_DECAY=0.997 SWA_ENABLED=1 SWA_EVERY=50 ROPE_DIMS=16 LN_SCALE=1 LATE_QAT=1 LATE_QAT_THRESHOLD=0.15 VE_ENABLED=1
+    VE_DIM=128 VE_LAYERS=9,10 TTT_ENABLED=1 TTT_LR=0.002 TTT_EPOCHS=3 TTT_CHUNK_TOKENS=32768 TTT_FREEZE_BLOCKS=0
+    TTT_MOMENTUM=0.9 TTT_BATCH_SEQS=32 TTT_GRAD_CLIP=1.0 MUON_WD=0.04 ADAM_WD=0.04 MATRIX_LR=0.025 SCALAR_LR=0.025
+    TIED_EMBED_LR=0.035 MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500
+    WARMDOWN_ITERS=3500 ITERATIONS=9000 MAX_WALLCLOCK_SECONDS=600 EVAL_STRIDE=64 SEED=1337""".split())
 EXACT = re.compile(r"^(\w+_exact)\b.*?val_bpb[:=]\s*([0-9.]+)")
 
 
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="the record's environment settings")
+    ap.add_argument("--readme-env", action="store_true",
+                    help="start from the record README's environment (README_ENV); --env overrides single keys")
     ap.add_argument("--nproc", type=int, default=1)
     args = ap.parse_args(argv)
     try:
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [kv for kv in args.env if "=" not in kv]
         if bad:
             raise ValueError(f"--env takes KEY=VALUE, got {bad[0]!r}")
-        settings = dict(kv.split("=", 1) for kv in args.env)
+        settings = {**(README_ENV if args.readme_env else {}), **dict(kv.split("=", 1) for kv in args.env)}
     except (OSError, PatchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""The committed device-call scripts (experiments/ladder_rung.sh, benchmarks/record_fidelity.sh) parse and refuse
+"""The committed device-call scripts (experiments/ladder_rung.sh, benchmarks/record_fidelity.sh,
+benchmarks/step_rate_ratio.sh) parse and refuse
 bad input with exit 2 and a message before they touch data or the GPU; their full runs are device work."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["experiments/ladder_rung.sh", "benchmarks/record_fidelity.sh"]
+SCRIPTS = ["experiments/ladder_rung.sh", "benchmarks/record_fidelity.sh", "benchmarks/step_rate_ratio.sh"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -52,4 +53,15 @@ def test_ladder_rung_plans_every_first_seed_branch(size: str, branches: str, tmp
 def test_ladder_rung_refuses_a_bad_time_budget(tmp_path: Path) -> None:
     r = _run(["experiments/ladder_rung.sh", "2m", "9m"], tmp_path, METATTT_DATA=str(tmp_path))
     assert r.returncode == 2 and "SECONDS must be a whole number" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [(["compile", "5"], "RECORD_STEPS must be a whole number >= 10"),
+                                          (["compile", "ten"], "RECORD_STEPS must be a whole number >= 10"),
+                                          (["compile", "40", "absent.py"], "no record script")])
+def test_step_rate_ratio_refuses_bad_input(args: list[str], message: str, tmp_path: Path) -> None:
+    if args[-1] == "absent.py":
+        args = args[:-1] + [str(tmp_path / "absent.py")]
+    r = _run(["benchmarks/step_rate_ratio.sh", *args], tmp_path, METATTT_DATA=str(tmp_path))
+    assert r.returncode == 2 and message in r.stderr
     assert list(tmp_path.iterdir()) == []

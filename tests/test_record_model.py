@@ -79,3 +79,24 @@ def test_run_with_relative_paths_finds_its_data(tmp_path, monkeypatch):
     assert rc == 0, (tmp_path / "runs/x/train.log").read_text()
     assert json.loads((tmp_path / "runs/x/printed.json").read_text())["printed"] == {
         "final_int6_roundtrip_exact": 1.84221119}
+
+
+def test_readme_env_is_the_base_and_env_overrides_it(tmp_path, monkeypatch):
+    """``--readme-env`` hands the record script its README's run settings; ``--env`` replaces single keys."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("tr_0.bin", "va_0.bin"):
+        (tmp_path / name).write_bytes(b"\0" * 8)
+    (tmp_path / "train_gpt.py").write_text(FAKE)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "torchrun"  # prints the settings the record script would read
+    fake.write_text('#!/bin/sh\necho "NUM_LAYERS=$NUM_LAYERS TTT_LR=$TTT_LR SEED=$SEED EMA_DECAY=$EMA_DECAY"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("NUM_LAYERS", raising=False)
+    rc = rm.main(["--script", "train_gpt.py", "--train", "tr_*.bin", "--val", "va_*.bin", "--tokenizer", "tr_0.bin",
+                  "--out", "runs/x", "--readme-env", "--env", "SEED=7", "EMA_DECAY=0.99"])
+    assert rc == 0
+    assert (tmp_path / "runs/x/train.log").read_text().strip() == "NUM_LAYERS=11 TTT_LR=0.002 SEED=7 EMA_DECAY=0.99"
+    assert json.loads((tmp_path / "runs/x/printed.json").read_text())["env"] == {
+        **rm.README_ENV, "SEED": "7", "EMA_DECAY": "0.99"}

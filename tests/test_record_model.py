@@ -59,21 +59,27 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert "expected" in capsys.readouterr().err
 
 
-def test_run_with_relative_paths_finds_its_data(tmp_path, monkeypatch):
-    """The record script runs with cwd=OUT: the data folder it is handed must still resolve there (a relative
-    ``--out`` once handed it ``runs/x/data``, which the script looked for under ``runs/x/runs/x/data``)."""
+def _fake_torchrun(tmp_path, monkeypatch, body: str) -> None:
+    """Data files, a record script and a ``torchrun`` on PATH that runs ``body`` (sh) instead, in ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
     for name in ("tr_0.bin", "va_0.bin"):
         (tmp_path / name).write_bytes(b"\0" * 8)
     (tmp_path / "train_gpt.py").write_text(FAKE)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "torchrun"  # stands in for torchrun + the record script: checks what the record script reads
-    fake.write_text('#!/bin/sh\nls "$DATA_PATH"/fineweb_train_000000.bin "$DATA_PATH"/fineweb_val_000000.bin '
-                    '"$TOKENIZER_PATH" >/dev/null || exit 1\n'
-                    'echo "final_int6_roundtrip_exact val_loss:3.1 val_bpb:1.84221119"\n')
+    fake = bin_dir / "torchrun"
+    fake.write_text(f"#!/bin/sh\n{body}\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_run_with_relative_paths_finds_its_data(tmp_path, monkeypatch):
+    """The record script runs with cwd=OUT: the data folder it is handed must still resolve there (a relative
+    ``--out`` once handed it ``runs/x/data``, which the script looked for under ``runs/x/runs/x/data``)."""
+    # stands in for torchrun + the record script: checks what the record script reads
+    _fake_torchrun(tmp_path, monkeypatch, 'ls "$DATA_PATH"/fineweb_train_000000.bin "$DATA_PATH"/fineweb_val_000000.bin '
+                   '"$TOKENIZER_PATH" >/dev/null || exit 1\n'
+                   'echo "final_int6_roundtrip_exact val_loss:3.1 val_bpb:1.84221119"')
     rc = rm.main(["--script", "train_gpt.py", "--train", "tr_*.bin", "--val", "va_*.bin", "--tokenizer", "tr_0.bin",
                   "--out", "runs/x"])
     assert rc == 0, (tmp_path / "runs/x/train.log").read_text()
@@ -83,16 +89,8 @@ def test_run_with_relative_paths_finds_its_data(tmp_path, monkeypatch):
 
 def test_readme_env_is_the_base_and_env_overrides_it(tmp_path, monkeypatch):
     """``--readme-env`` hands the record script its README's run settings; ``--env`` replaces single keys."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("tr_0.bin", "va_0.bin"):
-        (tmp_path / name).write_bytes(b"\0" * 8)
-    (tmp_path / "train_gpt.py").write_text(FAKE)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "torchrun"  # prints the settings the record script would read
-    fake.write_text('#!/bin/sh\necho "NUM_LAYERS=$NUM_LAYERS TTT_LR=$TTT_LR SEED=$SEED EMA_DECAY=$EMA_DECAY"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    # prints the settings the record script would read
+    _fake_torchrun(tmp_path, monkeypatch, 'echo "NUM_LAYERS=$NUM_LAYERS TTT_LR=$TTT_LR SEED=$SEED EMA_DECAY=$EMA_DECAY"')
     monkeypatch.delenv("NUM_LAYERS", raising=False)
     rc = rm.main(["--script", "train_gpt.py", "--train", "tr_*.bin", "--val", "va_*.bin", "--tokenizer", "tr_0.bin",
                   "--out", "runs/x", "--readme-env", "--env", "SEED=7", "EMA_DECAY=0.99"])

@@ -15,7 +15,7 @@ Two seeds give a spread, not a distribution: the verdict says "within one seed's
 
     python benchmarks/lever_quality.py --lever bf16="--runtime.residual-dtype bfloat16" \\
         --lever fp8="--runtime.residual-dtype bfloat16 --runtime.fp8 on" --steps 500 -- \\
-        --preset pg-2026-03-23 --train-batch-tokens 131072 --data data/pg --tokenizer TOK --val-pattern VAL
+        --preset pg-2026-03-23 --train-batch-tokens 196608 --data data/pg --tokenizer TOK --val-pattern VAL
     python benchmarks/lever_quality.py --compare-only --lever bf16= --lever fp8=     # re-read RUNS/lq-*
 
 Everything after ``--`` goes to every arm's trainer; ``--base`` adds flags to the base arm only.

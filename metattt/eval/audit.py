@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from ..model.gpt import BankedGPT
     from .scoring import AdapterFactory, AdapterLike
 
-KINDS = ("tokens", "boundary")
 CUDA_TOL = 1e-3  # nats per target on CUDA, where the re-runs are float32 (0.0 measured on an H100, docs/benchmarks.md)
 #: a moved BOS regroups documents (the docttt queue is sorted by length) and shortens windows, so the compared
 #: targets are computed in forwards of other shapes, whose float32 sums round differently (3.6e-7 nats seen on

@@ -159,3 +159,15 @@ def test_lever_quality_trains_its_arms_on_cpu(tmp_path):
                                                                      "lq-bf16-s2"]
     assert out["seed_spread"]["curve"] > 0  # two seeds train differently
     assert set(out["levers"]) == {"bf16"}
+
+
+def test_compat_residual_runs_baselines_first_then_single_switches():
+    import compat_residual as cr
+    from metattt.eval.compat import parse_knobs
+
+    todo = cr.jobs(["a", "b"], "b")
+    assert [j[:2] for j in todo[:2]] == [("a", ""), ("b", "")]
+    assert [j[1] for j in todo[2:]] == list(cr.TTT_KNOBS + cr.SCORE_KNOBS)
+    assert cr.jobs(["a"], "b") == [("a", "", cr.ALL)]  # variants only on a model that is run
+    for k in cr.TTT_KNOBS + cr.SCORE_KNOBS:  # every variant is one valid switch away from the default
+        assert parse_knobs(k) != parse_knobs("")

@@ -262,3 +262,45 @@ def test_sliding_logits_round_the_sliding_score_only() -> None:
     # float32 runs (the audit's re-runs, --no-autocast) never round
     f32 = evaluate(model, data, specs, {}, replace(base, sliding_logits=True, autocast=False)).results
     assert f32["sliding"].nats == plain["sliding"].nats
+
+
+def test_record_ttt_factory_steps_the_ve_scales_as_the_records_factors() -> None:
+    """The record's TTT steps s and l_i, not e_i = s*l_i: one SGD step on the factors, taken by hand on the same
+    function, is what the wrapped adapter's step gives to first order (error O(lr^2)); the products' own step
+    differs by O(lr). With the knob off (the default), or without factors in the artifact, the adapter is left as
+    it was."""
+    from metattt.eval.compat import parse_knobs, record_ttt_factory
+    from metattt.ttt.registry import adapter_from_spec
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                      rope_dims=8, xsa_layers=(1,), ve_layers=(0, 1), ve_dim=8, bigram_vocab=32, bigram_dim=8)
+    torch.manual_seed(0)
+    model = BankedGPT(cfg).double()  # float64: the O(lr^2) error is far above rounding
+    s, ls = 0.35, [1.15, 0.8]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        model.ve_scales.copy_(torch.tensor([s * ls[0], s * ls[1]]))
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    lr = 1e-2
+    fs = torch.tensor(s, requires_grad=True, dtype=torch.float64)
+    fl = torch.tensor(ls, requires_grad=True, dtype=torch.float64)
+    model(x, y, params={"ve_scales": fs * fl}).backward()
+    want = ((fs - lr * fs.grad) * (fl - lr * fl.grad)).detach()
+    model.zero_grad(set_to_none=True)
+    e0 = model.ve_scales.detach().clone()
+
+    def stepped(knobs: str, factors) -> torch.Tensor:
+        spec = f"sgd:lr={lr},momentum=0,epochs=1,batch_seqs=2,grad_clip=0,schedule=constant"
+        ad = record_ttt_factory(lambda _k: adapter_from_spec(spec).bind(model), parse_knobs(knobs), bf16=False,
+                                ve_factors=factors)("sgd")
+        ad.adapt(model, x, y, autocast=False)
+        return ad.params()["ve_scales"].detach()
+
+    factors = {"shared": s, "layers": ls}
+    got, off, absent = stepped("qat=0,ve_factors=1", factors), stepped("qat=0", factors), stepped("qat=0,ve_factors=1", None)
+    moved = (want - e0).abs().max()
+    assert moved > 0
+    assert (got - want).abs().max() < 1e-2 * moved  # measured 1.4e-3 of it
+    assert (off - want).abs().max() > 0.3 * moved  # stepping the products is another update (measured 0.64)
+    assert torch.equal(off, absent)

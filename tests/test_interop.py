@@ -103,11 +103,17 @@ def test_export_then_import_is_the_identity_and_keeps_the_logits(tmp_path: Path)
                 "--set", f"rope_ntk_len={cfg.rope_ntk_len}", "--set", f"bigram_dim={cfg.bigram_dim}"]) == 0
     model_b, loaded_b = load_model_artifact(tmp_path / "b" / "artifact.ptz")
     assert ModelConfig.from_dict(loaded_b.config) == cfg
+    # the record's VE factors are kept for --compat pg-record's TTT (export writes s = 1, l_i = e_i)
+    assert loaded_b.meta["record_ve_factors"] == {"shared": 1.0, "layers": sd_ve(sd, cfg)}
     for k, v in loaded_a.state_dict.items():
         assert torch.equal(v, loaded_b.state_dict[k]), k
     x = torch.randint(0, cfg.vocab_size, (2, 20))  # 20 > rope_ntk_len: the dynamic base is in play
     with torch.no_grad():
         assert torch.equal(model_a(x), model_b(x))
+
+
+def sd_ve(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> list[float]:
+    return [sd[f"ve_layer_scales.{j}"].float().item() for j in range(len(cfg.ve_layers))]
 
 
 def _record_int6_file(path: Path, sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:

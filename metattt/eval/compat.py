@@ -77,6 +77,11 @@ class RecordNumerics:
     ttt_tables: bool = True  # TTT rounds every table update to bf16 (the record's tables are bf16 parameters)
     ttt_state: bool = True  # ... and their gradients and SGD momentum buffers (bf16 in the record too)
     qat: bool = True  # TTT training forwards see bigram/VE projections fake-quantized to int6 (late QAT stays on)
+    # TTT steps the VE layer scales as the record's factors s (shared) and l_i (per layer), not their products
+    # e_i = s*l_i: to first order e moves by -lr * (s^2 I + l l^T) g (``ve_precondition``); needs the factors,
+    # which import-pg stores in the artifact's meta (``record_ve_factors``). Off until measured on the GPU: both
+    # reference models match the record within 3e-5 without it (docs/interop.md, "Session 17")
+    ve_factors: bool = False
     # the sliding evaluator's logits rounded to bf16 once before its float32 loss: the record compiles
     # forward_logits, whose bf16 output inductor rounds once after a soft cap it computes in float32 (its flat
     # evaluator fuses the loss into the graph and never rounds there; our compiled scorer returns float32)
@@ -133,14 +138,25 @@ def fake_int6(w: torch.Tensor) -> torch.Tensor:
     return w + (wq.to(w.dtype) - w).detach()
 
 
+def ve_precondition(factors: dict[str, Any]) -> torch.Tensor:
+    """P = s^2 I + l l^T for the record's VE factors: SGD (with momentum, which is linear) on s and l moves the
+    products e_i = s*l_i by -lr * P g to first order in lr, where g is the gradient with respect to e (the
+    chain rule gives grad_s = l.g and grad_l = s*g; d(e) = s*d(l) + l*d(s))."""
+    s = float(factors["shared"])
+    lv = torch.tensor([float(v) for v in factors["layers"]], dtype=torch.float64)
+    return s * s * torch.eye(lv.numel(), dtype=torch.float64) + torch.outer(lv, lv)
+
+
 def record_ttt_factory(factory: AdapterFactory, knobs: RecordNumerics = RecordNumerics(),
-                       bf16: bool = True) -> AdapterFactory:
+                       bf16: bool = True, ve_factors: dict[str, Any] | None = None) -> AdapterFactory:
     """Adapters that train as the record's TTT does: late QAT on the CastedLinear weights during their training
-    forwards (``knobs.qat``); with ``bf16`` (autocast on CUDA) the tables' updates, gradients and momentum
+    forwards (``knobs.qat``); the VE scales stepped as the record's factors (``knobs.ve_factors``, when the
+    artifact carries them); with ``bf16`` (autocast on CUDA) the tables' updates, gradients and momentum
     buffers in bf16 (``knobs.ttt_tables`` / ``ttt_state``)."""
     from ..ttt.adapter import Adapter
 
-    wrapped: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters whose loss already fake-quantizes
+    wrapped: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters whose loss / direction are already wrapped
+    precond = ve_precondition(ve_factors) if knobs.ve_factors and ve_factors else None
 
     def get(key: str) -> AdapterLike:
         ad = factory(key)
@@ -149,7 +165,21 @@ def record_ttt_factory(factory: AdapterFactory, knobs: RecordNumerics = RecordNu
         if bf16 and knobs.ttt_tables:
             ad.storage_dtypes = {n: torch.bfloat16 for n in BF16_TABLES}
             ad.storage_state = knobs.ttt_state
-        if knobs.qat and ad not in wrapped:
+        if ad in wrapped:
+            return ad
+        wrapped.add(ad)
+        if precond is not None:
+            plain_direction = ad.direction
+
+            def direction(trainables: Any, grad_at: Any) -> Any:
+                loss, g = plain_direction(trainables, grad_at)
+                if "ve_scales" in g:
+                    ge = g["ve_scales"]
+                    g = {**g, "ve_scales": (precond.to(ge.device) @ ge.double()).to(ge.dtype)}
+                return loss, g
+
+            ad.direction = direction  # type: ignore[method-assign]
+        if knobs.qat:
             plain = ad.loss
 
             def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, overrides: Any,
@@ -163,7 +193,6 @@ def record_ttt_factory(factory: AdapterFactory, knobs: RecordNumerics = RecordNu
 
             # this instance's training forwards fake-quantize; a per-instance override of the method is the point
             ad.loss = loss  # type: ignore[method-assign]
-            wrapped.add(ad)
         return ad
     return get
 

@@ -159,6 +159,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory]
     except ArtifactError as e:
         raise EvalInputError(f"cannot load artifact {args.artifact}: {type(e).__name__}: {e}") from e
     meta = dict(loaded.meta or {})
+    ve_factors = meta.get("record_ve_factors")  # an imported record's VE scale factors (--compat pg-record's TTT)
     try:
         specs = bayes_cache.bind(specs, meta)
     except ValueError as e:
@@ -237,7 +238,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory]
     if args.compat == "pg-record":
         from .compat import record_ttt_factory
 
-        factory = record_ttt_factory(factory, knobs, bf16=record_bf16)
+        factory = record_ttt_factory(factory, knobs, bf16=record_bf16, ve_factors=ve_factors)
     say(f"artifact {args.artifact}: vocab {vocab}, {sum(p.numel() for p in model.parameters()):,} params; "
         f"val {val}: {data.n_tokens:,} tokens, {data.n_docs:,} docs; LUT from {lut_src}; device {device}"
         + (f"; {world} ranks" if world > 1 else ""))
@@ -277,7 +278,7 @@ def run(args: argparse.Namespace, adapter_factory: Callable[..., AdapterFactory]
             if args.compat == "pg-record":
                 from .compat import record_ttt_factory
 
-                f = record_ttt_factory(f, knobs, bf16=record_bf16)
+                f = record_ttt_factory(f, knobs, bf16=record_bf16, ve_factors=ve_factors)
             return f
 
         runs = evaluate_runs(model, data.tokens_np, lut, device, specs, factory_for_seed, cfg, args.orders,

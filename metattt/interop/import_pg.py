@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .pg_record import RecordFormatError, import_record
+from .pg_record import RecordFormatError, import_record, ve_factors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +85,9 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
     meta = {"data": "imported", "seq_len": int(args.seq_len), "val_pattern": args.val,
             "imported_from": {"format": f"pg-record {rec.kind}", "path": str(Path(rec.path).resolve()),
                               "sha256": rec.sha256}}
+    factors = ve_factors(rec)
+    if factors is not None:
+        meta["record_ve_factors"] = factors
     if lut is not None:
         meta["lut"] = lut.to_dict()
         meta["tokenizer"] = str(Path(args.tokenizer).resolve())

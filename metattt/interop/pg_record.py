@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import lzma
 import math
 import os
@@ -369,6 +370,18 @@ def map_record(rec: RecordModel, cfg: ModelConfig) -> Imported:
         qs.arrays.update(fq.arrays)
     qs.entries = {n: qs.entries[n] for n in want}  # the model's state-dict order
     return Imported(cfg, qs, rows, rec)
+
+
+def ve_factors(rec: RecordModel) -> dict[str, Any] | None:
+    """The record's value-embedding scale factors, ``{"shared": s, "layers": [l_i, ...]}``, or None without VE.
+    Import stores only their products (``ve_scales``); the record's TTT steps the factors, which
+    ``--compat pg-record`` reproduces from these (``metattt.eval.compat``)."""
+    src = rec.sources
+    if "ve_shared.scale" not in src:
+        return None
+    layers = [src[f"ve_layer_scales.{j}"].float().reshape(()).item()
+              for j in itertools.takewhile(lambda j: f"ve_layer_scales.{j}" in src, itertools.count())]
+    return {"shared": src["ve_shared.scale"].float().reshape(()).item(), "layers": layers}
 
 
 def import_record(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Imported:

@@ -175,7 +175,8 @@ def record_ttt_factory(factory: AdapterFactory, knobs: RecordNumerics = RecordNu
                 loss, g = plain_direction(trainables, grad_at)
                 if "ve_scales" in g:
                     ge = g["ve_scales"]
-                    g = {**g, "ve_scales": (precond.to(ge.device) @ ge.double()).to(ge.dtype)}
+                    # P g as a product and a sum, not a matmul: no autocast cast of the tiny operands
+                    g = {**g, "ve_scales": (precond.to(ge.device) * ge.double()).sum(1).to(ge.dtype)}
                 return loss, g
 
             ad.direction = direction  # type: ignore[method-assign]

@@ -18,7 +18,9 @@ Two seeds give a spread, not a distribution: the verdict says "within one seed's
         --preset pg-2026-03-23 --train-batch-tokens 196608 --data data/pg --tokenizer TOK --val-pattern VAL
     python benchmarks/lever_quality.py --compare-only --lever bf16= --lever fp8=     # re-read RUNS/lq-*
 
-Everything after ``--`` goes to every arm's trainer; ``--base`` adds flags to the base arm only.
+Everything after ``--`` goes to every arm's trainer; ``--base`` adds flags to the base arm only. Run again, it keeps
+the finished arms and trains the rest (an unfinished run directory is moved aside), so a study larger than one
+device call's limit is the same command in chained calls.
 """
 from __future__ import annotations
 
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 if (d / "summary.json").is_file():
                     print(f"{d}: finished before, kept", flush=True)
                     continue
+                if d.exists():  # cut short by a call's time limit: kept aside, the arm trains again from the start
+                    aside = next(d.with_name(f"{d.name}.interrupted{i}") for i in range(1, 10**6)
+                                 if not d.with_name(f"{d.name}.interrupted{i}").exists())
+                    d.rename(aside)
+                    print(f"{d}: unfinished, moved to {aside.name}", flush=True)
                 cmd = [sys.executable, str(ROOT / "experiments" / "meta_ttt.py"), *extra, *arm.flags,
                        "--iterations", str(args.steps), "--seed", str(s), "--final-eval", "off",
                        "--run-root", str(runs), "--run-name", d.name, "--wandb", "off"]

@@ -12,8 +12,11 @@ variants=${1:-compile,compile+bf16,compile+bf16+fp8}
 steps=${2:-40}
 script=${3:-.device/record/train_gpt.py}
 out=${OUT:-runs}
-[[ "$steps" =~ ^[0-9]+$ ]] && [ "$steps" -ge 10 ] || { echo "error: RECORD_STEPS must be a whole number >= 10, got '$steps'" >&2; exit 2; }
-[ -f "$script" ] || { echo "error: no record script at $script (copy it from the Parameter Golf repository)" >&2; exit 2; }
+if ! [[ "$steps" =~ ^[0-9]+$ ]] || [ "$steps" -lt 10 ]; then
+  echo "error: RECORD_STEPS must be a whole number >= 10, got '$steps'" >&2; exit 2
+fi
+[ -f "$script" ] || { echo "error: no record script at $script (copy it from the Parameter Golf repository)" >&2
+                      exit 2; }
 : "${METATTT_DATA:?set METATTT_DATA (source .device/setup.sh)}"
 val=$(ls "$METATTT_DATA"/fineweb_sp1024_valprefix/fineweb_val_*.bin | head -1)
 run=runs/record-rate

@@ -159,6 +159,16 @@ def test_lever_quality_trains_its_arms_on_cpu(tmp_path):
                                                                      "lq-bf16-s2"]
     assert out["seed_spread"]["curve"] > 0  # two seeds train differently
     assert set(out["levers"]) == {"bf16"}
+    # run again after a cut: finished arms are kept, an unfinished one is moved aside and trained again
+    runs = tmp_path / "runs"
+    (runs / "lq-bf16-s2" / "summary.json").unlink()
+    kept = (runs / "lq-base-s1" / "summary.json").read_text()
+    again = subprocess.run(res.args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "lq-base-s1: finished before, kept" in again.stdout
+    assert (runs / "lq-base-s1" / "summary.json").read_text() == kept
+    assert (runs / "lq-bf16-s2.interrupted1" / "metrics.jsonl").is_file()
+    assert (runs / "lq-bf16-s2" / "summary.json").is_file()
 
 
 def test_compat_residual_runs_baselines_first_then_single_switches():

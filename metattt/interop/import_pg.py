@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, say=print) -> dict[str, Any]:
     meta = {"data": "imported", "seq_len": int(args.seq_len), "val_pattern": args.val,
             "imported_from": {"format": f"pg-record {rec.kind}", "path": str(Path(rec.path).resolve()),
                               "sha256": rec.sha256}}
-    factors = ve_factors(rec)
+    factors = ve_factors(imp)
     if factors is not None:
         meta["record_ve_factors"] = factors
     if lut is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import lzma
 import math
 import os
@@ -372,16 +371,15 @@ def map_record(rec: RecordModel, cfg: ModelConfig) -> Imported:
     return Imported(cfg, qs, rows, rec)
 
 
-def ve_factors(rec: RecordModel) -> dict[str, Any] | None:
+def ve_factors(imp: Imported) -> dict[str, Any] | None:
     """The record's value-embedding scale factors, ``{"shared": s, "layers": [l_i, ...]}``, or None without VE.
-    Import stores only their products (``ve_scales``); the record's TTT steps the factors, which
-    ``--compat pg-record`` reproduces from these (``metattt.eval.compat``)."""
-    src = rec.sources
-    if "ve_shared.scale" not in src:
+    Import stores only their products (``ve_scales``, the plan's "product" row, whose keys name the factors); the
+    record's TTT steps the factors, which ``--compat pg-record`` reproduces from these (``metattt.eval.compat``)."""
+    keys = next((k for k, _, how in _plan(imp.config) if how == "product"), None)
+    if keys is None or imp.source is None:
         return None
-    layers = [src[f"ve_layer_scales.{j}"].float().reshape(()).item()
-              for j in itertools.takewhile(lambda j: f"ve_layer_scales.{j}" in src, itertools.count())]
-    return {"shared": src["ve_shared.scale"].float().reshape(()).item(), "layers": layers}
+    shared, *layers = (imp.source.sources[k].float().reshape(()).item() for k in keys)
+    return {"shared": shared, "layers": layers}
 
 
 def import_record(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Imported:
